@@ -1,0 +1,30 @@
+# `make test` and `make demo` set everything up from nothing: a virtual environment in .venv,
+# torch pinned first (a CPU wheel; an unpinned torch would pull a multi-GB CUDA build), then lincompile.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/lincompile demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,18 @@
+"""lincompile: compile pretrained softmax-attention transformers into linearized models.
+
+Public surface: `optimize`, `inspect`, `load`, `load_model`, `methods`, and the config classes.
+"""
+from lincompile.kernels import ops as _ops  # noqa: F401  (registers lincompile::attention)
+from lincompile.api import example_inputs, inspect, load, optimize
+from lincompile.assets import load_model
+from lincompile.backends.eager import LinearizedModel
+from lincompile.config import LinearizeConfig
+from lincompile.methods.spec import MethodSpec, get_method, methods
+from lincompile.runtime.state import RecurrentState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LinearizeConfig", "LinearizedModel", "MethodSpec", "RecurrentState", "example_inputs", "get_method",
+    "inspect", "load", "load_model", "methods", "optimize",
+]

@@ -1,0 +1,182 @@
+"""Public entry points: `inspect`, `optimize`, `save`/`load` of linearized models."""
+from __future__ import annotations
+
+import inspect as pyinspect
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lincompile.backends.eager import LinearizedModel
+from lincompile.capture.export import CapturedGraph, capture
+from lincompile.config import LinearizeConfig
+from lincompile.methods.spec import MethodSpec
+from lincompile.passes.base import PassContext, PassManager, PassResult
+from lincompile.passes.detect_attention import AttentionSite, UnmatchedSoftmax
+from lincompile.passes.pipeline import DEFAULT_PIPELINE, build_pipeline
+
+SAVE_FORMAT = "lincompile-linearized"
+
+
+class UnrecognizedAttentionError(RuntimeError):
+    """strict=True and a softmax that looks like attention matched no pattern."""
+
+
+def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, object]:
+    """Capture inputs for an HF model: random ids, a left-padded last row, explicit position ids.
+
+    Sizes >= 2 keep batch and sequence dynamic; the padded row lets detection read the mask kind.
+    """
+    params = pyinspect.signature(model.forward).parameters
+    config = getattr(model, "config", None)
+    vocab = int(getattr(config, "vocab_size", 100) or 100)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(min(3, vocab - 1), vocab, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[-1, : max(1, seq // 4)] = 0
+    inputs: dict[str, object] = {"input_ids": ids, "attention_mask": mask}
+    if "position_ids" in params and not getattr(config, "is_encoder_decoder", False):
+        inputs["position_ids"] = torch.arange(seq).unsqueeze(0).expand(batch, seq).contiguous()
+    if getattr(config, "is_encoder_decoder", False):
+        dec = max(2, seq // 2 + 1)
+        inputs["decoder_input_ids"] = torch.randint(min(3, vocab - 1), vocab, (batch, dec), generator=gen)
+        inputs["decoder_attention_mask"] = torch.ones(batch, dec, dtype=torch.long)
+    if "use_cache" in params:
+        inputs["use_cache"] = False
+    return inputs
+
+
+@dataclass
+class CompileReport:
+    """What one run of the pipeline found and did."""
+
+    sites: list[AttentionSite]
+    unmatched: list[UnmatchedSoftmax]
+    passes: list[PassResult]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"sites_found": len(self.sites), "unmatched": [str(u) for u in self.unmatched],
+                "passes": [p.to_dict() for p in self.passes]}
+
+
+def _capture(model: torch.nn.Module, inputs: dict[str, object] | None) -> CapturedGraph:
+    return capture(model, inputs if inputs is not None else example_inputs(model))
+
+
+def inspect(model: torch.nn.Module, inputs: dict[str, object] | None = None) -> list[AttentionSite]:
+    """Every attention site in `model`, as the detector sees it."""
+    ctx = PassContext(_capture(model, inputs))
+    PassManager(build_pipeline(LinearizeConfig(method="softmax"), ("normalize", "detect_attention"))).run(ctx)
+    return ctx.sites
+
+
+def run_pipeline(model: torch.nn.Module, config: LinearizeConfig, *, inputs: dict[str, object] | None = None,
+                 names: tuple[str, ...] = DEFAULT_PIPELINE, disabled: frozenset[str] = frozenset(),
+                 stop_after: str | None = None, dump_dir: Path | None = None,
+                 verifier_factory: Callable[[CapturedGraph], object] | None = None,
+                 on_result: Callable[[PassResult], None] | None = None) -> tuple[PassContext, CompileReport]:
+    """Capture `model` and run the pass pipeline over it; the debugging CLI drives this directly."""
+    ctx = PassContext(_capture(model, inputs))
+    verifier = verifier_factory(ctx.captured) if verifier_factory is not None else None
+    manager = PassManager(build_pipeline(config, names), disabled, stop_after, dump_dir, verifier, on_result)
+    results = manager.run(ctx)
+    return ctx, CompileReport(ctx.sites, ctx.unmatched, results)
+
+
+def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, layers: list[int] | None = None,
+             strict: bool = False, config: LinearizeConfig | None = None,
+             inputs: dict[str, object] | None = None) -> LinearizedModel:
+    """Linearize every attention in `model` (or the sites in `layers`; the rest stay exact softmax).
+
+    The model's weights are shared, not copied. With strict=True an attention-like softmax that no
+    pattern matched raises `UnrecognizedAttentionError`; otherwise it is reported as a warning.
+    """
+    if config is None:
+        config = LinearizeConfig(**({"method": method} if method is not None else {}),
+                                 layers=None if layers is None else tuple(layers), strict=strict)
+    ctx, report = run_pipeline(model, config, inputs=inputs)
+    if report.unmatched:
+        message = "attention-like softmax not recognized:\n  " + "\n  ".join(str(u) for u in report.unmatched)
+        if config.strict:
+            raise UnrecognizedAttentionError(message)
+        import warnings
+
+        warnings.warn(message + "\nthese nodes were left unchanged", stacklevel=2)
+    linearized = LinearizedModel(ctx.gm, ctx.captured.input_names, ctx.captured.output_names, ctx.sites,
+                                 ctx.rewritten, config, getattr(model, "config", None))
+    linearized.report = report
+    return linearized
+
+
+def save(model: LinearizedModel, directory: str | Path, tokenizer: object | None = None) -> Path:
+    """Write config, HF config, weights (safetensors) and tokenizer atomically to `directory`."""
+    from safetensors.torch import save_file
+
+    if model.hf_config is None:
+        raise ValueError("this model has no Hugging Face config to rebuild its architecture from")
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.hf_config.save_pretrained(tmp)
+        state = {k: v.detach().contiguous() for k, v in model.graph.state_dict().items()}
+        save_file(_untie(state), tmp / "model.safetensors")
+        meta = {"format": SAVE_FORMAT, "linearize": model.config.to_dict()}
+        (tmp / "lincompile.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage (tied embeddings): store each shared tensor once per name."""
+    seen: dict[int, str] = {}
+    out = {}
+    for name, tensor in state.items():
+        ptr = tensor.data_ptr()
+        out[name] = tensor.clone() if ptr in seen else tensor
+        seen.setdefault(ptr, name)
+    return out
+
+
+def load(directory: str | Path) -> LinearizedModel:
+    """Load what `save` wrote: rebuild the architecture offline, re-run the pipeline, load the weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModel
+
+    path = Path(directory)
+    meta_file = path / "lincompile.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a saved lincompile model (no lincompile.json); "
+                                "save one with LinearizedModel.save_pretrained(dir)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != SAVE_FORMAT:
+        raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r}")
+    config = LinearizeConfig.from_dict(meta["linearize"])
+    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        source = AutoModelForCausalLM.from_config(hf_config)
+    except ValueError:
+        source = AutoModel.from_config(hf_config)
+    model = optimize(source.eval(), config=config)
+    missing, unexpected = model.graph.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    if unexpected or missing:
+        raise ValueError(f"{path}: weights do not match the rebuilt graph (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    return model

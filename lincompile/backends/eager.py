@@ -1,0 +1,104 @@
+"""`LinearizedModel`: the rewritten graph behind the Hugging Face calling convention.
+
+`model(input_ids, attention_mask=None, past_state=None, use_cache=True)` returns `.logits` and
+`.past_state` (a `RecurrentState`). Prefill of n tokens followed by single-token steps through
+`past_state` computes what one forward over all tokens computes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from lincompile.config import LinearizeConfig
+from lincompile.kernels.linear_attention.reference import init_state
+from lincompile.methods.spec import get_method
+from lincompile.passes.detect_attention import AttentionSite
+from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT, RewrittenSite
+from lincompile.runtime.state import RecurrentState
+
+
+@dataclass
+class LinearizedOutput:
+    logits: torch.Tensor
+    past_state: RecurrentState | None = None
+
+
+class LinearizedModel(torch.nn.Module):
+    """A linearized model: `graph` (an fx.GraphModule holding all weights) plus its interface."""
+
+    def __init__(self, graph: fx.GraphModule, input_names: list[str], output_names: list[str],
+                 sites: list[AttentionSite], rewritten: list[RewrittenSite], config: LinearizeConfig,
+                 hf_config: object | None = None) -> None:
+        super().__init__()
+        self.graph = graph
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+        self.sites = sites
+        self.rewritten = rewritten
+        self.config = config
+        self.hf_config = hf_config
+        self._site_by_index = {s.index: s for s in sites}
+        self.state_inputs = [name for r in rewritten for name in r.state_inputs]
+        self.supports_state = len(rewritten) == len(sites) and all(
+            s.stateful or not s.causal for s in sites)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def initial_state(self, batch: int, device: torch.device | str | None = None) -> RecurrentState:
+        """The state before any token, for every stateful site."""
+        device = self.device if device is None else device
+        dtype = next(self.parameters()).dtype
+        tensors: dict[str, torch.Tensor] = {}
+        for r in self.rewritten:
+            if not r.state_inputs:
+                continue
+            site = self._site_by_index[r.index]
+            spec = get_method(r.method)
+            parts = init_state(spec, batch, site.kv_heads, site.head_dim, site.v_head_dim, device, dtype)
+            tensors.update(zip(r.state_inputs, parts))
+        return RecurrentState(tensors, 0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_state: RecurrentState | None = None, use_cache: bool = True,
+                position_ids: torch.Tensor | None = None, **extra: torch.Tensor) -> LinearizedOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        batch, tokens = input_ids.shape
+        if past_state is not None and not self.supports_state:
+            raise ValueError("this model has attention sites without a recurrent state (not rewritten, or "
+                             "non-causal/custom-bias); call it on the whole sequence without past_state")
+        state = past_state if past_state is not None else self.initial_state(batch, input_ids.device)
+        if attention_mask is not None and attention_mask.shape[1] == state.length + tokens and state.length:
+            attention_mask = attention_mask[:, state.length:]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, tokens, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (batch, tokens):
+            raise ValueError(f"attention_mask must be [batch, tokens] = {(batch, tokens)} (or cover past + new "
+                             f"tokens), got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            position_ids = torch.arange(state.length, state.length + tokens, device=input_ids.device)
+            position_ids = position_ids.unsqueeze(0).expand(batch, tokens)
+        values = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  **extra, **state.tensors}
+        missing = [n for n in self.input_names if n not in values]
+        if missing:
+            raise ValueError(f"missing inputs {missing}; this model takes {self.input_names}")
+        outputs = dict(zip(self.output_names, self.graph(*[values[n] for n in self.input_names])))
+        logits = outputs[self.output_names[0]]
+        new_state = None
+        if use_cache and self.supports_state:
+            new_state = RecurrentState(
+                {name.replace(STATE_OUTPUT, STATE_INPUT, 1): t for name, t in outputs.items()
+                 if name.startswith(STATE_OUTPUT + ".")},
+                state.length + tokens)
+        return LinearizedOutput(logits, new_state)
+
+    def save_pretrained(self, directory: str, tokenizer: object | None = None) -> str:
+        """Write this model atomically to `directory`; `lincompile.load(directory)` reads it back."""
+        from lincompile.api import save
+
+        return str(save(self, directory, tokenizer))

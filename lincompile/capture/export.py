@@ -1,0 +1,96 @@
+"""Capture a Hugging Face model as a flat FX graph with `torch.export` (non-strict).
+
+The captured `GraphModule` has plain positional placeholders (one per tensor input, named after the
+forward keyword) and returns a tuple of tensors named by `CapturedGraph.output_names`; parameters and
+buffers are attributes. Batch and sequence dims are dynamic.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.export import Dim
+
+#: Inputs whose dims 0 and 1 are (batch, tokens) in HF models.
+_SEQUENCE_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+_DECODER_INPUTS = ("decoder_input_ids", "decoder_attention_mask", "decoder_position_ids")
+
+
+@dataclass
+class CapturedGraph:
+    """A flat graph of a model plus what is needed to call it and to test it."""
+
+    gm: fx.GraphModule
+    input_names: list[str]
+    output_names: list[str]
+    example_inputs: dict[str, torch.Tensor]
+    seconds: float = 0.0
+    constants: dict[str, object] = field(default_factory=dict)
+
+    def __call__(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise ValueError(f"missing graph inputs {missing}; the graph takes {self.input_names}")
+        return self.gm(*[inputs[n] for n in self.input_names])
+
+
+def _dynamic_shapes(example: dict[str, object]) -> dict[str, object]:
+    batch = Dim("batch", min=1, max=1024)
+    seq = Dim("seq", min=1, max=1 << 17)
+    dec_seq = Dim("decoder_seq", min=1, max=1 << 17)
+    shapes: dict[str, object] = {}
+    for name, value in example.items():
+        if not isinstance(value, torch.Tensor):
+            shapes[name] = None
+        elif name in _SEQUENCE_INPUTS and value.dim() >= 2:
+            shapes[name] = {0: batch, 1: seq}
+        elif name in _DECODER_INPUTS and value.dim() >= 2:
+            shapes[name] = {0: batch, 1: dec_seq}
+        else:
+            shapes[name] = {0: batch} if value.dim() >= 1 else None
+    return shapes
+
+
+def _flatten_interface(gm: fx.GraphModule, output_names: list[str]) -> tuple[fx.GraphModule, list[str]]:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards") and not node.users:
+            graph.erase_node(node)  # export's input guards; LinearizedModel validates its own inputs
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    input_names = []
+    for node in placeholders:
+        if node.users:
+            input_names.append(node.target)
+        else:
+            graph.erase_node(node)
+    output = next(n for n in graph.nodes if n.op == "output")
+    flat, _ = torch.utils._pytree.tree_flatten(output.args[0])
+    output.args = (tuple(flat),)
+    graph._codegen = fx.graph.CodeGen()
+    graph.lint()
+    return fx.GraphModule(gm, graph), input_names
+
+
+def capture(model: torch.nn.Module, example_inputs: dict[str, object], *, dynamic: bool = True) -> CapturedGraph:
+    """Export `model(**example_inputs)` and return it as a flat graph.
+
+    Non-tensor inputs (e.g. `use_cache=False`) are specialised. Use batch and sequence sizes >= 2 in
+    the example so that those dims stay symbolic.
+    """
+    start = time.perf_counter()
+    shapes = _dynamic_shapes(example_inputs) if dynamic else None
+    was_training = model.training
+    model.eval()
+    try:
+        ep = torch.export.export(model, (), dict(example_inputs), strict=False, dynamic_shapes=shapes)
+    finally:
+        model.train(was_training)
+    out_spec = ep.call_spec.out_spec
+    context = out_spec.context if isinstance(out_spec.context, list) else None
+    output_names = list(context) if context else [f"output_{i}" for i in range(out_spec.num_leaves)]
+    gm, input_names = _flatten_interface(ep.module(), output_names)
+    tensors = {k: v for k, v in example_inputs.items() if isinstance(v, torch.Tensor)}
+    constants = {k: v for k, v in example_inputs.items() if not isinstance(v, torch.Tensor)}
+    return CapturedGraph(gm, input_names, output_names, tensors, time.perf_counter() - start, constants)

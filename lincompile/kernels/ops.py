@@ -1,0 +1,75 @@
+"""The `lincompile::attention` op: one graph node per attention site, whatever the method.
+
+Schema:
+    attention(q, k, v, key_mask?, bias?, state[], params[], spec, scale, causal) -> (out, new_state[])
+`spec` is a `MethodSpec` as JSON, so a graph carries its own math. The op has a fake kernel (for
+torch.export / torch.compile) and autograd by recomputation through the selected implementation.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from lincompile.kernels import registry
+from lincompile.methods.spec import MethodSpec
+
+
+@functools.lru_cache(maxsize=256)
+def _spec(spec_json: str) -> MethodSpec:
+    return MethodSpec.from_json(spec_json)
+
+
+def _run(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor | None, state: list[Tensor],
+         params: list[Tensor], spec: str, scale: float, causal: bool) -> tuple[Tensor, list[Tensor]]:
+    method = _spec(spec)
+    impl = registry.select(method, q.device).impl
+    return impl(q, k, v, key_mask, bias, list(state), list(params), method, scale, causal)
+
+
+@torch.library.custom_op("lincompile::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor | None,
+              state: list[Tensor], params: list[Tensor], spec: str, scale: float,
+              causal: bool) -> tuple[Tensor, list[Tensor]]:
+    out, new_state = _run(q, k, v, key_mask, bias, state, params, spec, scale, causal)
+    return out.contiguous(), [s.contiguous() for s in new_state]
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, key_mask, bias, state, params, spec, scale, causal):
+    method = _spec(spec)
+    out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    if method.kind == "softmax":
+        keys, values, mask = state
+        total = keys.shape[2] + k.shape[2]
+        new_state = [k.new_empty(k.shape[0], k.shape[1], total, k.shape[3]),
+                     v.new_empty(v.shape[0], v.shape[1], total, v.shape[3]),
+                     mask.new_empty(k.shape[0], total)]
+    else:
+        new_state = [s.new_empty(s.shape) for s in state]
+    return out, new_state
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, key_mask, bias, state, params, spec, scale, causal = inputs
+    ctx.save_for_backward(q, k, v, *params)
+    ctx.num_params = len(params)
+    ctx.rest = (key_mask, bias, list(state), spec, scale, causal)
+
+
+def _backward(ctx, grad_out, grad_state):
+    q, k, v, *params = ctx.saved_tensors
+    key_mask, bias, state, spec, scale, causal = ctx.rest
+    inputs = [t.detach().requires_grad_(t.requires_grad or t.is_floating_point()) for t in (q, k, v, *params)]
+    with torch.enable_grad():
+        out, new_state = _run(inputs[0], inputs[1], inputs[2], key_mask, bias, state, inputs[3:], spec,
+                              scale, causal)
+        pairs = [(out, grad_out)] + [(s, g) for s, g in zip(new_state, grad_state)
+                                     if g is not None and s.requires_grad]
+        grads = torch.autograd.grad([p[0] for p in pairs], inputs, [p[1] for p in pairs], allow_unused=True)
+    gq, gk, gv, *gparams = grads
+    return gq, gk, gv, None, None, None, list(gparams), None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)

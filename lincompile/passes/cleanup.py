@@ -1,0 +1,26 @@
+"""`normalize` and `cleanup`: the canonicalizing passes around detection and rewriting."""
+from __future__ import annotations
+
+from lincompile.capture.normalize import normalize
+from lincompile.passes.base import Pass, PassContext, register_pass
+
+
+@register_pass
+class Normalize(Pass):
+    name = "normalize"
+    description = "drop runtime asserts, no-op casts/aliases and p=0 dropout so patterns see one canonical form"
+
+    def run(self, ctx: PassContext) -> list[str]:
+        return [f"removed {normalize(ctx.gm)} identity nodes"]
+
+
+@register_pass
+class Cleanup(Pass):
+    name = "cleanup"
+    description = "remove nodes left dead by the rewrite (old attention cores, unused mask builders)"
+
+    def run(self, ctx: PassContext) -> list[str]:
+        before = len(ctx.gm.graph.nodes)
+        ctx.gm.graph.eliminate_dead_code()
+        ctx.gm.delete_all_unused_submodules()
+        return [f"removed {before - len(ctx.gm.graph.nodes)} dead nodes"]

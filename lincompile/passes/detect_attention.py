@@ -1,0 +1,180 @@
+"""`detect_attention`: find every softmax attention in the graph and record an `AttentionSite`.
+
+Patterns (passes/patterns) find the q/k/v nodes, the scale and the mask terms. The mask *kind* is
+then read numerically: the mask terms are evaluated on the captured example inputs (which have a
+padded row), turned into an allowed-pattern and compared with causal / padding / both / nothing.
+Anything else is `custom` (an additive bias such as T5's relative positions), which only the exact
+softmax method can reproduce.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from lincompile.passes.base import Pass, PassContext, register_pass
+from lincompile.passes.patterns.attention_forms import PATTERNS, SOFTMAX_OPS
+from lincompile.passes.patterns.common import SiteMatch, depends_on, module_path, val
+
+MASK_KINDS = ("causal", "causal+padding", "padding", "none", "custom")
+
+
+@dataclass
+class AttentionSite:
+    """One attention found in the graph (node references stay out of the JSON view)."""
+
+    index: int
+    path: str
+    form: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    scale: float
+    mask_kind: str
+    causal: bool
+    cross: bool
+    dtype: str
+    dropout_p: float
+    key_mask_input: str | None = None
+    match: SiteMatch | None = field(default=None, repr=False)
+
+    @property
+    def stateful(self) -> bool:
+        """Causal self-attention without a custom bias: decodable through a recurrent state."""
+        return self.causal and not self.cross and self.mask_kind != "custom"
+
+    def to_dict(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in (
+            "index", "path", "form", "heads", "kv_heads", "head_dim", "v_head_dim", "scale", "mask_kind",
+            "causal", "cross", "dtype", "dropout_p", "key_mask_input")}
+
+
+@dataclass
+class UnmatchedSoftmax:
+    """A softmax that looks like attention but matched no pattern."""
+
+    node: str
+    target: str
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node} ({self.target}) in {self.path}: {self.reason}"
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]) -> None:
+        super().__init__(gm)
+        self.wanted = wanted
+        self.values: dict[fx.Node, object] = {}
+
+    def run_node(self, n: fx.Node) -> object:
+        result = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = result
+        return result
+
+
+def _allowed_and_bias(match: SiteMatch, values: dict, t: int, s: int) -> tuple[torch.Tensor, bool]:
+    allowed = torch.ones(1, 1, t, s, dtype=torch.bool)
+    has_bias = False
+    for node, kind, coefficient in match.mask_terms:
+        value = values[node]
+        if kind == "additive":
+            scaled = value.float() * coefficient
+            keep = scaled > torch.finfo(value.dtype).min / 2 * abs(coefficient)
+            has_bias = has_bias or bool((scaled[keep] != 0).any())
+            allowed = allowed & keep
+        elif kind == "allow_bool":
+            allowed = allowed & value.bool()
+        else:
+            allowed = allowed & ~value.bool()
+    if match.is_causal:
+        allowed = allowed & torch.ones(t, s, dtype=torch.bool).tril(s - t)
+    return allowed, has_bias
+
+
+def _classify(match: SiteMatch, values: dict, placeholders: dict[str, fx.Node],
+              inputs: dict[str, torch.Tensor]) -> tuple[str, bool, str | None]:
+    """(mask kind, causal, name of the graph input that holds the key padding mask, if any).
+
+    A custom bias still has a structure (causal, padding) that linear methods keep.
+    """
+    qv, kv = val(match.q), val(match.k)
+    t, s = int(qv.shape[2]), int(kv.shape[2])
+    allowed, has_bias = _allowed_and_bias(match, values, t, s)
+    batch = int(qv.shape[0])
+    allowed = allowed.expand(batch, allowed.shape[1], t, s)
+    key_input = None
+    for name, node in placeholders.items():
+        if "attention_mask" in name and any(depends_on(term[0], {node}) for term in match.mask_terms):
+            if inputs[name].shape[-1] == s:
+                key_input = name
+    causal = torch.ones(t, s, dtype=torch.bool).tril(s - t)
+    keys = inputs[key_input].bool() if key_input else torch.ones(batch, s, dtype=torch.bool)
+    real_rows = keys[:, s - t:] if t <= s and key_input else torch.ones(batch, t, dtype=torch.bool)
+    candidates = [("causal+padding", causal[None] & keys[:, None, :]), ("padding", keys[:, None, :].expand(batch, t, s)),
+                  ("causal", causal[None].expand(batch, t, s)), ("none", torch.ones(batch, t, s, dtype=torch.bool))]
+    if key_input is None:
+        candidates = candidates[2:]
+    for kind, expected in candidates:
+        ok = all(bool((allowed[b, :, real_rows[b]] == expected[b, real_rows[b]][None]).all()) for b in range(batch))
+        if ok:
+            return ("custom" if has_bias else kind), kind.startswith("causal"), key_input if "padding" in kind else None
+    return "custom", False, None
+
+
+def find_sites(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor],
+               input_names: list[str]) -> tuple[list[AttentionSite], list[UnmatchedSoftmax], list[str]]:
+    """All attention sites, the attention-like softmaxes that matched nothing, and notes."""
+    matches: list[SiteMatch] = []
+    unmatched: list[UnmatchedSoftmax] = []
+    notes: list[str] = []
+    claimed: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        for pattern in PATTERNS:
+            result = pattern(node)
+            if isinstance(result, SiteMatch):
+                matches.append(result)
+                claimed.update(result.nodes)
+                break
+            if isinstance(result, str):
+                unmatched.append(UnmatchedSoftmax(node.name, str(node.target), module_path(node), result))
+                break
+        else:
+            if node.op == "call_function" and node.target in SOFTMAX_OPS and node not in claimed:
+                notes.append(f"left alone: {node.name} in {module_path(node)} (softmax that is not attention)")
+    placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    wanted = {term[0] for m in matches for term in m.mask_terms}
+    recorder = _Recorder(gm, wanted)
+    if wanted:
+        with torch.no_grad():
+            recorder.run(*[example_inputs[n] for n in input_names])
+    sites = []
+    for index, m in enumerate(matches):
+        kind, causal, key_input = _classify(m, recorder.values, placeholders, example_inputs)
+        qv, kv, vv = val(m.q), val(m.k), val(m.v)
+        cross = str(qv.shape[2]) != str(kv.shape[2])
+        sites.append(AttentionSite(
+            index=index, path=module_path(m.output), form=m.form, heads=int(qv.shape[1]),
+            kv_heads=int(kv.shape[1]), head_dim=int(qv.shape[3]), v_head_dim=int(vv.shape[3]),
+            scale=m.scale, mask_kind=kind, causal=causal,
+            cross=cross, dtype=str(qv.dtype).replace("torch.", ""), dropout_p=m.dropout_p,
+            key_mask_input=key_input, match=m,
+        ))
+    return sites, unmatched, notes
+
+
+@register_pass
+class DetectAttention(Pass):
+    name = "detect_attention"
+    description = "find every softmax attention (sdpa op or eager matmul-softmax chain) and record its site"
+
+    def run(self, ctx: PassContext) -> list[str]:
+        cap = ctx.captured
+        ctx.sites, ctx.unmatched, notes = find_sites(cap.gm, cap.example_inputs, cap.input_names)
+        notes = [f"{len(ctx.sites)} attention sites"] + notes
+        notes += [f"unmatched: {u}" for u in ctx.unmatched]
+        return notes

@@ -1,0 +1,208 @@
+"""One function per attention form, named after what it matches.
+
+- `sdpa_op`: `aten.scaled_dot_product_attention` with a bool or additive mask, `is_causal`, `scale`,
+  `enable_gqa`, dropout.
+- `eager_matmul_softmax`: `matmul(q, k^T)`, scaled by `mul`/`div` (or unscaled), masked by additive
+  terms, `where` or `masked_fill`, softmax (fp32 round trips allowed), dropout, `matmul(., v)`.
+
+Each returns a `SiteMatch`, or a string saying why a softmax that looks like attention did not match,
+or None when the node is not attention at all.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+
+from lincompile.passes.patterns.common import (CASTS, PASS_THROUGH, SiteMatch, is_transpose_last2, strip,
+                                               strip_gqa, val)
+
+aten = torch.ops.aten
+
+SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
+DROPOUT_OPS = {aten.dropout.default}
+SDPA_OPS = {aten.scaled_dot_product_attention.default}
+#: Fused attention ops we know but do not rewrite: found, reported as unmatched.
+OTHER_FUSED_ATTENTION = {
+    aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def _sdpa_arg(node: fx.Node, name: str) -> object:
+    index = _SDPA_ARGS.index(name)
+    if index < len(node.args):
+        return node.args[index]
+    return node.kwargs.get(name, _SDPA_DEFAULTS.get(name))
+
+
+def sdpa_op(node: fx.Node) -> SiteMatch | str | None:
+    """`aten.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)`."""
+    if node.op != "call_function":
+        return None
+    if node.target in OTHER_FUSED_ATTENTION:
+        return f"fused attention op {node.target} is not rewritten; export with attn_implementation='sdpa' or 'eager'"
+    if node.target not in SDPA_OPS:
+        return None
+    q, k, v = (_sdpa_arg(node, n) for n in ("query", "key", "value"))
+    qv, kv_, vv = val(q), val(k), val(v)
+    if qv is None or kv_ is None or vv is None or qv.dim() != 4 or kv_.dim() != 4:
+        return "scaled_dot_product_attention on inputs that are not 4-D [batch, heads, tokens, dim]"
+    k_base, groups = strip_gqa(k)
+    v_base, v_groups = strip_gqa(v)
+    if groups != v_groups:
+        k_base, v_base, groups = k, v, 1
+    if _sdpa_arg(node, "enable_gqa"):
+        groups = qv.shape[1] // kv_.shape[1]
+    scale = _sdpa_arg(node, "scale")
+    scale = 1.0 / math.sqrt(qv.shape[-1]) if scale is None else float(scale)
+    mask = _sdpa_arg(node, "attn_mask")
+    terms = []
+    if isinstance(mask, fx.Node):
+        mask_val = val(mask)
+        kind = "allow_bool" if mask_val is not None and mask_val.dtype == torch.bool else "additive"
+        terms.append((mask, kind, 1.0))
+    return SiteMatch(
+        form="sdpa_op", output=node, q=q, k=k_base, v=v_base, kv_groups=int(groups), scale=scale,
+        mask_terms=terms,
+        is_causal=bool(_sdpa_arg(node, "is_causal")), dropout_p=float(_sdpa_arg(node, "dropout_p") or 0.0),
+        nodes=[node],
+    )
+
+
+def _scalar(node: object) -> float | None:
+    """A Python number, or a 0-d `full`/`scalar_tensor` node holding one."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return float(node)
+    if isinstance(node, fx.Node) and node.op == "call_function":
+        if node.target == aten.full.default and list(node.args[0]) == [] and isinstance(node.args[1], (int, float)):
+            return float(node.args[1])
+        if node.target == aten.scalar_tensor.default and isinstance(node.args[0], (int, float)):
+            return float(node.args[0])
+        if node.target in CASTS | PASS_THROUGH:
+            return _scalar(node.args[0])
+    return None
+
+
+def _walk_scores(node: object, scale: float, terms: list, path: list[fx.Node]) -> tuple[fx.Node, float] | None:
+    """From a softmax input back to the q.k^T product, collecting scale factors and mask terms."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    path.append(node)
+    target = node.target
+    if target in MATMUL_OPS:
+        return node, scale
+    if target in CASTS or target in PASS_THROUGH:
+        return _walk_scores(node.args[0], scale, terms, path)
+    if target in (aten.mul.Tensor, aten.mul.Scalar):
+        for a, b in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+            c = _scalar(b)
+            if c is not None:
+                return _walk_scores(a, scale * c, terms, path)
+        return None
+    if target in (aten.div.Tensor, aten.div.Scalar):
+        c = _scalar(node.args[1])
+        return None if c is None or c == 0 else _walk_scores(node.args[0], scale / c, terms, path)
+    if target == aten.add.Tensor:
+        for a, b in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+            found = _walk_scores(a, scale, terms, path)
+            if found is not None:
+                if isinstance(b, fx.Node):
+                    terms.append((b, "additive", scale))
+                return found
+        return None
+    if target in (aten.where.self, aten.where.ScalarOther):
+        found = _walk_scores(node.args[1], scale, terms, path)
+        if found is not None:
+            terms.append((node.args[0], "allow_bool", 1.0))
+        return found
+    if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+        found = _walk_scores(node.args[0], scale, terms, path)
+        if found is not None:
+            terms.append((node.args[1], "deny_bool", 1.0))
+        return found
+    return None
+
+
+def _follow_probs(node: fx.Node, path: list[fx.Node]) -> tuple[fx.Node, float] | str:
+    """From the softmax output forward to `matmul(probs, v)`; returns it and the dropout p."""
+    dropout_p = 0.0
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            return "the attention probabilities are used more than once (output_attentions?)"
+        user = users[0]
+        path.append(user)
+        if user.target in CASTS or user.target in PASS_THROUGH:
+            node = user
+        elif user.target in DROPOUT_OPS:
+            p = user.args[1] if len(user.args) > 1 else user.kwargs.get("p", 0.0)
+            dropout_p = float(p) if isinstance(p, (int, float)) else 0.0
+            node = user
+        elif user.target in MATMUL_OPS and user.args[0] is node:
+            return user, dropout_p
+        else:
+            return f"softmax output flows into {user.target}, not into a matmul with V"
+
+
+def eager_matmul_softmax(node: fx.Node) -> SiteMatch | str | None:
+    """softmax(scale * q @ k^T + mask) [dropout] @ v, in any of the common spellings."""
+    if node.op != "call_function" or node.target not in SOFTMAX_OPS:
+        return None
+    scores_in = node.args[0]
+    sval = val(node)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    terms: list = []
+    path: list[fx.Node] = []
+    found = _walk_scores(scores_in, 1.0, terms, path)
+    if found is None:
+        if _looks_like_scores(scores_in):
+            return "softmax over q.k^T-like scores, but the score chain has an op this matcher does not know"
+        return None
+    qk, scale = found
+    if sval is None or sval.dim() != 4 or dim not in (-1, 3):
+        return "softmax over q.k^T, but not over the last dim of a 4-D [batch, heads, q, k] tensor"
+    q, k_t = qk.args[0], qk.args[1]
+    k_t = strip(k_t, PASS_THROUGH)
+    if not is_transpose_last2(k_t):
+        return "q.k^T product whose right operand is not a transpose of K"
+    pv = _follow_probs(node, path)
+    if isinstance(pv, str):
+        return pv
+    pv_node, dropout_p = pv
+    k_base, groups = strip_gqa(k_t.args[0])
+    v_base, v_groups = strip_gqa(pv_node.args[1])
+    if groups != v_groups:
+        k_base, v_base, groups = k_t.args[0], pv_node.args[1], 1
+    if any(val(n) is None or val(n).dim() != 4 for n in (q, k_base, v_base, pv_node)):
+        return "attention on tensors that are not 4-D [batch, heads, tokens, dim]"
+    return SiteMatch(
+        form="eager_matmul_softmax", output=pv_node, q=q, k=k_base, v=v_base, kv_groups=int(groups),
+        scale=scale, mask_terms=terms, is_causal=False, dropout_p=dropout_p, nodes=[qk, *path],
+    )
+
+
+def _looks_like_scores(node: object, depth: int = 6) -> bool:
+    """A product of two activations (not a layer's weight) within a few ops upstream."""
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for cur in frontier:
+            if not isinstance(cur, fx.Node) or cur.op != "call_function":
+                continue
+            if cur.target in MATMUL_OPS or cur.target == aten.einsum.default:
+                operands = cur.args[1] if cur.target == aten.einsum.default else cur.args[:2]
+                if all(isinstance(o, fx.Node) and o.op == "call_function" for o in operands):
+                    return True
+            nxt.extend(cur.all_input_nodes)
+        frontier = nxt
+    return False
+
+
+PATTERNS = (sdpa_op, eager_matmul_softmax)

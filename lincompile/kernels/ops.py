@@ -69,7 +69,7 @@ def _backward(ctx, grad_out, grad_state):
                                      if g is not None and s.requires_grad]
         grads = torch.autograd.grad([p[0] for p in pairs], inputs, [p[1] for p in pairs], allow_unused=True)
     gq, gk, gv, *gparams = grads
-    return gq, gk, gv, None, None, None, list(gparams), None, None, None
+    return gq, gk, gv, None, None, [None] * len(state), list(gparams), None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

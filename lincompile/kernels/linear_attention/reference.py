@@ -2,7 +2,7 @@
 
 Layout: q [B, H, T, Dk], k [B, Hkv, S, Dk], v [B, Hkv, S, Dv] with H a multiple of Hkv (GQA is never
 materialised: query heads are viewed as [B, Hkv, H/Hkv, T, Dk]). `key_mask` [B, S] marks real keys
-(padding is False). Accumulation is fp32; the output has q's dtype.
+(padding is False). Accumulation is fp32 (fp64 for fp64 inputs); the output has q's dtype.
 
 Forms:
 - `attention` (parallel from a state): the masked quadratic form over the new tokens plus the
@@ -20,19 +20,25 @@ from lincompile.methods.spec import MethodSpec
 DENOMINATOR_EPS = 1e-6
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def init_state(spec: MethodSpec, batch: int, kv_heads: int, dk: int, dv: int,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[Tensor]:
-    """The state before any token: empty KV cache (softmax) or zeros (linear, fp32)."""
+    """The state before any token: empty KV cache (softmax, model dtype) or zeros (linear, accumulation dtype)."""
     if spec.kind == "softmax":
         return [torch.zeros(batch, kv_heads, 0, dk, device=device, dtype=dtype),
                 torch.zeros(batch, kv_heads, 0, dv, device=device, dtype=dtype),
                 torch.zeros(batch, 0, device=device, dtype=torch.bool)]
     parts: list[Tensor] = []
+    acc = accumulation_dtype(dtype)
     for name in spec.state_parts():
         if name == "state":
-            parts.append(torch.zeros(batch, kv_heads, dk, dv, device=device, dtype=torch.float32))
+            parts.append(torch.zeros(batch, kv_heads, dk, dv, device=device, dtype=acc))
         elif name == "normalizer":
-            parts.append(torch.zeros(batch, kv_heads, dk, device=device, dtype=torch.float32))
+            parts.append(torch.zeros(batch, kv_heads, dk, device=device, dtype=acc))
         else:
             raise ValueError(f"{spec.name}: state part {name!r} has no reference layout")
     return parts
@@ -79,18 +85,20 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, 
     values = torch.cat([past_v.to(v.dtype), v], dim=2)
     mask = torch.cat([past_mask, _key_mask(key_mask, k)], dim=1)
     t, total = q.shape[2], keys.shape[2]
-    qg = q.float().reshape(batch, kv_heads, groups, t, q.shape[-1])
-    scores = torch.einsum("bhgtd,bhsd->bhgts", qg, keys.float()) * scale
+    acc = accumulation_dtype(q.dtype)
+    qg = q.to(acc).reshape(batch, kv_heads, groups, t, q.shape[-1])
+    scores = torch.einsum("bhgtd,bhsd->bhgts", qg, keys.to(acc)) * scale
     if bias is not None:
-        scores = scores + bias.float().expand(batch, heads, t, total).reshape(scores.shape)
+        scores = scores + bias.to(acc).expand(batch, heads, t, total).reshape(scores.shape)
     allowed = mask[:, None, None, None, :]
     if causal:
         past = total - t
         rows = torch.arange(t, device=q.device)[:, None] + past
         cols = torch.arange(total, device=q.device)[None, :]
         allowed = allowed & (cols <= rows)
-    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-    out = torch.einsum("bhgts,bhsd->bhgtd", torch.softmax(scores, dim=-1), values.float())
+    scores = scores.masked_fill(~allowed, torch.finfo(acc).min)
+    probs = torch.softmax(scores, dim=-1) * allowed.any(-1, keepdim=True)  # a query with no key outputs 0
+    out = torch.einsum("bhgts,bhsd->bhgtd", probs, values.to(acc))
     return out.reshape(batch, heads, t, v.shape[-1]).to(q.dtype), [keys, values, mask]
 
 
@@ -103,13 +111,14 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, s
     t, s = q.shape[2], k.shape[2]
     if causal and t != s:
         raise ValueError(f"causal attention needs as many new keys as queries, got {t} and {s}")
-    keep = _key_mask(key_mask, k)[:, None, :, None].float()
-    qf = feature_map(q.float(), spec).reshape(batch, kv_heads, groups, t, q.shape[-1])
-    kf = feature_map(k.float(), spec) * keep
-    vf = v.float() * keep
+    acc = accumulation_dtype(q.dtype)
+    keep = _key_mask(key_mask, k)[:, None, :, None].to(acc)
+    qf = feature_map(q.to(acc), spec).reshape(batch, kv_heads, groups, t, q.shape[-1])
+    kf = feature_map(k.to(acc), spec) * keep
+    vf = v.to(acc) * keep
     scores = torch.einsum("bhgtd,bhsd->bhgts", qf, kf)
     if causal:
-        scores = scores * torch.ones(t, s, device=q.device).tril()
+        scores = scores * torch.ones(t, s, device=q.device, dtype=acc).tril()
     s_past = state[0]
     num = torch.einsum("bhgts,bhse->bhgte", scores, vf) + torch.einsum("bhgtd,bhde->bhgte", qf, s_past)
     new_state = [s_past + torch.einsum("bhsd,bhse->bhde", kf, vf)]
@@ -146,14 +155,15 @@ def recurrent(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, state: l
             outs.append(out)
         return torch.cat(outs, dim=2), state
     batch, heads, kv_heads, groups = _check_shapes(q, k, v)
-    keep = _key_mask(key_mask, k).float()
-    s_t = state[0].clone()
-    z_t = state[1].clone() if spec.normalizer == "denominator" else None
+    acc = accumulation_dtype(q.dtype)
+    keep = _key_mask(key_mask, k).to(acc)
+    s_t = state[0].to(acc)
+    z_t = state[1].to(acc) if spec.normalizer == "denominator" else None
     outs = []
     for i in range(q.shape[2]):
-        q_i = feature_map(q[:, :, i].float(), spec).reshape(batch, kv_heads, groups, -1)
-        k_i = feature_map(k[:, :, i].float(), spec) * keep[:, i, None, None]
-        v_i = v[:, :, i].float() * keep[:, i, None, None]
+        q_i = feature_map(q[:, :, i].to(acc), spec).reshape(batch, kv_heads, groups, -1)
+        k_i = feature_map(k[:, :, i].to(acc), spec) * keep[:, i, None, None]
+        v_i = v[:, :, i].to(acc) * keep[:, i, None, None]
         s_t = s_t + k_i[..., :, None] * v_i[..., None, :]
         out = torch.einsum("bhgd,bhde->bhge", q_i, s_t)
         if z_t is not None:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lincompile.kernels import registry
+from lincompile.kernels.linear_attention.reference import init_state
 from lincompile.methods.spec import MethodSpec
 
 
@@ -40,6 +41,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Te
 def _attention_fake(q, k, v, key_mask, bias, state, params, spec, scale, causal):
     method = _spec(spec)
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    if not state:
+        state = init_state(method, k.shape[0], k.shape[1], k.shape[3], v.shape[3], "meta", q.dtype)
     if method.kind == "softmax":
         keys, values, mask = state
         total = keys.shape[2] + k.shape[2]

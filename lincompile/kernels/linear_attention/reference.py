@@ -133,7 +133,10 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, s
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor | None,
               state: list[Tensor], params: list[Tensor], spec: MethodSpec, scale: float,
               causal: bool) -> tuple[Tensor, list[Tensor]]:
-    """Parallel form from a state: the reference behind `lincompile::attention`."""
+    """Parallel form from a state (an empty list means the initial state): the reference behind
+    `lincompile::attention`."""
+    if not state:
+        state = init_state(spec, q.shape[0], k.shape[1], k.shape[-1], v.shape[-1], q.device, q.dtype)
     if spec.kind == "softmax":
         return softmax_attention(q, k, v, key_mask, bias, state, scale, causal)
     return linear_attention(q, k, v, key_mask, state, spec, causal)

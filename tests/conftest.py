@@ -1,0 +1,25 @@
+"""Shared fixtures: the real SmolLM2 model (loaded once per session) and real held-out text."""
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2-135M, fp32, sdpa attention."""
+    from lincompile.assets import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def heldout_batch(smollm2):
+    """Two rows of 64 real held-out tokens; the second row is left-padded on its first 8 tokens."""
+    from lincompile.train.data import heldout_blocks
+
+    _, tokenizer = smollm2
+    ids = heldout_blocks(tokenizer, block_size=64, max_blocks=2)
+    mask = torch.ones_like(ids)
+    mask[1, :8] = 0
+    ids = ids.clone()
+    ids[1, :8] = tokenizer.pad_token_id
+    return ids, mask

@@ -1,0 +1,101 @@
+"""Rewriting: exact with the softmax method, stateful decoding, hybrids, fuel."""
+import pytest
+import torch
+
+import lincompile
+from lincompile.testing.tiny import FAMILIES, attn_implementations, tiny_model
+
+CASES = [(f, impl) for f in FAMILIES for impl in attn_implementations(f)]
+
+
+def _reference_and_graph(model, linear, seed=1):
+    inputs = lincompile.example_inputs(model, batch=3, seq=12, seed=seed)
+    tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        out = model(**inputs)
+        ref = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        values = {**tensors, **linear.initial_state(3).tensors}
+        got = linear.graph(*[values[n] for n in linear.input_names])[0]
+    keep = tensors["attention_mask"].bool() if ref.shape[1] == tensors["attention_mask"].shape[1] else None
+    return ref, got, keep
+
+
+@pytest.mark.parametrize("family,impl", CASES)
+def test_softmax_rewrite_is_exact(family, impl):
+    model = tiny_model(family, impl)
+    linear = lincompile.optimize(model, "softmax", strict=True)
+    assert len(linear.rewritten) == len(linear.sites) > 0
+    ops = [n for n in linear.graph.graph.nodes if n.target is torch.ops.lincompile.attention.default]
+    assert len(ops) == len(linear.sites)
+    ref, got, keep = _reference_and_graph(model, linear)
+    diff = (ref - got).abs()
+    assert (diff[keep] if keep is not None else diff).max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_linear_rewrite_changes_outputs_but_stays_causal(family):
+    model = tiny_model(family)
+    linear = lincompile.optimize(model, "linear-elu")
+    ids = torch.randint(3, 128, (2, 10))
+    with torch.no_grad():
+        assert not torch.allclose(linear(ids).logits, model(ids).logits, atol=1e-3)
+        changed = ids.clone()
+        changed[:, 6:] = torch.randint(3, 128, (2, 4))
+        a, b = linear(ids).logits, linear(changed).logits
+    assert torch.equal(a[:, :6], b[:, :6])
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+@pytest.mark.parametrize("method,layers", [("linear-elu", None), ("softmax", None), ("linear-elu", [1])])
+def test_prefill_then_steps_equals_full_forward(method, layers):
+    model = tiny_model("llama").double()
+    linear = lincompile.optimize(model, method, layers=layers)
+    ids = torch.randint(3, 128, (2, 11))
+    with torch.no_grad():
+        full = linear(ids).logits
+        out = linear(ids[:, :7])
+        logits, state = [out.logits], out.past_state
+        for i in range(7, 11):
+            out = linear(ids[:, i:i + 1], past_state=state)
+            logits.append(out.logits)
+            state = out.past_state
+    assert state.length == 11
+    assert (torch.cat(logits, 1) - full).abs().max() <= 1e-10
+
+
+def test_hybrid_keeps_unselected_sites_exact_softmax():
+    model = tiny_model("llama")
+    linear = lincompile.optimize(model, "linear-elu", layers=[0])
+    assert [r.method for r in linear.rewritten] == ["linear-elu", "softmax"]
+    with pytest.raises(ValueError, match="not attention sites"):
+        lincompile.optimize(model, "linear-elu", layers=[5])
+
+
+def test_linear_state_does_not_grow_with_context():
+    linear = lincompile.optimize(tiny_model("llama"), "linear-elu")
+    with torch.no_grad():
+        short = linear(torch.randint(3, 128, (1, 4))).past_state
+        long = linear(torch.randint(3, 128, (1, 64))).past_state
+    assert short.shapes() == long.shapes() and short.nbytes() == long.nbytes()
+
+
+def test_fuel_limits_rewrites_and_disables_state():
+    model = tiny_model("llama")
+    linear = lincompile.optimize(model, "linear-elu", config=lincompile.LinearizeConfig("linear-elu", fuel=1))
+    assert len(linear.rewritten) == 1 and not linear.supports_state
+    with pytest.raises(ValueError, match="without a recurrent state"):
+        linear(torch.randint(3, 128, (1, 4)), past_state=linear.initial_state(1))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_model("qwen2")
+    linear = lincompile.optimize(model, "linear-elu", layers=[0])
+    path = linear.save_pretrained(str(tmp_path / "saved"))
+    loaded = lincompile.load(path)
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, linear(ids).logits)
+    assert loaded.config == linear.config
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    with pytest.raises(FileNotFoundError, match="not a saved lincompile model"):
+        lincompile.load(tmp_path)

@@ -16,7 +16,7 @@ from lincompile.backends.eager import LinearizedModel
 from lincompile.capture.export import CapturedGraph, capture
 from lincompile.config import LinearizeConfig
 from lincompile.methods.spec import MethodSpec
-from lincompile.passes.base import PassContext, PassManager, PassResult
+from lincompile.passes.base import PassContext, PassManager, PassResult, Verifier
 from lincompile.passes.detect_attention import AttentionSite, UnmatchedSoftmax
 from lincompile.passes.pipeline import DEFAULT_PIPELINE, build_pipeline
 
@@ -78,9 +78,12 @@ def inspect(model: torch.nn.Module, inputs: dict[str, object] | None = None) -> 
 def run_pipeline(model: torch.nn.Module, config: LinearizeConfig, *, inputs: dict[str, object] | None = None,
                  names: tuple[str, ...] = DEFAULT_PIPELINE, disabled: frozenset[str] = frozenset(),
                  stop_after: str | None = None, dump_dir: Path | None = None,
-                 verifier_factory: Callable[[CapturedGraph], object] | None = None,
+                 verifier_factory: Callable[[CapturedGraph], Verifier | None] | None = None,
                  on_result: Callable[[PassResult], None] | None = None) -> tuple[PassContext, CompileReport]:
-    """Capture `model` and run the pass pipeline over it; the debugging CLI drives this directly."""
+    """Capture `model` and run the pass pipeline over it; the debugging CLI drives this directly.
+
+    `verifier_factory` sees the captured graph before any pass and may return None (no verification).
+    """
     ctx = PassContext(_capture(model, inputs))
     verifier = verifier_factory(ctx.captured) if verifier_factory is not None else None
     manager = PassManager(build_pipeline(config, names), disabled, stop_after, dump_dir, verifier, on_result)

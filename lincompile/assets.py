@@ -283,12 +283,17 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "~", "/", os.sep)) or name.count("/") > 1 or "\\" in name
 
 
+#: Files whose presence marks a directory as carrying a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def load_model(name_or_path: str, *, attn_implementation: str | None = None,
                dtype: torch.dtype = torch.float32,
                cache_dir: str | Path | None = None) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)``; the model is in eval mode and the tokenizer has a pad token.
 
-    Resolution: an embedded name (``EMBEDDED_MODELS``) -> its cached directory; an existing local
+    A local directory without tokenizer files (a bare ``save_pretrained`` of a model) gives
+    ``tokenizer=None``. Resolution: an embedded name (``EMBEDDED_MODELS``) -> its cached directory; an existing local
     directory -> loaded with ``local_files_only=True``; anything else -> a Hugging Face hub id.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -302,7 +307,8 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
         path = smollm2_dir(cache_dir) if name_or_path in EMBEDDED_MODELS else local
         try:
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer else None
         except Exception as exc:
             raise AssetError(f"cannot load a causal LM from directory {path}: {exc}") from exc
     elif _looks_like_path(name_or_path) or local.exists():
@@ -325,6 +331,6 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
                 f"unreachable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}). "
                 f"Embedded models (work offline): {names}. Or pass a local model directory."
             ) from exc
-    if tokenizer.pad_token is None:
+    if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer

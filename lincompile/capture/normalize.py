@@ -64,12 +64,24 @@ def normalize(gm: fx.GraphModule) -> int:
             node.replace_all_uses_with(replacement)
             graph.erase_node(node)
             removed += 1
-    removed += _eliminate_dead_code(gm)
+    removed += eliminate_dead_code(gm)
     return removed
 
 
-def _eliminate_dead_code(gm: fx.GraphModule) -> int:
+#: Ops fx calls impure only because they *may* draw random numbers (dropout inside attention);
+#: with no users their results are unobservable, so dead copies may go.
+_SEEDED_BUT_REMOVABLE = {aten.scaled_dot_product_attention.default, aten.dropout.default}
+
+
+def _is_impure(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _SEEDED_BUT_REMOVABLE:
+        return False
+    return node.is_impure()
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> int:
+    """Remove nodes without users (dead attention cores included); returns how many went."""
     before = len(gm.graph.nodes)
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.recompile()
     return before - len(gm.graph.nodes)

@@ -1,7 +1,7 @@
 """`normalize` and `cleanup`: the canonicalizing passes around detection and rewriting."""
 from __future__ import annotations
 
-from lincompile.capture.normalize import normalize
+from lincompile.capture.normalize import eliminate_dead_code, normalize
 from lincompile.passes.base import Pass, PassContext, register_pass
 
 
@@ -20,7 +20,6 @@ class Cleanup(Pass):
     description = "remove nodes left dead by the rewrite (old attention cores, unused mask builders)"
 
     def run(self, ctx: PassContext) -> list[str]:
-        before = len(ctx.gm.graph.nodes)
-        ctx.gm.graph.eliminate_dead_code()
+        removed = eliminate_dead_code(ctx.gm)
         ctx.gm.delete_all_unused_submodules()
-        return [f"removed {before - len(ctx.gm.graph.nodes)} dead nodes"]
+        return [f"removed {removed} dead nodes"]

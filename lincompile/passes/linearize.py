@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from lincompile.capture.check import attention_op
+from lincompile.capture.normalize import eliminate_dead_code
 from lincompile.methods.spec import MethodSpec, get_method
 from lincompile.passes.base import Pass, PassContext, register_pass
 from lincompile.passes.detect_attention import AttentionSite
@@ -129,6 +130,6 @@ class Linearize(Pass):
                 notes.append(f"site {site.index} ({site.path}): its additive bias (e.g. relative positions) "
                              f"has no linear form and is dropped by {spec.name}")
             ctx.rewritten.append(_rewrite(ctx, site, spec, output))
-        graph.eliminate_dead_code()
+        eliminate_dead_code(ctx.gm)
         notes.insert(0, f"rewrote {len(ctx.rewritten)} of {len(ctx.sites)} sites")
         return notes

@@ -27,6 +27,8 @@ def test_softmax_rewrite_is_exact(family, impl):
     assert len(linear.rewritten) == len(linear.sites) > 0
     ops = [n for n in linear.graph.graph.nodes if n.target is torch.ops.lincompile.attention.default]
     assert len(ops) == len(linear.sites)
+    leftover = [n for n in linear.graph.graph.nodes if "softmax" in str(n.target) or "scaled_dot" in str(n.target)]
+    assert leftover == []  # the original attention cores are gone, not computed and thrown away
     ref, got, keep = _reference_and_graph(model, linear)
     diff = (ref - got).abs()
     assert (diff[keep] if keep is not None else diff).max() <= 1e-5

@@ -1,0 +1,185 @@
+"""Tests for the `lincompile` command line (in-process through `main(argv)`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lincompile.cli.main import main, verify_sample
+from lincompile.passes.pipeline import DEFAULT_PIPELINE
+from lincompile.testing.tiny import expected_sites, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny Llama (2 layers, GQA, no tokenizer) saved as a Hugging Face directory."""
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    tiny_model("llama").save_pretrained(path)
+    return str(path)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("lincompile: error:")]
+    assert len(errors) == 1 and err.rstrip().splitlines()[-1] == errors[0], err
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+class CharTokenizer:
+    """Stand-in tokenizer: one token per character."""
+
+    eos_token_id = pad_token_id = 0
+
+    def __call__(self, texts, add_special_tokens=False, verbose=False):
+        return {"input_ids": [[ord(c) % 100 + 1 for c in t] for t in texts]}
+
+
+@pytest.mark.parametrize("tokenizer", [None, CharTokenizer()])
+def test_verify_sample_is_fixed_and_left_padded(tokenizer):
+    model = tiny_model("llama")
+    sample = verify_sample(model, tokenizer)
+    ids, mask = sample["input_ids"], sample["attention_mask"]
+    assert ids.shape == mask.shape == sample["position_ids"].shape == (2, 64)
+    assert mask[0].all() and not mask[1, :8].any() and mask[1, 8:].all()
+    assert (sample["position_ids"] == sample["position_ids"].new_tensor(range(64))).all()
+    assert (ids[1, :8] == 0).all() and int(ids.max()) < model.config.vocab_size
+    assert (verify_sample(model, tokenizer)["input_ids"] == ids).all()
+    if tokenizer is not None:  # real held-out text, not the random fallback
+        assert ids[0, :5].tolist() == [ord(c) % 100 + 1 for c in "HAMLE"]
+
+
+def test_methods_lists_builtin_methods(capsys):
+    code, out, _ = run(capsys, "methods")
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert code == 0 and {"softmax", "linear-elu"} <= set(lines)
+    assert "Katharopoulos" in lines["linear-elu"]
+
+
+def test_passes_lists_the_pipeline(capsys):
+    code, out, _ = run(capsys, "passes")
+    listed = [line.split()[1] for line in out.splitlines() if line.startswith("* ")]
+    assert code == 0 and listed == list(DEFAULT_PIPELINE)
+
+
+@pytest.mark.parametrize("command", ["methods", "passes", "inspect", "optimize"])
+def test_every_subcommand_has_help_with_example(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "example:" in out and f"lincompile {command}" in out
+
+
+def test_inspect_json_and_table(capsys, tiny_dir):
+    data = run_json(capsys, "inspect", tiny_dir)
+    assert data["model"] == tiny_dir and data["unmatched"] == []
+    assert len(data["sites"]) == expected_sites("llama")
+    assert {s["mask_kind"] for s in data["sites"]} == {"causal+padding"}
+    assert [s["kv_heads"] for s in data["sites"]] == [2, 2]
+    code, out, err = run(capsys, "inspect", tiny_dir, "--attn-impl", "eager")
+    assert code == 0 and "model.layers.1.self_attn" in out
+    assert f"{expected_sites('llama')} attention sites" in out and "capturing" in err
+
+
+def test_optimize_softmax_verify_is_exact_after_every_pass(capsys, tiny_dir):
+    data = run_json(capsys, "optimize", tiny_dir, "--method", "softmax", "--verify")
+    assert [p["name"] for p in data["passes"]] == list(DEFAULT_PIPELINE)
+    assert all(p["max_abs_diff"] is not None and p["max_abs_diff"] <= 1e-5 for p in data["passes"])
+    assert data["sites_found"] == data["sites_rewritten"] == 2 and data["max_abs_diff"] <= 1e-5
+    assert data["model"] == tiny_dir and data["method"] == "softmax" and data["unmatched"] == []
+
+
+def test_verify_detects_a_linear_method(capsys, tiny_dir):
+    """The verifier must be able to fail: linear attention is not softmax, and --layers picks sites."""
+    data = run_json(capsys, "optimize", tiny_dir, "--method", "linear-elu", "--layers", "1", "--verify")
+    diffs = {p["name"]: p["max_abs_diff"] for p in data["passes"]}
+    assert diffs["detect_attention"] <= 1e-5 and diffs["linearize"] > 1e-3
+    assert data["sites_rewritten"] == 2  # site 1 linear-elu, site 0 exact softmax
+
+
+def test_fuel_rewrites_one_site_and_verify_handles_a_partial_rewrite(capsys, tiny_dir):
+    data = run_json(capsys, "optimize", tiny_dir, "--method", "softmax", "--fuel", "1", "--verify")
+    assert data["sites_rewritten"] == 1 and data["max_abs_diff"] <= 1e-5
+    linearize = next(p for p in data["passes"] if p["name"] == "linearize")
+    assert any("fuel exhausted" in note for note in linearize["notes"])
+
+
+def test_stop_after_runs_two_passes(capsys, tiny_dir):
+    data = run_json(capsys, "optimize", tiny_dir, "--method", "softmax", "--stop-after", "detect_attention")
+    assert [p["name"] for p in data["passes"]] == ["normalize", "detect_attention"]
+    assert data["sites_rewritten"] == 0 and data["max_abs_diff"] is None
+
+
+def test_pipeline_subsets_verify(capsys, tiny_dir):
+    data = run_json(capsys, "optimize", tiny_dir, "--method", "softmax", "--verify",
+                    "--passes", "detect_attention,linearize,cleanup", "--disable", "cleanup")
+    assert [p["name"] for p in data["passes"]] == ["detect_attention", "linearize"]
+    assert data["sites_rewritten"] == 2 and data["max_abs_diff"] <= 1e-5
+
+
+def test_text_output_print_between_and_dump_dir(capsys, tiny_dir, tmp_path: Path):
+    code, out, _ = run(capsys, "optimize", tiny_dir, "--method", "softmax", "--verify", "--print-between",
+                       "--dump-dir", str(tmp_path))
+    assert code == 0
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines if line.split()[0] in DEFAULT_PIPELINE] == list(DEFAULT_PIPELINE)
+    assert any(line.split()[:2] == ["+2", "lincompile.attention.default"] for line in lines)
+    assert "sites_found=2 sites_rewritten=2 unmatched=0" in out and "final max_abs_diff=" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "00_captured.py", "01_normalize.py", "02_detect_attention.py", "03_linearize.py", "04_cleanup.py"]
+
+
+def test_unknown_method_fails_fast_with_one_line(capsys, tiny_dir):
+    code, out, err = run(capsys, "optimize", tiny_dir, "--method", "nope")
+    assert code == 1 and out == "" and "loading" not in err
+    assert_one_line_error(err, "unknown method 'nope'", "softmax")
+
+
+def test_unknown_pass_fails_fast(capsys, tiny_dir):
+    code, _, err = run(capsys, "optimize", tiny_dir, "--method", "softmax", "--stop-after", "linearise")
+    assert code == 1 and "loading" not in err
+    assert_one_line_error(err, "unknown pass 'linearise'")
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code, out, err = run(capsys, "inspect", str(tmp_path / "missing"))
+    assert code == 1 and out == ""
+    assert_one_line_error(err, "missing")
+
+
+def test_debug_shows_traceback(capsys, tmp_path):
+    code, _, err = run(capsys, "--debug", "inspect", str(tmp_path / "missing"))
+    assert code == 1 and "Traceback" in err and "AssetError" in err
+    code, _, err = run(capsys, "optimize", str(tmp_path), "--method", "nope", "--debug")
+    assert code == 1 and "Traceback" in err
+
+
+def test_usage_errors_exit_2(capsys, tiny_dir):
+    for argv in (["optimize", tiny_dir], ["optimize", tiny_dir, "--method", "softmax", "--layers", "a,b"],
+                 ["inspect", tiny_dir, "--attn-impl", "flash"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_smollm2_inspect_and_verify(capsys):
+    data = run_json(capsys, "inspect", "smollm2-135m")
+    assert len(data["sites"]) == 30 and data["unmatched"] == []
+    data = run_json(capsys, "optimize", "smollm2-135m", "--method", "softmax", "--verify")
+    assert data["sites_found"] == data["sites_rewritten"] == 30
+    assert data["max_abs_diff"] is not None and data["max_abs_diff"] <= 1e-4

@@ -102,3 +102,9 @@ class LinearizedModel(torch.nn.Module):
         from lincompile.api import save
 
         return str(save(self, directory, tokenizer))
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs: object) -> torch.Tensor:
+        """Autoregressive generation through the recurrent state; see `lincompile.runtime.generate`."""
+        from lincompile.runtime.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)

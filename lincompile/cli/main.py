@@ -19,6 +19,7 @@ import torch
 from lincompile.api import UnrecognizedAttentionError, example_inputs, run_pipeline
 from lincompile.assets import EMBEDDED_MODELS, load_model
 from lincompile.capture.export import CapturedGraph
+from lincompile.cli.evaluate import add_eval_arguments, cmd_eval
 from lincompile.config import LinearizeConfig
 from lincompile.kernels.linear_attention.reference import init_state
 from lincompile.methods.spec import get_method, methods
@@ -290,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-dir", type=Path, default=None, metavar="DIR",
                    help="write the graph code before the first pass and after each pass into DIR")
     p.add_argument("--fuel", type=int, default=None, metavar="N", help="rewrite at most N sites (for bisecting)")
+    p = _subcommand(sub, "eval", cmd_eval, "held-out perplexity of a linearized model and of the original",
+                    "Scores the same fixed held-out token blocks with both models and prints the ratio.",
+                    f"{PROG} eval smollm2-135m --method linear-elu --max-blocks 8 --json")
+    add_eval_arguments(p)
     return parser
 
 

@@ -1,0 +1,82 @@
+"""`lincompile eval`: held-out perplexity of a linearized model beside the original's.
+
+Both models see the same token blocks (the fixed held-out split), so the ratio is the cost of
+linearization on that text.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lincompile.api import load as load_linearized
+from lincompile.api import optimize
+from lincompile.assets import load_model
+from lincompile.train.data import heldout_blocks
+from lincompile.train.eval import perplexity
+
+
+def _original_of_saved(directory: Path) -> tuple[torch.nn.Module, Any, torch.nn.Module]:
+    """(linearized, tokenizer, original) for a directory written by `save_pretrained`."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    linear = load_linearized(directory)
+    original = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
+    weights = load_file(directory / "model.safetensors")
+    missing, _ = original.load_state_dict(weights, strict=False)
+    if [m for m in missing if not m.endswith("lm_head.weight")]:
+        raise ValueError(f"{directory}: the saved weights do not cover the original model ({missing[:3]} ...)")
+    original.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return linear, tokenizer, original.eval()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Print perplexity of the linearized and the original model (and a fine-tuned softmax reference)."""
+    path = Path(args.model).expanduser()
+    if (path / "lincompile.json").is_file():
+        linear, tokenizer, original = _original_of_saved(path)
+        method = linear.config.spec.name
+    else:
+        original, tokenizer = load_model(args.model)
+        if tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer; perplexity needs one to tokenize the corpus")
+        method = args.method
+        linear = optimize(original, method) if method else None
+    blocks = heldout_blocks(tokenizer, args.block_size, args.max_blocks, data=args.data)
+    result: dict[str, object] = {"model": args.model, "method": method, "tokens": blocks[:, 1:].numel(),
+                                 "block_size": args.block_size, "blocks": int(blocks.shape[0])}
+    base = perplexity(original, blocks, args.batch_size, desc="original")
+    result["ppl_original"] = base.ppl
+    if linear is not None:
+        result["ppl"] = perplexity(linear, blocks, args.batch_size, desc=method or "linearized").ppl
+        result["ratio"] = result["ppl"] / base.ppl
+    if args.softmax_finetuned:
+        tuned, _ = load_model(args.softmax_finetuned)
+        result["ppl_softmax_finetuned"] = perplexity(tuned, blocks, args.batch_size, desc="softmax fine-tuned").ppl
+        if "ppl" in result:
+            result["ratio_to_finetuned"] = result["ppl"] / result["ppl_softmax_finetuned"]
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for key, value in result.items():
+        print(f"{key:<22} {value:.4g}" if isinstance(value, float) else f"{key:<22} {value}")
+    return 0
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL_OR_DIR",
+                        help="embedded model name, a Hugging Face directory, or a saved linearized model directory")
+    parser.add_argument("--method", default=None, help="linearize MODEL with this method first (not needed "
+                        "for a saved linearized directory; omit to evaluate only the original)")
+    parser.add_argument("--data", default="default", help="'default' (held-out Shakespeare) or a .txt file/dir")
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per evaluation block (default 256)")
+    parser.add_argument("--max-blocks", type=int, default=16, help="number of held-out blocks (default 16)")
+    parser.add_argument("--batch-size", type=int, default=4, help="blocks per forward (default 4)")
+    parser.add_argument("--softmax-finetuned", default=None, metavar="DIR",
+                        help="a softmax model fine-tuned with the same recipe and tokens, for the honest ratio")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")

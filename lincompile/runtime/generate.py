@@ -1,0 +1,53 @@
+"""Plain autoregressive generation through a model's recurrent state (no drafts).
+
+Works with any model called as `model(ids, past_state=..., position_ids=...)` returning `.logits` and
+`.past_state` (a `LinearizedModel`, or the ONNX runner). Left-padded batches get position ids that
+skip the padding, as Hugging Face's `generate` does.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from lincompile.runtime.sampling import SamplingConfig, sample
+
+
+@torch.no_grad()
+def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
+             attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+             streamer: object | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Prompt + up to `max_new_tokens` tokens, [batch, prompt + new]; finished rows repeat eos."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got {tuple(input_ids.shape)}")
+    config = SamplingConfig(do_sample, temperature, top_k, top_p)
+    batch, prompt = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids, attention_mask=mask, position_ids=positions)
+    state, logits = out.past_state, out.logits[:, -1]
+    next_position = positions[:, -1:] + 1
+    tokens = [input_ids]
+    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    for _ in range(max_new_tokens):
+        token = sample(logits, config, generator)
+        if eos_token_id is not None:
+            token = torch.where(done, torch.full_like(token, eos_token_id), token)
+            done |= token == eos_token_id
+        tokens.append(token[:, None])
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if bool(done.all()) or len(tokens) - 1 == max_new_tokens:
+            break
+        out = model(token[:, None], attention_mask=torch.ones_like(token[:, None]), past_state=state,
+                    position_ids=next_position)
+        state, logits = out.past_state, out.logits[:, -1]
+        next_position = next_position + 1
+    if streamer is not None:
+        streamer.end()
+    return torch.cat(tokens, dim=1)

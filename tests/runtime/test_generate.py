@@ -1,0 +1,61 @@
+"""Generation through the recurrent state: equals HF greedy decoding; padding-invariant; checks args."""
+import pytest
+import torch
+
+import lincompile
+from lincompile.runtime.sampling import SamplingConfig, probabilities
+from lincompile.testing.tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+def test_softmax_greedy_equals_hf_generate(llama):
+    linear = lincompile.optimize(llama, "softmax")
+    ids = torch.randint(3, 128, (2, 5))
+    ours = linear.generate(ids, 8)
+    theirs = llama.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
+                            attention_mask=torch.ones_like(ids))
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("method", ["linear-elu", "softmax"])
+def test_left_padded_row_generates_what_it_would_alone(llama, method):
+    linear = lincompile.optimize(llama, method)
+    short = torch.randint(3, 128, (1, 4))
+    long = torch.randint(3, 128, (1, 7))
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    together = linear.generate(batch, 6, attention_mask=mask)
+    alone = linear.generate(short, 6)
+    assert torch.equal(together[1, 3:], alone[0])
+    assert torch.equal(together[0], linear.generate(long, 6)[0])
+
+
+def test_sampling_is_seeded_and_eos_stops(llama):
+    linear = lincompile.optimize(llama, "linear-elu")
+    ids = torch.randint(3, 128, (1, 4))
+    a = linear.generate(ids, 10, do_sample=True, top_k=20, generator=torch.Generator().manual_seed(3))
+    b = linear.generate(ids, 10, do_sample=True, top_k=20, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (1, 14)
+    first = int(linear.generate(ids, 1)[0, -1])
+    stopped = linear.generate(ids, 10, eos_token_id=first)
+    assert stopped.shape == (1, 5)
+
+
+def test_top_k_top_p_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    p = probabilities(logits, SamplingConfig(True, top_k=2))
+    assert p[0, 2:].sum() == 0 and torch.isclose(p.sum(), torch.tensor(1.0))
+    p = probabilities(logits, SamplingConfig(True, top_p=0.5))
+    assert torch.equal(p, torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("kwargs,match", [({"temperature": 0.0}, "temperature"), ({"top_k": 0}, "top_k"),
+                                          ({"top_p": 1.5}, "top_p")])
+def test_bad_sampling_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(True, **kwargs)

@@ -64,8 +64,14 @@ class CompileReport:
                 "passes": [p.to_dict() for p in self.passes]}
 
 
-def _capture(model: torch.nn.Module, inputs: dict[str, object] | None) -> CapturedGraph:
+def capture_model(model: torch.nn.Module, inputs: dict[str, object] | None = None) -> CapturedGraph:
+    """Capture once, then pass `captured=` to `optimize` for several methods (each works on a fork)."""
     return capture(model, inputs if inputs is not None else example_inputs(model))
+
+
+def _capture(model: torch.nn.Module, inputs: dict[str, object] | None,
+             captured: CapturedGraph | None = None) -> CapturedGraph:
+    return captured.fork() if captured is not None else capture_model(model, inputs)
 
 
 def inspect(model: torch.nn.Module, inputs: dict[str, object] | None = None) -> list[AttentionSite]:
@@ -79,12 +85,13 @@ def run_pipeline(model: torch.nn.Module, config: LinearizeConfig, *, inputs: dic
                  names: tuple[str, ...] = DEFAULT_PIPELINE, disabled: frozenset[str] = frozenset(),
                  stop_after: str | None = None, dump_dir: Path | None = None,
                  verifier_factory: Callable[[CapturedGraph], Verifier | None] | None = None,
-                 on_result: Callable[[PassResult], None] | None = None) -> tuple[PassContext, CompileReport]:
+                 on_result: Callable[[PassResult], None] | None = None,
+                 captured: CapturedGraph | None = None) -> tuple[PassContext, CompileReport]:
     """Capture `model` and run the pass pipeline over it; the debugging CLI drives this directly.
 
     `verifier_factory` sees the captured graph before any pass and may return None (no verification).
     """
-    ctx = PassContext(_capture(model, inputs))
+    ctx = PassContext(_capture(model, inputs, captured))
     verifier = verifier_factory(ctx.captured) if verifier_factory is not None else None
     manager = PassManager(build_pipeline(config, names), disabled, stop_after, dump_dir, verifier, on_result)
     results = manager.run(ctx)
@@ -93,16 +100,17 @@ def run_pipeline(model: torch.nn.Module, config: LinearizeConfig, *, inputs: dic
 
 def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, layers: list[int] | None = None,
              strict: bool = False, config: LinearizeConfig | None = None,
-             inputs: dict[str, object] | None = None) -> LinearizedModel:
+             inputs: dict[str, object] | None = None, captured: CapturedGraph | None = None) -> LinearizedModel:
     """Linearize every attention in `model` (or the sites in `layers`; the rest stay exact softmax).
 
-    The model's weights are shared, not copied. With strict=True an attention-like softmax that no
+    The model's weights are shared, not copied. `captured` (from `capture_model`) skips the
+    torch.export capture, which dominates the time on real models. With strict=True an attention-like softmax that no
     pattern matched raises `UnrecognizedAttentionError`; otherwise it is reported as a warning.
     """
     if config is None:
         config = LinearizeConfig(**({"method": method} if method is not None else {}),
                                  layers=None if layers is None else tuple(layers), strict=strict)
-    ctx, report = run_pipeline(model, config, inputs=inputs)
+    ctx, report = run_pipeline(model, config, inputs=inputs, captured=captured)
     if report.unmatched:
         message = "attention-like softmax not recognized:\n  " + "\n  ".join(str(u) for u in report.unmatched)
         if config.strict:

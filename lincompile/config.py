@@ -17,13 +17,15 @@ class LinearizeConfig:
 
     method: a registered method name or a full `MethodSpec`; layers: site indices to convert (None = all;
     the others become exact softmax with a KV cache); fuel: stop rewriting after N sites (debugging);
-    strict: raise if any softmax that looks like attention matched no pattern.
+    strict: raise if any softmax that looks like attention matched no pattern; seed: random features
+    (Performer) of site i are drawn from seed + i.
     """
 
-    method: str | MethodSpec = "linear-elu"
+    method: str | MethodSpec = "augmented"
     layers: tuple[int, ...] | None = None
     fuel: int | None = None
     strict: bool = False
+    seed: int = 0
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:

@@ -29,6 +29,15 @@ class CapturedGraph:
     seconds: float = 0.0
     constants: dict[str, object] = field(default_factory=dict)
 
+    def fork(self) -> "CapturedGraph":
+        """A copy whose graph passes may rewrite freely; parameters and buffers stay shared."""
+        graph = fx.Graph()
+        graph._codegen = self.gm.graph._codegen
+        out = graph.graph_copy(self.gm.graph, {})
+        graph.output(out)
+        return CapturedGraph(fx.GraphModule(self.gm, graph), list(self.input_names), list(self.output_names),
+                             dict(self.example_inputs), self.seconds, dict(self.constants))
+
     def __call__(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         missing = [n for n in self.input_names if n not in inputs]
         if missing:

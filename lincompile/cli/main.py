@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-between", action="store_true",
                    help="after each pass print the node targets it added (+) and removed (-)")
     p.add_argument("--dump-dir", type=Path, default=None, metavar="DIR",
-                   help="write the graph code before the first pass and after each pass into DIR")
+                   help="write the graph code before the first pass and after each pass into DIR, plus DOT and SVG "
+                        "pictures of every attention site before and after rewriting (DIR/sites)")
     p.add_argument("--fuel", type=int, default=None, metavar="N", help="rewrite at most N sites (for bisecting)")
     p = _subcommand(sub, "eval", cmd_eval, "held-out perplexity of a linearized model and of the original",
                     "Scores the same fixed held-out token blocks with both models and prints the ratio.",

@@ -16,6 +16,7 @@ from torch import fx
 
 from lincompile.capture.check import check_graph
 from lincompile.capture.export import CapturedGraph
+from lincompile.passes.pictures import write_site_pictures
 
 
 @dataclass
@@ -59,6 +60,10 @@ class Pass:
         """Transform `ctx` in place; return short notes for the report."""
         raise NotImplementedError
 
+    def pictures(self, ctx: PassContext) -> list[tuple[str, list[fx.Node], str]]:
+        """(file stem, nodes, title) of subgraphs worth drawing after this pass (for dump_dir)."""
+        return []
+
 
 _PASSES: dict[str, type[Pass]] = {}
 
@@ -83,7 +88,7 @@ class PassManager:
     """Run `passes` in order over a context.
 
     `disabled` passes are skipped, the pipeline ends after `stop_after`, `dump_dir` receives each
-    stage's graph as code, `verifier` (if given) returns (max abs, max rel) output difference against
+    stage's graph as code (plus DOT/SVG pictures of what a pass wants drawn, under `sites/`), `verifier` (if given) returns (max abs, max rel) output difference against
     the original model after every pass, and `on_result` is called as each pass finishes.
     """
 
@@ -118,6 +123,8 @@ class PassManager:
                 result.max_abs_diff, result.max_rel_diff = self.verifier(ctx)
             if self.dump_dir is not None:
                 self._dump(ctx, index, p.name)
+                for stem, nodes, title in p.pictures(ctx):
+                    write_site_pictures(self.dump_dir / "sites", stem, nodes, title)
             results.append(result)
             if self.on_result is not None:
                 self.on_result(result)

@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from lincompile.passes.base import Pass, PassContext, register_pass
+from lincompile.passes.pictures import between
 from lincompile.passes.patterns.attention_forms import PATTERNS, SOFTMAX_OPS
 from lincompile.passes.patterns.common import SiteMatch, depends_on, module_path, val
 
@@ -178,3 +179,11 @@ class DetectAttention(Pass):
         notes = [f"{len(ctx.sites)} attention sites"] + notes
         notes += [f"unmatched: {u}" for u in ctx.unmatched]
         return notes
+
+    def pictures(self, ctx: PassContext) -> list[tuple[str, list[fx.Node], str]]:
+        out = []
+        for site in ctx.sites:
+            m = site.match
+            nodes = between([m.q, m.k, m.v, *(t[0] for t in m.mask_terms)], m.output)
+            out.append((f"site_{site.index}_before", nodes, f"site {site.index} {site.path} ({site.form})"))
+        return out

@@ -8,13 +8,14 @@ after that many sites; the rest keep their original nodes (for bisecting a bad r
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
 from lincompile.capture.check import attention_op
 from lincompile.capture.normalize import eliminate_dead_code
+from lincompile.methods.params import init_params
 from lincompile.methods.spec import MethodSpec, get_method
 from lincompile.passes.base import Pass, PassContext, register_pass
 from lincompile.passes.detect_attention import AttentionSite
@@ -31,6 +32,7 @@ class RewrittenSite:
     method: str
     state_inputs: tuple[str, ...]
     state_outputs: tuple[str, ...]
+    node: fx.Node | None = field(default=None, compare=False, repr=False)  # the lincompile::attention call
 
 
 class UnsupportedSiteError(RuntimeError):
@@ -58,7 +60,35 @@ def _bias_node(graph: fx.Graph, site: AttentionSite) -> fx.Node:
     return bias
 
 
-def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx.Node) -> RewrittenSite:
+#: Submodule of the graph that owns the parameters linearization adds: `lincompile_params.site_{i}.<name>`.
+PARAMS_MODULE = "lincompile_params"
+
+
+def _add_parameters(ctx: PassContext, site: AttentionSite, spec: MethodSpec, seed: int) -> list[fx.Node]:
+    """Create the method's parameters for this site (trainable ones as nn.Parameter, fixed ones as
+    buffers) in the model's dtype, and return get_attr nodes in the op's order."""
+    values = init_params(spec, site.heads, site.kv_heads, site.head_dim, site.v_head_dim, seed=seed + site.index)
+    if not values:
+        return []
+    gm = ctx.gm
+    if not hasattr(gm, PARAMS_MODULE):
+        gm.add_submodule(PARAMS_MODULE, torch.nn.Module())
+    holder = torch.nn.Module()
+    getattr(gm, PARAMS_MODULE).add_module(f"site_{site.index}", holder)
+    dtype = site.match.q.meta["val"].dtype
+    nodes = []
+    for name, value, trainable in values:
+        value = value.to(dtype)
+        if trainable:
+            holder.register_parameter(name, torch.nn.Parameter(value))
+            ctx.new_parameters[f"{PARAMS_MODULE}.site_{site.index}.{name}"] = getattr(holder, name)
+        else:
+            holder.register_buffer(name, value)
+        nodes.append(ctx.gm.graph.get_attr(f"{PARAMS_MODULE}.site_{site.index}.{name}"))
+    return nodes
+
+
+def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx.Node, seed: int) -> RewrittenSite:
     graph = ctx.gm.graph
     match = site.match
     stateful = site.stateful
@@ -77,8 +107,9 @@ def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx
         bias = _bias_node(graph, site) if use_bias else None
         key_mask = placeholders[site.key_mask_input] if site.key_mask_input and not use_bias else None
         causal = site.causal and not use_bias
+        params = _add_parameters(ctx, site, spec, seed)
         call = graph.call_function(attention_op(), (
-            match.q, match.k, match.v, key_mask, bias, state_in, [], spec.to_json(), float(site.scale), causal))
+            match.q, match.k, match.v, key_mask, bias, state_in, params, spec.to_json(), float(site.scale), causal))
         out = graph.call_function(operator.getitem, (call, 0))
         new_state = graph.call_function(operator.getitem, (call, 1))
         original_dtype = match.output.meta["val"].dtype
@@ -95,19 +126,21 @@ def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx
         out_names = [state_name(STATE_OUTPUT, site.index, p) for p in spec.state_parts()]
     ctx.captured.input_names.extend(in_names)
     ctx.captured.output_names.extend(out_names)
-    return RewrittenSite(site.index, site.path, spec.name, tuple(in_names), tuple(out_names))
+    return RewrittenSite(site.index, site.path, spec.name, tuple(in_names), tuple(out_names), call)
 
 
 @register_pass
 class Linearize(Pass):
-    """Options: method, which sites (`layers`, None = all), `fuel` (max sites to rewrite)."""
+    """Options: method, which sites (`layers`, None = all), `fuel` (max sites to rewrite), `seed` (random
+    features of site i are drawn from seed + i)."""
 
     name = "linearize"
     description = "replace each attention site by one lincompile::attention op (chosen method; softmax for the rest)"
 
     def __init__(self, method: str | MethodSpec = "softmax", layers: tuple[int, ...] | None = None,
-                 fuel: int | None = None) -> None:
+                 fuel: int | None = None, seed: int = 0) -> None:
         self.spec = get_method(method)
+        self.seed = seed
         self.layers = None if layers is None else tuple(layers)
         self.fuel = fuel
 
@@ -126,10 +159,22 @@ class Linearize(Pass):
                 break
             chosen = self.layers is None or site.index in self.layers
             spec = self.spec if chosen else softmax
-            if spec.kind == "linear" and site.mask_kind == "custom":
+            if spec.kind != "softmax" and site.mask_kind == "custom":
                 notes.append(f"site {site.index} ({site.path}): its additive bias (e.g. relative positions) "
                              f"has no linear form and is dropped by {spec.name}")
-            ctx.rewritten.append(_rewrite(ctx, site, spec, output))
+            if site.causal and not spec.causal_capable:
+                raise UnsupportedSiteError(
+                    f"site {site.index} ({site.path}) is causal, but {spec.name} projects along the sequence and "
+                    "cannot be causal; use it on bidirectional (encoder) models, or pick another method")
+            ctx.rewritten.append(_rewrite(ctx, site, spec, output, self.seed))
         eliminate_dead_code(ctx.gm)
         notes.insert(0, f"rewrote {len(ctx.rewritten)} of {len(ctx.sites)} sites")
         return notes
+
+    def pictures(self, ctx: PassContext) -> list[tuple[str, list[fx.Node], str]]:
+        out = []
+        for r in ctx.rewritten:
+            inputs = [n for n in r.node.all_input_nodes]
+            outputs = [u for u in r.node.users] + [uu for u in r.node.users for uu in u.users]
+            out.append((f"site_{r.index}_after", [*inputs, r.node, *outputs], f"site {r.index} {r.path} -> {r.method}"))
+        return out

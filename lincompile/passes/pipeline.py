@@ -18,7 +18,7 @@ def build_pipeline(config: LinearizeConfig, names: tuple[str, ...] = DEFAULT_PIP
         if name not in known:
             raise ValueError(f"unknown pass {name!r}; registered passes: {', '.join(sorted(known))}")
         if name == Linearize.name:
-            passes.append(Linearize(config.method, config.layers, config.fuel))
+            passes.append(Linearize(config.method, config.layers, config.fuel, config.seed))
         else:
             passes.append(known[name]())
     return passes

@@ -132,14 +132,20 @@ def test_pipeline_subsets_verify(capsys, tiny_dir):
 
 def test_text_output_print_between_and_dump_dir(capsys, tiny_dir, tmp_path: Path):
     code, out, _ = run(capsys, "optimize", tiny_dir, "--method", "softmax", "--verify", "--print-between",
-                       "--dump-dir", str(tmp_path))
+                       "--dump-dir", str(tmp_path))  # also draws each site
     assert code == 0
     lines = out.splitlines()
     assert [line.split()[0] for line in lines if line.split()[0] in DEFAULT_PIPELINE] == list(DEFAULT_PIPELINE)
     assert any(line.split()[:2] == ["+2", "lincompile.attention.default"] for line in lines)
     assert "sites_found=2 sites_rewritten=2 unmatched=0" in out and "final max_abs_diff=" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "00_captured.py", "01_normalize.py", "02_detect_attention.py", "03_linearize.py", "04_cleanup.py"]
+        "00_captured.py", "01_normalize.py", "02_detect_attention.py", "03_linearize.py", "04_cleanup.py", "sites"]
+    pictures = sorted(p.name for p in (tmp_path / "sites").iterdir())
+    assert pictures == [f"site_{i}_{when}.{ext}" for i in (0, 1) for when in ("after", "before") for ext in ("dot", "svg")]
+    before = (tmp_path / "sites" / "site_0_before.dot").read_text()
+    assert "scaled_dot_product_attention" in before and "->" in before
+    assert "lincompile.attention" in (tmp_path / "sites" / "site_0_after.dot").read_text()
+    assert (tmp_path / "sites" / "site_0_after.svg").read_text().lstrip().startswith("<?xml")
 
 
 def test_unknown_method_fails_fast_with_one_line(capsys, tiny_dir):

@@ -41,3 +41,23 @@ def test_opcheck():
         spec, q, k, v, mask, state = _inputs(name)
         q.requires_grad_(True)
         torch.library.opcheck(op.default, (q, k, v, mask, None, state, [], spec.to_json(), 0.35, True))
+
+
+def test_op_with_parameters_and_a_structured_state():
+    """augmented: params (alpha, conv taps) get gradients; the int64 position part passes through."""
+    import dataclasses
+
+    from lincompile.methods.params import random_params
+
+    spec = dataclasses.replace(get_method("augmented"), group_size=4, conv_kernel=5)
+    _, q, k, v, mask, _ = _inputs("linear-elu")
+    state = reference.init_state(spec, 2, 2, 8, 8, "cpu", torch.float64)
+    params = [p.double().requires_grad_(True) for p in random_params(spec, 4, 2, 8, 8)]
+    out, new_state = op(q, k, v, mask, None, state, params, spec.to_json(), 0.35, True)
+    ref, ref_state = reference.attention(q, k, v, mask, None, state, params, spec, 0.35, True)
+    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(new_state, ref_state))
+    assert new_state[-1].dtype == torch.int64 and new_state[-1].tolist() == [5, 3]
+    grads = torch.autograd.grad(out.square().sum(), params)
+    ref_grads = torch.autograd.grad(ref.square().sum(), params)
+    for a, b in zip(grads, ref_grads):
+        assert a.abs().sum() > 0 and torch.allclose(a, b, atol=1e-10)

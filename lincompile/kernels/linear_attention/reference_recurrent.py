@@ -1,0 +1,133 @@
+"""Token-by-token decoding with explicit recurrences (the decode kernels' reference).
+
+Per real token at position p, for linear methods:
+  inclusive   S = gamma S + phi(k) v^T,  z = gamma z + phi(k);   o_glob = phi(q) S  (/ phi(q) z)
+  grouped     o_glob = alpha phi(q) S_completed;  once p % G == G-1, S_completed += the group, buffer cleared
+  local       buffer[p % G] = (k, v);  o_loc = sum_{j <= p % G} kernel(q, buffer_j) v_j
+  conv        o_conv = sum_j w[j] window[j] + w[K//2] v;  window = window[1:] + [v]
+A padding token reads the state as a zero token at p would, and changes nothing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lincompile.kernels.linear_attention.reference_linear import acc_parts, start_position
+from lincompile.kernels.linear_attention.reference_softmax import cache_weights
+from lincompile.kernels.linear_attention.state import accumulation_dtype, pack_state
+from lincompile.methods.feature_maps import DENOMINATOR_EPS, features, local_kernel
+from lincompile.methods.params import named_params
+from lincompile.methods.spec import MethodSpec
+
+
+def recurrent_cache(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: list[Tensor],
+                    params: list[Tensor], spec: MethodSpec, scale: float) -> tuple[Tensor, list[Tensor]]:
+    """KV-cache methods: append the token to the cache, then attend over the whole cache."""
+    batch, heads, t, dk = q.shape
+    kv_heads = k.shape[1]
+    acc = accumulation_dtype(q.dtype)
+    named = named_params(spec, params, acc)
+    keys, values, mask = state
+    outs = []
+    for i in range(t):
+        keys = torch.cat([keys.to(k.dtype), k[:, :, i:i + 1]], 2)
+        values = torch.cat([values.to(v.dtype), v[:, :, i:i + 1]], 2)
+        mask = torch.cat([mask, key_mask[:, i:i + 1]], 1)
+        qi = q[:, :, i:i + 1].to(acc).reshape(batch, kv_heads, heads // kv_heads, 1, dk)
+        probs = cache_weights(spec, named, qi, keys.to(acc), mask[:, None, :], None, scale)
+        outs.append(torch.einsum("bhgtl,bhld->bhgtd", probs, values.to(acc)).reshape(batch, heads, 1, -1))
+    return torch.cat(outs, 2).to(q.dtype), [keys, values, mask]
+
+
+def recurrent_linear(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: list[Tensor],
+                     params: list[Tensor], spec: MethodSpec, scale: float) -> tuple[Tensor, list[Tensor]]:
+    """Linear methods, one token at a time through the constant-size state."""
+    batch, heads, t, dk = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    acc = accumulation_dtype(q.dtype)
+    named = named_params(spec, params, acc)
+    parts = acc_parts(spec, state, acc)
+    pos = start_position(parts, batch, q.device)
+    size, half = spec.group_size, spec.conv_kernel // 2
+    slots = torch.arange(size, device=q.device)
+    gamma = torch.exp(F.logsigmoid(named["decay"]))[None, :] if spec.decay else None  # [1, Hkv]
+    outs = []
+    for i in range(t):
+        real = key_mask[:, i]
+        rf = real.to(acc)[:, None, None]  # [B, 1, 1]
+        qi = q[:, :, i].to(acc).reshape(batch, kv_heads, groups, 1, dk)
+        ki = k[:, :, i].to(acc)  # [B, Hkv, dk]
+        vi = v[:, :, i].to(acc)
+        here = pos[:, None]
+        fq = features(qi, spec, named, here, scale)[:, :, :, 0]  # [B, Hkv, g, F]
+        num = qi.new_zeros(batch, kv_heads, groups, v.shape[-1])
+        den = qi.new_zeros(batch, kv_heads, groups)
+        out = torch.zeros_like(num)
+        if spec.global_branch == "inclusive":
+            fk = features(ki[:, :, None, None], spec, named, here, scale)[:, :, 0, 0]  # [B, Hkv, F]
+            decay = 1.0 if gamma is None else gamma
+            s_next = _scale(parts["state"], decay) + rf[..., None] * fk[..., :, None] * vi[..., None, :]
+            num = num + torch.einsum("bhgf,bhfe->bhge", fq, s_next)
+            parts["state"] = torch.where(real[:, None, None, None], s_next, parts["state"])
+            if "normalizer" in parts:
+                z_next = _scale(parts["normalizer"], decay) + rf * fk
+                den = den + torch.einsum("bhgf,bhf->bhg", fq, z_next)
+                parts["normalizer"] = torch.where(real[:, None, None], z_next, parts["normalizer"])
+        if spec.global_branch == "grouped":
+            alpha = named["alpha"]
+            num = num + alpha * torch.einsum("bhgf,bhfe->bhge", fq, parts["state"])
+            if "normalizer" in parts:
+                den = den + alpha * torch.einsum("bhgf,bhf->bhg", fq, parts["normalizer"])
+        if spec.uses_groups:
+            offset = (pos % size)[:, None]
+            write = (slots == offset) & real[:, None]  # [B, G]
+            parts["group_keys"] = torch.where(write[:, None, :, None], ki[:, :, None], parts["group_keys"])
+            parts["group_values"] = torch.where(write[:, None, :, None], vi[:, :, None], parts["group_values"])
+            valid = ((slots < offset) | write)[:, None, None, :]  # [B, 1, 1, G]
+            buffer_pos = pos[:, None] - offset + slots
+            if spec.local in ("relu2", "yoso"):
+                fb = features(parts["group_keys"][:, :, None], spec, named, buffer_pos, scale)[:, :, 0]
+                w = torch.where(valid, local_kernel(torch.einsum("bhgf,bhjf->bhgj", fq, fb), spec), 0.0)
+                num = num + torch.einsum("bhgj,bhje->bhge", w, parts["group_values"])
+                den = den + w.sum(-1)
+            if spec.local == "softmax":
+                scores = torch.einsum("bhgd,bhjd->bhgj", qi[:, :, :, 0], parts["group_keys"]) * scale
+                probs = torch.softmax(scores.masked_fill(~valid, torch.finfo(acc).min), -1) * valid.any(-1, True)
+                out = out + torch.einsum("bhgj,bhje->bhge", probs, parts["group_values"])
+        if spec.global_branch != "none" or spec.local in ("relu2", "yoso"):
+            out = out + (num / den.clamp_min(DENOMINATOR_EPS)[..., None] if spec.normalizer == "denominator" else num)
+        if spec.conv != "none":
+            taps = named["conv_weight"].reshape(kv_heads, groups, -1)
+            out = out + torch.einsum("hgj,bhje->bhge", taps[:, :, :half], parts["conv"])
+            out = out + taps[None, :, :, half, None] * (rf * vi)[:, :, None, :]
+            shifted = torch.cat([parts["conv"], vi[:, :, None]], 2)[:, :, 1:]
+            parts["conv"] = torch.where(real[:, None, None, None], shifted, parts["conv"])
+        if spec.uses_groups:
+            _fold_completed_group(spec, named, parts, real & (pos % size == size - 1), buffer_pos, scale)
+        pos = pos + real.to(torch.int64)
+        outs.append(out.reshape(batch, heads, -1))
+    if spec.uses_positions:
+        parts["position"] = pos
+    return torch.stack(outs, 2).to(q.dtype), pack_state(spec, parts)
+
+
+def _scale(x: Tensor, decay: Tensor | float) -> Tensor:
+    """gamma [1, Hkv] times a per-head tensor [B, Hkv, ...]."""
+    if isinstance(decay, float):
+        return x
+    return x * decay.reshape(decay.shape + (1,) * (x.dim() - 2))
+
+
+def _fold_completed_group(spec: MethodSpec, params: dict[str, Tensor], parts: dict[str, Tensor], complete: Tensor,
+                          buffer_pos: Tensor, scale: float) -> None:
+    """Rows whose group just completed: add it to S (grouped branch) and clear the buffer, in place."""
+    if spec.global_branch == "grouped":
+        fb = features(parts["group_keys"][:, :, None], spec, params, buffer_pos, scale)[:, :, 0]
+        flag = complete[:, None, None].to(fb.dtype)
+        parts["state"] = parts["state"] + flag[..., None] * torch.einsum("bhjf,bhje->bhfe", fb, parts["group_values"])
+        if "normalizer" in parts:
+            parts["normalizer"] = parts["normalizer"] + flag * fb.sum(2)
+    for name in ("group_keys", "group_values"):
+        parts[name] = torch.where(complete[:, None, None, None], 0.0, parts[name])

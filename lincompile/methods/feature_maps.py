@@ -1,0 +1,73 @@
+"""Feature maps phi (for the global branch and kernel local branches) and the local kernels.
+
+Every function is elementwise over tokens: phi of one token depends only on that token, its position and
+the parameters, so computing it for one token or for a whole sequence gives the same numbers (this is what
+lets the parallel, chunked, recurrent and verify forms agree exactly).
+
+Inputs are 5-D [B, Hkv, g, N, d] (keys use g = 1), in the accumulation dtype; per-KV-head parameters broadcast
+over the query heads g of their group. How `scale` (the site's softmax scale, usually 1/sqrt(d)) enters:
+identity, performer and taylor multiply q and k by sqrt(scale) so phi(q).phi(k) approximates or equals a
+function of scale*q.k; l2, elu1, relu, angular, cosformer and hedgehog ignore it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lincompile.methods.spec import MethodSpec
+
+#: Normalized methods divide by max(row weight sum, DENOMINATOR_EPS).
+DENOMINATOR_EPS = 1e-6
+#: YOSO's number of hyperplanes tau: the kernel is the probability that tau random hyperplanes agree.
+YOSO_HASHES = 8
+#: |cos| is clamped below 1 so that d arccos / d cos stays finite.
+YOSO_CLAMP = 1.0 - 1e-6
+
+
+def features(x: Tensor, spec: MethodSpec, params: dict[str, Tensor], positions: Tensor | None,
+             scale: float) -> Tensor:
+    """phi(x) [B, Hkv, g, N, F] for x [B, Hkv, g, N, d]; `positions` [B, N] (int64) is needed by cosformer."""
+    kind = spec.feature_map
+    if kind == "identity":
+        return x * math.sqrt(scale)
+    if kind == "l2":
+        return F.normalize(x, dim=-1)
+    if kind == "elu1":
+        return F.elu(x) + 1.0
+    if kind == "relu":
+        return F.relu(x)
+    if kind == "angular":  # phi(q).phi(k) = 1/2 + cos(q, k)/pi, the linear part of 1 - angle/pi
+        ones = torch.full_like(x[..., :1], math.sqrt(0.5))
+        return torch.cat([ones, F.normalize(x, dim=-1) / math.sqrt(math.pi)], dim=-1)
+    if kind == "performer":  # exp(w.x - |x|^2/2)/sqrt(m): E[phi(q).phi(k)] = exp(q.k), x scaled by sqrt(scale)
+        xs = x * math.sqrt(scale)
+        omega = params["performer_features"]  # [Hkv, m, d]
+        proj = torch.einsum("bhgnd,hmd->bhgnm", xs, omega)
+        return torch.exp(proj - 0.5 * xs.square().sum(-1, keepdim=True)) / math.sqrt(omega.shape[1])
+    if kind == "cosformer":
+        if positions is None:
+            raise ValueError(f"{spec.name}: cosformer needs token positions")
+        angle = (positions.to(x.dtype) * (math.pi / (2 * spec.horizon)))[:, None, None, :, None]
+        r = F.relu(x)
+        return torch.cat([r * torch.cos(angle), r * torch.sin(angle)], dim=-1)
+    if kind == "hedgehog":
+        h = torch.einsum("bhgnd,hed->bhgne", x, params["hedgehog_weight"])
+        h = h + params["hedgehog_bias"][None, :, None, None, :]
+        return torch.cat([torch.softmax(h, dim=-1), torch.softmax(-h, dim=-1)], dim=-1)
+    if kind == "taylor":  # phi(q).phi(k) = 1 + s + s^2/2 with s = scale q.k
+        xs = x * math.sqrt(scale)
+        outer = (xs[..., :, None] * xs[..., None, :]).flatten(-2) / math.sqrt(2.0)
+        return torch.cat([torch.ones_like(xs[..., :1]), xs, outer], dim=-1)
+    raise ValueError(f"{spec.name}: unknown feature map {kind!r}")
+
+
+def local_kernel(dots: Tensor, spec: MethodSpec) -> Tensor:
+    """Kernel weights of the local (or quadratic) branch from phi(q).phi(k): relu^2 or YOSO."""
+    if spec.local == "relu2":
+        return F.relu(dots).square()
+    if spec.local == "yoso":
+        return (1.0 - torch.arccos(dots.clamp(-YOSO_CLAMP, YOSO_CLAMP)) / math.pi) ** YOSO_HASHES
+    raise ValueError(f"{spec.name}: local={spec.local!r} is not a kernel")

@@ -1,0 +1,46 @@
+"""Feature maps: the kernels they stand for."""
+import math
+
+import torch
+
+from lincompile.methods.feature_maps import features, local_kernel
+from lincompile.methods.params import init_params
+from lincompile.methods.spec import MethodSpec, get_method
+
+
+def _pair(name, params=None, scale=0.5, dim=8, positions=None):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 1, 2, dim, generator=g, dtype=torch.float64)
+    phi = features(x, get_method(name), params or {}, positions, scale)[0, 0, 0]
+    return x[0, 0, 0], phi[0] @ phi[1]
+
+
+def test_exact_kernels():
+    x, dot = _pair("taylor")
+    s = 0.5 * x[0] @ x[1]
+    assert torch.allclose(dot, 1 + s + s * s / 2)
+    x, dot = _pair("castling")
+    assert torch.allclose(dot, 0.5 + torch.cosine_similarity(x[0], x[1], dim=0) / math.pi)
+    x, dot = _pair("retnet")
+    assert torch.allclose(dot, 0.5 * x[0] @ x[1])
+    x, dot = _pair("cosformer", positions=torch.tensor([[3, 1000]]))
+    assert torch.allclose(dot, x[0].relu() @ x[1].relu() * math.cos(math.pi / 2 * 997 / 4096))
+
+
+def test_performer_approximates_exp():
+    spec = MethodSpec("p", feature_map="performer", normalizer="denominator", num_features=20000)
+    omega = init_params(spec, 1, 1, 4, 4, seed=1)[0][1].double()
+    g = torch.Generator().manual_seed(0)
+    x = 0.3 * torch.randn(1, 1, 1, 2, 4, generator=g, dtype=torch.float64)
+    phi = features(x, spec, {"performer_features": omega}, None, 1.0)[0, 0, 0]
+    assert abs((phi[0] @ phi[1]).item() / math.exp(x[0, 0, 0, 0] @ x[0, 0, 0, 1]) - 1) < 0.03
+
+
+def test_local_kernels():
+    dots = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=torch.float64)
+    relu2 = MethodSpec("r", feature_map="l2", local="relu2", global_branch="none")
+    assert torch.equal(local_kernel(dots, relu2), torch.tensor([0, 0, 0, 0.25, 1], dtype=torch.float64))
+    yoso = MethodSpec("y", feature_map="l2", local="yoso", global_branch="none")
+    values = local_kernel(dots, yoso)
+    # |cos| is clamped to 1 - 1e-6 to keep the gradient finite: the kernel tops out at 0.9964, not 1
+    assert values[0] < 1e-20 and abs(values[2] - 0.5 ** 8) < 1e-12 and 0.996 < values[-1] < 1

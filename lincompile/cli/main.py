@@ -22,6 +22,7 @@ from lincompile.capture.export import CapturedGraph
 from lincompile.cli.evaluate import add_eval_arguments, cmd_eval
 from lincompile.config import LinearizeConfig
 from lincompile.kernels.linear_attention.reference import init_state
+from lincompile.methods.leakage import leakage_report
 from lincompile.methods.spec import get_method, methods
 from lincompile.passes.base import PassContext, PassManager, PassResult, Verifier, registered_passes
 from lincompile.passes.detect_attention import AttentionSite
@@ -224,6 +225,19 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leakage(args: argparse.Namespace) -> int:
+    """Per method: does the output at t change when tokens after t change? (the paper's leakage check)"""
+    results = leakage_report(args.methods or None, seed=args.seed)
+    if args.json:
+        print(json.dumps([{"method": r.name, "leaks": r.leaks, "max_change": r.max_change} for r in results]))
+        return 0
+    width = max(len(r.name) for r in results)
+    for r in results:
+        verdict = "LEAKS (uses future tokens)" if r.leaks else "causal"
+        print(f"{r.name:<{width}}  {verdict:<26}  max change at <= t: {r.max_change:.3g}")
+    return 0
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     """One line per registered pass (the default pipeline order first)."""
     known = registered_passes()
@@ -265,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "Each method is a MethodSpec usable as `optimize --method NAME`.", f"{PROG} methods")
     _subcommand(sub, "passes", cmd_passes, "list the registered graph passes",
                 "Names usable with `optimize --passes/--disable/--stop-after`.", f"{PROG} passes")
+    p = _subcommand(sub, "leakage", cmd_leakage, "check every method for information leakage from future tokens",
+                    "Perturbs the tokens after position t (random inputs, nonzero parameters) and reports whether\n"
+                    "any output at <= t changes. The centered DWConv leaks; the masked (causal) one must not.",
+                    f"{PROG} leakage augmented augmented-centered")
+    p.add_argument("methods", nargs="*", metavar="METHOD", help="methods to check (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="random inputs and parameters seed")
+    p.add_argument("--json", action="store_true", help="print one JSON list")
     p = _subcommand(sub, "inspect", cmd_inspect, "list the attention sites the detector finds in a model",
                     "Captures MODEL with torch.export, runs normalize + detect_attention and prints one row per\n"
                     "site, then any softmax that looks like attention but matched no pattern.",

@@ -69,6 +69,21 @@ def test_methods_lists_builtin_methods(capsys):
     assert "Katharopoulos" in lines["linear-elu"]
 
 
+def test_methods_lists_every_registered_method_once(capsys):
+    import lincompile
+
+    _, out, _ = run(capsys, "methods")
+    assert sorted(line.split()[0] for line in out.splitlines()) == lincompile.methods()
+
+
+def test_leakage_flags_centered_conv_only(capsys):
+    results = {r["method"]: r["leaks"] for r in json.loads(run(capsys, "leakage", "augmented",
+                                                                "augmented-centered", "--json")[1])}
+    assert results == {"augmented": False, "augmented-centered": True}
+    code, out, _ = run(capsys, "leakage", "augmented-centered")
+    assert code == 0 and "LEAKS" in out
+
+
 def test_passes_lists_the_pipeline(capsys):
     code, out, _ = run(capsys, "passes")
     listed = [line.split()[1] for line in out.splitlines() if line.startswith("* ")]

@@ -1,11 +1,14 @@
 """lincompile: compile pretrained softmax-attention transformers into linearized models.
 
-Public surface: `optimize`, `inspect`, `load`, `load_model`, `methods`, and the config classes.
+Public surface: `optimize`, `inspect`, `load`, `load_model`, `methods`, `export_onnx`, `OrtModel`, and the
+config classes.
 """
 from lincompile.kernels import ops as _ops  # noqa: F401  (registers lincompile::attention)
 from lincompile.api import example_inputs, inspect, load, optimize
 from lincompile.assets import load_model
 from lincompile.backends.eager import LinearizedModel
+from lincompile.backends.onnx import export_onnx
+from lincompile.backends.ort import OrtModel
 from lincompile.config import LinearizeConfig
 from lincompile.methods.spec import MethodSpec, get_method, methods
 from lincompile.runtime.state import RecurrentState
@@ -13,6 +16,7 @@ from lincompile.runtime.state import RecurrentState
 __version__ = "0.1.0"
 
 __all__ = [
-    "LinearizeConfig", "LinearizedModel", "MethodSpec", "RecurrentState", "example_inputs", "get_method",
+    "LinearizeConfig", "LinearizedModel", "MethodSpec", "OrtModel", "RecurrentState", "example_inputs",
+    "export_onnx", "get_method",
     "inspect", "load", "load_model", "methods", "optimize",
 ]

@@ -108,3 +108,9 @@ class LinearizedModel(torch.nn.Module):
         from lincompile.runtime.generate import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def export_onnx(self, out_dir: str, opset: int | None = None, tokenizer: object | None = None) -> str:
+        """Write model.onnx + lincompile_onnx.json atomically (see `lincompile.backends.onnx`)."""
+        from lincompile.backends.onnx import export_onnx
+
+        return str(export_onnx(self, out_dir, opset, tokenizer))

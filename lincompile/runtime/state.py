@@ -2,7 +2,8 @@
 
 `RecurrentState.tensors` maps graph input names `past_key_values.{site}.{part}` to tensors; `length` is how many
 tokens the state has absorbed (it offsets position ids). For linear methods every tensor's shape is
-independent of `length`; only exact-softmax sites (hybrids) keep a growing KV cache.
+independent of `length`; only exact-softmax sites (hybrids) keep a growing KV cache. `tensors` may hold
+onnxruntime OrtValues when the state comes from an `OrtModel`.
 """
 from __future__ import annotations
 

@@ -1,0 +1,178 @@
+"""`OrtModel`: run an `export_onnx` directory with onnxruntime, the state kept in ORT buffers between calls.
+
+`model(input_ids, attention_mask=None, past_state=None, position_ids=None)` mirrors
+`LinearizedModel.forward`: it returns `.logits`, a CPU `torch.Tensor` [batch, seq, vocab] (copied out of
+ORT: the one device-to-host copy per call), and `.past_state`, a `RecurrentState` whose tensors are
+`onnxruntime.OrtValue`s on the session's device. Feeding that state back binds those same buffers as the
+next call's inputs (IO binding, no copy); `state_to_torch` copies one out for inspection. Torch tensors
+are accepted as state too (e.g. a `LinearizedModel` state). Position ids default to past length +
+arange(seq); `attention_mask` covers the new tokens (or past + new, then the new part is used).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from lincompile.backends.onnx import FORMAT, FORMAT_VERSION, META_FILE
+from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT
+from lincompile.runtime.state import RecurrentState
+
+ArrayLike = Any  # torch.Tensor | np.ndarray | OrtValue
+
+
+@dataclass
+class OrtOutput:
+    logits: torch.Tensor
+    past_state: RecurrentState | None = None
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, the CPU always last."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+
+
+def _numpy(value: ArrayLike, dtype: np.dtype) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(value), dtype=dtype)
+
+
+class OrtModel:
+    """An exported model in an onnxruntime session; the JSON beside model.onnx describes its interface."""
+
+    def __init__(self, session: Any, meta: dict[str, Any], directory: Path) -> None:
+        self.session = session
+        self.meta = meta
+        self.directory = directory
+        self.input_names: list[str] = [i.name for i in session.get_inputs()]
+        self.output_names: list[str] = [o.name for o in session.get_outputs()]
+        expected = (meta["input_names"], meta["output_names"])
+        if (self.input_names, self.output_names) != expected:
+            raise ValueError(f"{directory}: model.onnx interface {self.input_names} -> {self.output_names} does not "
+                             f"match {META_FILE} {expected[0]} -> {expected[1]}")
+        self.state_names: list[str] = list(meta["state"])
+        self._dtypes = {v["name"]: np.dtype(v["dtype"]) for v in meta["inputs"]}
+        provider = session.get_providers()[0]
+        self.device_type = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+        options = session.get_provider_options().get(provider, {})
+        self.device_id = int(options.get("device_id", 0) or 0)
+        self._tokenizer: Any = None
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, providers: Sequence[str] | None = None,
+                 session_options: Any = None) -> "OrtModel":
+        """Load `directory`/model.onnx and lincompile_onnx.json (as written by `export_onnx`)."""
+        import onnxruntime as ort
+
+        path = Path(directory)
+        meta_file = path / META_FILE
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path} has no {META_FILE}; write one with lincompile export_onnx")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != FORMAT or int(meta.get("version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"{meta_file}: format {meta.get('format')!r} v{meta.get('version')} is not readable "
+                             f"by this lincompile ({FORMAT} v{FORMAT_VERSION})")
+        session = ort.InferenceSession(str(path / meta["model_file"]), sess_options=session_options,
+                                       providers=list(providers) if providers else default_providers())
+        return cls(session, meta, path)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer saved beside the model (None if the export had none)."""
+        if self._tokenizer is None and self.meta.get("tokenizer"):
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.directory))
+        return self._tokenizer
+
+    def _ortvalue(self, value: ArrayLike, name: str) -> Any:
+        import onnxruntime as ort
+
+        if isinstance(value, ort.OrtValue):
+            return value
+        return ort.OrtValue.ortvalue_from_numpy(_numpy(value, self._dtypes[name]), self.device_type, self.device_id)
+
+    def initial_state(self, batch: int) -> RecurrentState:
+        """Zeros of the declared state shapes: `batch` rows; any other symbolic dim (a growing cache) is 0."""
+        tensors = {}
+        for name, info in self.meta["state"].items():
+            shape = [batch if d == "batch" else (0 if isinstance(d, str) else d) for d in info["shape"]]
+            tensors[name] = self._ortvalue(np.zeros(shape, dtype=np.dtype(info["dtype"])), name)
+        return RecurrentState(tensors, 0)
+
+    def __call__(self, input_ids: ArrayLike, attention_mask: ArrayLike | None = None,
+                 past_state: RecurrentState | None = None, position_ids: ArrayLike | None = None) -> OrtOutput:
+        ids = _numpy(input_ids, np.dtype(np.int64))
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {ids.shape}")
+        batch, tokens = ids.shape
+        if past_state is not None and not self.meta.get("supports_state", True):
+            raise ValueError("this model has attention sites without a recurrent state; call it without past_state")
+        state = past_state if past_state is not None else self.initial_state(batch)
+        mask = None if attention_mask is None else _numpy(attention_mask, np.dtype(np.int64))
+        if mask is not None and state.length and mask.shape[1:] == (state.length + tokens,):
+            mask = mask[:, state.length:]
+        if mask is None:
+            mask = np.ones((batch, tokens), dtype=np.int64)
+        if mask.shape != (batch, tokens):
+            raise ValueError(f"attention_mask must be [batch, tokens] = {(batch, tokens)} (or cover past + new "
+                             f"tokens), got {mask.shape}")
+        if position_ids is None:
+            position_ids = np.broadcast_to(np.arange(state.length, state.length + tokens), (batch, tokens))
+        values = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, **state.tensors}
+        missing = [n for n in self.input_names if n not in values]
+        if missing:
+            raise ValueError(f"missing inputs {missing}; this model takes {self.input_names}")
+        binding = self.session.io_binding()
+        bound = [self._ortvalue(values[name], name) for name in self.input_names]  # alive until run returns
+        for name, value in zip(self.input_names, bound):
+            if name in state.tensors and value.shape()[0] != batch:
+                raise ValueError(f"{name} has batch {value.shape()[0]}, input_ids has {batch}")
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, self.device_type, self.device_id)
+        self.session.run_with_iobinding(binding)
+        outputs = dict(zip(self.output_names, binding.get_outputs()))
+        logits = torch.from_numpy(outputs[self.output_names[0]].numpy())
+        new_state = RecurrentState(
+            {name.replace(STATE_OUTPUT, STATE_INPUT, 1): value for name, value in outputs.items()
+             if name.startswith(STATE_OUTPUT + ".")}, state.length + tokens)
+        return OrtOutput(logits, new_state if self.meta.get("supports_state", True) else None)
+
+    def generate(self, input_ids: ArrayLike, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
+                 attention_mask: ArrayLike | None = None) -> torch.Tensor:
+        """Greedy decoding: the prompt in one call, then one token per call; returns prompt + new tokens.
+
+        Rows that produced an eos token keep emitting it; decoding stops once every row has.
+        """
+        ids = torch.as_tensor(_numpy(input_ids, np.dtype(np.int64)))
+        eos = torch.tensor([] if eos_token_id is None else
+                           [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long)
+        out = self(ids, attention_mask)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        pieces = [ids]
+        for step in range(max_new_tokens):
+            token = out.logits[:, -1].argmax(-1)
+            if eos.numel():
+                token = torch.where(done, eos[0], token)
+                done |= torch.isin(token, eos)
+            pieces.append(token[:, None])
+            if step + 1 == max_new_tokens or bool(done.all()):
+                break
+            out = self(token[:, None], past_state=out.past_state)
+        return torch.cat(pieces, dim=1)
+
+    @staticmethod
+    def state_to_torch(state: RecurrentState) -> RecurrentState:
+        """A copy of `state` with every OrtValue turned into a CPU torch tensor."""
+        tensors = {name: value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value.numpy()))
+                   for name, value in state.tensors.items()}
+        return RecurrentState(tensors, state.length)

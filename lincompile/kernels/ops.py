@@ -42,7 +42,7 @@ def _attention_fake(q, k, v, key_mask, bias, state, params, spec, scale, causal)
     method = _spec(spec)
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     if not state:
-        state = init_state(method, k.shape[0], k.shape[1], k.shape[3], v.shape[3], "meta", q.dtype)
+        state = init_state(method, k.shape[0], k.shape[1], k.shape[3], v.shape[3], q.device, q.dtype)
     if method.has_kv_cache:
         keys, values, mask = state
         total = keys.shape[2] + k.shape[2]

@@ -88,10 +88,11 @@ def _add_parameters(ctx: PassContext, site: AttentionSite, spec: MethodSpec, see
     return nodes
 
 
-def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx.Node, seed: int) -> RewrittenSite:
+def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx.Node, seed: int,
+             allow_state: bool = True) -> RewrittenSite:
     graph = ctx.gm.graph
     match = site.match
-    stateful = site.stateful
+    stateful = allow_state and site.stateful
     placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
     state_in: list[fx.Node] = []
     in_names: list[str] = []
@@ -132,14 +133,16 @@ def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx
 @register_pass
 class Linearize(Pass):
     """Options: method, which sites (`layers`, None = all), `fuel` (max sites to rewrite), `seed` (random
-    features of site i are drawn from seed + i)."""
+    features of site i are drawn from seed + i), `stateful` (False: no state inputs/outputs; every site
+    starts from the initial state, a full-sequence forward, as the torch.compile backend needs)."""
 
     name = "linearize"
     description = "replace each attention site by one lincompile::attention op (chosen method; softmax for the rest)"
 
     def __init__(self, method: str | MethodSpec = "softmax", layers: tuple[int, ...] | None = None,
-                 fuel: int | None = None, seed: int = 0) -> None:
+                 fuel: int | None = None, seed: int = 0, stateful: bool = True) -> None:
         self.spec = get_method(method)
+        self.stateful = stateful
         self.seed = seed
         self.layers = None if layers is None else tuple(layers)
         self.fuel = fuel
@@ -166,7 +169,7 @@ class Linearize(Pass):
                 raise UnsupportedSiteError(
                     f"site {site.index} ({site.path}) is causal, but {spec.name} projects along the sequence and "
                     "cannot be causal; use it on bidirectional (encoder) models, or pick another method")
-            ctx.rewritten.append(_rewrite(ctx, site, spec, output, self.seed))
+            ctx.rewritten.append(_rewrite(ctx, site, spec, output, self.seed, self.stateful))
         eliminate_dead_code(ctx.gm)
         notes.insert(0, f"rewrote {len(ctx.rewritten)} of {len(ctx.sites)} sites")
         return notes

@@ -20,6 +20,7 @@ from lincompile.api import UnrecognizedAttentionError, example_inputs, run_pipel
 from lincompile.assets import EMBEDDED_MODELS, load_model
 from lincompile.capture.export import CapturedGraph
 from lincompile.cli.evaluate import add_eval_arguments, cmd_eval
+from lincompile.cli.train_cmd import add_train_arguments, cmd_train
 from lincompile.config import LinearizeConfig
 from lincompile.kernels.linear_attention.reference import init_state
 from lincompile.methods.leakage import leakage_report
@@ -317,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "Scores the same fixed held-out token blocks with both models and prints the ratio.",
                     f"{PROG} eval smollm2-135m --method linear-elu --max-blocks 8 --json")
     add_eval_arguments(p)
+    p = _subcommand(sub, "train", cmd_train, "train a linearized model: attention transfer, then LoRA/full fine-tuning",
+                    "Stage 1 fits each site's new attention parameters to the exact softmax output of the same q/k/v;\n"
+                    "stage 2 fine-tunes on next-token loss. Checkpoints in OUT/checkpoints are atomic (--resume\n"
+                    "continues); the model goes to OUT/final with LoRA merged. Under torchrun it trains data-parallel.",
+                    f"{PROG} train smollm2-135m --method augmented --out runs/augmented --stage1-steps 100 "
+                    "--stage2-steps 200")
+    add_train_arguments(p)
     return parser
 
 

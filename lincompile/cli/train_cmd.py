@@ -1,0 +1,126 @@
+"""`lincompile train`: linearize a model, then attention transfer (stage 1) and fine-tuning (stage 2).
+
+Writes OUT/checkpoints/step-N (atomic, resumable with --resume), OUT/history.json, and the trained model in
+OUT/final (`LinearizedModel.save_pretrained`: LoRA adapters are merged into the base weights first, so
+`lincompile.load(OUT/final)` reads it back like any linearized model). Under torchrun every rank trains on its
+shard of each batch; rank 0 evaluates and writes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from lincompile.api import optimize
+from lincompile.assets import load_model
+from lincompile.methods.spec import methods
+from lincompile.train.checkpoint import latest_checkpoint
+from lincompile.train.data import heldout_blocks, load_texts, token_blocks
+from lincompile.train.lora import DEFAULT_TARGETS, merge_lora
+from lincompile.train.trainer import Distributed, TrainConfig, train
+
+_DEFAULTS = TrainConfig()
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the command line describes (`--full` implies no LoRA)."""
+    return TrainConfig(
+        stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, block_size=args.block_size, stage1_lr=args.stage1_lr, lr=args.lr,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        lora_rank=0 if args.full else args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()), full=args.full,
+        train_norms=args.train_norms, train_embeddings=args.train_embeddings, kl_weight=args.kl_weight,
+        eval_every=args.eval_every, eval_blocks=args.eval_blocks, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, seed=args.seed, bf16=not args.no_bf16)
+
+
+def _write_json(path: Path, data: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train, save OUT/final, print a summary (one JSON line with --json)."""
+    config = train_config(args)
+    out = Path(args.out).expanduser()
+    if not args.resume and latest_checkpoint(out / "checkpoints") is not None:
+        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue, or another --out")
+    parallel = Distributed.from_env(args.device)
+    try:
+        model, tokenizer = load_model(args.model, attn_implementation=args.attn_impl)
+        if tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer; training needs one to tokenize the corpus")
+        linear = optimize(model, args.method)
+        blocks = token_blocks(tokenizer, load_texts("train", args.data), config.block_size, args.max_train_blocks)
+        held = (heldout_blocks(tokenizer, config.block_size, config.eval_blocks, data=args.data)
+                if config.eval_blocks else None)
+        result = train(linear, blocks, config, out, eval_blocks=held, resume=args.resume, parallel=parallel,
+                       progress=not args.no_progress)
+        if not parallel.is_main:
+            return 0
+        merged = merge_lora(linear.graph)
+        final = linear.save_pretrained(str(out / "final"), tokenizer)
+        _write_json(out / "history.json", {"train_config": config.to_dict(), "history": result.history,
+                                           "evals": result.evals})
+    finally:
+        parallel.close()
+    summary = {"final": final, "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+               "steps": len(result.history), "train_blocks": int(blocks.shape[0]), "lora_merged": merged,
+               "loss": result.history[-1]["loss"] if result.history else None,
+               "ppl": result.evals[-1]["ppl"] if result.evals else None, "world_size": parallel.world}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            print(f"{key:<14} {value:.4g}" if isinstance(value, float) else f"{key:<14} {value}")
+    return 0
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    d = _DEFAULTS
+    parser.add_argument("model", metavar="MODEL", help="embedded model name or a local Hugging Face directory")
+    parser.add_argument("--method", required=True, help=f"attention method (one of: {', '.join(methods())})")
+    parser.add_argument("--data", default="default", help="'default' (Shakespeare train split) or a .txt file/dir")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (checkpoints, final model)")
+    parser.add_argument("--attn-impl", choices=("sdpa", "eager"), default=None,
+                        help="attention implementation to load the model with (default: the model's own)")
+    parser.add_argument("--stage1-steps", type=int, default=d.stage1_steps,
+                        help=f"attention-transfer steps (default {d.stage1_steps}; 0 skips stage 1)")
+    parser.add_argument("--stage2-steps", type=int, default=d.stage2_steps,
+                        help=f"fine-tuning steps (default {d.stage2_steps}; 0 skips stage 2)")
+    parser.add_argument("--stage1-lr", type=float, default=d.stage1_lr, help=f"stage-1 LR (default {d.stage1_lr})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"stage-2 LR (default {d.lr})")
+    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                        help=f"linear warm-up steps of each stage, then constant (default {d.warmup_steps})")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    parser.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip (0 = off)")
+    parser.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank}; "
+                        "0 = no adapters: stage 2 trains the attention parameters and the flags below)")
+    parser.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help=f"LoRA alpha (default {d.lora_alpha})")
+    parser.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS), metavar="A,B,...",
+                        help="projection module names to adapt (GPT-2: c_attn,attn.c_proj; OPT: add out_proj)")
+    parser.add_argument("--full", action="store_true", help="full fine-tuning of every weight instead of LoRA")
+    parser.add_argument("--train-norms", action="store_true", help="also train the norm weights in stage 2")
+    parser.add_argument("--train-embeddings", action="store_true", help="also train the embeddings in stage 2")
+    parser.add_argument("--kl-weight", type=float, default=d.kl_weight,
+                        help="weight of KL(original softmax model || linearized) added to the stage-2 loss")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+                        help=f"global blocks per optimizer step, over all ranks (default {d.batch_size})")
+    parser.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
+    parser.add_argument("--block-size", type=int, default=d.block_size, help=f"tokens per block ({d.block_size})")
+    parser.add_argument("--max-train-blocks", type=int, default=None, help="use only the first N training blocks")
+    parser.add_argument("--eval-every", type=int, default=d.eval_every,
+                        help="held-out perplexity every N steps (0 = only at the end of each stage)")
+    parser.add_argument("--eval-blocks", type=int, default=d.eval_blocks, help="held-out blocks (0 = no eval)")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                        help=f"steps between checkpoints (default {d.checkpoint_every}; also at each stage end)")
+    parser.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="newest checkpoints kept")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUT")
+    parser.add_argument("--seed", type=int, default=d.seed, help="data order and LoRA init (default 0)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on GPU (CPU never uses it)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")

@@ -1,0 +1,373 @@
+"""The two-stage training loop: attention transfer (stage 1), then fine-tuning (stage 2), resumable and distributed.
+
+Global steps 0 .. stage1_steps-1 are stage 1, the next stage2_steps are stage 2. Invariants:
+- the batch of global step s is `batch_indices(seed, s, batch_size, len(blocks))`, a function of (seed, s) only, so a
+  resumed run sees exactly the batches of an uninterrupted one;
+- each step's loss is the mean over the global batch whatever the world size and `grad_accum`: every rank takes
+  its shard of each micro-batch, gradients are summed across ranks (DDP semantics through one bucketed all-reduce
+  per optimizer step) and the learning rate is a pure function of the step (linear warm-up, then constant);
+- only the parameters of the current stage require grad while training; the flags are restored afterwards;
+- rank 0 alone evaluates and writes checkpoints (atomic; see `lincompile.train.checkpoint`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lincompile.backends.eager import LinearizedModel
+from lincompile.train.attention_transfer import TransferObjective, attention_parameters
+from lincompile.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from lincompile.train.eval import perplexity
+from lincompile.train.finetune import FinetuneObjective, frozen_teacher, stage2_parameters
+from lincompile.train.lora import DEFAULT_TARGETS, apply_lora
+
+TRAIN_CONFIG_VERSION = 1
+#: Fields that may differ between a checkpoint and the run that resumes it (they do not change past steps).
+RESUMABLE_CHANGES = frozenset({"stage2_steps", "eval_every", "eval_blocks", "checkpoint_every", "keep_checkpoints"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of a run. `batch_size` is the global number of blocks per optimizer step, split into
+    `grad_accum` micro-batches and across ranks; `lora_rank` 0 means no adapters; `full` trains every parameter
+    (no LoRA); `eval_every` / `checkpoint_every` 0 mean only at the end of each stage."""
+
+    stage1_steps: int = 100
+    stage2_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    block_size: int = 256
+    stage1_lr: float = 1e-2
+    lr: float = 1e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    full: bool = False
+    train_norms: bool = False
+    train_embeddings: bool = False
+    kl_weight: float = 0.0
+    eval_every: int = 0
+    eval_blocks: int = 8
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+    bf16: bool = True
+    version: int = TRAIN_CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        counts = ("stage1_steps", "stage2_steps", "warmup_steps", "eval_every", "checkpoint_every", "lora_rank")
+        negative = [n for n in counts if getattr(self, n) < 0]
+        if negative:
+            raise ValueError(f"{negative} must be >= 0")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of grad_accum "
+                             f"({self.grad_accum})")
+        if self.block_size < 2 or self.keep_checkpoints < 1 or self.kl_weight < 0:
+            raise ValueError("need block_size >= 2, keep_checkpoints >= 1 and kl_weight >= 0")
+        if self.full and self.lora_rank:
+            raise ValueError("full fine-tuning trains every weight; set lora_rank=0 with full=True")
+
+    @property
+    def total_steps(self) -> int:
+        return self.stage1_steps + self.stage2_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["lora_targets"] = list(self.lora_targets)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        if data.get("version", TRAIN_CONFIG_VERSION) > TRAIN_CONFIG_VERSION:
+            raise ValueError(f"train config version {data['version']} is newer than this lincompile")
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torch.distributed job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False
+
+    @classmethod
+    def from_env(cls, device: str | None = None) -> "Distributed":
+        """Join the job torchrun describes (WORLD_SIZE > 1: nccl on GPU, gloo on CPU), else a single process.
+
+        `device` None picks CUDA when available (cuda:LOCAL_RANK under torchrun)."""
+        use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls(device=torch.device(device or ("cuda" if use_cuda else "cpu")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        target = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(target)
+        owns = not dist.is_initialized()
+        if owns:
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), target, owns)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        """Sum over ranks, in place."""
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum every gradient over ranks with one bucketed all-reduce (a missing gradient counts as zero)."""
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.world > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            dist.all_reduce(flat)
+            for p, g in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(g.view_as(p))
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(seed: int, step: int, batch: int, n: int) -> Tensor:
+    """Rows of global step `step`: positions step*batch .. of the stream of per-epoch permutations of range(n)."""
+    positions = range(step * batch, (step + 1) * batch)
+    return torch.stack([_permutation(seed, pos // n, n)[pos % n] for pos in positions])
+
+
+def learning_rate(base: float, warmup: int, step_in_stage: int) -> float:
+    """Linear warm-up over `warmup` steps (first step base/warmup), then constant."""
+    return base * min(1.0, (step_in_stage + 1) / warmup) if warmup else base
+
+
+@dataclass
+class TrainResult:
+    """Per-step records (`step`, `stage`, `lr`, `loss`, and `site_mse` or `ce`/`kl`) and evaluations."""
+
+    history: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    checkpoint: Path | None
+
+
+@dataclass
+class _Stage:
+    number: int
+    objective: Callable[[Tensor], tuple[Tensor, Tensor]]
+    params: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    base_lr: float
+    first_step: int
+
+
+def _setup_stage(number: int, linear: LinearizedModel, config: TrainConfig) -> _Stage:
+    """Build the objective, freeze everything but this stage's parameters, and create its optimizer."""
+    objective: Callable[[Tensor], tuple[Tensor, Tensor]]
+    if number == 1:
+        params, objective = attention_parameters(linear), TransferObjective(linear)
+        base_lr, first = config.stage1_lr, 0
+    else:
+        teacher = None
+        if config.kl_weight > 0:  # built before LoRA exists, from the weights stage 2 starts with
+            base = stage2_parameters(linear, config.full, config.train_norms, config.train_embeddings)
+            teacher = frozen_teacher(linear, set(base))
+        if config.lora_rank:
+            apply_lora(linear.graph, config.lora_targets, config.lora_rank, config.lora_alpha, config.seed)
+        params = stage2_parameters(linear, config.full, config.train_norms, config.train_embeddings)
+        objective = FinetuneObjective(linear, config.kl_weight, teacher)
+        base_lr, first = config.lr, config.stage1_steps
+    if not params:
+        raise ValueError(f"stage {number} has nothing to train ({linear.config.spec.name} has no parameters; "
+                         "use a LoRA rank > 0 or full fine-tuning)")
+    trained = {id(p) for p in params.values()}
+    for p in linear.graph.parameters():
+        p.requires_grad_(id(p) in trained)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=base_lr, weight_decay=config.weight_decay)
+    return _Stage(number, objective, params, optimizer, base_lr, first)
+
+
+def _check_resumable(checkpoint: Checkpoint, linear: LinearizedModel, config: TrainConfig) -> None:
+    if checkpoint.linearize != linear.config.to_dict():
+        raise ValueError(f"{checkpoint.path} was trained with another LinearizeConfig: {checkpoint.linearize}")
+    saved, now = checkpoint.train_config, config.to_dict()
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ValueError(f"cannot resume {checkpoint.path}: the training config changed in {changed}")
+
+
+def _run_step(stage: _Stage, blocks: Tensor, indices: Tensor, config: TrainConfig, parallel: Distributed,
+              lr: float) -> list[float]:
+    """One optimizer step on the global batch `indices`; returns [loss, extras...] averaged over the batch."""
+    for group in stage.optimizer.param_groups:
+        group["lr"] = lr
+    stage.optimizer.zero_grad(set_to_none=True)
+    micro = config.batch_size // (config.grad_accum * parallel.world)
+    weight = micro / config.batch_size
+    device = parallel.device
+    totals: Tensor | None = None
+    for m in range(config.grad_accum):
+        start = (m * parallel.world + parallel.rank) * micro
+        ids = blocks[indices[start:start + micro]].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and config.bf16):
+            loss, extras = stage.objective(ids)
+        (loss * weight).backward()
+        part = torch.cat([loss.detach().float().reshape(1), extras.float().reshape(-1)]) * weight
+        totals = part if totals is None else totals + part
+    params = list(stage.params.values())
+    parallel.reduce_gradients(params)
+    parallel.all_reduce(totals)
+    if config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    stage.optimizer.step()
+    return totals.tolist()
+
+
+def _record(stage: _Stage, step: int, lr: float, values: list[float]) -> dict[str, Any]:
+    record: dict[str, Any] = {"step": step, "stage": stage.number, "lr": lr, "loss": values[0]}
+    if stage.number == 1:
+        record["site_mse"] = values[1:]
+    else:
+        record["ce"], record["kl"] = values[1:]
+    return record
+
+
+def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir: str | Path, *,
+          eval_blocks: Tensor | None = None, resume: bool = False, parallel: Distributed | None = None,
+          progress: bool = True, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train `linear` in place on `blocks` [N, T] and return its history; checkpoints go to out_dir/checkpoints.
+
+    A fresh run seeds torch and `random` with `config.seed`; with `resume`, it continues from the newest complete
+    checkpoint there instead (the same LinearizeConfig and training config, up to `RESUMABLE_CHANGES`), RNG states
+    included. `parallel` defaults to a single process on the model's device. LoRA adapters stay in the graph
+    afterwards (`merge_lora` folds them).
+    `on_step(step, record)` runs after each step, once its checkpoint (if any) is written.
+    """
+    parallel = parallel or Distributed(device=linear.device)
+    per_step = config.grad_accum * parallel.world
+    if config.batch_size % per_step:
+        raise ValueError(f"batch_size {config.batch_size} is not a multiple of grad_accum x world size ({per_step})")
+    if blocks.dim() != 2 or blocks.shape[0] < 1 or blocks.shape[1] != config.block_size:
+        raise ValueError(f"blocks must be [num_blocks, block_size={config.block_size}], got {tuple(blocks.shape)}")
+    linear.to(parallel.device)
+    root = Path(out_dir) / "checkpoints"
+    found = latest_checkpoint(root) if resume else None
+    checkpoint = load_checkpoint(found) if found is not None else None
+    if checkpoint is not None:
+        _check_resumable(checkpoint, linear, config)
+    step = checkpoint.step if checkpoint else 0
+    history: list[dict[str, Any]] = list(checkpoint.state["history"]) if checkpoint else []
+    evals: list[dict[str, Any]] = list(checkpoint.state["evals"]) if checkpoint else []
+    flags = [(p, p.requires_grad) for p in linear.graph.parameters()]
+    stage: _Stage | None = None
+    saved: Path | None = found
+    bar = tqdm(total=config.total_steps, initial=step, disable=not (progress and parallel.is_main), desc="train")
+    postfix: dict[str, str] = {}
+
+    def evaluate(number: int) -> None:
+        if eval_blocks is None or not parallel.is_main:
+            return
+        result = perplexity(linear, eval_blocks.to(parallel.device), max(1, config.batch_size // per_step),
+                            progress=False)
+        evals.append({"step": step, "stage": number, "ppl": result.ppl})
+        postfix["eval_ppl"] = f"{result.ppl:.4g}"
+        bar.set_postfix(postfix)
+
+    try:
+        if checkpoint is None:
+            torch.manual_seed(config.seed)
+            random.seed(config.seed)
+            evaluate(1 if config.stage1_steps else 2)
+        while step < config.total_steps:
+            number = 1 if step < config.stage1_steps else 2
+            if stage is None or stage.number != number:
+                stage = _setup_stage(number, linear, config)
+                bar.set_description(f"stage {number}")
+                if checkpoint is not None:
+                    _restore(checkpoint, linear, stage)
+                    checkpoint = None
+            lr = learning_rate(stage.base_lr, config.warmup_steps, step - stage.first_step)
+            indices = batch_indices(config.seed, step, config.batch_size, blocks.shape[0])
+            record = _record(stage, step + 1, lr, _run_step(stage, blocks, indices, config, parallel, lr))
+            history.append(record)
+            step += 1
+            postfix.update(loss=f"{record['loss']:.4g}", lr=f"{lr:.2g}")
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            stage_end = step in (config.stage1_steps, config.total_steps)
+            if stage_end or (config.eval_every and step % config.eval_every == 0):
+                evaluate(number)
+            if parallel.is_main and (stage_end or (config.checkpoint_every and step % config.checkpoint_every == 0)):
+                saved = _save(root, step, linear, stage, config, history, evals)
+            if on_step is not None:
+                on_step(step, record)
+        if checkpoint is not None:  # resumed a finished run: load its final parameters
+            _restore(checkpoint, linear, _setup_stage(2 if config.stage2_steps else 1, linear, config))
+    finally:
+        bar.close()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return TrainResult(history, evals, saved)
+
+
+def _trained_tensors(linear: LinearizedModel, stage: _Stage) -> dict[str, Tensor]:
+    """Everything trained so far: the method parameters and this stage's parameters."""
+    return {**attention_parameters(linear), **stage.params}
+
+
+def _save(root: Path, step: int, linear: LinearizedModel, stage: _Stage, config: TrainConfig,
+          history: list[dict[str, Any]], evals: list[dict[str, Any]]) -> Path:
+    tensors = _trained_tensors(linear, stage)
+    state = {"stage": stage.number, "optimizer_params": list(stage.params), "history": history, "evals": evals}
+    return save_checkpoint(root, step, tensors, stage.optimizer.state_dict(), linear.config.to_dict(),
+                           config.to_dict(), state, config.keep_checkpoints)
+
+
+@torch.no_grad()
+def _restore(checkpoint: Checkpoint, linear: LinearizedModel, stage: _Stage) -> None:
+    """Load trained tensors, the optimizer (if saved by this stage) and the RNG states into a fresh stage."""
+    params = dict(linear.graph.named_parameters())
+    unknown = sorted(set(checkpoint.tensors) - set(params))
+    if unknown:
+        raise ValueError(f"{checkpoint.path} holds parameters this model lacks: {unknown[:5]}")
+    for name, tensor in checkpoint.tensors.items():
+        params[name].copy_(tensor)
+    if checkpoint.state["stage"] == stage.number:
+        if checkpoint.state["optimizer_params"] != list(stage.params):
+            raise ValueError(f"{checkpoint.path}: the optimizer was built over other parameters")
+        stage.optimizer.load_state_dict(checkpoint.optimizer)
+    restore_rng(checkpoint.rng)

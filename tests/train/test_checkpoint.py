@@ -1,0 +1,118 @@
+"""Checkpoints are atomic and resuming reproduces the uninterrupted run (SIGKILL mid-run, crash mid-write)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lincompile.train import checkpoint as ckpt
+from lincompile.train.trainer import TrainConfig, batch_indices, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def assert_same_history(got: list[dict], expected: list[dict], atol: float) -> None:
+    assert [(r["step"], r["stage"], r["lr"]) for r in got] == [(r["step"], r["stage"], r["lr"]) for r in expected]
+    for a, b in zip(got, expected):
+        assert set(a) == set(b)
+        for key in set(a) - {"step", "stage", "lr"}:
+            torch.testing.assert_close(torch.tensor(a[key]), torch.tensor(b[key]), atol=atol, rtol=0,
+                                       msg=f"step {a['step']} {key}: {a[key]} != {b[key]}")
+
+
+def assert_same_params(linear, expected: dict[str, torch.Tensor]) -> None:
+    got = dict(linear.graph.named_parameters())
+    assert set(got) == set(expected)
+    for name, p in got.items():
+        torch.testing.assert_close(p.detach(), expected[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_train_config_roundtrips_and_validates():
+    config = TrainConfig(stage1_steps=3, lora_targets=["c_attn", "attn.c_proj"], kl_weight=0.25)
+    assert TrainConfig.from_json(config.to_json()) == config
+    assert config.lora_targets == ("c_attn", "attn.c_proj")
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        TrainConfig.from_dict({**config.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="multiple of grad_accum"):
+        TrainConfig(batch_size=6, grad_accum=4)
+    with pytest.raises(ValueError, match="lora_rank=0"):
+        TrainConfig(full=True)
+
+
+def test_data_order_depends_only_on_seed_and_step():
+    first = [batch_indices(7, s, 5, 12) for s in range(6)]  # 30 rows: epochs 0, 1 and half of 2
+    assert all(torch.equal(a, batch_indices(7, s, 5, 12)) for s, a in enumerate(first))
+    stream = torch.cat(first)
+    assert sorted(stream[:12].tolist()) == list(range(12)) and sorted(stream[12:24].tolist()) == list(range(12))
+    assert not torch.equal(stream[:12], stream[12:24])
+    assert not torch.equal(batch_indices(8, 0, 5, 12), first[0])
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(request, tmp_path, worker):
+    """Killed after step 5 (checkpoints at 2, 3 (end of stage 1) and 4): resume from 4, inside stage 2."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.Popen([sys.executable, str(worker.WORKER), "kill", str(tmp_path), "5"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reference, params = request.getfixturevalue("reference_run")  # computed while the subprocess runs
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, output
+    latest = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    assert latest is not None and latest.name == "step-00000004"
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step-00000003", "step-00000004"]
+
+    linear, blocks, held = worker.build()
+    result = train(linear, blocks, worker.config(), tmp_path, eval_blocks=held, resume=True, progress=False)
+    assert_same_history(result.history, reference.history, atol=1e-5)
+    assert [e["step"] for e in result.evals] == [e["step"] for e in reference.evals]
+    torch.testing.assert_close(torch.tensor([e["ppl"] for e in result.evals]),
+                               torch.tensor([e["ppl"] for e in reference.evals]), atol=1e-4, rtol=0)
+    assert_same_params(linear, params)
+
+
+def test_crash_while_writing_keeps_previous_checkpoint(monkeypatch, tmp_path, worker, reference_run):
+    """A crash inside the write of step 3's checkpoint, with no cleanup (as under SIGKILL): step 2 stays the
+    newest, loads, and resuming from it reproduces the uninterrupted run."""
+    write_json = ckpt._write_json
+
+    def crashing(path, data):
+        if path.parent.name.startswith(".tmp-step-00000003") and path.name == "train_config.json":
+            raise RuntimeError("simulated crash")
+        write_json(path, data)
+
+    monkeypatch.setattr(ckpt, "_write_json", crashing)
+    monkeypatch.setattr(ckpt, "_discard", lambda path: None)  # a killed process cleans nothing up
+    linear, blocks, held = worker.build()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(linear, blocks, worker.config(), tmp_path, eval_blocks=held, progress=False)
+    root = tmp_path / "checkpoints"
+    leftovers = [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".tmp-step-00000003")
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000002"]
+    loaded = ckpt.load_checkpoint(ckpt.latest_checkpoint(root))
+    assert loaded.step == 2 and loaded.state["stage"] == 1
+    assert set(loaded.tensors) == {f"lincompile_params.site_{i}.{n}" for i in (0, 1) for n in ("alpha", "conv_weight")}
+    with pytest.raises(ValueError, match="not a complete"):
+        ckpt.load_checkpoint(root / leftovers[0])
+
+    monkeypatch.undo()
+    reference, params = reference_run
+    linear, blocks, held = worker.build()
+    result = train(linear, blocks, worker.config(), tmp_path, eval_blocks=held, resume=True, progress=False)
+    assert_same_history(result.history, reference.history, atol=1e-5)
+    assert_same_params(linear, params)
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")], "stale temp dirs are removed"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000006", "step-00000007"]
+
+
+def test_resume_refuses_a_changed_config(tmp_path, worker):
+    linear, blocks, held = worker.build()
+    config = worker.config(stage1_steps=1, stage2_steps=0)
+    train(linear, blocks, config, tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"changed in \['lr'\]"):
+        train(linear, blocks, worker.config(stage1_steps=1, stage2_steps=0, lr=0.5), tmp_path, resume=True,
+              progress=False)

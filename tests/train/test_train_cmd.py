@@ -1,0 +1,82 @@
+"""`lincompile train` end to end on a tiny Llama with a character tokenizer: train, save, load back, resume."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+import lincompile
+from lincompile.cli.train_cmd import add_train_arguments, cmd_train
+from lincompile.testing.tiny import tiny_model
+from lincompile.train.checkpoint import latest_checkpoint, load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT = """To be, or not to be, that is the question:
+Whether 'tis nobler in the mind to suffer
+The slings and arrows of outrageous fortune,
+Or to take arms against a sea of troubles
+And by opposing end them. To die: to sleep;
+No more; and by a sleep to say we end
+The heart-ache and the thousand natural shocks
+That flesh is heir to, 'tis a consummation
+Devoutly to be wish'd. To die, to sleep;
+"""
+
+
+def _char_tokenizer():
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    return cmd_train(parser.parse_args(argv))
+
+
+def test_train_command_saves_a_loadable_merged_model(tmp_path, capsys):
+    model_dir, out = tmp_path / "tiny", tmp_path / "run"
+    original = tiny_model("llama", seed=0)
+    original.save_pretrained(model_dir)
+    _char_tokenizer().save_pretrained(model_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 6)
+    argv = [str(model_dir), "--method", "augmented", "--data", str(corpus), "--out", str(out),
+            "--stage1-steps", "2", "--stage2-steps", "2", "--batch-size", "2", "--block-size", "16",
+            "--lr", "1e-2", "--warmup-steps", "0", "--eval-blocks", "2", "--checkpoint-every", "0",
+            "--lora-rank", "4", "--lora-alpha", "8", "--no-progress", "--json"]
+    assert _run(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 4 and summary["lora_merged"] == 8 and summary["ppl"] > 1
+
+    checkpoint = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert checkpoint.step == 4 and checkpoint.train_config["lora_rank"] == 4
+    loaded = lincompile.load(out / "final")
+    weights = dict(loaded.graph.named_parameters())
+    for name, tensor in checkpoint.tensors.items():
+        if name.startswith("lincompile_params."):
+            assert torch.equal(weights[name], tensor), name
+    path = "model.layers.1.self_attn.v_proj"
+    prefix = "lincompile_lora." + path.replace(".", "_")
+    delta = 2.0 * checkpoint.tensors[prefix + ".B"] @ checkpoint.tensors[prefix + ".A"]
+    assert delta.abs().max() > 0
+    base = original.get_parameter(path + ".weight").detach()
+    torch.testing.assert_close(weights[path + ".weight"], base + delta, atol=1e-6, rtol=0)
+    history = json.loads((out / "history.json").read_text())
+    assert [r["stage"] for r in history["history"]] == [1, 1, 2, 2]
+
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        _run(argv)
+    assert _run(argv + ["--resume"]) == 0  # finished run: loads its last checkpoint and saves the same model
+    again = dict(lincompile.load(out / "final").graph.named_parameters())
+    assert all(torch.equal(again[n], weights[n]) for n in weights)

@@ -101,3 +101,29 @@ def test_save_and_load_round_trip(tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
     with pytest.raises(FileNotFoundError, match="not a saved lincompile model"):
         lincompile.load(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+@pytest.mark.parametrize("method", ["linear-elu", "augmented-hedgehog"])
+def test_encoders_and_cross_attention_convert_to_linear_methods(family, method):
+    model = tiny_model(family)
+    linear = lincompile.optimize(model, method)
+    assert [r.method for r in linear.rewritten] == [method] * len(linear.sites)
+    ref, got, _ = _reference_and_graph(model, linear)
+    assert got.shape == ref.shape and torch.isfinite(got).all()
+    if method == "linear-elu":  # (Hedgehog starts close to softmax by design)
+        assert not torch.allclose(got, ref, atol=1e-3)
+
+
+def test_method_parameters_are_trainable_and_saved(tmp_path):
+    linear = lincompile.optimize(tiny_model("llama"), "augmented")
+    names = {n for n, _ in linear.named_parameters() if "lincompile_params" in n}
+    assert names == {f"graph.lincompile_params.site_{i}.{p}" for i in (0, 1) for p in ("alpha", "conv_weight")}
+    with torch.no_grad():
+        for name, p in linear.named_parameters():
+            if "lincompile_params" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    loaded = lincompile.load(linear.save_pretrained(str(tmp_path / "aug")))
+    ids = torch.randint(3, 128, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, linear(ids).logits)

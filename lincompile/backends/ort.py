@@ -80,6 +80,9 @@ class OrtModel:
         if meta.get("format") != FORMAT or int(meta.get("version", 0)) > FORMAT_VERSION:
             raise ValueError(f"{meta_file}: format {meta.get('format')!r} v{meta.get('version')} is not readable "
                              f"by this lincompile ({FORMAT} v{FORMAT_VERSION})")
+        if session_options is None:
+            session_options = ort.SessionOptions()
+            session_options.log_severity_level = 3  # errors only: constant-folding notices are not for users
         session = ort.InferenceSession(str(path / meta["model_file"]), sess_options=session_options,
                                        providers=list(providers) if providers else default_providers())
         return cls(session, meta, path)

@@ -19,6 +19,7 @@ import torch
 from lincompile.api import UnrecognizedAttentionError, example_inputs, run_pipeline
 from lincompile.assets import EMBEDDED_MODELS, load_model
 from lincompile.capture.export import CapturedGraph
+from lincompile.cli.demo import add_demo_arguments, cmd_demo
 from lincompile.cli.evaluate import add_eval_arguments, cmd_eval
 from lincompile.cli.train_cmd import add_train_arguments, cmd_train
 from lincompile.config import LinearizeConfig
@@ -325,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
                     f"{PROG} train smollm2-135m --method augmented --out runs/augmented --stage1-steps 100 "
                     "--stage2-steps 200")
     add_train_arguments(p)
+    p = _subcommand(sub, "demo", cmd_demo, "the main job on the embedded default, end to end",
+                    "Loads SmolLM2-135M, inspects it, linearizes it (augmented), exports it to ONNX, runs it in\n"
+                    "onnxruntime and prints perplexity, decode tokens/s and state memory against the KV cache.",
+                    f"{PROG} demo --out out/demo")
+    add_demo_arguments(p)
     return parser
 
 

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import inspect as pyinspect
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from lincompile.atomic import atomic_directory
 from lincompile.backends.eager import LinearizedModel
 from lincompile.capture.export import CapturedGraph, capture
 from lincompile.config import LinearizeConfig
@@ -131,9 +129,7 @@ def save(model: LinearizedModel, directory: str | Path, tokenizer: object | None
     if model.hf_config is None:
         raise ValueError("this model has no Hugging Face config to rebuild its architecture from")
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         model.hf_config.save_pretrained(tmp)
         state = {k: v.detach().contiguous() for k, v in model.graph.state_dict().items()}
         save_file(_untie(state), tmp / "model.safetensors")
@@ -141,17 +137,6 @@ def save(model: LinearizedModel, directory: str | Path, tokenizer: object | None
         (tmp / "lincompile.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

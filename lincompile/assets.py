@@ -30,6 +30,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from lincompile.atomic import atomic_directory
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - non-POSIX
@@ -91,22 +93,15 @@ def _locked(root: Path, name: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield an empty temp sibling of ``target``; on clean exit rename it to ``target``.
+    """`atomic_directory`, after removing leftovers of crashed runs (``.<name>.tmp-*``).
 
-    On any exception the temp dir is deleted and ``target`` is left untouched. Must be used
-    under ``_locked`` so leftovers of crashed runs (``.<name>.tmp-*``) can be removed safely.
+    Must be used under ``_locked`` so that no concurrent writer's temp dir is removed.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache is meant to be shareable
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _cached_distribution(downloads: Path, requirement: str, sdist: bool) -> Path | None:

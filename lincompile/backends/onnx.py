@@ -21,14 +21,13 @@ import copy
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, fx
 
+from lincompile.atomic import atomic_directory
 from lincompile.backends.eager import LinearizedModel
 from lincompile.kernels.linear_attention import reference
 from lincompile.methods.spec import MethodSpec
@@ -319,24 +318,6 @@ def export_onnx(model: LinearizedModel, out_dir: str | os.PathLike[str], opset: 
     Raises `OnnxLoweringError` naming the node/op that could not be lowered; then nothing is written.
     """
     target = Path(out_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
-    old = target.with_name(f".{target.name}.old")
-    try:
+    with atomic_directory(target) as tmp:
         _write(model, tmp, opset, tokenizer, optimize)
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

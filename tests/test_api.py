@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import lincompile
+from lincompile.testing.decoding import prefill_then_steps
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +40,6 @@ def test_linear_elu_is_causal(elu_model, heldout_batch):
 
 
 def test_linear_elu_prefill_then_steps_equals_full_forward(elu_model, heldout_batch):
-    ids = heldout_batch[0][:1, :48]
-    with torch.no_grad():
-        full = elu_model(ids).logits
-        out = elu_model(ids[:, :32])
-        logits, state = [out.logits], out.past_state
-        for i in range(32, 48):
-            out = elu_model(ids[:, i:i + 1], past_state=state)
-            logits.append(out.logits)
-            state = out.past_state
-    assert (torch.cat(logits, 1) - full).abs().max() <= 1e-4
+    diff, _, state = prefill_then_steps(elu_model, heldout_batch[0][:1, :48], 32)
+    assert diff <= 1e-4
     assert all(t.shape[2] == 64 for name, t in state.tensors.items() if name.endswith(".state"))

@@ -10,6 +10,7 @@ import torch
 
 import lincompile
 from lincompile.api import capture_model
+from lincompile.testing.decoding import prefill_then_steps
 from lincompile.train.data import heldout_blocks
 
 pytestmark = pytest.mark.slow
@@ -22,24 +23,12 @@ def smollm2_fp64():
     return model, capture_model(model), heldout_blocks(tokenizer, 66, 1)
 
 
-def _prefill_steps_vs_full(linear, ids, prefill):
-    with torch.no_grad():
-        full = linear(ids).logits
-        out = linear(ids[:, :prefill])
-        logits, state = [out.logits], out.past_state
-        for i in range(prefill, ids.shape[1]):
-            out = linear(ids[:, i:i + 1], past_state=state)
-            logits.append(out.logits)
-            state = out.past_state
-    return (torch.cat(logits, 1) - full).abs().max().item(), full.abs().max().item(), state
-
-
 @pytest.mark.parametrize("method", CAUSAL)
 def test_prefill_then_steps_equals_full_forward_fp64(smollm2_fp64, method):
     model, captured, ids = smollm2_fp64
     linear = lincompile.optimize(model, method, captured=captured, strict=True)
     assert len(linear.rewritten) == 30
-    diff, _, state = _prefill_steps_vs_full(linear, ids, 62)
+    diff, _, state = prefill_then_steps(linear, ids, 62)
     assert diff <= 1e-4, f"{method}: {diff:.3g}"
     if not lincompile.get_method(method).has_kv_cache:
         assert state.shapes() == linear.initial_state(1).shapes()  # constant in context length
@@ -48,7 +37,7 @@ def test_prefill_then_steps_equals_full_forward_fp64(smollm2_fp64, method):
 def test_augmented_fp32_relative_to_logit_scale(smollm2):
     linear = lincompile.optimize(smollm2[0], "augmented", strict=True)
     ids = heldout_blocks(smollm2[1], 66, 1)
-    diff, scale, _ = _prefill_steps_vs_full(linear, ids, 62)
+    diff, scale, _ = prefill_then_steps(linear, ids, 62)
     assert diff / scale <= 1e-4
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import lincompile
+from lincompile.testing.decoding import prefill_then_steps
 from lincompile.testing.tiny import FAMILIES, attn_implementations, tiny_model
 
 CASES = [(f, impl) for f in FAMILIES for impl in attn_implementations(f)]
@@ -52,17 +53,9 @@ def test_linear_rewrite_changes_outputs_but_stays_causal(family):
 def test_prefill_then_steps_equals_full_forward(method, layers):
     model = tiny_model("llama").double()
     linear = lincompile.optimize(model, method, layers=layers)
-    ids = torch.randint(3, 128, (2, 11))
-    with torch.no_grad():
-        full = linear(ids).logits
-        out = linear(ids[:, :7])
-        logits, state = [out.logits], out.past_state
-        for i in range(7, 11):
-            out = linear(ids[:, i:i + 1], past_state=state)
-            logits.append(out.logits)
-            state = out.past_state
+    diff, _, state = prefill_then_steps(linear, torch.randint(3, 128, (2, 11)), 7)
     assert state.length == 11
-    assert (torch.cat(logits, 1) - full).abs().max() <= 1e-10
+    assert diff <= 1e-10
 
 
 def test_hybrid_keeps_unselected_sites_exact_softmax():

@@ -43,7 +43,3 @@ def select(spec: MethodSpec, device: torch.device) -> KernelEntry:
         if entry.supports(spec, device):
             return entry
     raise RuntimeError("no attention kernel registered")  # unreachable: the reference supports all
-
-
-def kernels() -> list[str]:
-    return [e.name for e in _ENTRIES]

@@ -18,9 +18,6 @@ from lincompile.passes.pictures import between
 from lincompile.passes.patterns.attention_forms import PATTERNS, SOFTMAX_OPS
 from lincompile.passes.patterns.common import SiteMatch, depends_on, module_path, val
 
-MASK_KINDS = ("causal", "causal+padding", "padding", "none", "custom")
-
-
 @dataclass
 class AttentionSite:
     """One attention found in the graph (node references stay out of the JSON view)."""
@@ -33,7 +30,7 @@ class AttentionSite:
     head_dim: int
     v_head_dim: int
     scale: float
-    mask_kind: str
+    mask_kind: str  # causal | causal+padding | padding | none | custom
     causal: bool
     cross: bool
     dtype: str

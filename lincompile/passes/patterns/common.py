@@ -80,13 +80,6 @@ def is_transpose_last2(node: fx.Node) -> bool:
     return False
 
 
-def constant_scalar(node: object) -> float | None:
-    """A Python number, or a graph node that is a 0-d constant we can read, else None."""
-    if isinstance(node, (int, float)) and not isinstance(node, bool):
-        return float(node)
-    return None
-
-
 def depends_on(node: fx.Node, targets: set[fx.Node]) -> bool:
     """True when any of `targets` is an ancestor of (or is) `node`."""
     seen: set[fx.Node] = set()

@@ -1,0 +1,1 @@
+"""Triton kernels generated from a `MethodSpec` (see `codegen` for what is covered)."""

@@ -1,0 +1,59 @@
+"""Generated modules on disk and in memory: one per (plan, interpreter mode), compiled once.
+
+Triton reads a kernel's source with `inspect`, so generated source is written to a file (named by its hash, so
+identical plans share it across processes) and imported from there. The interpreter mode is part of the key:
+`triton.jit` decides at decoration time whether it builds an interpreted or a compiled function.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+from lincompile.kernels.triton.codegen import Plan, generate
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels with its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cache_dir() -> Path:
+    """Where generated sources live: $LINCOMPILE_TRITON_CACHE, or a per-user temp folder."""
+    root = os.environ.get("LINCOMPILE_TRITON_CACHE") or os.path.join(tempfile.gettempdir(),
+                                                                      f"lincompile-triton-{os.getuid()}")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def source_path(source: str) -> Path:
+    """The file holding `source` (written atomically on first use)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    path = cache_dir() / f"lincompile_gen_{digest}.py"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(source)
+        os.replace(tmp, path)
+    return path
+
+
+@functools.lru_cache(maxsize=128)
+def _load(plan: Plan, interpret: bool) -> ModuleType:
+    path = source_path(generate(plan))
+    name = f"{path.stem}_{'interp' if interpret else 'jit'}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def load(plan: Plan) -> ModuleType:
+    """The generated module for a plan, with its kernels `chunked_fwd`, `verify_fwd` and `recurrent`."""
+    return _load(plan, interpreting())

@@ -1,0 +1,181 @@
+"""Launching the generated kernels: the Triton implementation behind `lincompile::attention`, and verify.
+
+`attention` has the reference's signature and numbers (fp32 within 1e-5 relative). It launches the generated
+`recurrent` kernel for one token per row and `chunked_fwd` otherwise. Calls outside what the kernels express
+are served by `reference.attention` itself (never an approximation of it): bidirectional sites, padding that
+is not a left-padded prefix, fp64, and calls that need autograd (the op's backward recomputes through the
+reference, so gradients are the reference's).
+
+Which device runs what (`supports`): Triton on CUDA; on CPU only when `LINCOMPILE_KERNELS=triton`, which then
+needs `TRITON_INTERPRET=1` (Triton's interpreter). `LINCOMPILE_KERNELS=reference` is honoured by the registry.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from lincompile.kernels.linear_attention import reference
+from lincompile.kernels.linear_attention.state import pack_state, unpack_state
+from lincompile.kernels.triton import compile as gen
+from lincompile.kernels.triton.codegen import Plan, unsupported_reason
+from lincompile.methods.params import named_params
+from lincompile.methods.spec import MethodSpec
+
+#: Tests set this to fill every output with NaN before a launch, so an element a kernel misses shows up.
+POISON_OUTPUTS = False
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_MODES = ("auto", "triton", "reference")
+
+
+def kernel_mode() -> str:
+    """LINCOMPILE_KERNELS: auto (Triton on CUDA, reference on CPU), triton, or reference."""
+    mode = os.environ.get("LINCOMPILE_KERNELS", "auto")
+    if mode not in _MODES:
+        raise ValueError(f"LINCOMPILE_KERNELS={mode!r} is not one of {_MODES}")
+    return mode
+
+
+def supports(spec: MethodSpec, device: torch.device) -> bool:
+    """True when the generated kernels serve this spec on this device (see the module docstring)."""
+    if unsupported_reason(spec) or importlib.util.find_spec("triton") is None:
+        return False
+    mode = kernel_mode()
+    if mode == "reference":
+        return False
+    if torch.device(device).type == "cuda":
+        return True
+    if mode == "triton" and torch.device(device).type == "cpu":
+        if not gen.interpreting():
+            raise RuntimeError("LINCOMPILE_KERNELS=triton on CPU needs TRITON_INTERPRET=1 (Triton's interpreter)")
+        return True
+    return False
+
+
+def block_v(dv: int) -> int:
+    """Columns of V per program: the whole head under the interpreter, at most 64 on a GPU."""
+    full = max(16, 1 << (dv - 1).bit_length())
+    return full if gen.interpreting() else min(64, full)
+
+
+def plan_for(spec: MethodSpec, dk: int, dv: int, dtype: torch.dtype) -> Plan:
+    return Plan(spec, dk, dv, _DTYPES[dtype], block_v(dv))
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _left_padding(key_mask: Tensor | None, batch: int, t: int, device: torch.device) -> Tensor | None:
+    """Leading padding count per row [B] (int32), or None when the mask is not a left-padded prefix."""
+    if key_mask is None:
+        return torch.zeros(batch, dtype=torch.int32, device=device)
+    mask = key_mask.to(torch.bool)
+    pad = t - mask.sum(1)
+    expected = torch.arange(t, device=device)[None, :] >= pad[:, None]
+    return pad.to(torch.int32) if torch.equal(mask, expected) else None
+
+
+def _launchable(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], causal: bool) -> bool:
+    tensors = (q, k, v, *params)
+    return (causal and q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.dtype in _DTYPES
+            and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[2] == k.shape[2] == v.shape[2] > 0
+            and q.shape[0] == k.shape[0] == v.shape[0] and k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0
+            and q.shape[3] == k.shape[3]
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
+class _Parts:
+    """The state and parameters as the kernels read them: fp32 contiguous, a dummy for each absent tensor."""
+
+    def __init__(self, spec: MethodSpec, state: list[Tensor], params: list[Tensor], q: Tensor, k: Tensor,
+                 v: Tensor) -> None:
+        batch, kv_heads, dk, dv = q.shape[0], k.shape[1], k.shape[3], v.shape[3]
+        if not state:
+            state = reference.init_state(spec, batch, kv_heads, dk, dv, q.device, q.dtype)
+        parts = unpack_state(spec, state)
+        self.spec = spec
+        self.device = q.device
+        self.dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
+        self.parts = {n: t if n == "position" else t.to(torch.float32).contiguous() for n, t in parts.items()}
+        named = named_params(spec, params, torch.float32)
+        self.alpha = named["alpha"].reshape(1).contiguous() if "alpha" in named else self.dummy
+        self.conv_weight = named["conv_weight"].contiguous() if "conv_weight" in named else self.dummy
+        position = parts.get("position")
+        self.r0 = position if position is not None else torch.zeros(batch, dtype=torch.int64, device=q.device)
+
+    def get(self, name: str) -> Tensor:
+        return self.parts.get(name, self.dummy)
+
+    def fresh(self) -> dict[str, Tensor]:
+        """Output buffers for every floating state part."""
+        return {n: _alloc(tuple(t.shape), torch.float32, self.device) for n, t in self.parts.items() if n != "position"}
+
+    def state_args(self, out: dict[str, Tensor]) -> list[Tensor]:
+        """(S, S', z, z', group_keys, group_values, group_keys', group_values', conv, conv') kernel arguments."""
+        def o(name: str) -> Tensor:
+            return out.get(name, self.dummy)
+        return [self.get("state"), o("state"), self.get("normalizer"), o("normalizer"), self.get("group_keys"),
+                self.get("group_values"), o("group_keys"), o("group_values"), self.get("conv"), o("conv")]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor | None, state: list[Tensor],
+              params: list[Tensor], spec: MethodSpec, scale: float, causal: bool) -> tuple[Tensor, list[Tensor]]:
+    """`reference.attention`'s contract, computed by the generated kernels where they apply."""
+    if unsupported_reason(spec) or not _launchable(q, k, v, params, causal):
+        return reference.attention(q, k, v, key_mask, bias, state, params, spec, scale, causal)
+    batch, heads, t, dk = q.shape
+    if key_mask is not None and tuple(key_mask.shape) != (batch, t):
+        return reference.attention(q, k, v, key_mask, bias, state, params, spec, scale, causal)
+    pad = _left_padding(key_mask, batch, t, q.device)
+    if pad is None:
+        return reference.attention(q, k, v, key_mask, bias, state, params, spec, scale, causal)
+    kv_heads, dv = k.shape[1], v.shape[3]
+    parts = _Parts(spec, state, params, q, k, v)
+    plan = plan_for(spec, dk, dv, q.dtype)
+    module = gen.load(plan)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = _alloc((batch, heads, t, dv), q.dtype, q.device)
+    new = parts.fresh()
+    grid = (triton_cdiv(dv, plan.block_v), batch * heads)
+    if t == 1:
+        real = (pad == 0).to(torch.int32)
+        module.recurrent[grid](q, k, v, out, parts.r0, real, *parts.state_args(new), parts.alpha,
+                               parts.conv_weight, scale, math.sqrt(scale), heads, kv_heads)
+    else:
+        module.chunked_fwd[grid](q, k, v, out, parts.r0, pad, *parts.state_args(new), parts.alpha,
+                                 parts.conv_weight, scale, math.sqrt(scale), t, heads, kv_heads)
+    if spec.uses_positions:
+        new["position"] = parts.r0 + (t - pad.to(torch.int64))
+    return out, pack_state(spec, new)
+
+
+def verify(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor], spec: MethodSpec,
+           scale: float, parents: Tensor | None = None) -> tuple[Tensor, reference.VerifyExtras]:
+    """`reference.verify`'s contract (k drafts under a chain or tree, state unchanged) by the verify kernel."""
+    if unsupported_reason(spec) or not _launchable(q, k, v, params, True):
+        return reference.verify(q, k, v, state, params, spec, scale, parents)
+    from lincompile.kernels.linear_attention.verify import tree
+
+    batch, heads, count, dk = q.shape
+    kv_heads, dv = k.shape[1], v.shape[3]
+    parents, ancestors, depth = tree(parents, count, q.device)
+    parts = _Parts(spec, state, params, q, k, v)
+    plan = plan_for(spec, dk, dv, q.dtype)
+    module = gen.load(plan)
+    out = _alloc((batch, heads, count, dv), q.dtype, q.device)
+    s = parts.state_args({})
+    module.verify_fwd[(triton_cdiv(dv, plan.block_v), batch * heads)](
+        q.contiguous(), k.contiguous(), v.contiguous(), out, parts.r0, depth.to(torch.int32),
+        ancestors.to(torch.int8).contiguous(), s[0], s[2], s[4], s[5], s[8], parts.alpha, parts.conv_weight,
+        scale, math.sqrt(scale), count, heads, kv_heads, BT=max(16, 1 << (count - 1).bit_length()))
+    return out, reference.VerifyExtras(spec, tuple(params), scale, k, v, parents)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

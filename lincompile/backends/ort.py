@@ -150,28 +150,12 @@ class OrtModel:
              if name.startswith(STATE_OUTPUT + ".")}, state.length + tokens)
         return OrtOutput(logits, new_state if self.meta.get("supports_state", True) else None)
 
-    def generate(self, input_ids: ArrayLike, max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
-                 attention_mask: ArrayLike | None = None) -> torch.Tensor:
-        """Greedy decoding: the prompt in one call, then one token per call; returns prompt + new tokens.
+    def generate(self, input_ids: ArrayLike, max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
+        """Autoregressive generation with the torch path's arguments (`lincompile.runtime.generate`):
+        chunked prefill, then one token per call, the state staying in ORT buffers throughout."""
+        from lincompile.runtime.generate import generate
 
-        Rows that produced an eos token keep emitting it; decoding stops once every row has.
-        """
-        ids = torch.as_tensor(_numpy(input_ids, np.dtype(np.int64)))
-        eos = torch.tensor([] if eos_token_id is None else
-                           [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long)
-        out = self(ids, attention_mask)
-        done = torch.zeros(ids.shape[0], dtype=torch.bool)
-        pieces = [ids]
-        for step in range(max_new_tokens):
-            token = out.logits[:, -1].argmax(-1)
-            if eos.numel():
-                token = torch.where(done, eos[0], token)
-                done |= torch.isin(token, eos)
-            pieces.append(token[:, None])
-            if step + 1 == max_new_tokens or bool(done.all()):
-                break
-            out = self(token[:, None], past_state=out.past_state)
-        return torch.cat(pieces, dim=1)
+        return generate(self, torch.as_tensor(_numpy(input_ids, np.dtype(np.int64))), max_new_tokens, **kwargs)
 
     @staticmethod
     def state_to_torch(state: RecurrentState) -> RecurrentState:

@@ -1,8 +1,9 @@
 """Plain autoregressive generation through a model's recurrent state (no drafts).
 
-Works with any model called as `model(ids, past_state=..., position_ids=...)` returning `.logits` and
-`.past_state` (a `LinearizedModel`, or the ONNX runner). Left-padded batches get position ids that
-skip the padding, as Hugging Face's `generate` does.
+Works with any model called as `model(ids, attention_mask=, past_state=, position_ids=)` returning
+`.logits` and `.past_state` (a `LinearizedModel`, or the ONNX runner). The prompt goes through
+`lincompile.runtime.prefill` in chunks of `prefill_chunk_size` tokens (memory linear in its length);
+left-padded batches get position ids that skip the padding, as Hugging Face's `generate` does.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from lincompile.runtime.prefill import prefill
 from lincompile.runtime.sampling import SamplingConfig, sample
 
 
@@ -17,19 +19,19 @@ from lincompile.runtime.sampling import SamplingConfig, sample
 def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
              attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-             streamer: object | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Prompt + up to `max_new_tokens` tokens, [batch, prompt + new]; finished rows repeat eos."""
+             streamer: object | None = None, generator: torch.Generator | None = None,
+             prefill_chunk_size: int | None = 512) -> torch.Tensor:
+    """Prompt + up to `max_new_tokens` tokens, [batch, prompt + new]; finished rows repeat eos.
+
+    The output does not depend on `prefill_chunk_size` (None: the prompt in one call) beyond fp reordering.
+    """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got {tuple(input_ids.shape)}")
     config = SamplingConfig(do_sample, temperature, top_k, top_p)
-    batch, prompt = input_ids.shape
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
-    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids, attention_mask=mask, position_ids=positions)
-    state, logits = out.past_state, out.logits[:, -1]
-    next_position = positions[:, -1:] + 1
+    batch = input_ids.shape[0]
+    logits, state, next_position = prefill(model, input_ids, attention_mask, chunk_size=prefill_chunk_size)
     tokens = [input_ids]
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     if streamer is not None:

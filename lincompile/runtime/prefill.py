@@ -1,0 +1,72 @@
+"""Chunked prefill: feed a long prompt through the recurrent state `chunk_size` tokens at a time.
+
+Works with any model called as `model(ids, attention_mask=, past_state=, position_ids=)` that returns
+`.logits` [B, t, V] and `.past_state` (a `LinearizedModel`, an `OrtModel`). Invariant: because the state
+carries everything the next tokens may see, the chunked result equals one call over the whole prompt
+(up to fp reordering), whatever `chunk_size`. Each call then costs O(chunk) activations (the parallel
+form inside a chunk is quadratic in the chunk only), so for constant-size states memory is linear in
+the prompt length and independent of it apart from the returned logits.
+
+Position ids: given explicitly, they are used as they are; otherwise they count the real tokens of
+`attention_mask` (left padding takes no position, as in Hugging Face's `generate`), starting at
+`past_state.length` when a state is given (exact only if that past had no padding: pass the
+`next_position_ids` a previous `prefill` returned, plus the new tokens' offsets, otherwise).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from lincompile.runtime.state import RecurrentState
+
+
+class Prefilled(NamedTuple):
+    """What `prefill` returns; unpacks as `(logits, state, next_position_ids)`."""
+
+    logits: torch.Tensor  # [B, V] of the last token, or [B, T, V] with all_logits=True
+    state: RecurrentState  # after every prompt token
+    next_position_ids: torch.Tensor  # [B, 1]: the position id of the token that follows
+
+
+def mask_positions(attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Position ids [B, T] that count real tokens from `start`; padding repeats its neighbour's (>= start)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0) + start
+
+
+@torch.no_grad()
+def prefill(model: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            position_ids: torch.Tensor | None = None, past_state: RecurrentState | None = None,
+            chunk_size: int | None = 512, *, all_logits: bool = False) -> Prefilled:
+    """Run `input_ids` [B, T] through `model` in chunks of `chunk_size` tokens (None: one call).
+
+    `attention_mask` [B, T] covers the new tokens (1 = real); the last column must be real for the
+    last-token logits to be meaningful (left padding). Returns the last token's logits [B, V] (all
+    [B, T, V] with `all_logits=True`, on the CPU for an `OrtModel`), the state after the prompt and
+    the next position ids [B, 1].
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got {tuple(input_ids.shape)}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None for one call), got {chunk_size}")
+    total = input_ids.shape[1]
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {tuple(mask.shape)}")
+    if position_ids is None:
+        position_ids = mask_positions(mask, past_state.length if past_state is not None else 0)
+    elif position_ids.shape != input_ids.shape:
+        raise ValueError(f"position_ids must match input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(position_ids.shape)}")
+    step = total if chunk_size is None else chunk_size
+    state, pieces = past_state, []
+    for start in range(0, total, step):
+        end = min(start + step, total)
+        out = model(input_ids[:, start:end], attention_mask=mask[:, start:end], past_state=state,
+                    position_ids=position_ids[:, start:end])
+        state = out.past_state
+        if state is None:
+            raise ValueError("the model returned no past_state: it cannot continue from a prefill")
+        pieces.append(out.logits if all_logits else out.logits[:, -1].clone())  # no view pins [B, t, V]
+    logits = torch.cat(pieces, 1) if all_logits else pieces[-1]
+    return Prefilled(logits, state, position_ids[:, -1:] + 1)

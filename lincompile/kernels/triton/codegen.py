@@ -421,8 +421,8 @@ class _Gen:
     def verify_fwd(self) -> None:
         s = self.src
         s("@triton.jit",
-          "def verify_fwd(q_ptr, k_ptr, v_ptr, o_ptr, r0_ptr, depth_ptr, anc_ptr, s_ptr, z_ptr, gk_ptr, gv_ptr, win_ptr,",
-          "               alpha_ptr, w_ptr, scale, sqrt_scale, N, H, HKV, BT: tl.constexpr):")
+          "def verify_fwd(q_ptr, k_ptr, v_ptr, o_ptr, r0_ptr, depth_ptr, anc_ptr, s_ptr, z_ptr, gk_ptr, gv_ptr,",
+          "               win_ptr, alpha_ptr, w_ptr, scale, sqrt_scale, N, H, HKV, BT: tl.constexpr):")
         s.level += 1
         s('"""N draft tokens at positions r0 + depth, each seeing the state and its ancestors (anc [N, N])."""')
         self.prologue("N")
@@ -552,8 +552,8 @@ class _Gen:
             if self.norm:
                 s("tl.store(z_out + sh * DK + ck, z, mask=kfirst)")
         if self.conv:
-            s("nxt = tl.load(winb + (wr + 1)[:, None] * DV + cv_[None, :], mask=(wr[:, None] + 1 < HALF) & cmv[None, :],"
-              " other=0.0)",
+            s("nxt = tl.load(winb + (wr + 1)[:, None] * DV + cv_[None, :],"
+              " mask=(wr[:, None] + 1 < HALF) & cmv[None, :], other=0.0)",
               "nxt = tl.where((wr[:, None] == HALF - 1), vr, nxt)",
               "tl.store(win_out + sh * HALF * DV + wr[:, None] * DV + cv_[None, :], tl.where(real, nxt, win),"
               " mask=wok[:, None] & cmv[None, :])")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -41,18 +42,15 @@ def kernel_mode() -> str:
 
 def supports(spec: MethodSpec, device: torch.device) -> bool:
     """True when the generated kernels serve this spec on this device (see the module docstring)."""
+    mode = kernel_mode()
+    kind = torch.device(device).type
+    if mode == "reference" or not (kind == "cuda" or (kind == "cpu" and mode == "triton")):
+        return False
     if unsupported_reason(spec) or importlib.util.find_spec("triton") is None:
         return False
-    mode = kernel_mode()
-    if mode == "reference":
-        return False
-    if torch.device(device).type == "cuda":
-        return True
-    if mode == "triton" and torch.device(device).type == "cpu":
-        if not gen.interpreting():
-            raise RuntimeError("LINCOMPILE_KERNELS=triton on CPU needs TRITON_INTERPRET=1 (Triton's interpreter)")
-        return True
-    return False
+    if kind == "cpu" and not gen.interpreting():
+        raise RuntimeError("LINCOMPILE_KERNELS=triton on CPU needs TRITON_INTERPRET=1 (Triton's interpreter)")
+    return True
 
 
 def block_v(dv: int) -> int:
@@ -88,6 +86,11 @@ def _launchable(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], causal: b
             and q.shape[0] == k.shape[0] == v.shape[0] and k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0
             and q.shape[3] == k.shape[3]
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
+def _fallback(form: Callable[..., Any], *args: Any) -> Any:
+    """The reference form itself, for a call the kernels do not express (tests patch this to catch it)."""
+    return form(*args)
 
 
 class _Parts:
@@ -127,14 +130,15 @@ class _Parts:
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor | None, state: list[Tensor],
               params: list[Tensor], spec: MethodSpec, scale: float, causal: bool) -> tuple[Tensor, list[Tensor]]:
     """`reference.attention`'s contract, computed by the generated kernels where they apply."""
+    args = (q, k, v, key_mask, bias, state, params, spec, scale, causal)
     if unsupported_reason(spec) or not _launchable(q, k, v, params, causal):
-        return reference.attention(q, k, v, key_mask, bias, state, params, spec, scale, causal)
+        return _fallback(reference.attention, *args)
     batch, heads, t, dk = q.shape
     if key_mask is not None and tuple(key_mask.shape) != (batch, t):
-        return reference.attention(q, k, v, key_mask, bias, state, params, spec, scale, causal)
+        return _fallback(reference.attention, *args)
     pad = _left_padding(key_mask, batch, t, q.device)
     if pad is None:
-        return reference.attention(q, k, v, key_mask, bias, state, params, spec, scale, causal)
+        return _fallback(reference.attention, *args)
     kv_heads, dv = k.shape[1], v.shape[3]
     parts = _Parts(spec, state, params, q, k, v)
     plan = plan_for(spec, dk, dv, q.dtype)
@@ -159,7 +163,7 @@ def verify(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Te
            scale: float, parents: Tensor | None = None) -> tuple[Tensor, reference.VerifyExtras]:
     """`reference.verify`'s contract (k drafts under a chain or tree, state unchanged) by the verify kernel."""
     if unsupported_reason(spec) or not _launchable(q, k, v, params, True):
-        return reference.verify(q, k, v, state, params, spec, scale, parents)
+        return _fallback(reference.verify, q, k, v, state, params, spec, scale, parents)
     from lincompile.kernels.linear_attention.verify import tree
 
     batch, heads, count, dk = q.shape

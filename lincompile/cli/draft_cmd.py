@@ -1,0 +1,181 @@
+"""`lincompile train-medusa` and `lincompile make-draft`: the two trained draft sources of speculative decoding.
+
+train-medusa writes OUT/medusa.json + OUT/medusa.safetensors (heads only; the target's lm_head is shared),
+loadable with `lincompile.runtime.medusa.attach(model, OUT)`. make-draft writes a linearized N-layer model with
+`save_pretrained` (`lincompile.load(OUT)` reads it back). Both write atomically and print a summary (one JSON
+line with --json); errors are one line (`lincompile: error: ...`), as for every subcommand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from lincompile.train.draft_model import DistillConfig
+
+__all__ = ["add_parsers", "cmd_train_medusa", "cmd_make_draft", "load_target"]
+
+PROG = "lincompile"
+_DISTILL = DistillConfig()
+
+
+def load_target(name: str, method: str | None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer): a lincompile directory loads its linearized model; an HF model (embedded name or
+    directory) loads as it is, or linearized with `method` when given."""
+    from lincompile.api import load, optimize
+    from lincompile.assets import load_model
+
+    path = Path(name).expanduser()
+    if (path / "lincompile.json").is_file():
+        from transformers import AutoTokenizer
+
+        model = load(path)
+        if method is not None and method != model.config.spec.name:
+            raise ValueError(f"{path} is already linearized with {model.config.spec.name}; drop --method {method}")
+        has_tokenizer = (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
+        return model, AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer else None
+    model, tokenizer = load_model(name)
+    return (optimize(model, method) if method else model), tokenizer
+
+
+def _print(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary))
+        return
+    for key, value in summary.items():
+        print(f"{key:<16} {value:.4g}" if isinstance(value, float) else f"{key:<16} {value}")
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def cmd_train_medusa(args: argparse.Namespace) -> int:
+    """Train Medusa heads on the frozen target over --tokens training tokens; save them to --out."""
+    from lincompile.runtime.medusa import MedusaConfig
+    from lincompile.train.data import heldout_blocks, load_texts, token_blocks
+    from lincompile.train.medusa import as_target, train_medusa
+
+    for name in ("heads", "head_layers", "tokens", "block_size"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.tokens < args.block_size:
+        raise ValueError(f"--tokens ({args.tokens}) must be at least one block (--block-size {args.block_size})")
+    model, tokenizer = load_target(args.model, args.method)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer; training the heads needs one to tokenize the corpus")
+    target = as_target(model)
+    vocab, hidden = target.lm_head_weight.shape
+    config = MedusaConfig(num_heads=args.heads, hidden_size=hidden, vocab_size=vocab, num_layers=args.head_layers)
+    blocks = token_blocks(tokenizer, load_texts("train", args.data), args.block_size, args.tokens // args.block_size)
+    held = (heldout_blocks(tokenizer, args.block_size, max(1, args.heldout_tokens // args.block_size), data=args.data)
+            if args.heldout_tokens else None)
+    result = train_medusa(target, blocks, config, args.steps, args.lr, args.batch_size, args.out, heldout=held,
+                          labels=args.labels, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
+                          seed=args.seed, feature_batch=args.feature_batch, progress=not args.no_progress,
+                          metadata={"target": args.model, "method": args.method})
+    final = result.evals[-1] if result.evals else {}
+    _print({"out": str(result.saved), "heads": args.heads, "steps": args.steps,
+            "train_tokens": int(blocks.numel()), "labels": args.labels,
+            "loss": result.history[-1]["loss"] if result.history else None,
+            "accuracy": final.get("accuracy"), "top5": final.get("top5"),
+            "chain_tokens": final.get("chain_tokens")}, args.json)
+    return 0
+
+
+def cmd_make_draft(args: argparse.Namespace) -> int:
+    """Make an N-layer linearized draft of MODEL, distill it toward the target, save it to --out."""
+    from lincompile.train.draft_model import make_draft
+
+    _positive("--layers", args.layers)
+    config = DistillConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, block_size=args.block_size,
+                           warmup_steps=args.warmup_steps, ce_weight=args.ce_weight,
+                           train_embeddings=args.train_embeddings, seed=args.seed)
+    teacher = load_target(args.teacher, None)[0] if args.teacher else None
+    result = make_draft(args.model, args.layers, args.method, args.out, config=config, data=args.data,
+                        eval_blocks=args.eval_blocks, teacher=teacher, progress=not args.no_progress)
+    first, last = (result.evals[0], result.evals[-1]) if result.evals else ({}, {})
+    _print({"out": str(result.saved), "layers": args.layers, "method": result.draft.config.spec.name,
+            "steps": len(result.history), "kl": result.history[-1]["kl"] if result.history else None,
+            "top1_before": first.get("top1"), "top1_after": last.get("top1"),
+            "heldout_kl_after": last.get("kl")}, args.json)
+    return 0
+
+
+def _parser(sub: Any, name: str, func: Callable[[argparse.Namespace], int], summary: str, description: str,
+            examples: list[str]) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=summary, description=f"{summary}\n\n{description}",
+                            epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on error")
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser, block_size: int, batch_help: str, batch_default: int) -> None:
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
+    parser.add_argument("--data", default="default", help="'default' (Shakespeare train split) or a .txt file/dir")
+    parser.add_argument("--block-size", type=int, default=block_size, help=f"tokens per block (default {block_size})")
+    parser.add_argument("--batch-size", type=int, default=batch_default, help=f"{batch_help} (default {batch_default})")
+    parser.add_argument("--seed", type=int, default=0, help="data order and sampling seed (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
+
+
+def add_parsers(sub: Any) -> None:
+    """Register `train-medusa` and `make-draft` on the `lincompile` subparsers."""
+    p = _parser(sub, "train-medusa", cmd_train_medusa, "train Medusa-style draft heads on a frozen target",
+                "Head i maps the target's final hidden state at t through a zero-initialised residual block and\n"
+                "the target's own lm_head to token t+1+i. The target runs once over the training tokens (hidden\n"
+                "states and greedy labels are kept in memory); the heads then train on random positions. Labels\n"
+                "are the target's own greedy predictions (self-distillation) unless --labels corpus. Held-out\n"
+                "top-1 accuracy per head (vs the target's argmax) is reported. Attach the heads with\n"
+                "lincompile.runtime.medusa.attach(model, OUT) and decode with generate(draft='medusa').",
+                [f"{PROG} train-medusa runs/aug1/final --out runs/aug1/medusa --steps 1000 --tokens 200000",
+                 f"{PROG} train-medusa smollm2-135m --method augmented --out out/medusa --heads 4 --steps 200"])
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="a saved linearized directory (its model is the target), "
+                   "an embedded model name or a Hugging Face directory")
+    p.add_argument("--method", default=None, help="linearize a Hugging Face MODEL with this method first "
+                   "(untrained; pass a trained linearized directory instead for useful heads)")
+    p.add_argument("--heads", type=int, default=4, help="number of heads = draft tokens per step (default 4)")
+    p.add_argument("--head-layers", type=int, default=1, help="residual blocks per head (default 1)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--tokens", type=int, default=131072, help="training tokens the target is run over "
+                   "(default 131072; hidden states kept in fp16: tokens x hidden x 2 bytes)")
+    p.add_argument("--heldout-tokens", type=int, default=8192,
+                   help="held-out tokens for the accuracy metric (default 8192; 0 = none)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine decay (default 1e-3)")
+    p.add_argument("--warmup-steps", type=int, default=20, help="linear warm-up steps (default 20)")
+    p.add_argument("--labels", choices=("self", "corpus"), default="self",
+                   help="self: the target's greedy predictions (default); corpus: the text's own tokens")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out accuracy every N steps (0 = start and end)")
+    p.add_argument("--feature-batch", type=int, default=4, help="blocks per target forward when precomputing")
+    _common(p, 256, "token positions per step", 512)
+    p = _parser(sub, "make-draft", cmd_make_draft, "make a shallow linearized draft model distilled from its target",
+                "Keeps the first N decoder layers (plus embeddings, final norm and lm_head), linearizes them\n"
+                "with the target's method and trains them on KL(target || draft) over the training text. From a\n"
+                "saved linearized directory the draft inherits its trained layers and the teacher is that model;\n"
+                "from a Hugging Face model the teacher is the original (or --teacher). The draft is saved with\n"
+                "save_pretrained: lincompile.load(OUT) reads it back; pass it as generate(draft=...).",
+                [f"{PROG} make-draft runs/aug1/final --layers 4 --out runs/aug1/draft4 --steps 300",
+                 f"{PROG} make-draft smollm2-135m --layers 4 --method augmented --out out/draft4 --steps 100"])
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="a saved linearized directory, an embedded model name or a "
+                   "Hugging Face directory")
+    p.add_argument("--layers", type=int, required=True, help="decoder layers the draft keeps (1 .. target's - 1)")
+    p.add_argument("--method", default=None, help="attention method for a Hugging Face MODEL (default augmented); "
+                   "a linearized directory keeps its own")
+    p.add_argument("--teacher", default=None, metavar="MODEL_OR_DIR",
+                   help="distill toward this model instead (e.g. the trained linearized target)")
+    p.add_argument("--steps", type=int, default=_DISTILL.steps, help=f"distillation steps (default {_DISTILL.steps})")
+    p.add_argument("--lr", type=float, default=_DISTILL.lr, help=f"learning rate (default {_DISTILL.lr})")
+    p.add_argument("--warmup-steps", type=int, default=_DISTILL.warmup_steps,
+                   help=f"linear warm-up, then constant (default {_DISTILL.warmup_steps})")
+    p.add_argument("--ce-weight", type=float, default=_DISTILL.ce_weight,
+                   help="weight of the corpus next-token CE added to the KL (default 0)")
+    p.add_argument("--train-embeddings", action="store_true", help="also train the token embeddings (and a tied "
+                   "lm_head)")
+    p.add_argument("--eval-blocks", type=int, default=4, help="held-out blocks for top-1 agreement (0 = none)")
+    _common(p, _DISTILL.block_size, "blocks per step", _DISTILL.batch_size)

@@ -1,0 +1,159 @@
+"""Shallow linearized drafts: the first N layers exactly, distillation toward the target, save/load; the CLI."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+import lincompile
+from lincompile.cli.draft_cmd import add_parsers
+from lincompile.runtime.medusa import MedusaHeads, read_metadata
+from lincompile.testing.tiny import tiny_model
+from lincompile.train.draft_model import DistillConfig, agreement, make_draft, shallow_hf
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 40
+
+
+def _char_tokenizer():
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 3-layer tiny Llama with a sharp lm_head (peaked logits) and a character tokenizer, plus a corpus file."""
+    root = tmp_path_factory.mktemp("draft")
+    model = tiny_model("llama", seed=2, num_layers=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    model.save_pretrained(root / "tiny")
+    _char_tokenizer().save_pretrained(root / "tiny")
+    (root / "corpus.txt").write_text(TEXT)
+    return root
+
+
+def _blocks(n: int, t: int, seed: int) -> torch.Tensor:
+    """Learnable text: each row steps through the vocabulary by 7 from a random start (ids 3..127)."""
+    starts = torch.randint(0, 125, (n, 1), generator=torch.Generator().manual_seed(seed))
+    return (starts + 7 * torch.arange(t)) % 125 + 3
+
+
+def test_shallow_copy_is_the_first_layers(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "tiny").eval()
+    draft = shallow_hf(model, 2)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dir / "tiny", num_hidden_layers=2).eval()
+    ids = _blocks(2, 10, 0)
+    assert len(draft.model.layers) == 2 and model.config.num_hidden_layers == 3
+    torch.testing.assert_close(draft(ids, use_cache=False).logits, reference(ids, use_cache=False).logits)
+    assert draft.lm_head.weight.data_ptr() != model.lm_head.weight.data_ptr()
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="1 <= layers < 3"):
+            shallow_hf(model, bad)
+
+
+def test_distilled_draft_agrees_more_and_loads_back(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    config = DistillConfig(steps=25, lr=3e-3, batch_size=4, block_size=32, warmup_steps=0)
+    result = make_draft(str(tiny_dir / "tiny"), 1, "augmented", tiny_dir / "draft1", config=config,
+                        blocks=_blocks(16, 32, 1), heldout=_blocks(4, 32, 2), progress=False)
+    before, after = result.evals
+    assert after["kl"] < 0.7 * before["kl"] and after["top1"] > before["top1"], (before, after)
+    kls = [r["kl"] for r in result.history]
+    assert len(kls) == 25 and sum(kls[-5:]) < sum(kls[:5])
+    assert all(p.requires_grad for p in result.teacher.parameters())  # flags restored
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_dir / "tiny").eval()
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), result.teacher.parameters()))  # target untouched
+    back = lincompile.load(result.saved)
+    assert back.hf_config.num_hidden_layers == 1 and len(back.sites) == 1
+    assert back.config.spec.name == "augmented"
+    ids = _blocks(2, 12, 3)
+    torch.testing.assert_close(back(ids).logits, result.draft(ids).logits)
+    assert (result.saved / "tokenizer.json").is_file()
+
+
+def test_draft_of_a_linearized_directory_inherits_its_layers(tiny_dir):
+    target = lincompile.optimize(tiny_model("llama", seed=2, num_layers=3), "augmented")
+    with torch.no_grad():
+        for name, p in target.graph.named_parameters():
+            if name.startswith("lincompile_params"):
+                p.add_(0.1)  # "trained" method parameters
+    target.save_pretrained(str(tiny_dir / "lin"), _char_tokenizer())
+    result = make_draft(str(tiny_dir / "lin"), 2, config=DistillConfig(steps=0, block_size=16),
+                        heldout=_blocks(2, 16, 4), progress=False)
+    draft = result.draft
+    saved = dict(target.graph.named_parameters())
+    for name, p in draft.graph.named_parameters():
+        assert torch.equal(p, saved[name]), name
+    assert {n for n in saved if ".site_" in n} - {n for n, _ in draft.graph.named_parameters()} == {
+        n for n in saved if ".site_2." in n}
+    assert [e["step"] for e in result.evals] == [0] and result.saved is None
+    assert result.evals[0]["top1"] == agreement(draft, target, _blocks(2, 16, 4))["top1"]
+    torch.testing.assert_close(result.teacher(_blocks(1, 8, 5)).logits, target(_blocks(1, 8, 5)).logits)
+    with pytest.raises(ValueError, match="linearized with augmented"):
+        make_draft(str(tiny_dir / "lin"), 2, "linear-elu", config=DistillConfig(steps=0), eval_blocks=0)
+
+
+def _run(*argv: str) -> dict:
+    parser = argparse.ArgumentParser(prog="lincompile")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv) + ["--no-progress", "--json"])
+    assert args.func(args) == 0
+    return args
+
+
+def test_make_draft_command(tiny_dir, capsys):
+    out = tiny_dir / "cli-draft"
+    _run("make-draft", str(tiny_dir / "tiny"), "--layers", "2", "--out", str(out), "--steps", "3",
+         "--block-size", "32", "--batch-size", "2", "--data", str(tiny_dir / "corpus.txt"), "--eval-blocks", "1")
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["layers"] == 2 and summary["method"] == "augmented"
+    assert lincompile.load(out).hf_config.num_hidden_layers == 2
+
+
+def test_train_medusa_command(tiny_dir, capsys):
+    out = tiny_dir / "cli-medusa"
+    _run("train-medusa", str(tiny_dir / "tiny"), "--out", str(out), "--heads", "2", "--steps", "3",
+         "--tokens", "512", "--heldout-tokens", "64", "--block-size", "32", "--batch-size", "64",
+         "--data", str(tiny_dir / "corpus.txt"))
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["heads"] == 2 and summary["train_tokens"] == 512 and len(summary["accuracy"]) == 2
+    assert read_metadata(out)["config"]["num_heads"] == 2
+    weight = torch.zeros(128, 64)
+    assert MedusaHeads.load(out, weight).config.hidden_size == 64
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train-medusa", "M", "--out", "o", "--heads", "0"], "--heads must be >= 1"),
+    (["train-medusa", "M", "--out", "o", "--tokens", "8"], "at least one block"),
+    (["make-draft", "M", "--out", "o", "--layers", "0"], "--layers must be >= 1"),
+])
+def test_bad_arguments_are_refused_before_loading(argv, message):
+    parser = argparse.ArgumentParser(prog="lincompile")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    with pytest.raises(ValueError, match=message):
+        args.func(args)
+
+
+@pytest.mark.slow
+def test_two_layer_draft_of_real_smollm2(tmp_path):
+    config = DistillConfig(steps=2, batch_size=1, block_size=64, warmup_steps=0)
+    result = make_draft("smollm2-135m", 2, "augmented", tmp_path / "draft", config=config, eval_blocks=1,
+                        progress=False)
+    assert len(result.evals) == 2 and result.history[-1]["kl"] > 0
+    back = lincompile.load(result.saved)
+    assert back.hf_config.num_hidden_layers == 2 and len(back.sites) == 2

@@ -130,13 +130,13 @@ class _Gen:
     def accumulators(self, rows: str) -> list[tuple[str, str]]:
         acc = []
         if self.kernel_terms:
-            acc.append(("num", f"tl.zeros([{rows}, BV], dtype=tl.float32)"))
+            acc.append(("num", f"tl.full([{rows}, BV], 0.0, tl.float32)"))
         if self.norm:
-            acc.append(("den", f"tl.zeros([{rows}], dtype=tl.float32)"))
+            acc.append(("den", f"tl.full([{rows}], 0.0, tl.float32)"))
         if self.local == "softmax":
             acc += [("m_i", f"tl.full([{rows}], float(\"-inf\"), tl.float32)"),
-                    ("l_i", f"tl.zeros([{rows}], dtype=tl.float32)"),
-                    ("sm", f"tl.zeros([{rows}, BV], dtype=tl.float32)")]
+                    ("l_i", f"tl.full([{rows}], 0.0, tl.float32)"),
+                    ("sm", f"tl.full([{rows}, BV], 0.0, tl.float32)")]
         return acc
 
     def acc_names(self, rows: str = "BC") -> str:
@@ -153,6 +153,7 @@ class _Gen:
         for name, value in self.p.constants().items():
             s(f"{name} = tl.constexpr({value})")
         s(f"EPS = tl.constexpr({DENOMINATOR_EPS!r})", "")
+        self.reductions()
         self.phi()
         if self.kernel_terms or self.local == "softmax":
             self.kernel_tile()
@@ -165,11 +166,20 @@ class _Gen:
         self.recurrent()
         return s.text()
 
+    def reductions(self) -> None:
+        """Sum and max over an axis as tl.reduce with the standard library's combine functions: tl.sum / tl.max
+        are themselves jit functions built at `import triton`, so they fail under TRITON_INTERPRET=1 set after
+        that import; tl.reduce is a builtin, and the interpreter still takes its numpy fast path for these."""
+        self.src("@triton.jit", "def _rsum(x, axis: tl.constexpr):",
+                 "    return tl.reduce(x, axis, tl.standard._sum_combine)", "", "",
+                 "@triton.jit", "def _rmax(x, axis: tl.constexpr):",
+                 "    return tl.reduce(x, axis, tl.standard._elementwise_max)", "", "")
+
     def phi(self) -> None:
         """Feature map prologue: phi(x) for rows x [R, BK]; padded columns come out zero."""
         body = {
             "identity": "return x * sqrt_scale",
-            "l2": "return x / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), 1e-12)[:, None]",
+            "l2": "return x / tl.maximum(tl.sqrt(_rsum(x * x, 1)), 1e-12)[:, None]",
             "elu1": "return tl.where(cols[None, :], tl.where(x > 0, x, tl.exp(x) - 1.0) + 1.0, 0.0)",
             "relu": "return tl.maximum(x, 0.0)",
         }[self.p.spec.feature_map]
@@ -186,7 +196,7 @@ class _Gen:
         if self.groups:
             s("same = (qpos[:, None] // G) == (kpos[None, :] // G)")
         if self.kernel_terms:
-            s(f"a = {self.dot('fq', 'tl.trans(fk)')}", "w = tl.zeros_like(a)")
+            s(f"a = {self.dot('fq', 'tl.trans(fk)')}", "w = tl.full(a.shape, 0.0, tl.float32)")
             if self.glob == "inclusive":
                 s("w += tl.where(vis & fresh[None, :], a, 0.0)")
             if self.glob == "grouped":
@@ -195,16 +205,16 @@ class _Gen:
                 s("r = tl.maximum(a, 0.0)", "w += tl.where(vis & kern[None, :] & same, r * r, 0.0)")
             s(f"num += {self.dot('w', 'vt')}")
             if self.norm:
-                s("den += tl.sum(w, 1)")
+                s("den += _rsum(w, 1)")
         if self.local == "softmax":
             s(f"sc = {self.dot('qr', 'tl.trans(kr)')} * scale",
               "ok = vis & kern[None, :] & same",
               "sc = tl.where(ok, sc, float(\"-inf\"))",
-              "m_new = tl.maximum(m_i, tl.max(sc, 1))",
+              "m_new = tl.maximum(m_i, _rmax(sc, 1))",
               "m_use = tl.where(m_new == float(\"-inf\"), 0.0, m_new)",
               "pr = tl.where(ok, tl.exp(sc - m_use[:, None]), 0.0)",
               "corr = tl.exp(m_i - m_use)",
-              "l_i = l_i * corr + tl.sum(pr, 1)",
+              "l_i = l_i * corr + _rsum(pr, 1)",
               f"sm = sm * corr[:, None] + {self.dot('pr', 'vt')}",
               "m_i = m_new")
         s(f"return {accs}")
@@ -230,7 +240,7 @@ class _Gen:
             gain = "alpha * " if self.glob == "grouped" else ""
             s(f"num += {gain}{self.dot('fq', 'S')}")
             if self.norm:
-                s(f"den += {gain}tl.sum(fq * z[None, :], 1)")
+                s(f"den += {gain}_rsum(fq * z[None, :], 1)")
         if self.kernel_terms:
             s("out = num / tl.maximum(den, EPS)[:, None]" if self.norm else "out = num")
         else:
@@ -282,7 +292,7 @@ class _Gen:
             s(f"{accs} = _kernel_tile(fq, qr, qpos, vis, fk, kr, kpos, vt, kern, new, alpha, scale, {accs})")
         s(f"out = _finish(fq, S, z, alpha, {accs})")
         if self.conv:
-            s("cv = tl.zeros([BC, BV], dtype=tl.float32)",
+            s("cv = tl.full([BC, BV], 0.0, tl.float32)",
               "for m in tl.static_range(NPREV + 1):")
             s.level += 1
             s("cpos = p - m * C + rows",
@@ -366,12 +376,12 @@ class _Gen:
             s("done = p + C <= end",
               f"S += tl.where(done, {self.dot('tl.trans(fk)', 'vt')}, 0.0)")
             if self.norm:
-                s("z += tl.where(done, tl.sum(fk, 0), 0.0)")
+                s("z += tl.where(done, _rsum(fk, 0), 0.0)")
         if self.glob == "inclusive":
             s("fresh = tl.where(new[:, None], fk, 0.0)",
               f"S += {self.dot('tl.trans(fresh)', 'vt')}")
             if self.norm:
-                s("z += tl.sum(fresh, 0)")
+                s("z += _rsum(fresh, 0)")
         s.level -= 1
         s("if h % hg == 0:")
         s.level += 1
@@ -458,7 +468,7 @@ class _Gen:
               "wpos = r0 - HALF + wr",
               "wok = wr < HALF",
               "wv = tl.load(winb + wr[:, None] * DV + cv_[None, :], mask=wok[:, None] & cmv[None, :], other=0.0)",
-              "cv = tl.zeros([BT, BV], dtype=tl.float32)",
+              "cv = tl.full([BT, BV], 0.0, tl.float32)",
               "cv = _conv_tile(qpos, wpos[None, :] < qpos[:, None], wpos, wv, wok, wrow, cv)",
               "cv = _conv_tile(qpos, anc, qpos, vt, ok, wrow, cv)",
               "out += cv")
@@ -488,18 +498,18 @@ class _Gen:
           "fk = tl.where(real, _phi(kr, cmk, sqrt_scale), 0.0)")
         kernel = self.kernel_terms or self.local == "softmax"
         if kernel:
-            s("num = tl.zeros([1, BV], dtype=tl.float32)")
+            s("num = tl.full([1, BV], 0.0, tl.float32)")
             if self.norm:
-                s("den = tl.zeros([1], dtype=tl.float32)")
+                s("den = tl.full([1], 0.0, tl.float32)")
         if self.glob == "inclusive":
             s("S += tl.trans(fk) * vr")
             if self.norm:
-                s("z += tl.sum(fk, 0)")
+                s("z += _rsum(fk, 0)")
         if self.glob != "none":
             gain = "alpha * " if self.glob == "grouped" else ""
-            s(f"num += {gain}tl.sum(tl.trans(fq) * S, 0)[None, :]")
+            s(f"num += {gain}_rsum(tl.trans(fq) * S, 0)[None, :]")
             if self.norm:
-                s(f"den += {gain}tl.sum(fq * z[None, :], 1)")
+                s(f"den += {gain}_rsum(fq * z[None, :], 1)")
         if self.groups:
             s("grow = tl.arange(0, BG)",
               "off = r0 % G",
@@ -513,26 +523,26 @@ class _Gen:
             if self.local == "relu2" or self.glob == "grouped":
                 s("fb = tl.where(valid[:, None], _phi(bk, cmk, sqrt_scale), 0.0)")
             if self.local == "relu2":
-                s("d = tl.sum(fb * fq, 1)",
+                s("d = _rsum(fb * fq, 1)",
                   "w = tl.where(valid, tl.maximum(d, 0.0) * tl.maximum(d, 0.0), 0.0)",
-                  "num += tl.sum(w[:, None] * bv, 0)[None, :]")
+                  "num += _rsum(w[:, None] * bv, 0)[None, :]")
                 if self.norm:
-                    s("den += tl.sum(w, 0)")
+                    s("den += _rsum(w, 0)")
         if kernel:
             s("out = num / tl.maximum(den, EPS)[:, None]" if self.norm else "out = num")
         if self.local == "softmax":
-            s("sc = tl.sum(bk * qr, 1) * scale",
+            s("sc = _rsum(bk * qr, 1) * scale",
               "sc = tl.where(valid, sc, float(\"-inf\"))",
-              "mx = tl.max(sc, 0)",
+              "mx = _rmax(sc, 0)",
               "pr = tl.where(valid, tl.exp(sc - tl.where(mx == float(\"-inf\"), 0.0, mx)), 0.0)",
-              "tot = tl.sum(pr, 0)",
-              "out += tl.where(tot > 0, tl.sum(pr[:, None] * bv, 0) / tl.where(tot > 0, tot, 1.0), 0.0)[None, :]")
+              "tot = _rsum(pr, 0)",
+              "out += tl.where(tot > 0, _rsum(pr[:, None] * bv, 0) / tl.where(tot > 0, tot, 1.0), 0.0)[None, :]")
         if self.conv:
             s("wr = tl.arange(0, BW)",
               "wok = wr < HALF",
               "win = tl.load(winb + wr[:, None] * DV + cv_[None, :], mask=wok[:, None] & cmv[None, :], other=0.0)",
               "taps = tl.load(wrow + wr, mask=wok, other=0.0)",
-              "conv = tl.sum(taps[:, None] * win, 0)[None, :] + tl.load(wrow + HALF) * vr")
+              "conv = _rsum(taps[:, None] * win, 0)[None, :] + tl.load(wrow + HALF) * vr")
             s("out = conv" if not kernel else "out += conv")
         s("tl.store(ob + one[:, None] * DV + cv_[None, :], out.to(o_ptr.dtype.element_ty), mask=cmv[None, :])")
         s("if h % hg == 0:")
@@ -542,7 +552,7 @@ class _Gen:
             if self.glob == "grouped":
                 s(f"S += tl.where(full, {self.dot('tl.trans(fb)', 'bv')}, 0.0)")
                 if self.norm:
-                    s("z += tl.where(full, tl.sum(fb, 0), 0.0)")
+                    s("z += tl.where(full, _rsum(fb, 0), 0.0)")
             s("tl.store(gk_out + sh * G * DK + grow[:, None] * DK + ck[None, :], tl.where(full, 0.0, bk),"
               " mask=(grow[:, None] < G) & kfirst[None, :])",
               "tl.store(gv_out + sh * G * DV + grow[:, None] * DV + cv_[None, :], tl.where(full, 0.0, bv),"

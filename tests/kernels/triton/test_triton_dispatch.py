@@ -1,0 +1,108 @@
+"""Which implementation serves a call, the `lincompile::attention` op through the Triton kernels (numbers,
+gradients, torch.library.opcheck), the reference fallbacks, and the generated-module cache."""
+import pytest
+import torch
+
+import lincompile.kernels.ops  # noqa: F401
+from lincompile.kernels import registry
+from lincompile.kernels.linear_attention import reference
+from lincompile.kernels.triton import compile as gen
+from lincompile.kernels.triton import launch
+from lincompile.kernels.triton.codegen import FORMS, Plan, generate, unsupported_reason
+from lincompile.methods.spec import get_method, methods
+
+op = torch.ops.lincompile.attention
+CPU = torch.device("cpu")
+
+
+def test_registry_modes(monkeypatch):
+    augmented = get_method("augmented")
+    assert registry.select(augmented, CPU).name == "triton"
+    for name in methods():
+        spec = get_method(name)
+        expected = "triton" if unsupported_reason(spec) is None else "reference"
+        assert registry.select(spec, CPU).name == expected, name
+    monkeypatch.setenv("LINCOMPILE_KERNELS", "reference")
+    assert registry.select(augmented, CPU).name == "reference"
+    monkeypatch.setenv("LINCOMPILE_KERNELS", "auto")
+    assert registry.select(augmented, CPU).name == "reference"  # CPU without forcing: the reference
+    monkeypatch.setenv("LINCOMPILE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="LINCOMPILE_KERNELS"):
+        registry.select(augmented, CPU)
+    monkeypatch.setenv("LINCOMPILE_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        registry.select(augmented, CPU)
+
+
+def test_unsupported_reasons_are_named():
+    reasons = {name: unsupported_reason(get_method(name)) for name in methods()}
+    assert reasons["augmented"] is None and reasons["linear-elu"] is None
+    assert "kind='softmax'" in reasons["softmax"] and "decay" in reasons["retnet"]
+    assert "performer" in reasons["performer"] and "yoso" in reasons["yoso"]
+    assert "centered" in reasons["augmented-centered"]
+    with pytest.raises(ValueError, match="cannot generate"):
+        Plan(get_method("hedgehog"), 8, 8, "float32", 16)
+
+
+def _op_case(kit, requires_grad=False):
+    spec = kit.spec_of("augmented")
+    c = kit.make(spec, 7, seed=21, pad=2)
+    q, k, v = kit.cast([c.q, c.k, c.v])
+    params = [p.requires_grad_(requires_grad) for p in kit.cast(c.params)]
+    return spec, q, k, v, c.mask, params
+
+
+def test_op_runs_the_generated_kernels(kit):
+    spec, q, k, v, mask, params = _op_case(kit)
+    out, state = op(q, k, v, mask, None, [], params, spec.to_json(), kit.SCALE, True)
+    direct, direct_state = launch.attention(q, k, v, mask, None, [], params, spec, kit.SCALE, True)
+    assert torch.equal(out, direct) and all(torch.equal(a, b) for a, b in zip(state, direct_state))
+    ref, _ = reference.attention(*kit.cast([q, k, v], torch.float64), mask, None, [], kit.cast(params, torch.float64),
+                                 spec, kit.SCALE, True)
+    assert kit.rel(out, ref) <= 1e-5
+
+
+def test_op_gradients_recompute_through_the_reference(kit, allow_fallback):
+    """Forward by the kernels; backward recomputes through the reference (gradients within 1e-4)."""
+    spec, q, k, v, mask, params = _op_case(kit, requires_grad=True)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out, _ = op(q, k, v, mask, None, [], params, spec.to_json(), kit.SCALE, True)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, *params))
+    exact = [t.detach().double().requires_grad_(True) for t in (q, k, v, *params)]
+    ref, _ = reference.attention(*exact[:3], mask, None, [], exact[3:], spec, kit.SCALE, True)
+    ref_grads = torch.autograd.grad(ref.square().sum(), exact)
+    for g, r in zip(grads, ref_grads):
+        assert kit.rel(g, r) <= 1e-4
+
+
+def test_opcheck_with_the_triton_implementation(kit, allow_fallback):
+    """One row, one KV head, 5 tokens (the interpreter runs every program in Python); backward: reference."""
+    spec = kit.spec_of("augmented")
+    c = kit.make(spec, 5, seed=22, heads=2, kv_heads=1)
+    q, k, v = (t[:1] for t in kit.cast([c.q, c.k, c.v]))
+    mask = c.mask[:1].clone()
+    mask[0, 0] = False
+    params = kit.cast(c.params)
+    state = reference.init_state(spec, 1, 1, 8, kit.DV, "cpu", torch.float32)
+    q.requires_grad_(True)
+    torch.library.opcheck(op.default, (q, k, v, mask, None, state, params, spec.to_json(), kit.SCALE, True))
+
+
+def test_interior_padding_is_served_by_the_reference(kit, allow_fallback):
+    spec, q, k, v, mask, params = _op_case(kit)
+    mask[0, 4] = False
+    out, state = launch.attention(q, k, v, mask, None, [], params, spec, kit.SCALE, True)
+    ref, ref_state = reference.attention(q, k, v, mask, None, [], params, spec, kit.SCALE, True)
+    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(state, ref_state))
+
+
+def test_generated_modules_are_cached_per_plan():
+    plan = Plan(get_method("augmented"), 8, 6, "float32", 16)
+    assert generate(plan) == generate(plan)
+    assert gen.load(plan) is gen.load(Plan(get_method("augmented"), 8, 6, "float32", 16))
+    assert gen.load(plan) is not gen.load(Plan(get_method("augmented"), 8, 6, "bfloat16", 16))
+    module = gen.load(plan)
+    assert all(hasattr(module, name) for name in ("chunked_fwd", "verify_fwd", "recurrent"))
+    assert set(FORMS) <= {"chunked_fwd", "verify", "recurrent"}

@@ -494,15 +494,14 @@ class _Gen:
           ".to(tl.float32)",
           "vr = tl.where(real, tl.load(vb + one[:, None] * DV + cv_[None, :], mask=cmv[None, :], other=0.0), 0.0)"
           ".to(tl.float32)",
-          "fq = _phi(qr, cmk, sqrt_scale)",
-          "fk = tl.where(real, _phi(kr, cmk, sqrt_scale), 0.0)")
+          "fq = _phi(qr, cmk, sqrt_scale)")
         kernel = self.kernel_terms or self.local == "softmax"
         if kernel:
             s("num = tl.full([1, BV], 0.0, tl.float32)")
             if self.norm:
                 s("den = tl.full([1], 0.0, tl.float32)")
         if self.glob == "inclusive":
-            s("S += tl.trans(fk) * vr")
+            s("fk = tl.where(real, _phi(kr, cmk, sqrt_scale), 0.0)", "S += tl.trans(fk) * vr")
             if self.norm:
                 s("z += _rsum(fk, 0)")
         if self.glob != "none":

@@ -1,0 +1,97 @@
+"""`lincompile kernels`: which methods have generated Triton kernels, and their source.
+
+Without options: one row per registered method, its generated forms or why the reference serves it.
+`--print-source METHOD --form FORM` prints the generated kernel of that form with the helpers it calls (the
+module constants first), for one shape class (`--head-dim`, `--v-head-dim`, `--dtype`). Generating source needs
+no GPU and no Triton. Errors raise; `lincompile.cli.main` turns them into one line.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+from typing import Any
+
+from lincompile.kernels.triton.codegen import DTYPES, Plan, generate, unsupported_reason
+from lincompile.methods.spec import get_method, methods
+
+PROG = "lincompile"
+#: CLI form name -> kernel function in the generated module (None: not generated).
+KERNELS = {"chunked_fwd": "chunked_fwd", "recurrent": "recurrent", "verify": "verify_fwd", "chunked_bwd": None}
+#: What serves a form that has no generated kernel.
+NOT_GENERATED = {"chunked_bwd": "autograd recomputes the forward through the PyTorch reference"}
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `kernels` on the main parser's subparsers."""
+    summary = "list the generated Triton kernels per method, or print one's source"
+    parser = subparsers.add_parser(
+        "kernels", help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"{summary}\n\nKernels are generated from each method's MethodSpec (feature map, normalizer,\n"
+                    "local and global branches, causal conv fused) per head dims and dtype; methods the generator\n"
+                    "cannot express run on the PyTorch reference.",
+        epilog=f"example:\n  {PROG} kernels --print-source augmented --form chunked_fwd --head-dim 128")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on error")
+    parser.add_argument("--print-source", metavar="METHOD", default=None, help="print a generated kernel's source")
+    parser.add_argument("--form", choices=tuple(KERNELS), default="chunked_fwd", help="which kernel to print")
+    parser.add_argument("--head-dim", type=int, default=64, help="q/k head dim of the shape class (default 64)")
+    parser.add_argument("--v-head-dim", type=int, default=None, help="v head dim (default: --head-dim)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="input dtype of the shape class")
+    parser.add_argument("--json", action="store_true", help="print the listing as one JSON list")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def listing() -> list[dict[str, Any]]:
+    """One entry per registered method: its generated forms, or the reason the reference serves it."""
+    rows = []
+    for name in methods():
+        reason = unsupported_reason(get_method(name))
+        forms = [form for form, kernel in KERNELS.items() if kernel] if reason is None else []
+        rows.append({"method": name, "generated": forms, "reference": reason or NOT_GENERATED["chunked_bwd"]})
+    return rows
+
+
+def kernel_source(method: str, form: str, head_dim: int = 64, v_head_dim: int | None = None,
+                  dtype: str = "float32") -> str:
+    """The module constants and the `form` kernel with every generated helper it calls, in module order."""
+    spec = get_method(method)
+    kernel = KERNELS[form]
+    if kernel is None:
+        raise ValueError(f"no generated {form} kernel: {NOT_GENERATED[form]}")
+    dv = v_head_dim or head_dim
+    source = generate(Plan(spec, head_dim, dv, dtype, max(16, min(64, 1 << (dv - 1).bit_length()))))
+    tree = ast.parse(source)
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    needed, todo = set(), [kernel]
+    while todo:
+        name = todo.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        todo += [n.id for n in ast.walk(functions[name]) if isinstance(n, ast.Name) and n.id in functions]
+    lines = source.splitlines()
+    header: list[str] = []
+    blocks: list[str] = []
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef):
+            header += lines[node.lineno - 1:node.end_lineno]
+        elif node.name in needed:
+            blocks.append("\n".join(lines[node.decorator_list[0].lineno - 1:node.end_lineno]))
+    return "\n\n\n".join(["\n".join(header)] + blocks) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the listing or one kernel's source; 0 on success."""
+    if args.print_source:
+        print(kernel_source(args.print_source, args.form, args.head_dim, args.v_head_dim, args.dtype), end="")
+        return 0
+    rows = listing()
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    width = max(len(row["method"]) for row in rows)
+    for row in rows:
+        status = ", ".join(row["generated"]) if row["generated"] else "-"
+        print(f"{row['method']:<{width}}  generated: {status:<30}  reference: {row['reference']}")
+    return 0

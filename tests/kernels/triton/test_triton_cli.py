@@ -1,0 +1,43 @@
+"""`lincompile kernels`: the listing names every method's generated forms or why the reference serves it, and
+`--print-source` prints a self-contained kernel (constants, helpers it calls, the kernel)."""
+import argparse
+import ast
+import json
+
+import pytest
+
+from lincompile.cli import kernels_cmd
+from lincompile.methods.spec import methods
+
+
+def _run(argv, capsys):
+    parser = argparse.ArgumentParser(prog="lincompile")
+    kernels_cmd.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["kernels", *argv])
+    assert args.func(args) == 0
+    return capsys.readouterr().out
+
+
+def test_listing(capsys):
+    rows = json.loads(_run(["--json"], capsys))
+    assert [r["method"] for r in rows] == methods()
+    by_name = {r["method"]: r for r in rows}
+    assert by_name["augmented"]["generated"] == ["chunked_fwd", "recurrent", "verify"]
+    assert by_name["softmax"]["generated"] == [] and "kind='softmax'" in by_name["softmax"]["reference"]
+    assert "augmented" in _run([], capsys)
+
+
+@pytest.mark.parametrize("form,kernel", [("chunked_fwd", "chunked_fwd"), ("recurrent", "recurrent"),
+                                         ("verify", "verify_fwd")])
+def test_print_source(form, kernel, capsys):
+    source = _run(["--print-source", "augmented", "--form", form, "--head-dim", "128"], capsys)
+    tree = ast.parse(source)
+    names = [node.name for node in tree.body if isinstance(node, ast.FunctionDef)]
+    assert names[-1] == kernel and "_phi" in names
+    assert "DK = tl.constexpr(128)" in source and "HALF = tl.constexpr(31)" in source
+    assert all(other not in names for other in {"chunked_fwd", "recurrent", "verify_fwd"} - {kernel})
+
+
+def test_no_generated_backward():
+    with pytest.raises(ValueError, match="recomputes the forward through the PyTorch reference"):
+        kernels_cmd.kernel_source("augmented", "chunked_bwd")

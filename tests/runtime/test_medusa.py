@@ -93,6 +93,18 @@ def test_attach_sets_heads_without_registering_them(tmp_path):
     assert heads.lm_head_weight.data_ptr() == weight.data_ptr()
 
 
+def test_attach_to_a_linearized_model_uses_its_graph_lm_head(tmp_path):
+    import lincompile
+
+    model = tiny_model("llama")
+    linear = lincompile.optimize(model, "augmented")
+    MedusaHeads(MedusaConfig(num_heads=2, hidden_size=64, vocab_size=128),
+                model.get_output_embeddings().weight).save(tmp_path / "m")
+    heads = attach(linear, tmp_path / "m")
+    assert linear.medusa is heads and not any(n.startswith("medusa") for n in linear.state_dict())
+    assert heads.lm_head_weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+
+
 @pytest.mark.parametrize("name", sorted(TREES))
 def test_named_trees_are_topological_and_prefix_closed(name):
     spec = tree_spec(name, 4)
@@ -139,13 +151,13 @@ def test_sample_chain_draws_each_head_from_its_distribution():
     logits = torch.randn(3, 6, generator=torch.Generator().manual_seed(3))
     config = SamplingConfig(do_sample=True, temperature=0.7, top_k=4)
     gen = torch.Generator().manual_seed(0)
-    draws = torch.stack([sample_chain(logits, config, gen)[0] for _ in range(4000)])
+    draws = torch.stack([sample_chain(logits, config, gen)[0] for _ in range(1000)])
     tokens, q = sample_chain(logits, config, gen)
     assert tokens.shape == (3,) and q.shape == (3, 6) and q.dtype == torch.float32
     torch.testing.assert_close(q.sum(-1), torch.ones(3))
     for i in range(3):
         freq = torch.bincount(draws[:, i], minlength=6).float() / len(draws)
-        assert (freq - q[i]).abs().max() < 0.04
+        assert (freq - q[i]).abs().max() < 0.07  # > 4 sigma at 1000 draws
         assert (freq[q[i] == 0] == 0).all()
     greedy, one_hot = sample_chain(logits, SamplingConfig())
     assert greedy.tolist() == logits.argmax(-1).tolist() and (one_hot.sum(-1) == 1).all()

@@ -85,13 +85,20 @@ def test_distilled_draft_agrees_more_and_loads_back(tiny_dir):
     assert (result.saved / "tokenizer.json").is_file()
 
 
-def test_draft_of_a_linearized_directory_inherits_its_layers(tiny_dir):
+@pytest.fixture(scope="module")
+def lin_dir(tiny_dir):
+    """(a saved 3-layer augmented model with "trained" method parameters and a tokenizer, that model)."""
     target = lincompile.optimize(tiny_model("llama", seed=2, num_layers=3), "augmented")
     with torch.no_grad():
         for name, p in target.graph.named_parameters():
             if name.startswith("lincompile_params"):
-                p.add_(0.1)  # "trained" method parameters
+                p.add_(0.1)
     target.save_pretrained(str(tiny_dir / "lin"), _char_tokenizer())
+    return tiny_dir / "lin", target
+
+
+def test_draft_of_a_linearized_directory_inherits_its_layers(tiny_dir, lin_dir):
+    _, target = lin_dir
     result = make_draft(str(tiny_dir / "lin"), 2, config=DistillConfig(steps=0, block_size=16),
                         heldout=_blocks(2, 16, 4), progress=False)
     draft = result.draft
@@ -134,6 +141,15 @@ def test_train_medusa_command(tiny_dir, capsys):
     assert read_metadata(out)["config"]["num_heads"] == 2
     weight = torch.zeros(128, 64)
     assert MedusaHeads.load(out, weight).config.hidden_size == 64
+
+
+def test_train_medusa_command_on_a_linearized_directory(tiny_dir, lin_dir, capsys):
+    _run("train-medusa", str(lin_dir[0]), "--out", str(tiny_dir / "lin-medusa"), "--heads", "2", "--steps", "2",
+         "--tokens", "256", "--heldout-tokens", "0", "--block-size", "32", "--data", str(tiny_dir / "corpus.txt"))
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["accuracy"] is None
+    with pytest.raises(ValueError, match="already linearized with augmented"):
+        _run("train-medusa", str(lin_dir[0]), "--out", str(tiny_dir / "x"), "--method", "linear-elu")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -48,6 +48,20 @@ def test_features_are_the_targets_hidden_states_and_argmax(model):
     assert precompute_features(model, blocks, progress=False).hidden.dtype == torch.float16
 
 
+def test_linearized_target_features_match_the_original(model):
+    import lincompile
+    from lincompile.train.medusa import as_target
+
+    linear = lincompile.optimize(model, "softmax")  # exact: its hidden states are the original's
+    target = as_target(linear)
+    assert target.lm_head_weight.data_ptr() == model.lm_head.weight.data_ptr()
+    blocks = _blocks(2, 70, 4)  # longer than one verify window of hidden-state outputs
+    ours = precompute_features(linear, blocks, dtype=torch.float32, progress=False)
+    reference = precompute_features(model, blocks, dtype=torch.float32, progress=False)
+    torch.testing.assert_close(ours.hidden, reference.hidden, rtol=1e-4, atol=1e-4)
+    assert (ours.greedy == reference.greedy).float().mean() > 0.99
+
+
 def test_untrained_heads_score_like_the_shifted_base_prediction(model):
     features = precompute_features(model, _blocks(4, 16, 1), dtype=torch.float32, progress=False)
     heads = MedusaHeads(MedusaConfig(num_heads=2, hidden_size=64, vocab_size=128), hf_target(model).lm_head_weight)

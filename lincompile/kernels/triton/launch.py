@@ -28,6 +28,9 @@ from lincompile.methods.spec import MethodSpec
 
 #: Tests set this to fill every output with NaN before a launch, so an element a kernel misses shows up.
 POISON_OUTPUTS = False
+#: Software-pipelining stages of chunked_fwd: the default 3 needs 368 KB of shared memory on sm_90 at d=128
+#: (bf16; more in fp32), beyond an H100/H200's 228 KB; one stage needs 112 KB (cross-compiled, not yet timed).
+CHUNKED_STAGES = 1
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _MODES = ("auto", "triton", "reference")
 
@@ -153,7 +156,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Te
                                parts.conv_weight, scale, math.sqrt(scale), heads, kv_heads)
     else:
         module.chunked_fwd[grid](q, k, v, out, parts.r0, pad, *parts.state_args(new), parts.alpha,
-                                 parts.conv_weight, scale, math.sqrt(scale), t, heads, kv_heads)
+                                 parts.conv_weight, scale, math.sqrt(scale), t, heads, kv_heads,
+                                 num_stages=CHUNKED_STAGES)
     if spec.uses_positions:
         new["position"] = parts.r0 + (t - pad.to(torch.int64))
     return out, pack_state(spec, new)

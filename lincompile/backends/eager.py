@@ -6,14 +6,14 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
 from lincompile.config import LinearizeConfig
 from lincompile.kernels.linear_attention.reference import init_state
-from lincompile.methods.spec import get_method
+from lincompile.methods.spec import MethodSpec
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT, RewrittenSite
 from lincompile.runtime.state import RecurrentState
@@ -21,8 +21,11 @@ from lincompile.runtime.state import RecurrentState
 
 @dataclass
 class LinearizedOutput:
+    """`extras`: the graph's other outputs (`draft.{i}.keys|values`, `hidden_states`; see passes.linearize)."""
+
     logits: torch.Tensor
     past_state: RecurrentState | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class LinearizedModel(torch.nn.Module):
@@ -57,7 +60,7 @@ class LinearizedModel(torch.nn.Module):
             if not r.state_inputs:
                 continue
             site = self._site_by_index[r.index]
-            spec = get_method(r.method)
+            spec = MethodSpec.from_json(r.node.args[7])  # the op's own spec (custom specs have no registry name)
             parts = init_state(spec, batch, site.kv_heads, site.head_dim, site.v_head_dim, device, dtype)
             tensors.update(zip(r.state_inputs, parts))
         return RecurrentState(tensors, 0)
@@ -88,14 +91,13 @@ class LinearizedModel(torch.nn.Module):
         if missing:
             raise ValueError(f"missing inputs {missing}; this model takes {self.input_names}")
         outputs = dict(zip(self.output_names, self.graph(*[values[n] for n in self.input_names])))
-        logits = outputs[self.output_names[0]]
+        logits = outputs.pop(self.output_names[0])
+        present = {name: outputs.pop(name) for name in list(outputs) if name.startswith(STATE_OUTPUT + ".")}
         new_state = None
         if use_cache and self.supports_state:
             new_state = RecurrentState(
-                {name.replace(STATE_OUTPUT, STATE_INPUT, 1): t for name, t in outputs.items()
-                 if name.startswith(STATE_OUTPUT + ".")},
-                state.length + tokens)
-        return LinearizedOutput(logits, new_state)
+                {name.replace(STATE_OUTPUT, STATE_INPUT, 1): t for name, t in present.items()}, state.length + tokens)
+        return LinearizedOutput(logits, new_state, outputs)
 
     def save_pretrained(self, directory: str, tokenizer: object | None = None) -> str:
         """Write this model atomically to `directory`; `lincompile.load(directory)` reads it back."""
@@ -103,8 +105,16 @@ class LinearizedModel(torch.nn.Module):
 
         return str(save(self, directory, tokenizer))
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs: object) -> torch.Tensor:
-        """Autoregressive generation through the recurrent state; see `lincompile.runtime.generate`."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, draft: object = None,
+                 num_draft_tokens: int = 4, **kwargs: object) -> torch.Tensor:
+        """Autoregressive generation through the recurrent state (`lincompile.runtime.generate`); with `draft`
+        ("prompt-lookup", "medusa", MedusaHeads or a draft model) speculative decoding
+        (`lincompile.runtime.speculative`), which emits the same tokens greedily and the same distribution
+        when sampling."""
+        if draft is not None:
+            from lincompile.runtime.speculative import speculative_generate
+
+            return speculative_generate(self, input_ids, max_new_tokens, draft, num_draft_tokens, **kwargs)[0]
         from lincompile.runtime.generate import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)

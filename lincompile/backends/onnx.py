@@ -13,12 +13,13 @@ and then `ep.run_decompositions(DECOMPOSITIONS)` gives the same graph but costs 
 instead of 32 s on SmolLM2.) Limit: the reference must be traceable, i.e. no Python branch on tensor values.
 
 Invariant: the target directory is either the complete previous content or the complete new export
-(model.onnx, lincompile_onnx.json, tokenizer files), never a mix; on failure nothing is left behind.
+(model.onnx, lincompile_onnx.json, lincompile_params.safetensors, tokenizer files), never a mix; on failure nothing is left behind.
 """
 from __future__ import annotations
 
 import copy
 import json
+import operator
 import os
 import re
 from pathlib import Path
@@ -253,6 +254,7 @@ def _metadata(model: LinearizedModel, ir_model: Any, tokenizer: object | None, o
         sites.append({"index": r.index, "path": r.path, "layer": int(layer.group(1)) if layer else None,
                       "method": r.method, "heads": getattr(site, "heads", None),
                       "kv_heads": getattr(site, "kv_heads", None), "head_dim": getattr(site, "head_dim", None),
+                      "scale": float(r.node.args[8]), "params": [n.target for n in r.node.args[6]],
                       "state_inputs": list(r.state_inputs), "state_outputs": list(r.state_outputs)})
     hf = model.hf_config
     dtype = next(model.parameters()).dtype
@@ -274,6 +276,17 @@ def _metadata(model: LinearizedModel, ir_model: Any, tokenizer: object | None, o
         "pad_token_id": getattr(hf, "pad_token_id", None), "model_type": getattr(hf, "model_type", None),
         "tokenizer": None if tokenizer is None else {"class": type(tokenizer).__name__, "dir": "."},
     }
+
+
+def _write_site_params(model: LinearizedModel, directory: Path) -> None:
+    """Every site's method parameters, which committing a speculative step needs (`runtime.verify`)."""
+    from safetensors.torch import save_file
+
+    from lincompile.runtime.verify import PARAMS_FILE
+
+    tensors = {n.target: operator.attrgetter(n.target)(model.graph).detach().contiguous()
+               for r in model.rewritten for n in r.node.args[6]}
+    save_file(tensors, directory / PARAMS_FILE)
 
 
 def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer: object | None,
@@ -301,6 +314,7 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
     program.save(path, external_data=None)  # external data only past the 2 GB protobuf limit
     onnx.checker.check_model(str(path))  # path form: works with external data too
     meta = _metadata(model, ir_model, tokenizer, version)
+    _write_site_params(model, directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))

@@ -11,7 +11,7 @@ arange(seq); `attention_mask` covers the new tokens (or past + new, then the new
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,8 +27,11 @@ ArrayLike = Any  # torch.Tensor | np.ndarray | OrtValue
 
 @dataclass
 class OrtOutput:
+    """`extras`: the graph's other outputs (`draft.*`, `hidden_states`) as CPU torch tensors."""
+
     logits: torch.Tensor
     past_state: RecurrentState | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def default_providers() -> list[str]:
@@ -144,11 +147,13 @@ class OrtModel:
             binding.bind_output(name, self.device_type, self.device_id)
         self.session.run_with_iobinding(binding)
         outputs = dict(zip(self.output_names, binding.get_outputs()))
-        logits = torch.from_numpy(outputs[self.output_names[0]].numpy())
+        logits = torch.from_numpy(outputs.pop(self.output_names[0]).numpy())
+        present = {name: outputs.pop(name) for name in list(outputs) if name.startswith(STATE_OUTPUT + ".")}
         new_state = RecurrentState(
-            {name.replace(STATE_OUTPUT, STATE_INPUT, 1): value for name, value in outputs.items()
-             if name.startswith(STATE_OUTPUT + ".")}, state.length + tokens)
-        return OrtOutput(logits, new_state if self.meta.get("supports_state", True) else None)
+            {name.replace(STATE_OUTPUT, STATE_INPUT, 1): value for name, value in present.items()},
+            state.length + tokens)
+        extras = {name: torch.from_numpy(value.numpy()) for name, value in outputs.items()}
+        return OrtOutput(logits, new_state if self.meta.get("supports_state", True) else None, extras)
 
     def generate(self, input_ids: ArrayLike, max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
         """Autoregressive generation with the torch path's arguments (`lincompile.runtime.generate`):

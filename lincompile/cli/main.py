@@ -19,6 +19,7 @@ import torch
 from lincompile.api import UnrecognizedAttentionError, example_inputs, run_pipeline
 from lincompile.assets import EMBEDDED_MODELS, load_model
 from lincompile.capture.export import CapturedGraph
+from lincompile.cli import draft_cmd, kernels_cmd
 from lincompile.cli.demo import add_demo_arguments, cmd_demo
 from lincompile.cli.evaluate import add_eval_arguments, cmd_eval
 from lincompile.cli.train_cmd import add_train_arguments, cmd_train
@@ -331,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "onnxruntime and prints perplexity, decode tokens/s and state memory against the KV cache.",
                     f"{PROG} demo --out out/demo")
     add_demo_arguments(p)
+    draft_cmd.add_parsers(sub)
+    kernels_cmd.add_parser(sub)
     return parser
 
 

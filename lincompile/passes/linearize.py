@@ -4,6 +4,12 @@ Sites picked by the config get its method; the others (a hybrid) get exact `soft
 Causal self-attention sites become stateful: the graph gains inputs `past_key_values.{i}.{part}` and outputs
 `present.{i}.{part}` (i = site index, parts from `MethodSpec.state_parts`). `fuel` stops rewriting
 after that many sites; the rest keep their original nodes (for bisecting a bad rewrite).
+
+For speculative decoding a stateful graph also outputs, for the last `VERIFY_WINDOW` tokens of a call,
+`draft.{i}.keys` / `draft.{i}.values` (the op's k and v, after RoPE) and `hidden_states` (the input of
+the final LM-head linear, when there is one). These always hold VERIFY_WINDOW tokens, right-aligned: a call
+of T < VERIFY_WINDOW tokens has its tokens in the last T entries. `kernels.linear_attention.reference.commit` absorbs an accepted
+prefix of a verified chain from these keys and values, so rejected drafts never need a rerun of the model.
 """
 from __future__ import annotations
 
@@ -42,6 +48,10 @@ class UnsupportedSiteError(RuntimeError):
 #: Interface names of the state (DESIGN.md section 6); graph placeholders use "_" for ".".
 STATE_INPUT = "past_key_values"
 STATE_OUTPUT = "present"
+DRAFT_OUTPUT = "draft"
+HIDDEN_OUTPUT = "hidden_states"
+#: A call's last this-many tokens get `draft.*` and `hidden_states` outputs: the most tokens one verify may score.
+VERIFY_WINDOW = 64
 
 
 def state_name(prefix: str, site: int, part: str) -> str:
@@ -120,14 +130,41 @@ def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx
     call.meta["nn_module_stack"] = match.output.meta.get("nn_module_stack", {})
     match.output.replace_all_uses_with(result)
     out_names: list[str] = []
+    draft_names: list[str] = []
     if stateful:
         with graph.inserting_before(output):
             parts = [graph.call_function(operator.getitem, (new_state, j)) for j in range(len(state_in))]
+            parts += [_last_tokens(graph, match.k, 2), _last_tokens(graph, match.v, 2)]
         output.args = (tuple(output.args[0]) + tuple(parts),)
         out_names = [state_name(STATE_OUTPUT, site.index, p) for p in spec.state_parts()]
+        draft_names = [state_name(DRAFT_OUTPUT, site.index, p) for p in ("keys", "values")]
     ctx.captured.input_names.extend(in_names)
-    ctx.captured.output_names.extend(out_names)
+    ctx.captured.output_names.extend(out_names + draft_names)
     return RewrittenSite(site.index, site.path, spec.name, tuple(in_names), tuple(out_names), call)
+
+
+def _last_tokens(graph: fx.Graph, node: fx.Node, dim: int) -> fx.Node:
+    """The last VERIFY_WINDOW entries of `node` along `dim`, always VERIFY_WINDOW long: entry j is token
+    size - VERIFY_WINDOW + j, clamped to token 0 for shorter calls (a fixed shape keeps export guard-free)."""
+    ones = graph.call_function(aten.new_ones.default, (node, [VERIFY_WINDOW]), {"dtype": torch.int64})
+    offset = graph.call_function(operator.sub, (graph.call_function(aten.sym_size.int, (node, dim)),
+                                                VERIFY_WINDOW + 1))
+    index = graph.call_function(aten.add.Tensor, (graph.call_function(aten.cumsum.default, (ones, 0)), offset))
+    index = graph.call_function(aten.clamp_min.default, (index, 0))
+    return graph.call_function(aten.index_select.default, (node, dim, index))
+
+
+def _add_hidden_output(ctx: PassContext, output: fx.Node) -> bool:
+    """Output the LM head's input as `hidden_states` (last VERIFY_WINDOW tokens); False if logits do not come
+    from a linear layer (e.g. an encoder without an LM head)."""
+    logits = output.args[0][0]
+    if not (isinstance(logits, fx.Node) and logits.target == aten.linear.default):
+        return False
+    with ctx.gm.graph.inserting_before(output):
+        hidden = _last_tokens(ctx.gm.graph, logits.args[0], 1)
+    output.args = (tuple(output.args[0]) + (hidden,),)
+    ctx.captured.output_names.append(HIDDEN_OUTPUT)
+    return True
 
 
 @register_pass
@@ -170,6 +207,8 @@ class Linearize(Pass):
                     f"site {site.index} ({site.path}) is causal, but {spec.name} projects along the sequence and "
                     "cannot be causal; use it on bidirectional (encoder) models, or pick another method")
             ctx.rewritten.append(_rewrite(ctx, site, spec, output, self.seed, self.stateful))
+        if self.stateful and any(r.state_inputs for r in ctx.rewritten):
+            _add_hidden_output(ctx, output)
         eliminate_dead_code(ctx.gm)
         notes.insert(0, f"rewrote {len(ctx.rewritten)} of {len(ctx.sites)} sites")
         return notes

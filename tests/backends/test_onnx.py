@@ -10,6 +10,7 @@ import torch
 import lincompile
 from lincompile.backends import onnx as lo
 from lincompile.backends.ort import OrtModel
+from lincompile.runtime.verify import PARAMS_FILE
 from lincompile.testing.tiny import tiny_model
 
 #: name -> (method, layers, method of each site). "augmented" (when registered) adds every linear state part:
@@ -45,7 +46,8 @@ def exported(request, tmp_path_factory):
 
 def test_export_is_checked_standard_onnx_with_its_interface(exported):
     name, model, out, _ = exported
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [lo.META_FILE, lo.MODEL_FILE]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        [lo.META_FILE, lo.MODEL_FILE, PARAMS_FILE])
     onnx.checker.check_model(str(out / lo.MODEL_FILE), full_check=True)
     proto = onnx.load(str(out / lo.MODEL_FILE))
     assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}

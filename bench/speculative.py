@@ -1,0 +1,176 @@
+"""Speculative decoding on held-out Shakespeare: acceptance and wall-clock speed per draft kind and k.
+
+For each draft kind and k, on the same prompts and in the same run: mean accepted draft tokens per target
+call, target calls per new token, and tokens/s against plain (greedy) decoding of the same linearized target.
+Every speculative output is also compared with the plain greedy output (they must be identical).
+
+    python bench/speculative.py                         # prompt lookup (+ the drafts given below), k in 2,4,6,8
+    python bench/speculative.py --draft-model DIR --medusa DIR --runtime ort
+    python bench/speculative.py --quick                 # 2 prompts x 16 tokens, k in 2,4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _prompts(tokenizer: Any, count: int, length: int) -> list[torch.Tensor]:
+    from lincompile.train.data import heldout_blocks
+
+    blocks = heldout_blocks(tokenizer, length, count)
+    return [blocks[i:i + 1] for i in range(blocks.shape[0])]
+
+
+def _target(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(the model to decode with: torch or onnxruntime, the torch LinearizedModel, the tokenizer)."""
+    import lincompile
+    from lincompile.assets import load_model
+    from lincompile.pretrained import linearized
+
+    model, tokenizer = load_model(args.model)
+    linear = (linearized(model, args.method, args.weights) if args.weights != "none"
+              else lincompile.optimize(model, args.method))
+    if args.runtime == "ort":
+        from lincompile.backends.ort import OrtModel
+
+        out = Path(args.out) / f"onnx-{args.method}"
+        linear.export_onnx(str(out), tokenizer=tokenizer)
+        return OrtModel.from_dir(out), linear, tokenizer
+    return linear, linear, tokenizer
+
+
+def _drafts(args: argparse.Namespace, linear: Any) -> dict[str, Any]:
+    import lincompile
+
+    drafts: dict[str, Any] = {"prompt-lookup": "prompt-lookup"}
+    if args.draft_model:
+        drafts["model"] = lincompile.load(args.draft_model)
+    if args.medusa:
+        from lincompile.runtime.medusa import MedusaHeads, lm_head_weight
+
+        drafts["medusa"] = MedusaHeads.load(args.medusa, lm_head_weight(linear))
+    return drafts
+
+
+def _plain(target: Any, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+    from lincompile.runtime.generate import generate
+
+    start = time.perf_counter()
+    out = generate(target, prompt, new_tokens)
+    return out, time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from lincompile.runtime.speculative import speculative_generate
+
+    torch.set_num_threads(args.threads)
+    target, linear, tokenizer = _target(args)
+    prompts = _prompts(tokenizer, args.prompts, args.prompt_tokens)
+    drafts = _drafts(args, linear)
+    _plain(target, prompts[0], 4)  # warm-up
+    plain_outputs, plain_seconds = [], 0.0
+    for prompt in prompts:
+        out, seconds = _plain(target, prompt, args.new_tokens)
+        plain_outputs.append(out)
+        plain_seconds += seconds
+    new_tokens = sum(o.shape[1] - p.shape[1] for o, p in zip(plain_outputs, prompts))
+    plain_rate = new_tokens / plain_seconds
+    rows = []
+    for name, draft in drafts.items():
+        for k in args.ks:
+            seconds, calls, accepted, produced, identical = 0.0, 0, 0, 0, True
+            for prompt, reference in zip(prompts, plain_outputs):
+                out, stats = speculative_generate(target, prompt, args.new_tokens, draft, k)
+                seconds += stats.seconds
+                calls += stats.target_calls
+                accepted += stats.accepted
+                produced += stats.new_tokens
+                identical &= torch.equal(out, reference)
+            rate = produced / seconds
+            rows.append({"draft": name, "k": k, "accepted_per_call": accepted / max(calls, 1),
+                         "calls_per_token": calls / max(produced, 1), "tokens_per_s": rate,
+                         "speedup": rate / plain_rate, "identical_to_greedy": identical})
+            print(f"{name:>14} k={k}: {rows[-1]['accepted_per_call']:.2f} accepted/call, "
+                  f"{rate:.1f} tok/s ({rate / plain_rate:.2f}x), identical={identical}", file=sys.stderr)
+    return {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "runtime": args.runtime,
+            "method": args.method, "weights": args.weights, "prompts": len(prompts),
+            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "plain_tokens_per_s": plain_rate,
+            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+            "rows": rows}
+
+
+def _table(result: dict[str, Any]) -> str:
+    lines = [f"plain greedy decoding: {result['plain_tokens_per_s']:.1f} tok/s ({result['runtime']}, "
+             f"{result['method']}, {result['prompts']} prompts x {result['new_tokens']} new tokens)",
+             f"{'draft':>14} {'k':>3} {'accepted/call':>14} {'calls/token':>12} {'tok/s':>8} {'speedup':>8} "
+             f"{'identical':>9}"]
+    for r in result["rows"]:
+        lines.append(f"{r['draft']:>14} {r['k']:>3} {r['accepted_per_call']:>14.2f} {r['calls_per_token']:>12.2f} "
+                     f"{r['tokens_per_s']:>8.1f} {r['speedup']:>7.2f}x {str(r['identical_to_greedy']):>9}")
+    return "\n".join(lines)
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in dict.fromkeys(r["draft"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["draft"] == name]
+        left.plot([r["k"] for r in rows], [r["accepted_per_call"] for r in rows], marker="o", label=name)
+        right.plot([r["k"] for r in rows], [r["speedup"] for r in rows], marker="o", label=name)
+    left.set(xlabel="drafted tokens k", ylabel="accepted drafts per target call", title="acceptance")
+    right.axhline(1.0, color="gray", linestyle=":")
+    right.set(xlabel="drafted tokens k", ylabel="tokens/s vs plain decoding", title="wall-clock speedup")
+    left.legend()
+    fig.suptitle(f"speculative decoding, {result['method']} SmolLM2 ({result['runtime']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--method", default="augmented")
+    parser.add_argument("--weights", default="default",
+                        help="trained linearization: 'default' (shipped), a directory, or 'none' (untrained)")
+    parser.add_argument("--runtime", choices=("torch", "ort"), default="torch")
+    parser.add_argument("--draft-model", help="a saved lincompile draft model (lincompile make-draft)")
+    parser.add_argument("--medusa", help="Medusa heads directory (lincompile train-medusa)")
+    parser.add_argument("--ks", default="2,4,6,8", help="comma-separated numbers of drafted tokens")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="2 prompts x 16 new tokens, k in 2,4")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompts, args.new_tokens, args.ks = 2, 16, "2,4"
+    args.ks = [int(k) for k in args.ks.split(",")]
+    result = run(args)
+    print(_table(result))
+    print(f"command: {result['command']}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"speculative_{args.runtime}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    _plot(result, out / f"{stem}.png")
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""Draft sources for speculative decoding: prompt lookup, a draft model, Medusa heads on the target.
+
+A draft sees the committed tokens (the last one is the pending token the target has not absorbed yet) and
+proposes up to k tokens after them: a chain, or a tree (`parents`, -1 = child of the pending token). With
+`q` it also gives the distribution each token was drawn from, which speculative sampling needs; without it
+the proposal is deterministic (q is one-hot on the proposed token). After verification the runtime calls
+`accepted(n)`: the first n proposed tokens were kept (a tree reports its accepted path instead).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from lincompile.runtime.sampling import SamplingConfig, probabilities
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """tokens [n]; parents [n] (None: a chain); q [n, vocab] (None: deterministic)."""
+
+    tokens: Tensor
+    parents: Tensor | None = None
+    q: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass(frozen=True)
+class DraftContext:
+    """What a draft may look at: committed tokens [L] (last = pending) and the target's final hidden state
+    [H] at the token before the pending one (the one whose logits gave the pending token), when known."""
+
+    tokens: Tensor
+    hidden: Tensor | None
+
+
+class Draft(Protocol):
+    name: str
+
+    def propose(self, context: DraftContext, k: int, sampling: SamplingConfig,
+                generator: torch.Generator | None) -> Proposal: ...
+
+    def accepted(self, path: list[int]) -> None: ...
+
+
+class PromptLookupDraft:
+    """n-gram prompt lookup: find the latest earlier occurrence of the context's last n tokens (n from
+    `max_ngram` down to `min_ngram`) and propose the tokens that followed it. No model; deterministic."""
+
+    name = "prompt-lookup"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, context: DraftContext, k: int, sampling: SamplingConfig,
+                generator: torch.Generator | None) -> Proposal:
+        tokens = context.tokens.tolist()
+        length = len(tokens)
+        for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
+            tail = tokens[length - n:]
+            for start in range(length - n - 1, -1, -1):
+                if tokens[start:start + n] == tail:
+                    follow = tokens[start + n:start + n + k]
+                    return Proposal(torch.tensor(follow, dtype=torch.long))
+        return Proposal(torch.zeros(0, dtype=torch.long))
+
+    def accepted(self, path: list[int]) -> None:
+        pass
+
+
+def _vocab_of(model: Any) -> int | None:
+    config = getattr(model, "hf_config", None) or getattr(model, "config", None)
+    return getattr(config, "vocab_size", None)
+
+
+class ModelDraft:
+    """A smaller causal LM that shares the tokenizer: a `LinearizedModel` (its state is constant-size, so a
+    snapshot per drafted token makes rollback free) or a Hugging Face model (its KV cache is cropped)."""
+
+    name = "model"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.linear = hasattr(model, "initial_state")
+        self.vocab_size = _vocab_of(model)
+        self._fed = 0  # committed tokens the draft has absorbed: the first _fed of _tokens
+        self._tokens = torch.zeros(0, dtype=torch.long)
+        self._state: Any = None
+        self._snapshots: list[Any] = []
+
+    def _call(self, ids: Tensor, state: Any) -> tuple[Tensor, Any]:
+        ids = ids.to(self._device())
+        if self.linear:
+            out = self.model(ids, past_state=state)
+            return out.logits[0, -1], out.past_state
+        from transformers import DynamicCache
+
+        cache = state if state is not None else DynamicCache()
+        out = self.model(input_ids=ids, cache=cache, use_cache=True)  # grows `cache` in place
+        return out.logits[0, -1], cache
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def propose(self, context: DraftContext, k: int, sampling: SamplingConfig,
+                generator: torch.Generator | None) -> Proposal:
+        tokens = context.tokens
+        if self._fed >= len(tokens) or not torch.equal(tokens[:self._fed], self._tokens[:self._fed]):
+            self._fed, self._state = 0, None  # not a continuation of what was absorbed: start over
+        self._tokens = tokens
+        logits, state = self._call(tokens[None, self._fed:], self._state)
+        if self.vocab_size is None:
+            self.vocab_size = int(logits.shape[-1])
+        self._state, self._fed = state, int(tokens.shape[0])
+        self._snapshots = [state]  # model outputs are fresh tensors: keeping references is a snapshot
+        drafted, qs = [], []
+        for i in range(k):
+            probs = probabilities(logits[None], sampling)[0]
+            token = probs.argmax() if not sampling.do_sample else torch.multinomial(probs, 1, generator=generator)[0]
+            drafted.append(int(token))
+            qs.append(probs)
+            if i + 1 < k:
+                logits, state = self._call(token.reshape(1, 1), state)
+                self._snapshots.append(state)
+        return Proposal(torch.tensor(drafted, dtype=torch.long), None, torch.stack(qs) if sampling.do_sample else None)
+
+    def accepted(self, path: list[int]) -> None:
+        kept = min(len(path), len(self._snapshots) - 1)  # tokens of the proposal the draft has absorbed and keeps
+        if self.linear:
+            self._state = self._snapshots[kept]
+        else:  # one DynamicCache, grown in place: drop what was not kept
+            self._state = self._snapshots[-1]
+            self._state.crop(self._fed + kept - self._state.get_seq_length())  # negative: tokens to drop
+        self._fed += kept
+
+
+class MedusaDraft:
+    """Medusa-style heads on the target's last hidden state (`lincompile.runtime.medusa.MedusaHeads`): in
+    greedy mode a tree of top choices per head, verified in one call; when sampling, a chain with token i
+    drawn from head i (its distribution is q). Needs the target's `hidden_states` output."""
+
+    name = "medusa"
+
+    def __init__(self, heads: Any, tree: bool = True) -> None:
+        self.heads = heads
+        self.tree = tree
+
+    def propose(self, context: DraftContext, k: int, sampling: SamplingConfig,
+                generator: torch.Generator | None) -> Proposal:
+        from lincompile.runtime.medusa import medusa_tree, sample_chain
+
+        if context.hidden is None:
+            return Proposal(torch.zeros(0, dtype=torch.long))
+        with torch.no_grad():
+            logits = self.heads(context.hidden.reshape(1, 1, -1).to(next(self.heads.parameters()).dtype))[0, 0]
+        logits = logits[:k].float()
+        if sampling.do_sample:
+            tokens, q = sample_chain(logits, sampling, generator)
+            return Proposal(tokens, None, q)
+        if not self.tree:
+            return Proposal(logits.argmax(-1))
+        tokens, parents = medusa_tree(logits)
+        return Proposal(tokens, parents)
+
+    def accepted(self, path: list[int]) -> None:
+        pass
+
+
+def make_draft(draft: Any, target: Any) -> Draft:
+    """`draft=` of generate: "prompt-lookup", "medusa" (heads attached to the target as `target.medusa`), a
+    MedusaHeads object, a draft model, or a ready Draft."""
+    if isinstance(draft, str):
+        if draft == "prompt-lookup":
+            return PromptLookupDraft()
+        if draft == "medusa":
+            heads = getattr(target, "medusa", None)
+            if heads is None:
+                raise ValueError("draft='medusa' needs heads: train them with `lincompile train-medusa` and attach "
+                                 "them with `lincompile.runtime.medusa.attach(model, dir)`, or pass the heads")
+            return MedusaDraft(heads, tree=hasattr(target, "graph"))
+        raise ValueError(f"unknown draft {draft!r}; use 'prompt-lookup', 'medusa', a draft model or MedusaHeads")
+    if hasattr(draft, "propose") and hasattr(draft, "accepted"):
+        return draft
+    if type(draft).__name__ == "MedusaHeads":
+        return MedusaDraft(draft, tree=hasattr(target, "graph"))
+    if isinstance(draft, torch.nn.Module) or hasattr(draft, "initial_state"):
+        return ModelDraft(draft)
+    raise TypeError(f"draft must be a model, 'prompt-lookup', 'medusa' or MedusaHeads, got {type(draft).__name__}")

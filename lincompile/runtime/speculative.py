@@ -1,0 +1,231 @@
+"""Speculative decoding with exact state rollback (DESIGN.md section 7).
+
+Loop invariant: the target's state has absorbed every committed token except the last (the pending token).
+Each round a draft proposes up to k tokens after the pending one; one target call scores the pending token
+and every draft (a chain through the model's forward, a tree through the tree verifier); the accepted path
+is committed to the state from the drafts' keys and values (`runtime.verify.commit_path`, no rerun); the
+target's distribution at the path's end gives the next pending token.
+
+Acceptance: greedy keeps the longest path whose tokens equal the target's argmax, so the output is the plain
+greedy output token for token. Sampling follows Leviathan et al. / Chen et al.: keep draft i with
+probability min(1, p_i(d)/q_i(d)); at the first rejection draw from normalize(max(0, p_i - q_i)); if all are
+kept draw a bonus token from p_{n+1}. Every emitted token is then distributed as the target would sample it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lincompile.passes.linearize import HIDDEN_OUTPUT, VERIFY_WINDOW
+from lincompile.runtime.drafts import DraftContext, Proposal, make_draft
+from lincompile.runtime.sampling import SamplingConfig, probabilities, sample
+from lincompile.runtime.state import RecurrentState
+from lincompile.runtime.verify import PARENTS_INPUT, commit_path, commit_sites, tree_verifier
+
+
+@dataclass
+class SpeculativeStats:
+    """Counts of one generation: target calls (prefill excluded), drafted and accepted draft tokens."""
+
+    target_calls: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    accepted_per_call: list[int] = field(default_factory=list)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean accepted draft tokens per target call (each call also yields one token of its own)."""
+        return self.accepted / max(self.target_calls, 1)
+
+    @property
+    def tokens_per_call(self) -> float:
+        return self.new_tokens / max(self.target_calls, 1)
+
+
+def accept_greedy(logits: Tensor, proposal: Proposal) -> tuple[list[int], int]:
+    """(accepted proposal indices, root first; next token) from the verify logits [1 + n, V]: row 0 scores the
+    pending token, row i + 1 draft i. Follows the child whose token is the target's argmax."""
+    best = logits.argmax(-1).tolist()
+    tokens = proposal.tokens.tolist()
+    parents = list(range(-1, len(tokens) - 1)) if proposal.parents is None else proposal.parents.tolist()
+    path: list[int] = []
+    row = 0
+    while True:
+        parent = path[-1] if path else -1
+        child = next((i for i, (t, p) in enumerate(zip(tokens, parents)) if p == parent and t == best[row]), None)
+        if child is None:
+            return path, best[row]
+        path.append(child)
+        row = child + 1
+
+
+def accept_sampled(probs: Tensor, proposal: Proposal, generator: torch.Generator | None) -> tuple[list[int], int]:
+    """Speculative sampling over a chain: probs [1 + n, V] are the target's distributions at the pending token
+    and each draft; q (one-hot when the proposal has none) is what each draft token was drawn from."""
+    if proposal.parents is not None:
+        raise ValueError("speculative sampling verifies chains; tree drafts are for greedy decoding")
+    tokens = proposal.tokens.tolist()
+    for i, token in enumerate(tokens):
+        p = probs[i]
+        q = proposal.q[i] if proposal.q is not None else torch.nn.functional.one_hot(
+            torch.tensor(token), p.shape[-1]).to(p.dtype)
+        ratio = (p[token] / q[token]).item() if q[token] > 0 else 0.0
+        if torch.rand((), generator=generator).item() < ratio:
+            continue
+        residual = (p - q).clamp_min(0)
+        residual = residual if residual.sum() > 0 else p  # p == q up to rounding: rejection had probability 0
+        return list(range(i)), int(torch.multinomial(residual / residual.sum(), 1, generator=generator)[0])
+    last = probs[len(tokens)]
+    return list(range(len(tokens))), int(torch.multinomial(last, 1, generator=generator)[0])
+
+
+def _depths(parents: Tensor) -> Tensor:
+    depth: list[int] = []
+    for p in parents.tolist():
+        depth.append(0 if p < 0 else depth[p] + 1)
+    return torch.tensor(depth, dtype=torch.long)
+
+
+def _vocab_size(target: Any) -> int | None:
+    config = getattr(target, "hf_config", None)
+    return getattr(config, "vocab_size", None) or getattr(target, "meta", {}).get("vocab_size")
+
+
+class SpeculativeDecoder:
+    """One sequence (batch 1) decoded speculatively. `prefill(ids)`, then `step()` until done; `tokens` holds
+    every committed token (the last is pending) and `state` the target state of all but the last."""
+
+    def __init__(self, target: Any, draft: Any, num_draft_tokens: int = 4, sampling: SamplingConfig | None = None,
+                 generator: torch.Generator | None = None, adaptive: bool = False) -> None:
+        if num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+        if num_draft_tokens >= VERIFY_WINDOW:
+            raise ValueError(f"num_draft_tokens must be < {VERIFY_WINDOW} (one verify call scores at most "
+                             f"{VERIFY_WINDOW} tokens), got {num_draft_tokens}")
+        if not getattr(target, "supports_state", True) or not (getattr(target, "meta", None) or {}).get(
+                "supports_state", True):
+            raise ValueError("speculative decoding needs a model whose every attention site keeps a recurrent state")
+        self.target = target
+        self.draft = make_draft(draft, target)
+        self.k = num_draft_tokens
+        self.max_k = num_draft_tokens
+        self.adaptive = adaptive
+        self.sampling = sampling or SamplingConfig()
+        self.generator = generator
+        self.sites = commit_sites(target)
+        self.stats = SpeculativeStats()
+        self.tokens = torch.zeros(0, dtype=torch.long)
+        self.state: RecurrentState | None = None
+        self.hidden: Tensor | None = None
+
+    def _check_vocab(self, target_vocab: int) -> None:
+        heads = getattr(self.draft, "heads", None)
+        draft_vocab = (getattr(getattr(heads, "config", None), "vocab_size", None) if heads is not None
+                       else getattr(self.draft, "vocab_size", None))
+        if draft_vocab is not None and target_vocab != draft_vocab:
+            raise ValueError(f"the draft's vocabulary has {draft_vocab} tokens, the target's {target_vocab}: a draft "
+                             "must share the target's tokenizer")
+
+    def prefill(self, input_ids: Tensor) -> int:
+        """Absorb the prompt [1, L]; returns the first new token (now pending)."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+            raise ValueError(f"speculative decoding runs one sequence at a time: input_ids must be [1, tokens], got "
+                             f"{tuple(input_ids.shape)}; loop over rows or use plain generate for batches")
+        out = self.target(input_ids)
+        self.state = out.past_state
+        self.stats.target_calls = 0
+        logits = out.logits[0, -1]
+        self._check_vocab(_vocab_size(self.target) or int(logits.shape[-1]))
+        token = int(sample(logits[None], self.sampling, self.generator)[0])
+        self.hidden = out.extras[HIDDEN_OUTPUT][0, -1] if HIDDEN_OUTPUT in out.extras else None
+        self.tokens = torch.cat([input_ids[0].cpu(), torch.tensor([token])])
+        return token
+
+    def step(self) -> list[int]:
+        """One round: draft, verify in one target call, commit; returns the tokens it emitted (>= 1)."""
+        context = DraftContext(self.tokens, self.hidden)
+        proposal = self.draft.propose(context, self.k, self.sampling, self.generator)
+        proposal = _truncate(proposal, VERIFY_WINDOW - 1)
+        n = len(proposal)
+        chain = proposal.parents is None
+        parents = (torch.arange(n + 1) - 1 if chain
+                   else torch.cat([torch.tensor([-1]), torch.where(proposal.parents < 0, 0, proposal.parents + 1)]))
+        ids = torch.cat([self.tokens[-1:], proposal.tokens])[None]
+        positions = (self.state.length + _depths(parents))[None]
+        if chain:
+            out = self.target(ids, past_state=self.state, position_ids=positions)
+        else:
+            out = tree_verifier(self.target)(ids, past_state=self.state, position_ids=positions,
+                                             **{PARENTS_INPUT: parents})
+        logits = out.logits[0].float()
+        if self.sampling.do_sample:
+            path, token = accept_sampled(probabilities(logits, self.sampling), proposal, self.generator)
+        else:
+            path, token = accept_greedy(logits, proposal)
+        nodes = [0] + [i + 1 for i in path]
+        self.state = commit_path(self.sites, self.state, out.extras, parents, nodes)
+        if HIDDEN_OUTPUT in out.extras:
+            self.hidden = out.extras[HIDDEN_OUTPUT][0, nodes[-1] - ids.shape[1]]  # right-aligned window
+        self.draft.accepted(path)
+        emitted = [int(t) for t in proposal.tokens[path].tolist()] + [token]
+        self.tokens = torch.cat([self.tokens, torch.tensor(emitted)])
+        self.stats.target_calls += 1
+        self.stats.drafted += n
+        self.stats.accepted += len(path)
+        self.stats.accepted_per_call.append(len(path))
+        if self.adaptive:
+            self.k = min(self.max_k, self.k + 1) if len(path) == n and n else max(1, min(self.k, len(path) + 1))
+        return emitted
+
+
+def _truncate(proposal: Proposal, limit: int) -> Proposal:
+    if len(proposal) <= limit:
+        return proposal
+    parents = None if proposal.parents is None else proposal.parents[:limit]
+    q = None if proposal.q is None else proposal.q[:limit]
+    return Proposal(proposal.tokens[:limit], parents, q)
+
+
+@torch.no_grad()
+def speculative_generate(model: Any, input_ids: Tensor, max_new_tokens: int, draft: Any, num_draft_tokens: int = 4,
+                         *, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                         top_p: float | None = None, eos_token_id: int | None = None, streamer: Any = None,
+                         generator: torch.Generator | None = None, adaptive: bool = False,
+                         attention_mask: Tensor | None = None) -> tuple[Tensor, SpeculativeStats]:
+    """Prompt + up to `max_new_tokens` tokens [1, prompt + new], and the acceptance statistics."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    input_ids = torch.as_tensor(input_ids)
+    if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
+        raise ValueError("speculative decoding takes one unpadded sequence; drop the padding from input_ids")
+    decoder = SpeculativeDecoder(model, draft, num_draft_tokens, SamplingConfig(do_sample, temperature, top_k, top_p),
+                                 generator, adaptive)
+    start = time.perf_counter()
+    prompt = input_ids.shape[1]
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    if max_new_tokens == 0:
+        return input_ids.cpu(), decoder.stats
+    tokens = input_ids[0].tolist()
+    emitted = [decoder.prefill(input_ids)]
+    while True:
+        emitted = emitted[:prompt + max_new_tokens - len(tokens)]
+        if eos_token_id is not None and eos_token_id in emitted:
+            emitted = emitted[:emitted.index(eos_token_id) + 1]
+        tokens += emitted
+        if streamer is not None:
+            streamer.put(torch.tensor(emitted))
+        if len(tokens) - prompt >= max_new_tokens or (eos_token_id is not None and tokens[-1] == eos_token_id):
+            break
+        emitted = decoder.step()
+    if streamer is not None:
+        streamer.end()
+    decoder.stats.new_tokens = len(tokens) - prompt
+    decoder.stats.seconds = time.perf_counter() - start
+    return torch.tensor(tokens, dtype=torch.long)[None], decoder.stats

@@ -1,0 +1,245 @@
+"""Speculative decoding on tiny models: greedy identity for every draft kind (chains and trees, crossing group
+boundaries), exact committed state, the sampling distribution (chi-square), and clear errors."""
+import dataclasses
+
+import pytest
+import torch
+
+import lincompile
+from lincompile.methods.spec import get_method
+from lincompile.runtime.drafts import Proposal, PromptLookupDraft
+from lincompile.runtime.sampling import SamplingConfig, probabilities
+from lincompile.runtime.speculative import SpeculativeDecoder, accept_greedy, accept_sampled, speculative_generate
+from lincompile.testing.tiny import tiny_model
+
+#: augmented with groups of 4 and a 5-tap conv: 40 tokens cross many group and conv-window boundaries.
+SMALL_AUGMENTED = dataclasses.replace(get_method("augmented"), name="augmented-small", group_size=4, conv_kernel=5)
+
+
+def _randomize_new_params(linear, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in linear.graph.named_parameters():
+            if "lincompile_params" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return linear
+
+
+@pytest.fixture(scope="module")
+def target():
+    torch.manual_seed(0)
+    return _randomize_new_params(lincompile.optimize(tiny_model("llama"), SMALL_AUGMENTED))
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    """Layer 0 augmented, layer 1 exact softmax with a KV cache."""
+    torch.manual_seed(0)
+    return _randomize_new_params(lincompile.optimize(tiny_model("llama"), SMALL_AUGMENTED, layers=[0]))
+
+
+@pytest.fixture(scope="module")
+def draft_model():
+    torch.manual_seed(1)
+    return _randomize_new_params(lincompile.optimize(tiny_model("llama", num_layers=1), SMALL_AUGMENTED), seed=1)
+
+
+def _prompts(count, length=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (1, length), generator=g) for _ in range(count)]
+
+
+class OracleTree:
+    """A tree whose one branch is the true greedy continuation (known in advance) among wrong siblings."""
+
+    name = "oracle-tree"
+
+    def __init__(self, reference):
+        self.reference = reference
+
+    def propose(self, context, k, sampling, generator):
+        start = len(context.tokens)
+        true = self.reference[0, start:start + 3].tolist()
+        wrong = [(t + 1) % 128 for t in true]
+        layout = [(wrong, -1), (true, -1), (wrong, 1), (true, 1), (wrong, 3), (true, 3)]
+        tokens, parents = [], []
+        for depth, (row, parent) in enumerate(layout):
+            if depth // 2 < len(true):
+                tokens.append(row[depth // 2])
+                parents.append(parent)
+        return Proposal(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents))
+
+    def accepted(self, path):
+        pass
+
+
+class RandomTree:
+    name = "random-tree"
+
+    def propose(self, context, k, sampling, generator):
+        return Proposal(torch.randint(3, 128, (7,)), torch.tensor([-1, -1, 0, 0, 1, 2, 5]))
+
+    def accepted(self, path):
+        pass
+
+
+@pytest.mark.parametrize("draft_kind,k", [("prompt-lookup", 3), ("model", 1), ("model", 4), ("hf-model", 3),
+                                          ("oracle-tree", 3), ("random-tree", 3)])
+def test_greedy_output_equals_plain_greedy(target, draft_model, draft_kind, k):
+    for prompt in _prompts(2):
+        plain = target.generate(prompt, 24)
+        draft = {"prompt-lookup": "prompt-lookup", "model": draft_model, "hf-model": tiny_model("llama", num_layers=1),
+                 "oracle-tree": OracleTree(plain), "random-tree": RandomTree()}[draft_kind]
+        out, stats = speculative_generate(target, prompt, 24, draft, k)
+        assert torch.equal(out, plain), draft_kind
+        assert stats.new_tokens == 24
+        if draft_kind == "oracle-tree":
+            assert stats.mean_accepted >= 2.5  # the true branch is taken (3 per call, fewer at the end)
+
+
+def test_hybrid_model_with_a_kv_cache_site(hybrid, draft_model):
+    prompt = _prompts(1)[0]
+    plain = hybrid.generate(prompt, 20)
+    for draft in (draft_model, OracleTree(plain)):
+        assert torch.equal(speculative_generate(hybrid, prompt, 20, draft, 3)[0], plain)
+
+
+@pytest.mark.parametrize("draft_kind", ["oracle-tree", "random-tree", "model"])
+def test_committed_state_equals_token_by_token_decoding(target, draft_model, draft_kind):
+    """After every step, the state equals prefill + the committed tokens fed one at a time."""
+    prompt = _prompts(1, seed=5)[0]
+    plain = target.generate(prompt, 30)
+    draft = {"oracle-tree": OracleTree(plain), "random-tree": RandomTree(), "model": draft_model}[draft_kind]
+    decoder = SpeculativeDecoder(target, draft, 3)
+    decoder.prefill(prompt)
+    expected = target(prompt).past_state
+    for _ in range(8):
+        decoder.step()
+        for i in range(expected.length, len(decoder.tokens) - 1):
+            expected = target(decoder.tokens[None, i:i + 1], past_state=expected).past_state
+        assert decoder.state.length == expected.length == len(decoder.tokens) - 1
+        for name, value in expected.tensors.items():
+            assert (decoder.state.tensors[name] - value).abs().max().item() <= 1e-6, name
+
+
+def test_accept_greedy_follows_the_argmax_path_in_a_tree():
+    vocab = 10
+    logits = torch.full((6, vocab), -1.0)
+    # rows: pending, then nodes 0..4; argmax: pending->4, node1->7, node3->2
+    for row, best in ((0, 4), (2, 7), (4, 2), (1, 0), (3, 0), (5, 0)):
+        logits[row, best] = 1.0
+    proposal = Proposal(torch.tensor([3, 4, 5, 7, 9]), torch.tensor([-1, -1, 0, 1, 1]))
+    assert accept_greedy(logits, proposal) == ([1, 3], 2)
+
+
+def _chi_square_p(samples, probs):
+    """p-value of samples (ints) against probs, pooling cells with expected counts < 5 into one."""
+    n = len(samples)
+    observed = torch.bincount(torch.tensor(samples), minlength=probs.shape[0]).double()
+    expected = probs.double() * n
+    big = expected >= 5
+    obs = torch.cat([observed[big], observed[~big].sum(0, keepdim=True)])
+    exp = torch.cat([expected[big], expected[~big].sum(0, keepdim=True)])
+    if exp[-1] < 5:
+        obs, exp = obs[:-1], exp[:-1]
+        obs[-1] += observed[~big].sum()
+        exp[-1] += expected[~big].sum()
+    exp = exp * obs.sum() / exp.sum()
+    statistic = ((obs - exp) ** 2 / exp).sum()
+    return torch.special.gammaincc(torch.tensor((len(obs) - 1) / 2.0, dtype=torch.float64), statistic / 2).item()
+
+
+@pytest.fixture(scope="module")
+def tiny_distributions(target):
+    """The tiny target's next-token distributions (temperature 0.7) at a prompt, and after each first token."""
+    prompt = _prompts(1, seed=9)[0]
+    config = SamplingConfig(True, 0.7)
+    with torch.no_grad():
+        p0 = probabilities(target(prompt).logits[0, -1], config)
+        following = torch.cat([prompt.expand(128, -1), torch.arange(128)[:, None]], 1)
+        p1 = probabilities(target(following).logits[:, -1], config)
+    return config, p0, p1
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_speculative_sampling_keeps_the_target_distribution(tiny_distributions, bad):
+    """First and second emitted tokens over 20k runs of a 2-token chain drawn from a draft distribution q,
+    which is either close to the target or deliberately bad (mass on the target's least likely tokens)."""
+    config, p0, p1 = tiny_distributions
+    g = torch.Generator().manual_seed(0)
+    if bad:
+        q0 = torch.softmax(-4 * p0.log().clamp_min(-30) / 10, -1)
+        q1 = torch.softmax(-p1.log().clamp_min(-30) / 3, -1)
+    else:
+        q0 = 0.7 * p0 + 0.3 / 128
+        q1 = 0.7 * p1 + 0.3 / 128
+    firsts, seconds = [], []
+    for _ in range(20_000):
+        d0 = int(torch.multinomial(q0, 1, generator=g))
+        d1 = int(torch.multinomial(q1[d0], 1, generator=g))
+        proposal = Proposal(torch.tensor([d0, d1]), None, torch.stack([q0, q1[d0]]))
+        path, token = accept_sampled(torch.stack([p0, p1[d0], p1[d1]]), proposal, g)
+        emitted = [d0, d1][:len(path)] + [token]
+        if len(emitted) == 1:  # the next round would draw its first token from the target after emitted[0]
+            emitted.append(int(torch.multinomial(p1[emitted[0]], 1, generator=g)))
+        firsts.append(emitted[0])
+        seconds.append(emitted[1])
+    assert _chi_square_p(firsts, p0) >= 0.01
+    assert _chi_square_p(seconds, p0 @ p1) >= 0.01
+
+
+def test_sampling_end_to_end_matches_the_target(target, draft_model, tiny_distributions):
+    """Through the real decoder (prefill, draft model, verify, commit): the first token of a speculative step."""
+    config, p0, p1 = tiny_distributions
+    prompt = _prompts(1, seed=9)[0]
+    g = torch.Generator().manual_seed(1)
+    decoder = SpeculativeDecoder(target, draft_model, 2, config, g)
+    pending, following = [], []
+    for _ in range(300):  # a wiring check; the 20k-sample distribution tests are above
+        decoder.prefill(prompt)
+        pending.append(int(decoder.tokens[-1]))
+        following.append(decoder.step()[0])
+    assert _chi_square_p(pending, p0) >= 0.01
+    assert _chi_square_p(following, p0 @ p1) >= 0.01
+
+
+def test_prompt_lookup_proposes_what_followed_the_last_ngram():
+    draft = PromptLookupDraft(max_ngram=2)
+    from lincompile.runtime.drafts import DraftContext
+
+    tokens = torch.tensor([5, 6, 7, 8, 9, 1, 6, 7])
+    proposal = draft.propose(DraftContext(tokens, None), 3, SamplingConfig(), None)
+    assert proposal.tokens.tolist() == [8, 9, 1]
+    assert len(draft.propose(DraftContext(torch.tensor([1, 2, 3]), None), 3, SamplingConfig(), None)) == 0
+
+
+def test_bad_arguments_get_clear_errors(target, draft_model):
+    prompt = _prompts(1)[0]
+    with pytest.raises(ValueError, match="num_draft_tokens must be >= 1"):
+        speculative_generate(target, prompt, 4, "prompt-lookup", 0)
+    with pytest.raises(ValueError, match="vocabulary"):
+        other = tiny_model("llama", num_layers=1)
+        other.resize_token_embeddings(64)
+        speculative_generate(target, prompt, 4, other, 2)
+    with pytest.raises(ValueError, match="temperature"):
+        speculative_generate(target, prompt, 4, "prompt-lookup", 2, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        speculative_generate(target, prompt, 4, "prompt-lookup", 2, do_sample=True, top_p=1.5)
+    with pytest.raises(ValueError, match="one sequence at a time"):
+        speculative_generate(target, prompt.expand(2, -1), 4, "prompt-lookup", 2)
+    with pytest.raises(ValueError, match="train-medusa"):
+        speculative_generate(target, prompt, 4, "medusa", 2)
+    with pytest.raises(ValueError, match="unknown draft"):
+        speculative_generate(target, prompt, 4, "ngram", 2)
+    with pytest.raises(ValueError, match="tree drafts are for greedy"):
+        speculative_generate(target, prompt, 4, RandomTree(), 2, do_sample=True)
+
+
+def test_eos_stops_and_adaptive_k_keeps_the_output(target, draft_model):
+    prompt = _prompts(1)[0]
+    plain = target.generate(prompt, 20)
+    eos = int(plain[0, 8 + 5])
+    out, _ = speculative_generate(target, prompt, 20, draft_model, 4, eos_token_id=eos)
+    assert out.shape[1] == 8 + plain[0, 8:].tolist().index(eos) + 1
+    adaptive, stats = speculative_generate(target, prompt, 20, draft_model, 6, adaptive=True)
+    assert torch.equal(adaptive, plain)

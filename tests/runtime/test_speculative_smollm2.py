@@ -1,0 +1,77 @@
+"""Speculative decoding on the real linearized SmolLM2: greedy output identical to plain greedy decoding on
+20 held-out prompts x 64 new tokens, for every draft kind, in torch and in onnxruntime."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+PROMPTS, PROMPT_TOKENS, NEW_TOKENS, K = 20, 32, 64, 4
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from lincompile.assets import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def target(smollm2):
+    """The shipped trained augmented linearization when there is one, else the untrained one."""
+    import lincompile
+    from lincompile.pretrained import available, linearized
+
+    model, _ = smollm2
+    if "smollm2-135m-augmented" in available():
+        return linearized(model, "augmented")
+    return lincompile.optimize(model, "augmented")
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2):
+    from lincompile.train.data import heldout_blocks
+
+    blocks = heldout_blocks(smollm2[1], PROMPT_TOKENS, PROMPTS)
+    assert blocks.shape[0] == PROMPTS
+    return [blocks[i:i + 1] for i in range(PROMPTS)]
+
+
+@pytest.fixture(scope="module")
+def drafts(smollm2, target):
+    """Every draft kind: prompt lookup, a shallow linearized draft model (the target's first 4 layers, as
+    `make-draft` builds it, undistilled here: identity must hold whatever the draft proposes) and Medusa heads
+    (zero-initialised: each head starts as the base LM head)."""
+    import lincompile
+    from lincompile.runtime.medusa import MedusaConfig, MedusaHeads, lm_head_weight
+    from lincompile.train.draft_model import shallow_hf
+
+    config = target.hf_config
+    heads = MedusaHeads(MedusaConfig(num_heads=4, hidden_size=config.hidden_size, vocab_size=config.vocab_size),
+                        lm_head_weight(target))
+    shallow = lincompile.optimize(shallow_hf(smollm2[0], 4), "augmented")
+    return {"prompt-lookup": "prompt-lookup", "model": shallow, "medusa": heads}
+
+
+def _check_identity(model, prompts, drafts):
+    from lincompile.runtime.generate import generate
+    from lincompile.runtime.speculative import speculative_generate
+
+    for i, prompt in enumerate(prompts):
+        plain = generate(model, prompt, NEW_TOKENS)
+        for name, draft in drafts.items():
+            out, stats = speculative_generate(model, prompt, NEW_TOKENS, draft, K)
+            assert torch.equal(out, plain), f"prompt {i}, draft {name}: first difference at new token " \
+                f"{int((out[0, PROMPT_TOKENS:] != plain[0, PROMPT_TOKENS:]).nonzero()[0])}"
+            assert stats.new_tokens == NEW_TOKENS
+
+
+def test_greedy_identity_torch(target, prompts, drafts):
+    _check_identity(target, prompts, drafts)
+
+
+def test_greedy_identity_onnxruntime(target, prompts, drafts, tmp_path_factory):
+    from lincompile.backends.ort import OrtModel
+
+    out = tmp_path_factory.mktemp("onnx") / "smollm2"
+    target.export_onnx(str(out))
+    _check_identity(OrtModel.from_dir(out), prompts, drafts)

@@ -105,16 +105,9 @@ class LinearizedModel(torch.nn.Module):
 
         return str(save(self, directory, tokenizer))
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, draft: object = None,
-                 num_draft_tokens: int = 4, **kwargs: object) -> torch.Tensor:
-        """Autoregressive generation through the recurrent state (`lincompile.runtime.generate`); with `draft`
-        ("prompt-lookup", "medusa", MedusaHeads or a draft model) speculative decoding
-        (`lincompile.runtime.speculative`), which emits the same tokens greedily and the same distribution
-        when sampling."""
-        if draft is not None:
-            from lincompile.runtime.speculative import speculative_generate
-
-            return speculative_generate(self, input_ids, max_new_tokens, draft, num_draft_tokens, **kwargs)[0]
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs: object) -> torch.Tensor:
+        """Autoregressive generation through the recurrent state, speculative with `draft=` (see
+        `lincompile.runtime.generate`)."""
         from lincompile.runtime.generate import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)

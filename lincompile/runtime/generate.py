@@ -20,11 +20,22 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
              attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
              streamer: object | None = None, generator: torch.Generator | None = None,
-             prefill_chunk_size: int | None = 512) -> torch.Tensor:
+             prefill_chunk_size: int | None = 512, draft: object = None, num_draft_tokens: int = 4,
+             adaptive: bool = False) -> torch.Tensor:
     """Prompt + up to `max_new_tokens` tokens, [batch, prompt + new]; finished rows repeat eos.
 
     The output does not depend on `prefill_chunk_size` (None: the prompt in one call) beyond fp reordering.
+    With `draft` ("prompt-lookup", "medusa", MedusaHeads or a draft model), speculative decoding
+    (`lincompile.runtime.speculative`, one sequence): the same tokens as greedy decoding, the same
+    distribution as sampling.
     """
+    if draft is not None:
+        from lincompile.runtime.speculative import speculative_generate
+
+        return speculative_generate(model, input_ids, max_new_tokens, draft, num_draft_tokens, do_sample=do_sample,
+                                    temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                                    streamer=streamer, generator=generator, adaptive=adaptive,
+                                    attention_mask=attention_mask, prefill_chunk_size=prefill_chunk_size)[0]
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:

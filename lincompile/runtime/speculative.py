@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lincompile.passes.linearize import HIDDEN_OUTPUT, VERIFY_WINDOW
 from lincompile.runtime.drafts import DraftContext, Proposal, make_draft
+from lincompile.runtime.prefill import prefill
 from lincompile.runtime.sampling import SamplingConfig, probabilities, sample
 from lincompile.runtime.state import RecurrentState
 from lincompile.runtime.verify import PARENTS_INPUT, commit_path, commit_sites, tree_verifier
@@ -102,7 +103,8 @@ class SpeculativeDecoder:
     every committed token (the last is pending) and `state` the target state of all but the last."""
 
     def __init__(self, target: Any, draft: Any, num_draft_tokens: int = 4, sampling: SamplingConfig | None = None,
-                 generator: torch.Generator | None = None, adaptive: bool = False) -> None:
+                 generator: torch.Generator | None = None, adaptive: bool = False,
+                 prefill_chunk_size: int | None = 512) -> None:
         if num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
         if num_draft_tokens >= VERIFY_WINDOW:
@@ -116,6 +118,7 @@ class SpeculativeDecoder:
         self.k = num_draft_tokens
         self.max_k = num_draft_tokens
         self.adaptive = adaptive
+        self.prefill_chunk_size = prefill_chunk_size
         self.sampling = sampling or SamplingConfig()
         self.generator = generator
         self.sites = commit_sites(target)
@@ -137,7 +140,10 @@ class SpeculativeDecoder:
         if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
             raise ValueError(f"speculative decoding runs one sequence at a time: input_ids must be [1, tokens], got "
                              f"{tuple(input_ids.shape)}; loop over rows or use plain generate for batches")
-        out = self.target(input_ids)
+        state = None
+        if input_ids.shape[1] > 1:  # all but the last token in chunks; the last alone gives logits and hidden
+            state = prefill(self.target, input_ids[:, :-1], chunk_size=self.prefill_chunk_size).state
+        out = self.target(input_ids[:, -1:], past_state=state)
         self.state = out.past_state
         self.stats.target_calls = 0
         logits = out.logits[0, -1]
@@ -197,7 +203,8 @@ def speculative_generate(model: Any, input_ids: Tensor, max_new_tokens: int, dra
                          *, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                          top_p: float | None = None, eos_token_id: int | None = None, streamer: Any = None,
                          generator: torch.Generator | None = None, adaptive: bool = False,
-                         attention_mask: Tensor | None = None) -> tuple[Tensor, SpeculativeStats]:
+                         attention_mask: Tensor | None = None,
+                         prefill_chunk_size: int | None = 512) -> tuple[Tensor, SpeculativeStats]:
     """Prompt + up to `max_new_tokens` tokens [1, prompt + new], and the acceptance statistics."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -205,7 +212,7 @@ def speculative_generate(model: Any, input_ids: Tensor, max_new_tokens: int, dra
     if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
         raise ValueError("speculative decoding takes one unpadded sequence; drop the padding from input_ids")
     decoder = SpeculativeDecoder(model, draft, num_draft_tokens, SamplingConfig(do_sample, temperature, top_k, top_p),
-                                 generator, adaptive)
+                                 generator, adaptive, prefill_chunk_size)
     start = time.perf_counter()
     prompt = input_ids.shape[1]
     if streamer is not None:

@@ -6,6 +6,7 @@ Every speculative output is also compared with the plain greedy output (they mus
 
     python bench/speculative.py                         # prompt lookup (+ the drafts given below), k in 2,4,6,8
     python bench/speculative.py --draft-model DIR --medusa DIR --runtime ort
+    python bench/speculative.py --prompts 20 --new-tokens 64 --ks 4 --weights none --draft-model layers:4 --medusa zero
     python bench/speculative.py --quick                 # 2 prompts x 16 tokens, k in 2,4
 """
 from __future__ import annotations
@@ -37,8 +38,12 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from lincompile.assets import load_model
     from lincompile.pretrained import linearized
 
+    from lincompile.pretrained import available
+
     model, tokenizer = load_model(args.model)
-    linear = (linearized(model, args.method, args.weights) if args.weights != "none"
+    if args.weights == "auto":
+        args.weights = "default" if f"{args.model}-{args.method}" in available() else "none"
+    linear = (linearized(model, args.method, args.weights, args.model) if args.weights != "none"
               else lincompile.optimize(model, args.method))
     if args.runtime == "ort":
         from lincompile.backends.ort import OrtModel
@@ -50,15 +55,26 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def _drafts(args: argparse.Namespace, linear: Any) -> dict[str, Any]:
+    """prompt lookup, plus a draft model (a saved one, or `layers:N`: the target's first N layers linearized,
+    undistilled) and Medusa heads (a saved directory, or `zero`: untrained heads) when asked for."""
     import lincompile
 
     drafts: dict[str, Any] = {"prompt-lookup": "prompt-lookup"}
-    if args.draft_model:
+    if args.draft_model and args.draft_model.startswith("layers:"):
+        from lincompile.assets import load_model
+        from lincompile.train.draft_model import shallow_hf
+
+        shallow = shallow_hf(load_model(args.model)[0], int(args.draft_model.split(":", 1)[1]))
+        drafts["model"] = lincompile.optimize(shallow, args.method)
+    elif args.draft_model:
         drafts["model"] = lincompile.load(args.draft_model)
     if args.medusa:
-        from lincompile.runtime.medusa import MedusaHeads, lm_head_weight
+        from lincompile.runtime.medusa import MedusaConfig, MedusaHeads, lm_head_weight
 
-        drafts["medusa"] = MedusaHeads.load(args.medusa, lm_head_weight(linear))
+        weight = lm_head_weight(linear)
+        drafts["medusa"] = (MedusaHeads(MedusaConfig(num_heads=4, hidden_size=weight.shape[1],
+                                                     vocab_size=weight.shape[0]), weight)
+                            if args.medusa == "zero" else MedusaHeads.load(args.medusa, weight))
     return drafts
 
 
@@ -111,7 +127,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _table(result: dict[str, Any]) -> str:
     lines = [f"plain greedy decoding: {result['plain_tokens_per_s']:.1f} tok/s ({result['runtime']}, "
-             f"{result['method']}, {result['prompts']} prompts x {result['new_tokens']} new tokens)",
+             f"{result['method']}, weights {result['weights']}, {result['prompts']} prompts x "
+             f"{result['new_tokens']} new tokens)",
              f"{'draft':>14} {'k':>3} {'accepted/call':>14} {'calls/token':>12} {'tok/s':>8} {'speedup':>8} "
              f"{'identical':>9}"]
     for r in result["rows"]:
@@ -144,11 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--method", default="augmented")
-    parser.add_argument("--weights", default="default",
-                        help="trained linearization: 'default' (shipped), a directory, or 'none' (untrained)")
+    parser.add_argument("--weights", default="auto",
+                        help="trained linearization: 'default' (shipped), a directory, 'none' (untrained), or 'auto' "
+                             "(shipped when there is one, else untrained; the table says which)")
     parser.add_argument("--runtime", choices=("torch", "ort"), default="torch")
-    parser.add_argument("--draft-model", help="a saved lincompile draft model (lincompile make-draft)")
-    parser.add_argument("--medusa", help="Medusa heads directory (lincompile train-medusa)")
+    parser.add_argument("--draft-model", help="a saved draft model (lincompile make-draft), or layers:N for the "
+                        "target's first N layers, linearized and undistilled")
+    parser.add_argument("--medusa", help="Medusa heads directory (lincompile train-medusa), or 'zero' for untrained heads")
     parser.add_argument("--ks", default="2,4,6,8", help="comma-separated numbers of drafted tokens")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=64)

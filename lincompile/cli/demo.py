@@ -72,9 +72,23 @@ def _plot(path: Path, contexts: list[int], kv: list[int], state: int) -> None:
     plt.close(fig)
 
 
+def _speculative(model: object, prompt: torch.Tensor, draft: str, k: int, new_tokens: int) -> dict[str, object]:
+    """Speculative and plain greedy decoding of the same prompt: acceptance, speed, and whether they agree."""
+    from lincompile.runtime.generate import generate
+    from lincompile.runtime.speculative import speculative_generate
+
+    start = time.perf_counter()
+    plain = generate(model, prompt, new_tokens)
+    plain_rate = new_tokens / (time.perf_counter() - start)
+    out, stats = speculative_generate(model, prompt, new_tokens, draft, k)
+    return {"speculative_draft": draft, "speculative_k": k, "accepted_per_call": stats.mean_accepted,
+            "speculative_tokens_per_s": stats.new_tokens / stats.seconds, "plain_tokens_per_s": plain_rate,
+            "speculative_identical_to_greedy": bool(torch.equal(out, plain))}
+
+
 @torch.no_grad()
 def run_demo(out_dir: Path, method: str = "augmented", context: int = 512, steps: int = 16,
-             eval_blocks: int = 4) -> dict[str, object]:
+             eval_blocks: int = 4, draft: str = "prompt-lookup", num_draft_tokens: int = 4) -> dict[str, object]:
     """Run every step and return the table's numbers."""
     torch.manual_seed(0)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +108,8 @@ def run_demo(out_dir: Path, method: str = "augmented", context: int = 512, steps
     _log("exporting to ONNX and decoding in onnxruntime")
     onnx_dir = export_onnx(linear, out_dir / "onnx", tokenizer=tokenizer)
     tps_ort = _decode_tokens_per_second(OrtModel.from_dir(onnx_dir), ids, steps)
+    _log(f"speculative decoding ({draft}, k={num_draft_tokens}) against plain greedy decoding")
+    spec = _speculative(linear, heldout_blocks(tokenizer, 64, 1), draft, num_draft_tokens, new_tokens=24)
     state_bytes = linear.initial_state(1).nbytes()
     contexts = [512, 2048, 8192, 32768]
     kv = [_kv_cache_bytes(model, c) for c in contexts]
@@ -103,14 +119,15 @@ def run_demo(out_dir: Path, method: str = "augmented", context: int = 512, steps
         "ppl_original": ppl_original, "ppl_linearized_untrained": ppl_linear,
         "decode_context": context, "tokens_per_s_hf_kv_cache": tps_hf, "tokens_per_s_lincompile_torch": tps_torch,
         "tokens_per_s_lincompile_onnxruntime": tps_ort, "state_bytes": state_bytes,
-        "kv_cache_bytes_8k": _kv_cache_bytes(model, 8192), "plot": str(out_dir / "memory.png"),
+        "kv_cache_bytes_8k": _kv_cache_bytes(model, 8192), "plot": str(out_dir / "memory.png"), **spec,
     }
     (out_dir / "demo.json").write_text(json.dumps(result, indent=2))
     return result
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    r = run_demo(Path(args.out), args.method, args.context, args.steps, args.eval_blocks)
+    r = run_demo(Path(args.out), args.method, args.context, args.steps, args.eval_blocks, args.draft,
+                 args.num_draft_tokens)
     rows = [
         ("attention sites linearized", f"{r['sites']} -> {r['method']}"),
         (f"held-out perplexity, original ({r['heldout_tokens']} tokens)", f"{r['ppl_original']:.1f}"),
@@ -119,6 +136,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         (f"decode tok/s @ {r['decode_context']}: lincompile (torch)", f"{r['tokens_per_s_lincompile_torch']:.1f}"),
         (f"decode tok/s @ {r['decode_context']}: lincompile (onnxruntime)",
          f"{r['tokens_per_s_lincompile_onnxruntime']:.1f}"),
+        (f"speculative ({r['speculative_draft']}, k={r['speculative_k']}): accepted drafts per call",
+         f"{r['accepted_per_call']:.2f}"),
+        ("speculative tok/s vs plain greedy (same output?)",
+         f"{r['speculative_tokens_per_s']:.1f} vs {r['plain_tokens_per_s']:.1f} "
+         f"({'identical' if r['speculative_identical_to_greedy'] else 'DIFFERENT'})"),
         ("recurrent state per sequence (any context)", f"{r['state_bytes'] / 2**20:.2f} MiB"),
         ("softmax KV cache per sequence @ 8K (fp32)", f"{r['kv_cache_bytes_8k'] / 2**20:.2f} MiB"),
         ("memory plot", r["plot"]),
@@ -138,3 +160,5 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=512, help="prompt length before timing decode")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per engine")
     parser.add_argument("--eval-blocks", type=int, default=4, help="held-out blocks of 128 tokens for perplexity")
+    parser.add_argument("--draft", default="prompt-lookup", help="speculative draft (default: prompt-lookup)")
+    parser.add_argument("--num-draft-tokens", type=int, default=4, help="drafted tokens per target call")

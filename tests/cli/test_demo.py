@@ -15,4 +15,5 @@ def test_demo_prints_the_table_and_writes_its_outputs(tmp_path, capsys):
     assert result["sites"] == 30 and result["state_bytes"] < result["kv_cache_bytes_8k"]
     assert all(result[k] > 0 for k in ("tokens_per_s_hf_kv_cache", "tokens_per_s_lincompile_torch",
                                        "tokens_per_s_lincompile_onnxruntime", "ppl_original"))
+    assert result["speculative_identical_to_greedy"] and result["accepted_per_call"] >= 0
     assert (tmp_path / "memory.png").stat().st_size > 0 and (tmp_path / "onnx" / "model.onnx").is_file()

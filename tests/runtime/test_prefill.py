@@ -116,12 +116,21 @@ def test_bad_arguments(kwargs, match):
         prefill(lambda *a, **k: None, torch.ones(2, 4, dtype=torch.long), **kwargs)
 
 
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (Frobenius, fp64), the measure of DESIGN.md section 8."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
 @pytest.mark.slow
 def test_smollm2_chunked_prefill_equals_one_call(smollm2):
+    """Real activations reach large magnitudes (the state's S sums many k v^T), so errors are relative here."""
     model = lincompile.optimize(smollm2[0], "augmented")
     ids = torch.randint(3, 49152, (1, 300), generator=torch.Generator().manual_seed(3))
     whole = prefill(model, ids, chunk_size=None)
     got = prefill(model, ids, chunk_size=128)
-    scale = whole.logits.abs().max().item()
-    assert (got.logits - whole.logits).abs().max().item() <= 1e-5 * max(1.0, scale)
-    assert _max_state_diff(got.state, whole.state) <= 1e-4
+    assert _relative(got.logits, whole.logits) <= 1e-5
+    for name, value in whole.state.tensors.items():
+        if value.is_floating_point():
+            assert _relative(got.state.tensors[name], value) <= 1e-5, name
+        else:
+            assert torch.equal(got.state.tensors[name], value), name

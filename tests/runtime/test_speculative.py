@@ -133,19 +133,24 @@ def test_accept_greedy_follows_the_argmax_path_in_a_tree():
 
 
 def _chi_square_p(samples, probs):
-    """p-value of samples (ints) against probs, pooling cells with expected counts < 5 into one."""
+    """p-value of samples (ints) against probs; consecutive cells are merged into bins of expected count >= 5."""
     n = len(samples)
     observed = torch.bincount(torch.tensor(samples), minlength=probs.shape[0]).double()
     expected = probs.double() * n
-    big = expected >= 5
-    obs = torch.cat([observed[big], observed[~big].sum(0, keepdim=True)])
-    exp = torch.cat([expected[big], expected[~big].sum(0, keepdim=True)])
-    if exp[-1] < 5:
-        obs, exp = obs[:-1], exp[:-1]
-        obs[-1] += observed[~big].sum()
-        exp[-1] += expected[~big].sum()
-    exp = exp * obs.sum() / exp.sum()
-    statistic = ((obs - exp) ** 2 / exp).sum()
+    obs, exp = [0.0], [0.0]
+    for o, e in zip(observed.tolist(), expected.tolist()):
+        if exp[-1] >= 5:
+            obs.append(0.0)
+            exp.append(0.0)
+        obs[-1] += o
+        exp[-1] += e
+    if exp[-1] < 5 and len(exp) > 1:  # a short last bin joins the one before
+        obs[-2] += obs.pop()
+        exp[-2] += exp.pop()
+    assert len(exp) >= 2, "too few samples for a chi-square test"
+    obs_t, exp_t = torch.tensor(obs), torch.tensor(exp)
+    exp_t = exp_t * obs_t.sum() / exp_t.sum()
+    statistic = ((obs_t - exp_t) ** 2 / exp_t).sum()
     return torch.special.gammaincc(torch.tensor((len(obs) - 1) / 2.0, dtype=torch.float64), statistic / 2).item()
 
 

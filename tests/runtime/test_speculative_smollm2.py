@@ -10,13 +10,7 @@ import torch
 pytestmark = pytest.mark.slow
 
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS, K = 4, 32, 32, 4
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from lincompile.assets import load_model
-
-    return load_model("smollm2-135m")
+# `smollm2` (model, tokenizer) is the session fixture of tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@
 Each entry is (name, impl, supports, priority); the plain PyTorch reference is always registered with
 the lowest priority and supports everything, so every device always has an implementation.
 The generated Triton kernels (`lincompile.kernels.triton`) serve the specs they cover on CUDA, and on CPU under
-`LINCOMPILE_KERNELS=triton` with TRITON_INTERPRET=1; `LINCOMPILE_KERNELS=reference` forces the reference.
+`LINCOMPILE_KERNELS=triton` with TRITON_INTERPRET=1. Elsewhere causal linear sites go through `recurrent-step`:
+the reference's recurrent form for single-token calls (decode: the same math in a third of the ops), its
+parallel form otherwise. `LINCOMPILE_KERNELS=reference` forces the parallel reference for every call.
 """
 from __future__ import annotations
 
@@ -32,6 +34,20 @@ _ENTRIES: list[KernelEntry] = [
 ]
 
 
+def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                   bias: torch.Tensor | None, state: list[torch.Tensor], params: list[torch.Tensor],
+                   spec: MethodSpec, scale: float, causal: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`reference.recurrent` for one causal token, `reference.attention` for anything else (both forms agree:
+    tests/kernels/test_registry.py checks it on every causal linear method)."""
+    if causal and q.shape[2] == 1:
+        return reference.recurrent(q, k, v, key_mask, state, params, spec, scale)
+    return reference.attention(q, k, v, key_mask, bias, state, params, spec, scale, causal)
+
+
+def _serves_recurrent_step(spec: MethodSpec, device: torch.device) -> bool:
+    return spec.kind == "linear" and spec.causal_safe
+
+
 def register_kernel(entry: KernelEntry) -> None:
     """Add an implementation; higher priority wins among those that support the call."""
     if any(e.name == entry.name for e in _ENTRIES):
@@ -53,3 +69,4 @@ def select(spec: MethodSpec, device: torch.device) -> KernelEntry:
 
 
 register_kernel(KernelEntry("triton", triton_launch.attention, triton_launch.supports, priority=100))
+register_kernel(KernelEntry("recurrent-step", recurrent_step, _serves_recurrent_step, priority=0))

@@ -20,12 +20,13 @@ def test_registry_modes(monkeypatch):
     assert registry.select(augmented, CPU).name == "triton"
     for name in methods():
         spec = get_method(name)
-        expected = "triton" if unsupported_reason(spec) is None else "reference"
+        step = spec.kind == "linear" and spec.causal_safe
+        expected = "triton" if unsupported_reason(spec) is None else "recurrent-step" if step else "reference"
         assert registry.select(spec, CPU).name == expected, name
     monkeypatch.setenv("LINCOMPILE_KERNELS", "reference")
     assert registry.select(augmented, CPU).name == "reference"
     monkeypatch.setenv("LINCOMPILE_KERNELS", "auto")
-    assert registry.select(augmented, CPU).name == "reference"  # CPU without forcing: the reference
+    assert registry.select(augmented, CPU).name == "recurrent-step"  # CPU without forcing: the reference forms
     monkeypatch.setenv("LINCOMPILE_KERNELS", "fast")
     with pytest.raises(ValueError, match="LINCOMPILE_KERNELS"):
         registry.select(augmented, CPU)

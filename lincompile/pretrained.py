@@ -33,8 +33,8 @@ def available() -> list[str]:
 def linearized(model: torch.nn.Module, method: str = "augmented", weights: str | Path = "default",
                model_name: str = "smollm2-135m", **optimize_kwargs: Any) -> Any:
     """`model` linearized with `method` and, from `weights` ("default": the shipped one for `model_name`, or a
-    directory written by `ship`), the trained tensors loaded and LoRA merged. The model's weights are changed
-    in place only where LoRA merges into them."""
+    directory written by `ship`), the trained tensors loaded and LoRA merged (into new tensors: `model` itself is
+    left unchanged)."""
     from safetensors.torch import load_file
 
     from lincompile.api import optimize
@@ -58,11 +58,12 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
     unknown = sorted(set(tensors) - set(own))
     if unknown:
         raise ValueError(f"{path}: tensors {unknown[:4]} do not belong to this model's linearized graph")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if own[name].shape != value.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model {tuple(own[name].shape)}")
-            own[name].copy_(value)
+    for name, value in tensors.items():
+        if own[name].shape != value.shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model {tuple(own[name].shape)}")
+        owner_name, _, attr = name.rpartition(".")
+        setattr(linear.graph.get_submodule(owner_name), attr,  # a new tensor: never write into `model`'s weights
+                torch.nn.Parameter(value.to(own[name].dtype), requires_grad=own[name].requires_grad))
     if lora:
         merge_lora(linear.graph)
     linear.recipe = recipe

@@ -115,7 +115,8 @@ def lora_parameters(gm: fx.GraphModule) -> dict[str, torch.nn.Parameter]:
 def merge_lora(gm: fx.GraphModule) -> int:
     """Fold every adapter into its base weight, remove the adapter nodes and parameters; returns the count.
 
-    Afterwards the graph computes the same function (up to rounding) with the original structure.
+    Afterwards the graph computes the same function (up to rounding) with the original structure. Merged
+    weights are new tensors: a model the graph shares weights with (the captured original) is left unchanged.
     """
     merged = 0
     for out in [n for n in gm.graph.nodes if _META in n.meta]:
@@ -124,10 +125,13 @@ def merge_lora(gm: fx.GraphModule) -> int:
         down, b_node = up.args
         a_node = down.args[1]
         _, weight, transposed = _projection(base)
-        w = gm.get_parameter(str(weight.target))
+        owner_name, _, attr = str(weight.target).rpartition(".")
+        owner = gm.get_submodule(owner_name)
+        w = getattr(owner, attr)
         delta = scaled.args[1] * (gm.get_parameter(str(b_node.target)).float()
                                   @ gm.get_parameter(str(a_node.target)).float())
-        w.add_((delta.T if transposed else delta).to(w.dtype))
+        merged_weight = w.detach() + (delta.T if transposed else delta).to(w.dtype)
+        setattr(owner, attr, torch.nn.Parameter(merged_weight, requires_grad=w.requires_grad))
         out.replace_all_uses_with(base)
         for node in (out, scaled, up, down, b_node, a_node):
             gm.graph.erase_node(node)

@@ -26,6 +26,7 @@ def _perturb(params: dict[str, torch.nn.Parameter]) -> None:
 def _check_roundtrip(linear, targets: tuple[str, ...], expected: list[str]) -> None:
     ids = _ids()
     keys = sorted(linear.graph.state_dict())
+    shared = {n: (p, p.detach().clone()) for n, p in linear.graph.named_parameters()}  # also the original's
     with torch.no_grad():
         base = linear(ids).logits
         params = apply_lora(linear.graph, targets, rank=4, alpha=8.0, seed=0)
@@ -38,6 +39,7 @@ def _check_roundtrip(linear, targets: tuple[str, ...], expected: list[str]) -> N
         torch.testing.assert_close(linear(ids).logits, adapted, atol=2e-5, rtol=2e-5)
     assert sorted(linear.graph.state_dict()) == keys and not hasattr(linear.graph, LORA_MODULE)
     assert lora_parameters(linear.graph) == {}
+    assert all(torch.equal(p, before) for p, before in shared.values()), "merging changed the original's weights"
 
 
 def test_llama_lora_is_exact_then_merges(linearize):

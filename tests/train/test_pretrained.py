@@ -1,0 +1,45 @@
+"""Shipped linearizations: `ship` a training checkpoint, `linearized` rebuilds the trained model from it."""
+import json
+
+import pytest
+import torch
+
+import lincompile
+from lincompile.pretrained import RECIPE_FILE, TENSORS_FILE, linearized, ship
+from lincompile.testing.tiny import tiny_model
+from lincompile.train.lora import apply_lora
+
+
+@pytest.fixture(scope="module")
+def shipped(reference_run, worker, tmp_path_factory):
+    result, _ = reference_run
+    out = tmp_path_factory.mktemp("weights") / "tiny-augmented"
+    assert ship(result.checkpoint, out, {"command": "tests"}) == out
+    return out
+
+
+def test_linearized_reproduces_the_trained_model_without_touching_the_original(reference_run, worker, shipped,
+                                                                                one_thread):
+    _, trained = reference_run
+    config = worker.config()
+    expected = lincompile.optimize(tiny_model("llama", seed=0), worker.METHOD)
+    apply_lora(expected.graph, config.lora_targets, config.lora_rank, config.lora_alpha, config.seed)
+    missing, unexpected = expected.graph.load_state_dict(trained, strict=False)  # the trained graph, unmerged
+    assert not unexpected and not [n for n in missing if n not in dict(expected.graph.named_buffers())]
+    original = tiny_model("llama", seed=0)
+    before = {n: p.detach().clone() for n, p in original.named_parameters()}
+    model = linearized(original, worker.METHOD, weights=shipped)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected(ids).logits, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(p, before[n]) for n, p in original.named_parameters())
+    recipe = json.loads((shipped / RECIPE_FILE).read_text())
+    assert recipe["command"] == "tests" and recipe["lora"]["rank"] == config.lora_rank
+    assert model.recipe == recipe and (shipped / TENSORS_FILE).is_file()
+
+
+def test_linearized_errors_name_the_problem(shipped, tmp_path, one_thread):
+    with pytest.raises(ValueError, match="holds a augmented linearization, not linear-elu"):
+        linearized(tiny_model("llama", seed=0), "linear-elu", weights=shipped)
+    with pytest.raises(FileNotFoundError, match="no trained linearization"):
+        linearized(tiny_model("llama", seed=0), "augmented", weights=tmp_path)

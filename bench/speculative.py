@@ -34,17 +34,12 @@ def _prompts(tokenizer: Any, count: int, length: int) -> list[torch.Tensor]:
 
 def _target(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(the model to decode with: torch or onnxruntime, the torch LinearizedModel, the tokenizer)."""
-    import lincompile
     from lincompile.assets import load_model
     from lincompile.pretrained import linearized
 
-    from lincompile.pretrained import available
-
     model, tokenizer = load_model(args.model)
-    if args.weights == "auto":
-        args.weights = "default" if f"{args.model}-{args.method}" in available() else "none"
-    linear = (linearized(model, args.method, args.weights, args.model) if args.weights != "none"
-              else lincompile.optimize(model, args.method))
+    linear = linearized(model, args.method, args.weights, args.model)
+    args.weights = "none" if linear.recipe is None else "default" if args.weights == "auto" else args.weights
     if args.runtime == "ort":
         from lincompile.backends.ort import OrtModel
 

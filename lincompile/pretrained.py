@@ -32,14 +32,21 @@ def available() -> list[str]:
 
 def linearized(model: torch.nn.Module, method: str = "augmented", weights: str | Path = "default",
                model_name: str = "smollm2-135m", **optimize_kwargs: Any) -> Any:
-    """`model` linearized with `method` and, from `weights` ("default": the shipped one for `model_name`, or a
-    directory written by `ship`), the trained tensors loaded and LoRA merged (into new tensors: `model` itself is
-    left unchanged)."""
+    """`model` linearized with `method`, its trained tensors loaded from `weights` and LoRA merged (into new
+    tensors: `model` itself is left unchanged). `weights`: "default" (the shipped one for `model_name`), a
+    directory written by `ship`, "none" (untrained), or "auto" (the shipped one when there is one, else none).
+    The result's `recipe` is the loaded recipe.json, or None when untrained."""
     from safetensors.torch import load_file
 
     from lincompile.api import optimize
     from lincompile.train.lora import apply_lora, merge_lora
 
+    if str(weights) == "auto":
+        weights = "default" if f"{model_name}-{method}" in available() else "none"
+    if str(weights) == "none":
+        linear = optimize(model, method, **optimize_kwargs)
+        linear.recipe = None
+        return linear
     path = shipped_dir(model_name, method) if str(weights) == "default" else Path(weights)
     if not (path / RECIPE_FILE).is_file():
         raise FileNotFoundError(f"no trained linearization at {path} (shipped: {', '.join(available()) or 'none'}); "

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from lincompile.api import load as load_linearized
-from lincompile.api import optimize
 from lincompile.assets import load_model
+from lincompile.pretrained import linearized
 from lincompile.train.data import heldout_blocks
 from lincompile.train.eval import perplexity
 
@@ -40,15 +40,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     path = Path(args.model).expanduser()
     if (path / "lincompile.json").is_file():
         linear, tokenizer, original = _original_of_saved(path)
-        method = linear.config.spec.name
+        method, weights = linear.config.spec.name, "saved model"
     else:
         original, tokenizer = load_model(args.model)
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer; perplexity needs one to tokenize the corpus")
         method = args.method
-        linear = optimize(original, method) if method else None
+        linear = linearized(original, method, args.weights, args.model) if method else None
+        weights = None if linear is None else "none" if linear.recipe is None else \
+            "default" if args.weights == "auto" else str(args.weights)
     blocks = heldout_blocks(tokenizer, args.block_size, args.max_blocks, data=args.data)
-    result: dict[str, object] = {"model": args.model, "method": method, "tokens": blocks[:, 1:].numel(),
+    result: dict[str, object] = {"model": args.model, "method": method, "weights": weights,
+                                 "tokens": blocks[:, 1:].numel(),
                                  "block_size": args.block_size, "blocks": int(blocks.shape[0])}
     base = perplexity(original, blocks, args.batch_size, desc="original")
     result["ppl_original"] = base.ppl
@@ -73,6 +76,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="embedded model name, a Hugging Face directory, or a saved linearized model directory")
     parser.add_argument("--method", default=None, help="linearize MODEL with this method first (not needed "
                         "for a saved linearized directory; omit to evaluate only the original)")
+    parser.add_argument("--weights", default="auto",
+                        help="with --method: 'auto' (the shipped trained linearization when there is one, else "
+                             "untrained), 'default' (shipped, required), 'none' (untrained), or a directory "
+                             "written by lincompile.pretrained.ship")
     parser.add_argument("--data", default="default", help="'default' (held-out Shakespeare) or a .txt file/dir")
     parser.add_argument("--block-size", type=int, default=256, help="tokens per evaluation block (default 256)")
     parser.add_argument("--max-blocks", type=int, default=16, help="number of held-out blocks (default 16)")

@@ -16,13 +16,10 @@ PROMPTS, PROMPT_TOKENS, NEW_TOKENS, K = 4, 32, 32, 4
 @pytest.fixture(scope="module")
 def target(smollm2):
     """The shipped trained augmented linearization when there is one, else the untrained one."""
-    import lincompile
-    from lincompile.pretrained import available, linearized
+    from lincompile.pretrained import linearized
 
     model, _ = smollm2
-    if "smollm2-135m-augmented" in available():
-        return linearized(model, "augmented")
-    return lincompile.optimize(model, "augmented")
+    return linearized(model, "augmented", weights="auto")
 
 
 @pytest.fixture(scope="module")

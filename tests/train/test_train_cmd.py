@@ -80,3 +80,39 @@ def test_train_command_saves_a_loadable_merged_model(tmp_path, capsys):
     assert _run(argv + ["--resume"]) == 0  # finished run: loads its last checkpoint and saves the same model
     again = dict(lincompile.load(out / "final").graph.named_parameters())
     assert all(torch.equal(again[n], weights[n]) for n in weights)
+
+
+def _eval(argv: list[str], capsys) -> dict:
+    from lincompile.cli.evaluate import add_eval_arguments, cmd_eval
+
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    assert cmd_eval(parser.parse_args(argv + ["--json", "--block-size", "16", "--max-blocks", "3"])) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_eval_scores_shipped_weights_like_the_saved_model(tmp_path, capsys):
+    """`lincompile eval MODEL --method M --weights DIR` (a shipped linearization) scores what the trained model
+    saved by `train` scores; `--weights none` scores the untrained swap."""
+    from lincompile.pretrained import ship
+
+    model_dir, out = tmp_path / "tiny", tmp_path / "run"
+    tiny_model("llama", seed=0).save_pretrained(model_dir)
+    _char_tokenizer().save_pretrained(model_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 6)
+    assert _run([str(model_dir), "--method", "augmented", "--data", str(corpus), "--out", str(out),
+                 "--stage1-steps", "2", "--stage2-steps", "3", "--batch-size", "2", "--block-size", "16",
+                 "--lr", "1e-2", "--warmup-steps", "0", "--eval-blocks", "0", "--lora-rank", "4",
+                 "--no-progress", "--json"]) == 0
+    capsys.readouterr()
+    shipped = ship(latest_checkpoint(out / "checkpoints"), tmp_path / "shipped", {"command": "test"})
+    data = ["--data", str(corpus)]
+    saved = _eval([str(out / "final")] + data, capsys)
+    from_shipped = _eval([str(model_dir), "--method", "augmented", "--weights", str(shipped)] + data, capsys)
+    untrained = _eval([str(model_dir), "--method", "augmented", "--weights", "none"] + data, capsys)
+    assert from_shipped["weights"] == str(shipped) and untrained["weights"] == "none"
+    assert from_shipped["ppl"] == pytest.approx(saved["ppl"], rel=1e-4)
+    assert from_shipped["ppl_original"] == pytest.approx(untrained["ppl_original"], rel=1e-6)
+    assert abs(untrained["ppl"] - from_shipped["ppl"]) > 1e-3 * from_shipped["ppl"]
+    assert from_shipped["ratio"] == pytest.approx(from_shipped["ppl"] / from_shipped["ppl_original"])

@@ -1,18 +1,16 @@
 """Frozen configuration dataclasses; each round-trips through JSON and carries a format version."""
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
-from typing import Any
 
+from lincompile.jsonconfig import JsonConfig
 from lincompile.methods.spec import MethodSpec, get_method
 
 CONFIG_VERSION = 1
 
 
 @dataclass(frozen=True)
-class LinearizeConfig:
+class LinearizeConfig(JsonConfig):
     """What `optimize` does to a model.
 
     method: a registered method name or a full `MethodSpec`; layers: site indices to convert (None = all;
@@ -40,27 +38,3 @@ class LinearizeConfig:
     @property
     def spec(self) -> MethodSpec:
         return get_method(self.method)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["method"] = self.method.to_dict() if isinstance(self.method, MethodSpec) else self.method
-        data["layers"] = None if self.layers is None else list(self.layers)
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LinearizeConfig":
-        version = data.get("version", CONFIG_VERSION)
-        if version > CONFIG_VERSION:
-            raise ValueError(f"config version {version} is newer than this lincompile ({CONFIG_VERSION}); upgrade lincompile")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown LinearizeConfig fields {sorted(unknown)}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> "LinearizeConfig":
-        return cls.from_dict(json.loads(text))

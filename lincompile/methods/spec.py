@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from lincompile.jsonconfig import JsonConfig
+
 KINDS = ("softmax", "linear", "quadratic", "projected")
 FEATURE_MAPS = ("identity", "l2", "elu1", "relu", "angular", "performer", "cosformer", "hedgehog", "taylor")
 NORMALIZERS = ("none", "denominator")
@@ -27,7 +29,7 @@ _CHOICES = {"kind": KINDS, "feature_map": FEATURE_MAPS, "normalizer": NORMALIZER
 
 
 @dataclass(frozen=True)
-class MethodSpec:
+class MethodSpec(JsonConfig):
     """What one attention method computes.
 
     kind:
@@ -154,23 +156,9 @@ class MethodSpec:
             parts.append("position")
         return tuple(parts)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def to_json(self) -> str:
+        """Compact: the op's `spec` argument (a graph carries its own math)."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MethodSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown MethodSpec fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> "MethodSpec":
-        return cls.from_dict(json.loads(text))
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

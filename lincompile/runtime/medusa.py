@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lincompile.atomic import atomic_directory
+from lincompile.jsonconfig import JsonConfig
 from lincompile.runtime.sampling import SamplingConfig, probabilities
 
 __all__ = ["MEDUSA_FORMAT", "MedusaConfig", "MedusaHeads", "TREES", "TreeSpec", "attach", "lm_head_weight",
@@ -36,7 +37,7 @@ WEIGHTS_FILE = "medusa.safetensors"
 
 
 @dataclass(frozen=True, kw_only=True)
-class MedusaConfig:
+class MedusaConfig(JsonConfig):
     """Shape of a set of heads: `num_heads` future tokens, `num_layers` residual blocks per head."""
 
     num_heads: int = 4
@@ -49,23 +50,6 @@ class MedusaConfig:
                                                                  and getattr(self, f.name) >= 1)]
         if bad:
             raise ValueError(f"MedusaConfig fields {bad} must be integers >= 1")
-
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MedusaConfig":
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown MedusaConfig fields {sorted(unknown)}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> "MedusaConfig":
-        return cls.from_dict(json.loads(text))
 
 
 class ResBlock(nn.Module):

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from lincompile.api import load, optimize
 from lincompile.backends.eager import LinearizedModel
 from lincompile.config import LinearizeConfig
+from lincompile.jsonconfig import JsonConfig
 from lincompile.train.attention_transfer import graph_inputs
 from lincompile.train.finetune import embedding_parameters
 from lincompile.train.trainer import batch_indices, learning_rate
@@ -37,7 +38,7 @@ __all__ = ["DistillConfig", "DraftResult", "shallow_hf", "shallow_linearized", "
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(JsonConfig):
     """Distillation hyper-parameters. `batch_size` blocks of `block_size` tokens per step; `ce_weight` adds the
     corpus next-token CE; `train_embeddings` False keeps the token embeddings (and a tied lm_head) frozen."""
 
@@ -57,9 +58,6 @@ class DistillConfig:
             raise ValueError("need steps >= 0, warmup_steps >= 0, batch_size >= 1 and block_size >= 2")
         if not self.lr > 0 or self.ce_weight < 0:
             raise ValueError("need lr > 0 and ce_weight >= 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _layer_count(config: Any) -> int:

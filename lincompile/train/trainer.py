@@ -11,11 +11,10 @@ Global steps 0 .. stage1_steps-1 are stage 1, the next stage2_steps are stage 2.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lincompile.jsonconfig import JsonConfig
 from lincompile.backends.eager import LinearizedModel
 from lincompile.train.attention_transfer import TransferObjective, attention_parameters
 from lincompile.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
@@ -38,7 +38,7 @@ RESUMABLE_CHANGES = frozenset({"stage2_steps", "eval_every", "eval_blocks", "che
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """Hyper-parameters of a run. `batch_size` is the global number of blocks per optimizer step, split into
     `grad_accum` micro-batches and across ranks; `lora_rank` 0 means no adapters; `full` trains every parameter
     (no LoRA); `eval_every` / `checkpoint_every` 0 mean only at the end of each stage."""
@@ -85,27 +85,6 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return self.stage1_steps + self.stage2_steps
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["lora_targets"] = list(self.lora_targets)
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        if data.get("version", TRAIN_CONFIG_VERSION) > TRAIN_CONFIG_VERSION:
-            raise ValueError(f"train config version {data['version']} is newer than this lincompile")
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
-        return cls.from_dict(json.loads(text))
 
 
 @dataclass
@@ -306,6 +285,10 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
         evals.append({"step": step, "stage": number, "ppl": result.ppl})
         postfix["eval_ppl"] = f"{result.ppl:.4g}"
         bar.set_postfix(postfix)
+        if not progress:  # no bar to carry the number: one line per evaluation
+            loss = f", loss {history[-1]['loss']:.4g}" if history else ""
+            print(f"[train] step {step}/{config.total_steps} (stage {number}){loss}: held-out ppl {result.ppl:.4g}",
+                  file=sys.stderr, flush=True)
 
     try:
         if checkpoint is None:

@@ -1,0 +1,28 @@
+"""Every frozen config round-trips through JSON, rejects unknown fields and versions from a newer lincompile."""
+import pytest
+
+from lincompile.config import LinearizeConfig
+from lincompile.methods.spec import get_method
+from lincompile.runtime.medusa import MedusaConfig
+from lincompile.train.draft_model import DistillConfig
+from lincompile.train.trainer import TrainConfig
+
+CONFIGS = [LinearizeConfig(method=get_method("augmented"), layers=(0, 2), fuel=3),
+           LinearizeConfig(method="linear-elu"), get_method("retnet"), TrainConfig(lora_targets=("q_proj",)),
+           MedusaConfig(hidden_size=8, vocab_size=16), DistillConfig(steps=3)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: type(c).__name__)
+def test_round_trip_and_unknown_fields(config):
+    cls = type(config)
+    assert cls.from_json(config.to_json()) == config
+    assert cls.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=f"unknown {cls.__name__} fields \\['colour'\\]; known: "):
+        cls.from_dict({**config.to_dict(), "colour": "red"})
+
+
+@pytest.mark.parametrize("cls", [LinearizeConfig, TrainConfig])
+def test_a_newer_version_asks_for_an_upgrade(cls):
+    data = {**cls().to_dict(), "version": 99}
+    with pytest.raises(ValueError, match=f"{cls.__name__} version 99 is newer than this lincompile .*upgrade"):
+        cls.from_dict(data)

@@ -30,6 +30,7 @@ from torch import Tensor, fx
 
 from lincompile.atomic import atomic_directory
 from lincompile.backends.eager import LinearizedModel
+from lincompile.backends.onnx_einsum import lower_einsums
 from lincompile.kernels.linear_attention import reference
 from lincompile.methods.spec import MethodSpec
 
@@ -312,8 +313,12 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
     _rename_dims(ir_model, _interface_dims(ir_model, shapes))
     path = directory / MODEL_FILE
     program.save(path, external_data=None)  # external data only past the 2 GB protobuf limit
+    proto = onnx.load(str(path), load_external_data=False)
+    lowered, left = lower_einsums(proto)
+    onnx.save(proto, str(path))
     onnx.checker.check_model(str(path))  # path form: works with external data too
     meta = _metadata(model, ir_model, tokenizer, version)
+    meta["einsum"] = {"lowered_to_matmul": lowered, "left": left}
     _write_site_params(model, directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

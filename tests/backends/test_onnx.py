@@ -65,6 +65,8 @@ def test_export_is_checked_standard_onnx_with_its_interface(exported):
     expected_methods = CONFIGS[name][2]
     assert [s["method"] for s in meta["sites"]] == expected_methods
     assert set(meta["methods"]) == set(expected_methods)
+    einsums = [n for n in proto.graph.node if n.op_type == "Einsum"]
+    assert meta["einsum"]["left"] == len(einsums) == 0 and meta["einsum"]["lowered_to_matmul"] > 0
     initial = {k: tuple(v.shape) for k, v in model.initial_state(3).tensors.items()}
     assert _declared(meta, batch=3) == initial
     for state_name, info in meta["state"].items():

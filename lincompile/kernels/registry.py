@@ -4,7 +4,7 @@ Each entry is (name, impl, supports, priority); the plain PyTorch reference is a
 the lowest priority and supports everything, so every device always has an implementation.
 The generated Triton kernels (`lincompile.kernels.triton`) serve the specs they cover on CUDA, and on CPU under
 `LINCOMPILE_KERNELS=triton` with TRITON_INTERPRET=1. Elsewhere causal linear sites go through `recurrent-step`:
-the reference's recurrent form for single-token calls (decode: the same math in a third of the ops), its
+the reference's recurrent form for single-token calls (decode: the same math in fewer, smaller ops), its
 parallel form otherwise. `LINCOMPILE_KERNELS=reference` forces the parallel reference for every call.
 """
 from __future__ import annotations

@@ -1,0 +1,188 @@
+"""The paper's quality comparison on SmolLM2-135M: every method trained with the same budget, held-out perplexity.
+
+Each method is swapped into the same captured model and trained with `lincompile.train.trainer.train` on the
+Shakespeare train split, in the same data order, for the same number of optimizer steps of the same batch:
+stage 1 (attention transfer) fits the method's new parameters for `--stage1-steps`, then stage 2 fine-tunes LoRA
+(r=8 on q/k/v/o) plus those parameters. A method without new parameters (e.g. linear-elu) has nothing to fit in
+stage 1, so it spends those steps in stage 2: every method sees the same number of training tokens. `softmax`
+(the original attention through the lincompile op) is trained with the same recipe: perplexity divided by its
+perplexity is what linearization costs, once the fine-tuning's own adaptation to the corpus is taken out.
+
+Every run is evaluated on the same held-out blocks, untrained, every `--eval-every` steps and at the end.
+
+    python bench/quality.py --quick                       # 4 methods, a few steps each: a smoke run
+    python bench/quality.py                               # every method below, CPU budget (hours on 2 cores)
+    python bench/quality.py --device cuda --stage2-steps 1000 --block-size 1024   # a GPU-sized budget
+
+Writes bench/results/quality_<tag>.json and quality_<tag>.png (perplexity against training tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BASELINES = ("linear-elu", "linear-relu", "performer", "cosformer", "hedgehog", "taylor", "retnet", "yoso",
+             "castling")
+ABLATIONS = ("local", "grouped", "local+grouped", "augmented")  # local only, global only, both, both + conv
+REFERENCE = "softmax"
+QUICK_METHODS = ("softmax", "linear-elu", "local+grouped", "augmented")
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def role(method: str) -> str:
+    if method in (REFERENCE, "augmented"):
+        return "reference" if method == REFERENCE else "ours"
+    return "ablation" if method in ABLATIONS else "baseline"
+
+
+def has_new_parameters(linear: object) -> bool:
+    from lincompile.train.attention_transfer import attention_parameters
+
+    return bool(attention_parameters(linear))
+
+
+def train_one(model: torch.nn.Module, captured: object, method: str, blocks: torch.Tensor, held: torch.Tensor,
+              args: argparse.Namespace, work: Path) -> dict:
+    """Linearize `captured` with `method`, train it with the shared budget, return its evaluations."""
+    import lincompile
+    from lincompile.train.eval import perplexity
+    from lincompile.train.trainer import TrainConfig, train
+
+    linear = lincompile.optimize(model, method, captured=captured)
+    stage1 = args.stage1_steps if has_new_parameters(linear) else 0
+    config = TrainConfig(stage1_steps=stage1, stage2_steps=args.stage2_steps + args.stage1_steps - stage1,
+                         batch_size=args.batch_size, block_size=args.block_size, lr=args.lr,
+                         warmup_steps=args.warmup_steps, eval_every=args.eval_every, eval_blocks=held.shape[0],
+                         checkpoint_every=0, keep_checkpoints=1, seed=args.seed, bf16=args.device == "cuda")
+    start = time.perf_counter()
+    result = train(linear, blocks, config, work / method, eval_blocks=held, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    tokens_per_step = args.batch_size * args.block_size
+    curve = [{"tokens": e["step"] * tokens_per_step, "step": e["step"], "ppl": e["ppl"]} for e in result.evals]
+    final = perplexity(linear, held, progress=False, desc=method).ppl
+    return {"method": method, "role": role(method), "stage1_steps": stage1, "stage2_steps": config.stage2_steps,
+            "tokens": config.total_steps * tokens_per_step, "seconds": seconds, "ppl_untrained": curve[0]["ppl"],
+            "ppl": final, "curve": curve}
+
+
+def run(args: argparse.Namespace) -> dict:
+    import lincompile
+    from lincompile.assets import load_model
+    from lincompile.train.data import heldout_blocks, load_texts, token_blocks
+    from lincompile.train.eval import perplexity
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model)
+    model.to(args.device)
+    captured = lincompile.api.capture_model(model)
+    blocks = token_blocks(tokenizer, load_texts("train"), args.block_size, None)
+    held = heldout_blocks(tokenizer, args.block_size, args.eval_blocks).to(args.device)
+    ppl_original = perplexity(model, held, progress=False, desc="original").ppl
+    _log(f"original perplexity {ppl_original:.2f} on {held[:, 1:].numel()} held-out tokens")
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="lincompile-quality-") as tmp:
+        for method in args.methods:
+            _log(f"{method}: training {args.stage1_steps + args.stage2_steps} steps")
+            runs.append(train_one(model, captured, method, blocks, held, args, Path(tmp)))
+            _log(f"{method}: ppl {runs[-1]['ppl']:.2f} ({runs[-1]['seconds']:.0f} s)")
+    reference = next((r["ppl"] for r in runs if r["method"] == REFERENCE), None)
+    for r in runs:
+        r["ratio_to_original"] = r["ppl"] / ppl_original
+        r["ratio_to_softmax_finetuned"] = r["ppl"] / reference if reference else None
+    return {"model": args.model, "ppl_original": ppl_original, "heldout_tokens": int(held[:, 1:].numel()),
+            "runs": runs}
+
+
+def print_table(result: dict) -> None:
+    header = ["method", "role", "ppl untrained", "ppl trained", "/ original", "/ softmax fine-tuned", "tokens",
+              "seconds"]
+    lines = [header]
+    for r in result["runs"]:
+        tuned = r["ratio_to_softmax_finetuned"]
+        lines.append([r["method"], r["role"], f"{r['ppl_untrained']:.1f}", f"{r['ppl']:.2f}",
+                      f"{r['ratio_to_original']:.2f}x", "-" if tuned is None else f"{tuned:.2f}x",
+                      str(r["tokens"]), f"{r['seconds']:.0f}"])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    print(f"original {result['model']}: held-out perplexity {result['ppl_original']:.2f} "
+          f"({result['heldout_tokens']} tokens)")
+    for line in lines:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    styles = {"reference": "--", "ours": "-", "ablation": "-.", "baseline": ":"}
+    for r in result["runs"]:
+        curve = r["curve"] + [{"tokens": r["tokens"], "ppl": r["ppl"]}]
+        ax.plot([p["tokens"] for p in curve], [p["ppl"] for p in curve], styles[r["role"]], marker="o",
+                markersize=3, label=r["method"])
+    ax.axhline(result["ppl_original"], color="black", linewidth=0.8, label="original (untouched)")
+    ax.set(yscale="log", xlabel="training tokens", ylabel="held-out perplexity",
+           title=f"{result['model']}: quality at an equal training budget")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--methods", nargs="+", default=[REFERENCE, *BASELINES, *ABLATIONS])
+    parser.add_argument("--stage1-steps", type=int, default=10, help="attention-transfer steps (default 10)")
+    parser.add_argument("--stage2-steps", type=int, default=20, help="fine-tuning steps (default 20)")
+    parser.add_argument("--batch-size", type=int, default=4, help="blocks per optimizer step (default 4)")
+    parser.add_argument("--block-size", type=int, default=128, help="tokens per block (default 128)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="stage-2 LR (default 5e-4)")
+    parser.add_argument("--warmup-steps", type=int, default=5)
+    parser.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N steps")
+    parser.add_argument("--eval-blocks", type=int, default=8, help="held-out blocks (default 8)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{', '.join(QUICK_METHODS)}; 2 + 4 steps of 2 x 64 tokens, 2 held-out blocks")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.methods, args.stage1_steps, args.stage2_steps = list(QUICK_METHODS), 2, 4
+        args.batch_size, args.block_size, args.eval_every, args.eval_blocks = 2, 64, 3, 2
+    from lincompile.methods.spec import get_method
+
+    for method in args.methods:
+        get_method(method)  # an unknown name fails here, before the model loads
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    result = run(args)
+    tag = f"{args.device}{'_quick' if args.quick else ''}"
+    result.update({"command": command, "device": args.device, "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), "budget": {k: getattr(args, k) for k in (
+                       "stage1_steps", "stage2_steps", "batch_size", "block_size", "lr", "seed")}})
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / f"quality_{tag}.json", args.out / f"quality_{tag}.png"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, png_path)
+    print()
+    print_table(result)
+    print(f"\nwrote {json_path} and {png_path}")
+    print(f"reproduce: {command}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,10 +3,13 @@
 Engines (all fp32, batch 1, greedy, the same number of threads):
   hf        the Hugging Face model with its KV cache (the default DynamicCache, which grows by concatenation,
             so each step also copies the cache; SDPA attention);
-  eager     the linearized model (`lincompile.optimize(model, method)`), its fx graph run by PyTorch eagerly;
+  eager     the linearized model users get (`lincompile.pretrained.linearized(model, method, weights="auto")`:
+            the shipped trained weights when there are some; speed does not depend on them), its fx graph run
+            by PyTorch eagerly;
   compile   the same stateful decode graph (`LinearizedModel.graph`: tokens + state in, logits + state out)
             under `torch.compile(backend="inductor", dynamic=False)` with Inductor's freezing (weights folded as
-            constants, prepacked linears); `lincompile::attention` stays an extern call of its registered kernel
+            constants, prepacked linears; `lincompile.runtime.timing.compiled_model`);
+            `lincompile::attention` stays an extern call of its registered kernel
             (the plain-PyTorch reference on CPU), the code around it is compiled. Binding the op to its reference
             first (as the ONNX export does) was tried: Inductor did not finish compiling that 30-layer graph in
             17 min here. (`torch.compile(model, backend="lincompile")` compiles a full-sequence graph without
@@ -38,106 +41,27 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
+
+from lincompile.runtime.timing import HFCache, Step, compiled_model, linear_session, open_ort, time_steps
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ENGINES = ("hf", "eager", "compile", "ort")
 CONTEXTS = (512, 2048, 8192, 16384)
-Step = Callable[[], torch.Tensor]  # one decode step; returns the step's logits [1, vocab]
 
 
 def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-@dataclass
-class Timings:
-    """Per-engine step latencies (s) at one context, and the greedy tokens each engine produced."""
-
-    steps: dict[str, list[float]] = field(default_factory=dict)
-    tokens: dict[str, list[int]] = field(default_factory=dict)
-
-
-class HFCache:
-    """The HF model and its growing KV cache: `extend` prefills, `session` decodes, `rewind` crops back."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        from transformers.cache_utils import DynamicCache
-
-        self.model = model
-        self.cache = DynamicCache(config=model.config)
-        self.length = 0
-        self.last_logits: torch.Tensor | None = None
-
-    def _call(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(ids, cache=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache = out.cache
-        self.length += ids.shape[1]
-        return out.logits[:, -1]
-
-    def extend(self, ids: torch.Tensor, chunk: int) -> None:
-        for start in range(0, ids.shape[1], chunk):
-            self.last_logits = self._call(ids[:, start:start + chunk])
-
-    def session(self) -> Step:
-        token = self.last_logits.argmax(-1, keepdim=True)
-
-        def step() -> torch.Tensor:
-            nonlocal token
-            logits = self._call(token)
-            token = logits.argmax(-1, keepdim=True)
-            return logits
-        return step
-
-    def rewind(self, length: int) -> None:
-        self.cache.crop(length - self.length)  # a negative count removes that many tokens
-        self.length = length
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
-
-
-def linear_session(model: Callable, logits: torch.Tensor, state: object, position: torch.Tensor) -> Step:
-    """Greedy steps of any lincompile runner (LinearizedModel, its compiled twin, OrtModel) from a prefill."""
-    token = logits.argmax(-1, keepdim=True)
-    ones = torch.ones_like(token)
-
-    def step() -> torch.Tensor:
-        nonlocal token, state, position
-        out = model(token, attention_mask=ones, past_state=state, position_ids=position)
-        state, position = out.past_state, position + 1
-        last = out.logits[:, -1]
-        token = last.argmax(-1, keepdim=True)
-        return last
-    return step
-
-
-def compiled_model(linear: object) -> object:
-    """A `LinearizedModel` whose stateful graph runs under torch.compile (Inductor, freezing, static shapes)."""
-    import torch._inductor.config as inductor_config
-
-    from lincompile.backends.eager import LinearizedModel
-
-    inductor_config.freezing = True
-    compiled = torch.compile(linear.graph, backend="inductor", dynamic=False)
-    return LinearizedModel(compiled, linear.input_names, linear.output_names, linear.sites, linear.rewritten,
-                           linear.config, linear.hf_config)
-
-
 def ort_model(linear: object, onnx_dir: Path | None, threads: int) -> object:
     """Export (or reuse `onnx_dir` when it holds an export) and open an onnxruntime CPU session."""
-    import onnxruntime as ort
-
     from lincompile.backends.onnx import META_FILE
-    from lincompile.backends.ort import OrtModel
 
     if onnx_dir is None:
         onnx_dir = Path(tempfile.mkdtemp(prefix="lincompile-bench-")) / "onnx"
@@ -145,27 +69,7 @@ def ort_model(linear: object, onnx_dir: Path | None, threads: int) -> object:
         start = time.perf_counter()
         linear.export_onnx(str(onnx_dir))
         _log(f"ONNX export took {time.perf_counter() - start:.0f} s ({onnx_dir})")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return OrtModel.from_dir(onnx_dir, providers=["CPUExecutionProvider"], session_options=options)
-
-
-def time_steps(sessions: dict[str, Step], warmup: int, rounds: int, steps: int) -> Timings:
-    """Warm each session up, then `rounds` rounds of `steps` timed steps per session, interleaved."""
-    timings = Timings({name: [] for name in sessions}, {name: [] for name in sessions})
-    for name, step in sessions.items():
-        for _ in range(warmup):
-            timings.tokens[name].append(int(step().argmax()))
-    for _ in range(rounds):
-        for name, step in sessions.items():
-            for _ in range(steps):
-                start = time.perf_counter()
-                logits = step()
-                timings.steps[name].append(time.perf_counter() - start)
-                timings.tokens[name].append(int(logits.argmax()))
-    return timings
+    return open_ort(onnx_dir, threads)
 
 
 def first_step_difference(sessions: dict[str, Step]) -> dict[str, float]:
@@ -175,8 +79,8 @@ def first_step_difference(sessions: dict[str, Step]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    import lincompile
     from lincompile.assets import load_model
+    from lincompile.pretrained import linearized
     from lincompile.runtime.prefill import prefill
     from lincompile.train.data import heldout_blocks
 
@@ -186,8 +90,9 @@ def run(args: argparse.Namespace) -> dict:
     extra = args.warmup + args.rounds * args.steps
     ids = heldout_blocks(tokenizer, block_size=contexts[-1] + extra, max_blocks=1)
     start = time.perf_counter()
-    linear = lincompile.optimize(model, args.method)
-    _log(f"optimize({args.method}) took {time.perf_counter() - start:.0f} s")
+    linear = linearized(model, args.method, weights="auto")
+    weights = "untrained" if linear.recipe is None else "trained (shipped weights)"
+    _log(f"linearized({args.method}, {weights}) took {time.perf_counter() - start:.0f} s")
     runners: dict[str, object] = {}
     if "eager" in args.engines or "compile" in args.engines:
         runners["eager"] = linear
@@ -227,9 +132,9 @@ def run(args: argparse.Namespace) -> dict:
             timings = time_steps(sessions, args.warmup, args.rounds, args.steps)
             if hf is not None:
                 hf.rewind(context)
-            for name, values in timings.steps.items():
-                row[f"ms_{name}"] = 1e3 * statistics.median(values)
-                row[f"tok_s_{name}"] = 1.0 / statistics.median(values)
+            for name, rate in timings.tokens_per_s().items():
+                row[f"ms_{name}"] = 1e3 / rate
+                row[f"tok_s_{name}"] = rate
             if "eager" in linear_names:
                 others = [n for n in linear_names if n != "eager"]
                 row["greedy_tokens_agree"] = {n: timings.tokens[n] == timings.tokens["eager"] for n in others}
@@ -237,7 +142,7 @@ def run(args: argparse.Namespace) -> dict:
                     {n: make(n) for n in linear_names})
             rows.append(row)
             _print_row(row, args.engines)
-    return {"rows": rows, "state_bytes": rows[-1]["state_bytes"]}
+    return {"rows": rows, "state_bytes": rows[-1]["state_bytes"], "weights": weights}
 
 
 def _ratio(row: dict, a: str, b: str) -> float | None:

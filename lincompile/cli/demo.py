@@ -1,164 +1,342 @@
-"""`lincompile demo`: the main job on the embedded default, end to end, in a few CPU minutes.
+"""`lincompile demo`: the main job on the embedded default, end to end, on a CPU.
 
-Load SmolLM2-135M, inspect it, linearize it with the paper's `augmented` method, export it to ONNX
-and run it in onnxruntime, then print one table: held-out perplexity, decode tokens/s, and the
-memory of the recurrent state against the KV cache. A plot of memory against context is saved.
-Every number is measured in this run; nothing is hard-coded.
+Load SmolLM2-135M; inspect it (capture with torch.export, detect its attention sites); linearize it with
+`augmented` and the shipped trained weights (`lincompile.pretrained.linearized`; with `--weights auto`, the
+untrained linearization when none are shipped: the table says which); compile its stateful decode graph with
+torch.compile; export it to ONNX and run it in onnxruntime; generate a continuation of a short held-out prompt
+with speculative decoding (and plain greedy decoding, to show both give the same text). One table then
+reports held-out perplexity of the original and the linearized model, decode tokens/s after `--context` and
+`--long-context` tokens for every engine, accepted tokens per speculative call, and decode memory at the long
+context. A plot (decode tok/s and memory against context) and demo.json (every number, and the seconds each
+stage took) go to `--out`. Every number is measured in this run; nothing is hard-coded. Most of the time goes
+to the ONNX export and to Inductor compiling the decode graph.
+
+Decode speed is the median step of interleaved rounds (`lincompile.runtime.timing`). At `--context` both
+models prefill the same held-out tokens for real. At `--long-context`, lincompile prefills that many held-out
+tokens for real (chunked, its state constant-size) and every lincompile engine decodes from that state; a
+real Hugging Face prefill that long takes minutes on a CPU, so the original decodes from a KV cache of
+`--long-context` random keys and values per layer (`HFCache.fill_random`): a decode step's cost depends only
+on the cache's length, so its speed is what a real prefill would give (its tokens are meaningless).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import shlex
 import time
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from lincompile.api import capture_model, optimize
-from lincompile.assets import load_model
-from lincompile.backends.onnx import export_onnx
-from lincompile.backends.ort import OrtModel
-from lincompile.train.data import heldout_blocks
-from lincompile.train.eval import perplexity
+MODEL = "smollm2-135m"
+EVAL_BLOCK = 256  # tokens per perplexity block, as `lincompile eval` scores by default
+PROMPT_TOKENS = 48  # the held-out prompt the linearized model continues
+PREFILL_CHUNK = 512
+ENGINES = {"hf": "original (HF)", "eager": "PyTorch eager", "compile": "torch.compile", "ort": "onnxruntime"}
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What `lincompile demo` runs; the command-line options one to one."""
+
+    out: Path = Path("out/demo")
+    method: str = "augmented"
+    weights: str = "auto"
+    context: int = 512
+    long_context: int = 8192
+    steps: int = 16
+    eval_blocks: int = 4
+    draft: str = "prompt-lookup"
+    num_draft_tokens: int = 4
+    new_tokens: int = 32
+
+    def command(self) -> str:
+        """The `lincompile demo` command line that runs these options."""
+        return (f"lincompile demo --out {shlex.quote(str(self.out))} --method {self.method} --weights {self.weights} "
+                f"--context {self.context} --long-context {self.long_context} --steps {self.steps} "
+                f"--eval-blocks {self.eval_blocks} --draft {self.draft} --num-draft-tokens {self.num_draft_tokens} "
+                f"--new-tokens {self.new_tokens}")
 
 
 def _log(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def _decode_tokens_per_second(model: object, ids: torch.Tensor, steps: int) -> float:
-    """Prefill `ids`, then time `steps` greedy single-token steps through the state."""
-    out = model(ids)
-    state, token = out.past_state, out.logits[:, -1].argmax(-1, keepdim=True)
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = model(token, past_state=state)
-        state, token = out.past_state, out.logits[:, -1].argmax(-1, keepdim=True)
-    return steps / (time.perf_counter() - start)
+class _Stopwatch:
+    """Seconds per named stage, in the order they ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self._start
+        self._start = now
 
 
-def _hf_decode_tokens_per_second(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> float:
-    out = model(ids, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    return steps / (time.perf_counter() - start)
+def _weights_label(weights: str, recipe: dict[str, Any] | None) -> str:
+    if recipe is None:
+        return "untrained"
+    return "trained: shipped weights" if weights in ("auto", "default") else f"trained: {weights}"
 
 
-def _kv_cache_bytes(model: torch.nn.Module, context: int) -> int:
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * 4
+def _inspect(model: torch.nn.Module, captured: Any) -> dict[str, Any]:
+    """What the detector finds in the captured graph (as `lincompile inspect` lists it), summarised."""
+    from lincompile.api import run_pipeline
+    from lincompile.config import LinearizeConfig
+
+    _, report = run_pipeline(model, LinearizeConfig(method="softmax"), names=("normalize", "detect_attention"),
+                             captured=captured)
+    sites = report.sites
+    return {"sites": len(sites), "unmatched": len(report.unmatched),
+            "forms": dict(Counter(s.form for s in sites)), "masks": dict(Counter(s.mask_kind for s in sites)),
+            "heads": sorted({s.heads for s in sites}), "kv_heads": sorted({s.kv_heads for s in sites}),
+            "head_dim": sorted({s.head_dim for s in sites})}
 
 
-def _plot(path: Path, contexts: list[int], kv: list[int], state: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(contexts, [b / 2**20 for b in kv], marker="o", label="softmax KV cache (fp32)")
-    ax.plot(contexts, [state / 2**20] * len(contexts), marker="s", label="augmented recurrent state")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("MiB per sequence")
-    ax.set_title("SmolLM2-135M: decode memory against context")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def _sites_summary(inspected: dict[str, Any]) -> str:
+    return f"{inspected['sites']} ({', '.join(inspected['forms'])}; {', '.join(inspected['masks'])})"
 
 
-def _speculative(model: object, prompt: torch.Tensor, draft: str, k: int, new_tokens: int) -> dict[str, object]:
-    """Speculative and plain greedy decoding of the same prompt: acceptance, speed, and whether they agree."""
+def _decode(sessions: dict[str, Any], steps: int) -> tuple[dict[str, float], bool]:
+    """tok/s per session (one warm-up step, then two interleaved rounds) and whether the lincompile engines
+    (every session but "hf") took the same greedy tokens."""
+    from lincompile.runtime.timing import time_steps
+
+    timings = time_steps(sessions, warmup=1, rounds=2, steps=math.ceil(steps / 2))
+    linear = [tokens for name, tokens in timings.tokens.items() if name != "hf"]
+    return timings.tokens_per_s(), all(tokens == linear[0] for tokens in linear)
+
+
+def _generate(linear: Any, tokenizer: Any, prompt: torch.Tensor, opts: DemoOptions) -> dict[str, Any]:
+    """Continue `prompt` greedily, speculatively and plainly: acceptance, speeds, the text, and whether the two
+    outputs agree (they must: greedy speculative decoding emits the plain greedy tokens)."""
     from lincompile.runtime.generate import generate
     from lincompile.runtime.speculative import speculative_generate
 
     start = time.perf_counter()
-    plain = generate(model, prompt, new_tokens)
-    plain_rate = new_tokens / (time.perf_counter() - start)
-    out, stats = speculative_generate(model, prompt, new_tokens, draft, k)
-    return {"speculative_draft": draft, "speculative_k": k, "accepted_per_call": stats.mean_accepted,
+    plain = generate(linear, prompt, opts.new_tokens)
+    plain_rate = opts.new_tokens / (time.perf_counter() - start)
+    out, stats = speculative_generate(linear, prompt, opts.new_tokens, opts.draft, opts.num_draft_tokens)
+    return {"prompt": tokenizer.decode(prompt[0]), "continuation": tokenizer.decode(out[0, prompt.shape[1]:]),
+            "accepted_drafts_per_call": stats.mean_accepted, "tokens_per_call": stats.tokens_per_call,
             "speculative_tokens_per_s": stats.new_tokens / stats.seconds, "plain_tokens_per_s": plain_rate,
             "speculative_identical_to_greedy": bool(torch.equal(out, plain))}
 
 
+def _plot(path: Path, result: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
+
+    contexts = [result["context"], result["long_context"]]
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, label in ENGINES.items():
+        if name not in result["tokens_per_s"][str(contexts[0])]:
+            continue
+        speed.plot(contexts, [result["tokens_per_s"][str(c)][name] for c in contexts], marker="o",
+                   label=f"{label}, KV cache (random at {contexts[1]})" if name == "hf" else f"lincompile, {label}")
+    speed.set(xscale="log", xlabel="context (tokens)", ylabel="decode tokens/s (median step)",
+              title=f"SmolLM2-135M decode, {result['threads']} thread(s)")
+    speed.set_ylim(bottom=0)
+    kv, state = [result["kv_cache_bytes"][str(c)] / 2**20 for c in contexts], [result["state_bytes"] / 2**20] * 2
+    memory.plot(contexts, kv, marker="o", label="original: KV cache")
+    memory.plot(contexts, state, marker="s", label=f"lincompile {result['method']}: state")
+    for x, y in [*zip(contexts, kv), *zip(contexts, state)]:
+        memory.annotate(f"{y:.1f} MiB", (x, y), textcoords="offset points", xytext=(0, 6), ha="center")
+    memory.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="MiB per sequence (fp32)",
+               title="decode memory")
+    for ax in (speed, memory):
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.margins(x=0.12, y=0.15)
+        ax.set_xticks(contexts, [str(c) for c in contexts])
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 @torch.no_grad()
-def run_demo(out_dir: Path, method: str = "augmented", context: int = 512, steps: int = 16,
-             eval_blocks: int = 4, draft: str = "prompt-lookup", num_draft_tokens: int = 4) -> dict[str, object]:
-    """Run every step and return the table's numbers."""
-    torch.manual_seed(0)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _log("loading smollm2-135m (first run: download + dequantize, ~1 min)")
-    model, tokenizer = load_model("smollm2-135m")
-    _log("capturing with torch.export and detecting attention")
+def run_demo(opts: DemoOptions) -> dict[str, Any]:
+    """Run every step; return the numbers demo.json holds (also written to `opts.out`)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from lincompile.api import capture_model
+    from lincompile.assets import load_model
+    from lincompile.backends.onnx import export_onnx
+    from lincompile.pretrained import linearized
+    from lincompile.runtime.prefill import prefill
+    from lincompile.runtime.timing import HFCache, compiled_model, linear_session, open_ort
+    from lincompile.train.data import heldout_blocks
+    from lincompile.train.eval import perplexity
+
+    if not 0 < opts.context < opts.long_context:
+        raise ValueError(f"need 0 < --context < --long-context, got {opts.context} and {opts.long_context}")
+    opts.out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    clock = _Stopwatch()
+    _log(f"loading {MODEL} (first run: download + dequantize, ~1 min)")
+    model, tokenizer = load_model(MODEL)
+    clock.lap("load")
+    _log("inspecting: capture with torch.export, detect the attention sites")
     captured = capture_model(model)
-    linear = optimize(model, method, captured=captured, strict=True)
-    _log(f"{len(linear.sites)} attention sites -> {method}")
-    blocks = heldout_blocks(tokenizer, 128, eval_blocks)
+    inspected = _inspect(model, captured)
+    clock.lap("inspect")
+    _log(f"attention sites: {_sites_summary(inspected)}; linearizing them with {opts.method}, weights {opts.weights}")
+    linear = linearized(model, opts.method, opts.weights, MODEL, captured=captured, strict=True)
+    weights_label = _weights_label(opts.weights, linear.recipe)
+    clock.lap("linearize")
+    blocks = heldout_blocks(tokenizer, EVAL_BLOCK, opts.eval_blocks)
     ppl_original = perplexity(model, blocks, desc="original").ppl
-    ppl_linear = perplexity(linear, blocks, desc=method).ppl
-    ids = heldout_blocks(tokenizer, context, 1)
-    _log(f"decode speed after a {context}-token prompt ({steps} steps each)")
-    tps_hf = _hf_decode_tokens_per_second(model, ids, steps)
-    tps_torch = _decode_tokens_per_second(linear, ids, steps)
-    _log("exporting to ONNX and decoding in onnxruntime")
-    onnx_dir = export_onnx(linear, out_dir / "onnx", tokenizer=tokenizer)
-    tps_ort = _decode_tokens_per_second(OrtModel.from_dir(onnx_dir), ids, steps)
-    _log(f"speculative decoding ({draft}, k={num_draft_tokens}) against plain greedy decoding")
-    spec = _speculative(linear, heldout_blocks(tokenizer, 64, 1), draft, num_draft_tokens, new_tokens=24)
-    state_bytes = linear.initial_state(1).nbytes()
-    contexts = [512, 2048, 8192, 32768]
-    kv = [_kv_cache_bytes(model, c) for c in contexts]
-    _plot(out_dir / "memory.png", contexts, kv, state_bytes)
-    result = {
-        "method": method, "sites": len(linear.sites), "heldout_tokens": int(blocks[:, 1:].numel()),
-        "ppl_original": ppl_original, "ppl_linearized_untrained": ppl_linear,
-        "decode_context": context, "tokens_per_s_hf_kv_cache": tps_hf, "tokens_per_s_lincompile_torch": tps_torch,
-        "tokens_per_s_lincompile_onnxruntime": tps_ort, "state_bytes": state_bytes,
-        "kv_cache_bytes_8k": _kv_cache_bytes(model, 8192), "plot": str(out_dir / "memory.png"), **spec,
+    ppl_linear = perplexity(linear, blocks, desc=opts.method).ppl
+    clock.lap("perplexity")
+    _log("exporting to ONNX")
+    onnx_dir = export_onnx(linear, opts.out / "onnx", tokenizer=tokenizer)
+    clock.lap("onnx_export")
+    engines = {"eager": linear, "compile": compiled_model(linear), "ort": open_ort(onnx_dir, threads)}
+
+    ids = heldout_blocks(tokenizer, opts.long_context, 1)
+    _log(f"prefilling {opts.context} held-out tokens (both models)")
+    hf = HFCache(model)
+    hf.extend(ids[:, :opts.context], PREFILL_CHUNK)
+    short = prefill(linear, ids[:, :opts.context], chunk_size=PREFILL_CHUNK)
+    clock.lap("prefill_short")
+    _log("torch.compile of the decode graph (Inductor, freezing): the first call compiles")
+    compile_error = None
+    try:
+        linear_session(engines["compile"], *short)()
+    except BackendCompilerFailed as error:  # Inductor on a CPU needs a C++ compiler, which a fresh machine may lack
+        compile_error = f"{type(error.inner_exception).__name__}: {error.inner_exception}".splitlines()[0]
+        _log(f"torch.compile failed, going on without it: {compile_error}")
+        del engines["compile"]
+    clock.lap("compile")
+    _log(f"timing {opts.steps} decode steps per engine at {opts.context}")
+    kv_short = hf.nbytes()
+    speed_short, agree_short = _decode({"hf": hf.session(), **{
+        name: linear_session(engine, *short) for name, engine in engines.items()}}, opts.steps)
+    del hf
+    clock.lap("decode_short")
+
+    _log(f"lincompile: prefilling held-out tokens {opts.context}..{opts.long_context} (chunks of {PREFILL_CHUNK})")
+    long = prefill(linear, ids[:, opts.context:], position_ids=torch.arange(opts.context, opts.long_context)[None],
+                   past_state=short.state, chunk_size=PREFILL_CHUNK)
+    clock.lap("prefill_long")
+    _log(f"timing {opts.steps} decode steps per engine at {opts.long_context} (HF: random KV cache)")
+    hf = HFCache(model)
+    hf.fill_random(opts.long_context, long.logits.argmax(-1, keepdim=True))
+    kv_long = hf.nbytes()
+    speed_long, agree_long = _decode({"hf": hf.session(), **{
+        name: linear_session(engine, *long) for name, engine in engines.items()}}, opts.steps)
+    del hf
+    clock.lap("decode_long")
+
+    _log(f"generating {opts.new_tokens} tokens: speculative ({opts.draft}, k={opts.num_draft_tokens}) and plain")
+    generation = _generate(linear, tokenizer, heldout_blocks(tokenizer, PROMPT_TOKENS, 1), opts)
+    clock.lap("generate")
+    result: dict[str, Any] = {
+        "model": MODEL, "method": opts.method, "weights": opts.weights, "weights_label": weights_label,
+        "trained": linear.recipe is not None, "inspect": inspected, "linearized_sites": len(linear.sites),
+        "heldout_tokens": int(blocks[:, 1:].numel()), "ppl_original": ppl_original, "ppl_linearized": ppl_linear,
+        "threads": threads, "context": opts.context, "long_context": opts.long_context,
+        "timed_steps_per_engine": 2 * math.ceil(opts.steps / 2),
+        "tokens_per_s": {str(opts.context): speed_short, str(opts.long_context): speed_long},
+        "lincompile_engines_agree": {str(opts.context): agree_short, str(opts.long_context): agree_long},
+        "compile_error": compile_error, "hf_long_context_cache": "random keys/values", "draft": opts.draft,
+        "num_draft_tokens": opts.num_draft_tokens, "state_bytes": long.state.nbytes(),
+        "kv_cache_bytes": {str(opts.context): kv_short, str(opts.long_context): kv_long},
+        **generation, "seconds": clock.seconds, "options": {k: str(v) for k, v in asdict(opts).items()},
+        "command": opts.command(), "plot": str(opts.out / "decode.png"),
     }
-    (out_dir / "demo.json").write_text(json.dumps(result, indent=2))
+    result["seconds"]["total"] = sum(clock.seconds.values())
+    _plot(opts.out / "decode.png", result)
+    (opts.out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    r = run_demo(Path(args.out), args.method, args.context, args.steps, args.eval_blocks, args.draft,
-                 args.num_draft_tokens)
+def _table(r: dict[str, Any]) -> list[str]:
+    """The one table: a row per measurement, the original and the linearized model side by side."""
+    short, long = str(r["context"]), str(r["long_context"])
+    mib = 2**20
     rows = [
-        ("attention sites linearized", f"{r['sites']} -> {r['method']}"),
-        (f"held-out perplexity, original ({r['heldout_tokens']} tokens)", f"{r['ppl_original']:.1f}"),
-        (f"held-out perplexity, {r['method']} (untrained)", f"{r['ppl_linearized_untrained']:.1f}"),
-        (f"decode tok/s @ {r['decode_context']}: HF + KV cache", f"{r['tokens_per_s_hf_kv_cache']:.1f}"),
-        (f"decode tok/s @ {r['decode_context']}: lincompile (torch)", f"{r['tokens_per_s_lincompile_torch']:.1f}"),
-        (f"decode tok/s @ {r['decode_context']}: lincompile (onnxruntime)",
-         f"{r['tokens_per_s_lincompile_onnxruntime']:.1f}"),
-        (f"speculative ({r['speculative_draft']}, k={r['speculative_k']}): accepted drafts per call",
-         f"{r['accepted_per_call']:.2f}"),
-        ("speculative tok/s vs plain greedy (same output?)",
-         f"{r['speculative_tokens_per_s']:.1f} vs {r['plain_tokens_per_s']:.1f} "
-         f"({'identical' if r['speculative_identical_to_greedy'] else 'DIFFERENT'})"),
-        ("recurrent state per sequence (any context)", f"{r['state_bytes'] / 2**20:.2f} MiB"),
-        ("softmax KV cache per sequence @ 8K (fp32)", f"{r['kv_cache_bytes_8k'] / 2**20:.2f} MiB"),
-        ("memory plot", r["plot"]),
+        ("", "original (HF + KV cache)", f"lincompile {r['method']} ({r['weights_label']})"),
+        ("attention sites", _sites_summary(r["inspect"]), f"{r['linearized_sites']} linearized"),
+        (f"held-out perplexity ({r['heldout_tokens']} tokens)", f"{r['ppl_original']:.2f}",
+         f"{r['ppl_linearized']:.2f}"),
     ]
-    width = max(len(k) for k, _ in rows)
-    print()
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-    print("\nThe linearization is untrained (alpha = 0, conv taps = 0): `lincompile train` recovers quality.")
-    print(f"reproduce: lincompile demo --out {args.out} --context {args.context} --steps {args.steps}")
+    for context in (short, long):
+        speed = r["tokens_per_s"][context]
+        hf = f"{speed['hf']:.2f}" + (" *" if context == long else "")
+        rows += [(f"decode tok/s @ {context}: PyTorch eager", hf, f"{speed['eager']:.2f}"),
+                 (f"decode tok/s @ {context}: torch.compile", "-",
+                  f"{speed['compile']:.2f}" if "compile" in speed else "failed (see below)"),
+                 (f"decode tok/s @ {context}: onnxruntime", "-", f"{speed['ort']:.2f}")]
+    rows += [
+        (f"decode memory per sequence @ {long} (fp32)", f"{r['kv_cache_bytes'][long] / mib:.1f} MiB KV cache",
+         f"{r['state_bytes'] / mib:.2f} MiB state"),
+        (f"speculative ({r['draft']}, k={r['num_draft_tokens']}): tokens per call", "-",
+         f"{r['tokens_per_call']:.2f} ({r['accepted_drafts_per_call']:.2f} drafts accepted)"),
+        ("generation tok/s: speculative vs plain greedy", "-",
+         f"{r['speculative_tokens_per_s']:.2f} vs {r['plain_tokens_per_s']:.2f} "
+         f"({'same tokens' if r['speculative_identical_to_greedy'] else 'DIFFERENT tokens'})"),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def options_from_args(args: argparse.Namespace) -> DemoOptions:
+    return DemoOptions(Path(args.out), args.method, args.weights, args.context, args.long_context, args.steps,
+                       args.eval_blocks, args.draft, args.num_draft_tokens, args.new_tokens)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    opts = options_from_args(args)
+    r = run_demo(opts)
+    seconds = r["seconds"]
+    agree = all(r["lincompile_engines_agree"].values())
+    print(f"\nheld-out prompt:\n{r['prompt']}\n\n{r['method']} ({r['weights_label']}) continues "
+          f"(greedy, {opts.new_tokens} tokens):\n{r['continuation']}\n")
+    print("\n".join(_table(r)))
+    print(f"\n* the original decodes from a KV cache of {opts.long_context} random keys and values per layer (a step "
+          "costs the same whatever the cache holds);\n  lincompile from its state after a real prefill of "
+          f"{opts.long_context} held-out tokens ({seconds['prefill_short'] + seconds['prefill_long']:.0f} s, "
+          f"chunks of {PREFILL_CHUNK}).")
+    compiled = (f"torch.compile failed: {r['compile_error']}" if r["compile_error"] else
+                f"torch.compile took {seconds['compile']:.0f} s to compile")
+    print(f"{compiled}, the ONNX export {seconds['onnx_export']:.0f} s; "
+          f"{r['threads']} thread(s); {r['timed_steps_per_engine']} timed steps per engine and context; the "
+          f"lincompile engines took {'the same' if agree else 'DIFFERENT'} greedy tokens.")
+    if not r["trained"]:
+        print("The linearization is untrained (alpha = 0, conv taps = 0): `lincompile train` recovers quality.")
+    print(f"demo: {seconds['total']:.0f} s; wrote {opts.out / 'demo.json'}, {r['plot']} and {opts.out / 'onnx'}")
+    print(f"reproduce: {opts.command()}")
     return 0
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="out/demo", help="where the ONNX model, demo.json and the plot go")
-    parser.add_argument("--method", default="augmented", help="linear-attention method (default: augmented)")
-    parser.add_argument("--context", type=int, default=512, help="prompt length before timing decode")
-    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per engine")
-    parser.add_argument("--eval-blocks", type=int, default=4, help="held-out blocks of 128 tokens for perplexity")
-    parser.add_argument("--draft", default="prompt-lookup", help="speculative draft (default: prompt-lookup)")
-    parser.add_argument("--num-draft-tokens", type=int, default=4, help="drafted tokens per target call")
+    defaults = DemoOptions()
+    parser.add_argument("--out", default=str(defaults.out), help="where the ONNX model, demo.json and the plot go")
+    parser.add_argument("--method", default=defaults.method, help="linear-attention method (default: augmented)")
+    parser.add_argument("--weights", default=defaults.weights,
+                        help="'auto' (the shipped trained linearization when there is one, else untrained; default), "
+                             "'default' (shipped, required), 'none' (untrained), or a directory written by "
+                             "lincompile.pretrained.ship")
+    parser.add_argument("--context", type=int, default=defaults.context,
+                        help="prompt length of the first decode timing (default 512)")
+    parser.add_argument("--long-context", type=int, default=defaults.long_context,
+                        help="prompt length of the second decode timing (default 8192)")
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help="decode steps timed per engine and context (default 16)")
+    parser.add_argument("--eval-blocks", type=int, default=defaults.eval_blocks,
+                        help=f"held-out blocks of {EVAL_BLOCK} tokens for perplexity (default 4)")
+    parser.add_argument("--draft", default=defaults.draft, help="speculative draft (default: prompt-lookup)")
+    parser.add_argument("--num-draft-tokens", type=int, default=defaults.num_draft_tokens,
+                        help="drafted tokens per target call (default 4)")
+    parser.add_argument("--new-tokens", type=int, default=defaults.new_tokens,
+                        help="tokens generated after the held-out prompt (default 32)")

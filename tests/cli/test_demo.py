@@ -1,19 +1,65 @@
-"""`lincompile demo` runs end to end on the real model and reports measured numbers."""
+"""`lincompile demo` runs end to end on the real model and reports measured numbers (slow); its options
+round-trip through the printed reproduce command (fast)."""
 import json
+import math
+import shlex
+from pathlib import Path
 
 import pytest
 
-from lincompile.cli.main import main
+from lincompile.cli.demo import DemoOptions, options_from_args, run_demo
+from lincompile.cli.main import build_parser, main
+from lincompile.pretrained import available
+
+KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 4  # SmolLM2-135M: keys and values, 30 layers, 3 kv heads of 64, fp32
+ENGINES = ("hf", "eager", "compile", "ort")
+
+
+def test_the_reproduce_command_parses_back_to_the_same_options():
+    opts = DemoOptions(Path("x/y"), "augmented", "none", 32, 128, 3, 2, "prompt-lookup", 2, 5)
+    args = build_parser().parse_args(shlex.split(opts.command())[1:])
+    assert options_from_args(args) == opts
+    assert options_from_args(build_parser().parse_args(["demo"])) == DemoOptions()
+
+
+def test_the_long_context_must_exceed_the_context(tmp_path):
+    with pytest.raises(ValueError, match="--context < --long-context"):
+        run_demo(DemoOptions(tmp_path, context=512, long_context=512))
 
 
 @pytest.mark.slow
 def test_demo_prints_the_table_and_writes_its_outputs(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--context", "64", "--steps", "2", "--eval-blocks", "1"]) == 0
+    args = ["--out", str(tmp_path), "--context", "64", "--long-context", "256", "--steps", "2", "--eval-blocks", "1",
+            "--new-tokens", "12"]
+    trained = "smollm2-135m-augmented" in available()  # before the run: weights may be shipped while it runs
+    assert main(["demo", *args]) == 0
     out = capsys.readouterr().out
-    assert "decode tok/s @ 64: lincompile (onnxruntime)" in out and "reproduce: lincompile demo" in out
     result = json.loads((tmp_path / "demo.json").read_text())
-    assert result["sites"] == 30 and result["state_bytes"] < result["kv_cache_bytes_8k"]
-    assert all(result[k] > 0 for k in ("tokens_per_s_hf_kv_cache", "tokens_per_s_lincompile_torch",
-                                       "tokens_per_s_lincompile_onnxruntime", "ppl_original"))
-    assert result["speculative_identical_to_greedy"] and result["accepted_per_call"] >= 0
-    assert (tmp_path / "memory.png").stat().st_size > 0 and (tmp_path / "onnx" / "model.onnx").is_file()
+    assert result["trained"] is trained
+    assert result["weights_label"] == ("trained: shipped weights" if trained else "untrained")
+    header = next(line for line in out.splitlines() if "original (HF + KV cache)" in line)
+    assert f"lincompile augmented ({result['weights_label']})" in header
+    for row in ("held-out perplexity (255 tokens)", "decode tok/s @ 64: onnxruntime",
+                "decode tok/s @ 256: torch.compile", "decode memory per sequence @ 256",
+                "speculative (prompt-lookup, k=4): tokens per call"):
+        assert row in out, row
+    assert out.rstrip().splitlines()[-1] == f"reproduce: lincompile demo {shlex.join(args[:2])} --method augmented " \
+        "--weights auto --context 64 --long-context 256 --steps 2 --eval-blocks 1 --draft prompt-lookup " \
+        "--num-draft-tokens 4 --new-tokens 12"
+    assert f"held-out prompt:\n{result['prompt']}" in out and result["prompt"].startswith("HAMLET")
+    assert result["continuation"].strip() and result["continuation"] in out
+
+    assert result["inspect"]["sites"] == result["linearized_sites"] == 30 and result["inspect"]["unmatched"] == 0
+    assert 1 < result["ppl_original"] < 40 and math.isfinite(result["ppl_linearized"])
+    if trained:  # on this block: original 15.6, shipped trained 65.5, untrained (alpha = 0, conv taps = 0) 53785
+        assert result["ppl_linearized"] < 10 * result["ppl_original"]
+    engines = set(ENGINES) - ({"compile"} if result["compile_error"] else set())  # Inductor needs a C++ compiler
+    for context in ("64", "256"):
+        assert set(result["tokens_per_s"][context]) == engines
+        assert all(rate > 0 for rate in result["tokens_per_s"][context].values())
+        assert result["lincompile_engines_agree"][context]
+        assert result["kv_cache_bytes"][context] == KV_BYTES_PER_TOKEN * int(context)
+    assert 0 < result["state_bytes"] < result["kv_cache_bytes"]["256"]
+    assert result["speculative_identical_to_greedy"] and result["tokens_per_call"] >= 1
+    assert result["seconds"]["compile"] > 0 and result["seconds"]["onnx_export"] > 0
+    assert (tmp_path / "decode.png").stat().st_size > 0 and (tmp_path / "onnx" / "model.onnx").is_file()

@@ -236,3 +236,14 @@ def valid_positions(family: str, inputs: dict[str, torch.Tensor]) -> torch.Tenso
         return torch.ones_like(inputs["input_ids"], dtype=torch.bool)
     return inputs["attention_mask"].bool()
 
+
+
+def perturb_new_parameters(linear: Any, scale: float = 0.1, seed: int = 0) -> Any:
+    """Move a linearized model's new parameters off their initial values (alpha and conv taps start at zero)
+    by `scale` * N(0, 1), in place, so every branch of the method counts in a test; returns the model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in linear.graph.named_parameters():
+            if name.startswith("lincompile"):
+                param.add_(scale * torch.randn(param.shape, generator=gen))
+    return linear

@@ -11,7 +11,7 @@ import lincompile
 from lincompile.backends import onnx as lo
 from lincompile.backends.ort import OrtModel
 from lincompile.runtime.verify import PARAMS_FILE
-from lincompile.testing.tiny import tiny_model
+from lincompile.testing.tiny import perturb_new_parameters, tiny_model
 
 #: name -> (method, layers, method of each site). "augmented" (when registered) adds every linear state part:
 #: group buffers, conv window and a position counter.
@@ -34,11 +34,7 @@ def _declared(meta: dict, batch: int, past: int = 0) -> dict[str, tuple[int, ...
 def exported(request, tmp_path_factory):
     """(config name, LinearizedModel, export dir, OrtModel) for each tiny llama configuration."""
     method, layers, _ = CONFIGS[request.param]
-    model = lincompile.optimize(tiny_model("llama"), method, layers=layers)
-    with torch.no_grad():  # new parameters start at zero (alpha, conv taps): make every branch count
-        for name, param in model.graph.named_parameters():
-            if name.startswith("lincompile"):
-                param.add_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
+    model = perturb_new_parameters(lincompile.optimize(tiny_model("llama"), method, layers=layers))
     opset = 18 if request.param == "hybrid" else None  # the lowest opset allowed, once; else torch's default
     out = lo.export_onnx(model, tmp_path_factory.mktemp(request.param) / "export", opset=opset)
     return request.param, model, out, OrtModel.from_dir(out, providers=["CPUExecutionProvider"])

@@ -7,7 +7,7 @@ import torch
 import lincompile
 from lincompile.backends.ort import OrtModel
 from lincompile.runtime.prefill import mask_positions, prefill
-from lincompile.testing.tiny import tiny_model
+from lincompile.testing.tiny import perturb_new_parameters, tiny_model
 
 #: name -> (method, layers): the paper's augmented form everywhere, and a hybrid whose layer 1 stays exact
 #: softmax (a KV-cache site whose state grows with each chunk).
@@ -19,13 +19,7 @@ FP32_ATOL = 1e-5
 
 def _perturbed(method: str, layers: list[int] | None) -> lincompile.LinearizedModel:
     """A tiny llama linearized; the new parameters (alpha, conv taps start at zero) moved so every branch counts."""
-    model = lincompile.optimize(tiny_model("llama"), method, layers=layers)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.graph.named_parameters():
-            if name.startswith("lincompile"):
-                param.add_(0.1 * torch.randn(param.shape, generator=gen))
-    return model
+    return perturb_new_parameters(lincompile.optimize(tiny_model("llama"), method, layers=layers))
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

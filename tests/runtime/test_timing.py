@@ -8,7 +8,7 @@ import torch
 import lincompile
 from lincompile.runtime.prefill import prefill
 from lincompile.runtime.timing import HFCache, kv_cache_bytes, linear_session, time_steps
-from lincompile.testing.tiny import tiny_model
+from lincompile.testing.tiny import perturb_new_parameters, tiny_model
 
 PROMPT, STEPS = 70, 6  # the prompt crosses a group boundary (G = 64)
 
@@ -21,13 +21,7 @@ def hf():
 @pytest.fixture(scope="module")
 def linear(hf):
     """The tiny llama linearized, its new parameters (alpha, conv taps start at zero) moved so they count."""
-    model = lincompile.optimize(hf, "augmented")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.graph.named_parameters():
-            if name.startswith("lincompile"):
-                param.add_(0.1 * torch.randn(param.shape, generator=gen))
-    return model
+    return perturb_new_parameters(lincompile.optimize(hf, "augmented"))
 
 
 @pytest.fixture(scope="module")

@@ -103,11 +103,12 @@ def _sites_summary(inspected: dict[str, Any]) -> str:
     return f"{inspected['sites']} ({', '.join(inspected['forms'])}; {', '.join(inspected['masks'])})"
 
 
-def _decode(sessions: dict[str, Any], steps: int) -> tuple[dict[str, float], bool]:
-    """tok/s per session (one warm-up step, then two interleaved rounds) and whether the lincompile engines
-    (every session but "hf") took the same greedy tokens."""
-    from lincompile.runtime.timing import time_steps
+def _decode(hf: Any, engines: dict[str, Any], start: Any, steps: int) -> tuple[dict[str, float], bool]:
+    """tok/s of the HF cache's session and of each lincompile engine from the prefill `start` (one warm-up step,
+    then two interleaved rounds), and whether the lincompile engines took the same greedy tokens."""
+    from lincompile.runtime.timing import linear_session, time_steps
 
+    sessions = {"hf": hf.session(), **{name: linear_session(engine, *start) for name, engine in engines.items()}}
     timings = time_steps(sessions, warmup=1, rounds=2, steps=math.ceil(steps / 2))
     linear = [tokens for name, tokens in timings.tokens.items() if name != "hf"]
     return timings.tokens_per_s(), all(tokens == linear[0] for tokens in linear)
@@ -219,8 +220,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     clock.lap("compile")
     _log(f"timing {opts.steps} decode steps per engine at {opts.context}")
     kv_short = hf.nbytes()
-    speed_short, agree_short = _decode({"hf": hf.session(), **{
-        name: linear_session(engine, *short) for name, engine in engines.items()}}, opts.steps)
+    speed_short, agree_short = _decode(hf, engines, short, opts.steps)
     del hf
     clock.lap("decode_short")
 
@@ -232,8 +232,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     hf = HFCache(model)
     hf.fill_random(opts.long_context, long.logits.argmax(-1, keepdim=True))
     kv_long = hf.nbytes()
-    speed_long, agree_long = _decode({"hf": hf.session(), **{
-        name: linear_session(engine, *long) for name, engine in engines.items()}}, opts.steps)
+    speed_long, agree_long = _decode(hf, engines, long, opts.steps)
     del hf
     clock.lap("decode_long")
 

@@ -24,9 +24,11 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import operator
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -306,12 +308,21 @@ def _write_site_params(model: LinearizedModel, directory: Path) -> None:
 
 def _to_onnx(program: torch.export.ExportedProgram, input_names: list[str], output_names: list[str],
              opset: int | None, optimize: bool) -> Any:
+    """torch.onnx.export of an aten-only program, without its notes about torchvision ops it cannot register
+    (4 warning lines per call) or torch's own deprecation warnings."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
     try:
-        return torch.onnx.export(program, dynamo=True, input_names=input_names, output_names=output_names,
-                                 opset_version=opset, optimize=optimize, verbose=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.onnx.export(program, dynamo=True, input_names=input_names, output_names=output_names,
+                                     opset_version=opset, optimize=optimize, verbose=False)
     except Exception as error:
         raise OnnxLoweringError(f"torch.onnx could not translate the lowered graph: {type(error).__name__}: "
                                 f"{_first_lines(error, 12)}") from error
+    finally:
+        registration.setLevel(level)
 
 
 def _export_split(model: LinearizedModel, opset: int | None, optimize: bool) -> tuple[Any, int, int]:

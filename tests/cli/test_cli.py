@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from xml.dom import minidom
 
 import pytest
 
@@ -160,7 +161,13 @@ def test_text_output_print_between_and_dump_dir(capsys, tiny_dir, tmp_path: Path
     before = (tmp_path / "sites" / "site_0_before.dot").read_text()
     assert "scaled_dot_product_attention" in before and "->" in before
     assert "lincompile.attention" in (tmp_path / "sites" / "site_0_after.dot").read_text()
-    assert (tmp_path / "sites" / "site_0_after.svg").read_text().lstrip().startswith("<?xml")
+    svg = minidom.parse(str(tmp_path / "sites" / "site_0_after.svg"))  # well-formed XML
+    boxes = svg.getElementsByTagName("rect")
+    arrows = svg.getElementsByTagName("line")
+    after = (tmp_path / "sites" / "site_0_after.dot").read_text()
+    assert len(boxes) == after.count("[label=") and len(arrows) == after.count('" -> "') > 0
+    texts = "".join(t.firstChild.data for t in svg.getElementsByTagName("tspan") if t.firstChild)
+    assert "lincompile.attention" in texts
 
 
 def test_unknown_method_fails_fast_with_one_line(capsys, tiny_dir):
@@ -204,3 +211,13 @@ def test_smollm2_inspect_and_verify(capsys):
     data = run_json(capsys, "optimize", "smollm2-135m", "--method", "softmax", "--verify")
     assert data["sites_found"] == data["sites_rewritten"] == 30
     assert data["max_abs_diff"] is not None and data["max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.slow
+def test_smollm2_fuel_rewrites_exactly_that_many_sites_and_draws_them(capsys, tmp_path: Path):
+    data = run_json(capsys, "optimize", "smollm2-135m", "--method", "augmented", "--fuel", "3",
+                    "--dump-dir", str(tmp_path))
+    assert data["sites_found"] == 30 and data["sites_rewritten"] == 3
+    drawn = sorted(p.name for p in (tmp_path / "sites").glob("site_*_after.svg"))
+    assert drawn == [f"site_{i}_after.svg" for i in range(3)]
+    assert "lincompile.attention" in (tmp_path / "04_cleanup.py").read_text()

@@ -375,7 +375,9 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
     if split_sites:
         try:
             proto, version, spliced = _export_split(model, opset, optimize)
-        except onnx_sites.SpliceError:  # the whole graph in one trace computes the same ops, only slower
+        except (onnx_sites.SpliceError, OnnxLoweringError) as error:  # the whole graph computes the same ops
+            warnings.warn(f"export_onnx: exporting each attention site once failed ({_first_lines(error, 2)}); "
+                          "tracing the whole graph instead (same ops, slower)", stacklevel=3)
             proto = None
     if proto is None:
         example = _example_inputs(model)

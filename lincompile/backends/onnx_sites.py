@@ -167,7 +167,7 @@ def split(graph: fx.GraphModule, state_examples: dict[str, Tensor], placeholder_
                 continue
             for part in list(user.users):
                 j = part.args[1]
-                results[1 + j] = _replace(copied, part, f"lc_site{index}_state{j}", state_ex[j],
+                results[1 + j] = _replace(copied, part, f"lc_site{index}_state{j}", state_ex[j].clone(),
                                           {0: "batch"}, extra_inputs)
             copied.erase_node(user)
         copied.erase_node(node)

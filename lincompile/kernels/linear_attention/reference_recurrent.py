@@ -69,17 +69,17 @@ def recurrent_linear(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: l
             fk = features(ki[:, :, None, None], spec, named, here, scale)[:, :, 0, 0]  # [B, Hkv, F]
             decay = 1.0 if gamma is None else gamma
             s_next = _scale(parts["state"], decay) + rf[..., None] * fk[..., :, None] * vi[..., None, :]
-            num = num + torch.einsum("bhgf,bhfe->bhge", fq, s_next)
+            num = num + fq @ s_next
             parts["state"] = torch.where(real[:, None, None, None], s_next, parts["state"])
             if "normalizer" in parts:
                 z_next = _scale(parts["normalizer"], decay) + rf * fk
-                den = den + torch.einsum("bhgf,bhf->bhg", fq, z_next)
+                den = den + (fq @ z_next[..., None])[..., 0]
                 parts["normalizer"] = torch.where(real[:, None, None], z_next, parts["normalizer"])
         if spec.global_branch == "grouped":
             alpha = named["alpha"]
-            num = num + alpha * torch.einsum("bhgf,bhfe->bhge", fq, parts["state"])
+            num = num + alpha * (fq @ parts["state"])
             if "normalizer" in parts:
-                den = den + alpha * torch.einsum("bhgf,bhf->bhg", fq, parts["normalizer"])
+                den = den + alpha * (fq @ parts["normalizer"][..., None])[..., 0]
         if spec.uses_groups:
             offset = (pos % size)[:, None]
             write = (slots == offset) & real[:, None]  # [B, G]
@@ -87,25 +87,29 @@ def recurrent_linear(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: l
             parts["group_values"] = torch.where(write[:, None, :, None], vi[:, :, None], parts["group_values"])
             valid = ((slots < offset) | write)[:, None, None, :]  # [B, 1, 1, G]
             buffer_pos = pos[:, None] - offset + slots
-            if spec.local in ("relu2", "yoso"):
+            fb = None  # phi of the buffer's keys, once per token
+            if spec.local in ("relu2", "yoso") or spec.global_branch == "grouped":
                 fb = features(parts["group_keys"][:, :, None], spec, named, buffer_pos, scale)[:, :, 0]
-                w = torch.where(valid, local_kernel(torch.einsum("bhgf,bhjf->bhgj", fq, fb), spec), 0.0)
-                num = num + torch.einsum("bhgj,bhje->bhge", w, parts["group_values"])
+            if spec.local in ("relu2", "yoso"):
+                w = torch.where(valid, local_kernel(fq @ fb.transpose(-1, -2), spec), 0.0)
+                num = num + w @ parts["group_values"]
                 den = den + w.sum(-1)
             if spec.local == "softmax":
-                scores = torch.einsum("bhgd,bhjd->bhgj", qi[:, :, :, 0], parts["group_keys"]) * scale
+                scores = (qi[:, :, :, 0] @ parts["group_keys"].transpose(-1, -2)) * scale
                 probs = torch.softmax(scores.masked_fill(~valid, torch.finfo(acc).min), -1) * valid.any(-1, True)
-                out = out + torch.einsum("bhgj,bhje->bhge", probs, parts["group_values"])
+                out = out + probs @ parts["group_values"]
         if spec.global_branch != "none" or spec.local in ("relu2", "yoso"):
             out = out + (num / den.clamp_min(DENOMINATOR_EPS)[..., None] if spec.normalizer == "denominator" else num)
         if spec.conv != "none":
             taps = named["conv_weight"].reshape(kv_heads, groups, -1)
-            out = out + torch.einsum("hgj,bhje->bhge", taps[:, :, :half], parts["conv"])
+            out = out + taps[:, :, :half] @ parts["conv"]
             out = out + taps[None, :, :, half, None] * (rf * vi)[:, :, None, :]
             shifted = torch.cat([parts["conv"], vi[:, :, None]], 2)[:, :, 1:]
             parts["conv"] = torch.where(real[:, None, None, None], shifted, parts["conv"])
         if spec.uses_groups:
-            _fold_completed_group(spec, named, parts, real & (pos % size == size - 1), buffer_pos, scale)
+            complete = real & (pos % size == size - 1)
+            if bool(complete.any()):  # eager only (the op is opaque to tracing): most tokens complete nothing
+                _fold_completed_group(spec, parts, complete, fb)
         pos = pos + real.to(torch.int64)
         outs.append(out.reshape(batch, heads, -1))
     if spec.uses_positions:
@@ -120,13 +124,13 @@ def _scale(x: Tensor, decay: Tensor | float) -> Tensor:
     return x * decay.reshape(decay.shape + (1,) * (x.dim() - 2))
 
 
-def _fold_completed_group(spec: MethodSpec, params: dict[str, Tensor], parts: dict[str, Tensor], complete: Tensor,
-                          buffer_pos: Tensor, scale: float) -> None:
-    """Rows whose group just completed: add it to S (grouped branch) and clear the buffer, in place."""
+def _fold_completed_group(spec: MethodSpec, parts: dict[str, Tensor], complete: Tensor, fb: Tensor | None) -> None:
+    """Rows whose group just completed: add it to S (grouped branch; `fb` = phi of the buffer's keys) and
+    clear the buffer, in place."""
     if spec.global_branch == "grouped":
-        fb = features(parts["group_keys"][:, :, None], spec, params, buffer_pos, scale)[:, :, 0]
+        assert fb is not None
         flag = complete[:, None, None].to(fb.dtype)
-        parts["state"] = parts["state"] + flag[..., None] * torch.einsum("bhjf,bhje->bhfe", fb, parts["group_values"])
+        parts["state"] = parts["state"] + flag[..., None] * (fb.transpose(-1, -2) @ parts["group_values"])
         if "normalizer" in parts:
             parts["normalizer"] = parts["normalizer"] + flag * fb.sum(2)
     for name in ("group_keys", "group_values"):

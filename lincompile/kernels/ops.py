@@ -34,7 +34,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Te
               state: list[Tensor], params: list[Tensor], spec: str, scale: float,
               causal: bool) -> tuple[Tensor, list[Tensor]]:
     out, new_state = _run(q, k, v, key_mask, bias, state, params, spec, scale, causal)
-    return out.contiguous(), [s.contiguous() for s in new_state]
+    storages = {t.untyped_storage().data_ptr() for t in (q, k, v, key_mask, bias, *state, *params) if t is not None}
+    return _fresh(out, storages), [_fresh(s, storages) for s in new_state]
+
+
+def _fresh(t: Tensor, storages: set[int]) -> Tensor:
+    """`t` contiguous and in storage of its own: a custom op's outputs may not alias its inputs (an
+    implementation may hand back a state part it left unchanged, e.g. a decode step that folds no group)."""
+    if t.untyped_storage().data_ptr() in storages:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t.contiguous()
 
 
 @attention.register_fake

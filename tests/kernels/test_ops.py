@@ -61,3 +61,20 @@ def test_op_with_parameters_and_a_structured_state():
     ref_grads = torch.autograd.grad(ref.square().sum(), params)
     for a, b in zip(grads, ref_grads):
         assert a.abs().sum() > 0 and torch.allclose(a, b, atol=1e-10)
+
+
+def test_a_decode_step_returns_no_input_storage():
+    """A single causal token goes through `recurrent-step`, which leaves the grouped state unchanged until a
+    group completes; the op must still return fresh tensors (torch.compile rejects outputs aliasing inputs)."""
+    from lincompile.methods.params import random_params
+
+    spec = get_method("augmented")
+    _, q, k, v, _, _ = _inputs("linear-elu", dtype=torch.float32)
+    params = random_params(spec, 4, 2, 8, 8)
+    _, state = reference.attention(q, k, v, None, None, [], params, spec, 0.35, True)
+    step = (q[:, :, :1], k[:, :, :1], v[:, :, :1], torch.ones(2, 1, dtype=torch.long), None, state, params,
+            spec.to_json(), 0.35, True)
+    out, new_state = op(*step)
+    inputs = {t.untyped_storage().data_ptr() for t in (*step[:4], *state, *params)}
+    assert all(t.untyped_storage().data_ptr() not in inputs for t in (out, *new_state))
+    torch.library.opcheck(op.default, step)

@@ -14,7 +14,7 @@ the reference must be traceable, i.e. no Python branch on tensor values.
 
 Speed: tracing the reference is nearly all of the work and every site of a model traces the same code, so
 by default (`split_sites=True`) each distinct site signature is exported once and spliced into the graph per
-site (`onnx_sites`; SmolLM2: 91 s instead of 333 s, the same outputs bit for bit).
+site (`onnx_sites`; SmolLM2 in `lincompile demo`: 84-98 s instead of 333 s, the same outputs bit for bit).
 
 Invariant: the target directory is either the complete previous content or the complete new export
 (model.onnx, lincompile_onnx.json, lincompile_params.safetensors, tokenizer files), never a mix; on failure nothing is left behind.

@@ -30,8 +30,6 @@ from lincompile.kernels import ops  # noqa: F401  (registers lincompile::attenti
 from lincompile.methods.spec import MethodSpec
 
 ATTENTION = torch.ops.lincompile.attention.default
-#: The site's tensor arguments in the template's input order (key_mask only when the site has one).
-TENSOR_ARGS = ("q", "k", "v", "key_mask")
 
 
 class SpliceError(RuntimeError):

@@ -78,7 +78,8 @@ def to_svg(graph: nx.DiGraph, title: str) -> str:
         left = (width - len(names) * (BOX_W + GAP_X) + GAP_X) / 2
         for col, name in enumerate(sorted(names)):
             where[name] = (left + col * (BOX_W + GAP_X), GAP_Y + row * (BOX_H + GAP_Y))
-    parts = ['<?xml version="1.0" encoding="UTF-8"?>', f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+    parts = ['<?xml version="1.0" encoding="UTF-8"?>',
+             f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
              f'font-family="monospace" font-size="10">', f"<title>{escape(title)}</title>",
              '<defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="8" refY="4" orient="auto">'
              '<path d="M0,0 L8,4 L0,8 z" fill="#555"/></marker></defs>']

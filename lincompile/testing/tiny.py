@@ -237,7 +237,6 @@ def valid_positions(family: str, inputs: dict[str, torch.Tensor]) -> torch.Tenso
     return inputs["attention_mask"].bool()
 
 
-
 def perturb_new_parameters(linear: Any, scale: float = 0.1, seed: int = 0) -> Any:
     """Move a linearized model's new parameters off their initial values (alpha and conv taps start at zero)
     by `scale` * N(0, 1), in place, so every branch of the method counts in a test; returns the model."""

@@ -66,30 +66,22 @@ def recurrent_linear(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: l
         den = qi.new_zeros(batch, kv_heads, groups)
         out = torch.zeros_like(num)
         if spec.global_branch == "inclusive":
-            fk = features(ki[:, :, None, None], spec, named, here, scale)[:, :, 0, 0]  # [B, Hkv, F]
-            decay = 1.0 if gamma is None else gamma
-            s_next = _scale(parts["state"], decay) + rf[..., None] * fk[..., :, None] * vi[..., None, :]
+            s_next, z_next = _inclusive_next(spec, named, parts, ki, vi, real, here, scale, gamma)
             num = num + fq @ s_next
-            parts["state"] = torch.where(real[:, None, None, None], s_next, parts["state"])
-            if "normalizer" in parts:
-                z_next = _scale(parts["normalizer"], decay) + rf * fk
+            if z_next is not None:
                 den = den + (fq @ z_next[..., None])[..., 0]
-                parts["normalizer"] = torch.where(real[:, None, None], z_next, parts["normalizer"])
+            _keep_real(parts, real, s_next, z_next)
         if spec.global_branch == "grouped":
             alpha = named["alpha"]
             num = num + alpha * (fq @ parts["state"])
             if "normalizer" in parts:
                 den = den + alpha * (fq @ parts["normalizer"][..., None])[..., 0]
         if spec.uses_groups:
-            offset = (pos % size)[:, None]
-            write = (slots == offset) & real[:, None]  # [B, G]
-            parts["group_keys"] = torch.where(write[:, None, :, None], ki[:, :, None], parts["group_keys"])
-            parts["group_values"] = torch.where(write[:, None, :, None], vi[:, :, None], parts["group_values"])
-            valid = ((slots < offset) | write)[:, None, None, :]  # [B, 1, 1, G]
-            buffer_pos = pos[:, None] - offset + slots
+            write = _write_group(spec, parts, ki, vi, real, pos)
+            valid = ((slots < (pos % size)[:, None]) | write)[:, None, None, :]  # [B, 1, 1, G]
             fb = None  # phi of the buffer's keys, once per token
             if spec.local in ("relu2", "yoso") or spec.global_branch == "grouped":
-                fb = features(parts["group_keys"][:, :, None], spec, named, buffer_pos, scale)[:, :, 0]
+                fb = _buffer_features(spec, named, parts, pos, scale)
             if spec.local in ("relu2", "yoso"):
                 w = torch.where(valid, local_kernel(fq @ fb.transpose(-1, -2), spec), 0.0)
                 num = num + w @ parts["group_values"]
@@ -104,8 +96,7 @@ def recurrent_linear(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: l
             taps = named["conv_weight"].reshape(kv_heads, groups, -1)
             out = out + taps[:, :, :half] @ parts["conv"]
             out = out + taps[None, :, :, half, None] * (rf * vi)[:, :, None, :]
-            shifted = torch.cat([parts["conv"], vi[:, :, None]], 2)[:, :, 1:]
-            parts["conv"] = torch.where(real[:, None, None, None], shifted, parts["conv"])
+            _shift_conv(parts, vi, real)
         if spec.uses_groups:
             complete = real & (pos % size == size - 1)
             if bool(complete.any()):  # eager only (the op is opaque to tracing): most tokens complete nothing
@@ -115,6 +106,79 @@ def recurrent_linear(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: l
     if spec.uses_positions:
         parts["position"] = pos
     return torch.stack(outs, 2).to(q.dtype), pack_state(spec, parts)
+
+
+def absorb_linear(k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor], spec: MethodSpec,
+                  scale: float) -> list[Tensor]:
+    """The state after decoding the real tokens k, v [B, Hkv, t, d] one at a time: `recurrent_linear`'s state
+    updates, op for op (so the same state bit for bit), without computing outputs."""
+    batch = k.shape[0]
+    acc = accumulation_dtype(k.dtype)
+    named = named_params(spec, params, acc)
+    parts = acc_parts(spec, state, acc)
+    pos = start_position(parts, batch, k.device)
+    gamma = torch.exp(F.logsigmoid(named["decay"]))[None, :] if spec.decay else None
+    real = torch.ones(batch, dtype=torch.bool, device=k.device)
+    for i in range(k.shape[2]):
+        ki, vi = k[:, :, i].to(acc), v[:, :, i].to(acc)
+        if spec.global_branch == "inclusive":
+            _keep_real(parts, real, *_inclusive_next(spec, named, parts, ki, vi, real, pos[:, None], scale, gamma))
+        if spec.uses_groups:
+            _write_group(spec, parts, ki, vi, real, pos)
+        if spec.conv != "none":
+            _shift_conv(parts, vi, real)
+        if spec.uses_groups:
+            complete = pos % spec.group_size == spec.group_size - 1
+            if bool(complete.any()):
+                fb = _buffer_features(spec, named, parts, pos, scale) if spec.global_branch == "grouped" else None
+                _fold_completed_group(spec, parts, complete, fb)
+        pos = pos + 1
+    if spec.uses_positions:
+        parts["position"] = pos
+    return pack_state(spec, parts)
+
+
+def _inclusive_next(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor], ki: Tensor, vi: Tensor,
+                    real: Tensor, here: Tensor, scale: float,
+                    gamma: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """S and z once the token is absorbed (a padding row adds nothing but still decays)."""
+    rf = real.to(ki.dtype)[:, None, None]  # [B, 1, 1]
+    fk = features(ki[:, :, None, None], spec, named, here, scale)[:, :, 0, 0]  # [B, Hkv, F]
+    decay = 1.0 if gamma is None else gamma
+    s_next = _scale(parts["state"], decay) + rf[..., None] * fk[..., :, None] * vi[..., None, :]
+    z_next = _scale(parts["normalizer"], decay) + rf * fk if "normalizer" in parts else None
+    return s_next, z_next
+
+
+def _keep_real(parts: dict[str, Tensor], real: Tensor, s_next: Tensor, z_next: Tensor | None) -> None:
+    """Store S and z for real rows (padding rows keep theirs), in place."""
+    parts["state"] = torch.where(real[:, None, None, None], s_next, parts["state"])
+    if z_next is not None:
+        parts["normalizer"] = torch.where(real[:, None, None], z_next, parts["normalizer"])
+
+
+def _write_group(spec: MethodSpec, parts: dict[str, Tensor], ki: Tensor, vi: Tensor, real: Tensor,
+                 pos: Tensor) -> Tensor:
+    """Put the token into its group-buffer slot (real rows), in place; returns the slot written [B, G]."""
+    slots = torch.arange(spec.group_size, device=ki.device)
+    write = (slots == (pos % spec.group_size)[:, None]) & real[:, None]
+    parts["group_keys"] = torch.where(write[:, None, :, None], ki[:, :, None], parts["group_keys"])
+    parts["group_values"] = torch.where(write[:, None, :, None], vi[:, :, None], parts["group_values"])
+    return write
+
+
+def _buffer_features(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor], pos: Tensor,
+                     scale: float) -> Tensor:
+    """phi of the group buffer's keys [B, Hkv, G, F], each slot at its position in the group of `pos`."""
+    slots = torch.arange(spec.group_size, device=pos.device)
+    buffer_pos = pos[:, None] - (pos % spec.group_size)[:, None] + slots
+    return features(parts["group_keys"][:, :, None], spec, named, buffer_pos, scale)[:, :, 0]
+
+
+def _shift_conv(parts: dict[str, Tensor], vi: Tensor, real: Tensor) -> None:
+    """Append the token's value to the conv window and drop the oldest (real rows), in place."""
+    shifted = torch.cat([parts["conv"], vi[:, :, None]], 2)[:, :, 1:]
+    parts["conv"] = torch.where(real[:, None, None, None], shifted, parts["conv"])
 
 
 def _scale(x: Tensor, decay: Tensor | float) -> Tensor:

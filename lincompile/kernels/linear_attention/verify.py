@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lincompile.kernels.linear_attention.reference_linear import acc_parts, fold, mix, start_position, state_context
+from lincompile.kernels.linear_attention.reference_linear import acc_parts, mix, start_position, state_context
+from lincompile.kernels.linear_attention.reference_recurrent import absorb_linear
 from lincompile.kernels.linear_attention.reference_softmax import cache_weights
-from lincompile.kernels.linear_attention.state import accumulation_dtype, init_state, pack_state
+from lincompile.kernels.linear_attention.state import accumulation_dtype, init_state
 from lincompile.methods.params import named_params
 from lincompile.methods.spec import MethodSpec
 
@@ -93,7 +94,8 @@ def verify(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Te
 
 
 def commit(state: list[Tensor], extras: VerifyExtras, accepted_path: list[int]) -> list[Tensor]:
-    """The state after decoding the accepted path (node indices from a root down) token by token."""
+    """The state after decoding the accepted path (node indices from a root down) token by token: the decode
+    path's recurrent state updates, op for op, so the same state bit for bit (no outputs are computed)."""
     parents = extras.parents.tolist()
     for step, node in enumerate(accepted_path):
         if not 0 <= node < len(parents):
@@ -114,13 +116,4 @@ def commit(state: list[Tensor], extras: VerifyExtras, accepted_path: list[int]) 
         mask = torch.ones(batch, count, dtype=torch.bool, device=past_mask.device)
         return [torch.cat([past_k, keys.to(past_k.dtype)], 2), torch.cat([past_v, values.to(past_v.dtype)], 2),
                 torch.cat([past_mask, mask], 1)]
-    acc = accumulation_dtype(keys.dtype)
-    named = named_params(spec, list(extras.params), acc)
-    parts = acc_parts(spec, state, acc)
-    real = torch.ones(batch, 1, dtype=torch.bool, device=keys.device)
-    for i in range(count):  # one token at a time: the same rounding as sequential decoding
-        r0 = start_position(parts, batch, keys.device)
-        ctx = state_context(spec, parts, r0, keys[:, :, i:i + 1].to(acc), values[:, :, i:i + 1].to(acc),
-                            r0[:, None], real)
-        parts = fold(spec, named, ctx, parts, r0, r0 + 1, extras.scale)
-    return pack_state(spec, parts)
+    return absorb_linear(keys, values, list(state), list(extras.params), spec, extras.scale)

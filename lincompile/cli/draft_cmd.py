@@ -22,11 +22,13 @@ PROG = "lincompile"
 _DISTILL = DistillConfig()
 
 
-def load_target(name: str, method: str | None) -> tuple[nn.Module, Any]:
+def load_target(name: str, method: str | None, weights: str = "none") -> tuple[nn.Module, Any]:
     """(model, tokenizer): a lincompile directory loads its linearized model; an HF model (embedded name or
-    directory) loads as it is, or linearized with `method` when given."""
-    from lincompile.api import load, optimize
+    directory) loads as it is, or linearized with `method` when given, with the trained tensors `weights`
+    names (see `lincompile.pretrained.linearized`)."""
+    from lincompile.api import load
     from lincompile.assets import load_model
+    from lincompile.pretrained import linearized
 
     path = Path(name).expanduser()
     if (path / "lincompile.json").is_file():
@@ -38,7 +40,7 @@ def load_target(name: str, method: str | None) -> tuple[nn.Module, Any]:
         has_tokenizer = (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
         return model, AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer else None
     model, tokenizer = load_model(name)
-    return (optimize(model, method) if method else model), tokenizer
+    return (linearized(model, method, weights, model_name=name) if method else model), tokenizer
 
 
 def _print(summary: dict[str, Any], as_json: bool) -> None:
@@ -64,7 +66,7 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.tokens < args.block_size:
         raise ValueError(f"--tokens ({args.tokens}) must be at least one block (--block-size {args.block_size})")
-    model, tokenizer = load_target(args.model, args.method)
+    model, tokenizer = load_target(args.model, args.method, args.weights)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; training the heads needs one to tokenize the corpus")
     target = as_target(model)
@@ -76,7 +78,8 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
     result = train_medusa(target, blocks, config, args.steps, args.lr, args.batch_size, args.out, heldout=held,
                           labels=args.labels, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
                           seed=args.seed, feature_batch=args.feature_batch, progress=not args.no_progress,
-                          metadata={"target": args.model, "method": args.method})
+                          metadata={"target": args.model, "method": args.method,
+                                    "weights": args.weights if args.method else None})
     final = result.evals[-1] if result.evals else {}
     _print({"out": str(result.saved), "heads": args.heads, "steps": args.steps,
             "train_tokens": int(blocks.numel()), "labels": args.labels,
@@ -135,11 +138,14 @@ def add_parsers(sub: Any) -> None:
                 "top-1 accuracy per head (vs the target's argmax) is reported. Attach the heads with\n"
                 "lincompile.runtime.medusa.attach(model, OUT) and decode with generate(draft='medusa').",
                 [f"{PROG} train-medusa runs/aug1/final --out runs/aug1/medusa --steps 1000 --tokens 200000",
-                 f"{PROG} train-medusa smollm2-135m --method augmented --out out/medusa --heads 4 --steps 200"])
+                 f"{PROG} train-medusa smollm2-135m --method augmented --out out/medusa --heads 4 --steps 200"
+                 "   # shipped weights"])
     p.add_argument("model", metavar="MODEL_OR_DIR", help="a saved linearized directory (its model is the target), "
                    "an embedded model name or a Hugging Face directory")
-    p.add_argument("--method", default=None, help="linearize a Hugging Face MODEL with this method first "
-                   "(untrained; pass a trained linearized directory instead for useful heads)")
+    p.add_argument("--method", default=None, help="linearize a Hugging Face MODEL with this method first")
+    p.add_argument("--weights", default="auto", help="with --method: the trained linearization to load: 'auto' "
+                   "(the shipped one when there is one, else untrained; default), 'default' (the shipped one), "
+                   "'none' (untrained), or a directory written by lincompile.pretrained.ship")
     p.add_argument("--heads", type=int, default=4, help="number of heads = draft tokens per step (default 4)")
     p.add_argument("--head-layers", type=int, default=1, help="residual blocks per head (default 1)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")

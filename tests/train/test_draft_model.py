@@ -152,6 +152,17 @@ def test_train_medusa_command_on_a_linearized_directory(tiny_dir, lin_dir, capsy
         _run("train-medusa", str(lin_dir[0]), "--out", str(tiny_dir / "x"), "--method", "linear-elu")
 
 
+def test_target_weights_reach_the_linearization(tiny_dir, tmp_path):
+    """--weights picks the trained tensors of a --method linearization: none is untrained, a missing directory
+    is refused by name."""
+    from lincompile.cli.draft_cmd import load_target
+
+    model, _ = load_target(str(tiny_dir / "tiny"), "augmented", "none")
+    assert model.recipe is None and model.config.spec.name == "augmented"
+    with pytest.raises(FileNotFoundError, match="no trained linearization at .*missing"):
+        load_target(str(tiny_dir / "tiny"), "augmented", str(tmp_path / "missing"))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train-medusa", "M", "--out", "o", "--heads", "0"], "--heads must be >= 1"),
     (["train-medusa", "M", "--out", "o", "--tokens", "8"], "at least one block"),

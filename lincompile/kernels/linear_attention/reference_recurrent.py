@@ -5,7 +5,8 @@ Per real token at position p, for linear methods:
   grouped     o_glob = alpha phi(q) S_completed;  once p % G == G-1, S_completed += the group, buffer cleared
   local       buffer[p % G] = (k, v);  o_loc = sum_{j <= p % G} kernel(q, buffer_j) v_j
   conv        o_conv = sum_j w[j] window[j] + w[K//2] v;  window = window[1:] + [v]
-A padding token reads the state as a zero token at p would, and changes nothing.
+A padding token reads the state as a zero token at p would, and changes nothing. `absorb_linear` runs the
+same state updates without the outputs (what a speculative commit needs).
 """
 from __future__ import annotations
 

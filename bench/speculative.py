@@ -16,6 +16,7 @@ import json
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,12 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     linear = linearized(model, args.method, args.weights, args.model)
     args.weights = "none" if linear.recipe is None else "default" if args.weights == "auto" else args.weights
     if args.runtime == "ort":
+        from lincompile.backends.onnx import META_FILE
         from lincompile.backends.ort import OrtModel
 
-        out = Path(args.out) / f"onnx-{args.method}"
-        linear.export_onnx(str(out), tokenizer=tokenizer)
+        out = args.onnx_dir or Path(tempfile.mkdtemp(prefix="lincompile-bench-")) / "onnx"
+        if not (out / META_FILE).is_file():  # an export given with --onnx-dir is reused
+            linear.export_onnx(str(out), tokenizer=tokenizer)
         return OrtModel.from_dir(out), linear, tokenizer
     return linear, linear, tokenizer
 
@@ -169,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="2 prompts x 16 new tokens, k in 2,4")
+    parser.add_argument("--onnx-dir", type=Path, default=None,
+                        help="with --runtime ort: reuse the export in this directory, or export there (default: a "
+                             "new temporary directory)")
+    parser.add_argument("--tag", default="", help="suffix of the result files (speculative_<runtime>[_<tag>])")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {result['command']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"speculative_{args.runtime}"
+    stem = f"speculative_{args.runtime}" + (f"_{args.tag}" if args.tag else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     _plot(result, out / f"{stem}.png")
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")

@@ -66,6 +66,9 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.tokens < args.block_size:
         raise ValueError(f"--tokens ({args.tokens}) must be at least one block (--block-size {args.block_size})")
+    if args.weights != "auto" and not args.method:
+        raise ValueError("--weights picks the trained tensors of a --method linearization; add --method, or pass a "
+                         "saved linearized directory as MODEL_OR_DIR")
     model, tokenizer = load_target(args.model, args.method, args.weights)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; training the heads needs one to tokenize the corpus")

@@ -166,6 +166,7 @@ def test_target_weights_reach_the_linearization(tiny_dir, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["train-medusa", "M", "--out", "o", "--heads", "0"], "--heads must be >= 1"),
     (["train-medusa", "M", "--out", "o", "--tokens", "8"], "at least one block"),
+    (["train-medusa", "M", "--out", "o", "--weights", "none"], "add --method"),
     (["make-draft", "M", "--out", "o", "--layers", "0"], "--layers must be >= 1"),
 ])
 def test_bad_arguments_are_refused_before_loading(argv, message):

@@ -12,9 +12,11 @@ Every speculative output is also compared with the plain greedy output (they mus
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -45,7 +47,10 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         from lincompile.backends.onnx import META_FILE
         from lincompile.backends.ort import OrtModel
 
-        out = args.onnx_dir or Path(tempfile.mkdtemp(prefix="lincompile-bench-")) / "onnx"
+        if args.onnx_dir is None:  # a fresh export (~0.6 GB), removed when the bench exits
+            scratch = tempfile.mkdtemp(prefix="lincompile-bench-")
+            atexit.register(shutil.rmtree, scratch, True)
+        out = args.onnx_dir or Path(scratch) / "onnx"
         if not (out / META_FILE).is_file():  # an export given with --onnx-dir is reused
             linear.export_onnx(str(out), tokenizer=tokenizer)
         return OrtModel.from_dir(out), linear, tokenizer

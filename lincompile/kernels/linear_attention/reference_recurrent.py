@@ -78,11 +78,11 @@ def recurrent_linear(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: l
             if "normalizer" in parts:
                 den = den + alpha * (fq @ parts["normalizer"][..., None])[..., 0]
         if spec.uses_groups:
-            write = _write_group(spec, parts, ki, vi, real, pos)
+            write = _write_group(parts, ki, vi, real, pos, slots)
             valid = ((slots < (pos % size)[:, None]) | write)[:, None, None, :]  # [B, 1, 1, G]
             fb = None  # phi of the buffer's keys, once per token
             if spec.local in ("relu2", "yoso") or spec.global_branch == "grouped":
-                fb = _buffer_features(spec, named, parts, pos, scale)
+                fb = _buffer_features(spec, named, parts, pos, scale, slots)
             if spec.local in ("relu2", "yoso"):
                 w = torch.where(valid, local_kernel(fq @ fb.transpose(-1, -2), spec), 0.0)
                 num = num + w @ parts["group_values"]
@@ -120,18 +120,20 @@ def absorb_linear(k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor
     pos = start_position(parts, batch, k.device)
     gamma = torch.exp(F.logsigmoid(named["decay"]))[None, :] if spec.decay else None
     real = torch.ones(batch, dtype=torch.bool, device=k.device)
+    slots = torch.arange(spec.group_size, device=k.device)
     for i in range(k.shape[2]):
         ki, vi = k[:, :, i].to(acc), v[:, :, i].to(acc)
         if spec.global_branch == "inclusive":
             _keep_real(parts, real, *_inclusive_next(spec, named, parts, ki, vi, real, pos[:, None], scale, gamma))
         if spec.uses_groups:
-            _write_group(spec, parts, ki, vi, real, pos)
+            _write_group(parts, ki, vi, real, pos, slots)
         if spec.conv != "none":
             _shift_conv(parts, vi, real)
         if spec.uses_groups:
             complete = pos % spec.group_size == spec.group_size - 1
             if bool(complete.any()):
-                fb = _buffer_features(spec, named, parts, pos, scale) if spec.global_branch == "grouped" else None
+                fb = (_buffer_features(spec, named, parts, pos, scale, slots) if spec.global_branch == "grouped"
+                      else None)
                 _fold_completed_group(spec, parts, complete, fb)
         pos = pos + 1
     if spec.uses_positions:
@@ -158,20 +160,19 @@ def _keep_real(parts: dict[str, Tensor], real: Tensor, s_next: Tensor, z_next: T
         parts["normalizer"] = torch.where(real[:, None, None], z_next, parts["normalizer"])
 
 
-def _write_group(spec: MethodSpec, parts: dict[str, Tensor], ki: Tensor, vi: Tensor, real: Tensor,
-                 pos: Tensor) -> Tensor:
-    """Put the token into its group-buffer slot (real rows), in place; returns the slot written [B, G]."""
-    slots = torch.arange(spec.group_size, device=ki.device)
-    write = (slots == (pos % spec.group_size)[:, None]) & real[:, None]
+def _write_group(parts: dict[str, Tensor], ki: Tensor, vi: Tensor, real: Tensor, pos: Tensor,
+                 slots: Tensor) -> Tensor:
+    """Put the token into its group-buffer slot (real rows), in place; returns the slot written [B, G].
+    `slots` = arange(group size)."""
+    write = (slots == (pos % slots.shape[0])[:, None]) & real[:, None]
     parts["group_keys"] = torch.where(write[:, None, :, None], ki[:, :, None], parts["group_keys"])
     parts["group_values"] = torch.where(write[:, None, :, None], vi[:, :, None], parts["group_values"])
     return write
 
 
 def _buffer_features(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor], pos: Tensor,
-                     scale: float) -> Tensor:
+                     scale: float, slots: Tensor) -> Tensor:
     """phi of the group buffer's keys [B, Hkv, G, F], each slot at its position in the group of `pos`."""
-    slots = torch.arange(spec.group_size, device=pos.device)
     buffer_pos = pos[:, None] - (pos % spec.group_size)[:, None] + slots
     return features(parts["group_keys"][:, :, None], spec, named, buffer_pos, scale)[:, :, 0]
 

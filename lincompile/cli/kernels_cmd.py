@@ -13,13 +13,17 @@ import json
 from typing import Any
 
 from lincompile.kernels.triton.codegen import DTYPES, Plan, generate, unsupported_reason
+from lincompile.kernels.triton.codegen_bwd import generate_backward
 from lincompile.methods.spec import get_method, methods
 
 PROG = "lincompile"
-#: CLI form name -> kernel function in the generated module (None: not generated).
-KERNELS = {"chunked_fwd": "chunked_fwd", "recurrent": "recurrent", "verify": "verify_fwd", "chunked_bwd": None}
-#: What serves a form that has no generated kernel.
-NOT_GENERATED = {"chunked_bwd": "autograd recomputes the forward through the PyTorch reference"}
+#: CLI form name -> the kernel functions it prints from the generated forward or backward module.
+KERNELS = {"chunked_fwd": ("chunked_fwd",), "recurrent": ("recurrent",), "verify": ("verify_fwd",),
+           "chunked_bwd": ("bwd_dq", "bwd_dkv")}
+BACKWARD_FORMS = ("chunked_bwd",)
+#: Which calls the generated forms leave to the reference, for methods the generator covers.
+PARTIAL = ("bidirectional calls, interior padding, fp64; backward of calls that start from a state or carry a "
+           "key mask (recomputed through the reference)")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -33,7 +37,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=f"example:\n  {PROG} kernels --print-source augmented --form chunked_fwd --head-dim 128")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on error")
     parser.add_argument("--print-source", metavar="METHOD", default=None, help="print a generated kernel's source")
-    parser.add_argument("--form", choices=tuple(KERNELS), default="chunked_fwd", help="which kernel to print")
+    parser.add_argument("--form", choices=tuple(KERNELS), default="chunked_fwd",
+                        help="which kernel to print (chunked_bwd: the backward's two kernels)")
     parser.add_argument("--head-dim", type=int, default=64, help="q/k head dim of the shape class (default 64)")
     parser.add_argument("--v-head-dim", type=int, default=None, help="v head dim (default: --head-dim)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="input dtype of the shape class")
@@ -47,23 +52,26 @@ def listing() -> list[dict[str, Any]]:
     rows = []
     for name in methods():
         reason = unsupported_reason(get_method(name))
-        forms = [form for form, kernel in KERNELS.items() if kernel] if reason is None else []
-        rows.append({"method": name, "generated": forms, "reference": reason or NOT_GENERATED["chunked_bwd"]})
+        forms = list(KERNELS) if reason is None else []
+        rows.append({"method": name, "generated": forms, "reference": reason or PARTIAL})
     return rows
 
 
 def kernel_source(method: str, form: str, head_dim: int = 64, v_head_dim: int | None = None,
                   dtype: str = "float32") -> str:
-    """The module constants and the `form` kernel with every generated helper it calls, in module order."""
+    """The module constants and the `form` kernels with every generated helper they call, in module order."""
     spec = get_method(method)
-    kernel = KERNELS[form]
-    if kernel is None:
-        raise ValueError(f"no generated {form} kernel: {NOT_GENERATED[form]}")
+    if form not in KERNELS:
+        raise ValueError(f"unknown form {form!r}: choose from {', '.join(KERNELS)}")
     dv = v_head_dim or head_dim
-    source = generate(Plan(spec, head_dim, dv, dtype, max(16, min(64, 1 << (dv - 1).bit_length()))))
+    full = max(16, 1 << (dv - 1).bit_length())
+    if form in BACKWARD_FORMS:
+        source = generate_backward(Plan(spec, head_dim, dv, dtype, full))
+    else:
+        source = generate(Plan(spec, head_dim, dv, dtype, min(64, full)))
     tree = ast.parse(source)
     functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
-    needed, todo = set(), [kernel]
+    needed, todo = set(), list(KERNELS[form])
     while todo:
         name = todo.pop()
         if name in needed:
@@ -93,5 +101,5 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(row["method"]) for row in rows)
     for row in rows:
         status = ", ".join(row["generated"]) if row["generated"] else "-"
-        print(f"{row['method']:<{width}}  generated: {status:<30}  reference: {row['reference']}")
+        print(f"{row['method']:<{width}}  generated: {status:<44}  reference: {row['reference']}")
     return 0

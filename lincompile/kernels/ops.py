@@ -3,7 +3,8 @@
 Schema:
     attention(q, k, v, key_mask?, bias?, state[], params[], spec, scale, causal) -> (out, new_state[])
 `spec` is a `MethodSpec` as JSON, so a graph carries its own math. The op has a fake kernel (for
-torch.export / torch.compile) and autograd by recomputation through the selected implementation.
+torch.export / torch.compile) and autograd: the selected implementation's own backward where it has one and
+it applies (the generated Triton backward for training prefills), otherwise recomputation through it.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def _run(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor 
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor | None,
               state: list[Tensor], params: list[Tensor], spec: str, scale: float,
               causal: bool) -> tuple[Tensor, list[Tensor]]:
-    out, new_state = _run(q, k, v, key_mask, bias, state, params, spec, scale, causal)
+    with torch.no_grad():  # autograd is the op's own (below); the implementation never records a graph
+        out, new_state = _run(q, k, v, key_mask, bias, state, params, spec, scale, causal)
     storages = {t.untyped_storage().data_ptr() for t in (q, k, v, key_mask, bias, *state, *params) if t is not None}
     return _fresh(out, storages), [_fresh(s, storages) for s in new_state]
 
@@ -73,6 +75,10 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out, grad_state):
     q, k, v, *params = ctx.saved_tensors
     key_mask, bias, state, spec, scale, causal = ctx.rest
+    fast = registry.select(_spec(spec), q.device).backward
+    if grad_out is not None and fast is not None and fast.applies(q, k, v, key_mask, bias, state, _spec(spec), causal):
+        gq, gk, gv, gparams = attention_backward(q, k, v, params, grad_out, list(grad_state), spec, scale)
+        return gq, gk, gv, None, None, [None] * len(state), list(gparams), None, None, None
     inputs = [t.detach().requires_grad_(t.requires_grad or t.is_floating_point()) for t in (q, k, v, *params)]
     with torch.enable_grad():
         out, new_state = _run(inputs[0], inputs[1], inputs[2], key_mask, bias, state, inputs[3:], spec,
@@ -85,3 +91,20 @@ def _backward(ctx, grad_out, grad_state):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("lincompile::attention_backward", mutates_args=())
+def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], grad_out: Tensor,
+                       grad_state: list[Tensor | None], spec: str, scale: float
+                       ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """(dq, dk, dv, dparams) of `attention` by the selected implementation's own backward, one graph node."""
+    method = _spec(spec)
+    impl = registry.select(method, q.device).backward.impl
+    gq, gk, gv, gparams = impl(q, k, v, list(params), method, scale, grad_out, list(grad_state))
+    storages = {t.untyped_storage().data_ptr() for t in (q, k, v, grad_out, *params) if t is not None}
+    return _fresh(gq, storages), _fresh(gk, storages), _fresh(gv, storages), [_fresh(g, storages) for g in gparams]
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(q, k, v, params, grad_out, grad_state, spec, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), [torch.empty_like(p) for p in params]

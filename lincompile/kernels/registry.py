@@ -22,11 +22,25 @@ AttentionImpl = Callable[..., tuple[torch.Tensor, list[torch.Tensor]]]
 
 
 @dataclass(frozen=True)
+class Backward:
+    """An implementation's own backward. `applies(q, k, v, key_mask, bias, state, spec, causal)` decides from
+    shapes and types only; `impl(q, k, v, params, spec, scale, grad_out, grad_state)` returns
+    (dq, dk, dv, dparams)."""
+
+    applies: Callable[..., bool]
+    impl: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]]
+
+
+@dataclass(frozen=True)
 class KernelEntry:
+    """An implementation of the op. Without a `backward` (or where it does not apply) the op's backward
+    recomputes the forward through this implementation under autograd."""
+
     name: str
     impl: AttentionImpl
     supports: Callable[[MethodSpec, torch.device], bool]
     priority: int
+    backward: Backward | None = None
 
 
 _ENTRIES: list[KernelEntry] = [
@@ -68,5 +82,6 @@ def select(spec: MethodSpec, device: torch.device) -> KernelEntry:
     raise RuntimeError("no attention kernel registered")  # unreachable: the reference supports all
 
 
-register_kernel(KernelEntry("triton", triton_launch.attention, triton_launch.supports, priority=100))
+register_kernel(KernelEntry("triton", triton_launch.attention, triton_launch.supports, priority=100,
+                            backward=Backward(triton_launch.backward_applies, triton_launch.attention_backward)))
 register_kernel(KernelEntry("recurrent-step", recurrent_step, _serves_recurrent_step, priority=0))

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 from lincompile.kernels.triton.codegen import Plan, generate
+from lincompile.kernels.triton.codegen_bwd import generate_backward
 
 
 def interpreting() -> bool:
@@ -44,8 +45,8 @@ def source_path(source: str) -> Path:
 
 
 @functools.lru_cache(maxsize=128)
-def _load(plan: Plan, interpret: bool) -> ModuleType:
-    path = source_path(generate(plan))
+def _load(plan: Plan, interpret: bool, backward: bool) -> ModuleType:
+    path = source_path(generate_backward(plan, interpret) if backward else generate(plan))
     name = f"{path.stem}_{'interp' if interpret else 'jit'}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
@@ -56,4 +57,9 @@ def _load(plan: Plan, interpret: bool) -> ModuleType:
 
 def load(plan: Plan) -> ModuleType:
     """The generated module for a plan, with its kernels `chunked_fwd`, `verify_fwd` and `recurrent`."""
-    return _load(plan, interpreting())
+    return _load(plan, interpreting(), False)
+
+
+def load_backward(plan: Plan) -> ModuleType:
+    """The generated backward module for a plan, with its kernels `bwd_dq` and `bwd_dkv`."""
+    return _load(plan, interpreting(), True)

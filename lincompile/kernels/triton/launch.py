@@ -3,8 +3,9 @@
 `attention` has the reference's signature and numbers (fp32 within 1e-5 relative). It launches the generated
 `recurrent` kernel for one token per row and `chunked_fwd` otherwise. Calls outside what the kernels express
 are served by `reference.attention` itself (never an approximation of it): bidirectional sites, padding that
-is not a left-padded prefix, fp64, and calls that need autograd (the op's backward recomputes through the
-reference, so gradients are the reference's).
+is not a left-padded prefix, fp64, and direct calls that need autograd. `attention_backward` serves the op's
+backward for a causal prefill from the initial state without a key mask (training; `backward_applies`); the op
+recomputes any other backward through the reference.
 
 Which device runs what (`supports`): Triton on CUDA; on CPU only when `LINCOMPILE_KERNELS=triton`, which then
 needs `TRITON_INTERPRET=1` (Triton's interpreter). `LINCOMPILE_KERNELS=reference` is honoured by the registry.
@@ -23,7 +24,7 @@ from lincompile.kernels.linear_attention import reference
 from lincompile.kernels.linear_attention.state import pack_state, unpack_state
 from lincompile.kernels.triton import compile as gen
 from lincompile.kernels.triton.codegen import Plan, unsupported_reason
-from lincompile.methods.params import named_params
+from lincompile.methods.params import named_params, param_names
 from lincompile.methods.spec import MethodSpec
 
 #: Tests set this to fill every output with NaN before a launch, so an element a kernel misses shows up.
@@ -183,6 +184,54 @@ def verify(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Te
         ancestors.to(torch.int8).contiguous(), s[0], s[2], s[4], s[5], s[8], parts.alpha, parts.conv_weight,
         scale, math.sqrt(scale), count, heads, kv_heads, BT=max(16, 1 << (count - 1).bit_length()))
     return out, reference.VerifyExtras(spec, tuple(params), scale, k, v, parents)
+
+
+def backward_applies(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor | None,
+                     state: list[Tensor], spec: MethodSpec, causal: bool) -> bool:
+    """True when `attention_backward` computes this call's gradients: a causal prefill from the initial state
+    without a key mask, in a dtype the kernels take. Decided from shapes and types only, so that tracing
+    (torch.compile's AOT autograd) takes the same decision as eager."""
+    if not supports(spec, q.device) or state or key_mask is not None or bias is not None or not causal:
+        return False
+    return (q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.dtype in _DTYPES and k.dtype == q.dtype
+            and v.dtype == q.dtype and q.shape[2] == k.shape[2] == v.shape[2] and q.shape[0] == k.shape[0]
+            and k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0 and q.shape[3] == k.shape[3])
+
+
+def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], spec: MethodSpec, scale: float,
+                       grad_out: Tensor, grad_state: list[Tensor | None] | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """Gradients (dq, dk, dv, dparams) of a causal prefill from the initial state, given its output's gradient
+    and (optionally, None for none) its returned state's, by the generated backward kernels (see `codegen_bwd`);
+    the caller checks `backward_applies`."""
+    batch, heads, t, dk = q.shape
+    kv_heads, dv = k.shape[1], v.shape[3]
+    parts = _Parts(spec, [], params, q, k, v)
+    plan = Plan(spec, dk, dv, _DTYPES[q.dtype], max(16, 1 << (dv - 1).bit_length()))
+    module = gen.load_backward(plan)
+    q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.to(q.dtype).contiguous()
+    f32 = torch.float32
+    dq = _alloc((batch, heads, t, dk), f32, q.device)
+    dnum = _alloc((batch, heads, t, dv), f32, q.device)
+    dden = _alloc((batch, heads, t), f32, q.device)
+    dalpha = _alloc((batch * heads,), f32, q.device)
+    dk_heads = _alloc((batch, heads, t, dk), f32, q.device)
+    dv_heads = _alloc((batch, heads, t, dv), f32, q.device)
+    dtaps = torch.zeros(batch * heads, spec.conv_kernel, dtype=f32, device=q.device)
+    zeros = reference.init_state(spec, batch, kv_heads, dk, dv, q.device, torch.float32)
+    grad_state = grad_state or [None] * len(zeros)
+    given = unpack_state(spec, [z if g is None else g.to(torch.float32).contiguous() for g, z in zip(grad_state, zeros)])
+    state_grads = [given.get(name, parts.dummy) for name in ("state", "normalizer", "group_keys", "group_values", "conv")]
+    grid = (batch * heads,)
+    module.bwd_dq[grid](q, k, v, grad_out, dq, dnum, dden, dalpha, parts.alpha, scale, math.sqrt(scale), t, heads,
+                        kv_heads)
+    module.bwd_dkv[grid](q, k, v, grad_out, dnum, dden, dk_heads, dv_heads, dtaps, parts.alpha, parts.conv_weight,
+                         *state_grads, scale, math.sqrt(scale), t, heads, kv_heads)
+    per_kv = (batch, kv_heads, heads // kv_heads, t)
+    grads = {"alpha": dalpha.sum().reshape(()), "conv_weight": dtaps.reshape(batch, heads, -1).sum(0)}
+    dparams = [grads[name].to(p.dtype).reshape(p.shape) for name, p in zip(param_names(spec), params)]
+    return (dq.to(q.dtype), dk_heads.view(*per_kv, dk).sum(2).to(k.dtype),
+            dv_heads.view(*per_kv, dv).sum(2).to(v.dtype), dparams)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -22,7 +22,7 @@ def test_listing(capsys):
     rows = json.loads(_run(["--json"], capsys))
     assert [r["method"] for r in rows] == methods()
     by_name = {r["method"]: r for r in rows}
-    assert by_name["augmented"]["generated"] == ["chunked_fwd", "recurrent", "verify"]
+    assert by_name["augmented"]["generated"] == ["chunked_fwd", "recurrent", "verify", "chunked_bwd"]
     assert by_name["softmax"]["generated"] == [] and "kind='softmax'" in by_name["softmax"]["reference"]
     assert "augmented" in _run([], capsys)
 
@@ -38,6 +38,13 @@ def test_print_source(form, kernel, capsys):
     assert all(other not in names for other in {"chunked_fwd", "recurrent", "verify_fwd"} - {kernel})
 
 
-def test_no_generated_backward():
-    with pytest.raises(ValueError, match="recomputes the forward through the PyTorch reference"):
-        kernels_cmd.kernel_source("augmented", "chunked_bwd")
+def test_print_backward_source(capsys):
+    source = _run(["--print-source", "augmented", "--form", "chunked_bwd", "--head-dim", "128"], capsys)
+    names = [node.name for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)]
+    assert names[-2:] == ["bwd_dq", "bwd_dkv"] and {"_phi", "_dphi", "_chunk"} <= set(names)
+    assert "BV = tl.constexpr(128)" in source
+
+
+def test_unknown_form_is_named():
+    with pytest.raises(ValueError, match="unknown form 'chunked_bwdx'"):
+        kernels_cmd.kernel_source("augmented", "chunked_bwdx")

@@ -1,7 +1,7 @@
 """Attention kernel timings: lincompile's forms against SDPA, side by side in one run, as ratios.
 
-On CUDA: the generated Triton kernels (prefill forward = chunked_fwd, forward+backward through the
-`lincompile::attention` op, decode = recurrent step from a state) against SDPA (FlashAttention; decode attends
+On CUDA: the generated Triton kernels (prefill forward = chunked_fwd, forward+backward = chunked_fwd then
+the generated chunked backward, through the `lincompile::attention` op's autograd, decode = recurrent step from a state) against SDPA (FlashAttention; decode attends
 one query to a KV cache of T tokens) and, when installed, flash-linear-attention's chunk_linear_attn /
 fused_recurrent_linear_attn, for T in 1K..32K (triton.testing.do_bench medians).
 On CPU: the PyTorch reference forms (parallel = masked quadratic, chunked, recurrent per decode token) against

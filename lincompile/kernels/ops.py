@@ -12,6 +12,7 @@ import functools
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from lincompile.kernels import registry
 from lincompile.kernels.linear_attention.reference import init_state
@@ -72,11 +73,22 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.rest = (key_mask, bias, list(state), spec, scale, causal)
 
 
+def _from_the_start(key_mask: Tensor | None, state: list[Tensor]) -> bool:
+    """True when the call is known to start from the initial state (none, or all zeros) with every key real (no
+    mask, or an all-true one). Tracing tensors carry no values, so under tracing this is False: the traced
+    backward recomputes through the implementation, which is right for any values."""
+    tensors = [t for t in (key_mask, *state) if t is not None]
+    if any(is_fake(t) for t in tensors):
+        return False
+    return (key_mask is None or bool(key_mask.all())) and not any(bool(s.any()) for s in state)
+
+
 def _backward(ctx, grad_out, grad_state):
     q, k, v, *params = ctx.saved_tensors
     key_mask, bias, state, spec, scale, causal = ctx.rest
     fast = registry.select(_spec(spec), q.device).backward
-    if grad_out is not None and fast is not None and fast.applies(q, k, v, key_mask, bias, state, _spec(spec), causal):
+    if (grad_out is not None and fast is not None and fast.applies(q, k, v, bias, _spec(spec), causal)
+            and _from_the_start(key_mask, state)):
         gq, gk, gv, gparams = attention_backward(q, k, v, params, grad_out, list(grad_state), spec, scale)
         return gq, gk, gv, None, None, [None] * len(state), list(gparams), None, None, None
     inputs = [t.detach().requires_grad_(t.requires_grad or t.is_floating_point()) for t in (q, k, v, *params)]

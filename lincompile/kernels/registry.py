@@ -23,9 +23,9 @@ AttentionImpl = Callable[..., tuple[torch.Tensor, list[torch.Tensor]]]
 
 @dataclass(frozen=True)
 class Backward:
-    """An implementation's own backward. `applies(q, k, v, key_mask, bias, state, spec, causal)` decides from
-    shapes and types only; `impl(q, k, v, params, spec, scale, grad_out, grad_state)` returns
-    (dq, dk, dv, dparams)."""
+    """An implementation's own backward for causal prefills from the initial state with every key real (the op
+    checks those from the values). `applies(q, k, v, bias, spec, causal)` decides from shapes and types only;
+    `impl(q, k, v, params, spec, scale, grad_out, grad_state)` returns (dq, dk, dv, dparams)."""
 
     applies: Callable[..., bool]
     impl: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]]

@@ -4,8 +4,8 @@
 `recurrent` kernel for one token per row and `chunked_fwd` otherwise. Calls outside what the kernels express
 are served by `reference.attention` itself (never an approximation of it): bidirectional sites, padding that
 is not a left-padded prefix, fp64, and direct calls that need autograd. `attention_backward` serves the op's
-backward for a causal prefill from the initial state without a key mask (training; `backward_applies`); the op
-recomputes any other backward through the reference.
+backward for a causal prefill from the initial state with every key real (training; `backward_applies`); the
+op recomputes any other backward through the reference.
 
 Which device runs what (`supports`): Triton on CUDA; on CPU only when `LINCOMPILE_KERNELS=triton`, which then
 needs `TRITON_INTERPRET=1` (Triton's interpreter). `LINCOMPILE_KERNELS=reference` is honoured by the registry.
@@ -186,12 +186,11 @@ def verify(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Te
     return out, reference.VerifyExtras(spec, tuple(params), scale, k, v, parents)
 
 
-def backward_applies(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor | None,
-                     state: list[Tensor], spec: MethodSpec, causal: bool) -> bool:
-    """True when `attention_backward` computes this call's gradients: a causal prefill from the initial state
-    without a key mask, in a dtype the kernels take. Decided from shapes and types only, so that tracing
-    (torch.compile's AOT autograd) takes the same decision as eager."""
-    if not supports(spec, q.device) or state or key_mask is not None or bias is not None or not causal:
+def backward_applies(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, spec: MethodSpec, causal: bool) -> bool:
+    """True when `attention_backward` can compute the gradients of a causal prefill from the initial state with
+    every key real (the op checks those two from the values): a spec, device and dtype the kernels take.
+    Decided from shapes and types only."""
+    if not supports(spec, q.device) or bias is not None or not causal:
         return False
     return (q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.dtype in _DTYPES and k.dtype == q.dtype
             and v.dtype == q.dtype and q.shape[2] == k.shape[2] == v.shape[2] and q.shape[0] == k.shape[0]

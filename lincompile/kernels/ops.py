@@ -16,6 +16,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from lincompile.kernels import registry
 from lincompile.kernels.linear_attention.reference import init_state
+from lincompile.methods.params import param_layout
 from lincompile.methods.spec import MethodSpec
 
 
@@ -86,11 +87,16 @@ def _from_the_start(key_mask: Tensor | None, state: list[Tensor]) -> bool:
 def _backward(ctx, grad_out, grad_state):
     q, k, v, *params = ctx.saved_tensors
     key_mask, bias, state, spec, scale, causal = ctx.rest
-    fast = registry.select(_spec(spec), q.device).backward
-    if (grad_out is not None and fast is not None and fast.applies(q, k, v, bias, _spec(spec), causal)
+    method = _spec(spec)
+    fast = registry.select(method, q.device).backward
+    trainable = [t for _, _, t in param_layout(method, 1, 1, 1, 1)]
+    if (grad_out is not None and fast is not None and fast.applies(q, k, v, bias, method, causal)
+            and not any(p.requires_grad and not t for p, t in zip(params, trainable))
             and _from_the_start(key_mask, state)):
-        gq, gk, gv, gparams = attention_backward(q, k, v, params, grad_out, list(grad_state), spec, scale)
-        return gq, gk, gv, None, None, [None] * len(state), list(gparams), None, None, None
+        gq, gk, gv, gtrained = attention_backward(q, k, v, params, grad_out, list(grad_state), spec, scale)
+        gtrained = iter(gtrained)
+        gparams = [next(gtrained) if t else None for t in trainable]
+        return gq, gk, gv, None, None, [None] * len(state), gparams, None, None, None
     inputs = [t.detach().requires_grad_(t.requires_grad or t.is_floating_point()) for t in (q, k, v, *params)]
     with torch.enable_grad():
         out, new_state = _run(inputs[0], inputs[1], inputs[2], key_mask, bias, state, inputs[3:], spec,
@@ -109,7 +115,8 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], grad_out: Tensor,
                        grad_state: list[Tensor | None], spec: str, scale: float
                        ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    """(dq, dk, dv, dparams) of `attention` by the selected implementation's own backward, one graph node."""
+    """(dq, dk, dv, gradients of the trainable params) of `attention` by the selected implementation's own
+    backward, one graph node."""
     method = _spec(spec)
     impl = registry.select(method, q.device).backward.impl
     gq, gk, gv, gparams = impl(q, k, v, list(params), method, scale, grad_out, list(grad_state))
@@ -119,4 +126,6 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], gr
 
 @attention_backward.register_fake
 def _attention_backward_fake(q, k, v, params, grad_out, grad_state, spec, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), [torch.empty_like(p) for p in params]
+    trainable = [t for _, _, t in param_layout(_spec(spec), 1, 1, 1, 1)]
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            [torch.empty_like(p) for p, t in zip(params, trainable) if t])

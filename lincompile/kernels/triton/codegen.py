@@ -2,12 +2,13 @@
 
 What the generator covers (everything else is declared unsupported, so the reference serves it):
   kind          "linear" only (softmax / quadratic KV caches and Linformer stay on the reference);
-  feature map   identity (x * sqrt(scale)), l2, elu1, relu, inlined as the prologue `_phi`;
+  feature map   identity (x * sqrt(scale)), l2, elu1, relu, angular, cosformer, performer, hedgehog, inlined as
+                the prologue `_phi` (codegen_features); F = spec.feature_dim(dk) feature columns (BF padded);
   normalizer    none or denominator (num / max(den, DENOMINATOR_EPS), global and kernel-local terms together);
   local branch  none, relu2 (relu(phi_q.phi_k)^2) or softmax (raw q.k * scale, online over tiles) in the group;
   global branch inclusive (phi(q) S + causal in-chunk dots) or grouped (alpha phi(q) S over completed groups);
   conv          causal depthwise conv on V (K//2 + 1 live taps) as banded tile products;
-  group size    <= MAX_GROUP; no decay; not yoso / performer / cosformer / hedgehog / taylor / angular.
+  group size    <= MAX_GROUP; no decay; not yoso / taylor.
 
 Forms (each a `@triton.jit` kernel in the module; grid = (DV blocks, B * H), one program per query head, GQA
 read through h // (H / HKV) and never materialised):
@@ -25,10 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lincompile.kernels.triton import codegen_features as features
 from lincompile.methods.feature_maps import DENOMINATOR_EPS
 from lincompile.methods.spec import MethodSpec
 
-FEATURE_MAPS = ("identity", "l2", "elu1", "relu")
 #: Largest group size a chunk (one group per chunk) may hold.
 MAX_GROUP = 128
 #: Chunk length (positions) for methods without groups.
@@ -41,8 +42,8 @@ def unsupported_reason(spec: MethodSpec) -> str | None:
     """Why the generator cannot express `spec` (None when it can)."""
     if spec.kind != "linear":
         return f"kind={spec.kind!r} (only kind='linear' is generated)"
-    if spec.feature_map not in FEATURE_MAPS:
-        return f"feature_map={spec.feature_map!r} (generated: {', '.join(FEATURE_MAPS)})"
+    if features.unsupported_map(spec):
+        return features.unsupported_map(spec)
     if spec.local == "yoso":
         return "local='yoso'"
     if spec.decay:
@@ -86,7 +87,9 @@ class Plan:
     def constants(self) -> dict[str, int]:
         """Module-level tl.constexpr values."""
         chunk = self.chunk
+        f = self.spec.feature_dim(self.dk)
         return {"DK": self.dk, "DV": self.dv, "BK": max(16, _pow2(self.dk)), "BV": self.block_v,
+                "F": f, "BF": max(16, _pow2(f)),
                 "C": chunk, "BC": max(16, _pow2(chunk)), "G": self.spec.group_size,
                 "BG": max(16, _pow2(self.spec.group_size)), "HALF": self.half,
                 "BW": max(16, _pow2(self.half)), "KC": self.spec.conv_kernel,
@@ -152,9 +155,11 @@ class _Gen:
           "")
         for name, value in self.p.constants().items():
             s(f"{name} = tl.constexpr({value})")
+        for name, value in features.constants(spec, self.p.dk).items():
+            s(f"{name} = tl.constexpr({value!r})")
         s(f"EPS = tl.constexpr({DENOMINATOR_EPS!r})", "")
         self.reductions()
-        self.phi()
+        s(features.phi_source(spec))
         if self.kernel_terms or self.local == "softmax":
             self.kernel_tile()
         if self.conv:
@@ -174,16 +179,6 @@ class _Gen:
                  "    return tl.reduce(x, axis, tl.standard._sum_combine)", "", "",
                  "@triton.jit", "def _rmax(x, axis: tl.constexpr):",
                  "    return tl.reduce(x, axis, tl.standard._elementwise_max)", "", "")
-
-    def phi(self) -> None:
-        """Feature map prologue: phi(x) for rows x [R, BK]; padded columns come out zero."""
-        body = {
-            "identity": "return x * sqrt_scale",
-            "l2": "return x / tl.maximum(tl.sqrt(_rsum(x * x, 1)), 1e-12)[:, None]",
-            "elu1": "return tl.where(cols[None, :], tl.where(x > 0, x, tl.exp(x) - 1.0) + 1.0, 0.0)",
-            "relu": "return tl.maximum(x, 0.0)",
-        }[self.p.spec.feature_map]
-        self.src("@triton.jit", "def _phi(x, cols, sqrt_scale):", f"    {body}", "", "")
 
     def kernel_tile(self) -> None:
         """One tile of keys for the global, kernel-local and softmax-local branches."""
@@ -260,13 +255,13 @@ class _Gen:
         s = self.src
         s("@triton.jit",
           "def _chunk_block(qb, kb, vb, gkb, gvb, winb, wrow, qi, qok, qpos, qlim, p, r0, end, npad, S, z, alpha,",
-          "                 ck, cmk, cv_, cmv, scale, sqrt_scale):")
+          "                 ck, cmk, cf, fpb, cv_, cmv, scale, sqrt_scale):")
         s.level += 1
         s('"""Query rows qi (ok: qok) at qpos see keys at positions < qlim. Returns (out, fk, vt, kern, new)."""',
           "rows = tl.arange(0, BC)",
           "qr = tl.load(qb + qi[:, None] * DK + ck[None, :], mask=qok[:, None] & cmk[None, :], other=0.0)"
           ".to(tl.float32)",
-          "fq = tl.where(qok[:, None], _phi(qr, cmk, sqrt_scale), 0.0)",
+          "fq = tl.where(qok[:, None], _phi(qr, qpos, ck, cf, sqrt_scale, fpb), 0.0)",
           "kpos = p + rows",
           "inrow = rows < C",
           "new = inrow & (kpos >= r0) & (kpos < end)",
@@ -284,7 +279,7 @@ class _Gen:
               "kern = new | buf")
         else:
             s("kern = new")
-        s("fk = tl.where(kern[:, None], _phi(kr, cmk, sqrt_scale), 0.0)",
+        s("fk = tl.where(kern[:, None], _phi(kr, kpos, ck, cf, sqrt_scale, fpb), 0.0)",
           "vis = kpos[None, :] < qlim[:, None]")
         self.init_accs("BC")
         accs = self.acc_names()
@@ -322,6 +317,10 @@ class _Gen:
           "ck = tl.arange(0, BK)",
           "cmk = ck < DK",
           "kfirst = cmk & (ck * 0 + iv == 0)",
+          "cf = tl.arange(0, BF)",
+          "cmf = cf < F",
+          "ffirst = cmf & (cf * 0 + iv == 0)",
+          "fpb = fp_ptr + hk.to(tl.int64) * FP",
           "cv_ = iv * BV + tl.arange(0, BV)",
           "cmv = cv_ < DV",
           f"qb = q_ptr + (b * H + h).to(tl.int64) * {rows_name} * DK",
@@ -334,17 +333,17 @@ class _Gen:
           "wrow = w_ptr + h * KC",
           "alpha = tl.load(alpha_ptr)" if self.glob == "grouped" else "alpha = 1.0")
         if self.glob != "none":
-            s("S = tl.load(s_ptr + sh * DK * DV + ck[:, None] * DV + cv_[None, :], mask=cmk[:, None] & cmv[None, :],"
+            s("S = tl.load(s_ptr + sh * F * DV + cf[:, None] * DV + cv_[None, :], mask=cmf[:, None] & cmv[None, :],"
               " other=0.0)")
         else:
             s("S = 0.0")
-        s("z = tl.load(z_ptr + sh * DK + ck, mask=cmk, other=0.0)" if self.norm else "z = 0.0")
+        s("z = tl.load(z_ptr + sh * F + cf, mask=cmf, other=0.0)" if self.norm else "z = 0.0")
 
     def chunked_fwd(self) -> None:
         s = self.src
         s("@triton.jit",
           "def chunked_fwd(q_ptr, k_ptr, v_ptr, o_ptr, r0_ptr, npad_ptr, s_ptr, s_out, z_ptr, z_out, gk_ptr, gv_ptr,",
-          "                gk_out, gv_out, win_ptr, win_out, alpha_ptr, w_ptr, scale, sqrt_scale, T, H, HKV):")
+          "                gk_out, gv_out, win_ptr, win_out, alpha_ptr, w_ptr, fp_ptr, scale, sqrt_scale, T, H, HKV):")
         s.level += 1
         s('"""Causal prefill of T tokens (the first npad[b] of row b padding) from a state; writes the new state."""')
         self.prologue("T")
@@ -359,7 +358,8 @@ class _Gen:
           "qok = qi < npad",
           "qpos = r0 + rows * 0",
           "out, fk, vt, kern, new = _chunk_block(qb, kb, vb, gkb, gvb, winb, wrow, qi, qok, qpos, qpos, p0, r0, end,",
-          "                                      npad, S, z, alpha, ck, cmk, cv_, cmv, scale, sqrt_scale)",
+          "                                      npad, S, z, alpha, ck, cmk, cf, fpb, cv_, cmv, scale,",
+          "                                      sqrt_scale)",
           "tl.store(ob + qi[:, None] * DV + cv_[None, :], out.to(o_ptr.dtype.element_ty),"
           " mask=qok[:, None] & cmv[None, :])")
         s.level -= 1
@@ -369,7 +369,8 @@ class _Gen:
           "qok = (rows < C) & (pos >= r0) & (pos < end)",
           "qi = npad + pos - r0",
           "out, fk, vt, kern, new = _chunk_block(qb, kb, vb, gkb, gvb, winb, wrow, qi, qok, pos, pos + 1, p, r0, end,",
-          "                                      npad, S, z, alpha, ck, cmk, cv_, cmv, scale, sqrt_scale)",
+          "                                      npad, S, z, alpha, ck, cmk, cf, fpb, cv_, cmv, scale,",
+          "                                      sqrt_scale)",
           "tl.store(ob + qi[:, None] * DV + cv_[None, :], out.to(o_ptr.dtype.element_ty),"
           " mask=qok[:, None] & cmv[None, :])")
         if self.glob == "grouped":
@@ -394,9 +395,9 @@ class _Gen:
         """The new state parts (by the first query head of each KV head): S, z, group buffer, conv window."""
         s = self.src
         if self.glob != "none":
-            s("tl.store(s_out + sh * DK * DV + ck[:, None] * DV + cv_[None, :], S, mask=cmk[:, None] & cmv[None, :])")
+            s("tl.store(s_out + sh * F * DV + cf[:, None] * DV + cv_[None, :], S, mask=cmf[:, None] & cmv[None, :])")
             if self.norm:
-                s("tl.store(z_out + sh * DK + ck, z, mask=kfirst)")
+                s("tl.store(z_out + sh * F + cf, z, mask=ffirst)")
         if self.groups:
             s("grow = tl.arange(0, BG)",
               "gpos = end // G * G + grow",
@@ -432,7 +433,7 @@ class _Gen:
         s = self.src
         s("@triton.jit",
           "def verify_fwd(q_ptr, k_ptr, v_ptr, o_ptr, r0_ptr, depth_ptr, anc_ptr, s_ptr, z_ptr, gk_ptr, gv_ptr,",
-          "               win_ptr, alpha_ptr, w_ptr, scale, sqrt_scale, N, H, HKV, BT: tl.constexpr):")
+          "               win_ptr, alpha_ptr, w_ptr, fp_ptr, scale, sqrt_scale, N, H, HKV, BT: tl.constexpr):")
         s.level += 1
         s('"""N draft tokens at positions r0 + depth, each seeing the state and its ancestors (anc [N, N])."""')
         self.prologue("N")
@@ -442,10 +443,10 @@ class _Gen:
           "qpos = r0 + tl.load(depth_ptr + rows, mask=ok, other=0).to(tl.int32)",
           "qr = tl.load(qb + rows[:, None] * DK + ck[None, :], mask=ok[:, None] & cmk[None, :], other=0.0)"
           ".to(tl.float32)",
-          "fq = tl.where(ok[:, None], _phi(qr, cmk, sqrt_scale), 0.0)",
+          "fq = tl.where(ok[:, None], _phi(qr, qpos, ck, cf, sqrt_scale, fpb), 0.0)",
           "kr = tl.load(kb + rows[:, None] * DK + ck[None, :], mask=ok[:, None] & cmk[None, :], other=0.0)"
           ".to(tl.float32)",
-          "fk = tl.where(ok[:, None], _phi(kr, cmk, sqrt_scale), 0.0)",
+          "fk = tl.where(ok[:, None], _phi(kr, qpos, ck, cf, sqrt_scale, fpb), 0.0)",
           "vt = tl.load(vb + rows[:, None] * DV + cv_[None, :], mask=ok[:, None] & cmv[None, :], other=0.0)"
           ".to(tl.float32)",
           "anc = tl.load(anc_ptr + rows[:, None] * N + rows[None, :], mask=ok[:, None] & ok[None, :], other=0) != 0")
@@ -457,7 +458,7 @@ class _Gen:
               "bok = (grow < G) & (bpos < r0)",
               "bk = tl.load(gkb + grow[:, None] * DK + ck[None, :], mask=bok[:, None] & cmk[None, :], other=0.0)",
               "bv = tl.load(gvb + grow[:, None] * DV + cv_[None, :], mask=bok[:, None] & cmv[None, :], other=0.0)",
-              "fb = tl.where(bok[:, None], _phi(bk, cmk, sqrt_scale), 0.0)",
+              "fb = tl.where(bok[:, None], _phi(bk, bpos, ck, cf, sqrt_scale, fpb), 0.0)",
               f"{accs} = _kernel_tile(fq, qr, qpos, bpos[None, :] < qpos[:, None], fb, bk, bpos, bv, bok, grow < 0,",
               f"                      alpha, scale, {accs})")
         if self.kernel_terms or self.local == "softmax":
@@ -482,7 +483,7 @@ class _Gen:
         s = self.src
         s("@triton.jit",
           "def recurrent(q_ptr, k_ptr, v_ptr, o_ptr, r0_ptr, real_ptr, s_ptr, s_out, z_ptr, z_out, gk_ptr, gv_ptr,",
-          "              gk_out, gv_out, win_ptr, win_out, alpha_ptr, w_ptr, scale, sqrt_scale, H, HKV):")
+          "              gk_out, gv_out, win_ptr, win_out, alpha_ptr, w_ptr, fp_ptr, scale, sqrt_scale, H, HKV):")
         s.level += 1
         s('"""One token per row at position r0[b]; a padding token (real[b] == 0) reads the state and keeps it."""')
         self.prologue("1")
@@ -494,14 +495,14 @@ class _Gen:
           ".to(tl.float32)",
           "vr = tl.where(real, tl.load(vb + one[:, None] * DV + cv_[None, :], mask=cmv[None, :], other=0.0), 0.0)"
           ".to(tl.float32)",
-          "fq = _phi(qr, cmk, sqrt_scale)")
+          "fq = _phi(qr, r0 + one, ck, cf, sqrt_scale, fpb)")
         kernel = self.kernel_terms or self.local == "softmax"
         if kernel:
             s("num = tl.full([1, BV], 0.0, tl.float32)")
             if self.norm:
                 s("den = tl.full([1], 0.0, tl.float32)")
         if self.glob == "inclusive":
-            s("fk = tl.where(real, _phi(kr, cmk, sqrt_scale), 0.0)", "S += tl.trans(fk) * vr")
+            s("fk = tl.where(real, _phi(kr, r0 + one, ck, cf, sqrt_scale, fpb), 0.0)", "S += tl.trans(fk) * vr")
             if self.norm:
                 s("z += _rsum(fk, 0)")
         if self.glob != "none":
@@ -520,7 +521,7 @@ class _Gen:
               "bv = tl.where(write[:, None], vr, bv)",
               "valid = keep | write")
             if self.local == "relu2" or self.glob == "grouped":
-                s("fb = tl.where(valid[:, None], _phi(bk, cmk, sqrt_scale), 0.0)")
+                s("fb = tl.where(valid[:, None], _phi(bk, r0 // G * G + grow, ck, cf, sqrt_scale, fpb), 0.0)")
             if self.local == "relu2":
                 s("d = _rsum(fb * fq, 1)",
                   "w = tl.where(valid, tl.maximum(d, 0.0) * tl.maximum(d, 0.0), 0.0)",
@@ -557,9 +558,9 @@ class _Gen:
               "tl.store(gv_out + sh * G * DV + grow[:, None] * DV + cv_[None, :], tl.where(full, 0.0, bv),"
               " mask=(grow[:, None] < G) & cmv[None, :])")
         if self.glob != "none":
-            s("tl.store(s_out + sh * DK * DV + ck[:, None] * DV + cv_[None, :], S, mask=cmk[:, None] & cmv[None, :])")
+            s("tl.store(s_out + sh * F * DV + cf[:, None] * DV + cv_[None, :], S, mask=cmf[:, None] & cmv[None, :])")
             if self.norm:
-                s("tl.store(z_out + sh * DK + ck, z, mask=kfirst)")
+                s("tl.store(z_out + sh * F + cf, z, mask=ffirst)")
         if self.conv:
             s("nxt = tl.load(winb + (wr + 1)[:, None] * DV + cv_[None, :],"
               " mask=(wr[:, None] + 1 < HALF) & cmv[None, :], other=0.0)",

@@ -19,17 +19,9 @@ summed over each KV head's query heads by the launcher, so GQA never expands k o
 """
 from __future__ import annotations
 
+from lincompile.kernels.triton import codegen_features as features
 from lincompile.kernels.triton.codegen import Plan, _Gen
 from lincompile.methods.feature_maps import DENOMINATOR_EPS
-
-_DPHI = {
-    "identity": "return df * sqrt_scale",
-    "l2": "n = tl.sqrt(_rsum(x * x, 1))[:, None]\n"
-          "return tl.where(n > 1e-12, (df - f * _rsum(f * df, 1)[:, None]) / tl.maximum(n, 1e-12), df / 1e-12)",
-    "elu1": "return tl.where(cols[None, :], tl.where(x > 0, df, df * tl.exp(x)), 0.0)",
-    "relu": "return tl.where(x > 0, df, 0.0)",
-}
-
 
 class _BwdGen(_Gen):
     """Emits bwd_dq and bwd_dkv for one plan (whose block_v covers all of DV)."""
@@ -61,14 +53,11 @@ class _BwdGen(_Gen):
         for name, value in self.p.constants().items():
             s(f"{name} = tl.constexpr({value})")
         s(f"BL = tl.constexpr({max(16, 1 << self.p.half.bit_length())})")
+        for name, value in features.constants(spec, self.p.dk).items():
+            s(f"{name} = tl.constexpr({value!r})")
         s(f"EPS = tl.constexpr({DENOMINATOR_EPS!r})", "")
         self.reductions()
-        self.phi()
-        s("@triton.jit", "def _dphi(x, f, df, cols, sqrt_scale):")
-        s.level += 1
-        s('"""The gradient of phi at rows x (f = phi(x)) given its gradient df."""', _DPHI[spec.feature_map])
-        s.level -= 1
-        s("", "")
+        s(features.phi_source(spec), features.dphi_source(spec))
         self.chunk_loads()
         self.bwd_dq()
         self.bwd_dkv()
@@ -78,7 +67,7 @@ class _BwdGen(_Gen):
         """Rows of one chunk: raw and featured q and k, v, the output gradient, and the causal mask."""
         s = self.src
         s("@triton.jit",
-          "def _chunk(qb, kb, vb, dob, p, T, ck, cmk, cv_, cmv, sqrt_scale):")
+          "def _chunk(qb, kb, vb, dob, p, T, ck, cmk, cf, fpb, cv_, cmv, sqrt_scale):")
         s.level += 1
         s("rows = tl.arange(0, BC)",
           "pos = p + rows",
@@ -91,8 +80,8 @@ class _BwdGen(_Gen):
           ".to(tl.float32)",
           "dot_ = tl.load(dob + pos[:, None] * DV + cv_[None, :], mask=ok[:, None] & cmv[None, :], other=0.0)"
           ".to(tl.float32)",
-          "fq = tl.where(ok[:, None], _phi(qr, cmk, sqrt_scale), 0.0)",
-          "fk = tl.where(ok[:, None], _phi(kr, cmk, sqrt_scale), 0.0)",
+          "fq = tl.where(ok[:, None], _phi(qr, pos, ck, cf, sqrt_scale, fpb), 0.0)",
+          "fk = tl.where(ok[:, None], _phi(kr, pos, ck, cf, sqrt_scale, fpb), 0.0)",
           "vis = (pos[None, :] <= pos[:, None]) & ok[None, :] & ok[:, None]",
           "return pos, ok, qr, kr, vt, dot_, fq, fk, vis")
         s.level -= 1
@@ -108,6 +97,9 @@ class _BwdGen(_Gen):
           "hb = bh.to(tl.int64)",
           "ck = tl.arange(0, BK)",
           "cmk = ck < DK",
+          "cf = tl.arange(0, BF)",
+          "cmf = cf < F",
+          "fpb = fp_ptr + hk.to(tl.int64) * FP",
           "cv_ = tl.arange(0, BV)",
           "cmv = cv_ < DV",
           "qb = q_ptr + hb * T * DK",
@@ -146,25 +138,50 @@ class _BwdGen(_Gen):
           f"osm = {self.dot('pn', 'vt')}",
           f"ds = pn * ({self.dot('dot_', 'tl.trans(vt)')} - _rsum(dot_ * osm, 1)[:, None])")
 
+    def feature_accumulators(self, load: bool) -> None:
+        """Hedgehog's parameter gradients of this program: d(logits)^T x as gw [BK, BF] and gb [BF], started at
+        zero by bwd_dq and continued by bwd_dkv (the same program's buffer at gf_ptr: [DK * F] then [F])."""
+        if self.p.spec.feature_map != "hedgehog":
+            return
+        s = self.src
+        s("gfb = gf_ptr + hb * (DK * F + F)", "gmask = cmk[:, None] & cmf[None, :]")
+        if load:
+            s("gw = tl.load(gfb + ck[:, None] * F + cf[None, :], mask=gmask, other=0.0)",
+              "gb = tl.load(gfb + DK * F + cf, mask=cmf, other=0.0)")
+        else:
+            s("gw = tl.full([BK, BF], 0.0, tl.float32)", "gb = tl.full([BF], 0.0, tl.float32)")
+
+    def feature_grads(self, raw: str, feat: str, grad: str) -> None:
+        """Add one chunk's rows (raw x, phi(x), its gradient) to hedgehog's parameter gradients."""
+        if self.p.spec.feature_map == "hedgehog":
+            self.src(f"dp = _dpre({raw}, {feat}, {grad}, pos, ck, cf, sqrt_scale, fpb)",
+                     f"gw += tl.dot(tl.trans({raw}), dp, input_precision=\"ieee\")", "gb += _rsum(dp, 0)")
+
+    def store_feature_grads(self) -> None:
+        if self.p.spec.feature_map == "hedgehog":
+            self.src("tl.store(gfb + ck[:, None] * F + cf[None, :], gw, mask=gmask)",
+                     "tl.store(gfb + DK * F + cf, gb, mask=cmf)")
+
     def bwd_dq(self) -> None:
         s = self.src
         terms = self.kernel_terms
         s("@triton.jit",
-          "def bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dnum_ptr, dden_ptr, dal_ptr, alpha_ptr, scale, sqrt_scale,",
-          "           T, H, HKV):")
+          "def bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dnum_ptr, dden_ptr, dal_ptr, alpha_ptr, fp_ptr, gf_ptr,",
+          "           scale, sqrt_scale, T, H, HKV):")
         s.level += 1
         s('"""dq, and dnum / dden for bwd_dkv, over chunks in order with the running state."""')
         self.prologue_bwd()
         if self.glob != "none":
-            s("S = tl.full([BK, BV], 0.0, tl.float32)")
+            s("S = tl.full([BF, BV], 0.0, tl.float32)")
             if self.norm:
-                s("z = tl.full([BK], 0.0, tl.float32)")
+                s("z = tl.full([BF], 0.0, tl.float32)")
         if self.glob == "grouped":
             s("dal = tl.full([BC], 0.0, tl.float32)")
+        self.feature_accumulators(load=False)
         s("for p in range(0, T, C):")
         s.level += 1
-        s("pos, ok, qr, kr, vt, dot_, fq, fk, vis = _chunk(qb, kb, vb, dob, p, T, ck, cmk, cv_, cmv, sqrt_scale)",
-          "dfq = tl.full([BC, BK], 0.0, tl.float32)")
+        s("pos, ok, qr, kr, vt, dot_, fq, fk, vis = _chunk(qb, kb, vb, dob, p, T, ck, cmk, cf, fpb, cv_, cmv, sqrt_scale)",
+          "dfq = tl.full([BC, BF], 0.0, tl.float32)")
         if terms:
             s("num = tl.full([BC, BV], 0.0, tl.float32)")
             if self.norm:
@@ -195,7 +212,8 @@ class _BwdGen(_Gen):
             if self.glob == "inclusive" or self.local == "relu2":
                 self.weight_grads()
                 s(f"dfq += {self.dot('da', 'fk')}")
-        s("dq = _dphi(qr, fq, tl.where(ok[:, None], dfq, 0.0), cmk, sqrt_scale)")
+        s("dfq = tl.where(ok[:, None], dfq, 0.0)", "dq = _dphi(qr, fq, dfq, pos, ck, cf, sqrt_scale, fpb)")
+        self.feature_grads("qr", "fq", "dfq")
         if self.local == "softmax":
             self.softmax_local()
             s(f"dq += scale * {self.dot('ds', 'kr')}")
@@ -211,6 +229,7 @@ class _BwdGen(_Gen):
         s.level -= 1
         if self.glob == "grouped":
             s("tl.store(dal_ptr + hb, _rsum(dal, 0))")
+        self.store_feature_grads()
         s.level -= 1
         s("", "")
 
@@ -219,26 +238,27 @@ class _BwdGen(_Gen):
         terms = self.kernel_terms
         s("@triton.jit",
           "def bwd_dkv(q_ptr, k_ptr, v_ptr, do_ptr, dnum_ptr, dden_ptr, dk_ptr, dv_ptr, dw_ptr, alpha_ptr, w_ptr,",
-          "            gs_ptr, gz_ptr, ggk_ptr, ggv_ptr, gwin_ptr, scale, sqrt_scale, T, H, HKV):")
+          "            fp_ptr, gf_ptr, gs_ptr, gz_ptr, ggk_ptr, ggv_ptr, gwin_ptr, scale, sqrt_scale, T, H, HKV):")
         s.level += 1
         s('"""dk and dv of this query head (fp32, summed over GQA groups by the caller) and the conv taps\' '
           'gradients, over chunks in reverse with the reverse state."""')
         self.prologue_bwd()
         s("lead = h % (H // HKV)  # the returned state's gradient enters once per KV head: at lead == 0",
-          "firstk = cmk & (ck * 0 + lead == 0)")
+          "firstf = cmf & (cf * 0 + lead == 0)")
         if self.glob != "none":
-            s("dS = tl.load(gs_ptr + sh * DK * DV + ck[:, None] * DV + cv_[None, :],"
-              " mask=firstk[:, None] & cmv[None, :], other=0.0)")
+            s("dS = tl.load(gs_ptr + sh * F * DV + cf[:, None] * DV + cv_[None, :],"
+              " mask=firstf[:, None] & cmv[None, :], other=0.0)")
             if self.norm:
-                s("dz = tl.load(gz_ptr + sh * DK + ck, mask=firstk, other=0.0)")
+                s("dz = tl.load(gz_ptr + sh * F + cf, mask=firstf, other=0.0)")
         if self.conv:
             s("lags = tl.arange(0, BL)", "dtap = tl.full([BL], 0.0, tl.float32)", "wrow = w_ptr + h * KC")
+        self.feature_accumulators(load=True)
         s("nch = (T + C - 1) // C",
           "for i in range(0, nch):")
         s.level += 1
         s("p = (nch - 1 - i) * C",
-          "pos, ok, qr, kr, vt, dot_, fq, fk, vis = _chunk(qb, kb, vb, dob, p, T, ck, cmk, cv_, cmv, sqrt_scale)",
-          "dfk = tl.full([BC, BK], 0.0, tl.float32)",
+          "pos, ok, qr, kr, vt, dot_, fq, fk, vis = _chunk(qb, kb, vb, dob, p, T, ck, cmk, cf, fpb, cv_, cmv, sqrt_scale)",
+          "dfk = tl.full([BC, BF], 0.0, tl.float32)",
           "dvv = tl.full([BC, BV], 0.0, tl.float32)")
         if terms:
             s("dnum = tl.load(dnum_ptr + hb * T * DV + pos[:, None] * DV + cv_[None, :], mask=ok[:, None] & cmv[None, :],"
@@ -256,7 +276,8 @@ class _BwdGen(_Gen):
             self.weights()
             self.weight_grads()
             s(f"dfk += {self.dot('tl.trans(da)', 'fq')}", f"dvv += {self.dot('tl.trans(w)', 'dnum')}")
-        s("dk = _dphi(kr, fk, tl.where(ok[:, None], dfk, 0.0), cmk, sqrt_scale)")
+        s("dfk = tl.where(ok[:, None], dfk, 0.0)", "dk = _dphi(kr, fk, dfk, pos, ck, cf, sqrt_scale, fpb)")
+        self.feature_grads("kr", "fk", "dfk")
         if self.local == "softmax":
             self.softmax_local()
             s(f"dk += scale * {self.dot('tl.trans(ds)', 'qr')}", f"dvv += {self.dot('tl.trans(pn)', 'dot_')}")
@@ -293,6 +314,7 @@ class _BwdGen(_Gen):
         s.level -= 1
         if self.conv:
             s("tl.store(dw_ptr + hb * KC + HALF - lags, dtap, mask=lags <= HALF)")
+        self.store_feature_grads()
         s.level -= 1
         s("", "")
 

@@ -24,7 +24,7 @@ from lincompile.kernels.linear_attention import reference
 from lincompile.kernels.linear_attention.state import pack_state, unpack_state
 from lincompile.kernels.triton import compile as gen
 from lincompile.kernels.triton.codegen import Plan, unsupported_reason
-from lincompile.methods.params import named_params, param_names
+from lincompile.methods.params import named_params, param_layout, param_names
 from lincompile.methods.spec import MethodSpec
 
 #: Tests set this to fill every output with NaN before a launch, so an element a kernel misses shows up.
@@ -97,6 +97,16 @@ def _fallback(form: Callable[..., Any], *args: Any) -> Any:
     return form(*args)
 
 
+def feature_params(named: dict[str, Tensor], kv_heads: int) -> Tensor | None:
+    """The feature map's parameters as the kernels read them, [Hkv, FP] fp32: performer's omega, or hedgehog's W
+    then b; None for maps without parameters."""
+    if "performer_features" in named:
+        return named["performer_features"].reshape(kv_heads, -1).contiguous()
+    if "hedgehog_weight" in named:
+        return torch.cat([named["hedgehog_weight"].reshape(kv_heads, -1), named["hedgehog_bias"]], 1).contiguous()
+    return None
+
+
 class _Parts:
     """The state and parameters as the kernels read them: fp32 contiguous, a dummy for each absent tensor."""
 
@@ -113,6 +123,8 @@ class _Parts:
         named = named_params(spec, params, torch.float32)
         self.alpha = named["alpha"].reshape(1).contiguous() if "alpha" in named else self.dummy
         self.conv_weight = named["conv_weight"].contiguous() if "conv_weight" in named else self.dummy
+        features = feature_params(named, kv_heads)
+        self.features = features if features is not None else self.dummy
         position = parts.get("position")
         self.r0 = position if position is not None else torch.zeros(batch, dtype=torch.int64, device=q.device)
 
@@ -154,10 +166,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Te
     if t == 1:
         real = (pad == 0).to(torch.int32)
         module.recurrent[grid](q, k, v, out, parts.r0, real, *parts.state_args(new), parts.alpha,
-                               parts.conv_weight, scale, math.sqrt(scale), heads, kv_heads)
+                               parts.conv_weight, parts.features, scale, math.sqrt(scale), heads, kv_heads)
     else:
         module.chunked_fwd[grid](q, k, v, out, parts.r0, pad, *parts.state_args(new), parts.alpha,
-                                 parts.conv_weight, scale, math.sqrt(scale), t, heads, kv_heads,
+                                 parts.conv_weight, parts.features, scale, math.sqrt(scale), t, heads, kv_heads,
                                  num_stages=CHUNKED_STAGES)
     if spec.uses_positions:
         new["position"] = parts.r0 + (t - pad.to(torch.int64))
@@ -182,7 +194,7 @@ def verify(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Te
     module.verify_fwd[(triton_cdiv(dv, plan.block_v), batch * heads)](
         q.contiguous(), k.contiguous(), v.contiguous(), out, parts.r0, depth.to(torch.int32),
         ancestors.to(torch.int8).contiguous(), s[0], s[2], s[4], s[5], s[8], parts.alpha, parts.conv_weight,
-        scale, math.sqrt(scale), count, heads, kv_heads, BT=max(16, 1 << (count - 1).bit_length()))
+        parts.features, scale, math.sqrt(scale), count, heads, kv_heads, BT=max(16, 1 << (count - 1).bit_length()))
     return out, reference.VerifyExtras(spec, tuple(params), scale, k, v, parents)
 
 
@@ -197,10 +209,17 @@ def backward_applies(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, spec:
             and k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0 and q.shape[3] == k.shape[3])
 
 
+def trainable_params(spec: MethodSpec) -> list[str]:
+    """Names of spec's trainable parameters, in op order: the ones `attention_backward` returns gradients for
+    (performer's random features are fixed)."""
+    return [name for name, _, trainable in param_layout(spec, 1, 1, 1, 1) if trainable]
+
+
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], spec: MethodSpec, scale: float,
                        grad_out: Tensor, grad_state: list[Tensor | None] | None = None
                        ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    """Gradients (dq, dk, dv, dparams) of a causal prefill from the initial state, given its output's gradient
+    """Gradients (dq, dk, dv, dparams of the trainable params) of a causal prefill from the initial state, given its
+    output's gradient
     and (optionally, None for none) its returned state's, by the generated backward kernels (see `codegen_bwd`);
     the caller checks `backward_applies`."""
     batch, heads, t, dk = q.shape
@@ -222,13 +241,21 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], sp
     given = unpack_state(spec, [z if g is None else g.to(torch.float32).contiguous() for g, z in zip(grad_state, zeros)])
     state_grads = [given.get(name, parts.dummy) for name in ("state", "normalizer", "group_keys", "group_values", "conv")]
     grid = (batch * heads,)
-    module.bwd_dq[grid](q, k, v, grad_out, dq, dnum, dden, dalpha, parts.alpha, scale, math.sqrt(scale), t, heads,
-                        kv_heads)
+    features = spec.feature_dim(dk)
+    dfeat = torch.zeros(batch * heads, dk * features + features, dtype=f32, device=q.device)
+    module.bwd_dq[grid](q, k, v, grad_out, dq, dnum, dden, dalpha, parts.alpha, parts.features, dfeat, scale,
+                        math.sqrt(scale), t, heads, kv_heads)
     module.bwd_dkv[grid](q, k, v, grad_out, dnum, dden, dk_heads, dv_heads, dtaps, parts.alpha, parts.conv_weight,
-                         *state_grads, scale, math.sqrt(scale), t, heads, kv_heads)
+                         parts.features, dfeat, *state_grads, scale, math.sqrt(scale), t, heads, kv_heads)
     per_kv = (batch, kv_heads, heads // kv_heads, t)
     grads = {"alpha": dalpha.sum().reshape(()), "conv_weight": dtaps.reshape(batch, heads, -1).sum(0)}
-    dparams = [grads[name].to(p.dtype).reshape(p.shape) for name, p in zip(param_names(spec), params)]
+    if spec.feature_map == "hedgehog":  # dfeat: d(logits) x^T as [DK (i), 2 * DK (j)], then d(bias) [2 * DK]
+        per_kv_feat = dfeat.view(batch, kv_heads, heads // kv_heads, -1).sum((0, 2))
+        weight = per_kv_feat[:, :dk * features].view(kv_heads, dk, 2, dk).sum(2)
+        grads["hedgehog_weight"] = weight.transpose(1, 2)
+        grads["hedgehog_bias"] = per_kv_feat[:, dk * features:].view(kv_heads, 2, dk).sum(1)
+    named = dict(zip(param_names(spec), params))
+    dparams = [grads[name].to(named[name].dtype).reshape(named[name].shape) for name in trainable_params(spec)]
     return (dq.to(q.dtype), dk_heads.view(*per_kv, dk).sum(2).to(k.dtype),
             dv_heads.view(*per_kv, dv).sum(2).to(v.dtype), dparams)
 

@@ -45,11 +45,14 @@ def _compiled_mode(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
-def test_augmented_head_dim_128_builds_and_fits():
-    """bf16 at d=128, the largest shape class of the goals (fp32 builds take minutes each under ptxas here)."""
-    spec = get_method("augmented")
-    forward = gen.load(Plan(spec, 128, 128, "bfloat16", 64))
-    backward = gen.load_backward(Plan(spec, 128, 128, "bfloat16", 128))
+@pytest.mark.parametrize("name,dim", [("augmented", 128), ("castling", 32)])
+def test_builds_and_fits(name, dim):
+    """bf16: the paper's method at d=128, the largest shape class of the goals (fp32 builds take minutes each under
+    ptxas here), and castling's features moved by the IEEE matrix product with its single-row branch (at a small
+    head dim: those FMA products take ptxas many minutes at d=128)."""
+    spec = get_method(name)
+    forward = gen.load(Plan(spec, dim, dim, "bfloat16", min(64, dim)))
+    backward = gen.load_backward(Plan(spec, dim, dim, "bfloat16", dim))
     kernels = [(forward.chunked_fwd, CHUNKED_STAGES, {}), (forward.recurrent, 1, {}),
                (forward.verify_fwd, 1, {"BT": 16}), (backward.bwd_dq, 1, {}), (backward.bwd_dkv, 1, {})]
     for fn, stages, constexprs in kernels:

@@ -9,15 +9,22 @@ from lincompile.kernels import ops
 from lincompile.kernels.linear_attention import reference
 from lincompile.kernels.ops import attention as op
 from lincompile.kernels.triton import launch
+from lincompile.methods.params import param_layout
 from lincompile.methods.spec import get_method
 
 GRAD = 1e-4
 
 
+def trainable(spec):
+    return [t for _, _, t in param_layout(spec, 1, 1, 1, 1)]
+
+
 def reference_grads(c, spec, scale, grad_out):
-    exact = [t.detach().double().requires_grad_(True) for t in (c.q, c.k, c.v, *c.params)]
+    """fp64 autograd gradients of q, k, v and the trainable params (performer's random features are fixed)."""
+    exact = [t.detach().double() for t in (c.q, c.k, c.v, *c.params)]
+    wanted = [t.requires_grad_(True) for t, train in zip(exact, [True] * 3 + trainable(spec)) if train]
     out, _ = reference.attention(*exact[:3], None, None, [], exact[3:], spec, scale, True)
-    return torch.autograd.grad(out, exact, grad_out.double())
+    return torch.autograd.grad(out, wanted, grad_out.double())
 
 
 def kernel_grads(c, spec, kit, grad_out, dtype=torch.float32):
@@ -40,9 +47,10 @@ def test_backward_matches_autograd(generated_method, kit):
     check(kernel_grads(c, spec, kit, grad_out), reference_grads(c, spec, kit.SCALE, grad_out), GRAD, kit)
 
 
-@pytest.mark.parametrize("name", ["augmented", "linear-elu"])
+@pytest.mark.parametrize("name", ["augmented", "linear-elu", "castling"])
 def test_backward_paper_sizes_head_dim_64(name, kit):
-    """G=64 and K=63 (31 past taps) for augmented, 64-position chunks otherwise; T=150 crosses two chunks."""
+    """G=64 and K=63 (31 past taps) for augmented, 64-position chunks otherwise (castling: 65 features, padded
+    to 128); T=150 crosses two chunks."""
     spec = get_method(name)
     c = kit.make(spec, 150, seed=33, heads=2, kv_heads=1, dk=64, dv=64)
     grad_out = torch.randn(1, 1, 1, 1, dtype=torch.float64).expand(2, 2, 150, 64).clone()
@@ -98,6 +106,7 @@ def test_state_gradients_reach_the_inputs(name, kit):
     out, state = reference.attention(*exact[:3], None, None, [], exact[3:], spec, kit.SCALE, True)
     pairs = [(out, grad_out)] + [(s, gs) for s, gs in zip(state, grad_state) if gs is not None]
     ref = torch.autograd.grad([a for a, _ in pairs], exact, [b for _, b in pairs])
+    assert all(trainable(spec))
     q, k, v = kit.cast([c.q, c.k, c.v])
     dq, dk, dv, dparams = launch.attention_backward(q, k, v, kit.cast(c.params), spec, kit.SCALE, grad_out.float(),
                                                     [None if x is None else x.float() for x in grad_state])

@@ -78,7 +78,7 @@ def test_paper_sizes_across_group_boundaries(kit):
     assert kit.rel(out2, ref2) <= FP32 and kit.state_rel(state2, ref_state2) <= FP32
 
 
-@pytest.mark.parametrize("name", ["augmented", "linear-elu"])
+@pytest.mark.parametrize("name", ["augmented", "linear-elu", "castling"])
 def test_head_dim_64(name, kit):
     spec = kit.spec_of(name, group=16, kernel=9)
     c = kit.make(spec, 37, seed=9, pad=4, heads=2, kv_heads=1, dk=64, dv=64)

@@ -37,10 +37,12 @@ Writes bench/results/decode_<machine>.json and bench/results/decode.png; prints 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -63,8 +65,10 @@ def ort_model(linear: object, onnx_dir: Path | None, threads: int) -> object:
     """Export (or reuse `onnx_dir` when it holds an export) and open an onnxruntime CPU session."""
     from lincompile.backends.onnx import META_FILE
 
-    if onnx_dir is None:
-        onnx_dir = Path(tempfile.mkdtemp(prefix="lincompile-bench-")) / "onnx"
+    if onnx_dir is None:  # a fresh export (~0.6 GB), removed when the bench exits
+        scratch = tempfile.mkdtemp(prefix="lincompile-bench-")
+        atexit.register(shutil.rmtree, scratch, True)
+        onnx_dir = Path(scratch) / "onnx"
     if not (onnx_dir / META_FILE).is_file():
         start = time.perf_counter()
         linear.export_onnx(str(onnx_dir))

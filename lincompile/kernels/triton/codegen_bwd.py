@@ -1,8 +1,8 @@
 """Triton source of the chunked backward, generated from the same `Plan` as the forward kernels.
 
 Scope: the gradient of a causal prefill from the initial state (position 0, no padding) with respect to q, k, v
-and the trainable parameters (alpha, conv taps), given the gradients of its output and of the state it returns
-(S, z, the group buffer's raw keys and values, the conv window's values).
+and the trainable parameters (alpha, conv taps, hedgehog's feature map), given the gradients of its output and of
+the state it returns (S, z, the group buffer's raw keys and values, the conv window's values).
 
 Two kernels per module, one program per query head (grid = (B * H,)), the whole of DV per program:
   bwd_dq   forward over chunks. Recomputes each chunk's numerator and denominator with the running state
@@ -11,7 +11,8 @@ Two kernels per module, one program per query head (grid = (B * H,)), the whole 
            and writes dq = phi'(q)^T [g (dnum S^T + dden z) + (dA) phi(k)] (+ the softmax-local term). g is alpha
            for the grouped branch, 1 for the inclusive one; alpha's gradient is summed per program.
   bwd_dkv  backward over chunks with the reverse state dS = sum g phi(q)^T dnum (dz = sum g phi(q) dden) of later
-           chunks plus the returned S's gradient (which reaches only folded chunks): dk = phi'(k)^T [v dS^T + dz + dA^T phi(q)], dv = phi(k) dS + W^T dnum, the conv's
+           chunks plus the returned S's gradient (which reaches only folded chunks):
+           dk = phi'(k)^T [v dS^T + dz + dA^T phi(q)], dv = phi(k) dS + W^T dnum, the conv's
            dv += sum_lag tap(lag) do[t + lag] and its tap gradients sum_t do[t].v[t - lag].
 A chunk is one group when the method has groups (the local branch lives inside a chunk and every earlier chunk
 is a completed group folded into S), CHUNK positions otherwise. dk and dv are written per query head (fp32) and
@@ -180,7 +181,8 @@ class _BwdGen(_Gen):
         self.feature_accumulators(load=False)
         s("for p in range(0, T, C):")
         s.level += 1
-        s("pos, ok, qr, kr, vt, dot_, fq, fk, vis = _chunk(qb, kb, vb, dob, p, T, ck, cmk, cf, fpb, cv_, cmv, sqrt_scale)",
+        s("pos, ok, qr, kr, vt, dot_, fq, fk, vis = _chunk(qb, kb, vb, dob, p, T, ck, cmk, cf, fpb, cv_, cmv,"
+          " sqrt_scale)",
           "dfq = tl.full([BC, BF], 0.0, tl.float32)")
         if terms:
             s("num = tl.full([BC, BV], 0.0, tl.float32)")
@@ -202,7 +204,8 @@ class _BwdGen(_Gen):
                   "tl.store(dden_ptr + hb * T + pos, dden, mask=ok)")
             else:
                 s("dnum = dot_")
-            s("tl.store(dnum_ptr + hb * T * DV + pos[:, None] * DV + cv_[None, :], dnum, mask=ok[:, None] & cmv[None, :])")
+            s("tl.store(dnum_ptr + hb * T * DV + pos[:, None] * DV + cv_[None, :], dnum,"
+              " mask=ok[:, None] & cmv[None, :])")
             if self.glob != "none":
                 s(f"dfq += alpha * {self.dot('dnum', 'tl.trans(S)')}")
                 if self.norm:
@@ -257,12 +260,13 @@ class _BwdGen(_Gen):
           "for i in range(0, nch):")
         s.level += 1
         s("p = (nch - 1 - i) * C",
-          "pos, ok, qr, kr, vt, dot_, fq, fk, vis = _chunk(qb, kb, vb, dob, p, T, ck, cmk, cf, fpb, cv_, cmv, sqrt_scale)",
+          "pos, ok, qr, kr, vt, dot_, fq, fk, vis = _chunk(qb, kb, vb, dob, p, T, ck, cmk, cf, fpb, cv_, cmv,"
+          " sqrt_scale)",
           "dfk = tl.full([BC, BF], 0.0, tl.float32)",
           "dvv = tl.full([BC, BV], 0.0, tl.float32)")
         if terms:
-            s("dnum = tl.load(dnum_ptr + hb * T * DV + pos[:, None] * DV + cv_[None, :], mask=ok[:, None] & cmv[None, :],"
-              " other=0.0)")
+            s("dnum = tl.load(dnum_ptr + hb * T * DV + pos[:, None] * DV + cv_[None, :],"
+              " mask=ok[:, None] & cmv[None, :], other=0.0)")
             if self.norm:
                 s("dden = tl.load(dden_ptr + hb * T + pos, mask=ok, other=0.0)")
         if self.glob != "none":

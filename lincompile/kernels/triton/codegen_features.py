@@ -66,7 +66,8 @@ def _halves(h, cf):
     """Softmax over the first DK columns and over the next DK, separately (zero beyond F)."""
     lo = (cf < DK)[None, :]
     hi = ((cf >= DK) & (cf < F))[None, :]
-    m = tl.where(lo, _rmax(tl.where(lo, h, float("-inf")), 1)[:, None], _rmax(tl.where(hi, h, float("-inf")), 1)[:, None])
+    m_lo = _rmax(tl.where(lo, h, float("-inf")), 1)[:, None]
+    m = tl.where(lo, m_lo, _rmax(tl.where(hi, h, float("-inf")), 1)[:, None])
     e = tl.where(lo | hi, tl.exp(h - m), 0.0)
     return e / tl.where(lo, _rsum(tl.where(lo, e, 0.0), 1)[:, None], _rsum(tl.where(hi, e, 0.0), 1)[:, None])
 

@@ -238,8 +238,10 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], sp
     dtaps = torch.zeros(batch * heads, spec.conv_kernel, dtype=f32, device=q.device)
     zeros = reference.init_state(spec, batch, kv_heads, dk, dv, q.device, torch.float32)
     grad_state = grad_state or [None] * len(zeros)
-    given = unpack_state(spec, [z if g is None else g.to(torch.float32).contiguous() for g, z in zip(grad_state, zeros)])
-    state_grads = [given.get(name, parts.dummy) for name in ("state", "normalizer", "group_keys", "group_values", "conv")]
+    given = unpack_state(spec, [z if g is None else g.to(torch.float32).contiguous()
+                                for g, z in zip(grad_state, zeros)])
+    state_grads = [given.get(name, parts.dummy)
+                   for name in ("state", "normalizer", "group_keys", "group_values", "conv")]
     grid = (batch * heads,)
     features = spec.feature_dim(dk)
     dfeat = torch.zeros(batch * heads, dk * features + features, dtype=f32, device=q.device)

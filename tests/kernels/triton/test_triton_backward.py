@@ -47,14 +47,13 @@ def test_backward_matches_autograd(generated_method, kit):
     check(kernel_grads(c, spec, kit, grad_out), reference_grads(c, spec, kit.SCALE, grad_out), GRAD, kit)
 
 
-@pytest.mark.parametrize("name", ["augmented", "linear-elu", "castling"])
-def test_backward_paper_sizes_head_dim_64(name, kit):
+@pytest.mark.parametrize("name,dim", [("augmented", 64), ("linear-elu", 64), ("castling", 64), ("augmented", 128)])
+def test_backward_paper_sizes(name, dim, kit):
     """G=64 and K=63 (31 past taps) for augmented, 64-position chunks otherwise (castling: 65 features, padded
-    to 128); T=150 crosses two chunks."""
+    to 128); T=150 crosses two chunks; head dims 64 and 128."""
     spec = get_method(name)
-    c = kit.make(spec, 150, seed=33, heads=2, kv_heads=1, dk=64, dv=64)
-    grad_out = torch.randn(1, 1, 1, 1, dtype=torch.float64).expand(2, 2, 150, 64).clone()
-    grad_out += torch.randn(2, 2, 150, 64, generator=torch.Generator().manual_seed(34), dtype=torch.float64)
+    c = kit.make(spec, 150, seed=33, heads=2, kv_heads=1, dk=dim, dv=dim)
+    grad_out = torch.randn(2, 2, 150, dim, generator=torch.Generator().manual_seed(34), dtype=torch.float64)
     check(kernel_grads(c, spec, kit, grad_out), reference_grads(c, spec, kit.SCALE, grad_out), GRAD, kit)
 
 

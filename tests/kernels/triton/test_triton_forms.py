@@ -78,10 +78,10 @@ def test_paper_sizes_across_group_boundaries(kit):
     assert kit.rel(out2, ref2) <= FP32 and kit.state_rel(state2, ref_state2) <= FP32
 
 
-@pytest.mark.parametrize("name", ["augmented", "linear-elu", "castling"])
-def test_head_dim_64(name, kit):
+@pytest.mark.parametrize("name,dim", [("augmented", 64), ("linear-elu", 64), ("castling", 64), ("augmented", 128)])
+def test_head_dims_64_and_128(name, dim, kit):
     spec = kit.spec_of(name, group=16, kernel=9)
-    c = kit.make(spec, 37, seed=9, pad=4, heads=2, kv_heads=1, dk=64, dv=64)
+    c = kit.make(spec, 37, seed=9, pad=4, heads=2, kv_heads=1, dk=dim, dv=dim)
     ref, ref_state = reference.attention(c.q, c.k, c.v, c.mask, None, [], c.params, spec, kit.SCALE, True)
     out, state = launch.attention(*kit.cast([c.q, c.k, c.v]), c.mask, None, [], kit.cast(c.params), spec,
                                   kit.SCALE, True)

@@ -8,7 +8,9 @@ What the generator covers (everything else is declared unsupported, so the refer
   local branch  none, relu2 (relu(phi_q.phi_k)^2) or softmax (raw q.k * scale, online over tiles) in the group;
   global branch inclusive (phi(q) S + causal in-chunk dots) or grouped (alpha phi(q) S over completed groups);
   conv          causal depthwise conv on V (K//2 + 1 live taps) as banded tile products;
-  group size    <= MAX_GROUP; no decay; not yoso / taylor.
+  decay         gamma^(t - s) on the inclusive branch alone (retnet); the state term gamma^(t - start + 1);
+                the kernels read log gamma per KV head where alpha goes (alpha_ptr);
+  group size    <= MAX_GROUP; not yoso / taylor.
 
 Forms (each a `@triton.jit` kernel in the module; grid = (DV blocks, B * H), one program per query head, GQA
 read through h // (H / HKV) and never materialised):
@@ -46,8 +48,8 @@ def unsupported_reason(spec: MethodSpec) -> str | None:
         return features.unsupported_map(spec)
     if spec.local == "yoso":
         return "local='yoso'"
-    if spec.decay:
-        return "decay=True"
+    if spec.decay and (spec.global_branch != "inclusive" or spec.local != "none" or spec.conv != "none"):
+        return "decay=True beside a local branch or conv (generated: decay on the inclusive branch alone)"
     if spec.conv == "centered":
         return "conv='centered' (not causal)"
     if spec.uses_groups and spec.group_size > MAX_GROUP:
@@ -192,7 +194,10 @@ class _Gen:
             s("same = (qpos[:, None] // G) == (kpos[None, :] // G)")
         if self.kernel_terms:
             s(f"a = {self.dot('fq', 'tl.trans(fk)')}", "w = tl.full(a.shape, 0.0, tl.float32)")
-            if self.glob == "inclusive":
+            if self.glob == "inclusive" and self.p.spec.decay:
+                s("lag = tl.maximum(qpos[:, None] - kpos[None, :], 0).to(tl.float32)",
+                  "w += tl.where(vis & fresh[None, :], a * tl.exp(alpha * lag), 0.0)")
+            elif self.glob == "inclusive":
                 s("w += tl.where(vis & fresh[None, :], a, 0.0)")
             if self.glob == "grouped":
                 s("w += alpha * tl.where(vis & kern[None, :] & (same == 0), a, 0.0)")
@@ -285,7 +290,7 @@ class _Gen:
         accs = self.acc_names()
         if self.kernel_terms or self.local == "softmax":
             s(f"{accs} = _kernel_tile(fq, qr, qpos, vis, fk, kr, kpos, vt, kern, new, alpha, scale, {accs})")
-        s(f"out = _finish(fq, S, z, alpha, {accs})")
+        s(f"out = _finish({self.carried('fq', 'tl.maximum(p, r0)')}, S, z, alpha, {accs})")
         if self.conv:
             s("cv = tl.full([BC, BV], 0.0, tl.float32)",
               "for m in tl.static_range(NPREV + 1):")
@@ -331,13 +336,26 @@ class _Gen:
           "gvb = gv_ptr + sh * G * DV",
           "winb = win_ptr + sh * HALF * DV",
           "wrow = w_ptr + h * KC",
-          "alpha = tl.load(alpha_ptr)" if self.glob == "grouped" else "alpha = 1.0")
+          self.alpha_load())
         if self.glob != "none":
             s("S = tl.load(s_ptr + sh * F * DV + cf[:, None] * DV + cv_[None, :], mask=cmf[:, None] & cmv[None, :],"
               " other=0.0)")
         else:
             s("S = 0.0")
         s("z = tl.load(z_ptr + sh * F + cf, mask=cmf, other=0.0)" if self.norm else "z = 0.0")
+
+    def alpha_load(self) -> str:
+        """`alpha`: the grouped branch's gain, or log gamma of this KV head under decay."""
+        if self.p.spec.decay:
+            return "alpha = tl.load(alpha_ptr + hk)  # log gamma of this KV head"
+        return "alpha = tl.load(alpha_ptr)" if self.glob == "grouped" else "alpha = 1.0"
+
+    def carried(self, fq: str, start: str) -> str:
+        """phi(q) as it meets the state: times gamma^(qpos - start + 1) under decay (start: the position after the
+        state's last token)."""
+        if not self.p.spec.decay:
+            return fq
+        return f"{fq} * tl.exp(alpha * (qpos - {start} + 1).to(tl.float32))[:, None]"
 
     def chunked_fwd(self) -> None:
         s = self.src
@@ -379,10 +397,17 @@ class _Gen:
             if self.norm:
                 s("z += tl.where(done, _rsum(fk, 0), 0.0)")
         if self.glob == "inclusive":
-            s("fresh = tl.where(new[:, None], fk, 0.0)",
-              f"S += {self.dot('tl.trans(fresh)', 'vt')}")
+            keep = ""
+            if self.p.spec.decay:  # S = gamma^(new tokens) S + sum_s gamma^(last - s) phi(k_s) v_s
+                s("last = tl.minimum(p + C, end) - 1",
+                  "keep = tl.exp(alpha * (last - tl.maximum(p, r0) + 1).to(tl.float32))",
+                  "fresh = tl.where(new[:, None], fk * tl.exp(alpha * (last - pos).to(tl.float32))[:, None], 0.0)")
+                keep = "keep * "
+            else:
+                s("fresh = tl.where(new[:, None], fk, 0.0)")
+            s(f"S = {keep}S + {self.dot('tl.trans(fresh)', 'vt')}")
             if self.norm:
-                s("z += _rsum(fresh, 0)")
+                s(f"z = {keep}z + _rsum(fresh, 0)")
         s.level -= 1
         s("if h % hg == 0:")
         s.level += 1
@@ -463,7 +488,7 @@ class _Gen:
               f"                      alpha, scale, {accs})")
         if self.kernel_terms or self.local == "softmax":
             s(f"{accs} = _kernel_tile(fq, qr, qpos, anc, fk, kr, qpos, vt, ok, ok, alpha, scale, {accs})")
-        s(f"out = _finish(fq, S, z, alpha, {accs})")
+        s(f"out = _finish({self.carried('fq', 'r0')}, S, z, alpha, {accs})")
         if self.conv:
             s("wr = tl.arange(0, BW)",
               "wpos = r0 - HALF + wr",
@@ -501,10 +526,12 @@ class _Gen:
             s("num = tl.full([1, BV], 0.0, tl.float32)")
             if self.norm:
                 s("den = tl.full([1], 0.0, tl.float32)")
-        if self.glob == "inclusive":
-            s("fk = tl.where(real, _phi(kr, r0 + one, ck, cf, sqrt_scale, fpb), 0.0)", "S += tl.trans(fk) * vr")
+        if self.glob == "inclusive":  # a padding row reads gamma S (decay) and keeps S
+            keep = "tl.exp(alpha) * " if self.p.spec.decay else ""
+            s("fk = tl.where(real, _phi(kr, r0 + one, ck, cf, sqrt_scale, fpb), 0.0)",
+              "s_kept = S", f"S = {keep}S + tl.trans(fk) * vr")
             if self.norm:
-                s("z += _rsum(fk, 0)")
+                s("z_kept = z", f"z = {keep}z + _rsum(fk, 0)")
         if self.glob != "none":
             gain = "alpha * " if self.glob == "grouped" else ""
             s(f"num += {gain}_rsum(tl.trans(fq) * S, 0)[None, :]")
@@ -557,6 +584,10 @@ class _Gen:
               " mask=(grow[:, None] < G) & kfirst[None, :])",
               "tl.store(gv_out + sh * G * DV + grow[:, None] * DV + cv_[None, :], tl.where(full, 0.0, bv),"
               " mask=(grow[:, None] < G) & cmv[None, :])")
+        if self.glob == "inclusive":
+            s("S = tl.where(real, S, s_kept)")
+            if self.norm:
+                s("z = tl.where(real, z, z_kept)")
         if self.glob != "none":
             s("tl.store(s_out + sh * F * DV + cf[:, None] * DV + cv_[None, :], S, mask=cmf[:, None] & cmv[None, :])")
             if self.norm:

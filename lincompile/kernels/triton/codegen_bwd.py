@@ -1,8 +1,10 @@
 """Triton source of the chunked backward, generated from the same `Plan` as the forward kernels.
 
 Scope: the gradient of a causal prefill from the initial state (position 0, no padding) with respect to q, k, v
-and the trainable parameters (alpha, conv taps, hedgehog's feature map), given the gradients of its output and of
-the state it returns (S, z, the group buffer's raw keys and values, the conv window's values).
+and the trainable parameters (alpha, conv taps, hedgehog's feature map, the decay), given the gradients of its
+output and of the state it returns (S, z, the group buffer's raw keys and values, the conv window's values).
+Under decay every weight is gamma^(t - s) c_ts, so d log gamma = sum_ts (t - s) w_ts dw_ts
+= sum_t t (dnum_t.num_t + dden_t den_t) - sum_s s phi(k_s).dphi(k_s) (+ (T - 1) <dS, S> for the returned S).
 
 Two kernels per module, one program per query head (grid = (B * H,)), the whole of DV per program:
   bwd_dq   forward over chunks. Recomputes each chunk's numerator and denominator with the running state
@@ -30,6 +32,9 @@ class _BwdGen(_Gen):
     def __init__(self, plan: Plan, interpret: bool) -> None:
         super().__init__(plan)
         self.interpret = interpret
+        self.decay = plan.spec.decay
+        # What phi(q) S is multiplied by: alpha (grouped), 1 (inclusive), gamma^(t - p + 1) (decay), per row.
+        self.gain = ("carry[:, None]", "carry") if self.decay else ("alpha", "alpha")
 
     def dot(self, a: str, b: str) -> str:
         """fp32 plans: IEEE fp32 products. bf16 / fp16 plans: bf16 operands (the range of fp32, so gradients
@@ -107,13 +112,25 @@ class _BwdGen(_Gen):
           "kb = k_ptr + sh * T * DK",
           "vb = v_ptr + sh * T * DV",
           "dob = do_ptr + hb * T * DV",
-          "alpha = tl.load(alpha_ptr)" if self.glob == "grouped" else "alpha = 1.0")
+          self.alpha_load())
+
+    def decay_factors(self) -> None:
+        """Under decay, per chunk: carry (gamma^(t - p + 1), the state term), keep (gamma^(chunk length), S's own
+        decay over the chunk) and dec (gamma^(last - s), each key's weight in the state after the chunk)."""
+        if self.decay:
+            self.src("carry = tl.exp(alpha * (pos - p + 1).to(tl.float32))",
+                     "last = tl.minimum(p + C, T) - 1",
+                     "keep = tl.exp(alpha * (last - p + 1).to(tl.float32))",
+                     "dec = tl.where(ok, tl.exp(alpha * (last - pos).to(tl.float32)), 0.0)")
 
     def weights(self) -> None:
         """In-chunk kernel weights W: the inclusive branch's dots and the relu2 local branch (r = relu(A))."""
         s = self.src
         s(f"a = {self.dot('fq', 'tl.trans(fk)')}", "w = tl.full(a.shape, 0.0, tl.float32)")
-        if self.glob == "inclusive":
+        if self.glob == "inclusive" and self.decay:
+            s("lagw = tl.exp(alpha * tl.maximum(pos[:, None] - pos[None, :], 0).to(tl.float32))",
+              "w += tl.where(vis, a * lagw, 0.0)")
+        elif self.glob == "inclusive":
             s("w += tl.where(vis, a, 0.0)")
         if self.local == "relu2":
             s("r = tl.maximum(a, 0.0)", "w += tl.where(vis, r * r, 0.0)")
@@ -124,7 +141,7 @@ class _BwdGen(_Gen):
         s(f"dw = {self.dot('dnum', 'tl.trans(vt)')}" + (" + dden[:, None]" if self.norm else ""),
           "da = tl.full(a.shape, 0.0, tl.float32)")
         if self.glob == "inclusive":
-            s("da += tl.where(vis, dw, 0.0)")
+            s("da += tl.where(vis, dw * lagw, 0.0)" if self.decay else "da += tl.where(vis, dw, 0.0)")
         if self.local == "relu2":
             s("da += tl.where(vis, 2.0 * r * dw, 0.0)")
 
@@ -168,7 +185,7 @@ class _BwdGen(_Gen):
         terms = self.kernel_terms
         s("@triton.jit",
           "def bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dnum_ptr, dden_ptr, dal_ptr, alpha_ptr, fp_ptr, gf_ptr,",
-          "           scale, sqrt_scale, T, H, HKV):")
+          "           gs_ptr, gz_ptr, scale, sqrt_scale, T, H, HKV):")
         s.level += 1
         s('"""dq, and dnum / dden for bwd_dkv, over chunks in order with the running state."""')
         self.prologue_bwd()
@@ -176,7 +193,7 @@ class _BwdGen(_Gen):
             s("S = tl.full([BF, BV], 0.0, tl.float32)")
             if self.norm:
                 s("z = tl.full([BF], 0.0, tl.float32)")
-        if self.glob == "grouped":
+        if self.glob == "grouped" or self.decay:
             s("dal = tl.full([BC], 0.0, tl.float32)")
         self.feature_accumulators(load=False)
         s("for p in range(0, T, C):")
@@ -184,6 +201,8 @@ class _BwdGen(_Gen):
         s("pos, ok, qr, kr, vt, dot_, fq, fk, vis = _chunk(qb, kb, vb, dob, p, T, ck, cmk, cf, fpb, cv_, cmv,"
           " sqrt_scale)",
           "dfq = tl.full([BC, BF], 0.0, tl.float32)")
+        self.decay_factors()
+        g2, g1 = self.gain
         if terms:
             s("num = tl.full([BC, BV], 0.0, tl.float32)")
             if self.norm:
@@ -194,9 +213,9 @@ class _BwdGen(_Gen):
                 if self.norm:
                     s("den += _rsum(w, 1)")
             if self.glob != "none":
-                s(f"gs = {self.dot('fq', 'S')}", "num += alpha * gs")
+                s(f"gs = {self.dot('fq', 'S')}", f"num += {g2} * gs")
                 if self.norm:
-                    s("gz = _rsum(fq * z[None, :], 1)", "den += alpha * gz")
+                    s("gz = _rsum(fq * z[None, :], 1)", f"den += {g1} * gz")
             if self.norm:
                 s("dn = tl.maximum(den, EPS)",
                   "dnum = dot_ / dn[:, None]",
@@ -207,11 +226,13 @@ class _BwdGen(_Gen):
             s("tl.store(dnum_ptr + hb * T * DV + pos[:, None] * DV + cv_[None, :], dnum,"
               " mask=ok[:, None] & cmv[None, :])")
             if self.glob != "none":
-                s(f"dfq += alpha * {self.dot('dnum', 'tl.trans(S)')}")
+                s(f"dfq += {g2} * {self.dot('dnum', 'tl.trans(S)')}")
                 if self.norm:
-                    s("dfq += alpha * dden[:, None] * z[None, :]")
+                    s(f"dfq += {g2} * dden[:, None] * z[None, :]")
             if self.glob == "grouped":
                 s("dal += _rsum(gs * dnum, 1)" + (" + dden * gz" if self.norm else ""))
+            if self.decay:  # d log gamma = sum_t t (dnum.num + dden den) - sum_s s (phi(k_s).dphi(k_s)) (+ the state's)
+                s("dal += pos.to(tl.float32) * (_rsum(dnum * num, 1)" + (" + dden * den)" if self.norm else ")"))
             if self.glob == "inclusive" or self.local == "relu2":
                 self.weight_grads()
                 s(f"dfq += {self.dot('da', 'fk')}")
@@ -221,7 +242,11 @@ class _BwdGen(_Gen):
             self.softmax_local()
             s(f"dq += scale * {self.dot('ds', 'kr')}")
         s("tl.store(dq_ptr + hb * T * DK + pos[:, None] * DK + ck[None, :], dq, mask=ok[:, None] & cmk[None, :])")
-        if self.glob == "inclusive":
+        if self.glob == "inclusive" and self.decay:
+            s(f"S = keep * S + {self.dot('tl.trans(fk * dec[:, None])', 'vt')}")
+            if self.norm:
+                s("z = keep * z + _rsum(fk * dec[:, None], 0)")
+        elif self.glob == "inclusive":
             s(f"S += {self.dot('tl.trans(fk)', 'vt')}")
             if self.norm:
                 s("z += _rsum(fk, 0)")
@@ -230,6 +255,14 @@ class _BwdGen(_Gen):
             if self.norm:
                 s("z += tl.where(done, _rsum(fk, 0), 0.0)")
         s.level -= 1
+        if self.decay:  # the returned state's gradient, once per KV head: (T - 1) <dS, S> (+ <dz, z>)
+            s("firstf = cmf & (cf * 0 + h % (H // HKV) == 0)",
+              "gsf = tl.load(gs_ptr + sh * F * DV + cf[:, None] * DV + cv_[None, :],"
+              " mask=firstf[:, None] & cmv[None, :], other=0.0)",
+              "fin = _rsum(_rsum(gsf * S, 1), 0)")
+            if self.norm:
+                s("fin += _rsum(tl.load(gz_ptr + sh * F + cf, mask=firstf, other=0.0) * z, 0)")
+            s("tl.store(dal_ptr + hb, _rsum(dal, 0) + (T - 1) * fin)")
         if self.glob == "grouped":
             s("tl.store(dal_ptr + hb, _rsum(dal, 0))")
         self.store_feature_grads()
@@ -240,8 +273,8 @@ class _BwdGen(_Gen):
         s = self.src
         terms = self.kernel_terms
         s("@triton.jit",
-          "def bwd_dkv(q_ptr, k_ptr, v_ptr, do_ptr, dnum_ptr, dden_ptr, dk_ptr, dv_ptr, dw_ptr, alpha_ptr, w_ptr,",
-          "            fp_ptr, gf_ptr, gs_ptr, gz_ptr, ggk_ptr, ggv_ptr, gwin_ptr, scale, sqrt_scale, T, H, HKV):")
+          "def bwd_dkv(q_ptr, k_ptr, v_ptr, do_ptr, dnum_ptr, dden_ptr, dk_ptr, dv_ptr, dw_ptr, dal_ptr, alpha_ptr,",
+          "            w_ptr, fp_ptr, gf_ptr, gs_ptr, gz_ptr, ggk_ptr, ggv_ptr, gwin_ptr, scale, sqrt_scale, T, H, HKV):")
         s.level += 1
         s('"""dk and dv of this query head (fp32, summed over GQA groups by the caller) and the conv taps\' '
           'gradients, over chunks in reverse with the reverse state."""')
@@ -256,6 +289,8 @@ class _BwdGen(_Gen):
         if self.conv:
             s("lags = tl.arange(0, BL)", "dtap = tl.full([BL], 0.0, tl.float32)", "wrow = w_ptr + h * KC")
         self.feature_accumulators(load=True)
+        if self.decay:
+            s("dal = tl.full([BC], 0.0, tl.float32)")
         s("nch = (T + C - 1) // C",
           "for i in range(0, nch):")
         s.level += 1
@@ -264,6 +299,7 @@ class _BwdGen(_Gen):
           " sqrt_scale)",
           "dfk = tl.full([BC, BF], 0.0, tl.float32)",
           "dvv = tl.full([BC, BV], 0.0, tl.float32)")
+        self.decay_factors()
         if terms:
             s("dnum = tl.load(dnum_ptr + hb * T * DV + pos[:, None] * DV + cv_[None, :],"
               " mask=ok[:, None] & cmv[None, :], other=0.0)")
@@ -271,16 +307,19 @@ class _BwdGen(_Gen):
                 s("dden = tl.load(dden_ptr + hb * T + pos, mask=ok, other=0.0)")
         if self.glob != "none":
             folded = "ok & (p + C <= T)" if self.glob == "grouped" else "ok"
+            weight = "dec[:, None] * " if self.decay else ""
             s(f"folded = {folded}",
-              f"dfk += tl.where(folded[:, None], {self.dot('vt', 'tl.trans(dS)')}, 0.0)",
-              f"dvv += tl.where(folded[:, None], {self.dot('fk', 'dS')}, 0.0)")
+              f"dfk += tl.where(folded[:, None], {weight}{self.dot('vt', 'tl.trans(dS)')}, 0.0)",
+              f"dvv += tl.where(folded[:, None], {weight}{self.dot('fk', 'dS')}, 0.0)")
             if self.norm:
-                s("dfk += tl.where(folded[:, None], dz[None, :], 0.0)")
+                s(f"dfk += tl.where(folded[:, None], {weight}dz[None, :], 0.0)")
         if self.glob == "inclusive" or self.local == "relu2":
             self.weights()
             self.weight_grads()
             s(f"dfk += {self.dot('tl.trans(da)', 'fq')}", f"dvv += {self.dot('tl.trans(w)', 'dnum')}")
         s("dfk = tl.where(ok[:, None], dfk, 0.0)", "dk = _dphi(kr, fk, dfk, pos, ck, cf, sqrt_scale, fpb)")
+        if self.decay:
+            s("dal -= pos.to(tl.float32) * _rsum(fk * dfk, 1)")
         self.feature_grads("kr", "fk", "dfk")
         if self.local == "softmax":
             self.softmax_local()
@@ -311,13 +350,19 @@ class _BwdGen(_Gen):
               " mask=inwin[:, None] & cmv[None, :], other=0.0)")
         s("tl.store(dk_ptr + hb * T * DK + pos[:, None] * DK + ck[None, :], dk, mask=ok[:, None] & cmk[None, :])",
           "tl.store(dv_ptr + hb * T * DV + pos[:, None] * DV + cv_[None, :], dvv, mask=ok[:, None] & cmv[None, :])")
-        if self.glob != "none":
+        if self.decay:
+            s(f"dS = keep * dS + {self.dot('tl.trans(fq * carry[:, None])', 'dnum')}")
+            if self.norm:
+                s("dz = keep * dz + _rsum(fq * (carry * dden)[:, None], 0)")
+        elif self.glob != "none":
             s(f"dS += alpha * {self.dot('tl.trans(fq)', 'dnum')}")
             if self.norm:
                 s("dz += alpha * _rsum(fq * dden[:, None], 0)")
         s.level -= 1
         if self.conv:
             s("tl.store(dw_ptr + hb * KC + HALF - lags, dtap, mask=lags <= HALF)")
+        if self.decay:  # add the keys' part to bwd_dq's
+            s("tl.store(dal_ptr + hb, tl.load(dal_ptr + hb) + _rsum(dal, 0))")
         self.store_feature_grads()
         s.level -= 1
         s("", "")

@@ -122,6 +122,8 @@ class _Parts:
         self.parts = {n: t if n == "position" else t.to(torch.float32).contiguous() for n, t in parts.items()}
         named = named_params(spec, params, torch.float32)
         self.alpha = named["alpha"].reshape(1).contiguous() if "alpha" in named else self.dummy
+        if spec.decay:  # the kernels read log gamma per KV head where alpha goes
+            self.alpha = torch.nn.functional.logsigmoid(named["decay"]).contiguous()
         self.conv_weight = named["conv_weight"].contiguous() if "conv_weight" in named else self.dummy
         features = feature_params(named, kv_heads)
         self.features = features if features is not None else self.dummy
@@ -245,12 +247,16 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], sp
     grid = (batch * heads,)
     features = spec.feature_dim(dk)
     dfeat = torch.zeros(batch * heads, dk * features + features, dtype=f32, device=q.device)
-    module.bwd_dq[grid](q, k, v, grad_out, dq, dnum, dden, dalpha, parts.alpha, parts.features, dfeat, scale,
-                        math.sqrt(scale), t, heads, kv_heads)
-    module.bwd_dkv[grid](q, k, v, grad_out, dnum, dden, dk_heads, dv_heads, dtaps, parts.alpha, parts.conv_weight,
+    module.bwd_dq[grid](q, k, v, grad_out, dq, dnum, dden, dalpha, parts.alpha, parts.features, dfeat,
+                        state_grads[0], state_grads[1], scale, math.sqrt(scale), t, heads, kv_heads)
+    module.bwd_dkv[grid](q, k, v, grad_out, dnum, dden, dk_heads, dv_heads, dtaps, dalpha, parts.alpha,
+                         parts.conv_weight,
                          parts.features, dfeat, *state_grads, scale, math.sqrt(scale), t, heads, kv_heads)
     per_kv = (batch, kv_heads, heads // kv_heads, t)
     grads = {"alpha": dalpha.sum().reshape(()), "conv_weight": dtaps.reshape(batch, heads, -1).sum(0)}
+    if spec.decay:  # dalpha holds d log(gamma) per program; d logsigmoid(x) / dx = sigmoid(-x)
+        decay = named_params(spec, params, torch.float32)["decay"]
+        grads["decay"] = dalpha.view(batch, kv_heads, -1).sum((0, 2)) * torch.sigmoid(-decay)
     if spec.feature_map == "hedgehog":  # dfeat: d(logits) x^T as [DK (i), 2 * DK (j)], then d(bias) [2 * DK]
         per_kv_feat = dfeat.view(batch, kv_heads, heads // kv_heads, -1).sum((0, 2))
         weight = per_kv_feat[:, :dk * features].view(kv_heads, dk, 2, dk).sum(2)

@@ -90,7 +90,7 @@ def test_op_training_runs_forward_and_backward_in_kernels(kit, monkeypatch):
     check(list(grads), reference_grads(c, spec, kit.SCALE, grad_out), GRAD, kit)
 
 
-@pytest.mark.parametrize("name", ["augmented", "linear-elu", "local+grouped"])
+@pytest.mark.parametrize("name", ["augmented", "linear-elu", "local+grouped", "retnet", "hedgehog"])
 def test_state_gradients_reach_the_inputs(name, kit):
     """A loss on the returned state too (S, z, group buffer, conv window): T=14 ends mid-group (G=4) and the
     trailing partial group is in the buffer, not in S."""

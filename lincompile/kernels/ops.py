@@ -76,8 +76,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _from_the_start(key_mask: Tensor | None, state: list[Tensor]) -> bool:
     """True when the call is known to start from the initial state (none, or all zeros) with every key real (no
-    mask, or an all-true one). Tracing tensors carry no values, so under tracing this is False: the traced
-    backward recomputes through the implementation, which is right for any values."""
+    mask, or an all-true one); on a GPU, reading the values syncs once per site. Tracing tensors carry no values,
+    so under tracing this is False: the traced backward recomputes through the implementation, right for any
+    values."""
     tensors = [t for t in (key_mask, *state) if t is not None]
     if any(is_fake(t) for t in tensors):
         return False

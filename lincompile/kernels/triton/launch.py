@@ -220,10 +220,9 @@ def trainable_params(spec: MethodSpec) -> list[str]:
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], spec: MethodSpec, scale: float,
                        grad_out: Tensor, grad_state: list[Tensor | None] | None = None
                        ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    """Gradients (dq, dk, dv, dparams of the trainable params) of a causal prefill from the initial state, given its
-    output's gradient
-    and (optionally, None for none) its returned state's, by the generated backward kernels (see `codegen_bwd`);
-    the caller checks `backward_applies`."""
+    """Gradients (dq, dk, dv, dparams of the trainable params) of a causal prefill from the initial state, given
+    its output's gradient and (optionally, None for none) its returned state's, by the generated backward kernels
+    (see `codegen_bwd`); the caller checks `backward_applies`."""
     batch, heads, t, dk = q.shape
     kv_heads, dv = k.shape[1], v.shape[3]
     parts = _Parts(spec, [], params, q, k, v)
@@ -246,12 +245,13 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], sp
                    for name in ("state", "normalizer", "group_keys", "group_values", "conv")]
     grid = (batch * heads,)
     features = spec.feature_dim(dk)
-    dfeat = torch.zeros(batch * heads, dk * features + features, dtype=f32, device=q.device)
+    dfeat = (torch.zeros(batch * heads, dk * features + features, dtype=f32, device=q.device)
+             if spec.feature_map == "hedgehog" else parts.dummy)  # hedgehog's W and b gradients per program
     module.bwd_dq[grid](q, k, v, grad_out, dq, dnum, dden, dalpha, parts.alpha, parts.features, dfeat,
                         state_grads[0], state_grads[1], scale, math.sqrt(scale), t, heads, kv_heads)
     module.bwd_dkv[grid](q, k, v, grad_out, dnum, dden, dk_heads, dv_heads, dtaps, dalpha, parts.alpha,
-                         parts.conv_weight,
-                         parts.features, dfeat, *state_grads, scale, math.sqrt(scale), t, heads, kv_heads)
+                         parts.conv_weight, parts.features, dfeat, *state_grads, scale, math.sqrt(scale), t, heads,
+                         kv_heads)
     per_kv = (batch, kv_heads, heads // kv_heads, t)
     grads = {"alpha": dalpha.sum().reshape(()), "conv_weight": dtaps.reshape(batch, heads, -1).sum(0)}
     if spec.decay:  # dalpha holds d log(gamma) per program; d logsigmoid(x) / dx = sigmoid(-x)

@@ -45,11 +45,12 @@ def _compiled_mode(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
-@pytest.mark.parametrize("name,dim", [("augmented", 128), ("castling", 32)])
+@pytest.mark.parametrize("name,dim", [("augmented", 128), ("castling", 32), ("hedgehog", 32), ("retnet", 32)])
 def test_builds_and_fits(name, dim):
     """bf16: the paper's method at d=128, the largest shape class of the goals (fp32 builds take minutes each under
-    ptxas here), and castling's features moved by the IEEE matrix product with its single-row branch (at a small
-    head dim: those FMA products take ptxas many minutes at d=128)."""
+    ptxas here); castling's features moved by the IEEE matrix product with its single-row branch, hedgehog's
+    learned map and its parameter gradients, and retnet's decay, at a small head dim (the IEEE products take
+    ptxas many minutes at d=128)."""
     spec = get_method(name)
     forward = gen.load(Plan(spec, dim, dim, "bfloat16", min(64, dim)))
     backward = gen.load_backward(Plan(spec, dim, dim, "bfloat16", dim))

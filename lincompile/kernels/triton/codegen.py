@@ -44,8 +44,8 @@ def unsupported_reason(spec: MethodSpec) -> str | None:
     """Why the generator cannot express `spec` (None when it can)."""
     if spec.kind != "linear":
         return f"kind={spec.kind!r} (only kind='linear' is generated)"
-    if features.unsupported_map(spec):
-        return features.unsupported_map(spec)
+    if reason := features.unsupported_map(spec):
+        return reason
     if spec.local == "yoso":
         return "local='yoso'"
     if spec.decay and (spec.global_branch != "inclusive" or spec.local != "none" or spec.conv != "none"):

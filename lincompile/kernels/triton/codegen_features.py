@@ -36,14 +36,13 @@ def _mm_t(a, w):
 
 @triton.jit
 def _l2(x):
-    """x / max(|x|, 1e-12) per row, and the clamped norm [R, 1]."""
-    n = tl.maximum(tl.sqrt(_rsum(x * x, 1)), 1e-12)[:, None]
-    return x / n, n
+    """x / max(|x|, 1e-12) per row (F.normalize)."""
+    return x / tl.maximum(tl.sqrt(_rsum(x * x, 1)), 1e-12)[:, None]
 
 
 @triton.jit
 def _dl2(x, dn):
-    """The gradient of _l2(x)[0] given its gradient dn (F.normalize's: through the norm unless it is clamped)."""
+    """The gradient of _l2(x) given its gradient dn (F.normalize's: through the norm unless it is clamped)."""
     n = tl.sqrt(_rsum(x * x, 1))[:, None]
     u = x / tl.maximum(n, 1e-12)
     return tl.where(n > 1e-12, (dn - u * _rsum(u * dn, 1)[:, None]) / tl.maximum(n, 1e-12), dn / 1e-12)
@@ -86,10 +85,10 @@ def _dpre(x, f, df, pos, ck, cf, sqrt_scale, fpb):
 
 _PHI = {
     "identity": "return x * sqrt_scale",
-    "l2": "return _l2(x)[0]",
+    "l2": "return _l2(x)",
     "elu1": "return tl.where(ck[None, :] < DK, tl.where(x > 0, x, tl.exp(x) - 1.0) + 1.0, 0.0)",
     "relu": "return tl.maximum(x, 0.0)",
-    "angular": f"{_SHIFT}\nreturn tl.where(cf[None, :] == 0, SQRT_HALF, _mm(_l2(x)[0], e) * INV_SQRT_PI)",
+    "angular": f"{_SHIFT}\nreturn tl.where(cf[None, :] == 0, SQRT_HALF, _mm(_l2(x), e) * INV_SQRT_PI)",
     "cosformer": f"{_DOUBLE}\n{_TRIG}\nreturn tl.maximum(_mm(x, e.to(tl.float32)), 0.0) * trig",
     "performer": f"{_OMEGA}\nxs = x * sqrt_scale\n"
                  "return tl.where(cf[None, :] < F, tl.exp(_mm(xs, om) - 0.5 * _rsum(xs * xs, 1)[:, None]) * INV_SQRT_M,"

@@ -12,8 +12,9 @@ import ast
 import json
 from typing import Any
 
-from lincompile.kernels.triton.codegen import DTYPES, Plan, generate, unsupported_reason
+from lincompile.kernels.triton.codegen import generate
 from lincompile.kernels.triton.codegen_bwd import generate_backward
+from lincompile.kernels.triton.plan import DTYPES, Plan, block, unsupported_reason
 from lincompile.methods.spec import get_method, methods
 
 PROG = "lincompile"
@@ -64,7 +65,7 @@ def kernel_source(method: str, form: str, head_dim: int = 64, v_head_dim: int | 
     if form not in KERNELS:
         raise ValueError(f"unknown form {form!r}: choose from {', '.join(KERNELS)}")
     dv = v_head_dim or head_dim
-    full = max(16, 1 << (dv - 1).bit_length())
+    full = block(dv)
     if form in BACKWARD_FORMS:
         source = generate_backward(Plan(spec, head_dim, dv, dtype, full))
     else:

@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from lincompile.kernels import registry
 from lincompile.kernels.linear_attention.reference import init_state
-from lincompile.methods.params import param_layout
+from lincompile.methods.params import param_trainable
 from lincompile.methods.spec import MethodSpec
 
 
@@ -90,7 +90,7 @@ def _backward(ctx, grad_out, grad_state):
     key_mask, bias, state, spec, scale, causal = ctx.rest
     method = _spec(spec)
     fast = registry.select(method, q.device).backward
-    trainable = [t for _, _, t in param_layout(method, 1, 1, 1, 1)]
+    trainable = param_trainable(method)
     if (grad_out is not None and fast is not None and fast.applies(q, k, v, bias, method, causal)
             and not any(p.requires_grad and not t for p, t in zip(params, trainable))
             and _from_the_start(key_mask, state)):
@@ -127,6 +127,5 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], gr
 
 @attention_backward.register_fake
 def _attention_backward_fake(q, k, v, params, grad_out, grad_state, spec, scale):
-    trainable = [t for _, _, t in param_layout(_spec(spec), 1, 1, 1, 1)]
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            [torch.empty_like(p) for p, t in zip(params, trainable) if t])
+            [torch.empty_like(p) for p, t in zip(params, param_trainable(_spec(spec))) if t])

@@ -55,6 +55,11 @@ def param_names(spec: MethodSpec) -> tuple[str, ...]:
     return tuple(name for name, _, _ in param_layout(spec, 1, 1, 1, 1))
 
 
+def param_trainable(spec: MethodSpec) -> tuple[bool, ...]:
+    """Whether each parameter trains, in op order (performer's random features do not)."""
+    return tuple(trainable for _, _, trainable in param_layout(spec, 1, 1, 1, 1))
+
+
 def _orthogonal_features(rows: int, dim: int, generator: torch.Generator) -> Tensor:
     blocks = []
     for _ in range(math.ceil(rows / dim)):

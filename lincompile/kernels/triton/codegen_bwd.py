@@ -23,7 +23,8 @@ summed over each KV head's query heads by the launcher, so GQA never expands k o
 from __future__ import annotations
 
 from lincompile.kernels.triton import codegen_features as features
-from lincompile.kernels.triton.codegen import Plan, _Gen
+from lincompile.kernels.triton.codegen import _Gen
+from lincompile.kernels.triton.plan import Plan, block
 from lincompile.methods.feature_maps import DENOMINATOR_EPS
 
 class _BwdGen(_Gen):
@@ -38,8 +39,9 @@ class _BwdGen(_Gen):
 
     def dot(self, a: str, b: str) -> str:
         """fp32 plans: IEEE fp32 products. bf16 / fp16 plans: bf16 operands (the range of fp32, so gradients
-        scaled for fp16 training cannot overflow), fp32 accumulation; fp32 operands under TF32 would need
-        360 KB of shared memory at d=128 on sm_90 (cross-compiled), beyond an H100/H200's 228 KB. Triton 3.9's
+        scaled for fp16 training cannot overflow), fp32 accumulation; fp32 operands under TF32 needed 360 KB of
+        shared memory at d=128 on sm_90 (measured once by cross-compiling; tests/kernels/triton/test_sm90_build.py
+        checks the bf16 build fits), beyond an H100/H200's 227 KB. Triton 3.9's
         interpreter multiplies bf16 tiles wrongly, so there the operands are rounded to bf16 and multiplied in
         fp32: the same products (exact in fp32), the same fp32 accumulation."""
         if self.p.dtype == "float32":
@@ -58,7 +60,7 @@ class _BwdGen(_Gen):
           "")
         for name, value in self.p.constants().items():
             s(f"{name} = tl.constexpr({value})")
-        s(f"BL = tl.constexpr({max(16, 1 << self.p.half.bit_length())})")
+        s(f"BL = tl.constexpr({block(self.p.half + 1)})")
         for name, value in features.constants(spec, self.p.dk).items():
             s(f"{name} = tl.constexpr({value!r})")
         s(f"EPS = tl.constexpr({DENOMINATOR_EPS!r})", "")

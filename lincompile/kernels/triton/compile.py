@@ -15,8 +15,9 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-from lincompile.kernels.triton.codegen import Plan, generate
+from lincompile.kernels.triton.codegen import generate
 from lincompile.kernels.triton.codegen_bwd import generate_backward
+from lincompile.kernels.triton.plan import Plan
 
 
 def interpreting() -> bool:

@@ -23,8 +23,8 @@ from torch import Tensor
 from lincompile.kernels.linear_attention import reference
 from lincompile.kernels.linear_attention.state import pack_state, unpack_state
 from lincompile.kernels.triton import compile as gen
-from lincompile.kernels.triton.codegen import Plan, unsupported_reason
-from lincompile.methods.params import named_params, param_layout, param_names
+from lincompile.kernels.triton.plan import Plan, block, unsupported_reason
+from lincompile.methods.params import named_params, param_names, param_trainable
 from lincompile.methods.spec import MethodSpec
 
 #: Tests set this to fill every output with NaN before a launch, so an element a kernel misses shows up.
@@ -59,7 +59,7 @@ def supports(spec: MethodSpec, device: torch.device) -> bool:
 
 def block_v(dv: int) -> int:
     """Columns of V per program: the whole head under the interpreter, at most 64 on a GPU."""
-    full = max(16, 1 << (dv - 1).bit_length())
+    full = block(dv)
     return full if gen.interpreting() else min(64, full)
 
 
@@ -83,12 +83,17 @@ def _left_padding(key_mask: Tensor | None, batch: int, t: int, device: torch.dev
     return pad.to(torch.int32) if torch.equal(mask, expected) else None
 
 
+def _kernel_shapes(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """4-D q, k, v of one dtype the kernels take, with matching batch, tokens, KV heads and head dim (GQA)."""
+    return (q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.dtype in _DTYPES and k.dtype == q.dtype
+            and v.dtype == q.dtype and q.shape[2] == k.shape[2] == v.shape[2]
+            and q.shape[0] == k.shape[0] == v.shape[0] and k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0
+            and q.shape[3] == k.shape[3])
+
+
 def _launchable(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], causal: bool) -> bool:
     tensors = (q, k, v, *params)
-    return (causal and q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.dtype in _DTYPES
-            and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[2] == k.shape[2] == v.shape[2] > 0
-            and q.shape[0] == k.shape[0] == v.shape[0] and k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0
-            and q.shape[3] == k.shape[3]
+    return (causal and _kernel_shapes(q, k, v) and q.shape[2] > 0
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
@@ -204,17 +209,7 @@ def backward_applies(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, spec:
     """True when `attention_backward` can compute the gradients of a causal prefill from the initial state with
     every key real (the op checks those two from the values): a spec, device and dtype the kernels take.
     Decided from shapes and types only."""
-    if not supports(spec, q.device) or bias is not None or not causal:
-        return False
-    return (q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.dtype in _DTYPES and k.dtype == q.dtype
-            and v.dtype == q.dtype and q.shape[2] == k.shape[2] == v.shape[2] and q.shape[0] == k.shape[0]
-            and k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0 and q.shape[3] == k.shape[3])
-
-
-def trainable_params(spec: MethodSpec) -> list[str]:
-    """Names of spec's trainable parameters, in op order: the ones `attention_backward` returns gradients for
-    (performer's random features are fixed)."""
-    return [name for name, _, trainable in param_layout(spec, 1, 1, 1, 1) if trainable]
+    return supports(spec, q.device) and bias is None and causal and _kernel_shapes(q, k, v)
 
 
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], spec: MethodSpec, scale: float,
@@ -226,7 +221,7 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], sp
     batch, heads, t, dk = q.shape
     kv_heads, dv = k.shape[1], v.shape[3]
     parts = _Parts(spec, [], params, q, k, v)
-    plan = Plan(spec, dk, dv, _DTYPES[q.dtype], max(16, 1 << (dv - 1).bit_length()))
+    plan = Plan(spec, dk, dv, _DTYPES[q.dtype], block(dv))  # the backward takes all of DV per program
     module = gen.load_backward(plan)
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.to(q.dtype).contiguous()
     f32 = torch.float32
@@ -236,7 +231,8 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], sp
     dalpha = _alloc((batch * heads,), f32, q.device)
     dk_heads = _alloc((batch, heads, t, dk), f32, q.device)
     dv_heads = _alloc((batch, heads, t, dv), f32, q.device)
-    dtaps = torch.zeros(batch * heads, spec.conv_kernel, dtype=f32, device=q.device)
+    dtaps = (torch.zeros(batch * heads, spec.conv_kernel, dtype=f32, device=q.device)  # taps > K//2 stay 0
+             if spec.conv != "none" else parts.dummy)
     zeros = reference.init_state(spec, batch, kv_heads, dk, dv, q.device, torch.float32)
     grad_state = grad_state or [None] * len(zeros)
     given = unpack_state(spec, [z if g is None else g.to(torch.float32).contiguous()
@@ -253,7 +249,11 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], sp
                          parts.conv_weight, parts.features, dfeat, *state_grads, scale, math.sqrt(scale), t, heads,
                          kv_heads)
     per_kv = (batch, kv_heads, heads // kv_heads, t)
-    grads = {"alpha": dalpha.sum().reshape(()), "conv_weight": dtaps.reshape(batch, heads, -1).sum(0)}
+    grads = {}
+    if spec.global_branch == "grouped":
+        grads["alpha"] = dalpha.sum().reshape(())
+    if spec.conv != "none":
+        grads["conv_weight"] = dtaps.reshape(batch, heads, -1).sum(0)
     if spec.decay:  # dalpha holds d log(gamma) per program; d logsigmoid(x) / dx = sigmoid(-x)
         decay = named_params(spec, params, torch.float32)["decay"]
         grads["decay"] = dalpha.view(batch, kv_heads, -1).sum((0, 2)) * torch.sigmoid(-decay)
@@ -262,8 +262,8 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], sp
         weight = per_kv_feat[:, :dk * features].view(kv_heads, dk, 2, dk).sum(2)
         grads["hedgehog_weight"] = weight.transpose(1, 2)
         grads["hedgehog_bias"] = per_kv_feat[:, dk * features:].view(kv_heads, 2, dk).sum(1)
-    named = dict(zip(param_names(spec), params))
-    dparams = [grads[name].to(named[name].dtype).reshape(named[name].shape) for name in trainable_params(spec)]
+    dparams = [grads[name].to(p.dtype).reshape(p.shape)
+               for name, p, trainable in zip(param_names(spec), params, param_trainable(spec)) if trainable]
     return (dq.to(q.dtype), dk_heads.view(*per_kv, dk).sum(2).to(k.dtype),
             dv_heads.view(*per_kv, dv).sum(2).to(v.dtype), dparams)
 

@@ -13,7 +13,7 @@ import torch
 
 from lincompile.kernels.linear_attention import reference
 from lincompile.kernels.triton import launch
-from lincompile.kernels.triton.codegen import unsupported_reason
+from lincompile.kernels.triton.plan import unsupported_reason
 from lincompile.methods.params import random_params
 from lincompile.methods.spec import MethodSpec, get_method, methods
 

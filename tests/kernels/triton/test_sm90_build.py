@@ -4,7 +4,7 @@ The interpreter tests check the numbers; this checks what the interpreter never 
 import pytest
 
 from lincompile.kernels.triton import compile as gen
-from lincompile.kernels.triton.codegen import Plan
+from lincompile.kernels.triton.plan import Plan
 from lincompile.kernels.triton.launch import CHUNKED_STAGES
 from lincompile.methods.spec import get_method
 

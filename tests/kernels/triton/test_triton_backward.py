@@ -9,20 +9,16 @@ from lincompile.kernels import ops
 from lincompile.kernels.linear_attention import reference
 from lincompile.kernels.ops import attention as op
 from lincompile.kernels.triton import launch
-from lincompile.methods.params import param_layout
+from lincompile.methods.params import param_trainable
 from lincompile.methods.spec import get_method
 
 GRAD = 1e-4
 
 
-def trainable(spec):
-    return [t for _, _, t in param_layout(spec, 1, 1, 1, 1)]
-
-
 def reference_grads(c, spec, scale, grad_out):
     """fp64 autograd gradients of q, k, v and the trainable params (performer's random features are fixed)."""
     exact = [t.detach().double() for t in (c.q, c.k, c.v, *c.params)]
-    wanted = [t.requires_grad_(True) for t, train in zip(exact, [True] * 3 + trainable(spec)) if train]
+    wanted = [t.requires_grad_(True) for t, train in zip(exact, (True,) * 3 + param_trainable(spec)) if train]
     out, _ = reference.attention(*exact[:3], None, None, [], exact[3:], spec, scale, True)
     return torch.autograd.grad(out, wanted, grad_out.double())
 
@@ -105,7 +101,7 @@ def test_state_gradients_reach_the_inputs(name, kit):
     out, state = reference.attention(*exact[:3], None, None, [], exact[3:], spec, kit.SCALE, True)
     pairs = [(out, grad_out)] + [(s, gs) for s, gs in zip(state, grad_state) if gs is not None]
     ref = torch.autograd.grad([a for a, _ in pairs], exact, [b for _, b in pairs])
-    assert all(trainable(spec))
+    assert all(param_trainable(spec))
     q, k, v = kit.cast([c.q, c.k, c.v])
     dq, dk, dv, dparams = launch.attention_backward(q, k, v, kit.cast(c.params), spec, kit.SCALE, grad_out.float(),
                                                     [None if x is None else x.float() for x in grad_state])

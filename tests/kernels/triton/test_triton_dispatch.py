@@ -8,7 +8,8 @@ from lincompile.kernels import registry
 from lincompile.kernels.linear_attention import reference
 from lincompile.kernels.triton import compile as gen
 from lincompile.kernels.triton import launch
-from lincompile.kernels.triton.codegen import FORMS, Plan, generate, unsupported_reason
+from lincompile.kernels.triton.codegen import FORMS, generate
+from lincompile.kernels.triton.plan import Plan, unsupported_reason
 from lincompile.methods.spec import get_method, methods
 
 op = torch.ops.lincompile.attention

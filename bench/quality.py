@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -32,6 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ("linear-elu", "linear-relu", "performer", "cosformer", "hedgehog", "taylor", "retnet", "yoso",
              "castling")
 ABLATIONS = ("local", "grouped", "local+grouped", "augmented")  # local only, global only, both, both + conv
+AUGMENTED_BASES = ("augmented-hedgehog",)  # the causal conv on the strongest baseline: does the augmentation help it?
 REFERENCE = "softmax"
 QUICK_METHODS = ("softmax", "linear-elu", "local+grouped", "augmented")
 
@@ -41,8 +44,10 @@ def _log(message: str) -> None:
 
 
 def role(method: str) -> str:
-    if method in (REFERENCE, "augmented"):
-        return "reference" if method == REFERENCE else "ours"
+    if method == REFERENCE:
+        return "reference"
+    if method.startswith("augmented"):
+        return "ours"
     return "ablation" if method in ABLATIONS else "baseline"
 
 
@@ -76,7 +81,17 @@ def train_one(model: torch.nn.Module, captured: object, method: str, blocks: tor
             "ppl": final, "curve": curve}
 
 
-def run(args: argparse.Namespace) -> dict:
+def summarize(args: argparse.Namespace, ppl_original: float, heldout_tokens: int, runs: list[dict]) -> dict:
+    """The result so far: every run with its ratios to the original and to the fine-tuned softmax."""
+    reference = next((r["ppl"] for r in runs if r["method"] == REFERENCE), None)
+    for r in runs:
+        r["ratio_to_original"] = r["ppl"] / ppl_original
+        r["ratio_to_softmax_finetuned"] = r["ppl"] / reference if reference else None
+    return {"model": args.model, "ppl_original": ppl_original, "heldout_tokens": heldout_tokens, "runs": runs}
+
+
+def run(args: argparse.Namespace, on_method: Callable[[dict], None]) -> dict:
+    """Train and evaluate every method; `on_method` gets the result so far after each one (for saving)."""
     import lincompile
     from lincompile.assets import load_model
     from lincompile.train.data import heldout_blocks, load_texts, token_blocks
@@ -96,12 +111,8 @@ def run(args: argparse.Namespace) -> dict:
             _log(f"{method}: training {args.stage1_steps + args.stage2_steps} steps")
             runs.append(train_one(model, captured, method, blocks, held, args, Path(tmp)))
             _log(f"{method}: ppl {runs[-1]['ppl']:.2f} ({runs[-1]['seconds']:.0f} s)")
-    reference = next((r["ppl"] for r in runs if r["method"] == REFERENCE), None)
-    for r in runs:
-        r["ratio_to_original"] = r["ppl"] / ppl_original
-        r["ratio_to_softmax_finetuned"] = r["ppl"] / reference if reference else None
-    return {"model": args.model, "ppl_original": ppl_original, "heldout_tokens": int(held[:, 1:].numel()),
-            "runs": runs}
+            on_method(summarize(args, ppl_original, int(held[:, 1:].numel()), runs))
+    return summarize(args, ppl_original, int(held[:, 1:].numel()), runs)
 
 
 def print_table(result: dict) -> None:
@@ -144,7 +155,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--methods", nargs="+", default=[REFERENCE, *BASELINES, *ABLATIONS])
+    parser.add_argument("--methods", nargs="+", default=[REFERENCE, *BASELINES, *ABLATIONS, *AUGMENTED_BASES])
     parser.add_argument("--stage1-steps", type=int, default=10, help="attention-transfer steps (default 10)")
     parser.add_argument("--stage2-steps", type=int, default=20, help="fine-tuning steps (default 20)")
     parser.add_argument("--batch-size", type=int, default=4, help="blocks per optimizer step (default 4)")
@@ -168,14 +179,21 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         get_method(method)  # an unknown name fails here, before the model loads
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    result = run(args)
     tag = f"{args.device}{'_quick' if args.quick else ''}"
-    result.update({"command": command, "device": args.device, "torch": torch.__version__,
-                   "threads": torch.get_num_threads(), "budget": {k: getattr(args, k) for k in (
-                       "stage1_steps", "stage2_steps", "batch_size", "block_size", "lr", "seed")}})
+    meta = {"command": command, "device": args.device, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "budget": {k: getattr(args, k) for k in (
+                "stage1_steps", "stage2_steps", "batch_size", "block_size", "lr", "seed")}}
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.out / f"quality_{tag}.json", args.out / f"quality_{tag}.png"
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
+
+    def save(result: dict, complete: bool) -> None:  # atomic: a long run stopped midway keeps what it measured
+        result.update(meta, complete=complete)
+        partial = json_path.with_name(json_path.name + ".tmp")
+        partial.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(partial, json_path)
+
+    result = run(args, lambda so_far: save(so_far, complete=False))
+    save(result, complete=True)
     plot(result, png_path)
     print()
     print_table(result)

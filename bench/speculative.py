@@ -6,6 +6,7 @@ Every speculative output is also compared with the plain greedy output (they mus
 
     python bench/speculative.py                         # prompt lookup (+ the drafts given below), k in 2,4,6,8
     python bench/speculative.py --draft-model DIR --medusa DIR --runtime ort
+    python bench/speculative.py --runtime ort --ngram DIR --ks 4,8,12   # DIR from `lincompile build-ngram`
     python bench/speculative.py --prompts 20 --new-tokens 64 --ks 4 --weights none --draft-model layers:4 --medusa zero
     python bench/speculative.py --quick                 # 2 prompts x 16 tokens, k in 2,4
 """
@@ -58,11 +59,16 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def _drafts(args: argparse.Namespace, linear: Any) -> dict[str, Any]:
-    """prompt lookup, plus a draft model (a saved one, or `layers:N`: the target's first N layers linearized,
-    undistilled) and Medusa heads (a saved directory, or `zero`: untrained heads) when asked for."""
+    """prompt lookup, plus prompt lookup + an n-gram table, a draft model (a saved one, or `layers:N`: the
+    target's first N layers linearized, undistilled) and Medusa heads (a saved directory, or `zero`: untrained
+    heads) when asked for."""
     import lincompile
 
     drafts: dict[str, Any] = {"prompt-lookup": "prompt-lookup"}
+    if args.ngram:
+        from lincompile.runtime.ngram import NgramTable
+
+        drafts["prompt-lookup+ngram"] = NgramTable.load(args.ngram)
     if args.draft_model and args.draft_model.startswith("layers:"):
         from lincompile.assets import load_model
         from lincompile.train.draft_model import shallow_hf
@@ -90,37 +96,39 @@ def _plain(target: Any, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Te
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Prompt by prompt, plain decoding then every (draft, k) on that prompt: a change in the machine's load
+    during the run weighs on every column alike, so the ratios stay side by side."""
     from lincompile.runtime.speculative import speculative_generate
 
     torch.set_num_threads(args.threads)
     target, linear, tokenizer = _target(args)
     prompts = _prompts(tokenizer, args.prompts, args.prompt_tokens)
     drafts = _drafts(args, linear)
+    configs = [(name, k) for name in drafts for k in args.ks]
     _plain(target, prompts[0], 4)  # warm-up
-    plain_outputs, plain_seconds = [], 0.0
-    for prompt in prompts:
-        out, seconds = _plain(target, prompt, args.new_tokens)
-        plain_outputs.append(out)
+    plain_seconds, plain_tokens = 0.0, 0
+    totals = {c: {"seconds": 0.0, "calls": 0, "accepted": 0, "produced": 0, "identical": True} for c in configs}
+    for number, prompt in enumerate(prompts, 1):
+        print(f"prompt {number}/{len(prompts)}", file=sys.stderr, flush=True)
+        reference, seconds = _plain(target, prompt, args.new_tokens)
         plain_seconds += seconds
-    new_tokens = sum(o.shape[1] - p.shape[1] for o, p in zip(plain_outputs, prompts))
-    plain_rate = new_tokens / plain_seconds
+        plain_tokens += reference.shape[1] - prompt.shape[1]
+        for name, k in configs:
+            out, stats = speculative_generate(target, prompt, args.new_tokens, drafts[name], k)
+            total = totals[(name, k)]
+            total["seconds"] += stats.seconds
+            total["calls"] += stats.target_calls
+            total["accepted"] += stats.accepted
+            total["produced"] += stats.new_tokens
+            total["identical"] &= torch.equal(out, reference)
+    plain_rate = plain_tokens / plain_seconds
     rows = []
-    for name, draft in drafts.items():
-        for k in args.ks:
-            seconds, calls, accepted, produced, identical = 0.0, 0, 0, 0, True
-            for prompt, reference in zip(prompts, plain_outputs):
-                out, stats = speculative_generate(target, prompt, args.new_tokens, draft, k)
-                seconds += stats.seconds
-                calls += stats.target_calls
-                accepted += stats.accepted
-                produced += stats.new_tokens
-                identical &= torch.equal(out, reference)
-            rate = produced / seconds
-            rows.append({"draft": name, "k": k, "accepted_per_call": accepted / max(calls, 1),
-                         "calls_per_token": calls / max(produced, 1), "tokens_per_s": rate,
-                         "speedup": rate / plain_rate, "identical_to_greedy": identical})
-            print(f"{name:>14} k={k}: {rows[-1]['accepted_per_call']:.2f} accepted/call, "
-                  f"{rate:.1f} tok/s ({rate / plain_rate:.2f}x), identical={identical}", file=sys.stderr)
+    for (name, k), total in totals.items():
+        rate = total["produced"] / total["seconds"]
+        calls = max(total["calls"], 1)
+        rows.append({"draft": name, "k": k, "accepted_per_call": total["accepted"] / calls,
+                     "tokens_per_call": total["produced"] / calls, "calls_per_token": calls / max(total["produced"], 1),
+                     "tokens_per_s": rate, "speedup": rate / plain_rate, "identical_to_greedy": total["identical"]})
     return {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "runtime": args.runtime,
             "method": args.method, "weights": args.weights, "prompts": len(prompts),
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "plain_tokens_per_s": plain_rate,
@@ -132,10 +140,11 @@ def _table(result: dict[str, Any]) -> str:
     lines = [f"plain greedy decoding: {result['plain_tokens_per_s']:.1f} tok/s ({result['runtime']}, "
              f"{result['method']}, weights {result['weights']}, {result['prompts']} prompts x "
              f"{result['new_tokens']} new tokens)",
-             f"{'draft':>14} {'k':>3} {'accepted/call':>14} {'calls/token':>12} {'tok/s':>8} {'speedup':>8} "
-             f"{'identical':>9}"]
+             f"{'draft':>14} {'k':>3} {'accepted/call':>14} {'tokens/call':>12} {'tok/s':>8} {'speedup':>8} "
+             f"{'identical':>9}",
+             "(accepted/call: drafted tokens kept per target call; tokens/call adds the target's own token)"]
     for r in result["rows"]:
-        lines.append(f"{r['draft']:>14} {r['k']:>3} {r['accepted_per_call']:>14.2f} {r['calls_per_token']:>12.2f} "
+        lines.append(f"{r['draft']:>14} {r['k']:>3} {r['accepted_per_call']:>14.2f} {r['tokens_per_call']:>12.2f} "
                      f"{r['tokens_per_s']:>8.1f} {r['speedup']:>7.2f}x {str(r['identical_to_greedy']):>9}")
     return "\n".join(lines)
 
@@ -171,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft-model", help="a saved draft model (lincompile make-draft), or layers:N for the "
                         "target's first N layers, linearized and undistilled")
     parser.add_argument("--medusa", help="Medusa heads directory (lincompile train-medusa), or 'zero' for untrained heads")
+    parser.add_argument("--ngram", metavar="DIR", help="an n-gram table (lincompile build-ngram): adds prompt lookup "
+                        "filled up from the table")
     parser.add_argument("--ks", default="2,4,6,8", help="comma-separated numbers of drafted tokens")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=64)

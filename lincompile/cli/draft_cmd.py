@@ -1,9 +1,10 @@
-"""`lincompile train-medusa` and `lincompile make-draft`: the two trained draft sources of speculative decoding.
+"""`lincompile train-medusa`, `make-draft` and `build-ngram`: the trained draft sources of speculative decoding.
 
 train-medusa writes OUT/medusa.json + OUT/medusa.safetensors (heads only; the target's lm_head is shared),
 loadable with `lincompile.runtime.medusa.attach(model, OUT)`. make-draft writes a linearized N-layer model with
-`save_pretrained` (`lincompile.load(OUT)` reads it back). Both write atomically and print a summary (one JSON
-line with --json); errors are one line (`lincompile: error: ...`), as for every subcommand.
+`save_pretrained` (`lincompile.load(OUT)` reads it back); build-ngram writes OUT/ngram.json
+(`lincompile.runtime.ngram.NgramTable.load(OUT)`). All write atomically and print a summary (one JSON line
+with --json); errors are one line (`lincompile: error: ...`), as for every subcommand.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from lincompile.train.draft_model import DistillConfig
 
-__all__ = ["add_parsers", "cmd_train_medusa", "cmd_make_draft", "load_target"]
+__all__ = ["add_parsers", "cmd_build_ngram", "cmd_train_medusa", "cmd_make_draft", "load_target"]
 
 PROG = "lincompile"
 _DISTILL = DistillConfig()
@@ -111,6 +112,35 @@ def cmd_make_draft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_ngram(args: argparse.Namespace) -> int:
+    """Run the target over --tokens training tokens and save the n-gram table of its greedy predictions."""
+    from lincompile.runtime.ngram import build_ngram_table
+    from lincompile.train.data import load_texts, token_blocks
+    from lincompile.train.medusa import as_target, precompute_features
+
+    for name in ("tokens", "block_size", "batch_size"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.tokens < args.block_size:
+        raise ValueError(f"--tokens ({args.tokens}) must be at least one block (--block-size {args.block_size})")
+    if args.weights != "auto" and not args.method:
+        raise ValueError("--weights picks the trained tensors of a --method linearization; add --method, or pass a "
+                         "saved linearized directory as MODEL_OR_DIR")
+    model, tokenizer = load_target(args.model, args.method, args.weights)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer; building the table needs one to tokenize the corpus")
+    target = as_target(model)
+    blocks = token_blocks(tokenizer, load_texts("train", args.data), args.block_size, args.tokens // args.block_size)
+    features = precompute_features(target, blocks, args.batch_size, progress=not args.no_progress)
+    table = build_ngram_table(features.ids, features.greedy, int(target.lm_head_weight.shape[0]),
+                              {"target": args.model, "method": args.method,
+                               "weights": args.weights if args.method else None, "tokens": int(blocks.numel()),
+                               "data": args.data})
+    path = table.save(args.out)
+    _print({"out": str(path), "tokens": int(blocks.numel()), "unigram_contexts": len(table.unigram),
+            "bigram_contexts": len(table.bigram)}, args.json)
+    return 0
+
+
 def _parser(sub: Any, name: str, func: Callable[[argparse.Namespace], int], summary: str, description: str,
             examples: list[str]) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=summary, description=f"{summary}\n\n{description}",
@@ -132,7 +162,7 @@ def _common(parser: argparse.ArgumentParser, block_size: int, batch_help: str, b
 
 
 def add_parsers(sub: Any) -> None:
-    """Register `train-medusa` and `make-draft` on the `lincompile` subparsers."""
+    """Register `train-medusa`, `make-draft` and `build-ngram` on the `lincompile` subparsers."""
     p = _parser(sub, "train-medusa", cmd_train_medusa, "train Medusa-style draft heads on a frozen target",
                 "Head i maps the target's final hidden state at t through a zero-initialised residual block and\n"
                 "the target's own lm_head to token t+1+i. The target runs once over the training tokens (hidden\n"
@@ -188,3 +218,24 @@ def add_parsers(sub: Any) -> None:
                    "lm_head)")
     p.add_argument("--eval-blocks", type=int, default=4, help="held-out blocks for top-1 agreement (0 = none)")
     _common(p, _DISTILL.block_size, "blocks per step", _DISTILL.batch_size)
+    p = _parser(sub, "build-ngram", cmd_build_ngram, "build an n-gram draft table from the target's own predictions",
+                "Runs the target once over --tokens training tokens and keeps, for every 1- and 2-token context\n"
+                "seen, the token it predicted most often next. At decode time the table fills up a prompt-lookup\n"
+                "chain to k tokens (no draft model runs): pass lincompile.runtime.ngram.NgramTable.load(OUT) as\n"
+                "generate(draft=...). Greedy output stays identical to plain decoding; the table only changes how\n"
+                "many drafts are accepted. Writes OUT/ngram.json atomically.",
+                [f"{PROG} build-ngram smollm2-135m --method augmented --out out/ngram --tokens 131072",
+                 f"{PROG} build-ngram runs/aug1/final --out runs/aug1/ngram"])
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="a saved linearized directory (its model is the target), "
+                   "an embedded model name or a Hugging Face directory")
+    p.add_argument("--method", default=None, help="linearize a Hugging Face MODEL with this method first")
+    p.add_argument("--weights", default="auto", help="with --method: the trained linearization to load: 'auto' "
+                   "(default), 'default', 'none' or a directory (as for train-medusa)")
+    p.add_argument("--tokens", type=int, default=131072, help="training tokens the target is run over "
+                   "(default 131072)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (ngram.json written atomically)")
+    p.add_argument("--data", default="default", help="'default' (Shakespeare train split) or a .txt file/dir")
+    p.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256)")
+    p.add_argument("--batch-size", type=int, default=4, help="blocks per target forward (default 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")

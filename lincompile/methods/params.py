@@ -55,6 +55,16 @@ def param_names(spec: MethodSpec) -> tuple[str, ...]:
     return tuple(name for name, _, _ in param_layout(spec, 1, 1, 1, 1))
 
 
+#: Parameters that only weigh outputs: the recurrent state's updates (and so `commit`) never read them.
+OUTPUT_ONLY_PARAMS = frozenset({"alpha", "conv_weight"})
+
+
+def state_update_reads_params(spec: MethodSpec) -> bool:
+    """Whether absorbing tokens into the state reads any parameter (feature maps, decays); False means sites
+    of this method differ only in what they output, so their states can be updated together."""
+    return any(name not in OUTPUT_ONLY_PARAMS for name in param_names(spec))
+
+
 def param_trainable(spec: MethodSpec) -> tuple[bool, ...]:
     """Whether each parameter trains, in op order (performer's random features do not)."""
     return tuple(trainable for _, _, trainable in param_layout(spec, 1, 1, 1, 1))

@@ -174,7 +174,11 @@ class MedusaDraft:
 
 def make_draft(draft: Any, target: Any) -> Draft:
     """`draft=` of generate: "prompt-lookup", "medusa" (heads attached to the target as `target.medusa`), a
-    MedusaHeads object, a draft model, or a ready Draft."""
+    MedusaHeads object, an NgramTable (prompt lookup filled from the table), a draft model, or a ready Draft."""
+    from lincompile.runtime.ngram import NgramDraft, NgramTable
+
+    if isinstance(draft, NgramTable):
+        return NgramDraft(draft)
     if isinstance(draft, str):
         if draft == "prompt-lookup":
             return PromptLookupDraft()
@@ -191,4 +195,5 @@ def make_draft(draft: Any, target: Any) -> Draft:
         return MedusaDraft(draft, tree=hasattr(target, "graph"))
     if isinstance(draft, torch.nn.Module) or hasattr(draft, "initial_state"):
         return ModelDraft(draft)
-    raise TypeError(f"draft must be a model, 'prompt-lookup', 'medusa' or MedusaHeads, got {type(draft).__name__}")
+    raise TypeError(f"draft must be a model, 'prompt-lookup', 'medusa', MedusaHeads or an NgramTable, got "
+                    f"{type(draft).__name__}")

@@ -25,7 +25,7 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
     """Prompt + up to `max_new_tokens` tokens, [batch, prompt + new]; finished rows repeat eos.
 
     The output does not depend on `prefill_chunk_size` (None: the prompt in one call) beyond fp reordering.
-    With `draft` ("prompt-lookup", "medusa", MedusaHeads or a draft model), speculative decoding
+    With `draft` ("prompt-lookup", "medusa", MedusaHeads, an NgramTable or a draft model), speculative decoding
     (`lincompile.runtime.speculative`, one sequence): the same tokens as greedy decoding, the same
     distribution as sampling.
     """

@@ -19,6 +19,7 @@ from torch import Tensor, fx
 
 from lincompile.capture.check import attention_op
 from lincompile.kernels.linear_attention.reference import VerifyExtras, commit, verify
+from lincompile.methods.params import state_update_reads_params
 from lincompile.methods.spec import MethodSpec
 from lincompile.passes.linearize import DRAFT_OUTPUT, VERIFY_WINDOW, state_name
 from lincompile.runtime.state import RecurrentState
@@ -89,20 +90,42 @@ def _torch(value: Any) -> Tensor:
     return torch.from_numpy(np.array(value.numpy()))
 
 
+def _commit_batches(sites: list[CommitSite], parts: dict[str, Tensor]) -> list[list[CommitSite]]:
+    """Sites whose states can be updated in one `commit` call, stacked along the batch: same method, scale and
+    state shapes, and a state update that reads no parameter (so one site's parameters serve them all)."""
+    batches: dict[tuple[Any, ...], list[CommitSite]] = {}
+    alone = []
+    for site in sites:
+        if state_update_reads_params(site.spec):
+            alone.append([site])
+        else:
+            shapes = tuple(tuple(parts[name].shape) for name in site.state_names)
+            batches.setdefault((site.spec, site.scale, shapes), []).append(site)
+    return [*batches.values(), *alone]
+
+
 def commit_path(sites: list[CommitSite], state: RecurrentState, extras: dict[str, Tensor], parents: Tensor,
                 path: list[int]) -> RecurrentState:
     """The state after absorbing the verified tokens on `path` (node indices, root first) from `state`, the
-    state the verify call started from. `extras` are that call's outputs; `parents` its tree (chain: i - 1)."""
+    state the verify call started from. `extras` are that call's outputs; `parents` its tree (chain: i - 1).
+
+    Sites of one method are committed in one call with their states stacked along the batch (30 layers cost
+    one site's Python loop): every update is per batch row, so each site's state is the one it gets alone."""
+    count = parents.shape[0]
+    if count > VERIFY_WINDOW:
+        raise ValueError(f"{count} tokens were verified; a verify call may score at most {VERIFY_WINDOW}")
     tensors = dict(state.tensors)
-    for site in sites:
-        keys_name, values_name = site.draft_names()
-        count = parents.shape[0]
-        if count > VERIFY_WINDOW:
-            raise ValueError(f"{count} tokens were verified; a verify call may score at most {VERIFY_WINDOW}")
-        keys, values = extras[keys_name][:, :, -count:], extras[values_name][:, :, -count:]
-        parts = [_torch(tensors[name]) for name in site.state_names]
-        info = VerifyExtras(site.spec, site.params, site.scale, keys, values, parents.to(keys.device))
-        tensors.update(zip(site.state_names, commit(parts, info, path)))
+    parts = {name: _torch(tensors[name]) for site in sites for name in site.state_names}
+    for batch in _commit_batches(sites, parts):
+        names = [site.draft_names() for site in batch]
+        keys = torch.cat([extras[k][:, :, -count:] for k, _ in names])
+        values = torch.cat([extras[v][:, :, -count:] for _, v in names])
+        stacked = [torch.cat([parts[site.state_names[i]] for site in batch]) for i in range(len(batch[0].state_names))]
+        first = batch[0]
+        info = VerifyExtras(first.spec, first.params, first.scale, keys, values, parents.to(keys.device))
+        rows = keys.shape[0] // len(batch)
+        for i, part in enumerate(commit(stacked, info, path)):
+            tensors.update((site.state_names[i], chunk) for site, chunk in zip(batch, part.split(rows)))
     return RecurrentState(tensors, state.length + len(path))
 
 

@@ -185,3 +185,16 @@ def test_two_layer_draft_of_real_smollm2(tmp_path):
     assert len(result.evals) == 2 and result.history[-1]["kl"] > 0
     back = lincompile.load(result.saved)
     assert back.hf_config.num_hidden_layers == 2 and len(back.sites) == 2
+
+
+def test_build_ngram_command(tiny_dir, capsys):
+    from lincompile.runtime.ngram import NgramTable
+
+    out = tiny_dir / "cli-ngram"
+    _run("build-ngram", str(tiny_dir / "tiny"), "--out", str(out), "--tokens", "256", "--block-size", "32",
+         "--data", str(tiny_dir / "corpus.txt"))
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["tokens"] == 256 and summary["bigram_contexts"] >= summary["unigram_contexts"] > 0
+    table = NgramTable.load(out)
+    assert table.vocab_size == 128 and len(table.unigram) == summary["unigram_contexts"]
+    assert table.metadata["tokens"] == 256

@@ -8,8 +8,8 @@ On CPU: the PyTorch reference forms (parallel = masked quadratic, chunked, recur
 SDPA, so the scaling in T shows on any machine (medians of --repeats runs after a warm-up).
 
 Writes bench/results/kernels_<device>.json (device, command, rows) and kernels_<device>.png (time against T).
-    python bench/kernels.py --quick            # CPU, well under a minute
-    python bench/kernels.py --device cuda      # GPU, T = 1K..32K
+    python bench/attention_kernels.py --quick            # CPU, well under a minute
+    python bench/attention_kernels.py --device cuda      # GPU, T = 1K..32K
 """
 from __future__ import annotations
 

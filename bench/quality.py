@@ -11,7 +11,7 @@ perplexity is what linearization costs, once the fine-tuning's own adaptation to
 Every run is evaluated on the same held-out blocks, untrained, every `--eval-every` steps and at the end.
 
     python bench/quality.py --quick                       # 4 methods, a few steps each: a smoke run
-    python bench/quality.py                               # every method below, CPU budget (hours on 2 cores)
+    python bench/quality.py                               # every method below, CPU budget (~1 h on one core)
     python bench/quality.py --device cuda --stage2-steps 1000 --block-size 1024   # a GPU-sized budget
 
 Writes bench/results/quality_<tag>.json and quality_<tag>.png (perplexity against training tokens).

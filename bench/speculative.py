@@ -137,15 +137,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _table(result: dict[str, Any]) -> str:
+    width = max([len("draft")] + [len(r["draft"]) for r in result["rows"]])
     lines = [f"plain greedy decoding: {result['plain_tokens_per_s']:.1f} tok/s ({result['runtime']}, "
              f"{result['method']}, weights {result['weights']}, {result['prompts']} prompts x "
              f"{result['new_tokens']} new tokens)",
-             f"{'draft':>14} {'k':>3} {'accepted/call':>14} {'tokens/call':>12} {'tok/s':>8} {'speedup':>8} "
+             f"{'draft':>{width}} {'k':>3} {'accepted/call':>14} {'tokens/call':>12} {'tok/s':>8} {'speedup':>8} "
              f"{'identical':>9}",
              "(accepted/call: drafted tokens kept per target call; tokens/call adds the target's own token)"]
     for r in result["rows"]:
-        lines.append(f"{r['draft']:>14} {r['k']:>3} {r['accepted_per_call']:>14.2f} {r['tokens_per_call']:>12.2f} "
-                     f"{r['tokens_per_s']:>8.1f} {r['speedup']:>7.2f}x {str(r['identical_to_greedy']):>9}")
+        lines.append(f"{r['draft']:>{width}} {r['k']:>3} {r['accepted_per_call']:>14.2f} "
+                     f"{r['tokens_per_call']:>12.2f} {r['tokens_per_s']:>8.1f} {r['speedup']:>7.2f}x "
+                     f"{str(r['identical_to_greedy']):>9}")
     return "\n".join(lines)
 
 

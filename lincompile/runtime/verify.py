@@ -109,8 +109,10 @@ def commit_path(sites: list[CommitSite], state: RecurrentState, extras: dict[str
     """The state after absorbing the verified tokens on `path` (node indices, root first) from `state`, the
     state the verify call started from. `extras` are that call's outputs; `parents` its tree (chain: i - 1).
 
-    Sites of one method are committed in one call with their states stacked along the batch (30 layers cost
-    one site's Python loop): every update is per batch row, so each site's state is the one it gets alone."""
+    Sites of one method whose state update reads no parameter (`state_update_reads_params`; e.g. augmented,
+    softmax, but not hedgehog or retnet) are committed in one call with their states stacked along the batch
+    (30 layers cost one site's Python loop): every update is per batch row, so on the CPU each site's state
+    is bit for bit the one it gets alone. Other sites are committed one at a time."""
     count = parents.shape[0]
     if count > VERIFY_WINDOW:
         raise ValueError(f"{count} tokens were verified; a verify call may score at most {VERIFY_WINDOW}")

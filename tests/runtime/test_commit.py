@@ -20,7 +20,7 @@ def test_which_state_updates_read_parameters(name, reads):
     assert state_update_reads_params(get_method(name)) is reads
 
 
-@pytest.mark.parametrize("method", ["augmented", "hedgehog"])
+@pytest.mark.parametrize("method", ["augmented", "softmax", "hedgehog"])  # stacked, stacked KV caches, alone
 def test_stacked_commit_equals_each_site_alone(method):
     spec = dataclasses.replace(get_method(method), name=f"{method}-small", group_size=4, conv_kernel=5)
     linear = lincompile.optimize(tiny_model("llama", num_layers=3), spec)

@@ -33,6 +33,10 @@ def test_table_round_trips_and_refuses_other_files(tmp_path):
     (tmp_path / "ngram.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="not a lincompile-ngram"):
         NgramTable.load(tmp_path)
+    (tmp_path / "ngram.json").write_text(json.dumps({"format": "lincompile-ngram", "version": 1, "vocab_size": 5,
+                                                     "unigram": [[1, 9]], "bigram": []}))
+    with pytest.raises(ValueError, match="outside its vocabulary of 5"):
+        NgramTable.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="build-ngram"):
         NgramTable.load(tmp_path / "missing")
     with pytest.raises(ValueError, match="beyond vocab_size"):

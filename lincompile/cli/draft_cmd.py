@@ -131,7 +131,7 @@ def cmd_build_ngram(args: argparse.Namespace) -> int:
     _positive("--batch-size", args.batch_size)
     target, tokenizer = _frozen_target(args, "building the table")
     blocks = token_blocks(tokenizer, load_texts("train", args.data), args.block_size, args.tokens // args.block_size)
-    features = precompute_features(target, blocks, args.batch_size, progress=not args.no_progress)
+    features = precompute_features(target, blocks, args.batch_size, progress=not args.no_progress, keep_hidden=False)
     table = build_ngram_table(features.ids, features.greedy, int(target.lm_head_weight.shape[0]),
                               {"target": args.model, "method": args.method,
                                "weights": args.weights if args.method else None, "tokens": int(blocks.numel()),

@@ -86,8 +86,10 @@ class Features:
 
 @torch.no_grad()
 def precompute_features(target: nn.Module | HiddenTarget, blocks: Tensor, batch_size: int = 4,
-                        dtype: torch.dtype = torch.float16, progress: bool = True) -> Features:
-    """Run the target once over `blocks` [N, T] (batches of `batch_size` blocks); hidden states kept in `dtype`."""
+                        dtype: torch.dtype = torch.float16, progress: bool = True,
+                        keep_hidden: bool = True) -> Features:
+    """Run the target once over `blocks` [N, T] (batches of `batch_size` blocks); hidden states kept in `dtype`
+    (`keep_hidden=False`: not kept, `hidden` is [N, T, 0], for callers that need only the greedy tokens)."""
     if blocks.dim() != 2 or blocks.shape[1] < 2:
         raise ValueError(f"blocks must be [num_blocks, block_size >= 2], got {tuple(blocks.shape)}")
     target = as_target(target)
@@ -96,7 +98,8 @@ def precompute_features(target: nn.Module | HiddenTarget, blocks: Tensor, batch_
     for start in tqdm(range(0, blocks.shape[0], batch_size), desc="target features", disable=not progress,
                       leave=False):
         logits, h = target.hidden_fn(blocks[start:start + batch_size].to(device))
-        hidden.append(h.to("cpu", dtype))
+        hidden.append(h.to("cpu", dtype) if keep_hidden else h.new_zeros(h.shape[:-1] + (0,), device="cpu",
+                                                                         dtype=dtype))
         greedy.append(logits.argmax(-1).cpu())
     return Features(torch.cat(hidden), torch.cat(greedy), blocks.cpu())
 

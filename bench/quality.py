@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import tempfile
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from lincompile.atomic import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ("linear-elu", "linear-relu", "performer", "cosformer", "hedgehog", "taylor", "retnet", "yoso",
@@ -188,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(result: dict, complete: bool) -> None:  # atomic: a long run stopped midway keeps what it measured
         result.update(meta, complete=complete)
-        partial = json_path.with_name(json_path.name + ".tmp")
-        partial.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(partial, json_path)
+        atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
 
     result = run(args, lambda so_far: save(so_far, complete=False))
     save(result, complete=True)

@@ -1,7 +1,7 @@
-"""Atomic directory writes: a reader sees the old directory or the complete new one, never a half.
+"""Atomic writes: a reader sees the old directory (or file) or the complete new one, never a half.
 
-Used for saved models, ONNX exports and the asset cache. A failure deletes the partial temp
-directory and leaves any previous `target` exactly as it was.
+Used for saved models, ONNX exports, the asset cache and single result files. A failure deletes the
+partial temp directory (or file) and leaves any previous `target` exactly as it was.
 """
 from __future__ import annotations
 
@@ -42,3 +42,20 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(target: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` to a unique temp sibling of `target`, then rename it into place (safe when several
+    processes write the same file: each rename is whole)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary shareable files
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target

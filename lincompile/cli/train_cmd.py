@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from lincompile.api import optimize
+from lincompile.atomic import atomic_write_text
 from lincompile.assets import load_model
 from lincompile.methods.spec import methods
 from lincompile.train.checkpoint import latest_checkpoint
@@ -36,12 +36,6 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         keep_checkpoints=args.keep_checkpoints, seed=args.seed, bf16=not args.no_bf16)
 
 
-def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """Train, save OUT/final, print a summary (one JSON line with --json)."""
     config = train_config(args)
@@ -63,8 +57,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0
         merged = merge_lora(linear.graph)
         final = linear.save_pretrained(str(out / "final"), tokenizer)
-        _write_json(out / "history.json", {"train_config": config.to_dict(), "history": result.history,
-                                           "evals": result.evals})
+        atomic_write_text(out / "history.json", json.dumps(
+            {"train_config": config.to_dict(), "history": result.history, "evals": result.evals}, indent=2))
     finally:
         parallel.close()
     summary = {"final": final, "checkpoint": str(result.checkpoint) if result.checkpoint else None,

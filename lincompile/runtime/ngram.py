@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lincompile.atomic import atomic_write_text
 from lincompile.runtime.drafts import DraftContext, PromptLookupDraft, Proposal
 from lincompile.runtime.sampling import SamplingConfig
 
@@ -46,16 +47,10 @@ class NgramTable:
 
     def save(self, directory: str | Path) -> Path:
         """Write DIR/ngram.json atomically (a temporary file renamed into place)."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
         payload = {"format": FORMAT, "version": FORMAT_VERSION, "vocab_size": self.vocab_size,
                    "metadata": self.metadata, "unigram": sorted(self.unigram.items()),
                    "bigram": sorted([a, b, n] for (a, b), n in self.bigram.items())}
-        path = out / TABLE_FILE
-        partial = path.with_name(path.name + ".tmp")
-        partial.write_text(json.dumps(payload, separators=(",", ":")))
-        partial.replace(path)
-        return path
+        return atomic_write_text(Path(directory) / TABLE_FILE, json.dumps(payload, separators=(",", ":")))
 
     @classmethod
     def load(cls, directory: str | Path) -> "NgramTable":

@@ -3,7 +3,8 @@
 A shipped linearization is a directory `lincompile/weights/<model>-<method>/` with `trained.safetensors` and
 `recipe.json` (the LinearizeConfig, the LoRA layout, how it was trained and what it scored). `linearized`
 rebuilds it on the base model: optimize with the recorded config, add the same LoRA adapters, load the
-tensors, merge the adapters. `ship` writes such a directory from a `lincompile train` checkpoint.
+tensors, merge the adapters. `ship` writes such a directory from a `lincompile train` checkpoint;
+`trained_tensors` reads either kind back (`lincompile train --init` continues from it).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from lincompile.atomic import atomic_directory
 from lincompile.config import LinearizeConfig
@@ -34,10 +36,9 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
                model_name: str = "smollm2-135m", **optimize_kwargs: Any) -> Any:
     """`model` linearized with `method`, its trained tensors loaded from `weights` and LoRA merged (into new
     tensors: `model` itself is left unchanged). `weights`: "default" (the shipped one for `model_name`), a
-    directory written by `ship`, "none" (untrained), or "auto" (the shipped one when there is one, else none).
+    directory written by `ship` or a training checkpoint, "none" (untrained), or "auto" (the shipped one when
+    there is one, else none).
     The result's `recipe` is the loaded recipe.json, or None when untrained."""
-    from safetensors.torch import load_file
-
     from lincompile.api import optimize
     from lincompile.train.lora import apply_lora, merge_lora
 
@@ -47,27 +48,20 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
         linear = optimize(model, method, **optimize_kwargs)
         linear.recipe = None
         return linear
-    path = shipped_dir(model_name, method) if str(weights) == "default" else Path(weights)
-    if not (path / RECIPE_FILE).is_file():
-        raise FileNotFoundError(f"no trained linearization at {path} (shipped: {', '.join(available()) or 'none'}); "
-                                "train one with `lincompile train` and `lincompile.pretrained.ship`, or use "
-                                "weights='none' for an untrained one")
-    recipe = json.loads((path / RECIPE_FILE).read_text())
+    tensors, recipe = trained_tensors(weights, model_name, method)
     config = LinearizeConfig.from_dict(recipe["linearize"])
-    if config.method != method:
-        raise ValueError(f"{path} holds a {config.method} linearization, not {method}")
     linear = optimize(model, config=config, **optimize_kwargs)
     lora = recipe.get("lora")
     if lora:
         apply_lora(linear.graph, tuple(lora["targets"]), lora["rank"], lora["alpha"], lora.get("seed", 0))
-    tensors = load_file(path / TENSORS_FILE)
     own = dict(linear.graph.named_parameters())
     unknown = sorted(set(tensors) - set(own))
     if unknown:
-        raise ValueError(f"{path}: tensors {unknown[:4]} do not belong to this model's linearized graph")
+        raise ValueError(f"{weights}: tensors {unknown[:4]} do not belong to this model's linearized graph")
     for name, value in tensors.items():
         if own[name].shape != value.shape:
-            raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model {tuple(own[name].shape)}")
+            raise ValueError(f"{weights}: {name} has shape {tuple(value.shape)}, the model "
+                             f"{tuple(own[name].shape)}")
         owner_name, _, attr = name.rpartition(".")
         setattr(linear.graph.get_submodule(owner_name), attr,  # a new tensor: never write into `model`'s weights
                 torch.nn.Parameter(value.to(own[name].dtype), requires_grad=own[name].requires_grad))
@@ -75,6 +69,40 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
         merge_lora(linear.graph)
     linear.recipe = recipe
     return linear
+
+
+def trained_tensors(weights: str | Path, model_name: str, method: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The trained tensors of `weights` ("default": the shipped one for `model_name` and `method`; a directory
+    written by `ship`; or a `lincompile train` checkpoint `OUT/checkpoints/step-N`), and its recipe: a dict with
+    at least `linearize` (the LinearizeConfig as a dict) and `lora` (targets, rank, alpha, seed; None when
+    the tensors hold no adapters). Raises ValueError when they belong to another method."""
+    from safetensors.torch import load_file
+
+    from lincompile.train.checkpoint import load_checkpoint
+
+    path = shipped_dir(model_name, method) if str(weights) == "default" else Path(weights).expanduser()
+    if (path / RECIPE_FILE).is_file():
+        recipe, tensors = json.loads((path / RECIPE_FILE).read_text()), load_file(path / TENSORS_FILE)
+    elif (path / "state.json").is_file():
+        checkpoint = load_checkpoint(path)
+        recipe = {"linearize": checkpoint.linearize, "lora": lora_layout(checkpoint.train_config),
+                  "step": checkpoint.step, "train_config": checkpoint.train_config}
+        tensors = checkpoint.tensors
+    else:
+        raise FileNotFoundError(f"no trained linearization at {path} (shipped: {', '.join(available()) or 'none'}); "
+                                "train one with `lincompile train` and `lincompile.pretrained.ship`, or use "
+                                "weights='none' for an untrained one")
+    if recipe["linearize"]["method"] != method:
+        raise ValueError(f"{path} holds a {recipe['linearize']['method']} linearization, not {method}")
+    return tensors, recipe
+
+
+def lora_layout(train_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The LoRA layout a training config gives its adapters (None without adapters)."""
+    if not train_config.get("lora_rank") or train_config.get("full"):
+        return None
+    return {"targets": list(train_config["lora_targets"]), "rank": train_config["lora_rank"],
+            "alpha": train_config["lora_alpha"], "seed": train_config["seed"]}
 
 
 def ship(checkpoint_dir: str | Path, out_dir: str | Path, notes: dict[str, Any]) -> Path:
@@ -86,8 +114,7 @@ def ship(checkpoint_dir: str | Path, out_dir: str | Path, notes: dict[str, Any])
 
     checkpoint = load_checkpoint(checkpoint_dir)
     train = checkpoint.train_config
-    lora = ({"targets": list(train["lora_targets"]), "rank": train["lora_rank"], "alpha": train["lora_alpha"],
-             "seed": train["seed"]} if train.get("lora_rank") and not train.get("full") else None)
+    lora = lora_layout(train)
     tensors = {k: v.detach().float().contiguous() for k, v in checkpoint.tensors.items()}
     recipe = {"linearize": checkpoint.linearize, "lora": lora, "step": checkpoint.step, "train_config": train,
               **notes}

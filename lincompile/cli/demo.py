@@ -324,8 +324,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default=defaults.method, help="linear-attention method (default: augmented)")
     parser.add_argument("--weights", default=defaults.weights,
                         help="'auto' (the shipped trained linearization when there is one, else untrained; default), "
-                             "'default' (shipped, required), 'none' (untrained), or a directory written by "
-                             "lincompile.pretrained.ship")
+                             "'default' (shipped, required), 'none' (untrained), a directory written by "
+                             "lincompile.pretrained.ship, or a training checkpoint OUT/checkpoints/step-N")
     parser.add_argument("--context", type=int, default=defaults.context,
                         help="prompt length of the first decode timing (default 512)")
     parser.add_argument("--long-context", type=int, default=defaults.long_context,

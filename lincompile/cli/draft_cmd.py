@@ -179,7 +179,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--method", default=None, help="linearize a Hugging Face MODEL with this method first")
     p.add_argument("--weights", default="auto", help="with --method: the trained linearization to load: 'auto' "
                    "(the shipped one when there is one, else untrained; default), 'default' (the shipped one), "
-                   "'none' (untrained), or a directory written by lincompile.pretrained.ship")
+                   "'none' (untrained), a directory written by lincompile.pretrained.ship, or a training checkpoint "
+                   "OUT/checkpoints/step-N")
     p.add_argument("--heads", type=int, default=4, help="number of heads = draft tokens per step (default 4)")
     p.add_argument("--head-layers", type=int, default=1, help="residual blocks per head (default 1)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")

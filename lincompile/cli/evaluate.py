@@ -78,8 +78,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         "for a saved linearized directory; omit to evaluate only the original)")
     parser.add_argument("--weights", default="auto",
                         help="with --method: 'auto' (the shipped trained linearization when there is one, else "
-                             "untrained), 'default' (shipped, required), 'none' (untrained), or a directory "
-                             "written by lincompile.pretrained.ship")
+                             "untrained), 'default' (shipped, required), 'none' (untrained), a directory "
+                             "written by lincompile.pretrained.ship, or a training checkpoint "
+                             "OUT/checkpoints/step-N")
     parser.add_argument("--data", default="default", help="'default' (held-out Shakespeare) or a .txt file/dir")
     parser.add_argument("--block-size", type=int, default=256, help="tokens per evaluation block (default 256)")
     parser.add_argument("--max-blocks", type=int, default=16, help="number of held-out blocks (default 16)")

@@ -18,7 +18,7 @@ from lincompile.methods.spec import methods
 from lincompile.train.checkpoint import latest_checkpoint
 from lincompile.train.data import heldout_blocks, load_texts, token_blocks
 from lincompile.train.lora import DEFAULT_TARGETS, merge_lora
-from lincompile.train.trainer import Distributed, TrainConfig, train
+from lincompile.train.trainer import LR_SCHEDULES, Distributed, TrainConfig, train
 
 _DEFAULTS = TrainConfig()
 
@@ -28,7 +28,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, block_size=args.block_size, stage1_lr=args.stage1_lr, lr=args.lr,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         lora_rank=0 if args.full else args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()), full=args.full,
         train_norms=args.train_norms, train_embeddings=args.train_embeddings, kl_weight=args.kl_weight,
@@ -48,17 +48,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer; training needs one to tokenize the corpus")
         linear = optimize(model, args.method)
+        init = _init_tensors(args, linear.config.to_dict(), config) if args.init and not args.resume else None
         blocks = token_blocks(tokenizer, load_texts("train", args.data), config.block_size, args.max_train_blocks)
         held = (heldout_blocks(tokenizer, config.block_size, config.eval_blocks, data=args.data)
                 if config.eval_blocks else None)
         result = train(linear, blocks, config, out, eval_blocks=held, resume=args.resume, parallel=parallel,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, init=init)
         if not parallel.is_main:
             return 0
         merged = merge_lora(linear.graph)
         final = linear.save_pretrained(str(out / "final"), tokenizer)
         atomic_write_text(out / "history.json", json.dumps(
-            {"train_config": config.to_dict(), "history": result.history, "evals": result.evals}, indent=2))
+            {"train_config": config.to_dict(), "init": args.init, "history": result.history, "evals": result.evals}, indent=2))
     finally:
         parallel.close()
     summary = {"final": final, "checkpoint": str(result.checkpoint) if result.checkpoint else None,
@@ -71,6 +72,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         for key, value in summary.items():
             print(f"{key:<14} {value:.4g}" if isinstance(value, float) else f"{key:<14} {value}")
     return 0
+
+
+def _init_tensors(args: argparse.Namespace, linearize: dict, config: TrainConfig) -> dict:
+    """The tensors `--init` names, checked against this run: the same LinearizeConfig and LoRA layout."""
+    from lincompile.pretrained import lora_layout, trained_tensors
+
+    tensors, recipe = trained_tensors(args.init, args.model, args.method)
+    if recipe["linearize"] != linearize:
+        raise ValueError(f"--init {args.init} was linearized with {recipe['linearize']}, this run with {linearize}")
+    theirs, ours = recipe.get("lora"), lora_layout(config.to_dict())
+    layout = ("targets", "rank", "alpha")
+    if theirs and (not ours or any(theirs[k] != ours[k] for k in layout)):
+        raise ValueError(f"--init {args.init} holds LoRA adapters {({k: theirs[k] for k in layout})}; train with "
+                         "the same --lora-rank, --lora-alpha and --lora-targets to continue them")
+    return tensors
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +104,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage1-lr", type=float, default=d.stage1_lr, help=f"stage-1 LR (default {d.stage1_lr})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"stage-2 LR (default {d.lr})")
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
-                        help=f"linear warm-up steps of each stage, then constant (default {d.warmup_steps})")
+                        help=f"linear warm-up steps of each stage (default {d.warmup_steps})")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                        help=f"LR after each stage's warm-up: constant, or a cosine decay to 0 at the stage's end "
+                             f"(default {d.lr_schedule})")
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     parser.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip (0 = off)")
     parser.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank}; "
@@ -113,6 +132,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"steps between checkpoints (default {d.checkpoint_every}; also at each stage end)")
     parser.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="newest checkpoints kept")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUT")
+    parser.add_argument("--init", default=None, metavar="WEIGHTS",
+                        help="start a new run from trained tensors: 'default' (the shipped linearization of MODEL "
+                             "and --method), a directory written by lincompile.pretrained.ship, or a checkpoint "
+                             "OUT/checkpoints/step-N; its LoRA adapters continue (same --lora-* options)")
     parser.add_argument("--seed", type=int, default=d.seed, help="data order and LoRA init (default 0)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on GPU (CPU never uses it)")

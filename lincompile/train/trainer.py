@@ -5,13 +5,15 @@ Global steps 0 .. stage1_steps-1 are stage 1, the next stage2_steps are stage 2.
   resumed run sees exactly the batches of an uninterrupted one;
 - each step's loss is the mean over the global batch whatever the world size and `grad_accum`: every rank takes
   its shard of each micro-batch, gradients are summed across ranks (DDP semantics through one bucketed all-reduce
-  per optimizer step) and the learning rate is a pure function of the step (linear warm-up, then constant);
+  per optimizer step) and the learning rate is a pure function of the step within its stage (linear warm-up,
+  then constant or a cosine decay to 0 over the stage);
 - only the parameters of the current stage require grad while training; the flags are restored afterwards;
 - rank 0 alone evaluates and writes checkpoints (atomic; see `lincompile.train.checkpoint`).
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 import random
 import sys
@@ -35,13 +37,15 @@ from lincompile.train.lora import DEFAULT_TARGETS, apply_lora
 TRAIN_CONFIG_VERSION = 1
 #: Fields that may differ between a checkpoint and the run that resumes it (they do not change past steps).
 RESUMABLE_CHANGES = frozenset({"stage2_steps", "eval_every", "eval_blocks", "checkpoint_every", "keep_checkpoints"})
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
 class TrainConfig(JsonConfig):
     """Hyper-parameters of a run. `batch_size` is the global number of blocks per optimizer step, split into
     `grad_accum` micro-batches and across ranks; `lora_rank` 0 means no adapters; `full` trains every parameter
-    (no LoRA); `eval_every` / `checkpoint_every` 0 mean only at the end of each stage."""
+    (no LoRA); `eval_every` / `checkpoint_every` 0 mean only at the end of each stage; `lr_schedule` applies
+    after each stage's warm-up ("cosine" decays to 0 at the stage's end)."""
 
     stage1_steps: int = 100
     stage2_steps: int = 100
@@ -51,6 +55,7 @@ class TrainConfig(JsonConfig):
     stage1_lr: float = 1e-2
     lr: float = 1e-4
     warmup_steps: int = 20
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lora_rank: int = 8
@@ -79,6 +84,8 @@ class TrainConfig(JsonConfig):
                              f"({self.grad_accum})")
         if self.block_size < 2 or self.keep_checkpoints < 1 or self.kl_weight < 0:
             raise ValueError("need block_size >= 2, keep_checkpoints >= 1 and kl_weight >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
         if self.full and self.lora_rank:
             raise ValueError("full fine-tuning trains every weight; set lora_rank=0 with full=True")
 
@@ -150,9 +157,16 @@ def batch_indices(seed: int, step: int, batch: int, n: int) -> Tensor:
     return torch.stack([_permutation(seed, pos // n, n)[pos % n] for pos in positions])
 
 
-def learning_rate(base: float, warmup: int, step_in_stage: int) -> float:
-    """Linear warm-up over `warmup` steps (first step base/warmup), then constant."""
-    return base * min(1.0, (step_in_stage + 1) / warmup) if warmup else base
+def learning_rate(base: float, warmup: int, step_in_stage: int, schedule: str = "constant",
+                  stage_steps: int = 0) -> float:
+    """Linear warm-up over `warmup` steps (first step base/warmup), then constant, or ("cosine") half a cosine
+    from `base` after warm-up to 0 after the stage's last step `stage_steps - 1`."""
+    if step_in_stage < warmup:
+        return base * (step_in_stage + 1) / warmup
+    if schedule == "constant":
+        return base
+    decay_steps = max(1, stage_steps - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step_in_stage - warmup) / decay_steps)))
 
 
 @dataclass
@@ -203,8 +217,9 @@ def _setup_stage(number: int, linear: LinearizedModel, config: TrainConfig) -> _
 def _check_resumable(checkpoint: Checkpoint, linear: LinearizedModel, config: TrainConfig) -> None:
     if checkpoint.linearize != linear.config.to_dict():
         raise ValueError(f"{checkpoint.path} was trained with another LinearizeConfig: {checkpoint.linearize}")
-    saved, now = checkpoint.train_config, config.to_dict()
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    saved, now = TrainConfig.from_dict(checkpoint.train_config).to_dict(), config.to_dict()  # defaults filled in
+    resumable = RESUMABLE_CHANGES if config.lr_schedule == "constant" else RESUMABLE_CHANGES - {"stage2_steps"}
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in resumable)
     if changed:
         raise ValueError(f"cannot resume {checkpoint.path}: the training config changed in {changed}")
 
@@ -247,7 +262,8 @@ def _record(stage: _Stage, step: int, lr: float, values: list[float]) -> dict[st
 
 def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir: str | Path, *,
           eval_blocks: Tensor | None = None, resume: bool = False, parallel: Distributed | None = None,
-          progress: bool = True, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+          progress: bool = True, on_step: Callable[[int, dict[str, Any]], None] | None = None,
+          init: dict[str, Tensor] | None = None) -> TrainResult:
     """Train `linear` in place on `blocks` [N, T] and return its history; checkpoints go to out_dir/checkpoints.
 
     A fresh run seeds torch and `random` with `config.seed`; with `resume`, it continues from the newest complete
@@ -255,6 +271,9 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
     included. `parallel` defaults to a single process on the model's device. LoRA adapters stay in the graph
     afterwards (`merge_lora` folds them).
     `on_step(step, record)` runs after each step, once its checkpoint (if any) is written.
+    `init` (a fresh run only) sets trained tensors by name before training, e.g. a previous run's method parameters
+    and LoRA adapters (`lincompile.pretrained.trained_tensors`) to continue from; LoRA-adapter tensors are set when
+    stage 2 creates the adapters, and every tensor must find a parameter of the same shape.
     """
     parallel = parallel or Distributed(device=linear.device)
     per_step = config.grad_accum * parallel.world
@@ -273,6 +292,8 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
     evals: list[dict[str, Any]] = list(checkpoint.state["evals"]) if checkpoint else []
     flags = [(p, p.requires_grad) for p in linear.graph.parameters()]
     stage: _Stage | None = None
+    pending = dict(init or {}) if checkpoint is None else {}
+    last_stage = 2 if config.stage2_steps else 1
     saved: Path | None = found
     bar = tqdm(total=config.total_steps, initial=step, disable=not (progress and parallel.is_main), desc="train")
     postfix: dict[str, str] = {}
@@ -291,10 +312,10 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
                   file=sys.stderr, flush=True)
 
     try:
-        if checkpoint is None:
+        fresh = checkpoint is None
+        if fresh:
             torch.manual_seed(config.seed)
             random.seed(config.seed)
-            evaluate(1 if config.stage1_steps else 2)
         while step < config.total_steps:
             number = 1 if step < config.stage1_steps else 2
             if stage is None or stage.number != number:
@@ -303,7 +324,12 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
                 if checkpoint is not None:
                     _restore(checkpoint, linear, stage)
                     checkpoint = None
-            lr = learning_rate(stage.base_lr, config.warmup_steps, step - stage.first_step)
+                pending = _set_present(linear, pending, final=number == last_stage)
+                if fresh:  # the starting point, once the stage's adapters (zero deltas) and `init` are in place
+                    evaluate(number)
+                    fresh = False
+            lr = learning_rate(stage.base_lr, config.warmup_steps, step - stage.first_step, config.lr_schedule,
+                               config.stage1_steps if number == 1 else config.stage2_steps)
             indices = batch_indices(config.seed, step, config.batch_size, blocks.shape[0])
             record = _record(stage, step + 1, lr, _run_step(stage, blocks, indices, config, parallel, lr))
             history.append(record)
@@ -338,6 +364,23 @@ def _save(root: Path, step: int, linear: LinearizedModel, stage: _Stage, config:
     state = {"stage": stage.number, "optimizer_params": list(stage.params), "history": history, "evals": evals}
     return save_checkpoint(root, step, tensors, stage.optimizer.state_dict(), linear.config.to_dict(),
                            config.to_dict(), state, config.keep_checkpoints)
+
+
+@torch.no_grad()
+def _set_present(linear: LinearizedModel, tensors: dict[str, Tensor], final: bool) -> dict[str, Tensor]:
+    """Copy the `tensors` the graph has a parameter for now; return the rest (an error when `final`)."""
+    params = dict(linear.graph.named_parameters())
+    for name, value in tensors.items():
+        if name in params:
+            if params[name].shape != value.shape:
+                raise ValueError(f"init tensor {name} has shape {tuple(value.shape)}, the model "
+                                 f"{tuple(params[name].shape)} (another LoRA rank or model?)")
+            params[name].copy_(value)
+    rest = {name: value for name, value in tensors.items() if name not in params}
+    if final and rest:
+        raise ValueError(f"init tensors {sorted(rest)[:4]} match no parameter of this model (trained with other "
+                         "LoRA targets, or another model?)")
+    return rest
 
 
 @torch.no_grad()

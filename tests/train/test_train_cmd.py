@@ -111,8 +111,38 @@ def test_eval_scores_shipped_weights_like_the_saved_model(tmp_path, capsys):
     saved = _eval([str(out / "final")] + data, capsys)
     from_shipped = _eval([str(model_dir), "--method", "augmented", "--weights", str(shipped)] + data, capsys)
     untrained = _eval([str(model_dir), "--method", "augmented", "--weights", "none"] + data, capsys)
+    checkpoint = _eval([str(model_dir), "--method", "augmented", "--weights",
+                        str(latest_checkpoint(out / "checkpoints"))] + data, capsys)
+    assert checkpoint["ppl"] == pytest.approx(from_shipped["ppl"], rel=1e-6)
     assert from_shipped["weights"] == str(shipped) and untrained["weights"] == "none"
     assert from_shipped["ppl"] == pytest.approx(saved["ppl"], rel=1e-4)
     assert from_shipped["ppl_original"] == pytest.approx(untrained["ppl_original"], rel=1e-6)
     assert abs(untrained["ppl"] - from_shipped["ppl"]) > 1e-3 * from_shipped["ppl"]
     assert from_shipped["ratio"] == pytest.approx(from_shipped["ppl"] / from_shipped["ppl_original"])
+
+
+def test_train_init_continues_a_shipped_linearization(tmp_path):
+    """`--init DIR` starts a new run (here: a cosine schedule) where the shipped run ended: its first held-out
+    score is the one that run ended with; a different LoRA layout is refused by name."""
+    from lincompile.pretrained import ship
+
+    model_dir, first, second = tmp_path / "tiny", tmp_path / "first", tmp_path / "second"
+    tiny_model("llama", seed=0).save_pretrained(model_dir)
+    _char_tokenizer().save_pretrained(model_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 6)
+    common = [str(model_dir), "--method", "augmented", "--data", str(corpus), "--batch-size", "2",
+              "--block-size", "16", "--warmup-steps", "0", "--eval-blocks", "2", "--lora-rank", "4", "--no-progress"]
+    assert _run(common + ["--out", str(first), "--stage1-steps", "2", "--stage2-steps", "3", "--lr", "1e-2"]) == 0
+    shipped = ship(latest_checkpoint(first / "checkpoints"), tmp_path / "shipped", {"command": "test"})
+    assert _run(common + ["--out", str(second), "--init", str(shipped), "--stage1-steps", "0", "--stage2-steps",
+                          "2", "--lr", "1e-2", "--lr-schedule", "cosine"]) == 0
+    ended = json.loads((first / "history.json").read_text())["evals"][-1]
+    continued = json.loads((second / "history.json").read_text())
+    assert continued["init"] == str(shipped) and continued["train_config"]["lr_schedule"] == "cosine"
+    assert continued["evals"][0]["step"] == 0 and ended["step"] == 5
+    assert continued["evals"][0]["ppl"] == pytest.approx(ended["ppl"], rel=1e-6)
+    assert [r["lr"] for r in continued["history"]] == [1e-2, 5e-3]
+    with pytest.raises(ValueError, match="holds LoRA adapters .* same --lora-rank"):
+        _run(common[:-3] + ["--lora-rank", "2", "--out", str(tmp_path / "third"), "--init", str(shipped),
+                            "--no-progress"])

@@ -28,7 +28,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, block_size=args.block_size, stage1_lr=args.stage1_lr, lr=args.lr,
-        warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
         lora_rank=0 if args.full else args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()), full=args.full,
         train_norms=args.train_norms, train_embeddings=args.train_embeddings, kl_weight=args.kl_weight,
@@ -59,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         merged = merge_lora(linear.graph)
         final = linear.save_pretrained(str(out / "final"), tokenizer)
         atomic_write_text(out / "history.json", json.dumps(
-            {"train_config": config.to_dict(), "init": args.init, "history": result.history, "evals": result.evals}, indent=2))
+            {"train_config": config.to_dict(), "init": args.init, "history": result.history,
+             "evals": result.evals}, indent=2))
     finally:
         parallel.close()
     summary = {"final": final, "checkpoint": str(result.checkpoint) if result.checkpoint else None,

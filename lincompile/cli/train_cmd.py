@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lincompile.api import optimize
 from lincompile.atomic import atomic_write_text
+from lincompile.config import LinearizeConfig
 from lincompile.assets import load_model
 from lincompile.methods.spec import methods
 from lincompile.train.checkpoint import latest_checkpoint
@@ -81,8 +82,9 @@ def _init_tensors(args: argparse.Namespace, linearize: dict, config: TrainConfig
     from lincompile.pretrained import lora_layout, trained_tensors
 
     tensors, recipe = trained_tensors(args.init, args.model, args.method)
-    if recipe["linearize"] != linearize:
-        raise ValueError(f"--init {args.init} was linearized with {recipe['linearize']}, this run with {linearize}")
+    theirs_config = LinearizeConfig.from_dict(recipe["linearize"]).to_dict()  # defaults filled in
+    if theirs_config != linearize:
+        raise ValueError(f"--init {args.init} was linearized with {theirs_config}, this run with {linearize}")
     theirs, ours = recipe.get("lora"), lora_layout(config.to_dict())
     layout = ("targets", "rank", "alpha")
     if theirs and (not ours or any(theirs[k] != ours[k] for k in layout)):

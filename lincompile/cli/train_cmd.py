@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer; training needs one to tokenize the corpus")
         linear = optimize(model, args.method)
-        init = _init_tensors(args, linear.config.to_dict(), config) if args.init and not args.resume else None
+        init = _init_tensors(args, linear.config.to_dict(), config) if args.init else None  # unused on resume
         blocks = token_blocks(tokenizer, load_texts("train", args.data), config.block_size, args.max_train_blocks)
         held = (heldout_blocks(tokenizer, config.block_size, config.eval_blocks, data=args.data)
                 if config.eval_blocks else None)
@@ -139,7 +139,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", default=None, metavar="WEIGHTS",
                         help="start a new run from trained tensors: 'default' (the shipped linearization of MODEL "
                              "and --method), a directory written by lincompile.pretrained.ship, or a checkpoint "
-                             "OUT/checkpoints/step-N; its LoRA adapters continue (same --lora-* options)")
+                             "OUT/checkpoints/step-N; its LoRA adapters continue (same --lora-* options); a "
+                             "--resume that finds a checkpoint in OUT continues that instead")
     parser.add_argument("--seed", type=int, default=d.seed, help="data order and LoRA init (default 0)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on GPU (CPU never uses it)")

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 from lincompile.api import optimize
+from lincompile.assets import load_model
 from lincompile.atomic import atomic_write_text
 from lincompile.config import LinearizeConfig
-from lincompile.assets import load_model
 from lincompile.methods.spec import methods
 from lincompile.train.checkpoint import latest_checkpoint
 from lincompile.train.data import heldout_blocks, load_texts, token_blocks

@@ -324,7 +324,7 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
                 if checkpoint is not None:
                     _restore(checkpoint, linear, stage)
                     checkpoint = None
-                pending = _set_present(linear, pending, final=number == last_stage)
+                pending = _copy_by_name(linear, pending, "init", final=number == last_stage)
                 if fresh:  # the starting point, once the stage's adapters (zero deltas) and `init` are in place
                     evaluate(number)
                     fresh = False
@@ -367,31 +367,29 @@ def _save(root: Path, step: int, linear: LinearizedModel, stage: _Stage, config:
 
 
 @torch.no_grad()
-def _set_present(linear: LinearizedModel, tensors: dict[str, Tensor], final: bool) -> dict[str, Tensor]:
-    """Copy the `tensors` the graph has a parameter for now; return the rest (an error when `final`)."""
+def _copy_by_name(linear: LinearizedModel, tensors: dict[str, Tensor], source: str,
+                  final: bool) -> dict[str, Tensor]:
+    """Copy the `tensors` the graph has a parameter for now; return the rest (an error when `final`). Every
+    check runs before the first copy, and a shape mismatch is always an error."""
     params = dict(linear.graph.named_parameters())
-    for name, value in tensors.items():
-        if name in params:
-            if params[name].shape != value.shape:
-                raise ValueError(f"init tensor {name} has shape {tuple(value.shape)}, the model "
-                                 f"{tuple(params[name].shape)} (another LoRA rank or model?)")
-            params[name].copy_(value)
     rest = {name: value for name, value in tensors.items() if name not in params}
     if final and rest:
-        raise ValueError(f"init tensors {sorted(rest)[:4]} match no parameter of this model (trained with other "
-                         "LoRA targets, or another model?)")
+        raise ValueError(f"{source}: tensors {sorted(rest)[:4]} match no parameter of this model (trained with "
+                         "other LoRA targets, or another model?)")
+    present = {name: value for name, value in tensors.items() if name in params}
+    for name, value in present.items():
+        if params[name].shape != value.shape:
+            raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, the model "
+                             f"{tuple(params[name].shape)} (another LoRA rank or model?)")
+    for name, value in present.items():
+        params[name].copy_(value)
     return rest
 
 
 @torch.no_grad()
 def _restore(checkpoint: Checkpoint, linear: LinearizedModel, stage: _Stage) -> None:
     """Load trained tensors, the optimizer (if saved by this stage) and the RNG states into a fresh stage."""
-    params = dict(linear.graph.named_parameters())
-    unknown = sorted(set(checkpoint.tensors) - set(params))
-    if unknown:
-        raise ValueError(f"{checkpoint.path} holds parameters this model lacks: {unknown[:5]}")
-    for name, tensor in checkpoint.tensors.items():
-        params[name].copy_(tensor)
+    _copy_by_name(linear, checkpoint.tensors, str(checkpoint.path), final=True)
     if checkpoint.state["stage"] == stage.number:
         if checkpoint.state["optimizer_params"] != list(stage.params):
             raise ValueError(f"{checkpoint.path}: the optimizer was built over other parameters")

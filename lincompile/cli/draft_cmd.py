@@ -138,7 +138,7 @@ def cmd_build_ngram(args: argparse.Namespace) -> int:
                                "data": args.data})
     path = table.save(args.out)
     _print({"out": str(path), "tokens": int(blocks.numel()), "unigram_contexts": len(table.unigram),
-            "bigram_contexts": len(table.bigram)}, args.json)
+            "bigram_contexts": len(table.bigram), "trigram_contexts": len(table.trigram)}, args.json)
     return 0
 
 
@@ -221,11 +221,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--eval-blocks", type=int, default=4, help="held-out blocks for top-1 agreement (0 = none)")
     _common(p, _DISTILL.block_size, "blocks per step", _DISTILL.batch_size)
     p = _parser(sub, "build-ngram", cmd_build_ngram, "build an n-gram draft table from the target's own predictions",
-                "Runs the target once over --tokens training tokens and keeps, for every 1- and 2-token context\n"
-                "seen, the token it predicted most often next. At decode time the table fills up a prompt-lookup\n"
-                "chain to k tokens (no draft model runs): pass lincompile.runtime.ngram.NgramTable.load(OUT) as\n"
-                "generate(draft=...). Greedy output stays identical to plain decoding; the table only changes how\n"
-                "many drafts are accepted. Writes OUT/ngram.json atomically.",
+                "Runs the target once over --tokens training tokens and keeps, for every 1-, 2- and 3-token context\n"
+                "seen, the token it predicted most often next (the longest seen context wins). At decode time the\n"
+                "table fills up a prompt-lookup chain to k tokens (no draft model runs): pass\n"
+                "lincompile.runtime.ngram.NgramTable.load(OUT) as generate(draft=...). Greedy output stays identical\n"
+                "to plain decoding; the table only changes how many drafts are accepted. Writes OUT/ngram.json\n"
+                "atomically.",
                 [f"{PROG} build-ngram smollm2-135m --method augmented --out out/ngram --tokens 131072",
                  f"{PROG} build-ngram runs/aug1/final --out runs/aug1/ngram"])
     p.add_argument("model", metavar="MODEL_OR_DIR", help="a saved linearized directory (its model is the target), "

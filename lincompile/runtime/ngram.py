@@ -1,8 +1,9 @@
 """A draft with no model at decode time: prompt lookup, filled up to k tokens from an n-gram table of the
 target's own greedy predictions.
 
-`NgramTable` maps the last one or two tokens to the token the target predicted most often after them when it
-was run (teacher-forced) over training text: a bigram context seen in that text wins over the unigram one.
+`NgramTable` maps the last one, two or three tokens to the token the target predicted most often after them when
+it was run (teacher-forced) over training text: the longest context seen in that text wins (trigram, then bigram,
+then unigram).
 `build_ngram_table(ids, greedy)` makes it from blocks of token ids and the target's argmax at each position
 (`lincompile build-ngram` runs the target). `NgramDraft` proposes what prompt lookup finds in the context,
 then continues the chain from the table until k tokens or an unseen context. Greedy verification keeps the
@@ -30,15 +31,22 @@ TABLE_FILE = "ngram.json"
 
 @dataclass(frozen=True)
 class NgramTable:
-    """unigram {a: next}, bigram {(a, b): next}: the target's most frequent greedy token after a / after a b."""
+    """unigram {a: next}, bigram {(a, b): next}, trigram {(a, b, c): next}: the target's most frequent greedy
+    token after a / a b / a b c. A table without trigrams (files from before they existed) backs off to bigrams."""
 
     vocab_size: int
     unigram: dict[int, int]
     bigram: dict[tuple[int, int], int]
     metadata: dict[str, Any] = field(default_factory=dict)
+    trigram: dict[tuple[int, int, int], int] = field(default_factory=dict)
 
     def next_token(self, context: list[int]) -> int | None:
-        """The table's prediction after `context` (its last two tokens), or None when it never saw them."""
+        """The table's prediction after `context` (its longest seen suffix of up to three tokens), or None when
+        it never saw even the last token."""
+        if len(context) >= 3:
+            hit = self.trigram.get((context[-3], context[-2], context[-1]))
+            if hit is not None:
+                return hit
         if len(context) >= 2:
             hit = self.bigram.get((context[-2], context[-1]))
             if hit is not None:
@@ -49,7 +57,8 @@ class NgramTable:
         """Write DIR/ngram.json atomically (a temporary file renamed into place)."""
         payload = {"format": FORMAT, "version": FORMAT_VERSION, "vocab_size": self.vocab_size,
                    "metadata": self.metadata, "unigram": sorted(self.unigram.items()),
-                   "bigram": sorted([a, b, n] for (a, b), n in self.bigram.items())}
+                   "bigram": sorted([a, b, n] for (a, b), n in self.bigram.items()),
+                   "trigram": sorted([a, b, c, n] for (a, b, c), n in self.trigram.items())}
         return atomic_write_text(Path(directory) / TABLE_FILE, json.dumps(payload, separators=(",", ":")))
 
     @classmethod
@@ -63,10 +72,11 @@ class NgramTable:
                              f"version {payload.get('version')!r})")
         vocab = int(payload["vocab_size"])
         table = cls(vocab, {int(a): int(n) for a, n in payload["unigram"]},
-                    {(int(a), int(b)): int(n) for a, b, n in payload["bigram"]}, dict(payload.get("metadata", {})))
-        tokens = [*table.unigram.items(), *((a, n) for (a, _), n in table.bigram.items()),
-                  *((b, n) for (_, b), n in table.bigram.items())]
-        if any(not (0 <= t < vocab and 0 <= n < vocab) for t, n in tokens):
+                    {(int(a), int(b)): int(n) for a, b, n in payload["bigram"]}, dict(payload.get("metadata", {})),
+                    {(int(a), int(b), int(c)): int(n) for a, b, c, n in payload.get("trigram", [])})
+        tokens = [*table.unigram.keys(), *table.unigram.values(),
+                  *(t for entries in (table.bigram, table.trigram) for key, n in entries.items() for t in (*key, n))]
+        if any(not 0 <= t < vocab for t in tokens):
             raise ValueError(f"{path} holds token ids outside its vocabulary of {vocab}: the file is damaged; "
                              "build it again with `lincompile build-ngram`")
         return table
@@ -84,13 +94,19 @@ def build_ngram_table(ids: Tensor, greedy: Tensor, vocab_size: int,
         raise ValueError(f"token ids reach {max(int(ids.max()), int(greedy.max()))}, beyond vocab_size {vocab_size}")
     unigram: defaultdict[int, Counter[int]] = defaultdict(Counter)
     bigram: defaultdict[tuple[int, int], Counter[int]] = defaultdict(Counter)
+    trigram: defaultdict[tuple[int, int, int], Counter[int]] = defaultdict(Counter)
     for row, predicted in zip(ids.tolist(), greedy.tolist()):
         for t, (token, nxt) in enumerate(zip(row, predicted)):
             unigram[token][nxt] += 1
             if t:
                 bigram[(row[t - 1], token)][nxt] += 1
-    return NgramTable(vocab_size, {a: c.most_common(1)[0][0] for a, c in unigram.items()},
-                      {ab: c.most_common(1)[0][0] for ab, c in bigram.items()}, dict(metadata or {}))
+            if t > 1:
+                trigram[(row[t - 2], row[t - 1], token)][nxt] += 1
+
+    def best(counts: defaultdict[Any, Counter[int]]) -> dict[Any, int]:
+        return {context: c.most_common(1)[0][0] for context, c in counts.items()}
+
+    return NgramTable(vocab_size, best(unigram), best(bigram), dict(metadata or {}), best(trigram))
 
 
 class NgramDraft:

@@ -23,12 +23,30 @@ def test_table_keeps_the_most_frequent_prediction_and_prefers_two_tokens():
     assert table.next_token([9, 2]) == 6  # unseen bigram: the unigram
     assert table.next_token([4]) is None and table.next_token([]) is None
     assert (3, 1) in table.bigram and (2, 5) not in table.bigram  # contexts never cross a block boundary
+    assert table.trigram == {(1, 2, 3): 0, (2, 3, 1): 4, (3, 1, 2): 6, (5, 2, 7): 0, (2, 7, 2): 8, (7, 2, 9): 0}
+    assert table.next_token([2, 7, 2]) == 8 and table.next_token([9, 5, 2]) == 8  # seen and unseen trigram
+
+
+def test_longest_seen_context_wins():
+    table = NgramTable(10, {3: 1}, {(2, 3): 4}, {}, {(1, 2, 3): 5})
+    assert table.next_token([1, 2, 3]) == 5
+    assert table.next_token([0, 2, 3]) == 4  # unseen trigram: the bigram
+    assert table.next_token([0, 0, 3]) == 1  # unseen bigram too: the unigram
 
 
 def test_table_round_trips_and_refuses_other_files(tmp_path):
     table = build_ngram_table(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]), 5, {"tokens": 3})
+    assert table.trigram == {(1, 2, 3): 4}
     table.save(tmp_path)
     assert NgramTable.load(tmp_path) == table
+    payload = json.loads((tmp_path / "ngram.json").read_text())
+    del payload["trigram"]  # a file written before trigrams existed: loads, and backs off to bigrams
+    (tmp_path / "ngram.json").write_text(json.dumps(payload))
+    assert NgramTable.load(tmp_path) == NgramTable(5, table.unigram, table.bigram, {"tokens": 3})
+    payload["trigram"] = [[1, 2, 9, 3]]
+    (tmp_path / "ngram.json").write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="outside its vocabulary of 5"):
+        NgramTable.load(tmp_path)
     assert not list(tmp_path.glob("*.tmp"))
     (tmp_path / "ngram.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="not a lincompile-ngram"):

@@ -197,4 +197,5 @@ def test_build_ngram_command(tiny_dir, capsys):
     assert summary["tokens"] == 256 and summary["bigram_contexts"] >= summary["unigram_contexts"] > 0
     table = NgramTable.load(out)
     assert table.vocab_size == 128 and len(table.unigram) == summary["unigram_contexts"]
+    assert len(table.trigram) == summary["trigram_contexts"] > 0
     assert table.metadata["tokens"] == 256

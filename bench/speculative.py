@@ -7,6 +7,7 @@ Every speculative output is also compared with the plain greedy output (they mus
     python bench/speculative.py                         # prompt lookup (+ the drafts given below), k in 2,4,6,8
     python bench/speculative.py --draft-model DIR --medusa DIR --runtime ort
     python bench/speculative.py --runtime ort --ngram DIR --ks 4,8,12   # DIR from `lincompile build-ngram`
+    python bench/speculative.py --runtime ort --ngram DIR1 DIR2 --ks 4,8 # two tables side by side
     python bench/speculative.py --prompts 20 --new-tokens 64 --ks 4 --weights none --draft-model layers:4 --medusa zero
     python bench/speculative.py --quick                 # 2 prompts x 16 tokens, k in 2,4
 """
@@ -68,7 +69,11 @@ def _drafts(args: argparse.Namespace, linear: Any) -> dict[str, Any]:
     if args.ngram:
         from lincompile.runtime.ngram import NgramTable
 
-        drafts["prompt-lookup+ngram"] = NgramTable.load(args.ngram)
+        for directory in args.ngram:  # several tables are told apart by their directory's name
+            name = "prompt-lookup+ngram" + (f"({Path(directory).name})" if len(args.ngram) > 1 else "")
+            if name in drafts:
+                raise SystemExit(f"--ngram: two tables in directories named {Path(directory).name!r}; rename one")
+            drafts[name] = NgramTable.load(directory)
     if args.draft_model and args.draft_model.startswith("layers:"):
         from lincompile.assets import load_model
         from lincompile.train.draft_model import shallow_hf
@@ -183,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft-model", help="a saved draft model (lincompile make-draft), or layers:N for the "
                         "target's first N layers, linearized and undistilled")
     parser.add_argument("--medusa", help="Medusa heads directory (lincompile train-medusa), or 'zero' for untrained heads")
-    parser.add_argument("--ngram", metavar="DIR", help="an n-gram table (lincompile build-ngram): adds prompt lookup "
-                        "filled up from the table")
+    parser.add_argument("--ngram", metavar="DIR", nargs="+", help="n-gram tables (lincompile build-ngram): each adds "
+                        "prompt lookup filled up from that table")
     parser.add_argument("--ks", default="2,4,6,8", help="comma-separated numbers of drafted tokens")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=64)

@@ -19,7 +19,7 @@ import torch
 from lincompile.api import UnrecognizedAttentionError, example_inputs, run_pipeline
 from lincompile.assets import EMBEDDED_MODELS, load_model
 from lincompile.capture.export import CapturedGraph
-from lincompile.cli import draft_cmd, kernels_cmd
+from lincompile.cli import draft_cmd, kernels_cmd, serve_cmd
 from lincompile.cli.demo import add_demo_arguments, cmd_demo
 from lincompile.cli.evaluate import add_eval_arguments, cmd_eval
 from lincompile.cli.train_cmd import add_train_arguments, cmd_train
@@ -335,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "memory against the KV cache. About 5 minutes on 2 CPU cores (the ONNX export and Inductor take about half).",
                     f"{PROG} demo --out out/demo")
     add_demo_arguments(p)
+    serve_cmd.add_parsers(sub)
     draft_cmd.add_parsers(sub)
     kernels_cmd.add_parser(sub)
     return parser

@@ -24,6 +24,7 @@ __all__ = [
     "NUM_LAYERS",
     "VOCAB_SIZE",
     "attn_implementations",
+    "char_tokenizer",
     "dynamic_shapes",
     "example_inputs",
     "expected_sites",
@@ -246,3 +247,17 @@ def perturb_new_parameters(linear: Any, scale: float = 0.1, seed: int = 0) -> An
             if name.startswith("lincompile"):
                 param.add_(scale * torch.randn(param.shape, generator=gen))
     return linear
+
+
+def char_tokenizer() -> Any:
+    """A character-level fast tokenizer for the tiny models: ids 0-3 are <pad> <s> </s> <unk>, then printable
+    ASCII and newline (4..99, inside VOCAB_SIZE)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")

@@ -7,7 +7,7 @@ from xml.dom import minidom
 
 import pytest
 
-from lincompile.cli.main import main, verify_sample
+from lincompile.cli.main import build_parser, main, verify_sample
 from lincompile.passes.pipeline import DEFAULT_PIPELINE
 from lincompile.testing.tiny import expected_sites, tiny_model
 
@@ -91,12 +91,23 @@ def test_passes_lists_the_pipeline(capsys):
     assert code == 0 and listed == list(DEFAULT_PIPELINE)
 
 
-@pytest.mark.parametrize("command", ["methods", "passes", "inspect", "optimize"])
+def _subcommands() -> list[str]:
+    import argparse
+
+    actions = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sorted(actions[0].choices)
+
+
+def test_the_cli_has_every_command():
+    assert {"methods", "optimize", "train", "demo", "export", "generate", "build-ngram"} <= set(_subcommands())
+
+
+@pytest.mark.parametrize("command", _subcommands())
 def test_every_subcommand_has_help_with_example(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     out = capsys.readouterr().out
-    assert exit_info.value.code == 0 and "example:" in out and f"lincompile {command}" in out
+    assert exit_info.value.code == 0 and ("example:" in out or "examples:" in out) and f"lincompile {command}" in out
 
 
 def test_inspect_json_and_table(capsys, tiny_dir):

@@ -10,24 +10,12 @@ import torch
 import lincompile
 from lincompile.cli.draft_cmd import add_parsers
 from lincompile.runtime.medusa import MedusaHeads, read_metadata
-from lincompile.testing.tiny import tiny_model
+from lincompile.testing.tiny import char_tokenizer, tiny_model
 from lincompile.train.draft_model import DistillConfig, agreement, make_draft, shallow_hf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXT = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 40
-
-
-def _char_tokenizer():
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +26,7 @@ def tiny_dir(tmp_path_factory):
     with torch.no_grad():
         model.lm_head.weight.mul_(30)
     model.save_pretrained(root / "tiny")
-    _char_tokenizer().save_pretrained(root / "tiny")
+    char_tokenizer().save_pretrained(root / "tiny")
     (root / "corpus.txt").write_text(TEXT)
     return root
 
@@ -93,7 +81,7 @@ def lin_dir(tiny_dir):
         for name, p in target.graph.named_parameters():
             if name.startswith("lincompile_params"):
                 p.add_(0.1)
-    target.save_pretrained(str(tiny_dir / "lin"), _char_tokenizer())
+    target.save_pretrained(str(tiny_dir / "lin"), char_tokenizer())
     return tiny_dir / "lin", target
 
 

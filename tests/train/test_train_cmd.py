@@ -9,7 +9,7 @@ import torch
 
 import lincompile
 from lincompile.cli.train_cmd import add_train_arguments, cmd_train
-from lincompile.testing.tiny import tiny_model
+from lincompile.testing.tiny import char_tokenizer, tiny_model
 from lincompile.train.checkpoint import latest_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,18 +26,6 @@ Devoutly to be wish'd. To die, to sleep;
 """
 
 
-def _char_tokenizer():
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-
-
 def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
@@ -48,7 +36,7 @@ def test_train_command_saves_a_loadable_merged_model(tmp_path, capsys):
     model_dir, out = tmp_path / "tiny", tmp_path / "run"
     original = tiny_model("llama", seed=0)
     original.save_pretrained(model_dir)
-    _char_tokenizer().save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT * 6)
     argv = [str(model_dir), "--method", "augmented", "--data", str(corpus), "--out", str(out),
@@ -98,7 +86,7 @@ def test_eval_scores_shipped_weights_like_the_saved_model(tmp_path, capsys):
 
     model_dir, out = tmp_path / "tiny", tmp_path / "run"
     tiny_model("llama", seed=0).save_pretrained(model_dir)
-    _char_tokenizer().save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT * 6)
     assert _run([str(model_dir), "--method", "augmented", "--data", str(corpus), "--out", str(out),
@@ -128,7 +116,7 @@ def test_train_init_continues_a_shipped_linearization(tmp_path):
 
     model_dir, first, second = tmp_path / "tiny", tmp_path / "first", tmp_path / "second"
     tiny_model("llama", seed=0).save_pretrained(model_dir)
-    _char_tokenizer().save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT * 6)
     common = [str(model_dir), "--method", "augmented", "--data", str(corpus), "--batch-size", "2",

@@ -1,0 +1,231 @@
+"""`lincompile export` and `lincompile generate`: the serving side from the command line.
+
+export writes a linearized model as ONNX with recurrent-state inputs and outputs (atomically; what
+`lincompile.OrtModel.from_dir` reads). generate writes text with a linearized model: in PyTorch, or in
+onnxruntime when MODEL_OR_DIR is such an export, optionally with speculative decoding. Greedy output is the
+same token for token with any draft; a draft only changes how many target calls it takes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lincompile.cli.draft_cmd import load_target
+
+__all__ = ["add_parsers", "cmd_export", "cmd_generate", "parse_draft"]
+
+PROG = "lincompile"
+DRAFTS = "none, prompt-lookup, ngram:DIR, medusa:DIR or model:DIR"
+
+
+def _log(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _linearized(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(LinearizedModel, tokenizer or None) from MODEL_OR_DIR, --method and --weights."""
+    from lincompile.backends.eager import LinearizedModel
+
+    if args.weights != "auto" and not args.method:
+        raise ValueError("--weights picks the trained tensors of a --method linearization; add --method, or pass a "
+                         "saved linearized directory as MODEL_OR_DIR")
+    _log(f"loading {args.model} ...")
+    model, tokenizer = load_target(args.model, args.method, args.weights)
+    if not isinstance(model, LinearizedModel):
+        raise ValueError(f"{args.model} is a softmax model: add --method METHOD (augmented: the paper's method, with "
+                         "shipped trained weights for smollm2-135m) or pass a saved linearized directory")
+    if args.method and getattr(model, "recipe", None) is None:
+        _log(f"warning: {args.method} is untrained here (no shipped or given weights): expect poor text; train one "
+             "with `lincompile train` and pass it as MODEL_OR_DIR")
+    return model, tokenizer
+
+
+def _export_size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export MODEL_OR_DIR (linearized) to ONNX in --out and print a summary."""
+    from lincompile.backends.onnx import export_onnx
+
+    model, tokenizer = _linearized(args)
+    _log(f"exporting to ONNX in {args.out} (SmolLM2-135M: about a minute on 2 CPU cores) ...")
+    start = time.perf_counter()
+    out = export_onnx(model, args.out, opset=args.opset, tokenizer=tokenizer, optimize=args.optimize)
+    summary = {"out": str(out), "method": model.config.spec.name, "tokenizer": tokenizer is not None,
+               "seconds": round(time.perf_counter() - start, 1), "megabytes": round(_export_size(out) / 2**20, 1)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            print(f"{key:<10} {value}")
+        print(f"run it: {PROG} generate {out} --prompt 'To be, or not to be'")
+    return 0
+
+
+def _target(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(model to decode with, tokenizer, runtime): an ONNX export runs in onnxruntime, anything else in torch."""
+    from lincompile.backends.onnx import META_FILE
+
+    path = Path(args.model).expanduser()
+    if (path / META_FILE).is_file():
+        import onnxruntime as ort
+
+        from lincompile.backends.ort import OrtModel
+
+        if args.method or args.weights != "auto":
+            raise ValueError(f"{path} is an ONNX export, linearized and trained when it was exported; drop --method "
+                             "and --weights")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if args.threads:
+            options.intra_op_num_threads = args.threads
+        model = OrtModel.from_dir(path, session_options=options)
+        return model, model.tokenizer, "onnxruntime"
+    model, tokenizer = _linearized(args)
+    return model, tokenizer, "torch"
+
+
+def parse_draft(spec: str, target: Any, runtime: str) -> Any:
+    """The `draft=` of generate that --draft names (None for 'none')."""
+    if spec == "none":
+        return None
+    if spec == "prompt-lookup":
+        return spec
+    kind, _, directory = spec.partition(":")
+    if kind not in ("ngram", "medusa", "model") or not directory:
+        raise ValueError(f"--draft {spec!r} is not a draft; use {DRAFTS}")
+    if kind == "ngram":
+        from lincompile.runtime.ngram import NgramTable
+
+        return NgramTable.load(directory)
+    if kind == "medusa":
+        from lincompile.runtime.medusa import MedusaHeads, lm_head_weight
+
+        if runtime != "torch":
+            raise ValueError("--draft medusa:DIR needs the PyTorch target, whose lm_head the heads share: pass the "
+                             "linearized model rather than its ONNX export")
+        return MedusaHeads.load(directory, lm_head_weight(target))
+    from lincompile.api import load
+
+    if not (Path(directory) / "lincompile.json").is_file():
+        raise ValueError(f"--draft model:{directory}: not a saved linearized model (make one with `{PROG} make-draft`)")
+    return load(directory)
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer: Any) -> torch.Tensor:
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not text:
+        raise ValueError("the prompt is empty; give --prompt TEXT (or - to read it from standard input)")
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{args.model}'s tokenizer has no chat template; drop --chat")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            return_tensors="pt")
+        return torch.as_tensor(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in newer HF
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate --max-new-tokens tokens after --prompt, streamed to stdout, then one line of statistics."""
+    from transformers import TextStreamer
+
+    from lincompile.runtime.generate import generate
+    from lincompile.runtime.speculative import speculative_generate
+
+    if args.max_new_tokens < 1 or args.num_draft_tokens < 1:
+        raise ValueError("--max-new-tokens and --num-draft-tokens must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, runtime = _target(args)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files; save one beside the model (tokenizer.save_pretrained)")
+    draft = parse_draft(args.draft, model, runtime)
+    ids = _prompt_ids(args, tokenizer)
+    streamer = None if args.json else TextStreamer(tokenizer, skip_prompt=True)
+    sampling = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                "eos_token_id": None if args.ignore_eos else tokenizer.eos_token_id,
+                "generator": torch.Generator().manual_seed(args.seed), "streamer": streamer}
+    start = time.perf_counter()
+    if draft is None:
+        out = generate(model, ids, args.max_new_tokens, **sampling)
+    else:
+        out, stats = speculative_generate(model, ids, args.max_new_tokens, draft, args.num_draft_tokens,
+                                          adaptive=args.adaptive, **sampling)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    summary = {"runtime": runtime, "draft": args.draft, "prompt_tokens": int(ids.shape[1]),
+               "new_tokens": int(new.numel()), "seconds": round(seconds, 3),
+               "tokens_per_s": round(new.numel() / seconds, 2),
+               "tokens_per_call": 1.0 if draft is None else round(stats.tokens_per_call, 2)}
+    if args.json:
+        print(json.dumps({"text": tokenizer.decode(new, skip_special_tokens=True), **summary}))
+    else:
+        _log(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary.items()))
+    return 0
+
+
+def _model_arguments(p: argparse.ArgumentParser, onnx: bool) -> None:
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="an embedded model name or Hugging Face directory "
+                   "(with --method), a saved linearized directory" + (", or an ONNX export" if onnx else ""))
+    p.add_argument("--method", default=None, help="linearize a Hugging Face MODEL with this method first")
+    p.add_argument("--weights", default="auto", help="with --method: the trained linearization to load: 'auto' "
+                   "(shipped when there is one, else untrained), 'default', 'none', a directory written by "
+                   "lincompile.pretrained.ship or a training checkpoint")
+
+
+def _parser(sub: Any, name: str, func: Any, summary: str, description: str,
+            examples: list[str]) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=summary, description=f"{summary}\n\n{description}",
+                       epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on error")
+    p.set_defaults(func=func)
+    return p
+
+
+def add_parsers(sub: Any) -> None:
+    p = _parser(sub, "export", cmd_export, "export a linearized model to ONNX with recurrent-state inputs/outputs",
+                "Writes DIR/model.onnx, lincompile_onnx.json (method, state layout), the method parameters and the\n"
+                "tokenizer, atomically (a failed export leaves DIR as it was). One graph serves prefill, decode and\n"
+                "multi-token verify; `lincompile generate DIR` and lincompile.OrtModel.from_dir(DIR) run it in\n"
+                "onnxruntime.",
+                [f"{PROG} export smollm2-135m --method augmented --out out/smol-onnx",
+                 f"{PROG} export runs/aug/final --out runs/aug/onnx"])
+    _model_arguments(p, onnx=False)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 18; default: torch.onnx's)")
+    p.add_argument("--optimize", action="store_true", help="also run the onnxscript optimizer (about 3x fewer "
+                   "nodes; slower export, no speedup under onnxruntime)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p = _parser(sub, "generate", cmd_generate, "generate text with a linearized model (PyTorch or onnxruntime)",
+                "Streams the continuation of --prompt to stdout, then prints tokens/s and tokens per target call\n"
+                "to stderr. MODEL_OR_DIR may be an ONNX export (`lincompile export`), which then runs in\n"
+                "onnxruntime. --draft turns on speculative decoding: greedy output stays the same token for token;\n"
+                "sampling keeps the target's distribution. Stops at the tokenizer's end-of-sequence token unless\n"
+                "--ignore-eos.",
+                [f"{PROG} generate smollm2-135m --method augmented --prompt 'ROMEO. ' --max-new-tokens 48",
+                 f"{PROG} generate out/smol-onnx --prompt 'ROMEO. ' --draft ngram:runs/ngram --num-draft-tokens 8",
+                 f"echo 'To be, or not' | {PROG} generate smollm2-135m --method augmented --prompt - --json"])
+    _model_arguments(p, onnx=True)
+    p.add_argument("--prompt", required=True, help="the text to continue ('-': read it from standard input)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--draft", default="none", help=f"speculative draft: {DRAFTS} (an n-gram table from build-ngram, "
+                   "heads from train-medusa, a draft model from make-draft; default none)")
+    p.add_argument("--num-draft-tokens", "-k", type=int, default=4, help="drafted tokens per target call (default 4)")
+    p.add_argument("--adaptive", action="store_true", help="adapt the number of drafted tokens to the acceptance")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="with --sample: keep the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus sampling")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's / onnxruntime's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (text and statistics) instead")

@@ -47,7 +47,7 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     args.weights = "none" if linear.recipe is None else "default" if args.weights == "auto" else args.weights
     if args.runtime == "ort":
         from lincompile.backends.onnx import META_FILE
-        from lincompile.backends.ort import OrtModel
+        from lincompile.runtime.timing import open_ort
 
         if args.onnx_dir is None:  # a fresh export (~0.6 GB), removed when the bench exits
             scratch = tempfile.mkdtemp(prefix="lincompile-bench-")
@@ -55,7 +55,7 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         out = args.onnx_dir or Path(scratch) / "onnx"
         if not (out / META_FILE).is_file():  # an export given with --onnx-dir is reused
             linear.export_onnx(str(out), tokenizer=tokenizer)
-        return OrtModel.from_dir(out), linear, tokenizer
+        return open_ort(out, args.threads), linear, tokenizer  # ORT's own default would ignore --threads
     return linear, linear, tokenizer
 
 

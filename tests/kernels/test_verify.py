@@ -56,13 +56,16 @@ def test_default_group_size_tree_crossing_the_boundary(case, diff):
     _check_tree(c, state, drafts, TREE, diff)
 
 
-def test_commit_in_fp32_matches_sequential_decoding(causal_method, case, small_spec):
+@pytest.mark.parametrize("padding, parents", [(True, TREE), (False, TREE), (False, None)])
+def test_commit_in_fp32_matches_sequential_decoding(causal_method, case, small_spec, padding, parents):
     """Commit equals decoding the path one token per call through the decode path (the recurrent form, what a
-    single-token op call runs on CPU) bit for bit; in fp64, tests tie the recurrent form to the parallel one."""
-    c = case(small_spec(causal_method), 7 + len(TREE), dtype=torch.float32, seed=6)
+    single-token op call runs on CPU) bit for bit; in fp64, tests tie the recurrent form to the parallel one.
+    Without padding every row sits at the same position (commit's runs of copies); the chain of 9 tokens from
+    3 into a group of 4 fills two groups and starts a third."""
+    c = case(small_spec(causal_method), 7 + len(TREE), dtype=torch.float32, seed=6, padding=padding)
     state, (q, k, v) = _prefilled(c, 7)
-    _, extras = reference.verify(q, k, v, state, c.params, c.spec, c.scale, TREE)
-    path = _path(TREE, 8)
+    _, extras = reference.verify(q, k, v, state, c.params, c.spec, c.scale, parents)
+    path = _path(TREE, 8) if parents is not None else list(range(len(TREE)))
     expected = state
     for i in path:
         _, expected = reference.recurrent(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], None, expected,

@@ -112,15 +112,21 @@ def recurrent_linear(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: l
 def absorb_linear(k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor], spec: MethodSpec,
                   scale: float) -> list[Tensor]:
     """The state after decoding the real tokens k, v [B, Hkv, t, d] one at a time: `recurrent_linear`'s state
-    updates, op for op (so the same state bit for bit), without computing outputs."""
+    updates, op for op (so the same state bit for bit), without computing outputs. When every row is at the
+    same position (a speculative commit), buffer and window updates go in runs of copies, bit for bit the same."""
     batch = k.shape[0]
     acc = accumulation_dtype(k.dtype)
     named = named_params(spec, params, acc)
     parts = acc_parts(spec, state, acc)
     pos = start_position(parts, batch, k.device)
+    slots = torch.arange(spec.group_size, device=k.device)
+    if spec.global_branch != "inclusive" and bool((pos == pos[0]).all()):
+        pos = _absorb_runs(spec, named, parts, k.to(acc), v.to(acc), pos, scale, slots)
+        if spec.uses_positions:
+            parts["position"] = pos
+        return pack_state(spec, parts)
     gamma = torch.exp(F.logsigmoid(named["decay"]))[None, :] if spec.decay else None
     real = torch.ones(batch, dtype=torch.bool, device=k.device)
-    slots = torch.arange(spec.group_size, device=k.device)
     for i in range(k.shape[2]):
         ki, vi = k[:, :, i].to(acc), v[:, :, i].to(acc)
         if spec.global_branch == "inclusive":
@@ -139,6 +145,33 @@ def absorb_linear(k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor
     if spec.uses_positions:
         parts["position"] = pos
     return pack_state(spec, parts)
+
+
+def _absorb_runs(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor], k: Tensor, v: Tensor,
+                 pos: Tensor, scale: float, slots: Tensor) -> Tensor:
+    """`absorb_linear` when every row is at the same position and nothing is summed per token (no inclusive
+    branch): each run of tokens up to a group's end goes into the buffer and the conv window in one copy, and a
+    completed group is folded as the token loop folds it, so the state is the same bit for bit. Updates `parts`
+    (never the caller's tensors); returns the position after the last token."""
+    if spec.uses_groups:
+        parts["group_keys"], parts["group_values"] = parts["group_keys"].clone(), parts["group_values"].clone()
+    done, t, start = 0, k.shape[2], int(pos[0])
+    while done < t:
+        slot = (start + done) % spec.group_size
+        n = min(t - done, spec.group_size - slot) if spec.uses_groups else t - done
+        kr, vr = k[:, :, done:done + n], v[:, :, done:done + n]
+        if spec.uses_groups:
+            parts["group_keys"][:, :, slot:slot + n] = kr
+            parts["group_values"][:, :, slot:slot + n] = vr
+        if spec.conv != "none":
+            parts["conv"] = torch.cat([parts["conv"], vr], 2)[:, :, n:]
+        done += n
+        if spec.uses_groups and slot + n == spec.group_size:
+            last = pos + (done - 1)
+            fb = (_buffer_features(spec, named, parts, last, scale, slots) if spec.global_branch == "grouped"
+                  else None)
+            _fold_completed_group(spec, parts, torch.ones_like(pos, dtype=torch.bool), fb)
+    return pos + t
 
 
 def _inclusive_next(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor], ki: Tensor, vi: Tensor,

@@ -17,7 +17,7 @@ from torch import nn
 
 from lincompile.train.draft_model import DistillConfig
 
-__all__ = ["add_parsers", "cmd_build_ngram", "cmd_train_medusa", "cmd_make_draft", "load_target"]
+__all__ = ["add_parsers", "cmd_build_ngram", "cmd_make_draft", "cmd_train_medusa", "command_parser", "load_target"]
 
 PROG = "lincompile"
 _DISTILL = DistillConfig()
@@ -142,8 +142,10 @@ def cmd_build_ngram(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser(sub: Any, name: str, func: Callable[[argparse.Namespace], int], summary: str, description: str,
-            examples: list[str]) -> argparse.ArgumentParser:
+def command_parser(sub: Any, name: str, func: Callable[[argparse.Namespace], int], summary: str, description: str,
+                   examples: list[str]) -> argparse.ArgumentParser:
+    """A subcommand with `summary` as its help line, `description` under it, the examples as its epilog and
+    --debug (the CLI's way to show a traceback)."""
     parser = sub.add_parser(name, help=summary, description=f"{summary}\n\n{description}",
                             epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,15 +166,16 @@ def _common(parser: argparse.ArgumentParser, block_size: int, batch_help: str, b
 
 def add_parsers(sub: Any) -> None:
     """Register `train-medusa`, `make-draft` and `build-ngram` on the `lincompile` subparsers."""
-    p = _parser(sub, "train-medusa", cmd_train_medusa, "train Medusa-style draft heads on a frozen target",
-                "Head i maps the target's final hidden state at t through a zero-initialised residual block and\n"
-                "the target's own lm_head to token t+1+i. The target runs once over the training tokens (hidden\n"
-                "states and greedy labels are kept in memory); the heads then train on random positions. Labels\n"
-                "are the target's own greedy predictions (self-distillation) unless --labels corpus. Held-out\n"
-                "top-1 accuracy per head (vs the target's argmax) is reported. Attach the heads with\n"
-                "lincompile.runtime.medusa.attach(model, OUT) and decode with generate(draft='medusa').",
-                [f"{PROG} train-medusa runs/aug1/final --out runs/aug1/medusa --steps 1000 --tokens 200000",
-                 f"{PROG} train-medusa smollm2-135m --method augmented --out out/medusa --heads 4 --steps 200"
+    p = command_parser(
+        sub, "train-medusa", cmd_train_medusa, "train Medusa-style draft heads on a frozen target",
+        "Head i maps the target's final hidden state at t through a zero-initialised residual block and\n"
+        "the target's own lm_head to token t+1+i. The target runs once over the training tokens (hidden\n"
+        "states and greedy labels are kept in memory); the heads then train on random positions. Labels\n"
+        "are the target's own greedy predictions (self-distillation) unless --labels corpus. Held-out\n"
+        "top-1 accuracy per head (vs the target's argmax) is reported. Attach the heads with\n"
+        "lincompile.runtime.medusa.attach(model, OUT) and decode with generate(draft='medusa').",
+        [f"{PROG} train-medusa runs/aug1/final --out runs/aug1/medusa --steps 1000 --tokens 200000",
+         f"{PROG} train-medusa smollm2-135m --method augmented --out out/medusa --heads 4 --steps 200"
                  "   # shipped weights"])
     p.add_argument("model", metavar="MODEL_OR_DIR", help="a saved linearized directory (its model is the target), "
                    "an embedded model name or a Hugging Face directory")
@@ -195,14 +198,15 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--eval-every", type=int, default=0, help="held-out accuracy every N steps (0 = start and end)")
     p.add_argument("--feature-batch", type=int, default=4, help="blocks per target forward when precomputing")
     _common(p, 256, "token positions per step", 512)
-    p = _parser(sub, "make-draft", cmd_make_draft, "make a shallow linearized draft model distilled from its target",
-                "Keeps the first N decoder layers (plus embeddings, final norm and lm_head), linearizes them\n"
-                "with the target's method and trains them on KL(target || draft) over the training text. From a\n"
-                "saved linearized directory the draft inherits its trained layers and the teacher is that model;\n"
-                "from a Hugging Face model the teacher is the original (or --teacher). The draft is saved with\n"
-                "save_pretrained: lincompile.load(OUT) reads it back; pass it as generate(draft=...).",
-                [f"{PROG} make-draft runs/aug1/final --layers 4 --out runs/aug1/draft4 --steps 300",
-                 f"{PROG} make-draft smollm2-135m --layers 4 --method augmented --out out/draft4 --steps 100"])
+    p = command_parser(
+        sub, "make-draft", cmd_make_draft, "make a shallow linearized draft model distilled from its target",
+        "Keeps the first N decoder layers (plus embeddings, final norm and lm_head), linearizes them\n"
+        "with the target's method and trains them on KL(target || draft) over the training text. From a\n"
+        "saved linearized directory the draft inherits its trained layers and the teacher is that model;\n"
+        "from a Hugging Face model the teacher is the original (or --teacher). The draft is saved with\n"
+        "save_pretrained: lincompile.load(OUT) reads it back; pass it as generate(draft=...).",
+        [f"{PROG} make-draft runs/aug1/final --layers 4 --out runs/aug1/draft4 --steps 300",
+         f"{PROG} make-draft smollm2-135m --layers 4 --method augmented --out out/draft4 --steps 100"])
     p.add_argument("model", metavar="MODEL_OR_DIR", help="a saved linearized directory, an embedded model name or a "
                    "Hugging Face directory")
     p.add_argument("--layers", type=int, required=True, help="decoder layers the draft keeps (1 .. target's - 1)")
@@ -220,15 +224,16 @@ def add_parsers(sub: Any) -> None:
                    "lm_head)")
     p.add_argument("--eval-blocks", type=int, default=4, help="held-out blocks for top-1 agreement (0 = none)")
     _common(p, _DISTILL.block_size, "blocks per step", _DISTILL.batch_size)
-    p = _parser(sub, "build-ngram", cmd_build_ngram, "build an n-gram draft table from the target's own predictions",
-                "Runs the target once over --tokens training tokens and keeps, for every 1-, 2- and 3-token context\n"
-                "seen, the token it predicted most often next (the longest seen context wins). At decode time the\n"
-                "table fills up a prompt-lookup chain to k tokens (no draft model runs): pass\n"
-                "lincompile.runtime.ngram.NgramTable.load(OUT) as generate(draft=...). Greedy output stays identical\n"
-                "to plain decoding; the table only changes how many drafts are accepted. Writes OUT/ngram.json\n"
-                "atomically.",
-                [f"{PROG} build-ngram smollm2-135m --method augmented --out out/ngram --tokens 131072",
-                 f"{PROG} build-ngram runs/aug1/final --out runs/aug1/ngram"])
+    p = command_parser(
+        sub, "build-ngram", cmd_build_ngram, "build an n-gram draft table from the target's own predictions",
+        "Runs the target once over --tokens training tokens and keeps, for every 1-, 2- and 3-token context\n"
+        "seen, the token it predicted most often next (the longest seen context wins). At decode time the\n"
+        "table fills up a prompt-lookup chain to k tokens (no draft model runs): pass\n"
+        "lincompile.runtime.ngram.NgramTable.load(OUT) as generate(draft=...). Greedy output stays identical\n"
+        "to plain decoding; the table only changes how many drafts are accepted. Writes OUT/ngram.json\n"
+        "atomically.",
+        [f"{PROG} build-ngram smollm2-135m --method augmented --out out/ngram --tokens 131072",
+         f"{PROG} build-ngram runs/aug1/final --out runs/aug1/ngram"])
     p.add_argument("model", metavar="MODEL_OR_DIR", help="a saved linearized directory (its model is the target), "
                    "an embedded model name or a Hugging Face directory")
     p.add_argument("--method", default=None, help="linearize a Hugging Face MODEL with this method first")

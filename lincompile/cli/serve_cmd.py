@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lincompile.cli.draft_cmd import load_target
+from lincompile.cli.draft_cmd import command_parser, load_target
 
 __all__ = ["add_parsers", "cmd_export", "cmd_generate", "parse_draft"]
 
@@ -180,39 +180,32 @@ def _model_arguments(p: argparse.ArgumentParser, onnx: bool) -> None:
                    "lincompile.pretrained.ship or a training checkpoint")
 
 
-def _parser(sub: Any, name: str, func: Any, summary: str, description: str,
-            examples: list[str]) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=summary, description=f"{summary}\n\n{description}",
-                       epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on error")
-    p.set_defaults(func=func)
-    return p
-
-
 def add_parsers(sub: Any) -> None:
-    p = _parser(sub, "export", cmd_export, "export a linearized model to ONNX with recurrent-state inputs/outputs",
-                "Writes DIR/model.onnx, lincompile_onnx.json (method, state layout), the method parameters and the\n"
-                "tokenizer, atomically (a failed export leaves DIR as it was). One graph serves prefill, decode and\n"
-                "multi-token verify; `lincompile generate DIR` and lincompile.OrtModel.from_dir(DIR) run it in\n"
-                "onnxruntime.",
-                [f"{PROG} export smollm2-135m --method augmented --out out/smol-onnx",
-                 f"{PROG} export runs/aug/final --out runs/aug/onnx"])
+    """Register `export` and `generate` on the `lincompile` subparsers."""
+    p = command_parser(
+        sub, "export", cmd_export, "export a linearized model to ONNX with recurrent-state inputs/outputs",
+        "Writes DIR/model.onnx, lincompile_onnx.json (method, state layout), the method parameters and the\n"
+        "tokenizer, atomically (a failed export leaves DIR as it was). One graph serves prefill, decode and\n"
+        "multi-token verify; `lincompile generate DIR` and lincompile.OrtModel.from_dir(DIR) run it in\n"
+        "onnxruntime.",
+        [f"{PROG} export smollm2-135m --method augmented --out out/smol-onnx",
+         f"{PROG} export runs/aug/final --out runs/aug/onnx"])
     _model_arguments(p, onnx=False)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 18; default: torch.onnx's)")
     p.add_argument("--optimize", action="store_true", help="also run the onnxscript optimizer (about 3x fewer "
                    "nodes; slower export, no speedup under onnxruntime)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p = _parser(sub, "generate", cmd_generate, "generate text with a linearized model (PyTorch or onnxruntime)",
-                "Streams the continuation of --prompt to stdout, then prints tokens/s and tokens per target call\n"
-                "to stderr. MODEL_OR_DIR may be an ONNX export (`lincompile export`), which then runs in\n"
-                "onnxruntime. --draft turns on speculative decoding: greedy output stays the same token for token;\n"
-                "sampling keeps the target's distribution. Stops at the tokenizer's end-of-sequence token unless\n"
-                "--ignore-eos.",
-                [f"{PROG} generate smollm2-135m --method augmented --prompt 'ROMEO. ' --max-new-tokens 48",
-                 f"{PROG} generate out/smol-onnx --prompt 'ROMEO. ' --draft ngram:runs/ngram --num-draft-tokens 8",
-                 f"echo 'To be, or not' | {PROG} generate smollm2-135m --method augmented --prompt - --json"])
+    p = command_parser(
+        sub, "generate", cmd_generate, "generate text with a linearized model (PyTorch or onnxruntime)",
+        "Streams the continuation of --prompt to stdout, then prints tokens/s and tokens per target call\n"
+        "to stderr. MODEL_OR_DIR may be an ONNX export (`lincompile export`), which then runs in\n"
+        "onnxruntime. --draft turns on speculative decoding: greedy output stays the same token for token;\n"
+        "sampling keeps the target's distribution. Stops at the tokenizer's end-of-sequence token unless\n"
+        "--ignore-eos.",
+        [f"{PROG} generate smollm2-135m --method augmented --prompt 'ROMEO. ' --max-new-tokens 48",
+         f"{PROG} generate out/smol-onnx --prompt 'ROMEO. ' --draft ngram:runs/ngram --num-draft-tokens 8",
+         f"echo 'To be, or not' | {PROG} generate smollm2-135m --method augmented --prompt - --json"])
     _model_arguments(p, onnx=True)
     p.add_argument("--prompt", required=True, help="the text to continue ('-': read it from standard input)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")

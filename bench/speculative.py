@@ -55,7 +55,7 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         out = args.onnx_dir or Path(scratch) / "onnx"
         if not (out / META_FILE).is_file():  # an export given with --onnx-dir is reused
             linear.export_onnx(str(out), tokenizer=tokenizer)
-        return open_ort(out, args.threads), linear, tokenizer  # ORT's own default would ignore --threads
+        return open_ort(out, args.threads, cpu_only=False), linear, tokenizer
     return linear, linear, tokenizer
 
 

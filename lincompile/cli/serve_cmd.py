@@ -32,6 +32,10 @@ def _linearized(args: argparse.Namespace) -> tuple[Any, Any]:
     """(LinearizedModel, tokenizer or None) from MODEL_OR_DIR, --method and --weights."""
     from lincompile.backends.eager import LinearizedModel
 
+    saved = (Path(args.model).expanduser() / "lincompile.json").is_file()
+    if saved and (args.method or args.weights != "auto"):
+        raise ValueError(f"{args.model} is a saved linearized model, with its method and trained tensors; drop "
+                         "--method and --weights")
     if args.weights != "auto" and not args.method:
         raise ValueError("--weights picks the trained tensors of a --method linearization; add --method, or pass a "
                          "saved linearized directory as MODEL_OR_DIR")
@@ -75,32 +79,37 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
     path = Path(args.model).expanduser()
     if (path / META_FILE).is_file():
-        import onnxruntime as ort
-
-        from lincompile.backends.ort import OrtModel
+        from lincompile.runtime.timing import open_ort
 
         if args.method or args.weights != "auto":
             raise ValueError(f"{path} is an ONNX export, linearized and trained when it was exported; drop --method "
                              "and --weights")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if args.threads:
-            options.intra_op_num_threads = args.threads
-        model = OrtModel.from_dir(path, session_options=options)
+        model = open_ort(path, torch.get_num_threads(), cpu_only=False)
+        if model.tokenizer is None:
+            raise ValueError(f"{path} was exported without a tokenizer; export it again with one (`{PROG} export` "
+                             "saves the model's)")
         return model, model.tokenizer, "onnxruntime"
     model, tokenizer = _linearized(args)
     return model, tokenizer, "torch"
 
 
-def parse_draft(spec: str, target: Any, runtime: str) -> Any:
-    """The `draft=` of generate that --draft names (None for 'none')."""
-    if spec == "none":
-        return None
-    if spec == "prompt-lookup":
-        return spec
+def _draft_kind(spec: str) -> tuple[str, Path | None]:
+    """(kind, directory) of a --draft value; ValueError naming the accepted forms."""
+    if spec in ("none", "prompt-lookup"):
+        return spec, None
     kind, _, directory = spec.partition(":")
     if kind not in ("ngram", "medusa", "model") or not directory:
         raise ValueError(f"--draft {spec!r} is not a draft; use {DRAFTS}")
+    return kind, Path(directory).expanduser()
+
+
+def parse_draft(spec: str, target: Any, runtime: str) -> Any:
+    """The `draft=` of generate that --draft names (None for 'none')."""
+    kind, directory = _draft_kind(spec)
+    if kind == "none":
+        return None
+    if kind == "prompt-lookup":
+        return kind
     if kind == "ngram":
         from lincompile.runtime.ngram import NgramTable
 
@@ -114,15 +123,20 @@ def parse_draft(spec: str, target: Any, runtime: str) -> Any:
         return MedusaHeads.load(directory, lm_head_weight(target))
     from lincompile.api import load
 
-    if not (Path(directory) / "lincompile.json").is_file():
+    if not (directory / "lincompile.json").is_file():
         raise ValueError(f"--draft model:{directory}: not a saved linearized model (make one with `{PROG} make-draft`)")
     return load(directory)
 
 
-def _prompt_ids(args: argparse.Namespace, tokenizer: Any) -> torch.Tensor:
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+def _prompt_text(args: argparse.Namespace) -> str:
+    """--prompt, or standard input for '-' (without the one newline `echo` adds)."""
+    text = sys.stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt
     if not text:
         raise ValueError("the prompt is empty; give --prompt TEXT (or - to read it from standard input)")
+    return text
+
+
+def _prompt_ids(args: argparse.Namespace, text: str, tokenizer: Any) -> torch.Tensor:
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"{args.model}'s tokenizer has no chat template; drop --chat")
@@ -141,14 +155,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or args.num_draft_tokens < 1:
         raise ValueError("--max-new-tokens and --num-draft-tokens must be >= 1")
+    _draft_kind(args.draft)  # a misspelt --draft fails before the model loads
+    text = _prompt_text(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, runtime = _target(args)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; save one beside the model (tokenizer.save_pretrained)")
     draft = parse_draft(args.draft, model, runtime)
-    ids = _prompt_ids(args, tokenizer)
-    streamer = None if args.json else TextStreamer(tokenizer, skip_prompt=True)
+    ids = _prompt_ids(args, text, tokenizer)
+    streamer = None if args.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                 "eos_token_id": None if args.ignore_eos else tokenizer.eos_token_id,
                 "generator": torch.Generator().manual_seed(args.seed), "streamer": streamer}
@@ -162,8 +178,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     new = out[0, ids.shape[1]:]
     summary = {"runtime": runtime, "draft": args.draft, "prompt_tokens": int(ids.shape[1]),
                "new_tokens": int(new.numel()), "seconds": round(seconds, 3),
-               "tokens_per_s": round(new.numel() / seconds, 2),
-               "tokens_per_call": 1.0 if draft is None else round(stats.tokens_per_call, 2)}
+               "tokens_per_s": round(new.numel() / seconds, 2)}
+    if draft is not None:  # new tokens / target calls after the prefill, as bench/speculative.py counts them
+        summary["tokens_per_call"] = round(stats.tokens_per_call, 2)
     if args.json:
         print(json.dumps({"text": tokenizer.decode(new, skip_special_tokens=True), **summary}))
     else:
@@ -198,8 +215,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p = command_parser(
         sub, "generate", cmd_generate, "generate text with a linearized model (PyTorch or onnxruntime)",
-        "Streams the continuation of --prompt to stdout, then prints tokens/s and tokens per target call\n"
-        "to stderr. MODEL_OR_DIR may be an ONNX export (`lincompile export`), which then runs in\n"
+        "Streams the continuation of --prompt to stdout, then prints tokens/s (and, with a draft, tokens per\n"
+        "target call) to stderr. MODEL_OR_DIR may be an ONNX export (`lincompile export`), which then runs in\n"
         "onnxruntime. --draft turns on speculative decoding: greedy output stays the same token for token;\n"
         "sampling keeps the target's distribution. Stops at the tokenizer's end-of-sequence token unless\n"
         "--ignore-eos.",
@@ -220,5 +237,6 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus sampling")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's / onnxruntime's)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime (default: "
+                   "torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text and statistics) instead")

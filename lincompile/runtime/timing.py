@@ -147,9 +147,11 @@ def compiled_model(linear: Any) -> Any:
                            linear.config, linear.hf_config)
 
 
-def open_ort(onnx_dir: Path, threads: int) -> Any:
-    """An `OrtModel` on onnxruntime's CPU provider for the export in `onnx_dir`, `threads` intra-op threads
-    (the same count torch uses makes the engines comparable), one inter-op thread, errors-only logging."""
+def open_ort(onnx_dir: Path, threads: int, cpu_only: bool = True) -> Any:
+    """An `OrtModel` for the export in `onnx_dir` with `threads` intra-op threads (the same count torch uses
+    makes the engines comparable; onnxruntime's own default ignores CPU pinning and can oversubscribe a core),
+    one inter-op thread, errors-only logging; on the CPU provider, or with `cpu_only=False` on the default
+    providers (CUDA first when available)."""
     import onnxruntime as ort
 
     from lincompile.backends.ort import OrtModel
@@ -158,7 +160,8 @@ def open_ort(onnx_dir: Path, threads: int) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return OrtModel.from_dir(onnx_dir, providers=["CPUExecutionProvider"], session_options=options)
+    return OrtModel.from_dir(onnx_dir, providers=["CPUExecutionProvider"] if cpu_only else None,
+                             session_options=options)
 
 
 def time_steps(sessions: dict[str, Step], warmup: int, rounds: int, steps: int) -> Timings:

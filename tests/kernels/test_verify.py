@@ -61,7 +61,8 @@ def test_commit_in_fp32_matches_sequential_decoding(causal_method, case, small_s
     """Commit equals decoding the path one token per call through the decode path (the recurrent form, what a
     single-token op call runs on CPU) bit for bit; in fp64, tests tie the recurrent form to the parallel one.
     Without padding every row sits at the same position (commit's runs of copies); the chain of 9 tokens from
-    3 into a group of 4 fills two groups and starts a third."""
+    3 tokens into a group of 4 completes three groups, the tree path ends inside one. The state passed in is
+    left as it was."""
     c = case(small_spec(causal_method), 7 + len(TREE), dtype=torch.float32, seed=6, padding=padding)
     state, (q, k, v) = _prefilled(c, 7)
     _, extras = reference.verify(q, k, v, state, c.params, c.spec, c.scale, parents)
@@ -70,8 +71,10 @@ def test_commit_in_fp32_matches_sequential_decoding(causal_method, case, small_s
     for i in path:
         _, expected = reference.recurrent(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], None, expected,
                                           c.params, c.spec, c.scale)
+    before = [s.clone() for s in state]
     for got, want in zip(reference.commit(state, extras, path), expected):
         assert got.dtype == want.dtype and torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(state, before))
 
 
 def test_empty_path_and_bad_paths(case, small_spec):

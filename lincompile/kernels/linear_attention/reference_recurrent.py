@@ -120,7 +120,7 @@ def absorb_linear(k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor
     parts = acc_parts(spec, state, acc)
     pos = start_position(parts, batch, k.device)
     slots = torch.arange(spec.group_size, device=k.device)
-    if spec.global_branch != "inclusive" and bool((pos == pos[0]).all()):
+    if spec.uses_groups and spec.global_branch != "inclusive" and bool((pos == pos[0]).all()):
         pos = _absorb_runs(spec, named, parts, k.to(acc), v.to(acc), pos, scale, slots)
         if spec.uses_positions:
             parts["position"] = pos
@@ -149,24 +149,21 @@ def absorb_linear(k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor
 
 def _absorb_runs(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor], k: Tensor, v: Tensor,
                  pos: Tensor, scale: float, slots: Tensor) -> Tensor:
-    """`absorb_linear` when every row is at the same position and nothing is summed per token (no inclusive
-    branch): each run of tokens up to a group's end goes into the buffer and the conv window in one copy, and a
-    completed group is folded as the token loop folds it, so the state is the same bit for bit. Updates `parts`
-    (never the caller's tensors); returns the position after the last token."""
-    if spec.uses_groups:
-        parts["group_keys"], parts["group_values"] = parts["group_keys"].clone(), parts["group_values"].clone()
+    """`absorb_linear` for a method with group buffers and no inclusive branch (nothing summed per token) when
+    every row is at the same position: each run of tokens up to a group's end goes into the buffer and the conv
+    window in one copy, and a completed group is folded as the token loop folds it, so the state is the same
+    bit for bit. Updates `parts` (never the caller's tensors); returns the position after the last token."""
+    parts["group_keys"], parts["group_values"] = parts["group_keys"].clone(), parts["group_values"].clone()
     done, t, start = 0, k.shape[2], int(pos[0])
     while done < t:
         slot = (start + done) % spec.group_size
-        n = min(t - done, spec.group_size - slot) if spec.uses_groups else t - done
-        kr, vr = k[:, :, done:done + n], v[:, :, done:done + n]
-        if spec.uses_groups:
-            parts["group_keys"][:, :, slot:slot + n] = kr
-            parts["group_values"][:, :, slot:slot + n] = vr
+        n = min(t - done, spec.group_size - slot)
+        parts["group_keys"][:, :, slot:slot + n] = k[:, :, done:done + n]
+        parts["group_values"][:, :, slot:slot + n] = v[:, :, done:done + n]
         if spec.conv != "none":
-            parts["conv"] = torch.cat([parts["conv"], vr], 2)[:, :, n:]
+            parts["conv"] = torch.cat([parts["conv"], v[:, :, done:done + n]], 2)[:, :, n:].contiguous()
         done += n
-        if spec.uses_groups and slot + n == spec.group_size:
+        if slot + n == spec.group_size:
             last = pos + (done - 1)
             fb = (_buffer_features(spec, named, parts, last, scale, slots) if spec.global_branch == "grouped"
                   else None)

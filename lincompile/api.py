@@ -129,7 +129,7 @@ def save(model: LinearizedModel, directory: str | Path, tokenizer: object | None
     if model.hf_config is None:
         raise ValueError("this model has no Hugging Face config to rebuild its architecture from")
     target = Path(directory)
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, "lincompile.json") as tmp:
         model.hf_config.save_pretrained(tmp)
         state = {k: v.detach().contiguous() for k, v in model.graph.state_dict().items()}
         save_file(_untie(state), tmp / "model.safetensors")

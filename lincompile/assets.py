@@ -100,7 +100,7 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, None) as tmp:  # the private cache
         yield tmp
 
 

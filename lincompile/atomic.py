@@ -30,9 +30,19 @@ def replace_directory(source: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty temp sibling `.<name>.tmp-*` of `target`; on clean exit it becomes `target`."""
+def atomic_directory(target: str | os.PathLike[str], marker: str | None) -> Iterator[Path]:
+    """Yield an empty temp sibling `.<name>.tmp-*` of `target`; on clean exit it becomes `target`.
+
+    `marker` is a file every directory of this kind holds. An existing `target` that is a file, or a non-empty
+    directory without `marker` (so not written by lincompile), is refused with FileExistsError before anything
+    is written: replacing it would delete the user's files. None (private caches only) replaces anything."""
     target = Path(target)
+    if marker is not None and target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"{target} is a file; write to a new or empty directory")
+        if any(target.iterdir()) and not (target / marker).exists():
+            raise FileExistsError(f"{target} is not empty and holds no {marker}, so lincompile did not write it; "
+                                  "replacing it would delete its files: write to a new or empty directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

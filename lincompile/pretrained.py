@@ -118,7 +118,7 @@ def ship(checkpoint_dir: str | Path, out_dir: str | Path, notes: dict[str, Any])
     tensors = {k: v.detach().float().contiguous() for k, v in checkpoint.tensors.items()}
     recipe = {"linearize": checkpoint.linearize, "lora": lora, "step": checkpoint.step, "train_config": train,
               **notes}
-    with atomic_directory(Path(out_dir)) as tmp:
+    with atomic_directory(Path(out_dir), RECIPE_FILE) as tmp:
         save_file(tensors, tmp / TENSORS_FILE)
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
     return Path(out_dir)

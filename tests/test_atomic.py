@@ -21,3 +21,29 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         atomic_write_text(target, b"not text")  # fails inside the write
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_directory_refuses_to_replace_what_lincompile_did_not_write(tmp_path):
+    from lincompile.atomic import atomic_directory
+
+    mine = tmp_path / "export"
+    for text in ("first", "second"):  # a directory of this kind (it holds the marker) is replaced whole
+        with atomic_directory(mine, "meta.json") as tmp:
+            (tmp / "meta.json").write_text(text)
+    assert (mine / "meta.json").read_text() == "second" and [p.name for p in mine.iterdir()] == ["meta.json"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_directory(empty, "meta.json") as tmp:
+        (tmp / "meta.json").write_text("new")
+    user = tmp_path / "home"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match="holds no meta.json"):
+        with atomic_directory(user, "meta.json") as tmp:
+            (tmp / "meta.json").write_text("x")
+    assert [p.name for p in user.iterdir()] == ["thesis.tex"] and (user / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(FileExistsError, match="is a file"):
+        with atomic_directory(tmp_path / "file", "meta.json"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "export", "file", "home"]  # no temp dirs left

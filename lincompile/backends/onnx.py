@@ -414,6 +414,6 @@ def export_onnx(model: LinearizedModel, out_dir: str | os.PathLike[str], opset: 
     Raises `OnnxLoweringError` naming the node/op that could not be lowered; then nothing is written.
     """
     target = Path(out_dir)
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, META_FILE) as tmp:
         _write(model, tmp, opset, tokenizer, optimize, split_sites)
     return target

@@ -202,9 +202,9 @@ def add_parsers(sub: Any) -> None:
     p = command_parser(
         sub, "export", cmd_export, "export a linearized model to ONNX with recurrent-state inputs/outputs",
         "Writes DIR/model.onnx, lincompile_onnx.json (method, state layout), the method parameters and the\n"
-        "tokenizer, atomically (a failed export leaves DIR as it was). One graph serves prefill, decode and\n"
-        "multi-token verify; `lincompile generate DIR` and lincompile.OrtModel.from_dir(DIR) run it in\n"
-        "onnxruntime.",
+        "tokenizer, atomically (a failed export leaves DIR as it was; a non-empty DIR that is not an earlier\n"
+        "export is refused, not replaced). One graph serves prefill, decode and multi-token verify;\n"
+        "`lincompile generate DIR` and lincompile.OrtModel.from_dir(DIR) run it in onnxruntime.",
         [f"{PROG} export smollm2-135m --method augmented --out out/smol-onnx",
          f"{PROG} export runs/aug/final --out runs/aug/onnx"])
     _model_arguments(p, onnx=False)

@@ -95,7 +95,7 @@ class MedusaHeads(nn.Module):
         from safetensors.torch import save_file
 
         target = Path(directory)
-        with atomic_directory(target) as tmp:
+        with atomic_directory(target, CONFIG_FILE) as tmp:
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, tmp / WEIGHTS_FILE)
             meta = {"format": MEDUSA_FORMAT, "version": MEDUSA_VERSION, "config": self.config.to_dict(),

@@ -166,7 +166,7 @@ def test_failed_lowering_names_the_node_and_leaves_nothing(tmp_path, monkeypatch
 def test_failure_mid_export_keeps_the_previous_export_intact(tmp_path, monkeypatch):
     target = tmp_path / "export"
     target.mkdir()
-    (target / "previous.txt").write_text("old export")
+    (target / lo.META_FILE).write_text("old export")  # an earlier export: replaceable, but only whole
     written = []
 
     def fail_after_onnx(model, ir_model, tokenizer, opset):
@@ -179,7 +179,7 @@ def test_failure_mid_export_keeps_the_previous_export_intact(tmp_path, monkeypat
         lo.export_onnx(model, target)
     assert lo.MODEL_FILE in written  # the failure really was mid-export
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
-    assert [p.name for p in target.iterdir()] == ["previous.txt"]
+    assert [p.name for p in target.iterdir()] == [lo.META_FILE] and (target / lo.META_FILE).read_text() == "old export"
 
 
 def test_rejects_an_opset_below_18(tmp_path):

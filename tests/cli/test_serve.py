@@ -84,6 +84,11 @@ def test_export_then_generate_in_onnxruntime(dirs, capsys):
     assert ort["runtime"] == "onnxruntime" and ort["text"] == torch_text
     assert main(["generate", str(dirs / "onnx"), "--method", "augmented", *args]) == 1
     assert "is an ONNX export" in capsys.readouterr().err
+    (dirs / "notes").mkdir()
+    (dirs / "notes" / "todo.txt").write_text("mine")
+    assert main(["export", str(dirs / "lin"), "--out", str(dirs / "notes")]) == 1  # not an export: left alone
+    assert "holds no lincompile_onnx.json" in capsys.readouterr().err
+    assert [p.name for p in (dirs / "notes").iterdir()] == ["todo.txt"]
 
 
 def test_generate_linearizes_a_hugging_face_model(dirs, capsys):

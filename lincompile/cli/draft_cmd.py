@@ -23,14 +23,17 @@ PROG = "lincompile"
 _DISTILL = DistillConfig()
 
 
-def load_target(name: str, method: str | None, weights: str = "none") -> tuple[nn.Module, Any]:
+def load_target(name: str, method: str | None, weights: str = "auto") -> tuple[nn.Module, Any]:
     """(model, tokenizer): a lincompile directory loads its linearized model; an HF model (embedded name or
     directory) loads as it is, or linearized with `method` when given, with the trained tensors `weights`
-    names (see `lincompile.pretrained.linearized`)."""
+    names (see `lincompile.pretrained.linearized`); `weights` other than 'auto' needs `method`."""
     from lincompile.api import load
     from lincompile.assets import load_model
     from lincompile.pretrained import linearized
 
+    if weights != "auto" and not method:  # checked before anything loads
+        raise ValueError("--weights picks the trained tensors of a --method linearization; add --method, or pass a "
+                         "saved linearized directory as MODEL_OR_DIR")
     path = Path(name).expanduser()
     if (path / "lincompile.json").is_file():
         from transformers import AutoTokenizer
@@ -66,9 +69,6 @@ def _frozen_target(args: argparse.Namespace, purpose: str) -> tuple[Any, Any]:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.tokens < args.block_size:
         raise ValueError(f"--tokens ({args.tokens}) must be at least one block (--block-size {args.block_size})")
-    if args.weights != "auto" and not args.method:
-        raise ValueError("--weights picks the trained tensors of a --method linearization; add --method, or pass a "
-                         "saved linearized directory as MODEL_OR_DIR")
     model, tokenizer = load_target(args.model, args.method, args.weights)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; {purpose} needs one to tokenize the corpus")

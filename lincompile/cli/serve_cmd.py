@@ -36,9 +36,6 @@ def _linearized(args: argparse.Namespace) -> tuple[Any, Any]:
     if saved and (args.method or args.weights != "auto"):
         raise ValueError(f"{args.model} is a saved linearized model, with its method and trained tensors; drop "
                          "--method and --weights")
-    if args.weights != "auto" and not args.method:
-        raise ValueError("--weights picks the trained tensors of a --method linearization; add --method, or pass a "
-                         "saved linearized directory as MODEL_OR_DIR")
     _log(f"loading {args.model} ...")
     model, tokenizer = load_target(args.model, args.method, args.weights)
     if not isinstance(model, LinearizedModel):

@@ -11,6 +11,7 @@ import torch
 import lincompile
 from lincompile.cli.main import main
 from lincompile.runtime.generate import generate
+from lincompile.runtime.medusa import MedusaConfig, MedusaHeads, lm_head_weight
 from lincompile.runtime.ngram import build_ngram_table
 from lincompile.testing.tiny import char_tokenizer, perturb_new_parameters, tiny_model
 
@@ -20,7 +21,7 @@ PROMPT = "To be, or not to be"
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """A tiny HF Llama with a peaked lm_head, the same linearized (augmented, perturbed parameters) and saved,
-    and an n-gram table of the linearized model's own greedy predictions."""
+    an n-gram table of the linearized model's own greedy predictions, and Medusa heads on its lm_head."""
     root = tmp_path_factory.mktemp("serve")
     hf = tiny_model("llama", seed=3)
     with torch.no_grad():
@@ -32,6 +33,9 @@ def dirs(tmp_path_factory):
     linear.save_pretrained(str(root / "lin"), tokenizer)
     corpus = torch.randint(4, 100, (4, 32), generator=torch.Generator().manual_seed(0))
     build_ngram_table(corpus, linear(corpus).logits.argmax(-1), 128).save(root / "ngram")
+    weight = lm_head_weight(linear)
+    MedusaHeads(MedusaConfig(num_heads=2, hidden_size=weight.shape[1], vocab_size=weight.shape[0]), weight).save(
+        root / "medusa")  # untrained (zero) heads: their drafts are still verified like any others
     return root
 
 
@@ -50,7 +54,7 @@ def test_generate_is_plain_greedy_with_every_draft(dirs, capsys):
     plain = _generate(capsys, str(dirs / "lin"), "--prompt", PROMPT, "--max-new-tokens", "24", "--ignore-eos")
     assert plain["text"] == expected and plain["new_tokens"] == 24 and plain["runtime"] == "torch"
     assert "tokens_per_call" not in plain  # only speculative decoding reports it
-    for draft in ("prompt-lookup", f"ngram:{dirs / 'ngram'}", f"model:{dirs / 'lin'}"):
+    for draft in ("prompt-lookup", f"ngram:{dirs / 'ngram'}", f"medusa:{dirs / 'medusa'}", f"model:{dirs / 'lin'}"):
         out = _generate(capsys, str(dirs / "lin"), "--prompt", PROMPT, "--max-new-tokens", "24", "--ignore-eos",
                         "--draft", draft, "-k", "3")
         assert out["text"] == expected, draft
@@ -84,6 +88,8 @@ def test_export_then_generate_in_onnxruntime(dirs, capsys):
     assert ort["runtime"] == "onnxruntime" and ort["text"] == torch_text
     assert main(["generate", str(dirs / "onnx"), "--method", "augmented", *args]) == 1
     assert "is an ONNX export" in capsys.readouterr().err
+    assert main(["generate", str(dirs / "onnx"), *args, "--draft", f"medusa:{dirs / 'medusa'}"]) == 1
+    assert "needs the PyTorch target" in capsys.readouterr().err
     (dirs / "notes").mkdir()
     (dirs / "notes" / "todo.txt").write_text("mine")
     assert main(["export", str(dirs / "lin"), "--out", str(dirs / "notes")]) == 1  # not an export: left alone

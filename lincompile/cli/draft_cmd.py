@@ -38,6 +38,8 @@ def load_target(name: str, method: str | None, weights: str = "auto") -> tuple[n
     if (path / "lincompile.json").is_file():
         from transformers import AutoTokenizer
 
+        if weights != "auto":
+            raise ValueError(f"{path} is a saved linearized model with its own trained tensors; drop --weights")
         model = load(path)
         if method is not None and method != model.config.spec.name:
             raise ValueError(f"{path} is already linearized with {model.config.spec.name}; drop --method {method}")

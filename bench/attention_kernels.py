@@ -1,9 +1,10 @@
 """Attention kernel timings: lincompile's forms against SDPA, side by side in one run, as ratios.
 
 On CUDA: the generated Triton kernels (prefill forward = chunked_fwd, forward+backward = chunked_fwd then
-the generated chunked backward, through the `lincompile::attention` op's autograd, decode = recurrent step from a state) against SDPA (FlashAttention; decode attends
-one query to a KV cache of T tokens) and, when installed, flash-linear-attention's chunk_linear_attn /
-fused_recurrent_linear_attn, for T in 1K..32K (triton.testing.do_bench medians).
+the generated chunked backward, through the `lincompile::attention` op's autograd, decode = recurrent step from a
+state) against SDPA (FlashAttention; decode attends one query to a KV cache of T tokens) and, when installed,
+flash-linear-attention's chunk_linear_attn / fused_recurrent_linear_attn, for T in 1K..32K (triton.testing.do_bench
+medians); then the decode step's memory bandwidth at `--decode-batch` rows against a device-to-device copy's.
 On CPU: the PyTorch reference forms (parallel = masked quadratic, chunked, recurrent per decode token) against
 SDPA, so the scaling in T shows on any machine (medians of --repeats runs after a warm-up).
 
@@ -27,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lincompile.atomic import atomic_write_text
 from lincompile.kernels.linear_attention import reference
 from lincompile.methods.params import random_params
 from lincompile.methods.spec import MethodSpec, get_method
@@ -41,16 +43,18 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=max(25, repeats * 10), return_mode="median"))
 
 
-def _inputs(spec: MethodSpec, args: argparse.Namespace, t: int, requires_grad: bool = False):
+def _inputs(spec: MethodSpec, args: argparse.Namespace, t: int, requires_grad: bool = False,
+            batch: int | None = None):
     g = torch.Generator(device=args.device).manual_seed(t)
+    batch = batch or args.batch
     dtype = getattr(torch, args.dtype)
 
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, device=args.device, dtype=dtype).requires_grad_(requires_grad)
 
-    q = rnd(args.batch, args.heads, t, args.head_dim)
-    k = rnd(args.batch, args.kv_heads, t, args.head_dim)
-    v = rnd(args.batch, args.kv_heads, t, args.head_dim)
+    q = rnd(batch, args.heads, t, args.head_dim)
+    k = rnd(batch, args.kv_heads, t, args.head_dim)
+    v = rnd(batch, args.kv_heads, t, args.head_dim)
     params = [p.to(args.device, dtype) for p in random_params(spec, args.heads, args.kv_heads, args.head_dim,
                                                                 args.head_dim)]
     return q, k, v, params
@@ -144,6 +148,32 @@ def cuda_row(spec: MethodSpec, args: argparse.Namespace, t: int) -> dict[str, fl
     return row
 
 
+def decode_bandwidth(spec: MethodSpec, args: argparse.Namespace) -> dict[str, float]:
+    """One decode step of `--decode-batch` rows (after a 100-token prefill) through the generated recurrent kernel:
+    the bytes it moves (every floating state part read and its new copy written, q, k, v, the output and the
+    parameters) over its median time, beside a device-to-device copy's bandwidth in the same run (the practical
+    peak; bytes read + written). The state is fp32 and does not grow with the context."""
+    from lincompile.kernels.triton import launch
+
+    scale = 1.0 / math.sqrt(args.head_dim)
+    q, k, v, params = _inputs(spec, args, 100, batch=args.decode_batch)
+    _, state = launch.attention(q, k, v, None, None, [], params, spec, scale, True)
+    one = [x[:, :, -1:].contiguous() for x in (q, k, v)]
+    out, new = launch.attention(*one, None, None, state, params, spec, scale, True)
+
+    def size(tensors: list[torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if t.is_floating_point())
+
+    moved = size(state) + size(new) + size([*one, out, *params])
+    step_ms = _median_ms(lambda: launch.attention(*one, None, None, state, params, spec, scale, True), args.repeats)
+    source = torch.empty(max(moved // 2, 1 << 28), dtype=torch.uint8, device=args.device)
+    target = torch.empty_like(source)
+    copy_ms = _median_ms(lambda: target.copy_(source), args.repeats)
+    decode_gbs, copy_gbs = moved / step_ms / 1e6, 2 * source.numel() / copy_ms / 1e6
+    return {"batch": args.decode_batch, "MB moved": moved / 1e6, "step ms": step_ms, "decode GB/s": decode_gbs,
+            "copy GB/s": copy_gbs, "decode / copy": decode_gbs / copy_gbs}
+
+
 def _ratios(row: dict[str, float | str]) -> dict[str, float]:
     """SDPA time / our time for each matching pair (> 1: ours is faster)."""
     pairs = {"prefill": ("sdpa prefill", ("triton prefill", "chunked prefill")),
@@ -205,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-heads", type=int, default=None, help="KV heads (default: --heads)")
     parser.add_argument("--head-dim", type=int, default=None, help="default: 128 on CUDA, 64 on CPU")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--decode-batch", type=int, default=64,
+                        help="CUDA: rows of the decode-bandwidth measurement (default 64)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (default 1, steadier on a "
                         "shared machine)")
@@ -234,15 +266,21 @@ def main(argv: list[str] | None = None) -> int:
             ms = (cuda_row if cuda else cpu_row)(spec, args, t)
             rows.append({"T": t, "ms": ms, "ratios": _ratios(ms)})
             print(f"T={t} done", file=sys.stderr, flush=True)
+    bandwidth = decode_bandwidth(spec, args) if cuda else None
     print(f"{args.method}: B={args.batch} H={args.heads} Hkv={args.kv_heads} d={args.head_dim} {args.dtype} on "
           f"{device_name}")
     _print_table(rows)
+    if bandwidth:
+        b = bandwidth
+        print(f"\ndecode step, batch {b['batch']}: {b['MB moved']:.1f} MB in {b['step ms']:.3f} ms = "
+              f"{b['decode GB/s']:.0f} GB/s; device copy {b['copy GB/s']:.0f} GB/s; ratio {b['decode / copy']:.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"device": device_name, "command": command, "torch": torch.__version__, "method": args.method,
               "shape": {"batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
-                        "head_dim": args.head_dim, "dtype": args.dtype}, "rows": rows}
+                        "head_dim": args.head_dim, "dtype": args.dtype}, "rows": rows,
+              "decode_bandwidth": bandwidth}
     json_path = args.out / f"kernels_{args.device}.json"
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {json_path}")
     if not args.no_plot:
         png = args.out / f"kernels_{args.device}.png"

@@ -14,18 +14,22 @@ Every run is evaluated on the same held-out blocks, untrained, every `--eval-eve
     python bench/quality.py                               # every method below, CPU budget (~1 h on one core)
     python bench/quality.py --device cuda --stage2-steps 1000 --block-size 1024   # a GPU-sized budget
 
-Writes bench/results/quality_<tag>.json and quality_<tag>.png (perplexity against training tokens).
+Writes bench/results/quality_<tag>.json and quality_<tag>.png (perplexity against training tokens); the JSON is
+rewritten after each method, so a run stopped midway keeps what it measured (`complete` says whether it finished).
+`--jobs N` trains N methods at once, each in its own process on its share of the CPUs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -72,7 +76,8 @@ def train_one(model: torch.nn.Module, captured: object, method: str, blocks: tor
                          warmup_steps=args.warmup_steps, eval_every=args.eval_every, eval_blocks=held.shape[0],
                          checkpoint_every=0, keep_checkpoints=1, seed=args.seed, bf16=args.device == "cuda")
     start = time.perf_counter()
-    result = train(linear, blocks, config, work / method, eval_blocks=held, progress=not args.no_progress)
+    result = train(linear, blocks, config, work / method, eval_blocks=held, progress=not args.no_progress,
+                   desc=method)
     seconds = time.perf_counter() - start
     tokens_per_step = args.batch_size * args.block_size
     curve = [{"tokens": e["step"] * tokens_per_step, "step": e["step"], "ppl": e["ppl"]} for e in result.evals]
@@ -91,28 +96,75 @@ def summarize(args: argparse.Namespace, ppl_original: float, heldout_tokens: int
     return {"model": args.model, "ppl_original": ppl_original, "heldout_tokens": heldout_tokens, "runs": runs}
 
 
+class Setup:
+    """What every method's run shares: the model, its captured graph, the training and held-out token blocks."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import lincompile
+        from lincompile.assets import load_model
+        from lincompile.train.data import heldout_blocks, load_texts, token_blocks
+
+        torch.manual_seed(args.seed)
+        self.model, tokenizer = load_model(args.model)
+        self.model.to(args.device)
+        self.captured = lincompile.api.capture_model(self.model)
+        self.blocks = token_blocks(tokenizer, load_texts("train"), args.block_size, None)
+        self.held = heldout_blocks(tokenizer, args.block_size, args.eval_blocks).to(args.device)
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(args: argparse.Namespace, counter: object, jobs: int) -> None:
+    """A worker process: its share of the CPUs (disjoint from the other workers'), then its own Setup."""
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    if hasattr(os, "sched_setaffinity") and args.device == "cpu":
+        cpus = sorted(os.sched_getaffinity(0))
+        mine = cpus[index::jobs] or cpus
+        os.sched_setaffinity(0, mine)
+        torch.set_num_threads(len(mine))
+    args.no_progress = True  # one bar per process would garble the terminal: evaluation lines name their method
+    _WORKER.update(args=args, setup=Setup(args))
+
+
+def _train_in_worker(method: str) -> dict:
+    args, setup = _WORKER["args"], _WORKER["setup"]
+    with tempfile.TemporaryDirectory(prefix="lincompile-quality-") as tmp:
+        return train_one(setup.model, setup.captured, method, setup.blocks, setup.held, args, Path(tmp))
+
+
+def _runs(args: argparse.Namespace, setup: Setup) -> Iterator[dict]:
+    """Each method's result as it finishes: in this process one after another, or in `--jobs` worker processes."""
+    if args.jobs == 1:
+        with tempfile.TemporaryDirectory(prefix="lincompile-quality-") as tmp:
+            for method in args.methods:
+                _log(f"{method}: training {args.stage1_steps + args.stage2_steps} steps")
+                yield train_one(setup.model, setup.captured, method, setup.blocks, setup.held, args, Path(tmp))
+        return
+    context = multiprocessing.get_context("spawn")
+    counter = context.Value("i", 0)
+    _log(f"training {len(args.methods)} methods in {args.jobs} processes")
+    with context.Pool(args.jobs, _start_worker, (args, counter, args.jobs)) as pool:
+        yield from pool.imap_unordered(_train_in_worker, args.methods)
+
+
 def run(args: argparse.Namespace, on_method: Callable[[dict], None]) -> dict:
-    """Train and evaluate every method; `on_method` gets the result so far after each one (for saving)."""
-    import lincompile
-    from lincompile.assets import load_model
-    from lincompile.train.data import heldout_blocks, load_texts, token_blocks
+    """Train and evaluate every method; `on_method` gets the result so far after each one (for saving). Runs are
+    listed in `args.methods`' order whichever finishes first."""
     from lincompile.train.eval import perplexity
 
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model)
-    model.to(args.device)
-    captured = lincompile.api.capture_model(model)
-    blocks = token_blocks(tokenizer, load_texts("train"), args.block_size, None)
-    held = heldout_blocks(tokenizer, args.block_size, args.eval_blocks).to(args.device)
-    ppl_original = perplexity(model, held, progress=False, desc="original").ppl
+    setup = Setup(args)
+    held = setup.held
+    ppl_original = perplexity(setup.model, held, progress=False, desc="original").ppl
     _log(f"original perplexity {ppl_original:.2f} on {held[:, 1:].numel()} held-out tokens")
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="lincompile-quality-") as tmp:
-        for method in args.methods:
-            _log(f"{method}: training {args.stage1_steps + args.stage2_steps} steps")
-            runs.append(train_one(model, captured, method, blocks, held, args, Path(tmp)))
-            _log(f"{method}: ppl {runs[-1]['ppl']:.2f} ({runs[-1]['seconds']:.0f} s)")
-            on_method(summarize(args, ppl_original, int(held[:, 1:].numel()), runs))
+    runs: list[dict] = []
+    for result in _runs(args, setup):
+        _log(f"{result['method']}: ppl {result['ppl']:.2f} ({result['seconds']:.0f} s)")
+        runs.append(result)
+        runs.sort(key=lambda r: args.methods.index(r["method"]))
+        on_method(summarize(args, ppl_original, int(held[:, 1:].numel()), runs))
     return summarize(args, ppl_original, int(held[:, 1:].numel()), runs)
 
 
@@ -156,7 +208,8 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--methods", nargs="+", default=[REFERENCE, *BASELINES, *ABLATIONS, *AUGMENTED_BASES])
+    parser.add_argument("--methods", nargs="+", help="default: softmax, every baseline, ablation and augmented "
+                        "form (with --quick: " + ", ".join(QUICK_METHODS) + ")")
     parser.add_argument("--stage1-steps", type=int, default=10, help="attention-transfer steps (default 10)")
     parser.add_argument("--stage2-steps", type=int, default=20, help="fine-tuning steps (default 20)")
     parser.add_argument("--batch-size", type=int, default=4, help="blocks per optimizer step (default 4)")
@@ -168,19 +221,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="methods trained at once, each in its own process on its share of the CPUs (default 1)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"{', '.join(QUICK_METHODS)}; 2 + 4 steps of 2 x 64 tokens, 2 held-out blocks")
+                        help="a smoke run: 2 + 4 steps of 2 x 64 tokens, 2 held-out blocks")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tag", help="names the outputs quality_<tag>.json / .png (default: the device, plus _quick)")
     args = parser.parse_args(argv)
+    default_methods = QUICK_METHODS if args.quick else (REFERENCE, *BASELINES, *ABLATIONS, *AUGMENTED_BASES)
+    args.methods = args.methods or list(default_methods)
     if args.quick:
-        args.methods, args.stage1_steps, args.stage2_steps = list(QUICK_METHODS), 2, 4
+        args.stage1_steps, args.stage2_steps = 2, 4
         args.batch_size, args.block_size, args.eval_every, args.eval_blocks = 2, 64, 3, 2
     from lincompile.methods.spec import get_method
 
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if len(set(args.methods)) != len(args.methods):
+        parser.error("--methods lists a method twice")
     for method in args.methods:
         get_method(method)  # an unknown name fails here, before the model loads
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    tag = f"{args.device}{'_quick' if args.quick else ''}"
+    tag = args.tag or f"{args.device}{'_quick' if args.quick else ''}"
     meta = {"command": command, "device": args.device, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "budget": {k: getattr(args, k) for k in (
                 "stage1_steps", "stage2_steps", "batch_size", "block_size", "lr", "seed")}}

@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime", choices=("torch", "ort"), default="torch")
     parser.add_argument("--draft-model", help="a saved draft model (lincompile make-draft), or layers:N for the "
                         "target's first N layers, linearized and undistilled")
-    parser.add_argument("--medusa", help="Medusa heads directory (lincompile train-medusa), or 'zero' for untrained heads")
+    parser.add_argument("--medusa", help="Medusa heads directory (lincompile train-medusa), or 'zero' for untrained "
+                        "heads")
     parser.add_argument("--ngram", metavar="DIR", nargs="+", help="n-gram tables (lincompile build-ngram): each adds "
                         "prompt lookup filled up from that table")
     parser.add_argument("--ks", default="2,4,6,8", help="comma-separated numbers of drafted tokens")

@@ -17,7 +17,8 @@ by default (`split_sites=True`) each distinct site signature is exported once an
 site (`onnx_sites`; SmolLM2 in `lincompile demo`: 84-98 s instead of 333 s, the same outputs bit for bit).
 
 Invariant: the target directory is either the complete previous content or the complete new export
-(model.onnx, lincompile_onnx.json, lincompile_params.safetensors, tokenizer files), never a mix; on failure nothing is left behind.
+(model.onnx, lincompile_onnx.json, lincompile_params.safetensors, tokenizer files), never a mix; on failure
+nothing is left behind.
 """
 from __future__ import annotations
 

@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "compiles it, exports it to ONNX and runs it in onnxruntime, generates with speculative\n"
                     "decoding, and prints one table: perplexity, decode tokens/s at 512 and 8K tokens of context\n"
                     "(eager, torch.compile, onnxruntime vs the HF original), tokens per target call, and state\n"
-                    "memory against the KV cache. About 5 minutes on 2 CPU cores (the ONNX export and Inductor take about half).",
+                    "memory against the KV cache. About 5 minutes on 2 CPU cores (the ONNX export and Inductor\n"
+                    "take about half).",
                     f"{PROG} demo --out out/demo")
     add_demo_arguments(p)
     serve_cmd.add_parsers(sub)

@@ -88,8 +88,9 @@ class PassManager:
     """Run `passes` in order over a context.
 
     `disabled` passes are skipped, the pipeline ends after `stop_after`, `dump_dir` receives each
-    stage's graph as code (plus DOT/SVG pictures of what a pass wants drawn, under `sites/`), `verifier` (if given) returns (max abs, max rel) output difference against
-    the original model after every pass, and `on_result` is called as each pass finishes.
+    stage's graph as code (plus DOT/SVG pictures of what a pass wants drawn, under `sites/`), `verifier` (if
+    given) returns (max abs, max rel) output difference against the original model after every pass, and
+    `on_result` is called as each pass finishes.
     """
 
     passes: list[Pass]

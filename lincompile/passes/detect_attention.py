@@ -113,8 +113,9 @@ def _classify(match: SiteMatch, values: dict, placeholders: dict[str, fx.Node],
     causal = torch.ones(t, s, dtype=torch.bool).tril(s - t)
     keys = inputs[key_input].bool() if key_input else torch.ones(batch, s, dtype=torch.bool)
     real_rows = keys[:, s - t:] if t <= s and key_input else torch.ones(batch, t, dtype=torch.bool)
-    candidates = [("causal+padding", causal[None] & keys[:, None, :]), ("padding", keys[:, None, :].expand(batch, t, s)),
-                  ("causal", causal[None].expand(batch, t, s)), ("none", torch.ones(batch, t, s, dtype=torch.bool))]
+    candidates = [("causal+padding", causal[None] & keys[:, None, :]),
+                  ("padding", keys[:, None, :].expand(batch, t, s)), ("causal", causal[None].expand(batch, t, s)),
+                  ("none", torch.ones(batch, t, s, dtype=torch.bool))]
     if key_input is None:
         candidates = candidates[2:]
     for kind, expected in candidates:

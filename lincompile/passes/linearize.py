@@ -8,8 +8,9 @@ after that many sites; the rest keep their original nodes (for bisecting a bad r
 For speculative decoding a stateful graph also outputs, for the last `VERIFY_WINDOW` tokens of a call,
 `draft.{i}.keys` / `draft.{i}.values` (the op's k and v, after RoPE) and `hidden_states` (the input of
 the final LM-head linear, when there is one). These always hold VERIFY_WINDOW tokens, right-aligned: a call
-of T < VERIFY_WINDOW tokens has its tokens in the last T entries. `kernels.linear_attention.reference.commit` absorbs an accepted
-prefix of a verified chain from these keys and values, so rejected drafts never need a rerun of the model.
+of T < VERIFY_WINDOW tokens has its tokens in the last T entries. `kernels.linear_attention.reference.commit`
+absorbs an accepted prefix of a verified chain from these keys and values, so rejected drafts never need a rerun
+of the model.
 """
 from __future__ import annotations
 

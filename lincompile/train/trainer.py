@@ -263,14 +263,15 @@ def _record(stage: _Stage, step: int, lr: float, values: list[float]) -> dict[st
 def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir: str | Path, *,
           eval_blocks: Tensor | None = None, resume: bool = False, parallel: Distributed | None = None,
           progress: bool = True, on_step: Callable[[int, dict[str, Any]], None] | None = None,
-          init: dict[str, Tensor] | None = None) -> TrainResult:
+          init: dict[str, Tensor] | None = None, desc: str = "train") -> TrainResult:
     """Train `linear` in place on `blocks` [N, T] and return its history; checkpoints go to out_dir/checkpoints.
 
     A fresh run seeds torch and `random` with `config.seed`; with `resume`, it continues from the newest complete
     checkpoint there instead (the same LinearizeConfig and training config, up to `RESUMABLE_CHANGES`), RNG states
     included. `parallel` defaults to a single process on the model's device. LoRA adapters stay in the graph
     afterwards (`merge_lora` folds them).
-    `on_step(step, record)` runs after each step, once its checkpoint (if any) is written.
+    `on_step(step, record)` runs after each step, once its checkpoint (if any) is written. `desc` names the run on
+    its progress bar (or, without one, on its evaluation lines).
     `init` (a fresh run only) sets trained tensors by name before training, e.g. a previous run's method parameters
     and LoRA adapters (`lincompile.pretrained.trained_tensors`) to continue from; LoRA-adapter tensors are set when
     stage 2 creates the adapters, and every tensor must find a parameter of the same shape.
@@ -295,7 +296,7 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
     pending = dict(init or {}) if checkpoint is None else {}
     last_stage = 2 if config.stage2_steps else 1
     saved: Path | None = found
-    bar = tqdm(total=config.total_steps, initial=step, disable=not (progress and parallel.is_main), desc="train")
+    bar = tqdm(total=config.total_steps, initial=step, disable=not (progress and parallel.is_main), desc=desc)
     postfix: dict[str, str] = {}
 
     def evaluate(number: int) -> None:
@@ -308,7 +309,7 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
         bar.set_postfix(postfix)
         if not progress:  # no bar to carry the number: one line per evaluation
             loss = f", loss {history[-1]['loss']:.4g}" if history else ""
-            print(f"[train] step {step}/{config.total_steps} (stage {number}){loss}: held-out ppl {result.ppl:.4g}",
+            print(f"[{desc}] step {step}/{config.total_steps} (stage {number}){loss}: held-out ppl {result.ppl:.4g}",
                   file=sys.stderr, flush=True)
 
     try:

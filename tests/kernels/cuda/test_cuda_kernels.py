@@ -1,0 +1,150 @@
+"""The generated kernels on CUDA against the fp64 reference (on the same GPU), for every method the generator covers:
+chunked prefill with the paper's G = 64 and K = 63 at head dims 64 and 128 (T not a multiple of the chunk, a
+left-padded row, GQA), decode steps through the recurrent kernel, verify of a draft tree across a group boundary,
+the chunked backward, bf16 / fp16 inputs, any T, the registry's choice and torch.library.opcheck."""
+import pytest
+import torch
+
+import lincompile.kernels.ops  # noqa: F401
+from lincompile.kernels import registry
+from lincompile.kernels.linear_attention import reference
+from lincompile.kernels.triton import launch
+from lincompile.kernels.triton.plan import unsupported_reason
+from lincompile.methods.params import param_trainable, random_params
+from lincompile.methods.spec import get_method, methods
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+op = torch.ops.lincompile.attention
+
+GENERATED = [name for name in methods() if unsupported_reason(get_method(name)) is None]
+WIDE = ("augmented", "augmented-hedgehog", "linear-elu", "castling")  # also at head dim 128
+SCALE = 0.125
+#: fp32 kernels (IEEE products) against fp64: long sums reorder, so 1e-4 relative; a wrong element is O(1).
+FP32 = 1e-4
+HALF = 2e-2
+
+
+def make(spec, t, dim, seed, pad=0, heads=4, kv_heads=2, batch=2):
+    """fp64 CUDA q, k, v, nonzero params (alpha 1, random taps) and a mask left-padding row 1 by `pad` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, h, t, dim, generator=g, dtype=torch.float64).cuda()
+               for h in (heads, kv_heads, kv_heads))
+    mask = torch.ones(batch, t, dtype=torch.bool)
+    mask[1:, :pad] = False
+    params = [p.double().cuda() for p in random_params(spec, heads, kv_heads, dim, dim, seed)]
+    return q, k, v, mask.cuda(), params
+
+
+def cast(tensors, dtype=torch.float32):
+    return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+
+
+def rel(out, ref):
+    assert not torch.isnan(out).any(), "NaN in the output: an element was never written"
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def states_rel(state, ref_state):
+    assert [tuple(s.shape) for s in state] == [tuple(s.shape) for s in ref_state]
+    worst = 0.0
+    for a, b in zip(state, ref_state):
+        if a.is_floating_point():
+            worst = max(worst, rel(a, b) if b.abs().max() > 0 else a.abs().max().item())
+        else:
+            assert torch.equal(a, b)
+    return worst
+
+
+CASES = [(name, 64) for name in GENERATED] + [(name, 128) for name in WIDE]
+
+
+@pytest.mark.parametrize("name,dim", CASES)
+def test_prefill_decode_verify(name, dim):
+    """Prefill 150 tokens (row 1 left-padded by 5), then 3 decode steps, then 37 more tokens and verify an 8-node
+    tree of depth 4 from position 190 (row 0: it crosses the group boundary at 192); against the fp64 reference."""
+    spec = get_method(name)
+    assert registry.select(spec, torch.device("cuda")).name == "triton"
+    q, k, v, mask, params = make(spec, 150, dim, seed=1, pad=5)
+    ref, ref_state = reference.attention(q, k, v, mask, None, [], params, spec, SCALE, True)
+    out, state = launch.attention(*cast([q, k, v]), mask, None, [], cast(params), spec, SCALE, True)
+    assert out.dtype == torch.float32 and rel(out, ref) <= FP32 and states_rel(state, ref_state) <= FP32
+
+    q, k, v, _, _ = make(spec, 3, dim, seed=2)
+    ref, ref_state = reference.recurrent(q, k, v, None, ref_state, params, spec, SCALE)
+    outs = []
+    for i in range(3):
+        step, state = launch.attention(*cast([q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1]]), None, None,
+                                       state, cast(params), spec, SCALE, True)
+        outs.append(step)
+    assert rel(torch.cat(outs, 2), ref) <= FP32 and states_rel(state, ref_state) <= FP32
+
+    parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 6], device="cuda")
+    q, k, v, _, _ = make(spec, 8, dim, seed=3)
+    more = make(spec, 37, dim, seed=4)
+    _, ref_state = reference.attention(*more[:3], None, None, ref_state, params, spec, SCALE, True)
+    ref, _ = reference.verify(q, k, v, ref_state, params, spec, SCALE, parents)
+    out, extras = launch.verify(*cast([q, k, v]), cast(ref_state), cast(params), spec, SCALE, parents)
+    assert rel(out, ref) <= FP32 and torch.equal(extras.parents, parents)
+
+
+@pytest.mark.parametrize("name,dim", CASES)
+def test_backward(name, dim):
+    """The generated chunked backward: gradients of q, k, v and every trainable parameter against fp64 autograd
+    through the reference, T = 150 (three chunks, the last partial)."""
+    spec = get_method(name)
+    q, k, v, _, params = make(spec, 150, dim, seed=5)
+    grad_out = torch.randn(2, 4, 150, dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64).cuda()
+    exact = [t.detach().clone() for t in (q, k, v, *params)]
+    wanted = [t.requires_grad_(True) for t, train in zip(exact, (True,) * 3 + param_trainable(spec)) if train]
+    ref_out, _ = reference.attention(*exact[:3], None, None, [], exact[3:], spec, SCALE, True)
+    ref = torch.autograd.grad(ref_out, wanted, grad_out)
+    assert launch.backward_applies(*cast([q, k, v]), None, spec, True)
+    dq, dk, dv, dparams = launch.attention_backward(*cast([q, k, v]), cast(params), spec, SCALE, grad_out.float())
+    grads = [dq, dk, dv, *dparams]
+    assert len(grads) == len(ref)
+    for g, r in zip(grads, ref):
+        assert g.shape == r.shape and rel(g, r) <= FP32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["augmented", "augmented-hedgehog"])
+def test_half_precision_inputs(name, dtype):
+    """bf16 / fp16 q, k, v at head dim 128: fp32 state, output in the input dtype within 2e-2 of fp64 on the same
+    (rounded) inputs, forward and backward."""
+    spec = get_method(name)
+    q, k, v, mask, params = make(spec, 300, 128, seed=7, pad=9)
+    q, k, v = (t.to(dtype).double() for t in (q, k, v))
+    ref, ref_state = reference.attention(q, k, v, mask, None, [], params, spec, SCALE, True)
+    out, state = launch.attention(*cast([q, k, v], dtype), mask, None, [], cast(params), spec, SCALE, True)
+    assert out.dtype == dtype and all(s.dtype in (torch.float32, torch.int64) for s in state)
+    assert rel(out, ref) <= HALF and states_rel(state, ref_state) <= HALF
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to(dtype).cuda()
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref_out, _ = reference.attention(*leaves, None, None, [], params, spec, SCALE, True)
+    ref_grads = torch.autograd.grad(ref_out, leaves, grad_out.double())
+    grads = launch.attention_backward(*cast([q, k, v], dtype), cast(params), spec, SCALE, grad_out)[:3]
+    assert all(g.dtype == dtype and rel(g, r) <= HALF for g, r in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("t", [1, 2, 63, 64, 65, 1000])
+def test_any_length(t):
+    spec = get_method("augmented")
+    q, k, v, _, params = make(spec, t, 64, seed=9, heads=9, kv_heads=3, batch=1)
+    ref, ref_state = reference.attention(q, k, v, None, None, [], params, spec, SCALE, True)
+    out, state = launch.attention(*cast([q, k, v]), None, None, [], cast(params), spec, SCALE, True)
+    assert rel(out, ref) <= FP32 and states_rel(state, ref_state) <= FP32
+
+
+def test_unsupported_methods_go_to_the_reference():
+    assert registry.select(get_method("yoso"), torch.device("cuda")).name != "triton"
+    assert registry.select(get_method("softmax"), torch.device("cuda")).name == "reference"
+
+
+def test_opcheck_on_cuda(allow_fallback):
+    """A call with a key mask and a state: the forward in the kernels, its backward recomputed by the reference."""
+    spec = get_method("augmented")
+    q, k, v, mask, params = make(spec, 70, 64, seed=10, pad=3)
+    q, k, v, *params = cast([q, k, v, *params])
+    state = reference.init_state(spec, 2, 2, 64, 64, q.device, torch.float32)
+    q.requires_grad_(True)
+    torch.library.opcheck(op.default, (q, k, v, mask, None, state, params, spec.to_json(), SCALE, True))

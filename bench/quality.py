@@ -143,10 +143,11 @@ def _runs(args: argparse.Namespace, setup: Setup) -> Iterator[dict]:
                 _log(f"{method}: training {args.stage1_steps + args.stage2_steps} steps")
                 yield train_one(setup.model, setup.captured, method, setup.blocks, setup.held, args, Path(tmp))
         return
+    workers = min(args.jobs, len(args.methods))
     context = multiprocessing.get_context("spawn")
     counter = context.Value("i", 0)
-    _log(f"training {len(args.methods)} methods in {args.jobs} processes")
-    with context.Pool(args.jobs, _start_worker, (args, counter, args.jobs)) as pool:
+    _log(f"training {len(args.methods)} methods in {workers} processes")
+    with context.Pool(workers, _start_worker, (args, counter, workers)) as pool:
         yield from pool.imap_unordered(_train_in_worker, args.methods)
 
 

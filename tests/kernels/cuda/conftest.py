@@ -3,18 +3,14 @@ without CUDA). Outputs are NaN-poisoned before every launch and a fallback to th
 under the interpreter (tests/kernels/triton), but at the shapes the interpreter cannot afford."""
 import pytest
 
-from lincompile.kernels.triton import launch
+from lincompile.testing.kernels import guard_launches
 
 
 @pytest.fixture(autouse=True)
 def _compiled_triton(monkeypatch, request):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("LINCOMPILE_KERNELS", "auto")
-    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
-    if "allow_fallback" not in request.fixturenames:
-        def refuse(form, *args):
-            raise AssertionError(f"the Triton implementation fell back to {form.__name__}")
-        monkeypatch.setattr(launch, "_fallback", refuse)
+    guard_launches(monkeypatch, "allow_fallback" in request.fixturenames)
 
 
 @pytest.fixture

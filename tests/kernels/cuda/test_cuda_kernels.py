@@ -12,6 +12,7 @@ from lincompile.kernels.triton import launch
 from lincompile.kernels.triton.plan import unsupported_reason
 from lincompile.methods.params import param_trainable, random_params
 from lincompile.methods.spec import get_method, methods
+from lincompile.testing.kernels import rel, state_rel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 op = torch.ops.lincompile.attention
@@ -39,22 +40,6 @@ def cast(tensors, dtype=torch.float32):
     return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
 
 
-def rel(out, ref):
-    assert not torch.isnan(out).any(), "NaN in the output: an element was never written"
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-
-
-def states_rel(state, ref_state):
-    assert [tuple(s.shape) for s in state] == [tuple(s.shape) for s in ref_state]
-    worst = 0.0
-    for a, b in zip(state, ref_state):
-        if a.is_floating_point():
-            worst = max(worst, rel(a, b) if b.abs().max() > 0 else a.abs().max().item())
-        else:
-            assert torch.equal(a, b)
-    return worst
-
-
 CASES = [(name, 64) for name in GENERATED] + [(name, 128) for name in WIDE]
 
 
@@ -67,7 +52,7 @@ def test_prefill_decode_verify(name, dim):
     q, k, v, mask, params = make(spec, 150, dim, seed=1, pad=5)
     ref, ref_state = reference.attention(q, k, v, mask, None, [], params, spec, SCALE, True)
     out, state = launch.attention(*cast([q, k, v]), mask, None, [], cast(params), spec, SCALE, True)
-    assert out.dtype == torch.float32 and rel(out, ref) <= FP32 and states_rel(state, ref_state) <= FP32
+    assert out.dtype == torch.float32 and rel(out, ref) <= FP32 and state_rel(state, ref_state) <= FP32
 
     q, k, v, _, _ = make(spec, 3, dim, seed=2)
     ref, ref_state = reference.recurrent(q, k, v, None, ref_state, params, spec, SCALE)
@@ -76,7 +61,7 @@ def test_prefill_decode_verify(name, dim):
         step, state = launch.attention(*cast([q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1]]), None, None,
                                        state, cast(params), spec, SCALE, True)
         outs.append(step)
-    assert rel(torch.cat(outs, 2), ref) <= FP32 and states_rel(state, ref_state) <= FP32
+    assert rel(torch.cat(outs, 2), ref) <= FP32 and state_rel(state, ref_state) <= FP32
 
     parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 6], device="cuda")
     q, k, v, _, _ = make(spec, 8, dim, seed=3)
@@ -117,7 +102,7 @@ def test_half_precision_inputs(name, dtype):
     ref, ref_state = reference.attention(q, k, v, mask, None, [], params, spec, SCALE, True)
     out, state = launch.attention(*cast([q, k, v], dtype), mask, None, [], cast(params), spec, SCALE, True)
     assert out.dtype == dtype and all(s.dtype in (torch.float32, torch.int64) for s in state)
-    assert rel(out, ref) <= HALF and states_rel(state, ref_state) <= HALF
+    assert rel(out, ref) <= HALF and state_rel(state, ref_state) <= HALF
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to(dtype).cuda()
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     ref_out, _ = reference.attention(*leaves, None, None, [], params, spec, SCALE, True)
@@ -132,7 +117,7 @@ def test_any_length(t):
     q, k, v, _, params = make(spec, t, 64, seed=9, heads=9, kv_heads=3, batch=1)
     ref, ref_state = reference.attention(q, k, v, None, None, [], params, spec, SCALE, True)
     out, state = launch.attention(*cast([q, k, v]), None, None, [], cast(params), spec, SCALE, True)
-    assert rel(out, ref) <= FP32 and states_rel(state, ref_state) <= FP32
+    assert rel(out, ref) <= FP32 and state_rel(state, ref_state) <= FP32
 
 
 def test_unsupported_methods_go_to_the_reference():

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from lincompile.kernels.linear_attention import reference
-from lincompile.kernels.triton import launch
 from lincompile.kernels.triton.plan import unsupported_reason
 from lincompile.methods.params import random_params
 from lincompile.methods.spec import MethodSpec, get_method, methods
+from lincompile.testing.kernels import guard_launches, rel, state_rel
 
 BATCH, HEADS, KV_HEADS, DK, DV = 2, 4, 2, 8, 6
 SCALE = 0.35
@@ -35,11 +35,7 @@ def pytest_generate_tests(metafunc):
 def _interpreted_triton(monkeypatch, request):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("LINCOMPILE_KERNELS", "triton")
-    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
-    if "allow_fallback" not in request.fixturenames:
-        def refuse(form, *args):
-            raise AssertionError(f"the Triton implementation fell back to {form.__name__}")
-        monkeypatch.setattr(launch, "_fallback", refuse)
+    guard_launches(monkeypatch, "allow_fallback" in request.fixturenames)
 
 
 @pytest.fixture
@@ -68,23 +64,6 @@ def make(spec: MethodSpec, t: int, seed: int = 0, pad: int = 0, heads: int = HEA
 def cast(tensors, dtype=torch.float32):
     """Floating tensors to `dtype` (the int64 position part stays)."""
     return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
-
-
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in fp64; NaN never passes."""
-    assert not torch.isnan(out).any(), "NaN in the output: an element was never written"
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-
-
-def state_rel(state, ref_state) -> float:
-    assert [tuple(s.shape) for s in state] == [tuple(s.shape) for s in ref_state]
-    worst = 0.0
-    for a, b in zip(state, ref_state):
-        if a.is_floating_point():
-            worst = max(worst, rel(a, b) if b.abs().max() > 0 else a.abs().max().item())
-        else:
-            assert torch.equal(a, b)
-    return worst
 
 
 def prefilled_state(spec: MethodSpec, t: int, seed: int):

@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: this PyTorch sees no CUDA GPU (drop --device for the CPU timings)")
     default_lengths = "1024,2048,4096,8192,16384,32768" if cuda else ("128,256,512" if args.quick else
                                                                        "256,512,1024,2048")
     lengths = [int(x) for x in (args.lengths or default_lengths).split(",")]

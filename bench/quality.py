@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size, args.block_size, args.eval_every, args.eval_blocks = 2, 64, 3, 2
     from lincompile.methods.spec import get_method
 
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this PyTorch sees no CUDA GPU")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if len(set(args.methods)) != len(args.methods):

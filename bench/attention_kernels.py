@@ -143,8 +143,10 @@ def cuda_row(spec: MethodSpec, args: argparse.Namespace, t: int) -> dict[str, fl
         row["fla chunk prefill"] = _time_or_error(lambda: chunk(q=tq, k=tk, v=tv, scale=scale, normalize=False),
                                                   args.repeats)
         oq, ok, ov = (x.transpose(1, 2).contiguous() for x in one)
+        s0 = torch.zeros(args.batch, args.heads, args.head_dim, args.head_dim, device=args.device)  # fp32, as ours
         row["fla recurrent decode"] = _time_or_error(
-            lambda: recurrent(q=oq, k=ok, v=ov, scale=scale, normalize=False), args.repeats)
+            lambda: recurrent(q=oq, k=ok, v=ov, scale=scale, initial_state=s0, output_final_state=True,
+                              normalize=False), args.repeats)
     return row
 
 

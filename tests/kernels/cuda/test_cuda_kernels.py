@@ -1,7 +1,12 @@
 """The generated kernels on CUDA against the fp64 reference (on the same GPU), for every method the generator covers:
-chunked prefill with the paper's G = 64 and K = 63 at head dims 64 and 128 (T not a multiple of the chunk, a
-left-padded row, GQA), decode steps through the recurrent kernel, verify of a draft tree across a group boundary,
-the chunked backward, bf16 / fp16 inputs, any T, the registry's choice and torch.library.opcheck."""
+chunked prefill with the paper's G = 64 and K = 63 (T not a multiple of the chunk, a left-padded row, GQA), decode
+steps through the recurrent kernel, verify of a draft tree across a group boundary and the chunked backward, in bf16
+for every method, fp32 and fp16 for the paper's method, head dims 32 to 128; any T, the registry's choice and
+torch.library.opcheck.
+
+Sized for a 15-minute GPU session: compiling is most of the time (ptxas on the host). bf16 plans multiply on tensor
+cores and build in seconds; fp32 plans (IEEE products) and the feature maps that move columns by an IEEE matrix
+product take minutes at d >= 64, so those maps run at d = 32 here (bench/gpu_session.sh runs this with xdist)."""
 import pytest
 import torch
 
@@ -18,17 +23,22 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 op = torch.ops.lincompile.attention
 
 GENERATED = [name for name in methods() if unsupported_reason(get_method(name)) is None]
-WIDE = ("augmented", "augmented-hedgehog", "linear-elu", "castling")  # also at head dim 128
+#: Feature maps whose prologue moves columns by an IEEE fp32 matrix product (slow to build at d >= 64).
+MOVED_COLUMNS = ("angular", "cosformer", "performer", "hedgehog")
 SCALE = 0.125
-#: fp32 kernels (IEEE products) against fp64: long sums reorder, so 1e-4 relative; a wrong element is O(1).
-FP32 = 1e-4
-HALF = 2e-2
+#: fp32 kernels (IEEE products) against fp64: long sums reorder, so 1e-4 relative. Half-precision inputs are rounded
+#: first and the reference runs on the rounded values: the kernels' bf16 operands give ~1e-3, so 2e-2. A wrong row
+#: of 150 is ~8e-2, and an element never written is a NaN.
+BOUND = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+CASES = ([(name, 32 if get_method(name).feature_map in MOVED_COLUMNS else 64, torch.bfloat16) for name in GENERATED]
+         + [("augmented", 64, torch.float32), ("augmented", 128, torch.bfloat16), ("augmented", 128, torch.float16)])
 
 
-def make(spec, t, dim, seed, pad=0, heads=4, kv_heads=2, batch=2):
-    """fp64 CUDA q, k, v, nonzero params (alpha 1, random taps) and a mask left-padding row 1 by `pad` tokens."""
+def make(spec, t, dim, seed, pad=0, heads=4, kv_heads=2, batch=2, dtype=torch.float32):
+    """fp64 CUDA q, k, v holding `dtype`-representable values, nonzero params (alpha 1, random taps) and a mask
+    left-padding row 1 by `pad` tokens."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(batch, h, t, dim, generator=g, dtype=torch.float64).cuda()
+    q, k, v = (torch.randn(batch, h, t, dim, generator=g).to(dtype).double().cuda()
                for h in (heads, kv_heads, kv_heads))
     mask = torch.ones(batch, t, dtype=torch.bool)
     mask[1:, :pad] = False
@@ -40,75 +50,57 @@ def cast(tensors, dtype=torch.float32):
     return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
 
 
-CASES = [(name, 64) for name in GENERATED] + [(name, 128) for name in WIDE]
-
-
-@pytest.mark.parametrize("name,dim", CASES)
-def test_prefill_decode_verify(name, dim):
+@pytest.mark.parametrize("name,dim,dtype", CASES)
+def test_prefill_decode_verify(name, dim, dtype):
     """Prefill 150 tokens (row 1 left-padded by 5), then 3 decode steps, then 37 more tokens and verify an 8-node
-    tree of depth 4 from position 190 (row 0: it crosses the group boundary at 192); against the fp64 reference."""
-    spec = get_method(name)
+    tree of depth 4 from position 190 (row 0: it crosses the group boundary at 192); outputs in the input dtype,
+    states in fp32."""
+    spec, bound = get_method(name), BOUND[dtype]
     assert registry.select(spec, torch.device("cuda")).name == "triton"
-    q, k, v, mask, params = make(spec, 150, dim, seed=1, pad=5)
+    q, k, v, mask, params = make(spec, 150, dim, seed=1, pad=5, dtype=dtype)
     ref, ref_state = reference.attention(q, k, v, mask, None, [], params, spec, SCALE, True)
-    out, state = launch.attention(*cast([q, k, v]), mask, None, [], cast(params), spec, SCALE, True)
-    assert out.dtype == torch.float32 and rel(out, ref) <= FP32 and state_rel(state, ref_state) <= FP32
+    out, state = launch.attention(*cast([q, k, v], dtype), mask, None, [], cast(params), spec, SCALE, True)
+    assert out.dtype == dtype and all(s.dtype in (torch.float32, torch.int64) for s in state)
+    assert rel(out, ref) <= bound and state_rel(state, ref_state) <= bound
 
-    q, k, v, _, _ = make(spec, 3, dim, seed=2)
-    ref, ref_state = reference.recurrent(q, k, v, None, ref_state, params, spec, SCALE)
-    outs = []
+    q, k, v, _, _ = make(spec, 3, dim, seed=2, dtype=dtype)
+    start = ref_state  # decode from the exact state: each form is checked on its own
+    ref, ref_state = reference.recurrent(q, k, v, None, start, params, spec, SCALE)
+    state, outs = cast(start), []
     for i in range(3):
-        step, state = launch.attention(*cast([q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1]]), None, None,
-                                       state, cast(params), spec, SCALE, True)
+        step, state = launch.attention(*cast([q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1]], dtype), None,
+                                       None, state, cast(params), spec, SCALE, True)
         outs.append(step)
-    assert rel(torch.cat(outs, 2), ref) <= FP32 and state_rel(state, ref_state) <= FP32
+    assert rel(torch.cat(outs, 2), ref) <= bound and state_rel(state, ref_state) <= bound
 
     parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 6], device="cuda")
-    q, k, v, _, _ = make(spec, 8, dim, seed=3)
+    q, k, v, _, _ = make(spec, 8, dim, seed=3, dtype=dtype)
     more = make(spec, 37, dim, seed=4)
     _, ref_state = reference.attention(*more[:3], None, None, ref_state, params, spec, SCALE, True)
     ref, _ = reference.verify(q, k, v, ref_state, params, spec, SCALE, parents)
-    out, extras = launch.verify(*cast([q, k, v]), cast(ref_state), cast(params), spec, SCALE, parents)
-    assert rel(out, ref) <= FP32 and torch.equal(extras.parents, parents)
+    out, extras = launch.verify(*cast([q, k, v], dtype), cast(ref_state), cast(params), spec, SCALE, parents)
+    assert rel(out, ref) <= bound and torch.equal(extras.parents, parents)
 
 
-@pytest.mark.parametrize("name,dim", CASES)
-def test_backward(name, dim):
-    """The generated chunked backward: gradients of q, k, v and every trainable parameter against fp64 autograd
-    through the reference, T = 150 (three chunks, the last partial)."""
+@pytest.mark.parametrize("name,dim,dtype", CASES)
+def test_backward(name, dim, dtype):
+    """The generated chunked backward: gradients of q, k, v (in the input dtype) and of every trainable parameter
+    against fp64 autograd through the reference, T = 150 (three chunks, the last partial)."""
     spec = get_method(name)
-    q, k, v, _, params = make(spec, 150, dim, seed=5)
-    grad_out = torch.randn(2, 4, 150, dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64).cuda()
+    q, k, v, _, params = make(spec, 150, dim, seed=5, dtype=dtype)
+    grad_out = torch.randn(2, 4, 150, dim, generator=torch.Generator().manual_seed(6)).to(dtype).double().cuda()
     exact = [t.detach().clone() for t in (q, k, v, *params)]
     wanted = [t.requires_grad_(True) for t, train in zip(exact, (True,) * 3 + param_trainable(spec)) if train]
     ref_out, _ = reference.attention(*exact[:3], None, None, [], exact[3:], spec, SCALE, True)
     ref = torch.autograd.grad(ref_out, wanted, grad_out)
-    assert launch.backward_applies(*cast([q, k, v]), None, spec, True)
-    dq, dk, dv, dparams = launch.attention_backward(*cast([q, k, v]), cast(params), spec, SCALE, grad_out.float())
+    assert launch.backward_applies(*cast([q, k, v], dtype), None, spec, True)
+    dq, dk, dv, dparams = launch.attention_backward(*cast([q, k, v], dtype), cast(params), spec, SCALE,
+                                                    grad_out.to(dtype))
+    assert [g.dtype for g in (dq, dk, dv)] == [dtype] * 3
     grads = [dq, dk, dv, *dparams]
     assert len(grads) == len(ref)
     for g, r in zip(grads, ref):
-        assert g.shape == r.shape and rel(g, r) <= FP32
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["augmented", "augmented-hedgehog"])
-def test_half_precision_inputs(name, dtype):
-    """bf16 / fp16 q, k, v at head dim 128: fp32 state, output in the input dtype within 2e-2 of fp64 on the same
-    (rounded) inputs, forward and backward."""
-    spec = get_method(name)
-    q, k, v, mask, params = make(spec, 300, 128, seed=7, pad=9)
-    q, k, v = (t.to(dtype).double() for t in (q, k, v))
-    ref, ref_state = reference.attention(q, k, v, mask, None, [], params, spec, SCALE, True)
-    out, state = launch.attention(*cast([q, k, v], dtype), mask, None, [], cast(params), spec, SCALE, True)
-    assert out.dtype == dtype and all(s.dtype in (torch.float32, torch.int64) for s in state)
-    assert rel(out, ref) <= HALF and state_rel(state, ref_state) <= HALF
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to(dtype).cuda()
-    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    ref_out, _ = reference.attention(*leaves, None, None, [], params, spec, SCALE, True)
-    ref_grads = torch.autograd.grad(ref_out, leaves, grad_out.double())
-    grads = launch.attention_backward(*cast([q, k, v], dtype), cast(params), spec, SCALE, grad_out)[:3]
-    assert all(g.dtype == dtype and rel(g, r) <= HALF for g, r in zip(grads, ref_grads))
+        assert g.shape == r.shape and rel(g, r) <= BOUND[dtype]
 
 
 @pytest.mark.parametrize("t", [1, 2, 63, 64, 65, 1000])

@@ -60,13 +60,13 @@ kernels() {
 }
 
 quality() {
-    on_gpu
     local cache=/tmp/lincompile-cache
     if [ ! -f ".gpu/a/downloads/$wheel.part1" ] || [ ! -f ".gpu/b/downloads/$wheel.part2" ]; then
         echo "quality needs .gpu/a (left by the kernels call, carry .gpu/a, on this same warm machine) and .gpu/b" \
              "(carry .gpu/b); run 'bash bench/gpu_session.sh pack' here first" >&2
         exit 2
     fi
+    on_gpu
     mkdir -p "$cache/downloads"
     cat ".gpu/a/downloads/$wheel.part1" ".gpu/b/downloads/$wheel.part2" > "$cache/downloads/$wheel"
     local sums="$PWD/.gpu/b/downloads/SHA256SUMS"

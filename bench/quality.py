@@ -21,6 +21,7 @@ rewritten after each method, so a run stopped midway keeps what it measured (`co
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -100,16 +101,21 @@ class Setup:
     """What every method's run shares: the model, its captured graph, the training and held-out token blocks."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        import lincompile
         from lincompile.assets import load_model
         from lincompile.train.data import heldout_blocks, load_texts, token_blocks
 
         torch.manual_seed(args.seed)
         self.model, tokenizer = load_model(args.model)
         self.model.to(args.device)
-        self.captured = lincompile.api.capture_model(self.model)
         self.blocks = token_blocks(tokenizer, load_texts("train"), args.block_size, None)
         self.held = heldout_blocks(tokenizer, args.block_size, args.eval_blocks).to(args.device)
+
+    @functools.cached_property
+    def captured(self) -> object:
+        """The model's captured graph, made on first use (the main process of a `--jobs` run never trains)."""
+        import lincompile
+
+        return lincompile.api.capture_model(self.model)
 
 
 _WORKER: dict = {}

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +25,20 @@ from lincompile.kernels.triton.plan import Plan
 def interpreting() -> bool:
     """True when Triton runs kernels with its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why this Triton's interpreter cannot run the kernels beside this NumPy, or None (also for a version it
+    cannot read). Triton before 3.7 turns one-element arrays into Python ints (a loop bound that is a kernel
+    argument), which NumPy 2.4 refuses (triton-lang/triton#9171)."""
+    triton_at, numpy_at = (re.match(r"(\d+)\.(\d+)", v) for v in (triton_version, numpy_version))
+    if triton_at is None or numpy_at is None:
+        return None
+    if tuple(map(int, triton_at.groups())) < (3, 7) and tuple(map(int, numpy_at.groups())) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter fails beside NumPy {numpy_version} "
+                "(triton-lang/triton#9171): install 'numpy<2.4' or 'triton>=3.7' to run the kernels under "
+                "TRITON_INTERPRET=1")
+    return None
 
 
 def cache_dir() -> Path:

@@ -54,6 +54,13 @@ def supports(spec: MethodSpec, device: torch.device) -> bool:
         return False
     if kind == "cpu" and not gen.interpreting():
         raise RuntimeError("LINCOMPILE_KERNELS=triton on CPU needs TRITON_INTERPRET=1 (Triton's interpreter)")
+    if kind == "cpu":
+        import numpy
+        import triton
+
+        problem = gen.interpreter_problem(triton.__version__, numpy.__version__)
+        if problem:
+            raise RuntimeError(problem)
     return True
 
 

@@ -37,6 +37,23 @@ def test_registry_modes(monkeypatch):
         registry.select(augmented, CPU)
 
 
+def test_an_interpreter_that_cannot_run_beside_numpy_is_named(monkeypatch):
+    """Triton 3.6's interpreter with NumPy 2.4 fails inside a kernel (triton-lang/triton#9171): refused up front,
+    naming both versions and the way out."""
+    import numpy
+    import triton
+
+    assert gen.interpreter_problem("3.7.0", "2.4.6") is None
+    assert gen.interpreter_problem("3.6.0", "2.3.5") is None
+    assert gen.interpreter_problem("3.9.0+git1234", "2.4.0") is None
+    assert gen.interpreter_problem("unknown", "2.4.0") is None
+    assert "numpy<2.4" in gen.interpreter_problem("3.6.0", "2.4.0")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    with pytest.raises(RuntimeError, match=r"Triton 3\.6\.0's interpreter fails beside NumPy 2\.4\.1"):
+        registry.select(get_method("augmented"), CPU)
+
+
 def test_unsupported_reasons_are_named():
     reasons = {name: unsupported_reason(get_method(name)) for name in methods()}
     assert reasons["augmented"] is None and reasons["linear-elu"] is None

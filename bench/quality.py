@@ -155,6 +155,8 @@ def _runs(args: argparse.Namespace, setup: Setup) -> Iterator[dict]:
     _log(f"training {len(args.methods)} methods in {workers} processes")
     with context.Pool(workers, _start_worker, (args, counter, workers)) as pool:
         yield from pool.imap_unordered(_train_in_worker, args.methods)
+        pool.close()  # then join: a clean exit, where the context manager's terminate() stops workers abruptly
+        pool.join()
 
 
 def run(args: argparse.Namespace, on_method: Callable[[dict], None]) -> dict:

@@ -28,7 +28,7 @@ def cache_weights(spec: MethodSpec, params: dict[str, Tensor], q: Tensor, keys: 
     if bias is not None:
         b, h, g, t, total = scores.shape
         scores = scores + bias.to(q.dtype).expand(b, h * g, t, total).reshape(scores.shape)
-    scores = scores.masked_fill(~allowed, torch.finfo(q.dtype).min)
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1) * allowed.any(-1, keepdim=True)
 
 

@@ -46,7 +46,8 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 16, seed: 
         inputs["decoder_attention_mask"] = torch.ones(batch, dec, dtype=torch.long)
     if "use_cache" in params:
         inputs["use_cache"] = False
-    return inputs
+    device = next(model.parameters(), torch.empty(0)).device  # the graph is captured where the model lives
+    return {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in inputs.items()}
 
 
 @dataclass

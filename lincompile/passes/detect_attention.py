@@ -79,7 +79,7 @@ def _allowed_and_bias(match: SiteMatch, values: dict, t: int, s: int) -> tuple[t
     allowed = torch.ones(1, 1, t, s, dtype=torch.bool)
     has_bias = False
     for node, kind, coefficient in match.mask_terms:
-        value = values[node]
+        value = values[node].cpu()  # the probe runs on the CPU whatever device the model is on
         if kind == "additive":
             scaled = value.float() * coefficient
             keep = scaled > torch.finfo(value.dtype).min / 2 * abs(coefficient)
@@ -111,7 +111,7 @@ def _classify(match: SiteMatch, values: dict, placeholders: dict[str, fx.Node],
             if inputs[name].shape[-1] == s:
                 key_input = name
     causal = torch.ones(t, s, dtype=torch.bool).tril(s - t)
-    keys = inputs[key_input].bool() if key_input else torch.ones(batch, s, dtype=torch.bool)
+    keys = inputs[key_input].bool().cpu() if key_input else torch.ones(batch, s, dtype=torch.bool)
     real_rows = keys[:, s - t:] if t <= s and key_input else torch.ones(batch, t, dtype=torch.bool)
     candidates = [("causal+padding", causal[None] & keys[:, None, :]),
                   ("padding", keys[:, None, :].expand(batch, t, s)), ("causal", causal[None].expand(batch, t, s)),

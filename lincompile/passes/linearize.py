@@ -77,7 +77,7 @@ PARAMS_MODULE = "lincompile_params"
 
 def _add_parameters(ctx: PassContext, site: AttentionSite, spec: MethodSpec, seed: int) -> list[fx.Node]:
     """Create the method's parameters for this site (trainable ones as nn.Parameter, fixed ones as
-    buffers) in the model's dtype, and return get_attr nodes in the op's order."""
+    buffers) in the model's dtype and on its device, and return get_attr nodes in the op's order."""
     values = init_params(spec, site.heads, site.kv_heads, site.head_dim, site.v_head_dim, seed=seed + site.index)
     if not values:
         return []
@@ -86,10 +86,10 @@ def _add_parameters(ctx: PassContext, site: AttentionSite, spec: MethodSpec, see
         gm.add_submodule(PARAMS_MODULE, torch.nn.Module())
     holder = torch.nn.Module()
     getattr(gm, PARAMS_MODULE).add_module(f"site_{site.index}", holder)
-    dtype = site.match.q.meta["val"].dtype
+    dtype, device = site.match.q.meta["val"].dtype, site.match.q.meta["val"].device
     nodes = []
     for name, value, trainable in values:
-        value = value.to(dtype)
+        value = value.to(device=device, dtype=dtype)
         if trainable:
             holder.register_parameter(name, torch.nn.Parameter(value))
             ctx.new_parameters[f"{PARAMS_MODULE}.site_{site.index}.{name}"] = getattr(holder, name)

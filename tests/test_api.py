@@ -43,3 +43,13 @@ def test_linear_elu_prefill_then_steps_equals_full_forward(elu_model, heldout_ba
     diff, _, state = prefill_then_steps(elu_model, heldout_batch[0][:1, :48], 32)
     assert diff <= 1e-4
     assert all(t.shape[2] == 64 for name, t in state.tensors.items() if name.endswith(".state"))
+
+
+def test_capture_inputs_live_on_the_models_device():
+    """A model on a GPU is captured with inputs on the GPU (a device-less model gets CPU inputs)."""
+    from lincompile.testing.tiny import tiny_model
+
+    inputs = lincompile.api.example_inputs(tiny_model("llama").to("meta"))
+    assert {v.device.type for v in inputs.values() if isinstance(v, torch.Tensor)} == {"meta"}
+    without_parameters = lincompile.api.example_inputs(torch.nn.Identity())
+    assert {v.device.type for v in without_parameters.values() if isinstance(v, torch.Tensor)} == {"cpu"}

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lincompile.kernels.linear_attention import reference
-from lincompile.methods.spec import get_method
+from lincompile.methods.params import random_params
+from lincompile.methods.spec import MethodSpec, get_method
 
 
 def _qkv(batch=2, heads=4, kv_heads=2, t=7, d=8, dtype=torch.float64, seed=0):
@@ -89,3 +90,27 @@ def test_bad_shapes_are_named():
     q, k, v = _qkv(heads=3, kv_heads=2)
     with pytest.raises(ValueError, match="incompatible heads"):
         reference.attention(q, k, v, None, None, _fresh(spec, q, k, v), [], spec, 1.0, True)
+
+
+@pytest.mark.parametrize("spec", [get_method("softmax"),
+                                  MethodSpec("softmax-local", feature_map="elu1", local="softmax",
+                                             global_branch="grouped", group_size=4)], ids=["softmax", "softmax-local"])
+def test_masking_under_bf16_autocast(spec):
+    """Training on a GPU runs under bf16 autocast: the scores come out bf16 while q (roped in fp32) does not, and
+    masking must use the scores' own dtype (fp32's minimum overflows bf16). Parallel and recurrent forms."""
+    q, k, v = _qkv(dtype=torch.float32)
+    params = [p.float() for p in random_params(spec, 4, 2, 8, 10)]
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, :3] = False
+    exact, _ = reference.attention(q, k, v, mask, None, _fresh(spec, q, k, v), params, spec, 0.3, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = reference.attention(q, k, v, mask, None, _fresh(spec, q, k, v), params, spec, 0.3, True)
+        state, steps = _fresh(spec, q, k, v), []
+        for i in range(7):
+            step, state = reference.recurrent(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], mask[:, i:i + 1],
+                                              state, params, spec, 0.3)
+            steps.append(step)
+    real = mask[:, None, :, None]
+    for form in (out, torch.cat(steps, 2)):
+        assert not form.isnan().any()
+        assert ((form.float() - exact) * real).abs().max() <= 0.05 * exact.abs().max()

@@ -18,6 +18,8 @@ from lincompile.methods.spec import MethodSpec
 
 #: Feature maps the prologues express (taylor's 1 + d + d^2 features are not generated).
 FEATURE_MAPS = ("identity", "l2", "elu1", "relu", "angular", "cosformer", "performer", "hedgehog")
+#: The maps whose prologues move columns by a matrix product (`_mm`, `_mm_t`).
+MOVED_COLUMNS = ("angular", "cosformer", "performer", "hedgehog")
 
 _HELPERS = '''@triton.jit
 def _mm(x, w):

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lincompile.kernels.linear_attention import reference
 from lincompile.kernels.linear_attention.state import pack_state, unpack_state
+from lincompile.kernels.triton.codegen_features import MOVED_COLUMNS
 from lincompile.kernels.triton import compile as gen
 from lincompile.kernels.triton.plan import Plan, block, unsupported_reason
 from lincompile.methods.params import named_params, param_names, param_trainable
@@ -212,11 +213,25 @@ def verify(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Te
     return out, reference.VerifyExtras(spec, tuple(params), scale, k, v, parents)
 
 
+def backward_verified(spec: MethodSpec, dk: int, dtype: torch.dtype, device_type: str) -> bool:
+    """Whether the generated backward is known to match the reference for this kind of call.
+
+    Not with decay in half precision: the decay's gradient is the difference of two large sums, which bf16
+    operands lose (wrong by several times its size, here under the interpreter and on an H200 alike). Not on CUDA
+    for the maps that move columns or head dims under 64: on an H200 (Triton 3.6,
+    bench/results/gpu_h200/gpu_tests.log) every bf16 case at d=32 (those maps, the only ones run there at d=32) was
+    wrong while passing under the interpreter. Such calls train through the reference's autograd."""
+    if spec.decay and dtype != torch.float32:
+        return False
+    return device_type != "cuda" or (spec.feature_map not in MOVED_COLUMNS and dk >= 64)
+
+
 def backward_applies(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, spec: MethodSpec, causal: bool) -> bool:
     """True when `attention_backward` can compute the gradients of a causal prefill from the initial state with
-    every key real (the op checks those two from the values): a spec, device and dtype the kernels take.
-    Decided from shapes and types only."""
-    return supports(spec, q.device) and bias is None and causal and _kernel_shapes(q, k, v)
+    every key real (the op checks those two from the values): a spec, device and dtype the kernels take, and a
+    call `backward_verified`. Decided from shapes and types only."""
+    return (supports(spec, q.device) and bias is None and causal and _kernel_shapes(q, k, v)
+            and backward_verified(spec, q.shape[3], q.dtype, q.device.type))
 
 
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], spec: MethodSpec, scale: float,

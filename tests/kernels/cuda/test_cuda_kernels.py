@@ -14,6 +14,7 @@ import lincompile.kernels.ops  # noqa: F401
 from lincompile.kernels import registry
 from lincompile.kernels.linear_attention import reference
 from lincompile.kernels.triton import launch
+from lincompile.kernels.triton.codegen_features import MOVED_COLUMNS
 from lincompile.kernels.triton.plan import unsupported_reason
 from lincompile.methods.params import param_trainable, random_params
 from lincompile.methods.spec import get_method, methods
@@ -23,8 +24,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 op = torch.ops.lincompile.attention
 
 GENERATED = [name for name in methods() if unsupported_reason(get_method(name)) is None]
-#: Feature maps whose prologue moves columns by an IEEE fp32 matrix product (slow to build at d >= 64).
-MOVED_COLUMNS = ("angular", "cosformer", "performer", "hedgehog")
 SCALE = 0.125
 #: fp32 kernels (IEEE products) against fp64: long sums reorder, so 1e-4 relative. Half-precision inputs are rounded
 #: first and the reference runs on the rounded values: the kernels' bf16 operands give ~1e-3, so 2e-2. A wrong row
@@ -82,18 +81,27 @@ def test_prefill_decode_verify(name, dim, dtype):
     assert rel(out, ref) <= bound and torch.equal(extras.parents, parents)
 
 
-@pytest.mark.parametrize("name,dim,dtype", CASES)
+#: The backward cases that failed on an H200 (bench/results/gpu_h200/gpu_tests.log) and that `backward_applies`
+#: keeps off CUDA: a pass here (strict xfail) says the gate can go.
+UNVERIFIED = [pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason="wrong on an H200; gated off"))
+              if not launch.backward_verified(get_method(case[0]), case[1], case[2], "cuda") else case
+              for case in CASES]
+
+
+@pytest.mark.parametrize("name,dim,dtype", UNVERIFIED)
 def test_backward(name, dim, dtype):
     """The generated chunked backward: gradients of q, k, v (in the input dtype) and of every trainable parameter
-    against fp64 autograd through the reference, T = 150 (three chunks, the last partial)."""
+    against fp64 autograd through the reference, T = 150 (three chunks, the last partial); the op's backward uses
+    it only where it was verified on a GPU."""
     spec = get_method(name)
     q, k, v, _, params = make(spec, 150, dim, seed=5, dtype=dtype)
+    applies = launch.backward_applies(*cast([q, k, v], dtype), None, spec, True)
+    assert applies == launch.backward_verified(spec, dim, dtype, "cuda")
     grad_out = torch.randn(2, 4, 150, dim, generator=torch.Generator().manual_seed(6)).to(dtype).double().cuda()
     exact = [t.detach().clone() for t in (q, k, v, *params)]
     wanted = [t.requires_grad_(True) for t, train in zip(exact, (True,) * 3 + param_trainable(spec)) if train]
     ref_out, _ = reference.attention(*exact[:3], None, None, [], exact[3:], spec, SCALE, True)
     ref = torch.autograd.grad(ref_out, wanted, grad_out)
-    assert launch.backward_applies(*cast([q, k, v], dtype), None, spec, True)
     dq, dk, dv, dparams = launch.attention_backward(*cast([q, k, v], dtype), cast(params), spec, SCALE,
                                                     grad_out.to(dtype))
     assert [g.dtype for g in (dq, dk, dv)] == [dtype] * 3

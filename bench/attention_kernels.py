@@ -1,8 +1,8 @@
 """Attention kernel timings: lincompile's forms against SDPA, side by side in one run, as ratios.
 
-On CUDA: the generated Triton kernels (prefill forward = chunked_fwd, forward+backward = chunked_fwd then
-the generated chunked backward, through the `lincompile::attention` op's autograd, decode = recurrent step from a
-state) against SDPA (FlashAttention; decode attends one query to a KV cache of T tokens) and, when installed,
+On CUDA: the generated Triton kernels (prefill forward = the chunk-parallel form, and "(walk)" = chunked_fwd, one
+program per head walking the chunks; forward+backward = the prefill then the generated chunked backward, through
+the `lincompile::attention` op's autograd; decode = recurrent step from a state) against SDPA (FlashAttention; decode attends one query to a KV cache of T tokens) and, when installed,
 flash-linear-attention's chunk_linear_attn / fused_recurrent_linear_attn, for T in 1K..32K (triton.testing.do_bench
 medians); first, the decode step's memory bandwidth at `--decode-batch` rows against a device-to-device copy's.
 On CPU: the PyTorch reference forms (parallel = masked quadratic, chunked, recurrent per decode token) against
@@ -113,6 +113,17 @@ def cpu_row(spec: MethodSpec, args: argparse.Namespace, t: int) -> dict[str, flo
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _walking(fn: Callable[[], object]) -> object:
+    """fn with every prefill in `chunked_fwd` (one program per head walking the chunks), not chunk-parallel."""
+    from lincompile.kernels.triton import launch
+
+    saved, launch.PARALLEL_MIN_CHUNKS = launch.PARALLEL_MIN_CHUNKS, 10 ** 9
+    try:
+        return fn()
+    finally:
+        launch.PARALLEL_MIN_CHUNKS = saved
+
+
 def cuda_row(spec: MethodSpec, args: argparse.Namespace, t: int) -> dict[str, float | str]:
     """Generated kernels vs SDPA (and fla) at one T (ms)."""
     import lincompile.kernels.ops  # noqa: F401  (registers lincompile::attention)
@@ -127,6 +138,8 @@ def cuda_row(spec: MethodSpec, args: argparse.Namespace, t: int) -> dict[str, fl
         "sdpa prefill": _time_or_error(lambda: _sdpa(q, k, v), args.repeats),
         "triton prefill": _time_or_error(
             lambda: launch.attention(q, k, v, None, None, [], params, spec, scale, True), args.repeats),
+        "triton prefill (walk)": _time_or_error(lambda: _walking(
+            lambda: launch.attention(q, k, v, None, None, [], params, spec, scale, True)), args.repeats),
         "sdpa decode": _time_or_error(lambda: _sdpa(one[0], *kv, causal=False), args.repeats),
         "triton decode": _time_or_error(
             lambda: launch.attention(*one, None, None, state, params, spec, scale, True), args.repeats),
@@ -179,7 +192,7 @@ def decode_bandwidth(spec: MethodSpec, args: argparse.Namespace) -> dict[str, fl
 
 def _ratios(row: dict[str, float | str]) -> dict[str, float]:
     """SDPA time / our time for each matching pair (> 1: ours is faster)."""
-    pairs = {"prefill": ("sdpa prefill", ("triton prefill", "chunked prefill")),
+    pairs = {"prefill": ("sdpa prefill", ("triton prefill", "triton prefill (walk)", "chunked prefill")),
              "decode": ("sdpa decode", ("triton decode",)), "decode/token": ("sdpa decode/token",
                                                                          ("recurrent decode/token",)),
              "fwd+bwd": ("sdpa fwd+bwd", ("lincompile op fwd+bwd",))}
@@ -187,7 +200,9 @@ def _ratios(row: dict[str, float | str]) -> dict[str, float]:
     for name, (base, ours) in pairs.items():
         for key in ours:
             if isinstance(row.get(base), float) and isinstance(row.get(key), float):
-                out[f"{name} sdpa/{key.split()[0]}"] = row[base] / row[key]
+                label = " ".join(w for w in key.split() if w not in ("prefill", "decode", "decode/token", "fwd+bwd",
+                                                                     "op"))
+                out[f"{name} sdpa/{label}"] = row[base] / row[key]
     return out
 
 

@@ -13,12 +13,15 @@ What the generator covers (everything else is declared unsupported, so the refer
   group size    <= MAX_GROUP; not yoso / taylor.
 
 Forms (each a `@triton.jit` kernel in the module; grid = (DV blocks, B * H), one program per query head, GQA
-read through h // (H / HKV) and never materialised):
+read through h // (H / HKV) and never materialised; the chunk-parallel pair adds a grid axis over chunks):
   chunked_fwd  causal prefill from a state, returning the new state. Chunks are aligned to positions: with
                groups a chunk is exactly one group (so the local branch is one tile and the group buffer of the
                state is the head of the first chunk); without groups, CHUNK positions. Left padding (a per-row
                count of leading padding tokens) is handled in the kernel: padding queries sit at the row's
                start position and see only the state, as in the reference.
+  chunk_sums, chunk_outputs
+               the same prefill with every chunk its own program (codegen_parallel; launch picks it for prefills
+               of PARALLEL_MIN_CHUNKS chunks or more, except under decay).
   verify_fwd   k draft tokens under a chain or tree (ancestor matrix) from a state, state unchanged; a tree may
                cross a group boundary (earlier-group ancestors and buffer go to the grouped branch).
   recurrent    one token per row (decode), reading and returning the state with vector ops only.
@@ -27,6 +30,7 @@ Accumulation is fp32; fp32 inputs use IEEE dots, bf16/fp16 inputs TF32 dots.
 from __future__ import annotations
 
 from lincompile.kernels.triton import codegen_features as features
+from lincompile.kernels.triton import codegen_parallel as parallel
 from lincompile.kernels.triton.plan import Plan
 from lincompile.methods.feature_maps import DENOMINATOR_EPS
 
@@ -102,8 +106,11 @@ class _Gen:
         if self.conv:
             self.conv_tile()
         self.finish()
+        self.keys()
         self.chunk_block()
         self.chunked_fwd()
+        parallel.chunk_sums(self)
+        parallel.chunk_outputs(self)
         self.verify_fwd()
         self.recurrent()
         return s.text()
@@ -190,18 +197,15 @@ class _Gen:
         for name, value in self.accumulators(rows):
             self.src(f"{name} = {value}")
 
-    def chunk_block(self) -> None:
-        """Outputs of one query tile against the chunk of positions [p, p + C) and the state."""
+    def keys(self) -> None:
+        """The keys of the chunk of positions [p, p + C): new ones from k / v, earlier ones of its group from the
+        state's buffer."""
         s = self.src
         s("@triton.jit",
-          "def _chunk_block(qb, kb, vb, gkb, gvb, winb, wrow, qi, qok, qpos, qlim, p, r0, end, npad, S, z, alpha,",
-          "                 ck, cmk, cf, fpb, cv_, cmv, scale, sqrt_scale):")
+          "def _keys(kb, vb, gkb, gvb, p, r0, end, npad, ck, cmk, cf, fpb, cv_, cmv, sqrt_scale):")
         s.level += 1
-        s('"""Query rows qi (ok: qok) at qpos see keys at positions < qlim. Returns (out, fk, vt, kern, new)."""',
+        s('"""(kpos, raw keys, values, kern: rows the kernel branches see, new: rows of this call, phi(keys))."""',
           "rows = tl.arange(0, BC)",
-          "qr = tl.load(qb + qi[:, None] * DK + ck[None, :], mask=qok[:, None] & cmk[None, :], other=0.0)"
-          ".to(tl.float32)",
-          "fq = tl.where(qok[:, None], _phi(qr, qpos, ck, cf, sqrt_scale, fpb), 0.0)",
           "kpos = p + rows",
           "inrow = rows < C",
           "new = inrow & (kpos >= r0) & (kpos < end)",
@@ -220,6 +224,25 @@ class _Gen:
         else:
             s("kern = new")
         s("fk = tl.where(kern[:, None], _phi(kr, kpos, ck, cf, sqrt_scale, fpb), 0.0)",
+          "return kpos, kr, vt, kern, new, fk")
+        s.level -= 1
+        s("", "")
+
+    def chunk_block(self) -> None:
+        """Outputs of one query tile against the chunk of positions [p, p + C) and the state."""
+        s = self.src
+        s("@triton.jit",
+          "def _chunk_block(qb, kb, vb, gkb, gvb, winb, wrow, qi, qok, qpos, qlim, p, r0, end, npad, S, z, alpha,",
+          "                 ck, cmk, cf, fpb, cv_, cmv, scale, sqrt_scale):")
+        s.level += 1
+        s('"""Query rows qi (ok: qok) at qpos see keys at positions < qlim. Returns (out, fk, vt, kern, new)."""',
+          "rows = tl.arange(0, BC)",
+          "inrow = rows < C",
+          "qr = tl.load(qb + qi[:, None] * DK + ck[None, :], mask=qok[:, None] & cmk[None, :], other=0.0)"
+          ".to(tl.float32)",
+          "fq = tl.where(qok[:, None], _phi(qr, qpos, ck, cf, sqrt_scale, fpb), 0.0)",
+          "kpos, kr, vt, kern, new, fk = _keys(kb, vb, gkb, gvb, p, r0, end, npad, ck, cmk, cf, fpb, cv_, cmv,",
+          "                                    sqrt_scale)",
           "vis = kpos[None, :] < qlim[:, None]")
         self.init_accs("BC")
         accs = self.acc_names()
@@ -244,8 +267,9 @@ class _Gen:
         s.level -= 1
         s("", "")
 
-    def prologue(self, rows_name: str) -> None:
-        """Program ids, head indexing, column ranges and the per-head bases of every tensor."""
+    def prologue(self, rows_name: str, sums: bool = True) -> None:
+        """Program ids, head indexing, column ranges and the per-head bases of every tensor; the state's S and z
+        unless `sums` is False."""
         s = self.src
         s("iv = tl.program_id(0)",
           "bh = tl.program_id(1)",
@@ -272,12 +296,17 @@ class _Gen:
           "winb = win_ptr + sh * HALF * DV",
           "wrow = w_ptr + h * KC",
           self.alpha_load())
+        if sums:
+            self.load_sums("s_ptr + sh * F * DV", "z_ptr + sh * F")
+
+    def load_sums(self, s_base: str, z_base: str) -> None:
+        """S [F, DV] (this program's V columns) and z [F] from the given bases, or 0.0 where the spec has none."""
+        s = self.src
         if self.glob != "none":
-            s("S = tl.load(s_ptr + sh * F * DV + cf[:, None] * DV + cv_[None, :], mask=cmf[:, None] & cmv[None, :],"
-              " other=0.0)")
+            s(f"S = tl.load({s_base} + cf[:, None] * DV + cv_[None, :], mask=cmf[:, None] & cmv[None, :], other=0.0)")
         else:
             s("S = 0.0")
-        s("z = tl.load(z_ptr + sh * F + cf, mask=cmf, other=0.0)" if self.norm else "z = 0.0")
+        s(f"z = tl.load({z_base} + cf, mask=cmf, other=0.0)" if self.norm else "z = 0.0")
 
     def alpha_load(self) -> str:
         """`alpha`: the grouped branch's gain, or log gamma of this KV head under decay."""
@@ -300,32 +329,11 @@ class _Gen:
         s.level += 1
         s('"""Causal prefill of T tokens (the first npad[b] of row b padding) from a state; writes the new state."""')
         self.prologue("T")
-        s("r0 = tl.load(r0_ptr + b).to(tl.int32)",
-          "npad = tl.load(npad_ptr + b).to(tl.int32)",
-          "end = r0 + T - npad",
-          "rows = tl.arange(0, BC)",
-          "p0 = r0 // C * C",
-          "for i0 in range(0, npad, BC):")
-        s.level += 1
-        s("qi = i0 + rows",
-          "qok = qi < npad",
-          "qpos = r0 + rows * 0",
-          "out, fk, vt, kern, new = _chunk_block(qb, kb, vb, gkb, gvb, winb, wrow, qi, qok, qpos, qpos, p0, r0, end,",
-          "                                      npad, S, z, alpha, ck, cmk, cf, fpb, cv_, cmv, scale,",
-          "                                      sqrt_scale)",
-          "tl.store(ob + qi[:, None] * DV + cv_[None, :], out.to(o_ptr.dtype.element_ty),"
-          " mask=qok[:, None] & cmv[None, :])")
-        s.level -= 1
+        self.row_bounds()
+        self.padding_queries()
         s("for p in range(p0, end, C):")
         s.level += 1
-        s("pos = p + rows",
-          "qok = (rows < C) & (pos >= r0) & (pos < end)",
-          "qi = npad + pos - r0",
-          "out, fk, vt, kern, new = _chunk_block(qb, kb, vb, gkb, gvb, winb, wrow, qi, qok, pos, pos + 1, p, r0, end,",
-          "                                      npad, S, z, alpha, ck, cmk, cf, fpb, cv_, cmv, scale,",
-          "                                      sqrt_scale)",
-          "tl.store(ob + qi[:, None] * DV + cv_[None, :], out.to(o_ptr.dtype.element_ty),"
-          " mask=qok[:, None] & cmv[None, :])")
+        self.chunk_rows()
         if self.glob == "grouped":
             s("done = p + C <= end",
               f"S += tl.where(done, {self.dot('tl.trans(fk)', 'vt')}, 0.0)")
@@ -351,10 +359,45 @@ class _Gen:
         s.level -= 1
         s("", "")
 
-    def write_state(self) -> None:
-        """The new state parts (by the first query head of each KV head): S, z, group buffer, conv window."""
+    def row_bounds(self) -> None:
+        """Row b's start position r0, padding count npad, end position and first chunk p0."""
+        self.src("r0 = tl.load(r0_ptr + b).to(tl.int32)",
+                 "npad = tl.load(npad_ptr + b).to(tl.int32)",
+                 "end = r0 + T - npad",
+                 "rows = tl.arange(0, BC)",
+                 "p0 = r0 // C * C")
+
+    def padding_queries(self) -> None:
+        """The row's leading padding queries: at position r0, they see only the state (and its group buffer)."""
         s = self.src
-        if self.glob != "none":
+        s("for i0 in range(0, npad, BC):")
+        s.level += 1
+        s("qi = i0 + rows",
+          "qok = qi < npad",
+          "qpos = r0 + rows * 0",
+          "out, fk, vt, kern, new = _chunk_block(qb, kb, vb, gkb, gvb, winb, wrow, qi, qok, qpos, qpos, p0, r0, end,",
+          "                                      npad, S, z, alpha, ck, cmk, cf, fpb, cv_, cmv, scale,",
+          "                                      sqrt_scale)",
+          "tl.store(ob + qi[:, None] * DV + cv_[None, :], out.to(o_ptr.dtype.element_ty),"
+          " mask=qok[:, None] & cmv[None, :])")
+        s.level -= 1
+
+    def chunk_rows(self) -> None:
+        """The queries of the chunk at p against it and the state S, z of the chunks before it."""
+        self.src("pos = p + rows",
+                 "qok = (rows < C) & (pos >= r0) & (pos < end)",
+                 "qi = npad + pos - r0",
+                 "out, fk, vt, kern, new = _chunk_block(qb, kb, vb, gkb, gvb, winb, wrow, qi, qok, pos, pos + 1, p, r0,",
+                 "                                      end, npad, S, z, alpha, ck, cmk, cf, fpb, cv_, cmv, scale,",
+                 "                                      sqrt_scale)",
+                 "tl.store(ob + qi[:, None] * DV + cv_[None, :], out.to(o_ptr.dtype.element_ty),"
+                 " mask=qok[:, None] & cmv[None, :])")
+
+    def write_state(self, sums: bool = True) -> None:
+        """The new state parts (by the first query head of each KV head): S and z (unless `sums` is False), the
+        group buffer, the conv window."""
+        s = self.src
+        if self.glob != "none" and sums:
             s("tl.store(s_out + sh * F * DV + cf[:, None] * DV + cv_[None, :], S, mask=cmf[:, None] & cmv[None, :])")
             if self.norm:
                 s("tl.store(z_out + sh * F + cf, z, mask=ffirst)")
@@ -386,7 +429,7 @@ class _Gen:
               " other=0.0)",
               "tl.store(win_out + sh * HALF * DV + wr[:, None] * DV + cv_[None, :], nw,"
               " mask=(wr[:, None] < HALF) & cmv[None, :])")
-        if self.glob == "none" and not self.groups and not self.conv:
+        if (self.glob == "none" or not sums) and not self.groups and not self.conv:
             s("pass")
 
     def verify_fwd(self) -> None:

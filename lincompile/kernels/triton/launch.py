@@ -22,8 +22,8 @@ from torch import Tensor
 
 from lincompile.kernels.linear_attention import reference
 from lincompile.kernels.linear_attention.state import pack_state, unpack_state
-from lincompile.kernels.triton.codegen_features import MOVED_COLUMNS
 from lincompile.kernels.triton import compile as gen
+from lincompile.kernels.triton.codegen_features import MOVED_COLUMNS
 from lincompile.kernels.triton.plan import Plan, block, unsupported_reason
 from lincompile.methods.params import named_params, param_names, param_trainable
 from lincompile.methods.spec import MethodSpec
@@ -33,6 +33,9 @@ POISON_OUTPUTS = False
 #: Software-pipelining stages of chunked_fwd: the default 3 needs 368 KB of shared memory on sm_90 at d=128
 #: (bf16; more in fp32), beyond an H100/H200's 228 KB; one stage needs 112 KB (cross-compiled, not yet timed).
 CHUNKED_STAGES = 1
+#: Prefills of at least this many chunks run chunk-parallel (`codegen_parallel`); shorter ones, and decay, walk the
+#: chunks in one program per head (`chunked_fwd`). Tests set it to run either form.
+PARALLEL_MIN_CHUNKS = 4
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _MODES = ("auto", "triton", "reference")
 
@@ -182,6 +185,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Te
         real = (pad == 0).to(torch.int32)
         module.recurrent[grid](q, k, v, out, parts.r0, real, *parts.state_args(new), parts.alpha,
                                parts.conv_weight, parts.features, scale, math.sqrt(scale), heads, kv_heads)
+    elif not spec.decay and triton_cdiv(t, plan.chunk) >= PARALLEL_MIN_CHUNKS:
+        _parallel_prefill(module, plan, parts, new, (q, k, v, out, pad), scale, heads, kv_heads)
     else:
         module.chunked_fwd[grid](q, k, v, out, parts.r0, pad, *parts.state_args(new), parts.alpha,
                                  parts.conv_weight, parts.features, scale, math.sqrt(scale), t, heads, kv_heads,
@@ -189,6 +194,35 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Te
     if spec.uses_positions:
         new["position"] = parts.r0 + (t - pad.to(torch.int64))
     return out, pack_state(spec, new)
+
+
+def _parallel_prefill(module: Any, plan: Plan, parts: _Parts, new: dict[str, Tensor],
+                      tensors: tuple[Tensor, Tensor, Tensor, Tensor, Tensor], scale: float, heads: int,
+                      kv_heads: int) -> None:
+    """`chunked_fwd`'s contract by `chunk_sums`, an exclusive prefix sum of the chunks' additions to S and z here
+    (fp32), then `chunk_outputs`; fills `new`."""
+    q, k, v, out, pad = tensors
+    batch, t, dv = q.shape[0], q.shape[2], v.shape[3]
+    nc = triton_cdiv(t + plan.chunk - 1, plan.chunk)  # the first chunk may start up to C - 1 before the row
+    v_blocks = triton_cdiv(dv, plan.block_v)
+    prefix = {"state": parts.dummy, "normalizer": parts.dummy}
+    if plan.spec.global_branch != "none":
+        sums = {"state": _alloc((batch, kv_heads, nc, plan.spec.feature_dim(plan.dk), dv), torch.float32, q.device),
+                "normalizer": _alloc((batch, kv_heads, nc, plan.spec.feature_dim(plan.dk)), torch.float32, q.device)
+                if "normalizer" in parts.parts else parts.dummy}
+        module.chunk_sums[(v_blocks, batch * kv_heads, nc)](
+            k, v, parts.r0, pad, parts.get("group_keys"), parts.get("group_values"), sums["state"],
+            sums["normalizer"], parts.features, math.sqrt(scale), t, kv_heads, nc)
+        for name in ("state", "normalizer"):
+            if name in parts.parts:
+                running = torch.cumsum(sums[name], 2)
+                prefix[name] = (running - sums[name]).add_(parts.get(name).unsqueeze(2))
+                new[name] = parts.get(name) + running[:, :, -1]
+    module.chunk_outputs[(v_blocks, batch * heads, nc)](
+        q, k, v, out, parts.r0, pad, prefix["state"], prefix["normalizer"], parts.get("group_keys"),
+        parts.get("group_values"), new.get("group_keys", parts.dummy), new.get("group_values", parts.dummy),
+        parts.get("conv"), new.get("conv", parts.dummy), parts.alpha, parts.conv_weight, parts.features, scale,
+        math.sqrt(scale), t, heads, kv_heads, nc)
 
 
 def verify(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor], spec: MethodSpec,

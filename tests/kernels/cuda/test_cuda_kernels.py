@@ -50,17 +50,19 @@ def cast(tensors, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("name,dim,dtype", CASES)
-def test_prefill_decode_verify(name, dim, dtype):
-    """Prefill 150 tokens (row 1 left-padded by 5), then 3 decode steps, then 37 more tokens and verify an 8-node
-    tree of depth 4 from position 190 (row 0: it crosses the group boundary at 192); outputs in the input dtype,
-    states in fp32."""
+def test_prefill_decode_verify(name, dim, dtype, monkeypatch):
+    """Prefill 150 tokens (row 1 left-padded by 5) in both forms (walking the chunks, chunk-parallel), then 3 decode
+    steps, then 37 more tokens and verify an 8-node tree of depth 4 from position 190 (row 0: it crosses the group
+    boundary at 192); outputs in the input dtype, states in fp32."""
     spec, bound = get_method(name), BOUND[dtype]
     assert registry.select(spec, torch.device("cuda")).name == "triton"
     q, k, v, mask, params = make(spec, 150, dim, seed=1, pad=5, dtype=dtype)
     ref, ref_state = reference.attention(q, k, v, mask, None, [], params, spec, SCALE, True)
-    out, state = launch.attention(*cast([q, k, v], dtype), mask, None, [], cast(params), spec, SCALE, True)
-    assert out.dtype == dtype and all(s.dtype in (torch.float32, torch.int64) for s in state)
-    assert rel(out, ref) <= bound and state_rel(state, ref_state) <= bound
+    for min_chunks in (10 ** 9, 1):
+        monkeypatch.setattr(launch, "PARALLEL_MIN_CHUNKS", min_chunks)
+        out, state = launch.attention(*cast([q, k, v], dtype), mask, None, [], cast(params), spec, SCALE, True)
+        assert out.dtype == dtype and all(s.dtype in (torch.float32, torch.int64) for s in state)
+        assert rel(out, ref) <= bound and state_rel(state, ref_state) <= bound
 
     q, k, v, _, _ = make(spec, 3, dim, seed=2, dtype=dtype)
     start = ref_state  # decode from the exact state: each form is checked on its own

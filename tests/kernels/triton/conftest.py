@@ -77,3 +77,16 @@ def kit():
     """The helpers above as one fixture (test modules cannot import a conftest under --import-mode=importlib)."""
     return SimpleNamespace(make=make, spec_of=spec_of, cast=cast, rel=rel, state_rel=state_rel,
                            prefilled_state=prefilled_state, SCALE=SCALE, DV=DV, EXTRA=EXTRA, SUPPORTED=SUPPORTED)
+
+
+@pytest.fixture(params=["sequential", "parallel"])
+def prefill_form(request, monkeypatch):
+    """Runs a test with every multi-token prefill in one form: `chunked_fwd` walking the chunks, or the
+    chunk-parallel kernels (which decay never takes). Yields the list the parallel launches append to."""
+    from lincompile.kernels.triton import launch
+
+    launches = []
+    real = launch._parallel_prefill
+    monkeypatch.setattr(launch, "_parallel_prefill", lambda *a: launches.append(1) or real(*a))
+    monkeypatch.setattr(launch, "PARALLEL_MIN_CHUNKS", 1 if request.param == "parallel" else 10 ** 9)
+    yield request.param, launches

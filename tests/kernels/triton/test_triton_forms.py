@@ -12,7 +12,9 @@ from lincompile.methods.spec import get_method
 FP32 = 1e-5
 
 
-def test_chunked_prefill_then_continue(generated_method, kit):
+def test_chunked_prefill_then_continue(generated_method, kit, prefill_form):
+    """Both prefill forms (walking the chunks, chunk-parallel): from the initial state with left padding, then
+    from that state."""
     spec = kit.spec_of(generated_method)
     c = kit.make(spec, 13, seed=1, pad=3)
     ref, ref_state = reference.attention(c.q, c.k, c.v, c.mask, None, [], c.params, spec, kit.SCALE, True)
@@ -25,6 +27,8 @@ def test_chunked_prefill_then_continue(generated_method, kit):
     out2, state2 = launch.attention(*kit.cast([d.q, d.k, d.v]), None, None, kit.cast(ref_state),
                                     kit.cast(c.params), spec, kit.SCALE, True)
     assert kit.rel(out2, ref2) <= FP32 and kit.state_rel(state2, ref_state2) <= FP32
+    form, launches = prefill_form
+    assert len(launches) == (2 if form == "parallel" and not spec.decay else 0)
 
 
 def test_decode_steps(generated_method, kit):
@@ -63,8 +67,9 @@ def test_verify_chain_from_the_initial_state(kit):
     assert kit.rel(out, ref) <= FP32
 
 
-def test_paper_sizes_across_group_boundaries(kit):
-    """augmented with G=64 and K=63 (31 past taps): 150 tokens, two calls, a chunk-sized conv look-back."""
+def test_paper_sizes_across_group_boundaries(kit, prefill_form):
+    """augmented with G=64 and K=63 (31 past taps): 150 tokens, two calls, a chunk-sized conv look-back; both
+    prefill forms."""
     spec = get_method("augmented")
     c = kit.make(spec, 150, seed=8, pad=5)
     ref, ref_state = reference.attention(c.q[..., :100, :], c.k[..., :100, :], c.v[..., :100, :], c.mask[:, :100],
@@ -79,7 +84,7 @@ def test_paper_sizes_across_group_boundaries(kit):
 
 
 @pytest.mark.parametrize("name,dim", [("augmented", 64), ("linear-elu", 64), ("castling", 64), ("augmented", 128)])
-def test_head_dims_64_and_128(name, dim, kit):
+def test_head_dims_64_and_128(name, dim, kit, prefill_form):
     spec = kit.spec_of(name, group=16, kernel=9)
     c = kit.make(spec, 37, seed=9, pad=4, heads=2, kv_heads=1, dk=dim, dv=dim)
     ref, ref_state = reference.attention(c.q, c.k, c.v, c.mask, None, [], c.params, spec, kit.SCALE, True)
@@ -89,7 +94,7 @@ def test_head_dims_64_and_128(name, dim, kit):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs(dtype, kit):
+def test_half_precision_inputs(dtype, kit, prefill_form):
     """bf16 / fp16 q, k, v: fp32 state, output in the input dtype, within 1e-2 of the fp64 reference."""
     spec = kit.spec_of("augmented")
     c = kit.make(spec, 11, seed=10, pad=2)

@@ -387,9 +387,9 @@ class _Gen:
         self.src("pos = p + rows",
                  "qok = (rows < C) & (pos >= r0) & (pos < end)",
                  "qi = npad + pos - r0",
-                 "out, fk, vt, kern, new = _chunk_block(qb, kb, vb, gkb, gvb, winb, wrow, qi, qok, pos, pos + 1, p, r0,",
-                 "                                      end, npad, S, z, alpha, ck, cmk, cf, fpb, cv_, cmv, scale,",
-                 "                                      sqrt_scale)",
+                 "out, fk, vt, kern, new = _chunk_block(qb, kb, vb, gkb, gvb, winb, wrow, qi, qok, pos, pos + 1, p,",
+                 "                                      r0, end, npad, S, z, alpha, ck, cmk, cf, fpb, cv_, cmv,",
+                 "                                      scale, sqrt_scale)",
                  "tl.store(ob + qi[:, None] * DV + cv_[None, :], out.to(o_ptr.dtype.element_ty),"
                  " mask=qok[:, None] & cmv[None, :])")
 

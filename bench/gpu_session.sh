@@ -55,8 +55,8 @@ kernels() {
     on_gpu
     local workers=()
     python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/cuda tests/test_api_cuda.py "${workers[@]}" \
-        --junitxml="$out/gpu_tests.xml" > "$out/gpu_tests.log" 2>&1
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/cuda tests/test_api_cuda.py \
+        "${workers[@]}" --junitxml="$out/gpu_tests.xml" > "$out/gpu_tests.log" 2>&1
     echo "pytest -m gpu: exit $?"; tail -n 25 "$out/gpu_tests.log"
     timeout 120 python3 bench/attention_kernels.py --device cuda --out "$out" 2>&1 | tee "$out/kernels.log"
 }

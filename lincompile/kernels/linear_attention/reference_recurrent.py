@@ -89,7 +89,8 @@ def recurrent_linear(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: l
                 den = den + w.sum(-1)
             if spec.local == "softmax":
                 scores = (qi[:, :, :, 0] @ parts["group_keys"].transpose(-1, -2)) * scale
-                probs = torch.softmax(scores.masked_fill(~valid, torch.finfo(scores.dtype).min), -1) * valid.any(-1, True)
+                scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)  # bf16 under autocast
+                probs = torch.softmax(scores, -1) * valid.any(-1, True)
                 out = out + probs @ parts["group_values"]
         if spec.global_branch != "none" or spec.local in ("relu2", "yoso"):
             out = out + (num / den.clamp_min(DENOMINATOR_EPS)[..., None] if spec.normalizer == "denominator" else num)

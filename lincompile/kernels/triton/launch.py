@@ -216,8 +216,8 @@ def _parallel_prefill(module: Any, plan: Plan, parts: _Parts, new: dict[str, Ten
         for name in ("state", "normalizer"):
             if name in parts.parts:
                 running = torch.cumsum(sums[name], 2)
-                prefix[name] = (running - sums[name]).add_(parts.get(name).unsqueeze(2))
                 new[name] = parts.get(name) + running[:, :, -1]
+                prefix[name] = running.sub_(sums[name]).add_(parts.get(name).unsqueeze(2))  # in place: exclusive
     module.chunk_outputs[(v_blocks, batch * heads, nc)](
         q, k, v, out, parts.r0, pad, prefix["state"], prefix["normalizer"], parts.get("group_keys"),
         parts.get("group_values"), new.get("group_keys", parts.dummy), new.get("group_values", parts.dummy),

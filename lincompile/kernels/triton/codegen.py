@@ -306,7 +306,8 @@ class _Gen:
             s(f"S = tl.load({s_base} + cf[:, None] * DV + cv_[None, :], mask=cmf[:, None] & cmv[None, :], other=0.0)")
         else:
             s("S = 0.0")
-        s(f"z = tl.load({z_base} + cf, mask=cmf, other=0.0)" if self.norm else "z = 0.0")
+        has_z = self.norm and self.glob != "none"  # without a global branch the state has no normalizer to read
+        s(f"z = tl.load({z_base} + cf, mask=cmf, other=0.0)" if has_z else "z = 0.0")
 
     def alpha_load(self) -> str:
         """`alpha`: the grouped branch's gain, or log gamma of this KV head under decay."""

@@ -207,8 +207,9 @@ def _parallel_prefill(module: Any, plan: Plan, parts: _Parts, new: dict[str, Ten
     v_blocks = triton_cdiv(dv, plan.block_v)
     prefix = {"state": parts.dummy, "normalizer": parts.dummy}
     if plan.spec.global_branch != "none":
-        sums = {"state": _alloc((batch, kv_heads, nc, plan.spec.feature_dim(plan.dk), dv), torch.float32, q.device),
-                "normalizer": _alloc((batch, kv_heads, nc, plan.spec.feature_dim(plan.dk)), torch.float32, q.device)
+        f = plan.spec.feature_dim(plan.dk)
+        sums = {"state": _alloc((batch, kv_heads, nc, f, dv), torch.float32, q.device),
+                "normalizer": _alloc((batch, kv_heads, nc, f), torch.float32, q.device)
                 if "normalizer" in parts.parts else parts.dummy}
         module.chunk_sums[(v_blocks, batch * kv_heads, nc)](
             k, v, parts.r0, pad, parts.get("group_keys"), parts.get("group_values"), sums["state"],
@@ -218,11 +219,10 @@ def _parallel_prefill(module: Any, plan: Plan, parts: _Parts, new: dict[str, Ten
                 running = torch.cumsum(sums[name], 2)
                 new[name] = parts.get(name) + running[:, :, -1]
                 prefix[name] = running.sub_(sums[name]).add_(parts.get(name).unsqueeze(2))  # in place: exclusive
+    buffers = parts.state_args(new)[4:]  # group keys / values and conv window, in and out
     module.chunk_outputs[(v_blocks, batch * heads, nc)](
-        q, k, v, out, parts.r0, pad, prefix["state"], prefix["normalizer"], parts.get("group_keys"),
-        parts.get("group_values"), new.get("group_keys", parts.dummy), new.get("group_values", parts.dummy),
-        parts.get("conv"), new.get("conv", parts.dummy), parts.alpha, parts.conv_weight, parts.features, scale,
-        math.sqrt(scale), t, heads, kv_heads, nc)
+        q, k, v, out, parts.r0, pad, prefix["state"], prefix["normalizer"], *buffers, parts.alpha, parts.conv_weight,
+        parts.features, scale, math.sqrt(scale), t, heads, kv_heads, nc)
 
 
 def verify(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor], spec: MethodSpec,

@@ -2,7 +2,7 @@
 
 On CUDA: the generated Triton kernels (prefill forward = the chunk-parallel form, and "(walk)" = chunked_fwd, one
 program per head walking the chunks; forward+backward = the prefill then the generated chunked backward, through
-the `lincompile::attention` op's autograd; decode = recurrent step from a state) against SDPA (FlashAttention;
+the `lincompile::attention` op's autograd, chunk-parallel and "(walk)" = bwd_dq / bwd_dkv walking; decode = recurrent step from a state) against SDPA (FlashAttention;
 decode attends one query to a KV cache of T tokens) and, when installed, flash-linear-attention's
 chunk_linear_attn / fused_recurrent_linear_attn, for T in 1K..32K (triton.testing.do_bench medians); first, the
 decode step's memory bandwidth at `--decode-batch` rows against a device-to-device copy's.
@@ -115,7 +115,8 @@ def cpu_row(spec: MethodSpec, args: argparse.Namespace, t: int) -> dict[str, flo
 
 
 def _walking(fn: Callable[[], object]) -> object:
-    """fn with every prefill in `chunked_fwd` (one program per head walking the chunks), not chunk-parallel."""
+    """fn with every prefill and backward in the kernels that walk the chunks (one program per head), not
+    chunk-parallel."""
     from lincompile.kernels.triton import launch
 
     saved, launch.PARALLEL_MIN_CHUNKS = launch.PARALLEL_MIN_CHUNKS, 10 ** 9
@@ -151,6 +152,8 @@ def cuda_row(spec: MethodSpec, args: argparse.Namespace, t: int) -> dict[str, fl
     op = torch.ops.lincompile.attention
     row["lincompile op fwd+bwd"] = _time_or_error(
         lambda: op(qg, kg, vg, None, None, [], pg, spec.to_json(), scale, True)[0].backward(grad), args.repeats)
+    row["lincompile op fwd+bwd (walk)"] = _time_or_error(lambda: _walking(
+        lambda: op(qg, kg, vg, None, None, [], pg, spec.to_json(), scale, True)[0].backward(grad)), args.repeats)
     fla = _fla()
     if fla is not None and args.kv_heads == args.heads:
         chunk, recurrent = fla
@@ -196,7 +199,7 @@ def _ratios(row: dict[str, float | str]) -> dict[str, float]:
     pairs = {"prefill": ("sdpa prefill", ("triton prefill", "triton prefill (walk)", "chunked prefill")),
              "decode": ("sdpa decode", ("triton decode",)), "decode/token": ("sdpa decode/token",
                                                                          ("recurrent decode/token",)),
-             "fwd+bwd": ("sdpa fwd+bwd", ("lincompile op fwd+bwd",))}
+             "fwd+bwd": ("sdpa fwd+bwd", ("lincompile op fwd+bwd", "lincompile op fwd+bwd (walk)"))}
     out = {}
     for name, (base, ours) in pairs.items():
         for key in ours:

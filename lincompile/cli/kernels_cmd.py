@@ -19,9 +19,12 @@ from lincompile.methods.spec import get_method, methods
 
 PROG = "lincompile"
 #: CLI form name -> the kernel functions it prints from the generated forward or backward module.
-KERNELS = {"chunked_fwd": ("chunked_fwd",), "recurrent": ("recurrent",), "verify": ("verify_fwd",),
-           "chunked_bwd": ("bwd_dq", "bwd_dkv")}
-BACKWARD_FORMS = ("chunked_bwd",)
+KERNELS = {"chunked_fwd": ("chunked_fwd",), "parallel_fwd": ("chunk_sums", "chunk_outputs"), "recurrent": ("recurrent",),
+           "verify": ("verify_fwd",), "chunked_bwd": ("bwd_dq", "bwd_dkv"),
+           "parallel_bwd": ("bwd_sums", "bwd_dq_chunks", "bwd_dkv_chunks")}
+BACKWARD_FORMS = ("chunked_bwd", "parallel_bwd")
+#: The chunk-parallel forms, which decay (a decayed scan) does not have: it walks the chunks.
+PARALLEL_FORMS = ("parallel_fwd", "parallel_bwd")
 #: Which calls the generated forms leave to the reference, for methods the generator covers.
 PARTIAL = ("bidirectional calls, interior padding, fp64; backward of calls that start from a state or carry a "
            "key mask (recomputed through the reference)")
@@ -39,7 +42,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on error")
     parser.add_argument("--print-source", metavar="METHOD", default=None, help="print a generated kernel's source")
     parser.add_argument("--form", choices=tuple(KERNELS), default="chunked_fwd",
-                        help="which kernel to print (chunked_bwd: the backward's two kernels)")
+                        help="which kernels to print (parallel_*: the chunk-parallel forms; *_bwd: the backward)")
     parser.add_argument("--head-dim", type=int, default=64, help="q/k head dim of the shape class (default 64)")
     parser.add_argument("--v-head-dim", type=int, default=None, help="v head dim (default: --head-dim)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="input dtype of the shape class")
@@ -53,7 +56,7 @@ def listing() -> list[dict[str, Any]]:
     rows = []
     for name in methods():
         reason = unsupported_reason(get_method(name))
-        forms = list(KERNELS) if reason is None else []
+        forms = [] if reason else [f for f in KERNELS if not (get_method(name).decay and f in PARALLEL_FORMS)]
         rows.append({"method": name, "generated": forms, "reference": reason or PARTIAL})
     return rows
 
@@ -64,6 +67,9 @@ def kernel_source(method: str, form: str, head_dim: int = 64, v_head_dim: int | 
     spec = get_method(method)
     if form not in KERNELS:
         raise ValueError(f"unknown form {form!r}: choose from {', '.join(KERNELS)}")
+    if spec.decay and form in PARALLEL_FORMS:
+        raise ValueError(f"{method} decays its state, so it has no {form} kernels (its prefill and backward walk "
+                         "the chunks): choose chunked_fwd or chunked_bwd")
     dv = v_head_dim or head_dim
     full = block(dv)
     if form in BACKWARD_FORMS:

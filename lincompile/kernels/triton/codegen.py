@@ -109,8 +109,9 @@ class _Gen:
         self.keys()
         self.chunk_block()
         self.chunked_fwd()
-        parallel.chunk_sums(self)
-        parallel.chunk_outputs(self)
+        if not spec.decay:
+            parallel.chunk_sums(self)
+            parallel.chunk_outputs(self)
         self.verify_fwd()
         self.recurrent()
         return s.text()

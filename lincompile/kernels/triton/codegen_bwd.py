@@ -6,7 +6,8 @@ output and of the state it returns (S, z, the group buffer's raw keys and values
 Under decay every weight is gamma^(t - s) c_ts, so d log gamma = sum_ts (t - s) w_ts dw_ts
 = sum_t t (dnum_t.num_t + dden_t den_t) - sum_s s phi(k_s).dphi(k_s) (+ (T - 1) <dS, S> for the returned S).
 
-Two kernels per module, one program per query head (grid = (B * H,)), the whole of DV per program:
+Two kernels per module walk the chunks, one program per query head (grid = (B * H,)), the whole of DV per
+program (`codegen_bwd_parallel` splits the same loop bodies into a program per chunk):
   bwd_dq   forward over chunks. Recomputes each chunk's numerator and denominator with the running state
            S = sum phi(k)^T v (z = sum phi(k)) of earlier chunks, turns the output gradient into the gradients of
            the numerator (dnum = do / den) and the denominator (dden = -do.out / den), stores both for bwd_dkv,
@@ -22,6 +23,7 @@ summed over each KV head's query heads by the launcher, so GQA never expands k o
 """
 from __future__ import annotations
 
+from lincompile.kernels.triton import codegen_bwd_parallel as parallel
 from lincompile.kernels.triton import codegen_features as features
 from lincompile.kernels.triton.codegen import _Gen
 from lincompile.kernels.triton.plan import Plan, block
@@ -69,6 +71,10 @@ class _BwdGen(_Gen):
         self.chunk_loads()
         self.bwd_dq()
         self.bwd_dkv()
+        if not self.decay:
+            parallel.bwd_sums(self)
+            parallel.bwd_dq_chunks(self)
+            parallel.bwd_dkv_chunks(self)
         return s.text()
 
     def chunk_loads(self) -> None:
@@ -158,13 +164,13 @@ class _BwdGen(_Gen):
           f"osm = {self.dot('pn', 'vt')}",
           f"ds = pn * ({self.dot('dot_', 'tl.trans(vt)')} - _rsum(dot_ * osm, 1)[:, None])")
 
-    def feature_accumulators(self, load: bool) -> None:
+    def feature_accumulators(self, load: bool, slot: str = "hb") -> None:
         """Hedgehog's parameter gradients of this program: d(logits)^T x as gw [BK, BF] and gb [BF], started at
-        zero by bwd_dq and continued by bwd_dkv (the same program's buffer at gf_ptr: [DK * F] then [F])."""
+        zero by bwd_dq and continued by bwd_dkv (the same `slot` of the buffer at gf_ptr: [DK * F] then [F])."""
         if self.p.spec.feature_map != "hedgehog":
             return
         s = self.src
-        s("gfb = gf_ptr + hb * (DK * F + F)", "gmask = cmk[:, None] & cmf[None, :]")
+        s(f"gfb = gf_ptr + ({slot}) * (DK * F + F)", "gmask = cmk[:, None] & cmf[None, :]")
         if load:
             s("gw = tl.load(gfb + ck[:, None] * F + cf[None, :], mask=gmask, other=0.0)",
               "gb = tl.load(gfb + DK * F + cf, mask=cmf, other=0.0)")
@@ -182,24 +188,11 @@ class _BwdGen(_Gen):
             self.src("tl.store(gfb + ck[:, None] * F + cf[None, :], gw, mask=gmask)",
                      "tl.store(gfb + DK * F + cf, gb, mask=cmf)")
 
-    def bwd_dq(self) -> None:
+    def dq_chunk(self) -> None:
+        """One chunk of bwd_dq at position p, given the state S (z) of the chunks before it: stores dq, dnum and
+        dden, and adds to dal and hedgehog's accumulators. Leaves fq, fk, vt, dnum (dden) for the caller."""
         s = self.src
         terms = self.kernel_terms
-        s("@triton.jit",
-          "def bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dnum_ptr, dden_ptr, dal_ptr, alpha_ptr, fp_ptr, gf_ptr,",
-          "           gs_ptr, gz_ptr, scale, sqrt_scale, T, H, HKV):")
-        s.level += 1
-        s('"""dq, and dnum / dden for bwd_dkv, over chunks in order with the running state."""')
-        self.prologue_bwd()
-        if self.glob != "none":
-            s("S = tl.full([BF, BV], 0.0, tl.float32)")
-            if self.norm:
-                s("z = tl.full([BF], 0.0, tl.float32)")
-        if self.glob == "grouped" or self.decay:
-            s("dal = tl.full([BC], 0.0, tl.float32)")
-        self.feature_accumulators(load=False)
-        s("for p in range(0, T, C):")
-        s.level += 1
         s("pos, ok, qr, kr, vt, dot_, fq, fk, vis = _chunk(qb, kb, vb, dob, p, T, ck, cmk, cf, fpb, cv_, cmv,"
           " sqrt_scale)",
           "dfq = tl.full([BC, BF], 0.0, tl.float32)")
@@ -244,6 +237,25 @@ class _BwdGen(_Gen):
             self.softmax_local()
             s(f"dq += scale * {self.dot('ds', 'kr')}")
         s("tl.store(dq_ptr + hb * T * DK + pos[:, None] * DK + ck[None, :], dq, mask=ok[:, None] & cmk[None, :])")
+
+    def bwd_dq(self) -> None:
+        s = self.src
+        s("@triton.jit",
+          "def bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dnum_ptr, dden_ptr, dal_ptr, alpha_ptr, fp_ptr, gf_ptr,",
+          "           gs_ptr, gz_ptr, scale, sqrt_scale, T, H, HKV):")
+        s.level += 1
+        s('"""dq, and dnum / dden for bwd_dkv, over chunks in order with the running state."""')
+        self.prologue_bwd()
+        if self.glob != "none":
+            s("S = tl.full([BF, BV], 0.0, tl.float32)")
+            if self.norm:
+                s("z = tl.full([BF], 0.0, tl.float32)")
+        if self.glob == "grouped" or self.decay:
+            s("dal = tl.full([BC], 0.0, tl.float32)")
+        self.feature_accumulators(load=False)
+        s("for p in range(0, T, C):")
+        s.level += 1
+        self.dq_chunk()
         if self.glob == "inclusive" and self.decay:
             s(f"S = keep * S + {self.dot('tl.trans(fk * dec[:, None])', 'vt')}")
             if self.norm:
@@ -271,33 +283,12 @@ class _BwdGen(_Gen):
         s.level -= 1
         s("", "")
 
-    def bwd_dkv(self) -> None:
+    def dkv_chunk(self) -> None:
+        """One chunk of bwd_dkv at position p, given the reverse state dS (dz) of the chunks after it: stores dk
+        and dv, and adds to dtap, dal and hedgehog's accumulators. Leaves fq, dnum (dden) for the caller."""
         s = self.src
         terms = self.kernel_terms
-        s("@triton.jit",
-          "def bwd_dkv(q_ptr, k_ptr, v_ptr, do_ptr, dnum_ptr, dden_ptr, dk_ptr, dv_ptr, dw_ptr, dal_ptr, alpha_ptr,",
-          "            w_ptr, fp_ptr, gf_ptr, gs_ptr, gz_ptr, ggk_ptr, ggv_ptr, gwin_ptr, scale, sqrt_scale, T, H, HKV):")
-        s.level += 1
-        s('"""dk and dv of this query head (fp32, summed over GQA groups by the caller) and the conv taps\' '
-          'gradients, over chunks in reverse with the reverse state."""')
-        self.prologue_bwd()
-        s("lead = h % (H // HKV)  # the returned state's gradient enters once per KV head: at lead == 0",
-          "firstf = cmf & (cf * 0 + lead == 0)")
-        if self.glob != "none":
-            s("dS = tl.load(gs_ptr + sh * F * DV + cf[:, None] * DV + cv_[None, :],"
-              " mask=firstf[:, None] & cmv[None, :], other=0.0)")
-            if self.norm:
-                s("dz = tl.load(gz_ptr + sh * F + cf, mask=firstf, other=0.0)")
-        if self.conv:
-            s("lags = tl.arange(0, BL)", "dtap = tl.full([BL], 0.0, tl.float32)", "wrow = w_ptr + h * KC")
-        self.feature_accumulators(load=True)
-        if self.decay:
-            s("dal = tl.full([BC], 0.0, tl.float32)")
-        s("nch = (T + C - 1) // C",
-          "for i in range(0, nch):")
-        s.level += 1
-        s("p = (nch - 1 - i) * C",
-          "pos, ok, qr, kr, vt, dot_, fq, fk, vis = _chunk(qb, kb, vb, dob, p, T, ck, cmk, cf, fpb, cv_, cmv,"
+        s("pos, ok, qr, kr, vt, dot_, fq, fk, vis = _chunk(qb, kb, vb, dob, p, T, ck, cmk, cf, fpb, cv_, cmv,"
           " sqrt_scale)",
           "dfk = tl.full([BC, BF], 0.0, tl.float32)",
           "dvv = tl.full([BC, BV], 0.0, tl.float32)")
@@ -352,6 +343,33 @@ class _BwdGen(_Gen):
               " mask=inwin[:, None] & cmv[None, :], other=0.0)")
         s("tl.store(dk_ptr + hb * T * DK + pos[:, None] * DK + ck[None, :], dk, mask=ok[:, None] & cmk[None, :])",
           "tl.store(dv_ptr + hb * T * DV + pos[:, None] * DV + cv_[None, :], dvv, mask=ok[:, None] & cmv[None, :])")
+
+    def bwd_dkv(self) -> None:
+        s = self.src
+        s("@triton.jit",
+          "def bwd_dkv(q_ptr, k_ptr, v_ptr, do_ptr, dnum_ptr, dden_ptr, dk_ptr, dv_ptr, dw_ptr, dal_ptr, alpha_ptr,",
+          "            w_ptr, fp_ptr, gf_ptr, gs_ptr, gz_ptr, ggk_ptr, ggv_ptr, gwin_ptr, scale, sqrt_scale, T, H, HKV):")
+        s.level += 1
+        s('"""dk and dv of this query head (fp32, summed over GQA groups by the caller) and the conv taps\' '
+          'gradients, over chunks in reverse with the reverse state."""')
+        self.prologue_bwd()
+        s("lead = h % (H // HKV)  # the returned state's gradient enters once per KV head: at lead == 0",
+          "firstf = cmf & (cf * 0 + lead == 0)")
+        if self.glob != "none":
+            s("dS = tl.load(gs_ptr + sh * F * DV + cf[:, None] * DV + cv_[None, :],"
+              " mask=firstf[:, None] & cmv[None, :], other=0.0)")
+            if self.norm:
+                s("dz = tl.load(gz_ptr + sh * F + cf, mask=firstf, other=0.0)")
+        if self.conv:
+            s("lags = tl.arange(0, BL)", "dtap = tl.full([BL], 0.0, tl.float32)", "wrow = w_ptr + h * KC")
+        self.feature_accumulators(load=True)
+        if self.decay:
+            s("dal = tl.full([BC], 0.0, tl.float32)")
+        s("nch = (T + C - 1) // C",
+          "for i in range(0, nch):")
+        s.level += 1
+        s("p = (nch - 1 - i) * C")
+        self.dkv_chunk()
         if self.decay:
             s(f"dS = keep * dS + {self.dot('tl.trans(fq * carry[:, None])', 'dnum')}")
             if self.norm:

@@ -33,8 +33,9 @@ POISON_OUTPUTS = False
 #: Software-pipelining stages of chunked_fwd: the default 3 needs 368 KB of shared memory on sm_90 at d=128
 #: (bf16; more in fp32), beyond an H100/H200's 228 KB; one stage needs 112 KB (cross-compiled, not yet timed).
 CHUNKED_STAGES = 1
-#: Prefills of at least this many chunks run chunk-parallel (`codegen_parallel`); shorter ones, and decay, walk the
-#: chunks in one program per head (`chunked_fwd`). Tests set it to run either form.
+#: Prefills and backwards of at least this many chunks run chunk-parallel (`codegen_parallel`,
+#: `codegen_bwd_parallel`); shorter ones, and decay, walk the chunks in one program per head (`chunked_fwd`, `bwd_dq`
+#: and `bwd_dkv`). Tests set it to run either form.
 PARALLEL_MIN_CHUNKS = 4
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _MODES = ("auto", "triton", "reference")
@@ -299,11 +300,15 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], sp
     features = spec.feature_dim(dk)
     dfeat = (torch.zeros(batch * heads, dk * features + features, dtype=f32, device=q.device)
              if spec.feature_map == "hedgehog" else parts.dummy)  # hedgehog's W and b gradients per program
-    module.bwd_dq[grid](q, k, v, grad_out, dq, dnum, dden, dalpha, parts.alpha, parts.features, dfeat,
-                        state_grads[0], state_grads[1], scale, math.sqrt(scale), t, heads, kv_heads)
-    module.bwd_dkv[grid](q, k, v, grad_out, dnum, dden, dk_heads, dv_heads, dtaps, dalpha, parts.alpha,
-                         parts.conv_weight, parts.features, dfeat, *state_grads, scale, math.sqrt(scale), t, heads,
-                         kv_heads)
+    outs = (dq, dnum, dden, dalpha, dk_heads, dv_heads, dtaps, dfeat)
+    if not spec.decay and triton_cdiv(t, plan.chunk) >= PARALLEL_MIN_CHUNKS:
+        _parallel_backward(module, plan, parts, (q, k, v, grad_out), outs, state_grads, scale, heads, kv_heads)
+    else:
+        module.bwd_dq[grid](q, k, v, grad_out, dq, dnum, dden, dalpha, parts.alpha, parts.features, dfeat,
+                            state_grads[0], state_grads[1], scale, math.sqrt(scale), t, heads, kv_heads)
+        module.bwd_dkv[grid](q, k, v, grad_out, dnum, dden, dk_heads, dv_heads, dtaps, dalpha, parts.alpha,
+                             parts.conv_weight, parts.features, dfeat, *state_grads, scale, math.sqrt(scale), t,
+                             heads, kv_heads)
     per_kv = (batch, kv_heads, heads // kv_heads, t)
     grads = {}
     if spec.global_branch == "grouped":
@@ -322,6 +327,50 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], sp
                for name, p, trainable in zip(param_names(spec), params, param_trainable(spec)) if trainable]
     return (dq.to(q.dtype), dk_heads.view(*per_kv, dk).sum(2).to(k.dtype),
             dv_heads.view(*per_kv, dv).sum(2).to(v.dtype), dparams)
+
+
+def _parallel_backward(module: Any, plan: Plan, parts: _Parts, inputs: tuple[Tensor, ...], outs: tuple[Tensor, ...],
+                       state_grads: list[Tensor], scale: float, heads: int, kv_heads: int) -> None:
+    """`bwd_dq` then `bwd_dkv`'s contract by the chunk-parallel kernels (`codegen_bwd_parallel`): the chunks' sums,
+    their exclusive prefix (S_c, z_c) and the reverse state's exclusive suffix are summed here in fp32; the
+    per-chunk partials of alpha's, the taps' and hedgehog's gradients are summed into `outs`' per-head ones."""
+    q, k, v, grad_out = inputs
+    dq, dnum, dden, dalpha, dk_heads, dv_heads, dtaps, dfeat = outs
+    batch, t = q.shape[0], q.shape[2]
+    f, dv, nc = plan.spec.feature_dim(plan.dk), plan.dv, triton_cdiv(t, plan.chunk)
+    dev, dummy, f32 = q.device, parts.dummy, torch.float32
+    norm = plan.spec.normalizer == "denominator"
+    glob = plan.spec.global_branch != "none"
+    prefix, addition = [dummy, dummy], [dummy, dummy]
+    if glob:
+        sums = [_alloc((batch, kv_heads, nc, f, dv), f32, dev), _alloc((batch, kv_heads, nc, f), f32, dev)
+                if norm else dummy]
+        module.bwd_sums[(batch * kv_heads, nc)](k, v, sums[0], sums[1], parts.features, math.sqrt(scale), t,
+                                                kv_heads, nc)
+        prefix = [torch.cumsum(x, 2).sub_(x) if x is not dummy else dummy for x in sums]  # exclusive
+        addition = [_alloc((batch, heads, nc, f, dv), f32, dev), _alloc((batch, heads, nc, f), f32, dev)
+                    if norm else dummy]
+    rows = batch * heads
+    slots = {"alpha": _alloc((rows, nc), f32, dev) if plan.spec.global_branch == "grouped" else dummy,
+             "taps": torch.zeros(rows, nc, dtaps.shape[1], dtype=f32, device=dev) if dtaps is not dummy else dummy,
+             "features": _alloc((rows, nc, dfeat.shape[1]), f32, dev) if dfeat is not dummy else dummy}
+    scales = (scale, math.sqrt(scale), t, heads, kv_heads, nc)
+    module.bwd_dq_chunks[(rows, nc)](q, k, v, grad_out, dq, dnum, dden, slots["alpha"], parts.alpha,
+                                              parts.features, slots["features"], *prefix, *addition, *scales)
+    suffix = [dummy, dummy]
+    if glob:
+        for i, (part, given) in enumerate(zip(addition, state_grads[:2])):
+            if part is dummy:
+                continue
+            per_kv = part.view(batch, kv_heads, heads // kv_heads, *part.shape[2:]).sum(2)
+            later = torch.flip(torch.cumsum(torch.flip(per_kv, [2]), 2), [2]).sub_(per_kv)  # exclusive suffix
+            suffix[i] = later.add_(given.unsqueeze(2)) if given is not dummy else later
+    module.bwd_dkv_chunks[(rows, nc)](q, k, v, grad_out, dnum, dden, dk_heads, dv_heads, slots["taps"],
+                                               parts.alpha, parts.conv_weight, parts.features, slots["features"],
+                                               *suffix, *state_grads[2:], *scales)
+    for slot, total in zip(slots.values(), (dalpha, dtaps, dfeat)):  # taps > K // 2 stay 0
+        if slot is not dummy:
+            total.copy_(slot.sum(1))
 
 
 def triton_cdiv(a: int, b: int) -> int:

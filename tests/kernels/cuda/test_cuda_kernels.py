@@ -91,10 +91,10 @@ UNVERIFIED = [pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason="w
 
 
 @pytest.mark.parametrize("name,dim,dtype", UNVERIFIED)
-def test_backward(name, dim, dtype):
-    """The generated chunked backward: gradients of q, k, v (in the input dtype) and of every trainable parameter
-    against fp64 autograd through the reference, T = 150 (three chunks, the last partial); the op's backward uses
-    it only where it was verified on a GPU."""
+def test_backward(name, dim, dtype, monkeypatch):
+    """The generated chunked backward in both forms (walking the chunks, chunk-parallel): gradients of q, k, v (in
+    the input dtype) and of every trainable parameter against fp64 autograd through the reference, T = 150 (three
+    chunks, the last partial); the op's backward uses it only where it was verified on a GPU."""
     spec = get_method(name)
     q, k, v, _, params = make(spec, 150, dim, seed=5, dtype=dtype)
     applies = launch.backward_applies(*cast([q, k, v], dtype), None, spec, True)
@@ -104,13 +104,15 @@ def test_backward(name, dim, dtype):
     wanted = [t.requires_grad_(True) for t, train in zip(exact, (True,) * 3 + param_trainable(spec)) if train]
     ref_out, _ = reference.attention(*exact[:3], None, None, [], exact[3:], spec, SCALE, True)
     ref = torch.autograd.grad(ref_out, wanted, grad_out)
-    dq, dk, dv, dparams = launch.attention_backward(*cast([q, k, v], dtype), cast(params), spec, SCALE,
-                                                    grad_out.to(dtype))
-    assert [g.dtype for g in (dq, dk, dv)] == [dtype] * 3
-    grads = [dq, dk, dv, *dparams]
-    assert len(grads) == len(ref)
-    for g, r in zip(grads, ref):
-        assert g.shape == r.shape and rel(g, r) <= BOUND[dtype]
+    for min_chunks in (10 ** 9, 1):
+        monkeypatch.setattr(launch, "PARALLEL_MIN_CHUNKS", min_chunks)
+        dq, dk, dv, dparams = launch.attention_backward(*cast([q, k, v], dtype), cast(params), spec, SCALE,
+                                                        grad_out.to(dtype))
+        assert [g.dtype for g in (dq, dk, dv)] == [dtype] * 3
+        grads = [dq, dk, dv, *dparams]
+        assert len(grads) == len(ref)
+        for g, r in zip(grads, ref):
+            assert g.shape == r.shape and rel(g, r) <= BOUND[dtype]
 
 
 @pytest.mark.parametrize("t", [1, 2, 63, 64, 65, 1000])

@@ -90,3 +90,16 @@ def prefill_form(request, monkeypatch):
     monkeypatch.setattr(launch, "_parallel_prefill", lambda *a: launches.append(1) or real(*a))
     monkeypatch.setattr(launch, "PARALLEL_MIN_CHUNKS", 1 if request.param == "parallel" else 10 ** 9)
     yield request.param, launches
+
+
+@pytest.fixture(params=["sequential", "parallel"])
+def backward_form(request, monkeypatch):
+    """Runs a test with every generated backward in one form: `bwd_dq` / `bwd_dkv` walking the chunks, or the
+    chunk-parallel kernels (which decay never takes). Yields the list the parallel launches append to."""
+    from lincompile.kernels.triton import launch
+
+    launches = []
+    real = launch._parallel_backward
+    monkeypatch.setattr(launch, "_parallel_backward", lambda *a: launches.append(1) or real(*a))
+    monkeypatch.setattr(launch, "PARALLEL_MIN_CHUNKS", 1 if request.param == "parallel" else 10 ** 9)
+    yield request.param, launches

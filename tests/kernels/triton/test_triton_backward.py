@@ -38,15 +38,18 @@ def check(grads, ref, bound, kit):
         assert kit.rel(g, r) <= bound
 
 
-def test_backward_matches_autograd(generated_method, kit):
+def test_backward_matches_autograd(generated_method, kit, backward_form):
+    """Both forms: the walks over chunks and the chunk-parallel kernels."""
     spec = kit.spec_of(generated_method)
     c = kit.make(spec, 13, seed=31)
     grad_out = torch.randn(c.q.shape[:3] + (kit.DV,), generator=torch.Generator().manual_seed(32), dtype=torch.float64)
     check(kernel_grads(c, spec, kit, grad_out), reference_grads(c, spec, kit.SCALE, grad_out), GRAD, kit)
+    form, launches = backward_form
+    assert len(launches) == (1 if form == "parallel" and not spec.decay else 0)
 
 
 @pytest.mark.parametrize("name,dim", [("augmented", 64), ("linear-elu", 64), ("castling", 64), ("augmented", 128)])
-def test_backward_paper_sizes(name, dim, kit):
+def test_backward_paper_sizes(name, dim, kit, backward_form):
     """G=64 and K=63 (31 past taps) for augmented, 64-position chunks otherwise (castling: 65 features, padded
     to 128); T=150 crosses two chunks; head dims 64 and 128."""
     spec = get_method(name)
@@ -56,7 +59,7 @@ def test_backward_paper_sizes(name, dim, kit):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_backward_half_precision(dtype, kit):
+def test_backward_half_precision(dtype, kit, backward_form):
     """bf16 / fp16 inputs: fp32 accumulation, gradients in the input dtype within 2e-2 of fp64 on the same inputs."""
     spec = kit.spec_of("augmented")
     c = kit.make(spec, 11, seed=35)
@@ -120,7 +123,7 @@ def test_op_training_runs_forward_and_backward_in_kernels(kit, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["augmented", "linear-elu", "local+grouped", "retnet", "hedgehog"])
-def test_state_gradients_reach_the_inputs(name, kit):
+def test_state_gradients_reach_the_inputs(name, kit, backward_form):
     """A loss on the returned state too (S, z, group buffer, conv window): T=14 ends mid-group (G=4) and the
     trailing partial group is in the buffer, not in S."""
     spec = kit.spec_of(name)

@@ -22,7 +22,9 @@ def test_listing(capsys):
     rows = json.loads(_run(["--json"], capsys))
     assert [r["method"] for r in rows] == methods()
     by_name = {r["method"]: r for r in rows}
-    assert by_name["augmented"]["generated"] == ["chunked_fwd", "recurrent", "verify", "chunked_bwd"]
+    assert by_name["augmented"]["generated"] == ["chunked_fwd", "parallel_fwd", "recurrent", "verify", "chunked_bwd",
+                                                 "parallel_bwd"]
+    assert by_name["retnet"]["generated"] == ["chunked_fwd", "recurrent", "verify", "chunked_bwd"]
     assert by_name["softmax"]["generated"] == [] and "kind='softmax'" in by_name["softmax"]["reference"]
     assert "augmented" in _run([], capsys)
 
@@ -43,6 +45,20 @@ def test_print_backward_source(capsys):
     names = [node.name for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)]
     assert names[-2:] == ["bwd_dq", "bwd_dkv"] and {"_phi", "_dphi", "_chunk"} <= set(names)
     assert "BV = tl.constexpr(128)" in source
+
+
+def test_print_parallel_sources(capsys):
+    forward = _run(["--print-source", "augmented", "--form", "parallel_fwd"], capsys)
+    assert [n.name for n in ast.parse(forward).body if isinstance(n, ast.FunctionDef)][-2:] == ["chunk_sums",
+                                                                                              "chunk_outputs"]
+    backward = _run(["--print-source", "hedgehog", "--form", "parallel_bwd"], capsys)
+    names = [n.name for n in ast.parse(backward).body if isinstance(n, ast.FunctionDef)]
+    assert names[-3:] == ["bwd_sums", "bwd_dq_chunks", "bwd_dkv_chunks"] and "bwd_dq" not in names
+
+
+def test_decay_has_no_parallel_form():
+    with pytest.raises(ValueError, match="retnet decays its state, so it has no parallel_bwd kernels"):
+        kernels_cmd.kernel_source("retnet", "parallel_bwd")
 
 
 def test_unknown_form_is_named():

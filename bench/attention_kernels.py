@@ -2,10 +2,11 @@
 
 On CUDA: the generated Triton kernels (prefill forward = the chunk-parallel form, and "(walk)" = chunked_fwd, one
 program per head walking the chunks; forward+backward = the prefill then the generated chunked backward, through
-the `lincompile::attention` op's autograd, chunk-parallel and "(walk)" = bwd_dq / bwd_dkv walking; decode = recurrent step from a state) against SDPA (FlashAttention;
-decode attends one query to a KV cache of T tokens) and, when installed, flash-linear-attention's
-chunk_linear_attn / fused_recurrent_linear_attn, for T in 1K..32K (triton.testing.do_bench medians); first, the
-decode step's memory bandwidth at `--decode-batch` rows against a device-to-device copy's.
+the `lincompile::attention` op's autograd, chunk-parallel, and "(walk)" = chunked_fwd then bwd_dq / bwd_dkv
+walking; decode = recurrent step from a state) against SDPA (FlashAttention; decode attends one query to a KV
+cache of T tokens) and, when installed, flash-linear-attention's chunk_linear_attn / fused_recurrent_linear_attn,
+for T in 1K..32K (triton.testing.do_bench medians); first, the decode step's memory bandwidth at `--decode-batch`
+rows against a device-to-device copy's.
 On CPU: the PyTorch reference forms (parallel = masked quadratic, chunked, recurrent per decode token) against
 SDPA, so the scaling in T shows on any machine (medians of --repeats runs after a warm-up).
 

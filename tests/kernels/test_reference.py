@@ -52,6 +52,22 @@ def test_recurrent_equals_parallel(name, t):
         assert torch.allclose(a.to(torch.float64), b.to(torch.float64), atol=1e-10)
 
 
+@pytest.mark.parametrize("name", ["augmented", "taylor", "retnet", "linear-elu", "hedgehog", "local"])
+def test_the_initial_state_given_or_not_gives_the_same(name):
+    """From [] the queries skip their product with the (zero) S and z: the same outputs and state as from the
+    initial state passed explicitly, which takes the product."""
+    spec = get_method(name)
+    q, k, v = _qkv(t=9, seed=5)
+    params = random_params(spec, 4, 2, 8, 10, seed=5)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :2] = False
+    out, state = reference.attention(q, k, v, mask, None, [], params, spec, 0.4, True)
+    ref, ref_state = reference.attention(q, k, v, mask, None, _fresh(spec, q, k, v), params, spec, 0.4, True)
+    assert torch.allclose(out, ref, atol=1e-12)
+    assert all(torch.equal(a, b) if not a.is_floating_point() else torch.allclose(a, b, atol=1e-12)
+               for a, b in zip(state, ref_state))
+
+
 @pytest.mark.parametrize("name", ["softmax", "linear-elu"])
 def test_prefill_then_parallel_chunk_equals_one_pass(name):
     spec = get_method(name)

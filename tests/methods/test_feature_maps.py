@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from lincompile.methods.feature_maps import features, local_kernel
+from lincompile.methods.feature_maps import closed_form_dots, features, local_kernel
 from lincompile.methods.params import init_params
 from lincompile.methods.spec import MethodSpec, get_method
 
@@ -25,6 +25,20 @@ def test_exact_kernels():
     assert torch.allclose(dot, 0.5 * x[0] @ x[1])
     x, dot = _pair("cosformer", positions=torch.tensor([[3, 1000]]))
     assert torch.allclose(dot, x[0].relu() @ x[1].relu() * math.cos(math.pi / 2 * 997 / 4096))
+
+
+def test_closed_form_dots_equal_the_features_dots():
+    """Taylor's dots without its 1 + d + d^2 features: the same numbers (fp64), every query against every key;
+    the other maps have no closed form here."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, 2, 5, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 3, 7, 8, generator=g, dtype=torch.float64)
+    spec = get_method("taylor")
+    phi_q, phi_k = features(q, spec, {}, None, 0.3), features(k[:, :, None], spec, {}, None, 0.3)[:, :, 0]
+    dots = closed_form_dots(q, k, spec, 0.3)
+    assert dots.shape == (2, 3, 2, 5, 7)
+    assert torch.allclose(dots, torch.einsum("bhgtf,bhnf->bhgtn", phi_q, phi_k), rtol=1e-12, atol=1e-12)
+    assert closed_form_dots(q, k, get_method("linear-elu"), 0.3) is None
 
 
 def test_performer_approximates_exp():

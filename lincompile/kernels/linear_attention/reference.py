@@ -68,6 +68,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Te
     """
     _check_shapes(q, k, v)
     mask = _key_mask(key_mask, k)
+    initial = not state
     state = _initial(spec, q, k, v, state)
     if causal and not spec.causal_capable:
         raise ValueError(f"{spec.name} is not causal-capable (it projects along the sequence); use it on "
@@ -80,7 +81,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Te
         return projected_attention(q, k, v, mask, params, spec, scale), state
     if not causal:
         return bidirectional_attention(q, k, v, mask, params, spec, scale), state
-    return causal_attention(q, k, v, mask, state, params, spec, scale)
+    return causal_attention(q, k, v, mask, state, params, spec, scale, initial)
 
 
 def chunked(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor | None,

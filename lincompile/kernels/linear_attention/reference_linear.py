@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lincompile.kernels.linear_attention.state import accumulation_dtype, pack_state, unpack_state
-from lincompile.methods.feature_maps import DENOMINATOR_EPS, features, local_kernel
+from lincompile.methods.feature_maps import DENOMINATOR_EPS, closed_form_dots, features, local_kernel
 from lincompile.methods.params import named_params
 from lincompile.methods.spec import MethodSpec
 
@@ -125,8 +125,11 @@ def _kernel_terms(spec: MethodSpec, params: dict[str, Tensor], qg: Tensor, q_pos
                   scale: float) -> Tensor:
     """Global and kernel-local branches: sum of weights * v (+ the state's phi(q) S), over the weight sum
     (+ phi(q) z) when normalized. Weights: phi_q.phi_k (* gamma^lag, or * alpha), relu2/YOSO locally."""
-    fq = features(qg, spec, params, q_pos, scale)
-    dots = torch.einsum("bhgtf,bhnf->bhgtn", fq, _key_features(ctx, spec, params, scale))
+    dots = closed_form_dots(qg, ctx.k, spec, scale)
+    with_state = parts is not None and spec.global_branch != "none"
+    fq = features(qg, spec, params, q_pos, scale) if dots is None or with_state else None
+    if dots is None:
+        dots = torch.einsum("bhgtf,bhnf->bhgtn", fq, _key_features(ctx, spec, params, scale))
     weight = torch.zeros_like(dots)
     num_state = den_state = dots.new_zeros(())
     has_z = spec.normalizer == "denominator" and parts is not None
@@ -219,8 +222,10 @@ def _slots(slot: Tensor, keep: Tensor, size: int, dtype: torch.dtype) -> Tensor:
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: list[Tensor],
-                     params: list[Tensor], spec: MethodSpec, scale: float) -> tuple[Tensor, list[Tensor]]:
-    """Causal self-attention over new tokens from a state: the masked quadratic form, then the fold."""
+                     params: list[Tensor], spec: MethodSpec, scale: float,
+                     initial: bool = False) -> tuple[Tensor, list[Tensor]]:
+    """Causal self-attention over new tokens from a state: the masked quadratic form, then the fold. `initial`:
+    the state is the initial one (its S and z are zero), so the queries skip their product with them."""
     acc = accumulation_dtype(q.dtype)
     named = named_params(spec, params, acc)
     parts = acc_parts(spec, state, acc)
@@ -232,7 +237,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: l
     prefix = ctx.pos.shape[1] - t
     order = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     visible = torch.cat([order.new_ones(t, prefix), order], 1).expand(batch, t, -1)
-    out = mix(spec, named, q, pos, ctx, visible, parts, r0, scale)
+    out = mix(spec, named, q, pos, ctx, visible, None if initial else parts, r0, scale)
     end = r0 + real.sum(1)
     return out.to(q.dtype), pack_state(spec, fold(spec, named, ctx, parts, r0, end, scale))
 

@@ -12,6 +12,7 @@ needs `TRITON_INTERPRET=1` (Triton's interpreter). `LINCOMPILE_KERNELS=reference
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -85,10 +86,17 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(n: int, value: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A read-only [n] tensor of `value`, made once per device: the host path of a decode step launches no fill
+    or compare kernels for the padding counts, real-token flags, start positions and absent tensors."""
+    return torch.full((n,), value, dtype=dtype, device=device)
+
+
 def _left_padding(key_mask: Tensor | None, batch: int, t: int, device: torch.device) -> Tensor | None:
     """Leading padding count per row [B] (int32), or None when the mask is not a left-padded prefix."""
     if key_mask is None:
-        return torch.zeros(batch, dtype=torch.int32, device=device)
+        return _constant(batch, 0, torch.int32, device)
     mask = key_mask.to(torch.bool)
     pad = t - mask.sum(1)
     expected = torch.arange(t, device=device)[None, :] >= pad[:, None]
@@ -135,7 +143,7 @@ class _Parts:
         parts = unpack_state(spec, state)
         self.spec = spec
         self.device = q.device
-        self.dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
+        self.dummy = _constant(1, 0, torch.float32, q.device)  # never written: kernels write a part the spec has
         self.parts = {n: t if n == "position" else t.to(torch.float32).contiguous() for n, t in parts.items()}
         named = named_params(spec, params, torch.float32)
         self.alpha = named["alpha"].reshape(1).contiguous() if "alpha" in named else self.dummy
@@ -145,7 +153,7 @@ class _Parts:
         features = feature_params(named, kv_heads)
         self.features = features if features is not None else self.dummy
         position = parts.get("position")
-        self.r0 = position if position is not None else torch.zeros(batch, dtype=torch.int64, device=q.device)
+        self.r0 = position if position is not None else _constant(batch, 0, torch.int64, q.device)
 
     def get(self, name: str) -> Tensor:
         return self.parts.get(name, self.dummy)
@@ -183,7 +191,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Te
     new = parts.fresh()
     grid = (triton_cdiv(dv, plan.block_v), batch * heads)
     if t == 1:
-        real = (pad == 0).to(torch.int32)
+        real = _constant(batch, 1, torch.int32, q.device) if key_mask is None else (pad == 0).to(torch.int32)
         module.recurrent[grid](q, k, v, out, parts.r0, real, *parts.state_args(new), parts.alpha,
                                parts.conv_weight, parts.features, scale, math.sqrt(scale), heads, kv_heads)
     elif not spec.decay and triton_cdiv(t, plan.chunk) >= PARALLEL_MIN_CHUNKS:
@@ -193,7 +201,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Te
                                  parts.conv_weight, parts.features, scale, math.sqrt(scale), t, heads, kv_heads,
                                  num_stages=CHUNKED_STAGES)
     if spec.uses_positions:
-        new["position"] = parts.r0 + (t - pad.to(torch.int64))
+        new["position"] = parts.r0 + (t if key_mask is None else t - pad.to(torch.int64))
     return out, pack_state(spec, new)
 
 

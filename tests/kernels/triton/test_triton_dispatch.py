@@ -126,3 +126,34 @@ def test_generated_modules_are_cached_per_plan():
     module = gen.load(plan)
     assert all(hasattr(module, name) for name in ("chunked_fwd", "verify_fwd", "recurrent"))
     assert set(FORMS) <= {"chunked_fwd", "verify", "recurrent"}
+
+
+def test_a_decode_step_runs_no_host_kernels_but_the_position_add(kit, monkeypatch):
+    """A one-token call without a key mask: besides the recurrent kernel, only the position counter's add (on a GPU
+    every fill, compare or cast is a kernel launch, which a decode step of a small batch cannot afford). The kernel
+    is stubbed and outputs are not poisoned here; allocations and views launch nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    launched = []
+    kernel = type("Kernels", (), {"__getitem__": lambda self, grid: lambda *a, **k: launched.append(grid)})()
+    monkeypatch.setattr(launch.gen, "load", lambda plan: type("Module", (), {"recurrent": kernel})())
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", False)
+    spec = get_method("augmented")
+    state, params = kit.prefilled_state(spec, 6, seed=11)
+    c = kit.make(spec, 1, seed=12)
+    state = [s.contiguous() for s in kit.cast(state)]  # as the kernels return it (the reference's may be strided)
+    args = (*kit.cast([c.q, c.k, c.v]), None, None, state, kit.cast(params), spec, kit.SCALE, True)
+    launch.attention(*args)  # the first call makes the per-device constants
+    with Ops() as ops:
+        launch.attention(*args)
+    assert len(launched) == 2
+    assert [n for n in ops.names if not n.startswith(("empty", "view"))] == ["add.Tensor"]

@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(rows))
         return 0
     width = max(len(row["method"]) for row in rows)
-    for row in rows:
-        status = ", ".join(row["generated"]) if row["generated"] else "-"
-        print(f"{row['method']:<{width}}  generated: {status:<44}  reference: {row['reference']}")
+    statuses = [", ".join(row["generated"]) or "-" for row in rows]
+    column = max(len(status) for status in statuses)
+    for row, status in zip(rows, statuses):
+        print(f"{row['method']:<{width}}  generated: {status:<{column}}  reference: {row['reference']}")
     return 0

@@ -99,7 +99,8 @@ def mix(spec: MethodSpec, params: dict[str, Tensor], q: Tensor, q_pos: Tensor, c
     """Outputs [B, H, T, dv] (accumulation dtype) of queries q [B, H, T, dk] at positions q_pos [B, T].
 
     visible [B, T, N]: which context tokens each query may see. `parts` carries S / z of the state (None:
-    no state, e.g. bidirectional); the inclusive branch decays S by gamma^(q_pos - r0 + 1).
+    no state, e.g. bidirectional, or S and z known to be zero, the initial state); the inclusive branch decays S
+    by gamma^(q_pos - r0 + 1).
     """
     batch, heads, t, dk = q.shape
     kv_heads, dv = ctx.v.shape[1], ctx.v.shape[-1]

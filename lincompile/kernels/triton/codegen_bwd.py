@@ -29,8 +29,11 @@ from lincompile.kernels.triton.codegen import _Gen
 from lincompile.kernels.triton.plan import Plan, block
 from lincompile.methods.feature_maps import DENOMINATOR_EPS
 
+
+
 class _BwdGen(_Gen):
-    """Emits bwd_dq and bwd_dkv for one plan (whose block_v covers all of DV)."""
+    """Emits bwd_dq and bwd_dkv, and (without decay) the chunk-parallel backward, for one plan (whose block_v
+    covers all of DV)."""
 
     def __init__(self, plan: Plan, interpret: bool) -> None:
         super().__init__(plan)
@@ -72,7 +75,8 @@ class _BwdGen(_Gen):
         self.bwd_dq()
         self.bwd_dkv()
         if not self.decay:
-            parallel.bwd_sums(self)
+            if self.glob != "none":
+                parallel.bwd_sums(self)
             parallel.bwd_dq_chunks(self)
             parallel.bwd_dkv_chunks(self)
         return s.text()
@@ -348,7 +352,8 @@ class _BwdGen(_Gen):
         s = self.src
         s("@triton.jit",
           "def bwd_dkv(q_ptr, k_ptr, v_ptr, do_ptr, dnum_ptr, dden_ptr, dk_ptr, dv_ptr, dw_ptr, dal_ptr, alpha_ptr,",
-          "            w_ptr, fp_ptr, gf_ptr, gs_ptr, gz_ptr, ggk_ptr, ggv_ptr, gwin_ptr, scale, sqrt_scale, T, H, HKV):")
+          "            w_ptr, fp_ptr, gf_ptr, gs_ptr, gz_ptr, ggk_ptr, ggv_ptr, gwin_ptr, scale, sqrt_scale, T, H,",
+          "            HKV):")
         s.level += 1
         s('"""dk and dv of this query head (fp32, summed over GQA groups by the caller) and the conv taps\' '
           'gradients, over chunks in reverse with the reverse state."""')

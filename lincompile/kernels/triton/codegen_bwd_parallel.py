@@ -2,7 +2,7 @@
 its own program (grid = (B * H, NC) or (B * HKV, NC)), for the same scope (a causal prefill from the initial
 state, every key real; chunk c starts at c * C). Not for decay, which keeps the walks.
 
-  bwd_sums        per KV head and chunk c: dS_c = phi(K_c)^T V_c, dz_c = sum phi(K_c) (grouped: a completed
+  bwd_sums        (with a global branch) per KV head and chunk c: dS_c = phi(K_c)^T V_c, dz_c = sum phi(K_c) (grouped: a completed
                   group only), [B, HKV, NC, F, DV] / [B, HKV, NC, F] fp32. The launcher turns them into the
                   exclusive prefix S_c, z_c that chunk c's queries read.
   bwd_dq_chunks   per query head and chunk: the body of `bwd_dq`'s loop from S_c, z_c; also writes the chunk's
@@ -96,10 +96,10 @@ def bwd_dkv_chunks(gen: _BwdGen) -> None:
     gen.prologue_bwd()
     s("c = tl.program_id(1)",
       "p = c * C",
-      "lead = h % (H // HKV)",
-      "firstf = cmf & (cf * 0 + lead == 0)")
+      "lead = h % (H // HKV)")
     if gen.glob != "none":
-        s("dS = tl.load(gs_ptr + (sh * NC + c) * F * DV + cf[:, None] * DV + cv_[None, :],"
+        s("firstf = cmf & (cf * 0 + lead == 0)",
+          "dS = tl.load(gs_ptr + (sh * NC + c) * F * DV + cf[:, None] * DV + cv_[None, :],"
           " mask=firstf[:, None] & cmv[None, :], other=0.0)")
         if gen.norm:
             s("dz = tl.load(gz_ptr + (sh * NC + c) * F + cf, mask=firstf, other=0.0)")

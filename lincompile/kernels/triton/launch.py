@@ -89,14 +89,25 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 @functools.lru_cache(maxsize=64)
 def _constant(n: int, value: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A read-only [n] tensor of `value`, made once per device: the host path of a decode step launches no fill
-    or compare kernels for the padding counts, real-token flags, start positions and absent tensors."""
-    return torch.full((n,), value, dtype=dtype, device=device)
+    or compare kernels for the padding counts, real-token flags, start positions and absent tensors. Made and
+    waited for outside any CUDA-graph capture (see `_constant_for`), so every stream sees it filled."""
+    made = torch.full((n,), value, dtype=dtype, device=device)
+    if made.is_cuda:
+        torch.cuda.current_stream(device).synchronize()
+    return made
+
+
+def _constant_for(n: int, value: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`_constant`, or a fresh tensor while a CUDA graph is being captured (a fill recorded there has not run)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.full((n,), value, dtype=dtype, device=device)
+    return _constant(n, value, dtype, device)
 
 
 def _left_padding(key_mask: Tensor | None, batch: int, t: int, device: torch.device) -> Tensor | None:
     """Leading padding count per row [B] (int32), or None when the mask is not a left-padded prefix."""
     if key_mask is None:
-        return _constant(batch, 0, torch.int32, device)
+        return _constant_for(batch, 0, torch.int32, device)
     mask = key_mask.to(torch.bool)
     pad = t - mask.sum(1)
     expected = torch.arange(t, device=device)[None, :] >= pad[:, None]
@@ -143,7 +154,7 @@ class _Parts:
         parts = unpack_state(spec, state)
         self.spec = spec
         self.device = q.device
-        self.dummy = _constant(1, 0, torch.float32, q.device)  # never written: kernels write a part the spec has
+        self.dummy = _constant_for(1, 0, torch.float32, q.device)  # never written: kernels write a part the spec has
         self.parts = {n: t if n == "position" else t.to(torch.float32).contiguous() for n, t in parts.items()}
         named = named_params(spec, params, torch.float32)
         self.alpha = named["alpha"].reshape(1).contiguous() if "alpha" in named else self.dummy
@@ -153,7 +164,7 @@ class _Parts:
         features = feature_params(named, kv_heads)
         self.features = features if features is not None else self.dummy
         position = parts.get("position")
-        self.r0 = position if position is not None else _constant(batch, 0, torch.int64, q.device)
+        self.r0 = position if position is not None else _constant_for(batch, 0, torch.int64, q.device)
 
     def get(self, name: str) -> Tensor:
         return self.parts.get(name, self.dummy)
@@ -191,7 +202,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Te
     new = parts.fresh()
     grid = (triton_cdiv(dv, plan.block_v), batch * heads)
     if t == 1:
-        real = _constant(batch, 1, torch.int32, q.device) if key_mask is None else (pad == 0).to(torch.int32)
+        real = _constant_for(batch, 1, torch.int32, q.device) if key_mask is None else (pad == 0).to(torch.int32)
         module.recurrent[grid](q, k, v, out, parts.r0, real, *parts.state_args(new), parts.alpha,
                                parts.conv_weight, parts.features, scale, math.sqrt(scale), heads, kv_heads)
     elif not spec.decay and triton_cdiv(t, plan.chunk) >= PARALLEL_MIN_CHUNKS:
@@ -355,7 +366,7 @@ def _parallel_backward(module: Any, plan: Plan, parts: _Parts, inputs: tuple[Ten
                 if norm else dummy]
         module.bwd_sums[(batch * kv_heads, nc)](k, v, sums[0], sums[1], parts.features, math.sqrt(scale), t,
                                                 kv_heads, nc)
-        prefix = [torch.cumsum(x, 2).sub_(x) if x is not dummy else dummy for x in sums]  # exclusive
+        prefix = [_exclusive_scan(x) if x is not dummy else dummy for x in sums]
         addition = [_alloc((batch, heads, nc, f, dv), f32, dev), _alloc((batch, heads, nc, f), f32, dev)
                     if norm else dummy]
     rows = batch * heads
@@ -364,21 +375,29 @@ def _parallel_backward(module: Any, plan: Plan, parts: _Parts, inputs: tuple[Ten
              "features": _alloc((rows, nc, dfeat.shape[1]), f32, dev) if dfeat is not dummy else dummy}
     scales = (scale, math.sqrt(scale), t, heads, kv_heads, nc)
     module.bwd_dq_chunks[(rows, nc)](q, k, v, grad_out, dq, dnum, dden, slots["alpha"], parts.alpha,
-                                              parts.features, slots["features"], *prefix, *addition, *scales)
+                                     parts.features, slots["features"], *prefix, *addition, *scales)
     suffix = [dummy, dummy]
-    if glob:
-        for i, (part, given) in enumerate(zip(addition, state_grads[:2])):
-            if part is dummy:
-                continue
-            per_kv = part.view(batch, kv_heads, heads // kv_heads, *part.shape[2:]).sum(2)
-            later = torch.flip(torch.cumsum(torch.flip(per_kv, [2]), 2), [2]).sub_(per_kv)  # exclusive suffix
+    for i, (part, given) in enumerate(zip(addition, state_grads[:2])):
+        if part is not dummy:
+            later = _exclusive_scan(part.view(batch, kv_heads, heads // kv_heads, *part.shape[2:]).sum(2), True)
             suffix[i] = later.add_(given.unsqueeze(2)) if given is not dummy else later
     module.bwd_dkv_chunks[(rows, nc)](q, k, v, grad_out, dnum, dden, dk_heads, dv_heads, slots["taps"],
-                                               parts.alpha, parts.conv_weight, parts.features, slots["features"],
-                                               *suffix, *state_grads[2:], *scales)
+                                      parts.alpha, parts.conv_weight, parts.features, slots["features"], *suffix,
+                                      *state_grads[2:], *scales)
     for slot, total in zip(slots.values(), (dalpha, dtaps, dfeat)):  # taps > K // 2 stay 0
         if slot is not dummy:
             total.copy_(slot.sum(1))
+
+
+def _exclusive_scan(x: Tensor, reverse: bool = False) -> Tensor:
+    """Along dim 2 (chunks): each chunk's sum over the chunks before it (after it, when `reverse`), added in chunk
+    order (reverse order); the first (last) chunk's is exactly 0."""
+    out = torch.zeros_like(x)
+    if reverse:
+        out[:, :, :-1] = torch.cumsum(x[:, :, 1:].flip(2), 2).flip(2)
+    else:
+        out[:, :, 1:] = torch.cumsum(x[:, :, :-1], 2)
+    return out
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -122,18 +122,20 @@ def test_op_training_runs_forward_and_backward_in_kernels(kit, monkeypatch):
     check(list(grads), reference_grads(c, spec, kit.SCALE, grad_out), GRAD, kit)
 
 
-@pytest.mark.parametrize("name", ["augmented", "linear-elu", "local+grouped", "retnet", "hedgehog"])
-def test_state_gradients_reach_the_inputs(name, kit, backward_form):
+@pytest.mark.parametrize("name,t", [("augmented", 14), ("linear-elu", 14), ("local+grouped", 14), ("retnet", 14),
+                                    ("hedgehog", 14), ("linear-elu", 150), ("hedgehog", 150), ("cosformer", 150)])
+def test_state_gradients_reach_the_inputs(name, t, kit, backward_form):
     """A loss on the returned state too (S, z, group buffer, conv window): T=14 ends mid-group (G=4) and the
-    trailing partial group is in the buffer, not in S."""
+    trailing partial group is in the buffer, not in S; T=150 spans three 64-position chunks of the inclusive
+    branch (the chunk-parallel form's prefix and suffix sums)."""
     spec = kit.spec_of(name)
-    c = kit.make(spec, 14, seed=40)
+    c = kit.make(spec, t, seed=40)
     g = torch.Generator().manual_seed(41)
-    grad_out = torch.randn(2, 4, 14, kit.DV, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(2, 4, t, kit.DV, generator=g, dtype=torch.float64)
     zeros = reference.init_state(spec, 2, 2, 8, kit.DV, "cpu", torch.float64)
     grad_state = [torch.randn(z.shape, generator=g, dtype=torch.float64) if z.is_floating_point() else None
                   for z in zeros]
-    exact = [t.detach().double().requires_grad_(True) for t in (c.q, c.k, c.v, *c.params)]
+    exact = [x.detach().double().requires_grad_(True) for x in (c.q, c.k, c.v, *c.params)]
     out, state = reference.attention(*exact[:3], None, None, [], exact[3:], spec, kit.SCALE, True)
     pairs = [(out, grad_out)] + [(s, gs) for s, gs in zip(state, grad_state) if gs is not None]
     ref = torch.autograd.grad([a for a, _ in pairs], exact, [b for _, b in pairs])

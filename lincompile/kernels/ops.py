@@ -69,6 +69,7 @@ def _attention_fake(q, k, v, key_mask, bias, state, params, spec, scale, causal)
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, key_mask, bias, state, params, spec, scale, causal = inputs
+    ctx.set_materialize_grads(False)  # an output the loss never used (training drops the state) gets None, not 0
     ctx.save_for_backward(q, k, v, *params)
     ctx.num_params = len(params)
     ctx.rest = (key_mask, bias, list(state), spec, scale, causal)
@@ -102,8 +103,8 @@ def _backward(ctx, grad_out, grad_state):
     with torch.enable_grad():
         out, new_state = _run(inputs[0], inputs[1], inputs[2], key_mask, bias, state, inputs[3:], spec,
                               scale, causal)
-        pairs = [(out, grad_out)] + [(s, g) for s, g in zip(new_state, grad_state)
-                                     if g is not None and s.requires_grad]
+        pairs = [(t, g) for t, g in zip([out, *new_state], [grad_out, *grad_state])
+                 if g is not None and t.requires_grad]
         grads = torch.autograd.grad([p[0] for p in pairs], inputs, [p[1] for p in pairs], allow_unused=True)
     gq, gk, gv, *gparams = grads
     return gq, gk, gv, None, None, [None] * len(state), list(gparams), None, None, None

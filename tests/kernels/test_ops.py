@@ -36,6 +36,26 @@ def test_op_matches_reference_and_backpropagates():
             assert torch.allclose(a, b, atol=1e-10)
 
 
+def test_backward_skips_the_outputs_the_loss_never_used(monkeypatch):
+    """A loss on the output alone recomputes only the output's graph (the state's gradient arrives as None, not
+    as zeros to push through the fold); a loss on the state alone (no output gradient) still reaches q, k, v."""
+    calls = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda outs, *a, **kw: calls.append(len(outs)) or real(outs, *a, **kw))
+    spec, q, k, v, mask, state = _inputs("linear-elu")
+    leaves = [x.requires_grad_(True) for x in (q, k, v)]
+    out, new_state = op(*leaves, mask, None, state, [], spec.to_json(), 0.35, True)
+    ref, ref_state = reference.attention(*leaves, mask, None, state, [], spec, 0.35, True)
+    grads = real(out.square().sum(), leaves, retain_graph=True)
+    assert calls == [1]
+    for a, b in zip(grads, real(ref.square().sum(), leaves, retain_graph=True)):
+        assert torch.allclose(a, b, atol=1e-10)
+    grads = real(new_state[0].sum(), leaves, allow_unused=True, materialize_grads=True)  # S does not depend on q
+    assert calls == [1, 1]
+    for a, b in zip(grads, real(ref_state[0].sum(), leaves, allow_unused=True, materialize_grads=True)):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
 def test_opcheck():
     for name in ("softmax", "linear-elu"):
         spec, q, k, v, mask, state = _inputs(name)

@@ -27,9 +27,22 @@ def _spec(spec_json: str) -> MethodSpec:
 
 def _run(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor | None, state: list[Tensor],
          params: list[Tensor], spec: str, scale: float, causal: bool) -> tuple[Tensor, list[Tensor]]:
+    """The selected implementation's call. A multi-token call given the initial state explicitly (every part
+    zero, as training feeds it) passes it as [], which implementations may exploit (the reference then skips
+    the queries' product with S and z): the same numbers, since [] means exactly that state."""
     method = _spec(spec)
     impl = registry.select(method, q.device).impl
+    if q.shape[2] > 1 and _initial(state):
+        state = []
     return impl(q, k, v, key_mask, bias, list(state), list(params), method, scale, causal)
+
+
+def _initial(state: list[Tensor]) -> bool:
+    """True when every part of `state` is known to be zero (also for []); on a GPU, reading the values syncs once.
+    Tracing tensors carry no values, so under tracing this is False."""
+    if any(is_fake(t) for t in state):
+        return False
+    return not any(bool(t.any()) for t in state)
 
 
 @torch.library.custom_op("lincompile::attention", mutates_args=())
@@ -80,10 +93,9 @@ def _from_the_start(key_mask: Tensor | None, state: list[Tensor]) -> bool:
     mask, or an all-true one); on a GPU, reading the values syncs once per site. Tracing tensors carry no values,
     so under tracing this is False: the traced backward recomputes through the implementation, right for any
     values."""
-    tensors = [t for t in (key_mask, *state) if t is not None]
-    if any(is_fake(t) for t in tensors):
+    if key_mask is not None and (is_fake(key_mask) or not bool(key_mask.all())):
         return False
-    return (key_mask is None or bool(key_mask.all())) and not any(bool(s.any()) for s in state)
+    return _initial(state)
 
 
 def _backward(ctx, grad_out, grad_state):

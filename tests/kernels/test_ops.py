@@ -56,6 +56,26 @@ def test_backward_skips_the_outputs_the_loss_never_used(monkeypatch):
         assert torch.allclose(a, b, atol=1e-10)
 
 
+def test_an_explicit_initial_state_runs_as_the_initial_state(monkeypatch):
+    """A multi-token call given an all-zero state reaches the implementation as [] (the same state, which the
+    reference exploits), with the numbers of the explicit one; a nonzero state, or a one-token call, as given."""
+    import dataclasses
+
+    from lincompile.kernels import registry
+
+    spec, q, k, v, mask, state = _inputs("linear-elu")
+    entry = registry.select(spec, q.device)
+    seen = []
+    spy = dataclasses.replace(entry, impl=lambda *a: seen.append(len(a[5])) or entry.impl(*a))
+    monkeypatch.setattr(registry, "select", lambda *a: spy)
+    out, new_state = op(q, k, v, mask, None, state, [], spec.to_json(), 0.35, True)
+    ref, ref_state = reference.attention(q, k, v, mask, None, state, [], spec, 0.35, True)
+    assert torch.allclose(out, ref, atol=1e-12) and all(torch.equal(a, b) for a, b in zip(new_state, ref_state))
+    op(q, k, v, mask, None, new_state, [], spec.to_json(), 0.35, True)
+    op(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, None, state, [], spec.to_json(), 0.35, True)
+    assert seen == [0, len(state), len(state)]
+
+
 def test_opcheck():
     for name in ("softmax", "linear-elu"):
         spec, q, k, v, mask, state = _inputs(name)

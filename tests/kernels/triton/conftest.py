@@ -79,27 +79,27 @@ def kit():
                            prefilled_state=prefilled_state, SCALE=SCALE, DV=DV, EXTRA=EXTRA, SUPPORTED=SUPPORTED)
 
 
-@pytest.fixture(params=["sequential", "parallel"])
-def prefill_form(request, monkeypatch):
-    """Runs a test with every multi-token prefill in one form: `chunked_fwd` walking the chunks, or the
-    chunk-parallel kernels (which decay never takes). Yields the list the parallel launches append to."""
+def _one_form(request, monkeypatch, launcher: str):
+    """Every launch in the form request.param names ("sequential": kernels walking the chunks, "parallel": the
+    chunk-parallel ones, which decay never takes), counting the parallel launches of `launch.<launcher>`."""
     from lincompile.kernels.triton import launch
 
     launches = []
-    real = launch._parallel_prefill
-    monkeypatch.setattr(launch, "_parallel_prefill", lambda *a: launches.append(1) or real(*a))
+    real = getattr(launch, launcher)
+    monkeypatch.setattr(launch, launcher, lambda *a: launches.append(1) or real(*a))
     monkeypatch.setattr(launch, "PARALLEL_MIN_CHUNKS", 1 if request.param == "parallel" else 10 ** 9)
-    yield request.param, launches
+    return request.param, launches
+
+
+@pytest.fixture(params=["sequential", "parallel"])
+def prefill_form(request, monkeypatch):
+    """Runs a test with every multi-token prefill in one form: `chunked_fwd`, or `chunk_sums` + `chunk_outputs`.
+    Yields (form, the list the parallel launches append to)."""
+    yield _one_form(request, monkeypatch, "_parallel_prefill")
 
 
 @pytest.fixture(params=["sequential", "parallel"])
 def backward_form(request, monkeypatch):
-    """Runs a test with every generated backward in one form: `bwd_dq` / `bwd_dkv` walking the chunks, or the
-    chunk-parallel kernels (which decay never takes). Yields the list the parallel launches append to."""
-    from lincompile.kernels.triton import launch
-
-    launches = []
-    real = launch._parallel_backward
-    monkeypatch.setattr(launch, "_parallel_backward", lambda *a: launches.append(1) or real(*a))
-    monkeypatch.setattr(launch, "PARALLEL_MIN_CHUNKS", 1 if request.param == "parallel" else 10 ** 9)
-    yield request.param, launches
+    """Runs a test with every generated backward in one form: `bwd_dq` / `bwd_dkv`, or the chunk-parallel
+    kernels. Yields (form, the list the parallel launches append to)."""
+    yield _one_form(request, monkeypatch, "_parallel_backward")

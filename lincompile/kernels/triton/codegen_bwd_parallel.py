@@ -2,9 +2,9 @@
 its own program (grid = (B * H, NC) or (B * HKV, NC)), for the same scope (a causal prefill from the initial
 state, every key real; chunk c starts at c * C). Not for decay, which keeps the walks.
 
-  bwd_sums        (with a global branch) per KV head and chunk c: dS_c = phi(K_c)^T V_c, dz_c = sum phi(K_c) (grouped: a completed
-                  group only), [B, HKV, NC, F, DV] / [B, HKV, NC, F] fp32. The launcher turns them into the
-                  exclusive prefix S_c, z_c that chunk c's queries read.
+  bwd_sums        (with a global branch) per KV head and chunk c: dS_c = phi(K_c)^T V_c, dz_c = sum phi(K_c)
+                  (grouped: a completed group only), [B, HKV, NC, F, DV] / [B, HKV, NC, F] fp32. The launcher
+                  turns them into the exclusive prefix S_c, z_c that chunk c's queries read.
   bwd_dq_chunks   per query head and chunk: the body of `bwd_dq`'s loop from S_c, z_c; also writes the chunk's
                   addition to the reverse state, g phi(Q_c)^T dnum_c and g sum phi(Q_c) dden_c ([B, H, NC, F, DV] /
                   [B, H, NC, F]), and its own partial of alpha's gradient ([B * H, NC]).

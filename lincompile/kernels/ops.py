@@ -39,8 +39,10 @@ def _run(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor 
 
 def _initial(state: list[Tensor]) -> bool:
     """True when every part of `state` is known to be zero (also for []); on a GPU, reading the values syncs once.
-    Tracing tensors carry no values, so under tracing this is False."""
+    Tracing tensors carry no values, and a CUDA graph being captured may not sync, so there this is False."""
     if any(is_fake(t) for t in state):
+        return False
+    if any(t.is_cuda for t in state) and torch.cuda.is_current_stream_capturing():
         return False
     return not any(bool(t.any()) for t in state)
 

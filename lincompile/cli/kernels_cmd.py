@@ -21,7 +21,7 @@ PROG = "lincompile"
 #: CLI form name -> the kernel functions it prints from the generated forward or backward module.
 KERNELS = {"chunked_fwd": ("chunked_fwd",), "parallel_fwd": ("chunk_sums", "chunk_outputs"),
            "recurrent": ("recurrent",), "verify": ("verify_fwd",), "chunked_bwd": ("bwd_dq", "bwd_dkv"),
-           "parallel_bwd": ("bwd_sums", "bwd_dq_chunks", "bwd_dkv_chunks")}
+           "parallel_bwd": ("bwd_dq_chunks", "bwd_dkv_chunks")}
 BACKWARD_FORMS = ("chunked_bwd", "parallel_bwd")
 #: The chunk-parallel forms, which decay (a decayed scan) does not have: it walks the chunks.
 PARALLEL_FORMS = ("parallel_fwd", "parallel_bwd")

@@ -75,8 +75,6 @@ class _BwdGen(_Gen):
         self.bwd_dq()
         self.bwd_dkv()
         if not self.decay:
-            if self.glob != "none":
-                parallel.bwd_sums(self)
             parallel.bwd_dq_chunks(self)
             parallel.bwd_dkv_chunks(self)
         return s.text()

@@ -1,10 +1,9 @@
 """The chunk-parallel backward: `bwd_dq` and `bwd_dkv`'s walks over chunks split so every chunk of every head is
-its own program (grid = (B * H, NC) or (B * HKV, NC)), for the same scope (a causal prefill from the initial
+its own program (grid = (B * H, NC)), for the same scope (a causal prefill from the initial
 state, every key real; chunk c starts at c * C). Not for decay, which keeps the walks.
 
-  bwd_sums        (with a global branch) per KV head and chunk c: dS_c = phi(K_c)^T V_c, dz_c = sum phi(K_c)
-                  (grouped: a completed group only), [B, HKV, NC, F, DV] / [B, HKV, NC, F] fp32. The launcher
-                  turns them into the exclusive prefix S_c, z_c that chunk c's queries read.
+  (the forward module's `chunk_sums`, from position 0 with no padding, gives each chunk's addition to S and z;
+  the launcher turns them into the exclusive prefix S_c, z_c that chunk c's queries read)
   bwd_dq_chunks   per query head and chunk: the body of `bwd_dq`'s loop from S_c, z_c; also writes the chunk's
                   addition to the reverse state, g phi(Q_c)^T dnum_c and g sum phi(Q_c) dden_c ([B, H, NC, F, DV] /
                   [B, H, NC, F]), and its own partial of alpha's gradient ([B * H, NC]).
@@ -22,40 +21,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from lincompile.kernels.triton.codegen_bwd import _BwdGen
-
-
-def bwd_sums(gen: _BwdGen) -> None:
-    s = gen.src
-    s("@triton.jit",
-      "def bwd_sums(k_ptr, v_ptr, ds_ptr, dz_ptr, fp_ptr, sqrt_scale, T, HKV, NC):")
-    s.level += 1
-    s('"""dS_c and dz_c of chunk c of one KV head (see codegen_bwd_parallel)."""',
-      "sh = tl.program_id(0).to(tl.int64)",
-      "c = tl.program_id(1)",
-      "ck = tl.arange(0, BK)",
-      "cmk = ck < DK",
-      "cf = tl.arange(0, BF)",
-      "cmf = cf < F",
-      "cv_ = tl.arange(0, BV)",
-      "cmv = cv_ < DV",
-      "fpb = fp_ptr + (sh % HKV) * FP",
-      "rows = tl.arange(0, BC)",
-      "pos = c * C + rows",
-      "ok = (rows < C) & (pos < T)",
-      "kr = tl.load(k_ptr + sh * T * DK + pos[:, None] * DK + ck[None, :], mask=ok[:, None] & cmk[None, :],"
-      " other=0.0).to(tl.float32)",
-      "vt = tl.load(v_ptr + sh * T * DV + pos[:, None] * DV + cv_[None, :], mask=ok[:, None] & cmv[None, :],"
-      " other=0.0).to(tl.float32)",
-      "fk = tl.where(ok[:, None], _phi(kr, pos, ck, cf, sqrt_scale, fpb), 0.0)")
-    if gen.glob == "grouped":
-        s("fk = tl.where(c * C + C <= T, fk, 0.0)")
-    s("cell = sh * NC + c",
-      f"tl.store(ds_ptr + cell * F * DV + cf[:, None] * DV + cv_[None, :], {gen.dot('tl.trans(fk)', 'vt')},"
-      " mask=cmf[:, None] & cmv[None, :])")
-    if gen.norm:
-        s("tl.store(dz_ptr + cell * F + cf, _rsum(fk, 0), mask=cmf)")
-    s.level -= 1
-    s("", "")
 
 
 def bwd_dq_chunks(gen: _BwdGen) -> None:

@@ -364,8 +364,10 @@ def _parallel_backward(module: Any, plan: Plan, parts: _Parts, inputs: tuple[Ten
     if glob:
         sums = [_alloc((batch, kv_heads, nc, f, dv), f32, dev), _alloc((batch, kv_heads, nc, f), f32, dev)
                 if norm else dummy]
-        module.bwd_sums[(batch * kv_heads, nc)](k, v, sums[0], sums[1], parts.features, math.sqrt(scale), t,
-                                                kv_heads, nc)
+        forward = plan_for(plan.spec, plan.dk, dv, q.dtype)  # its chunk_sums, from position 0 with no padding
+        gen.load(forward).chunk_sums[(triton_cdiv(dv, forward.block_v), batch * kv_heads, nc)](
+            k, v, parts.r0, _constant_for(batch, 0, torch.int32, dev), dummy, dummy, sums[0], sums[1],
+            parts.features, math.sqrt(scale), t, kv_heads, nc)
         prefix = [_exclusive_scan(x) if x is not dummy else dummy for x in sums]
         addition = [_alloc((batch, heads, nc, f, dv), f32, dev), _alloc((batch, heads, nc, f), f32, dev)
                     if norm else dummy]

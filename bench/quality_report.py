@@ -117,9 +117,9 @@ def verdict(rows: list[Row], versus: str) -> str:
     return f"{versus} does NOT lead every plain baseline: {best.label} {best.ppl:.1f} against {mine.ppl:.1f}"
 
 
-def table(rows: list[Row], ppl_original: float, versus: str) -> list[list[str]]:
+def table(rows: list[Row], ppl_original: float, versus: str, mean: bool) -> list[list[str]]:
     reference = min((r.ppl for r in rows if r.method == versus), default=None)
-    lines = [["method", "role", "ppl", "/ original", f"/ {versus}", "from"]]
+    lines = [["method", "role", "mean ppl" if mean else "ppl", "/ original", f"/ {versus}", "from"]]
     for r in rows:
         lines.append([r.label, r.role, f"{r.ppl:.1f}", f"{r.ppl / ppl_original:.2f}x",
                       "-" if reference is None else f"{r.ppl / reference:.2f}x", r.source])
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     span = f", mean of the evaluations from {args.at - args.window} tokens" if args.window else ""
     print(f"{first['model']} at {args.at} training tokens{span}; held-out perplexity on {first['heldout_tokens']} "
           f"tokens, original {first['ppl_original']:.2f}")
-    print(render(table(rows, first["ppl_original"], args.versus), args.markdown))
+    print(render(table(rows, first["ppl_original"], args.versus, args.window > 0), args.markdown))
     if short:
         print("not reaching " + str(args.at) + " tokens: " + "; ".join(short))
     print(verdict(rows, args.versus))

@@ -206,13 +206,18 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     styles = {"reference": "--", "ours": "-", "ablation": "-.", "baseline": ":"}
-    for r in result["runs"]:
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: a full comparison has 15 methods
+    lowest = result["ppl_original"]
+    for i, r in enumerate(result["runs"]):
         curve = r["curve"] + [{"tokens": r["tokens"], "ppl": r["ppl"]}]
+        lowest = min(lowest, *(p["ppl"] for p in curve))
         ax.plot([p["tokens"] for p in curve], [p["ppl"] for p in curve], styles[r["role"]], marker="o",
-                markersize=3, label=r["method"])
+                markersize=3, color=colors[i % len(colors)], label=r["method"])
     ax.axhline(result["ppl_original"], color="black", linewidth=0.8, label="original (untouched)")
-    ax.set(yscale="log", xlabel="training tokens", ylabel="held-out perplexity",
+    # the top is clipped at 1000x the original: an untrained map can start at 1e9 and flatten every other curve
+    ax.set(yscale="log", xlabel="training tokens", ylabel="held-out perplexity", ylim=(lowest / 1.2, None),
            title=f"{result['model']}: quality at an equal training budget")
+    ax.set_ylim(top=min(ax.get_ylim()[1], 1000 * result["ppl_original"]))
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

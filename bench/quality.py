@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = args.tag or f"{args.device}{'_quick' if args.quick else ''}"
     meta = {"command": command, "device": args.device, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "budget": {k: getattr(args, k) for k in (
-                "stage1_steps", "stage2_steps", "batch_size", "block_size", "lr", "seed")}}
+                "stage1_steps", "stage2_steps", "batch_size", "block_size", "lr", "warmup_steps", "seed")}}
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.out / f"quality_{tag}.json", args.out / f"quality_{tag}.png"
 

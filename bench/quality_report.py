@@ -2,10 +2,11 @@
 
 A long comparison is trained as several runs (one method per core, or a longer run for the leaders). Their result
 files can be compared point for point when they share the model, the held-out blocks and the training recipe
-(batch, block size, LR, warm-up, seed): the LR is constant after warm-up and the data order fixed, so a run's
-evaluation at N tokens is what a run stopped at N tokens reports. This script checks that the files agree on all of
-that, takes every run's evaluation at `--at` tokens, and prints each method's perplexity beside the original's and
-`--versus`'s (the paper's `augmented` by default), then whether `--versus` leads every plain baseline.
+(batch, block size, LR, seed, and the warm-up where both files record it): the LR is constant after warm-up and
+the data order fixed, so a run's evaluation at N tokens is what a run stopped at N tokens reports. This script
+checks that the files agree on all of that, takes every run's evaluation at `--at` tokens, and prints each
+method's perplexity beside the original's and `--versus`'s (the paper's `augmented` by default), then whether
+`--versus` leads every plain baseline.
 
     python bench/quality_report.py bench/results/quality_cpu_16x_*_stage1-20.json bench/results/quality_cpu_32x*.json
 
@@ -18,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 SHARED = ("model", "ppl_original", "heldout_tokens")
-RECIPE = ("batch_size", "block_size", "lr", "seed")
+RECIPE = ("batch_size", "block_size", "lr", "seed", "warmup_steps")  # files before session 14 lack warm-up
 AGREE = 1e-3  # two files' evaluations of the same run (method, split) must agree this closely (relative)
 
 
@@ -63,6 +64,8 @@ def load(paths: list[Path]) -> list[dict]:
                 raise ReportError(f"{result['source']} has {key} = {result[key]}, {first['source']} has "
                                   f"{first[key]}: they were evaluated differently; compare them in separate reports")
         for key in RECIPE:
+            if key == "warmup_steps" and key not in result["budget"].keys() & first["budget"].keys():
+                continue
             if result["budget"].get(key) != first["budget"].get(key):
                 raise ReportError(f"{result['source']} was trained with {key} = {result['budget'].get(key)}, "
                                   f"{first['source']} with {first['budget'].get(key)}: not the same recipe")
@@ -99,8 +102,8 @@ def rows_at(results: list[dict], tokens: int, window: int) -> tuple[list[Row], l
     splits: dict[str, set[int]] = {}
     for method, stage1 in found:
         splits.setdefault(method, set()).add(stage1)
-    rows = [Row(f"{row.method} ({row.stage1_steps} AT steps)" if len(splits[row.method]) > 1 else row.method,
-                row.method, row.role, row.stage1_steps, row.ppl, row.source) for row in found.values()]
+    rows = [replace(row, label=f"{row.method} ({row.stage1_steps} AT steps)") if len(splits[row.method]) > 1
+            else row for row in found.values()]
     return sorted(rows, key=lambda r: r.ppl), short
 
 

@@ -22,9 +22,9 @@ def _run(method: str, role: str, stage1: int, ppls: list[float]) -> dict:
             "ppl": ppls[-1], "curve": curve}
 
 
-def _write(path: Path, runs: list[dict], lr: float = 5e-4, heldout: int = 1016) -> Path:
+def _write(path: Path, runs: list[dict], lr: float = 5e-4, heldout: int = 1016, **budget: int) -> Path:
     path.write_text(json.dumps({"model": "m", "ppl_original": 30.0, "heldout_tokens": heldout, "runs": runs,
-                                "budget": {"batch_size": 4, "block_size": 128, "lr": lr, "seed": 0}}))
+                                "budget": {"batch_size": 4, "block_size": 128, "lr": lr, "seed": 0, **budget}}))
     return path
 
 
@@ -63,6 +63,10 @@ def test_files_trained_or_evaluated_differently_are_refused(tmp_path, files):
     other = _write(tmp_path / "d.json", [_run("taylor", "baseline", 20, [1, 2])], heldout=2048)
     with pytest.raises(report.ReportError, match="heldout_tokens = 2048"):
         report.load([files[0], other])
+    warm = [_write(tmp_path / f"w{n}.json", [_run("taylor", "baseline", 20, [1, 2])], warmup_steps=n) for n in (5, 10)]
+    with pytest.raises(report.ReportError, match="w10.json was trained with warmup_steps = 10"):
+        report.load(warm)
+    assert len(report.load([files[0], *warm[:1]])) == 2  # a file that does not record its warm-up is not judged by it
     (tmp_path / "e.json").write_text("{}")
     with pytest.raises(report.ReportError, match="not a bench/quality.py result file"):
         report.load([tmp_path / "e.json"])

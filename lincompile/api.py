@@ -13,7 +13,7 @@ from lincompile.atomic import atomic_directory
 from lincompile.backends.eager import LinearizedModel
 from lincompile.capture.export import CapturedGraph, capture
 from lincompile.config import LinearizeConfig
-from lincompile.methods.spec import MethodSpec
+from lincompile.methods.spec import MethodSpec, get_method
 from lincompile.passes.base import PassContext, PassManager, PassResult, Verifier
 from lincompile.passes.detect_attention import AttentionSite, UnmatchedSoftmax
 from lincompile.passes.pipeline import DEFAULT_PIPELINE, build_pipeline
@@ -70,7 +70,13 @@ def capture_model(model: torch.nn.Module, inputs: dict[str, object] | None = Non
 
 def _capture(model: torch.nn.Module, inputs: dict[str, object] | None,
              captured: CapturedGraph | None = None) -> CapturedGraph:
-    return captured.fork() if captured is not None else capture_model(model, inputs)
+    if captured is None:
+        return capture_model(model, inputs)
+    own = {p.data_ptr() for p in model.parameters()}
+    if not {p.data_ptr() for p in captured.gm.parameters()} <= own:
+        raise ValueError("captured= holds another model's weights (or this model's before it moved or was cast): "
+                         "capture this model with lincompile.api.capture_model(model)")
+    return captured.fork()
 
 
 def inspect(model: torch.nn.Module, inputs: dict[str, object] | None = None) -> list[AttentionSite]:
@@ -97,6 +103,26 @@ def run_pipeline(model: torch.nn.Module, config: LinearizeConfig, *, inputs: dic
     return ctx, CompileReport(ctx.sites, ctx.unmatched, results)
 
 
+def _layers(layers: object) -> tuple[int, ...]:
+    """`layers=` as site indices: an iterable of ints (a range, a list), not a string or a single int."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise TypeError(f"layers must be an iterable of site indices (a list or a range), got {layers!r}")
+    return tuple(int(i) for i in layers)
+
+
+def _check_agrees(config: LinearizeConfig, method: str | MethodSpec | None, layers: object, strict: bool) -> None:
+    """`config=` decides method, layers and strictness: also passing one of them that differs is an error."""
+    clashes = []
+    if method is not None and get_method(method) != config.spec:
+        clashes.append(f"method={get_method(method).name!r} (config: {config.spec.name!r})")
+    if layers is not None and _layers(layers) != config.layers:
+        clashes.append(f"layers={_layers(layers)} (config: {config.layers})")
+    if strict and not config.strict:
+        clashes.append("strict=True (config: strict=False)")
+    if clashes:
+        raise ValueError(f"optimize got config= and {', '.join(clashes)}; pass the settings in the config alone")
+
+
 def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, layers: list[int] | None = None,
              strict: bool = False, config: LinearizeConfig | None = None,
              inputs: dict[str, object] | None = None, captured: CapturedGraph | None = None) -> LinearizedModel:
@@ -108,7 +134,9 @@ def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, 
     """
     if config is None:
         config = LinearizeConfig(**({"method": method} if method is not None else {}),
-                                 layers=None if layers is None else tuple(layers), strict=strict)
+                                 layers=None if layers is None else _layers(layers), strict=strict)
+    else:
+        _check_agrees(config, method, layers, strict)
     ctx, report = run_pipeline(model, config, inputs=inputs, captured=captured)
     if report.unmatched:
         message = "attention-like softmax not recognized:\n  " + "\n  ".join(str(u) for u in report.unmatched)
@@ -120,6 +148,7 @@ def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, 
     linearized = LinearizedModel(ctx.gm, ctx.captured.input_names, ctx.captured.output_names, ctx.sites,
                                  ctx.rewritten, config, getattr(model, "config", None))
     linearized.report = report
+    linearized.source_class = type(model).__name__  # what `load` rebuilds (a BertModel is no causal LM)
     return linearized
 
 
@@ -134,7 +163,9 @@ def save(model: LinearizedModel, directory: str | Path, tokenizer: object | None
         model.hf_config.save_pretrained(tmp)
         state = {k: v.detach().contiguous() for k, v in model.graph.state_dict().items()}
         save_file(_untie(state), tmp / "model.safetensors")
-        meta = {"format": SAVE_FORMAT, "linearize": model.config.to_dict()}
+        meta = {"format": SAVE_FORMAT, "linearize": model.config.to_dict(),
+                "source_class": getattr(model, "source_class", None),
+                "dtype": str(next(model.graph.parameters()).dtype).removeprefix("torch.")}
         (tmp / "lincompile.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -167,10 +198,21 @@ def load(directory: str | Path) -> LinearizedModel:
         raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r}")
     config = LinearizeConfig.from_dict(meta["linearize"])
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    try:
-        source = AutoModelForCausalLM.from_config(hf_config)
-    except ValueError:
-        source = AutoModel.from_config(hf_config)
+    name = meta.get("source_class")
+    if name is not None:
+        import transformers
+
+        cls = getattr(transformers, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise ValueError(f"{meta_file}: saved from {name}, which this transformers {transformers.__version__} "
+                             "does not provide")
+        source = cls(hf_config)
+    else:  # saved before the class was recorded
+        try:
+            source = AutoModelForCausalLM.from_config(hf_config)
+        except ValueError:
+            source = AutoModel.from_config(hf_config)
+    source = source.to(getattr(torch, meta.get("dtype", "float32")))
     model = optimize(source.eval(), config=config)
     missing, unexpected = model.graph.load_state_dict(load_file(path / "model.safetensors"), strict=False)
     if unexpected or missing:

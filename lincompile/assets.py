@@ -300,6 +300,8 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
     local = Path(name_or_path).expanduser()
     if name_or_path in EMBEDDED_MODELS or local.is_dir():
         path = smollm2_dir(cache_dir) if name_or_path in EMBEDDED_MODELS else local
+        if (path / "lincompile.json").is_file():  # its softmax weights would load, its linearization not
+            raise AssetError(f"{path} is a saved linearized model: load it with lincompile.load({str(path)!r})")
         try:
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
             has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)

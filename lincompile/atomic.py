@@ -36,18 +36,21 @@ def atomic_directory(target: str | os.PathLike[str], marker: str | None) -> Iter
     `marker` is a file every directory of this kind holds. An existing `target` that is a file, or a non-empty
     directory without `marker` (so not written by lincompile), is refused with FileExistsError before anything
     is written: replacing it would delete the user's files. None (private caches only) replaces anything."""
-    target = Path(target)
+    target = Path(os.path.abspath(target))  # "." or "out/.." has no name to put a sibling beside
     if marker is not None and target.exists():
         if not target.is_dir():
             raise FileExistsError(f"{target} is a file; write to a new or empty directory")
         if any(target.iterdir()) and not (target / marker).exists():
-            raise FileExistsError(f"{target} is not empty and holds no {marker}, so lincompile did not write it; "
-                                  "replacing it would delete its files: write to a new or empty directory")
+            raise FileExistsError(f"{target} is not empty and holds no {marker}, so it is not a directory of this "
+                                  "kind that lincompile wrote; replacing it would delete its files: write to a new "
+                                  "or empty directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; these are ordinary shareable directories
+        for path in tmp.rglob("*"):  # and some writers (safetensors) make their files private too
+            path.chmod(0o755 if path.is_dir() else 0o644)
         replace_directory(tmp, target)
     finally:
         if tmp.exists():

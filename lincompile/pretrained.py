@@ -8,6 +8,7 @@ tensors, merge the adapters. `ship` writes such a directory from a `lincompile t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,11 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
         return linear
     tensors, recipe = trained_tensors(weights, model_name, method)
     config = LinearizeConfig.from_dict(recipe["linearize"])
+    layers = optimize_kwargs.pop("layers", None)
+    if layers is not None and tuple(layers) != config.layers:
+        raise ValueError(f"{weights} was trained with layers={config.layers} (None: every site); its tensors do not "
+                         f"fit layers={tuple(layers)}: use weights='none' for an untrained hybrid")
+    config = dataclasses.replace(config, strict=optimize_kwargs.pop("strict", config.strict))
     linear = optimize(model, config=config, **optimize_kwargs)
     lora = recipe.get("lora")
     if lora:

@@ -16,7 +16,7 @@ from lincompile.kernels.linear_attention.reference import init_state
 from lincompile.methods.spec import MethodSpec
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT, RewrittenSite
-from lincompile.runtime.state import RecurrentState
+from lincompile.runtime.state import RecurrentState, check_state
 
 
 @dataclass
@@ -44,8 +44,10 @@ class LinearizedModel(torch.nn.Module):
         self.hf_config = hf_config
         self._site_by_index = {s.index: s for s in sites}
         self.state_inputs = [name for r in rewritten for name in r.state_inputs]
-        self.supports_state = len(rewritten) == len(sites) and all(
-            s.stateful or not s.causal for s in sites)
+        # decodable through `past_state`: some site keeps a state, and no causal site lacks one (an encoder's
+        # sites are all non-causal: it keeps nothing, and is called on whole sequences)
+        self.supports_state = (len(rewritten) == len(sites) and any(s.stateful for s in sites)
+                               and all(s.stateful or not s.causal for s in sites))
 
     @property
     def device(self) -> torch.device:
@@ -68,12 +70,17 @@ class LinearizedModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_state: RecurrentState | None = None, use_cache: bool = True,
                 position_ids: torch.Tensor | None = None, **extra: torch.Tensor) -> LinearizedOutput:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got shape "
+                             f"{tuple(input_ids.shape)}")
         batch, tokens = input_ids.shape
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be [batch, tokens], got shape {tuple(attention_mask.shape)}")
         if past_state is not None and not self.supports_state:
             raise ValueError("this model has attention sites without a recurrent state (not rewritten, or "
                              "non-causal/custom-bias); call it on the whole sequence without past_state")
+        if past_state is not None:
+            check_state(past_state, self.state_inputs, batch)
         state = past_state if past_state is not None else self.initial_state(batch, input_ids.device)
         if attention_mask is not None and attention_mask.shape[1] == state.length + tokens and state.length:
             attention_mask = attention_mask[:, state.length:]

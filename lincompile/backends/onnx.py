@@ -370,8 +370,9 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
     import onnx
     import onnx_ir as ir
 
-    if opset is not None and opset < MIN_OPSET:
-        raise ValueError(f"opset {opset} < {MIN_OPSET}: the lowering needs opset >= {MIN_OPSET}")
+    if opset is not None and not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise ValueError(f"opset {opset} is outside {MIN_OPSET}..{onnx.defs.onnx_opset_version()}: the lowering "
+                         f"needs opset >= {MIN_OPSET}, and this onnx {onnx.__version__} knows none later")
     proto, spliced = None, 0
     if split_sites:
         try:
@@ -388,6 +389,9 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
         _check_standard(program.model, version)
         _rename_dims(program.model, _interface_dims(program.model, example[1]))
         proto = program.model_proto
+    if opset is not None and version != opset:
+        raise OnnxLoweringError(f"asked for opset {opset}, torch.onnx wrote opset {version}; pass opset=None for "
+                                "its default")
     path = directory / MODEL_FILE
     lowered, left = lower_einsums(proto)
     large = sum(init.ByteSize() for init in proto.graph.initializer) > EXTERNAL_DATA_BYTES

@@ -200,7 +200,7 @@ def splice(outer: Any, templates: list[Any], split_: Split, params: dict[str, Te
     output included, which upstream nodes must not depend on: such reads are redirected to the interface
     input and axis `dim_sources` names for that dim.
     """
-    from onnx import AttributeProto, numpy_helper
+    from onnx import AttributeProto
 
     graph = outer.graph
     if (len(graph.input), len(graph.output)) != (num_inputs + len(split_.extra_inputs),
@@ -229,7 +229,7 @@ def splice(outer: Any, templates: list[Any], split_: Split, params: dict[str, Te
         rename = {init: f"lc_t{cut.template}/{init}" for init in names}
         inputs = [i.name for i in template.input]
         for name, param in zip(inputs[len(cut.args):], cut.params):
-            init = numpy_helper.from_array(params[param].detach().cpu().numpy(), f"lc{cut.site}/{param}")
+            init = _initializer(params[param].detach().cpu(), f"lc{cut.site}/{param}")
             graph.initializer.append(init)
             rename[name] = init.name
         rename.update(zip(inputs, (actual.get(arg, arg) for arg in cut.args)))
@@ -246,6 +246,16 @@ def splice(outer: Any, templates: list[Any], split_: Split, params: dict[str, Te
     del graph.node[:]
     graph.node.extend(_toposort(nodes, {i.name for i in graph.input} | {i.name for i in graph.initializer}))
     _drop_unused_initializers(graph)
+
+
+def _initializer(tensor: Tensor, name: str) -> Any:
+    """An ONNX initializer holding `tensor` (NumPy has no bfloat16: those go in as raw bits)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if tensor.dtype == torch.bfloat16:
+        bits = tensor.contiguous().view(torch.int16).numpy().tobytes()
+        return helper.make_tensor(name, TensorProto.BFLOAT16, list(tensor.shape), bits, raw=True)
+    return numpy_helper.from_array(tensor.numpy(), name)
 
 
 def _redirect_size_reads(graph: Any, cut_axes: dict[str, dict[int, str]],

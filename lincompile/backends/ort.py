@@ -20,7 +20,7 @@ import torch
 
 from lincompile.backends.onnx import FORMAT, FORMAT_VERSION, META_FILE
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT
-from lincompile.runtime.state import RecurrentState
+from lincompile.runtime.state import RecurrentState, check_state
 
 ArrayLike = Any  # torch.Tensor | np.ndarray | OrtValue
 
@@ -86,8 +86,16 @@ class OrtModel:
         if session_options is None:
             session_options = ort.SessionOptions()
             session_options.log_severity_level = 3  # errors only: constant-folding notices are not for users
-        session = ort.InferenceSession(str(path / meta["model_file"]), sess_options=session_options,
-                                       providers=list(providers) if providers else default_providers())
+        chosen = list(providers) if providers else default_providers()
+        try:
+            session = ort.InferenceSession(str(path / meta["model_file"]), sess_options=session_options,
+                                           providers=chosen)
+        except Exception as exc:
+            if meta.get("dtype") != "bfloat16" or "NOT_IMPLEMENTED" not in str(exc):
+                raise
+            raise ValueError(f"{path}: onnxruntime ({', '.join(chosen)}) has no kernels for this bfloat16 export "
+                             f"({str(exc).splitlines()[0]}); export the model in float32 or float16 instead "
+                             "(model.float() or model.half() before optimize)") from exc
         return cls(session, meta, path)
 
     @property
@@ -122,6 +130,8 @@ class OrtModel:
         batch, tokens = ids.shape
         if past_state is not None and not self.meta.get("supports_state", True):
             raise ValueError("this model has attention sites without a recurrent state; call it without past_state")
+        if past_state is not None:
+            check_state(past_state, list(self.meta["state"]), batch)
         state = past_state if past_state is not None else self.initial_state(batch)
         mask = None if attention_mask is None else _numpy(attention_mask, np.dtype(np.int64))
         if mask is not None and state.length and mask.shape[1:] == (state.length + tokens,):
@@ -140,8 +150,6 @@ class OrtModel:
         binding = self.session.io_binding()
         bound = [self._ortvalue(values[name], name) for name in self.input_names]  # alive until run returns
         for name, value in zip(self.input_names, bound):
-            if name in state.tensors and value.shape()[0] != batch:
-                raise ValueError(f"{name} has batch {value.shape()[0]}, input_ids has {batch}")
             binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
             binding.bind_output(name, self.device_type, self.device_id)

@@ -12,17 +12,19 @@ from typing import Callable
 import torch
 
 from lincompile.runtime.prefill import prefill
-from lincompile.runtime.sampling import SamplingConfig, sample
+from lincompile.runtime.sampling import SamplingConfig, eos_ids, sample
+from lincompile.runtime.state import require_decodable
 
 
 @torch.no_grad()
 def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
              attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
              streamer: object | None = None, generator: torch.Generator | None = None,
              prefill_chunk_size: int | None = 512, draft: object = None, num_draft_tokens: int = 4,
              adaptive: bool = False) -> torch.Tensor:
-    """Prompt + up to `max_new_tokens` tokens, [batch, prompt + new]; finished rows repeat eos.
+    """Prompt + up to `max_new_tokens` tokens, [batch, prompt + new]; finished rows repeat eos (the first id
+    when `eos_token_id` lists several, any of which ends a row). A padded batch must be left-padded.
 
     The output does not depend on `prefill_chunk_size` (None: the prompt in one call) beyond fp reordering.
     With `draft` ("prompt-lookup", "medusa", MedusaHeads, an NgramTable or a draft model), speculative decoding
@@ -40,7 +42,13 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got {tuple(input_ids.shape)}")
+    require_decodable(model, "generate")
+    if attention_mask is not None and attention_mask.shape == input_ids.shape and not bool(
+            attention_mask[:, -1].bool().all()):
+        raise ValueError("attention_mask: a row ends in padding; generate continues each row from its last token, "
+                         "so pad on the left (tokenizer.padding_side = 'left')")
     config = SamplingConfig(do_sample, temperature, top_k, top_p)
+    eos = torch.tensor(eos_ids(eos_token_id), dtype=torch.long, device=input_ids.device)
     batch = input_ids.shape[0]
     logits, state, next_position = prefill(model, input_ids, attention_mask, chunk_size=prefill_chunk_size)
     tokens = [input_ids]
@@ -49,9 +57,9 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
         streamer.put(input_ids.cpu())
     for _ in range(max_new_tokens):
         token = sample(logits, config, generator)
-        if eos_token_id is not None:
-            token = torch.where(done, torch.full_like(token, eos_token_id), token)
-            done |= token == eos_token_id
+        if len(eos):
+            token = torch.where(done, eos[0], token)
+            done |= torch.isin(token, eos)
         tokens.append(token[:, None])
         if streamer is not None:
             streamer.put(token.cpu())

@@ -1,6 +1,8 @@
 """Turning logits into a next-token distribution: temperature, top-k, top-p; and argument checks."""
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,21 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def eos_ids(eos_token_id: int | Iterable[int] | None) -> tuple[int, ...]:
+    """End-of-sequence ids as a tuple (empty for None): one id, or several, any of which ends a sequence (as in
+    Hugging Face generation configs)."""
+    if eos_token_id is None:
+        return ()
+    given = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple, set)) else (eos_token_id,)
+    try:
+        ids = tuple(operator.index(i) for i in given)
+    except TypeError:
+        ids = ()
+    if not ids or min(ids) < 0:
+        raise ValueError(f"eos_token_id must be a token id or a non-empty list of them, got {eos_token_id!r}")
+    return ids
 
 
 def probabilities(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:

@@ -23,8 +23,8 @@ from torch import Tensor
 from lincompile.passes.linearize import HIDDEN_OUTPUT, VERIFY_WINDOW
 from lincompile.runtime.drafts import DraftContext, Proposal, make_draft
 from lincompile.runtime.prefill import prefill
-from lincompile.runtime.sampling import SamplingConfig, probabilities, sample
-from lincompile.runtime.state import RecurrentState
+from lincompile.runtime.sampling import SamplingConfig, eos_ids, probabilities, sample
+from lincompile.runtime.state import RecurrentState, require_decodable
 from lincompile.runtime.verify import PARENTS_INPUT, commit_path, commit_sites, tree_verifier
 
 
@@ -110,9 +110,7 @@ class SpeculativeDecoder:
         if num_draft_tokens >= VERIFY_WINDOW:
             raise ValueError(f"num_draft_tokens must be < {VERIFY_WINDOW} (one verify call scores at most "
                              f"{VERIFY_WINDOW} tokens), got {num_draft_tokens}")
-        if not getattr(target, "supports_state", True) or not (getattr(target, "meta", None) or {}).get(
-                "supports_state", True):
-            raise ValueError("speculative decoding needs a model whose every attention site keeps a recurrent state")
+        require_decodable(target, "speculative decoding")
         self.target = target
         self.draft = make_draft(draft, target)
         self.k = num_draft_tokens
@@ -137,9 +135,7 @@ class SpeculativeDecoder:
 
     def prefill(self, input_ids: Tensor) -> int:
         """Absorb the prompt [1, L]; returns the first new token (now pending)."""
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
-            raise ValueError(f"speculative decoding runs one sequence at a time: input_ids must be [1, tokens], got "
-                             f"{tuple(input_ids.shape)}; loop over rows or use plain generate for batches")
+        _check_one_sequence(input_ids)
         state = None
         if input_ids.shape[1] > 1:  # all but the last token in chunks; the last alone gives logits and hidden
             state = prefill(self.target, input_ids[:, :-1], chunk_size=self.prefill_chunk_size).state
@@ -199,36 +195,44 @@ def _truncate(proposal: Proposal, limit: int) -> Proposal:
 
 
 @torch.no_grad()
+def _check_one_sequence(input_ids: Tensor) -> None:
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+        raise ValueError(f"speculative decoding runs one sequence at a time: input_ids must be [1, tokens], got "
+                         f"{tuple(input_ids.shape)}; loop over rows or use plain generate for batches")
+
+
 def speculative_generate(model: Any, input_ids: Tensor, max_new_tokens: int, draft: Any, num_draft_tokens: int = 4,
                          *, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                          top_p: float | None = None, eos_token_id: int | None = None, streamer: Any = None,
                          generator: torch.Generator | None = None, adaptive: bool = False,
                          attention_mask: Tensor | None = None,
                          prefill_chunk_size: int | None = 512) -> tuple[Tensor, SpeculativeStats]:
-    """Prompt + up to `max_new_tokens` tokens [1, prompt + new], and the acceptance statistics."""
+    """Prompt + up to `max_new_tokens` tokens [1, prompt + new], and the acceptance statistics. `eos_token_id`:
+    one id or several (any ends the sequence)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     input_ids = torch.as_tensor(input_ids)
+    _check_one_sequence(input_ids)
     if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
         raise ValueError("speculative decoding takes one unpadded sequence; drop the padding from input_ids")
+    eos = set(eos_ids(eos_token_id))
     decoder = SpeculativeDecoder(model, draft, num_draft_tokens, SamplingConfig(do_sample, temperature, top_k, top_p),
                                  generator, adaptive, prefill_chunk_size)
     start = time.perf_counter()
     prompt = input_ids.shape[1]
+    tokens = input_ids[0].tolist()
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    if max_new_tokens == 0:
-        return input_ids.cpu(), decoder.stats
-    tokens = input_ids[0].tolist()
-    emitted = [decoder.prefill(input_ids)]
-    while True:
+    emitted = [decoder.prefill(input_ids)] if max_new_tokens else []
+    while emitted:
         emitted = emitted[:prompt + max_new_tokens - len(tokens)]
-        if eos_token_id is not None and eos_token_id in emitted:
-            emitted = emitted[:emitted.index(eos_token_id) + 1]
+        ends = [i for i, token in enumerate(emitted) if token in eos]
+        if ends:
+            emitted = emitted[:ends[0] + 1]
         tokens += emitted
         if streamer is not None:
             streamer.put(torch.tensor(emitted))
-        if len(tokens) - prompt >= max_new_tokens or (eos_token_id is not None and tokens[-1] == eos_token_id):
+        if len(tokens) - prompt >= max_new_tokens or ends:
             break
         emitted = decoder.step()
     if streamer is not None:

@@ -28,3 +28,26 @@ class RecurrentState:
 
     def to(self, device: torch.device | str) -> "RecurrentState":
         return RecurrentState({k: v.to(device) for k, v in self.tensors.items()}, self.length)
+
+
+def require_decodable(model: object, what: str) -> None:
+    """Refuse, naming `what`, a model that cannot continue through a recurrent state (a `LinearizedModel` or an
+    `OrtModel` whose `supports_state` is False: an encoder, or causal attention sites left without a state)."""
+    meta = getattr(model, "meta", None) or {}
+    if not getattr(model, "supports_state", True) or not meta.get("supports_state", True):
+        raise ValueError(f"{what} needs a causal language model whose causal attention sites all keep a recurrent "
+                         "state; this model has none to continue from (an encoder or encoder-decoder, or sites "
+                         "left unrewritten): call it on whole sequences instead")
+
+
+def check_state(state: RecurrentState, names: list[str], batch: int) -> None:
+    """Refuse a `past_state` that is not this model's (other parts) or not this call's (another batch size)."""
+    have, want = set(state.tensors), set(names)
+    if have != want:
+        raise ValueError(f"past_state does not belong to this model (missing {sorted(want - have)[:3]}, unexpected "
+                         f"{sorted(have - want)[:3]}): pass the past_state this model returned")
+    for name, tensor in state.tensors.items():
+        rows = tensor.shape()[0] if callable(tensor.shape) else tensor.shape[0]  # an OrtValue's shape is a method
+        if rows != batch:
+            raise ValueError(f"past_state holds {rows} rows ({name}), input_ids {batch}: continue each batch from "
+                             "its own state")

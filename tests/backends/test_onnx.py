@@ -182,11 +182,20 @@ def test_failure_mid_export_keeps_the_previous_export_intact(tmp_path, monkeypat
     assert [p.name for p in target.iterdir()] == [lo.META_FILE] and (target / lo.META_FILE).read_text() == "old export"
 
 
-def test_rejects_an_opset_below_18(tmp_path):
+@pytest.mark.parametrize("opset", [17, 99])
+def test_rejects_an_opset_it_cannot_write(tmp_path, opset):
     model = lincompile.optimize(tiny_model("llama"), "linear-elu")
-    with pytest.raises(ValueError, match="opset"):
-        lo.export_onnx(model, tmp_path / "export", opset=17)
+    with pytest.raises(ValueError, match=f"opset {opset} is outside 18"):
+        lo.export_onnx(model, tmp_path / "export", opset=opset)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_exports_and_the_cpu_runner_says_what_to_do(tmp_path):
+    model = lincompile.optimize(tiny_model("llama").to(torch.bfloat16), "augmented")
+    lo.export_onnx(model, tmp_path / "bf16")
+    onnx.checker.check_model(str(tmp_path / "bf16" / lo.MODEL_FILE))
+    with pytest.raises(ValueError, match="no kernels for this bfloat16 export.*float32 or float16"):
+        OrtModel.from_dir(tmp_path / "bf16", providers=["CPUExecutionProvider"])
 
 
 @pytest.mark.slow

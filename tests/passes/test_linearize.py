@@ -120,3 +120,53 @@ def test_method_parameters_are_trainable_and_saved(tmp_path):
     ids = torch.randint(3, 128, (1, 9))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, linear(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_encoders_save_and_load_as_their_own_class(family, tmp_path):
+    linear = lincompile.optimize(tiny_model(family), "linear-elu")
+    loaded = lincompile.load(linear.save_pretrained(str(tmp_path / family)))
+    ids = torch.randint(3, 128, (1, 6))
+    extra = {"decoder_input_ids": ids[:, :3], "decoder_attention_mask": torch.ones(1, 3, dtype=torch.long)} \
+        if family == "t5" else {}
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, **extra).logits, linear(ids, **extra).logits)
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_models_without_a_recurrent_state_refuse_past_state_and_generate(family):
+    linear = lincompile.optimize(tiny_model(family), "linear-elu")
+    assert not linear.supports_state
+    ids = torch.randint(3, 128, (1, 6))
+    with pytest.raises(ValueError, match="without a recurrent state"):
+        linear(ids, past_state=linear.initial_state(1))
+    with pytest.raises(ValueError, match="generate needs a causal language model"):
+        linear.generate(ids, 2)
+
+
+def test_bf16_model_saves_and_loads_in_bf16(tmp_path):
+    linear = lincompile.optimize(tiny_model("llama").to(torch.bfloat16), "augmented")
+    loaded = lincompile.load(linear.save_pretrained(str(tmp_path / "bf16")))
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    ids = torch.randint(3, 128, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, linear(ids).logits)
+
+
+def test_config_and_contradicting_arguments_are_refused():
+    model = tiny_model("llama")
+    config = lincompile.LinearizeConfig("local")
+    with pytest.raises(ValueError, match="method='hedgehog'"):
+        lincompile.optimize(model, "hedgehog", config=config)
+    with pytest.raises(ValueError, match=r"layers=\(0,\)"):
+        lincompile.optimize(model, layers=[0], config=config)
+    with pytest.raises(TypeError, match="iterable of site indices"):
+        lincompile.optimize(model, "local", layers="01")
+
+
+def test_captured_graph_of_another_model_is_refused():
+    llama, gpt2 = tiny_model("llama"), tiny_model("gpt2")
+    captured = lincompile.api.capture_model(llama)
+    assert lincompile.optimize(llama, "local", captured=captured).sites
+    with pytest.raises(ValueError, match="another model's weights"):
+        lincompile.optimize(gpt2, "local", captured=captured)

@@ -59,3 +59,63 @@ def test_top_k_top_p_distribution():
 def test_bad_sampling_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingConfig(True, **kwargs)
+
+
+def test_right_padding_is_refused(llama):
+    linear = lincompile.optimize(llama, "linear-elu")
+    ids = torch.randint(3, 128, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    with pytest.raises(ValueError, match="pad on the left"):
+        linear.generate(ids, 3, attention_mask=mask)
+
+
+def test_several_eos_ids_each_end_a_row(llama):
+    linear = lincompile.optimize(llama, "linear-elu")
+    ids = torch.randint(3, 128, (2, 4))
+    free = linear.generate(ids, 6)
+    eos = [int(free[0, 5]), int(free[1, 6])]
+    ends = [4 + next(j for j in range(6) if int(free[r, 4 + j]) in eos) for r in (0, 1)]  # each row's first eos
+    ended = linear.generate(ids, 6, eos_token_id=eos)
+    assert ended.shape == (2, max(ends) + 1)
+    for r in (0, 1):
+        assert torch.equal(ended[r, :ends[r] + 1], free[r, :ends[r] + 1])
+        assert (ended[r, ends[r] + 1:] == eos[0]).all()  # a finished row repeats the first eos id
+    spec = linear.generate(ids[:1], 6, eos_token_id=eos, draft="prompt-lookup")
+    assert torch.equal(spec, free[:1, :ends[0] + 1])
+    with pytest.raises(ValueError, match="eos_token_id"):
+        linear.generate(ids, 2, eos_token_id=[])
+
+
+class _Streamer:
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value)
+
+    def end(self):
+        self.ended = True
+
+
+@pytest.mark.parametrize("draft", [None, "prompt-lookup"])
+def test_streamer_ends_even_without_new_tokens(llama, draft):
+    linear = lincompile.optimize(llama, "linear-elu")
+    ids = torch.randint(3, 128, (1, 4))
+    streamer = _Streamer()
+    assert torch.equal(linear.generate(ids, 0, streamer=streamer, draft=draft), ids)
+    assert streamer.ended and torch.equal(streamer.chunks[0], ids)
+    untouched = _Streamer()
+    with pytest.raises(ValueError, match="one sequence at a time"):
+        linear.generate(torch.randint(3, 128, (2, 4)), 3, streamer=untouched, draft="prompt-lookup")
+    assert untouched.chunks == []
+
+
+def test_past_state_of_another_batch_or_model_is_refused(llama):
+    linear = lincompile.optimize(llama, "linear-elu")
+    state = linear(torch.randint(3, 128, (1, 4))).past_state
+    with pytest.raises(ValueError, match="past_state holds 1 rows"):
+        linear(torch.randint(3, 128, (2, 1)), past_state=state)
+    other = lincompile.optimize(tiny_model("llama", num_layers=3), "linear-elu")
+    with pytest.raises(ValueError, match="does not belong to this model"):
+        linear(torch.randint(3, 128, (1, 1)), past_state=other(torch.randint(3, 128, (1, 4))).past_state)

@@ -43,3 +43,13 @@ def test_linearized_errors_name_the_problem(shipped, tmp_path, one_thread):
         linearized(tiny_model("llama", seed=0), "linear-elu", weights=shipped)
     with pytest.raises(FileNotFoundError, match="no trained linearization"):
         linearized(tiny_model("llama", seed=0), "augmented", weights=tmp_path)
+    with pytest.raises(ValueError, match=r"trained with layers=None .* do not fit layers=\(0,\)"):
+        linearized(tiny_model("llama", seed=0), "augmented", weights=shipped, layers=[0])
+
+
+def test_linearized_honours_strict(shipped, monkeypatch, one_thread):
+    seen = []
+    real = lincompile.api.optimize
+    monkeypatch.setattr(lincompile.api, "optimize", lambda *a, **k: seen.append(k["config"]) or real(*a, **k))
+    linearized(tiny_model("llama", seed=0), "augmented", weights=shipped, strict=True)
+    assert seen[0].strict

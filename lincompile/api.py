@@ -19,6 +19,8 @@ from lincompile.passes.detect_attention import AttentionSite, UnmatchedSoftmax
 from lincompile.passes.pipeline import DEFAULT_PIPELINE, build_pipeline
 
 SAVE_FORMAT = "lincompile-linearized"
+#: The file every saved linearized model directory holds (its format, LinearizeConfig, source class, dtype).
+SAVE_FILE = "lincompile.json"
 
 
 class UnrecognizedAttentionError(RuntimeError):
@@ -159,14 +161,14 @@ def save(model: LinearizedModel, directory: str | Path, tokenizer: object | None
     if model.hf_config is None:
         raise ValueError("this model has no Hugging Face config to rebuild its architecture from")
     target = Path(directory)
-    with atomic_directory(target, "lincompile.json") as tmp:
+    with atomic_directory(target, SAVE_FILE) as tmp:
         model.hf_config.save_pretrained(tmp)
         state = {k: v.detach().contiguous() for k, v in model.graph.state_dict().items()}
         save_file(_untie(state), tmp / "model.safetensors")
         meta = {"format": SAVE_FORMAT, "linearize": model.config.to_dict(),
                 "source_class": getattr(model, "source_class", None),
                 "dtype": str(next(model.graph.parameters()).dtype).removeprefix("torch.")}
-        (tmp / "lincompile.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        (tmp / SAVE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return target
@@ -189,7 +191,7 @@ def load(directory: str | Path) -> LinearizedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModel
 
     path = Path(directory)
-    meta_file = path / "lincompile.json"
+    meta_file = path / SAVE_FILE
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not a saved lincompile model (no lincompile.json); "
                                 "save one with LinearizedModel.save_pretrained(dir)")

@@ -293,6 +293,8 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lincompile.api import SAVE_FILE
+
     names = ", ".join(EMBEDDED_MODELS)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation is not None:
@@ -300,7 +302,7 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
     local = Path(name_or_path).expanduser()
     if name_or_path in EMBEDDED_MODELS or local.is_dir():
         path = smollm2_dir(cache_dir) if name_or_path in EMBEDDED_MODELS else local
-        if (path / "lincompile.json").is_file():  # its softmax weights would load, its linearization not
+        if (path / SAVE_FILE).is_file():  # its softmax weights would load, its linearization not
             raise AssetError(f"{path} is a saved linearized model: load it with lincompile.load({str(path)!r})")
         try:
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)

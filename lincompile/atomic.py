@@ -29,6 +29,20 @@ def replace_directory(source: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_replaceable(target: str | os.PathLike[str], marker: str) -> None:
+    """Raise FileExistsError when `target` is a file, or a non-empty directory without `marker` (so not one of this
+    kind that lincompile wrote): replacing it would delete the user's files. Commands call it before long work."""
+    target = Path(target)
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} is a file; write to a new or empty directory")
+    if any(target.iterdir()) and not (target / marker).exists():
+        raise FileExistsError(f"{target} is not empty and holds no {marker}, so it is not a directory of this kind "
+                              "that lincompile wrote; replacing it would delete its files: write to a new or empty "
+                              "directory")
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike[str], marker: str | None) -> Iterator[Path]:
     """Yield an empty temp sibling `.<name>.tmp-*` of `target`; on clean exit it becomes `target`.
@@ -37,13 +51,8 @@ def atomic_directory(target: str | os.PathLike[str], marker: str | None) -> Iter
     directory without `marker` (so not written by lincompile), is refused with FileExistsError before anything
     is written: replacing it would delete the user's files. None (private caches only) replaces anything."""
     target = Path(os.path.abspath(target))  # "." or "out/.." has no name to put a sibling beside
-    if marker is not None and target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"{target} is a file; write to a new or empty directory")
-        if any(target.iterdir()) and not (target / marker).exists():
-            raise FileExistsError(f"{target} is not empty and holds no {marker}, so it is not a directory of this "
-                                  "kind that lincompile wrote; replacing it would delete its files: write to a new "
-                                  "or empty directory")
+    if marker is not None:
+        check_replaceable(target, marker)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

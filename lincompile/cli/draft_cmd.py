@@ -15,6 +15,10 @@ from typing import Any, Callable
 
 from torch import nn
 
+from lincompile.api import SAVE_FILE
+from lincompile.atomic import check_replaceable
+from lincompile.runtime.medusa import CONFIG_FILE as MEDUSA_CONFIG
+from lincompile.runtime.ngram import TABLE_FILE
 from lincompile.train.draft_model import DistillConfig
 
 __all__ = ["add_parsers", "cmd_build_ngram", "cmd_make_draft", "cmd_train_medusa", "command_parser", "load_target"]
@@ -35,7 +39,7 @@ def load_target(name: str, method: str | None, weights: str = "auto") -> tuple[n
         raise ValueError("--weights picks the trained tensors of a --method linearization; add --method, or pass a "
                          "saved linearized directory as MODEL_OR_DIR")
     path = Path(name).expanduser()
-    if (path / "lincompile.json").is_file():
+    if (path / SAVE_FILE).is_file():
         from transformers import AutoTokenizer
 
         if weights != "auto":
@@ -85,6 +89,7 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
 
     for name in ("heads", "head_layers"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    check_replaceable(args.out, MEDUSA_CONFIG)
     target, tokenizer = _frozen_target(args, "training the heads")
     vocab, hidden = target.lm_head_weight.shape
     config = MedusaConfig(num_heads=args.heads, hidden_size=hidden, vocab_size=vocab, num_layers=args.head_layers)
@@ -110,6 +115,7 @@ def cmd_make_draft(args: argparse.Namespace) -> int:
     from lincompile.train.draft_model import make_draft
 
     _positive("--layers", args.layers)
+    check_replaceable(args.out, SAVE_FILE)
     config = DistillConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, block_size=args.block_size,
                            warmup_steps=args.warmup_steps, ce_weight=args.ce_weight,
                            train_embeddings=args.train_embeddings, seed=args.seed)
@@ -131,6 +137,7 @@ def cmd_build_ngram(args: argparse.Namespace) -> int:
     from lincompile.train.medusa import precompute_features
 
     _positive("--batch-size", args.batch_size)
+    check_replaceable(args.out, TABLE_FILE)
     target, tokenizer = _frozen_target(args, "building the table")
     blocks = token_blocks(tokenizer, load_texts("train", args.data), args.block_size, args.tokens // args.block_size)
     features = precompute_features(target, blocks, args.batch_size, progress=not args.no_progress, keep_hidden=False)

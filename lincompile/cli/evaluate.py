@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lincompile.api import SAVE_FILE
 from lincompile.api import load as load_linearized
 from lincompile.assets import load_model
 from lincompile.pretrained import linearized
@@ -28,9 +29,11 @@ def _original_of_saved(directory: Path) -> tuple[torch.nn.Module, Any, torch.nn.
     original = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
     weights = load_file(directory / "model.safetensors")
     missing, _ = original.load_state_dict(weights, strict=False)
-    if [m for m in missing if not m.endswith("lm_head.weight")]:
-        raise ValueError(f"{directory}: the saved weights do not cover the original model ({missing[:3]} ...)")
-    original.tie_weights()
+    own = original.state_dict(keep_vars=True)
+    loaded = {id(own[name]) for name in weights if name in own}
+    uncovered = [name for name in missing if id(own[name]) not in loaded]  # a tied tensor is saved under one name
+    if uncovered:
+        raise ValueError(f"{directory}: the saved weights do not cover the original model ({uncovered[:3]} ...)")
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     return linear, tokenizer, original.eval()
 
@@ -38,7 +41,7 @@ def _original_of_saved(directory: Path) -> tuple[torch.nn.Module, Any, torch.nn.
 def cmd_eval(args: argparse.Namespace) -> int:
     """Print perplexity of the linearized and the original model (and a fine-tuned softmax reference)."""
     path = Path(args.model).expanduser()
-    if (path / "lincompile.json").is_file():
+    if (path / SAVE_FILE).is_file():
         linear, tokenizer, original = _original_of_saved(path)
         method, weights = linear.config.spec.name, "saved model"
     else:

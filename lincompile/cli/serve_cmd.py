@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from lincompile.api import SAVE_FILE
 from lincompile.cli.draft_cmd import command_parser, load_target
 
 __all__ = ["add_parsers", "cmd_export", "cmd_generate", "parse_draft"]
@@ -32,7 +33,7 @@ def _linearized(args: argparse.Namespace) -> tuple[Any, Any]:
     """(LinearizedModel, tokenizer or None) from MODEL_OR_DIR, --method and --weights."""
     from lincompile.backends.eager import LinearizedModel
 
-    saved = (Path(args.model).expanduser() / "lincompile.json").is_file()
+    saved = (Path(args.model).expanduser() / SAVE_FILE).is_file()
     if saved and (args.method or args.weights != "auto"):
         raise ValueError(f"{args.model} is a saved linearized model, with its method and trained tensors; drop "
                          "--method and --weights")
@@ -120,7 +121,7 @@ def parse_draft(spec: str, target: Any, runtime: str) -> Any:
         return MedusaHeads.load(directory, lm_head_weight(target))
     from lincompile.api import load
 
-    if not (directory / "lincompile.json").is_file():
+    if not (directory / SAVE_FILE).is_file():
         raise ValueError(f"--draft model:{directory}: not a saved linearized model (make one with `{PROG} make-draft`)")
     return load(directory)
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from lincompile.api import optimize
+from lincompile.api import SAVE_FILE, optimize
 from lincompile.assets import load_model
-from lincompile.atomic import atomic_write_text
+from lincompile.atomic import atomic_write_text, check_replaceable
 from lincompile.config import LinearizeConfig
 from lincompile.methods.spec import methods
 from lincompile.train.checkpoint import latest_checkpoint
@@ -42,8 +43,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train, save OUT/final, print a summary (one JSON line with --json)."""
     config = train_config(args)
     out = Path(args.out).expanduser()
+    _check_out(out)
     if not args.resume and latest_checkpoint(out / "checkpoints") is not None:
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue, or another --out")
+    if args.resume and latest_checkpoint(out / "checkpoints") is None:
+        print(f"lincompile train: no checkpoint in {out / 'checkpoints'} to resume; training from the start",
+              file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not at the first checkpoint
     parallel = Distributed.from_env(args.device)
     try:
         model, tokenizer = load_model(args.model, attn_implementation=args.attn_impl)
@@ -75,6 +81,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         for key, value in summary.items():
             print(f"{key:<14} {value:.4g}" if isinstance(value, float) else f"{key:<14} {value}")
     return 0
+
+
+def _check_out(out: Path) -> None:
+    """Refuse, before any work, an --out whose files a run could overwrite: a file, or a non-empty directory that
+    `lincompile train` did not write (no checkpoints/), or one whose final/ is not a saved model."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "checkpoints").is_dir())):
+        raise FileExistsError(f"{out} is a file or a non-empty directory that lincompile train did not write (no "
+                              "checkpoints/); a run would overwrite its files: pass a new or empty --out")
+    check_replaceable(out / "final", SAVE_FILE)
 
 
 def _init_tensors(args: argparse.Namespace, linearize: dict, config: TrainConfig) -> dict:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lincompile.atomic import atomic_write_text
+from lincompile.atomic import atomic_directory
 from lincompile.runtime.drafts import DraftContext, PromptLookupDraft, Proposal
 from lincompile.runtime.sampling import SamplingConfig
 
@@ -54,12 +54,15 @@ class NgramTable:
         return self.unigram.get(context[-1]) if context else None
 
     def save(self, directory: str | Path) -> Path:
-        """Write DIR/ngram.json atomically (a temporary file renamed into place)."""
+        """Write DIR/ngram.json atomically (a directory of this kind, or a new or empty one: see
+        `lincompile.atomic.atomic_directory`)."""
         payload = {"format": FORMAT, "version": FORMAT_VERSION, "vocab_size": self.vocab_size,
                    "metadata": self.metadata, "unigram": sorted(self.unigram.items()),
                    "bigram": sorted([a, b, n] for (a, b), n in self.bigram.items()),
                    "trigram": sorted([a, b, c, n] for (a, b, c), n in self.trigram.items())}
-        return atomic_write_text(Path(directory) / TABLE_FILE, json.dumps(payload, separators=(",", ":")))
+        with atomic_directory(directory, TABLE_FILE) as tmp:
+            (tmp / TABLE_FILE).write_text(json.dumps(payload, separators=(",", ":")))
+        return Path(directory) / TABLE_FILE
 
     @classmethod
     def load(cls, directory: str | Path) -> "NgramTable":

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lincompile.api import load, optimize
+from lincompile.api import SAVE_FILE, load, optimize
 from lincompile.backends.eager import LinearizedModel
 from lincompile.config import LinearizeConfig
 from lincompile.jsonconfig import JsonConfig
@@ -89,7 +89,7 @@ def shallow_hf(model: nn.Module, num_layers: int) -> nn.Module:
 
 
 def _saved_config(path: Path) -> LinearizeConfig:
-    return LinearizeConfig.from_dict(json.loads((path / "lincompile.json").read_text())["linearize"])
+    return LinearizeConfig.from_dict(json.loads((path / SAVE_FILE).read_text())["linearize"])
 
 
 def shallow_linearized(directory: str | Path, num_layers: int) -> LinearizedModel:
@@ -200,7 +200,7 @@ class DraftResult:
 
 
 def _is_lincompile_dir(name: str) -> bool:
-    return (Path(name).expanduser() / "lincompile.json").is_file()
+    return (Path(name).expanduser() / SAVE_FILE).is_file()
 
 
 def _source(model_name_or_dir: str, num_layers: int,

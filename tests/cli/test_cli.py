@@ -232,3 +232,20 @@ def test_smollm2_fuel_rewrites_exactly_that_many_sites_and_draws_them(capsys, tm
     drawn = sorted(p.name for p in (tmp_path / "sites").glob("site_*_after.svg"))
     assert drawn == [f"site_{i}_after.svg" for i in range(3)]
     assert "lincompile.attention" in (tmp_path / "04_cleanup.py").read_text()
+
+
+@pytest.mark.parametrize("command", ["train-medusa", "make-draft", "build-ngram"])
+def test_draft_commands_refuse_a_users_directory_before_loading(capsys, tmp_path: Path, monkeypatch, command):
+    def never(*args, **kwargs):
+        raise AssertionError("the target was loaded before --out was checked")
+
+    monkeypatch.setattr("lincompile.cli.draft_cmd.load_target", never)
+    monkeypatch.setattr("lincompile.train.draft_model.load_model", never, raising=False)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    extra = ["--layers", "1"] if command == "make-draft" else []
+    code, _, err = run(capsys, command, "smollm2-135m", "--method", "augmented", "--out", str(mine), *extra)
+    assert code == 1
+    assert_one_line_error(err, "not a directory of this kind that lincompile wrote")
+    assert (mine / "notes.txt").read_text() == "mine"

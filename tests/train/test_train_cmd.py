@@ -134,3 +134,48 @@ def test_train_init_continues_a_shipped_linearization(tmp_path):
     with pytest.raises(ValueError, match="holds LoRA adapters .* same --lora-rank"):
         _run(common[:-3] + ["--lora-rank", "2", "--out", str(tmp_path / "third"), "--init", str(shipped),
                             "--no-progress"])
+
+
+def test_eval_reads_a_saved_model_whose_embeddings_are_tied(tmp_path, capsys):
+    """SmolLM2 ties its input and output embeddings: the saved graph holds that tensor under one name."""
+    import transformers
+
+    from lincompile.testing.tiny import make_config
+
+    config = make_config("llama")
+    config.tie_word_embeddings = True
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).eval()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 6)
+    saved = lincompile.optimize(model, "linear-elu").save_pretrained(str(tmp_path / "saved"), char_tokenizer())
+    tied = _eval([saved, "--data", str(corpus)], capsys)
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    plain = _eval([str(model_dir), "--method", "linear-elu", "--weights", "none", "--data", str(corpus)], capsys)
+    assert tied["ppl_original"] == pytest.approx(plain["ppl_original"], rel=1e-6)
+    assert tied["ppl"] == pytest.approx(plain["ppl"], rel=1e-6)
+
+
+def test_train_refuses_an_out_it_could_damage_before_any_work(tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr("lincompile.cli.train_cmd.load_model", never)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "history.json").write_text("my notes")
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints").mkdir()
+    (final / "notes.txt").write_text("mine too")
+    for out, match in ((afile, "is a file or a non-empty directory"), (mine, "did not write"),
+                       (tmp_path / "run", "holds no lincompile.json")):
+        with pytest.raises(FileExistsError, match=match):
+            _run(["tiny", "--method", "augmented", "--out", str(out)])
+    assert afile.read_text() == "mine" and (mine / "history.json").read_text() == "my notes"
+    assert (final / "notes.txt").read_text() == "mine too"

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from lincompile.cli.args import positive_int
+
 MODEL = "smollm2-135m"
 EVAL_BLOCK = 256  # tokens per perplexity block, as `lincompile eval` scores by default
 PROMPT_TOKENS = 48  # the held-out prompt the linearized model continues
@@ -114,7 +116,20 @@ def _decode(hf: Any, engines: dict[str, Any], start: Any, steps: int) -> tuple[d
     return timings.tokens_per_s(), all(tokens == linear[0] for tokens in linear)
 
 
-def _generate(linear: Any, tokenizer: Any, prompt: torch.Tensor, opts: DemoOptions) -> dict[str, Any]:
+def _draft(opts: DemoOptions) -> Any:
+    """The draft `--draft` names, loaded before any long work (a bad one fails now, not after the export)."""
+    from lincompile.cli.serve_cmd import draft_kind, parse_draft
+    from lincompile.passes.linearize import VERIFY_WINDOW
+
+    if draft_kind(opts.draft)[0] in ("none", "medusa"):
+        raise ValueError(f"--draft {opts.draft}: the demo times speculative decoding against plain decoding of a "
+                         "fresh linearization; use prompt-lookup, ngram:DIR or model:DIR")
+    if not 1 <= opts.num_draft_tokens < VERIFY_WINDOW:
+        raise ValueError(f"--num-draft-tokens must be in 1..{VERIFY_WINDOW - 1}, got {opts.num_draft_tokens}")
+    return parse_draft(opts.draft, None, "torch")
+
+
+def _generate(linear: Any, tokenizer: Any, prompt: torch.Tensor, opts: DemoOptions, draft: Any) -> dict[str, Any]:
     """Continue `prompt` greedily, speculatively and plainly: acceptance, speeds, the text, and whether the two
     outputs agree (they must: greedy speculative decoding emits the plain greedy tokens)."""
     from lincompile.runtime.generate import generate
@@ -123,7 +138,7 @@ def _generate(linear: Any, tokenizer: Any, prompt: torch.Tensor, opts: DemoOptio
     start = time.perf_counter()
     plain = generate(linear, prompt, opts.new_tokens)
     plain_rate = opts.new_tokens / (time.perf_counter() - start)
-    out, stats = speculative_generate(linear, prompt, opts.new_tokens, opts.draft, opts.num_draft_tokens)
+    out, stats = speculative_generate(linear, prompt, opts.new_tokens, draft, opts.num_draft_tokens)
     return {"prompt": tokenizer.decode(prompt[0]), "continuation": tokenizer.decode(out[0, prompt.shape[1]:]),
             "accepted_drafts_per_call": stats.mean_accepted, "tokens_per_call": stats.tokens_per_call,
             "speculative_tokens_per_s": stats.new_tokens / stats.seconds, "plain_tokens_per_s": plain_rate,
@@ -180,6 +195,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     if not 0 < opts.context < opts.long_context:
         raise ValueError(f"need 0 < --context < --long-context, got {opts.context} and {opts.long_context}")
+    draft = _draft(opts)
     opts.out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     clock = _Stopwatch()
@@ -237,7 +253,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     clock.lap("decode_long")
 
     _log(f"generating {opts.new_tokens} tokens: speculative ({opts.draft}, k={opts.num_draft_tokens}) and plain")
-    generation = _generate(linear, tokenizer, heldout_blocks(tokenizer, PROMPT_TOKENS, 1), opts)
+    generation = _generate(linear, tokenizer, heldout_blocks(tokenizer, PROMPT_TOKENS, 1), opts, draft)
     clock.lap("generate")
     result: dict[str, Any] = {
         "model": MODEL, "method": opts.method, "weights": opts.weights, "weights_label": weights_label,
@@ -326,16 +342,18 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'auto' (the shipped trained linearization when there is one, else untrained; default), "
                              "'default' (shipped, required), 'none' (untrained), a directory written by "
                              "lincompile.pretrained.ship, or a training checkpoint OUT/checkpoints/step-N")
-    parser.add_argument("--context", type=int, default=defaults.context,
+    parser.add_argument("--context", type=positive_int, default=defaults.context,
                         help="prompt length of the first decode timing (default 512)")
-    parser.add_argument("--long-context", type=int, default=defaults.long_context,
+    parser.add_argument("--long-context", type=positive_int, default=defaults.long_context,
                         help="prompt length of the second decode timing (default 8192)")
-    parser.add_argument("--steps", type=int, default=defaults.steps,
+    parser.add_argument("--steps", type=positive_int, default=defaults.steps,
                         help="decode steps timed per engine and context (default 16)")
-    parser.add_argument("--eval-blocks", type=int, default=defaults.eval_blocks,
+    parser.add_argument("--eval-blocks", type=positive_int, default=defaults.eval_blocks,
                         help=f"held-out blocks of {EVAL_BLOCK} tokens for perplexity (default 4)")
-    parser.add_argument("--draft", default=defaults.draft, help="speculative draft (default: prompt-lookup)")
-    parser.add_argument("--num-draft-tokens", type=int, default=defaults.num_draft_tokens,
+    parser.add_argument("--draft", default=defaults.draft,
+                        help="speculative draft: prompt-lookup (default), ngram:DIR (lincompile build-ngram) or "
+                             "model:DIR (lincompile make-draft)")
+    parser.add_argument("--num-draft-tokens", type=positive_int, default=defaults.num_draft_tokens,
                         help="drafted tokens per target call (default 4)")
-    parser.add_argument("--new-tokens", type=int, default=defaults.new_tokens,
+    parser.add_argument("--new-tokens", type=positive_int, default=defaults.new_tokens,
                         help="tokens generated after the held-out prompt (default 32)")

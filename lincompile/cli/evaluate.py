@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lincompile.cli.args import positive_int
 from lincompile.api import SAVE_FILE
 from lincompile.api import load as load_linearized
 from lincompile.assets import load_model
@@ -85,9 +86,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "written by lincompile.pretrained.ship, or a training checkpoint "
                              "OUT/checkpoints/step-N")
     parser.add_argument("--data", default="default", help="'default' (held-out Shakespeare) or a .txt file/dir")
-    parser.add_argument("--block-size", type=int, default=256, help="tokens per evaluation block (default 256)")
-    parser.add_argument("--max-blocks", type=int, default=16, help="number of held-out blocks (default 16)")
-    parser.add_argument("--batch-size", type=int, default=4, help="blocks per forward (default 4)")
+    parser.add_argument("--block-size", type=positive_int, default=256, help="tokens per evaluation block (default 256)")
+    parser.add_argument("--max-blocks", type=positive_int, default=16, help="number of held-out blocks (default 16)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="blocks per forward (default 4)")
     parser.add_argument("--softmax-finetuned", default=None, metavar="DIR",
                         help="a softmax model fine-tuned with the same recipe and tokens, for the honest ratio")
     parser.add_argument("--json", action="store_true", help="print one JSON line")

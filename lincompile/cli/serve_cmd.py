@@ -91,7 +91,7 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return model, tokenizer, "torch"
 
 
-def _draft_kind(spec: str) -> tuple[str, Path | None]:
+def draft_kind(spec: str) -> tuple[str, Path | None]:
     """(kind, directory) of a --draft value; ValueError naming the accepted forms."""
     if spec in ("none", "prompt-lookup"):
         return spec, None
@@ -103,7 +103,7 @@ def _draft_kind(spec: str) -> tuple[str, Path | None]:
 
 def parse_draft(spec: str, target: Any, runtime: str) -> Any:
     """The `draft=` of generate that --draft names (None for 'none')."""
-    kind, directory = _draft_kind(spec)
+    kind, directory = draft_kind(spec)
     if kind == "none":
         return None
     if kind == "prompt-lookup":
@@ -153,7 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or args.num_draft_tokens < 1:
         raise ValueError("--max-new-tokens and --num-draft-tokens must be >= 1")
-    _draft_kind(args.draft)  # a misspelt --draft fails before the model loads
+    draft_kind(args.draft)  # a misspelt --draft fails before the model loads
     text = _prompt_text(args)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,6 +6,8 @@ graph before/after, stop after a pass, skip disabled passes, and verify numerics
 """
 from __future__ import annotations
 
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,14 +106,17 @@ class PassManager:
         names = [p.name for p in self.passes]
         for name in list(self.disabled) + ([self.stop_after] if self.stop_after else []):
             if name not in names:
-                raise ValueError(f"unknown pass {name!r}; the pipeline is {names}")
+                raise ValueError(f"no pass {name!r} in this pipeline; it is {names}")
 
     def run(self, ctx: PassContext) -> list[PassResult]:
         results = []
         if self.dump_dir is not None:
+            _clear_dump(self.dump_dir)
             self._dump(ctx, 0, "captured")
         for index, p in enumerate(self.passes, start=1):
             if p.name in self.disabled:
+                if p.name == self.stop_after:
+                    break
                 continue
             before = len(ctx.gm.graph.nodes)
             start = time.perf_counter()
@@ -137,3 +142,23 @@ class PassManager:
         assert self.dump_dir is not None
         self.dump_dir.mkdir(parents=True, exist_ok=True)
         (self.dump_dir / f"{index:02d}_{name}.py").write_text(ctx.gm.code)
+
+
+def _clear_dump(directory: Path) -> None:
+    """Empty a previous dump (`NN_<pass>.py` files and `sites/`) so stale stages never mix with this run's; a
+    directory holding anything else is the user's, and is refused."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise FileExistsError(f"dump directory {directory} is a file; pass a new or empty directory")
+    entries = list(directory.iterdir())
+    foreign = [e.name for e in entries if not (e.name == "sites" and e.is_dir())
+               and not (e.is_file() and re.fullmatch(r"\d\d_\w+\.py", e.name))]
+    if foreign:
+        raise FileExistsError(f"dump directory {directory} holds {sorted(foreign)[:3]}, which a dump does not write; "
+                              "pass a new or empty directory, or a previous dump's")
+    for entry in entries:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

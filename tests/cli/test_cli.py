@@ -181,6 +181,27 @@ def test_text_output_print_between_and_dump_dir(capsys, tiny_dir, tmp_path: Path
     assert "lincompile.attention" in texts
 
 
+def test_a_second_dump_replaces_the_first_and_a_users_directory_is_refused(capsys, tiny_dir, tmp_path: Path):
+    dump = tmp_path / "dump"
+    assert run(capsys, "optimize", tiny_dir, "--method", "local", "--dump-dir", str(dump))[0] == 0
+    assert (dump / "sites" / "site_1_after.dot").is_file()
+    code, _, _ = run(capsys, "optimize", tiny_dir, "--method", "local", "--fuel", "1", "--stop-after",
+                     "linearize", "--dump-dir", str(dump))
+    assert code == 0 and not (dump / "04_cleanup.py").exists()
+    assert sorted(p.name for p in (dump / "sites").iterdir() if "after" in p.name) == [
+        "site_0_after.dot", "site_0_after.svg"]
+    (dump / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "optimize", tiny_dir, "--method", "local", "--dump-dir", str(dump))
+    assert code == 1 and (dump / "notes.txt").read_text() == "mine"
+    assert_one_line_error(err, "which a dump does not write")
+
+
+def test_a_disabled_stop_after_pass_ends_the_pipeline(capsys, tiny_dir):
+    result = run_json(capsys, "optimize", tiny_dir, "--method", "local", "--disable", "linearize",
+                      "--stop-after", "linearize")
+    assert [p["name"] for p in result["passes"]] == ["normalize", "detect_attention"]
+
+
 def test_unknown_method_fails_fast_with_one_line(capsys, tiny_dir):
     code, out, err = run(capsys, "optimize", tiny_dir, "--method", "nope")
     assert code == 1 and out == "" and "loading" not in err
@@ -190,7 +211,7 @@ def test_unknown_method_fails_fast_with_one_line(capsys, tiny_dir):
 def test_unknown_pass_fails_fast(capsys, tiny_dir):
     code, _, err = run(capsys, "optimize", tiny_dir, "--method", "softmax", "--stop-after", "linearise")
     assert code == 1 and "loading" not in err
-    assert_one_line_error(err, "unknown pass 'linearise'")
+    assert_one_line_error(err, "no pass 'linearise' in this pipeline")
 
 
 def test_missing_model_path(capsys, tmp_path):

@@ -27,6 +27,23 @@ def test_the_long_context_must_exceed_the_context(tmp_path):
         run_demo(DemoOptions(tmp_path, context=512, long_context=512))
 
 
+@pytest.mark.parametrize("draft,match", [("none", "use prompt-lookup, ngram:DIR or model:DIR"),
+                                         ("bogus", "is not a draft"), ("ngram:/nonexistent", "build-ngram"),
+                                         ("model:/nonexistent", "not a saved linearized model")])
+def test_a_bad_draft_fails_before_any_work(tmp_path, draft, match):
+    out = tmp_path / "demo"
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        run_demo(DemoOptions(out, draft=draft))
+    assert not out.exists()
+
+
+def test_numeric_options_are_checked_when_parsed(capsys):
+    for option in ("--steps", "--num-draft-tokens", "--new-tokens", "--eval-blocks"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["demo", option, "0"])
+        assert f"argument {option}: must be >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_demo_prints_the_table_and_writes_its_outputs(tmp_path, capsys):
     args = ["--out", str(tmp_path), "--context", "64", "--long-context", "256", "--steps", "2", "--eval-blocks", "1",

@@ -1,0 +1,31 @@
+"""argparse value types that refuse out-of-range numbers at parse time, with the option named by argparse
+(`argument --batch-size: must be >= 1, got 0`), before any model loads."""
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+
+def _bounded(kind: type, low: float, strict: bool) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+#: an int >= 1 (counts, sizes)
+positive_int = _bounded(int, 1, strict=False)
+#: an int >= 0 (step counts where 0 skips, "every N" where 0 means never)
+nonnegative_int = _bounded(int, 0, strict=False)
+#: a float > 0 (learning rates)
+positive_float = _bounded(float, 0.0, strict=True)
+#: a float >= 0 (weights, decay, clipping where 0 is off)
+nonnegative_float = _bounded(float, 0.0, strict=False)

@@ -29,6 +29,14 @@ def replace_directory(source: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def make_shareable(directory: Path) -> None:
+    """Ordinary permissions for a finished temp directory and what it holds (0755 directories, 0644 files):
+    mkdtemp makes the directory private, and some writers (safetensors) their files."""
+    directory.chmod(0o755)
+    for path in directory.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def check_replaceable(target: str | os.PathLike[str], marker: str) -> None:
     """Raise FileExistsError when `target` is a file, or a non-empty directory without `marker` (so not one of this
     kind that lincompile wrote): replacing it would delete the user's files. Commands call it before long work."""
@@ -57,9 +65,7 @@ def atomic_directory(target: str | os.PathLike[str], marker: str | None) -> Iter
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private; these are ordinary shareable directories
-        for path in tmp.rglob("*"):  # and some writers (safetensors) make their files private too
-            path.chmod(0o755 if path.is_dir() else 0o644)
+        make_shareable(tmp)
         replace_directory(tmp, target)
     finally:
         if tmp.exists():

@@ -47,3 +47,20 @@ def test_directory_refuses_to_replace_what_lincompile_did_not_write(tmp_path):
         with atomic_directory(tmp_path / "file", "meta.json"):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "export", "file", "home"]  # no temp dirs left
+
+
+def test_directories_get_ordinary_permissions_whatever_their_writers_did(tmp_path, monkeypatch):
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lincompile.atomic import atomic_directory
+
+    monkeypatch.chdir(tmp_path)
+    with atomic_directory(".", None) as tmp:  # "." works: the directory is named by its absolute path
+        save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")  # safetensors writes 0600
+        (tmp / "sub").mkdir(mode=0o700)
+    assert os.stat(tmp_path).st_mode & 0o777 == 0o755
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "sub").stat().st_mode & 0o777 == 0o755

@@ -336,7 +336,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoOptions()
-    parser.add_argument("--out", default=str(defaults.out), help="where the ONNX model, demo.json and the plot go")
+    parser.add_argument("--out", default=str(defaults.out),
+                        help=f"where the ONNX model, demo.json and the plot go (default {defaults.out})")
     parser.add_argument("--method", default=defaults.method, help="linear-attention method (default: augmented)")
     parser.add_argument("--weights", default=defaults.weights,
                         help="'auto' (the shipped trained linearization when there is one, else untrained; default), "

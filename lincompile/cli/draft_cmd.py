@@ -17,6 +17,7 @@ from torch import nn
 
 from lincompile.api import SAVE_FILE
 from lincompile.atomic import check_replaceable
+from lincompile.cli.args import nonnegative_int, positive_int
 from lincompile.runtime.medusa import CONFIG_FILE as MEDUSA_CONFIG
 from lincompile.runtime.ngram import TABLE_FILE
 from lincompile.train.draft_model import DistillConfig
@@ -204,8 +205,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--warmup-steps", type=int, default=20, help="linear warm-up steps (default 20)")
     p.add_argument("--labels", choices=("self", "corpus"), default="self",
                    help="self: the target's greedy predictions (default); corpus: the text's own tokens")
-    p.add_argument("--eval-every", type=int, default=0, help="held-out accuracy every N steps (0 = start and end)")
-    p.add_argument("--feature-batch", type=int, default=4, help="blocks per target forward when precomputing")
+    p.add_argument("--eval-every", type=nonnegative_int, default=0,
+                   help="held-out accuracy every N steps (default 0: at the start and the end)")
+    p.add_argument("--feature-batch", type=positive_int, default=4,
+                   help="blocks per target forward when precomputing (default 4)")
     _common(p, 256, "token positions per step", 512)
     p = command_parser(
         sub, "make-draft", cmd_make_draft, "make a shallow linearized draft model distilled from its target",
@@ -231,7 +234,8 @@ def add_parsers(sub: Any) -> None:
                    help="weight of the corpus next-token CE added to the KL (default 0)")
     p.add_argument("--train-embeddings", action="store_true", help="also train the token embeddings (and a tied "
                    "lm_head)")
-    p.add_argument("--eval-blocks", type=int, default=4, help="held-out blocks for top-1 agreement (0 = none)")
+    p.add_argument("--eval-blocks", type=nonnegative_int, default=4,
+                   help="held-out blocks for top-1 agreement (default 4; 0 = none)")
     _common(p, _DISTILL.block_size, "blocks per step", _DISTILL.batch_size)
     p = command_parser(
         sub, "build-ngram", cmd_build_ngram, "build an n-gram draft table from the target's own predictions",

@@ -42,7 +42,15 @@ def _original_of_saved(directory: Path) -> tuple[torch.nn.Module, Any, torch.nn.
 def cmd_eval(args: argparse.Namespace) -> int:
     """Print perplexity of the linearized and the original model (and a fine-tuned softmax reference)."""
     path = Path(args.model).expanduser()
-    if (path / SAVE_FILE).is_file():
+    saved = (path / SAVE_FILE).is_file()
+    if saved and args.method:
+        raise ValueError(f"{path} is a saved linearized model, which has its method: drop --method {args.method}")
+    if not args.method and args.weights != "auto":
+        raise ValueError(f"--weights {args.weights} chooses the trained tensors of --method, which was not given")
+    if args.softmax_finetuned and not Path(args.softmax_finetuned).expanduser().is_dir():
+        raise ValueError(f"--softmax-finetuned {args.softmax_finetuned} is not a directory")
+    progress = not args.no_progress
+    if saved:
         linear, tokenizer, original = _original_of_saved(path)
         method, weights = linear.config.spec.name, "saved model"
     else:
@@ -57,14 +65,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result: dict[str, object] = {"model": args.model, "method": method, "weights": weights,
                                  "tokens": blocks[:, 1:].numel(),
                                  "block_size": args.block_size, "blocks": int(blocks.shape[0])}
-    base = perplexity(original, blocks, args.batch_size, desc="original")
+    base = perplexity(original, blocks, args.batch_size, progress=progress, desc="original")
     result["ppl_original"] = base.ppl
     if linear is not None:
-        result["ppl"] = perplexity(linear, blocks, args.batch_size, desc=method or "linearized").ppl
+        result["ppl"] = perplexity(linear, blocks, args.batch_size, progress=progress,
+                                   desc=method or "linearized").ppl
         result["ratio"] = result["ppl"] / base.ppl
     if args.softmax_finetuned:
         tuned, _ = load_model(args.softmax_finetuned)
-        result["ppl_softmax_finetuned"] = perplexity(tuned, blocks, args.batch_size, desc="softmax fine-tuned").ppl
+        result["ppl_softmax_finetuned"] = perplexity(tuned, blocks, args.batch_size, progress=progress,
+                                                     desc="softmax fine-tuned").ppl
         if "ppl" in result:
             result["ratio_to_finetuned"] = result["ppl"] / result["ppl_softmax_finetuned"]
     if args.json:
@@ -86,9 +96,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "written by lincompile.pretrained.ship, or a training checkpoint "
                              "OUT/checkpoints/step-N")
     parser.add_argument("--data", default="default", help="'default' (held-out Shakespeare) or a .txt file/dir")
-    parser.add_argument("--block-size", type=positive_int, default=256, help="tokens per evaluation block (default 256)")
+    parser.add_argument("--block-size", type=positive_int, default=256,
+                        help="tokens per evaluation block (default 256)")
     parser.add_argument("--max-blocks", type=positive_int, default=16, help="number of held-out blocks (default 16)")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="blocks per forward (default 4)")
     parser.add_argument("--softmax-finetuned", default=None, metavar="DIR",
                         help="a softmax model fine-tuned with the same recipe and tokens, for the honest ratio")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print one JSON line")

@@ -44,9 +44,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--print-source", metavar="METHOD", default=None, help="print a generated kernel's source")
     parser.add_argument("--form", choices=tuple(KERNELS), default="chunked_fwd",
                         help="which kernels to print (parallel_*: the chunk-parallel forms; *_bwd: the backward)")
-    parser.add_argument("--head-dim", type=positive_int, default=64, help="q/k head dim of the shape class (default 64)")
+    parser.add_argument("--head-dim", type=positive_int, default=64,
+                        help="q/k head dim of the shape class (default 64)")
     parser.add_argument("--v-head-dim", type=positive_int, default=None, help="v head dim (default: --head-dim)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="input dtype of the shape class")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="input dtype of the shape class (default float32)")
     parser.add_argument("--json", action="store_true", help="print the listing as one JSON list")
     parser.set_defaults(func=run)
     return parser

@@ -237,7 +237,8 @@ def cmd_leakage(args: argparse.Namespace) -> int:
     width = max(len(r.name) for r in results)
     for r in results:
         verdict = "LEAKS (uses future tokens)" if r.leaks else "causal"
-        print(f"{r.name:<{width}}  {verdict:<26}  max change at <= t: {r.max_change:.3g}")
+        use = "" if get_method(r.name).causal_safe else "  (expected: not a causal method, see `methods`)"
+        print(f"{r.name:<{width}}  {verdict:<26}  max change at <= t: {r.max_change:.3g}{use}")
     return 0
 
 
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "any output at <= t changes. The centered DWConv leaks; the masked (causal) one must not.",
                     f"{PROG} leakage augmented augmented-centered")
     p.add_argument("methods", nargs="*", metavar="METHOD", help="methods to check (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="random inputs and parameters seed")
+    p.add_argument("--seed", type=int, default=0, help="random inputs and parameters seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p = _subcommand(sub, "inspect", cmd_inspect, "list the attention sites the detector finds in a model",
                     "Captures MODEL with torch.export, runs normalize + detect_attention and prints one row per\n"

@@ -121,18 +121,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"attention-transfer steps (default {d.stage1_steps}; 0 skips stage 1)")
     parser.add_argument("--stage2-steps", type=nonnegative_int, default=d.stage2_steps,
                         help=f"fine-tuning steps (default {d.stage2_steps}; 0 skips stage 2)")
-    parser.add_argument("--stage1-lr", type=positive_float, default=d.stage1_lr, help=f"stage-1 LR (default {d.stage1_lr})")
+    parser.add_argument("--stage1-lr", type=positive_float, default=d.stage1_lr,
+                        help=f"stage-1 LR (default {d.stage1_lr})")
     parser.add_argument("--lr", type=positive_float, default=d.lr, help=f"stage-2 LR (default {d.lr})")
     parser.add_argument("--warmup-steps", type=nonnegative_int, default=d.warmup_steps,
                         help=f"linear warm-up steps of each stage (default {d.warmup_steps})")
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                         help=f"LR after each stage's warm-up: constant, or a cosine decay to 0 at the stage's end "
                              f"(default {d.lr_schedule})")
-    parser.add_argument("--weight-decay", type=nonnegative_float, default=d.weight_decay, help="AdamW weight decay")
-    parser.add_argument("--max-grad-norm", type=nonnegative_float, default=d.max_grad_norm, help="clip (0 = off)")
-    parser.add_argument("--lora-rank", type=nonnegative_int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank}; "
+    parser.add_argument("--weight-decay", type=nonnegative_float, default=d.weight_decay,
+                        help=f"AdamW weight decay (default {d.weight_decay})")
+    parser.add_argument("--max-grad-norm", type=nonnegative_float, default=d.max_grad_norm,
+                        help=f"gradient-norm clip (default {d.max_grad_norm}; 0 = off)")
+    parser.add_argument("--lora-rank", type=nonnegative_int, default=d.lora_rank,
+                        help=f"LoRA rank (default {d.lora_rank}; "
                         "0 = no adapters: stage 2 trains the attention parameters and the flags below)")
-    parser.add_argument("--lora-alpha", type=positive_float, default=d.lora_alpha, help=f"LoRA alpha (default {d.lora_alpha})")
+    parser.add_argument("--lora-alpha", type=positive_float, default=d.lora_alpha,
+                        help=f"LoRA alpha (default {d.lora_alpha})")
     parser.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS), metavar="A,B,...",
                         help="projection module names to adapt (GPT-2: c_attn,attn.c_proj; OPT: add out_proj)")
     parser.add_argument("--full", action="store_true", help="full fine-tuning of every weight instead of LoRA")
@@ -142,15 +147,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight of KL(original softmax model || linearized) added to the stage-2 loss")
     parser.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                         help=f"global blocks per optimizer step, over all ranks (default {d.batch_size})")
-    parser.add_argument("--grad-accum", type=positive_int, default=d.grad_accum, help="micro-batches per step")
-    parser.add_argument("--block-size", type=positive_int, default=d.block_size, help=f"tokens per block ({d.block_size})")
-    parser.add_argument("--max-train-blocks", type=positive_int, default=None, help="use only the first N training blocks")
+    parser.add_argument("--grad-accum", type=positive_int, default=d.grad_accum,
+                        help=f"micro-batches per step (default {d.grad_accum})")
+    parser.add_argument("--block-size", type=positive_int, default=d.block_size,
+                        help=f"tokens per block ({d.block_size})")
+    parser.add_argument("--max-train-blocks", type=positive_int, default=None,
+                        help="use only the first N training blocks")
     parser.add_argument("--eval-every", type=nonnegative_int, default=d.eval_every,
-                        help="held-out perplexity every N steps (0 = only at the end of each stage)")
-    parser.add_argument("--eval-blocks", type=nonnegative_int, default=d.eval_blocks, help="held-out blocks (0 = no eval)")
+                        help=f"held-out perplexity every N steps (default {d.eval_every}; 0 = only at the end of "
+                             "each stage)")
+    parser.add_argument("--eval-blocks", type=nonnegative_int, default=d.eval_blocks,
+                        help=f"held-out blocks (default {d.eval_blocks}; 0 = no evaluation)")
     parser.add_argument("--checkpoint-every", type=nonnegative_int, default=d.checkpoint_every,
                         help=f"steps between checkpoints (default {d.checkpoint_every}; also at each stage end)")
-    parser.add_argument("--keep-checkpoints", type=positive_int, default=d.keep_checkpoints, help="newest checkpoints kept")
+    parser.add_argument("--keep-checkpoints", type=positive_int, default=d.keep_checkpoints,
+                        help=f"newest checkpoints kept (default {d.keep_checkpoints})")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in OUT")
     parser.add_argument("--init", default=None, metavar="WEIGHTS",
                         help="start a new run from trained tensors: 'default' (the shipped linearization of MODEL "

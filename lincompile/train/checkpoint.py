@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lincompile.atomic import make_shareable
+
 FORMAT = "lincompile-train-checkpoint"
 FILES = ("trained.safetensors", "optimizer.pt", "rng.pt", "linearize.json", "train_config.json", "state.json")
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -134,6 +136,7 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Tensor], opt
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-", dir=root))
     try:
         _write_payload(tmp, tensors, optimizer, linearize, train_config, {**state, "step": step})
+        make_shareable(tmp)
         if target.exists():
             os.replace(target, Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-", dir=root)) / target.name)
         os.replace(tmp, target)

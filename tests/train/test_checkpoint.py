@@ -116,3 +116,11 @@ def test_resume_refuses_a_changed_config(tmp_path, worker):
     with pytest.raises(ValueError, match=r"changed in \['lr'\]"):
         train(linear, blocks, worker.config(stage1_steps=1, stage2_steps=0, lr=0.5), tmp_path, resume=True,
               progress=False)
+
+
+def test_checkpoints_have_ordinary_permissions(tmp_path):
+    from lincompile.train.checkpoint import save_checkpoint
+
+    path = save_checkpoint(tmp_path, 3, {"w": torch.zeros(2)}, {}, {}, {}, {})
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in path.iterdir()} == {0o644}

@@ -179,3 +179,16 @@ def test_train_refuses_an_out_it_could_damage_before_any_work(tmp_path, monkeypa
             _run(["tiny", "--method", "augmented", "--out", str(out)])
     assert afile.read_text() == "mine" and (mine / "history.json").read_text() == "my notes"
     assert (final / "notes.txt").read_text() == "mine too"
+
+
+def test_eval_refuses_options_that_would_be_ignored(tmp_path):
+    from lincompile.cli.evaluate import add_eval_arguments, cmd_eval
+
+    saved = lincompile.optimize(tiny_model("llama"), "local").save_pretrained(str(tmp_path / "saved"))
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    for argv, match in (([saved, "--method", "augmented"], "drop --method augmented"),
+                        (["smollm2-135m", "--weights", "none"], "--method, which was not given"),
+                        (["smollm2-135m", "--softmax-finetuned", str(tmp_path / "nope")], "is not a directory")):
+        with pytest.raises(ValueError, match=match):
+            cmd_eval(parser.parse_args(argv))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lincompile.api import SAVE_FILE
+from lincompile.cli.args import positive_int
 from lincompile.cli.draft_cmd import command_parser, load_target
 
 __all__ = ["add_parsers", "cmd_export", "cmd_generate", "parse_draft"]
@@ -151,16 +152,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lincompile.runtime.generate import generate
     from lincompile.runtime.speculative import speculative_generate
 
-    if args.max_new_tokens < 1 or args.num_draft_tokens < 1:
-        raise ValueError("--max-new-tokens and --num-draft-tokens must be >= 1")
-    draft_kind(args.draft)  # a misspelt --draft fails before the model loads
+    kind = draft_kind(args.draft)[0]  # a misspelt --draft fails before the model loads
+    early = parse_draft(args.draft, None, "torch") if kind in ("ngram", "model") else None  # so does a bad DIR
     text = _prompt_text(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, runtime = _target(args)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; save one beside the model (tokenizer.save_pretrained)")
-    draft = parse_draft(args.draft, model, runtime)
+    draft = early if kind in ("ngram", "model") else parse_draft(args.draft, model, runtime)
     ids = _prompt_ids(args, text, tokenizer)
     streamer = None if args.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
@@ -224,10 +224,11 @@ def add_parsers(sub: Any) -> None:
     _model_arguments(p, onnx=True)
     p.add_argument("--prompt", required=True, help="the text to continue ('-': read it from standard input)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--draft", default="none", help=f"speculative draft: {DRAFTS} (an n-gram table from build-ngram, "
                    "heads from train-medusa, a draft model from make-draft; default none)")
-    p.add_argument("--num-draft-tokens", "-k", type=int, default=4, help="drafted tokens per target call (default 4)")
+    p.add_argument("--num-draft-tokens", "-k", type=positive_int, default=4,
+                   help="drafted tokens per target call (default 4)")
     p.add_argument("--adaptive", action="store_true", help="adapt the number of drafted tokens to the acceptance")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
@@ -235,6 +236,6 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus sampling")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime (default: "
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch and onnxruntime (default: "
                    "torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text and statistics) instead")

@@ -114,7 +114,6 @@ def test_generate_linearizes_a_hugging_face_model(dirs, capsys):
     (["{lin}", "--prompt", "x", "--method", "augmented"], ["saved linearized model"]),
     (["{hf}", "--prompt", "x", "--weights", "default"], ["--weights picks", "add --method"]),
     (["{lin}", "--prompt", "x", "--chat"], ["no chat template"]),
-    (["{lin}", "--prompt", "x", "--max-new-tokens", "0"], ["--max-new-tokens"]),
 ])
 def test_generate_errors_are_one_line(dirs, capsys, argv, fragments):
     argv = [a.format(hf=dirs / "hf", lin=dirs / "lin") for a in argv]
@@ -123,3 +122,11 @@ def test_generate_errors_are_one_line(dirs, capsys, argv, fragments):
     assert "Traceback" not in err and err.rstrip().splitlines()[-1].startswith("lincompile: error:")
     for fragment in fragments:
         assert fragment in err.rstrip().splitlines()[-1], err
+
+
+@pytest.mark.parametrize("option", ["--max-new-tokens", "--num-draft-tokens", "--threads"])
+def test_generate_numbers_are_checked_when_parsed(dirs, capsys, option):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(dirs / "lin"), "--prompt", "x", option, "0"])
+    assert exit_info.value.code == 2
+    assert f"argument {option}" in (err := capsys.readouterr().err) and "must be >= 1, got 0" in err

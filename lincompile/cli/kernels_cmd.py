@@ -49,7 +49,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--v-head-dim", type=positive_int, default=None, help="v head dim (default: --head-dim)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="input dtype of the shape class (default float32)")
-    parser.add_argument("--json", action="store_true", help="print the listing as one JSON list")
+    parser.add_argument("--json", action="store_true",
+                        help="print the listing as one JSON list (with --print-source: one object with the source)")
     parser.set_defaults(func=run)
     return parser
 
@@ -102,7 +103,12 @@ def kernel_source(method: str, form: str, head_dim: int = 64, v_head_dim: int | 
 def run(args: argparse.Namespace) -> int:
     """Print the listing or one kernel's source; 0 on success."""
     if args.print_source:
-        print(kernel_source(args.print_source, args.form, args.head_dim, args.v_head_dim, args.dtype), end="")
+        source = kernel_source(args.print_source, args.form, args.head_dim, args.v_head_dim, args.dtype)
+        if args.json:
+            print(json.dumps({"method": args.print_source, "form": args.form, "head_dim": args.head_dim,
+                              "v_head_dim": args.v_head_dim or args.head_dim, "dtype": args.dtype, "source": source}))
+        else:
+            print(source, end="")
         return 0
     rows = listing()
     if args.json:

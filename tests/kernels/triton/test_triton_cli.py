@@ -64,3 +64,16 @@ def test_decay_has_no_parallel_form():
 def test_unknown_form_is_named():
     with pytest.raises(ValueError, match="unknown form 'chunked_bwdx'"):
         kernels_cmd.kernel_source("augmented", "chunked_bwdx")
+
+
+def test_print_source_as_json_is_the_same_source(capsys):
+    plain = _run(["--print-source", "augmented", "--form", "recurrent"], capsys)
+    data = json.loads(_run(["--print-source", "augmented", "--form", "recurrent", "--json"], capsys))
+    assert data["source"] == plain and (data["head_dim"], data["v_head_dim"], data["dtype"]) == (64, 64, "float32")
+
+
+@pytest.mark.parametrize("option", ["--head-dim", "--v-head-dim"])
+def test_impossible_head_dims_are_refused(option, capsys):
+    with pytest.raises(SystemExit):
+        _run(["--print-source", "augmented", option, "0"], capsys)
+    assert "must be >= 1, got 0" in capsys.readouterr().err

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect as pyinspect
 import json
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -76,8 +77,13 @@ def _capture(model: torch.nn.Module, inputs: dict[str, object] | None,
         return capture_model(model, inputs)
     own = {p.data_ptr() for p in model.parameters()}
     if not {p.data_ptr() for p in captured.gm.parameters()} <= own:
-        raise ValueError("captured= holds another model's weights (or this model's before it moved or was cast): "
-                         "capture this model with lincompile.api.capture_model(model)")
+        raise ValueError("captured= holds another model's weights: capture this model with "
+                         "lincompile.api.capture_model(model)")
+    where = {t.device for t in captured.example_inputs.values() if isinstance(t, torch.Tensor)}
+    device = next(model.parameters()).device
+    if where and where != {device}:
+        raise ValueError(f"captured= was captured on {sorted(map(str, where))}, the model is now on {device}: "
+                         "capture it again where it runs")
     return captured.fork()
 
 
@@ -109,7 +115,10 @@ def _layers(layers: object) -> tuple[int, ...]:
     """`layers=` as site indices: an iterable of ints (a range, a list), not a string or a single int."""
     if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
         raise TypeError(f"layers must be an iterable of site indices (a list or a range), got {layers!r}")
-    return tuple(int(i) for i in layers)
+    try:
+        return tuple(operator.index(i) for i in layers)
+    except TypeError:
+        raise TypeError(f"layers must hold site indices (ints), got {list(layers)!r}") from None
 
 
 def _check_agrees(config: LinearizeConfig, method: str | MethodSpec | None, layers: object, strict: bool) -> None:
@@ -117,7 +126,7 @@ def _check_agrees(config: LinearizeConfig, method: str | MethodSpec | None, laye
     clashes = []
     if method is not None and get_method(method) != config.spec:
         clashes.append(f"method={get_method(method).name!r} (config: {config.spec.name!r})")
-    if layers is not None and _layers(layers) != config.layers:
+    if layers is not None and (config.layers is None or sorted(_layers(layers)) != sorted(config.layers)):
         clashes.append(f"layers={_layers(layers)} (config: {config.layers})")
     if strict and not config.strict:
         clashes.append("strict=True (config: strict=False)")
@@ -185,10 +194,30 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _rebuild(hf_config: object, name: str | None, meta_file: Path) -> torch.nn.Module:
+    """The saved model's class from its config: the recorded transformers class, else (an older save, or a class
+    transformers lacks) the Auto class for causal LMs, then the base one."""
+    import transformers
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = getattr(transformers, name, None) if name else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls(hf_config)
+    if name:
+        import warnings
+
+        warnings.warn(f"{meta_file}: saved from {name}, which transformers does not provide; rebuilding it with "
+                      "its Auto class", stacklevel=3)
+    try:
+        return AutoModelForCausalLM.from_config(hf_config)
+    except ValueError:
+        return AutoModel.from_config(hf_config)
+
+
 def load(directory: str | Path) -> LinearizedModel:
     """Load what `save` wrote: rebuild the architecture offline, re-run the pipeline, load the weights."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModel
+    from transformers import AutoConfig
 
     path = Path(directory)
     meta_file = path / SAVE_FILE
@@ -200,21 +229,9 @@ def load(directory: str | Path) -> LinearizedModel:
         raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r}")
     config = LinearizeConfig.from_dict(meta["linearize"])
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    name = meta.get("source_class")
-    if name is not None:
-        import transformers
-
-        cls = getattr(transformers, name, None)
-        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-            raise ValueError(f"{meta_file}: saved from {name}, which this transformers {transformers.__version__} "
-                             "does not provide")
-        source = cls(hf_config)
-    else:  # saved before the class was recorded
-        try:
-            source = AutoModelForCausalLM.from_config(hf_config)
-        except ValueError:
-            source = AutoModel.from_config(hf_config)
-    source = source.to(getattr(torch, meta.get("dtype", "float32")))
+    source = _rebuild(hf_config, meta.get("source_class"), meta_file)
+    if "dtype" in meta:  # saves made before the dtype was recorded keep what from_config builds
+        source = source.to(getattr(torch, meta["dtype"]))
     model = optimize(source.eval(), config=config)
     missing, unexpected = model.graph.load_state_dict(load_file(path / "model.safetensors"), strict=False)
     if unexpected or missing:

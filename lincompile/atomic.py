@@ -59,6 +59,9 @@ def atomic_directory(target: str | os.PathLike[str], marker: str | None) -> Iter
     directory without `marker` (so not written by lincompile), is refused with FileExistsError before anything
     is written: replacing it would delete the user's files. None (private caches only) replaces anything."""
     target = Path(os.path.abspath(target))  # "." or "out/.." has no name to put a sibling beside
+    if Path.cwd().is_relative_to(target):
+        raise ValueError(f"{target} is the current directory or holds it; replacing it would pull it from under "
+                         "this process: write to a new directory inside it, or elsewhere")
     if marker is not None:
         check_replaceable(target, marker)
     target.parent.mkdir(parents=True, exist_ok=True)

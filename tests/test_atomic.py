@@ -58,9 +58,15 @@ def test_directories_get_ordinary_permissions_whatever_their_writers_did(tmp_pat
     from lincompile.atomic import atomic_directory
 
     monkeypatch.chdir(tmp_path)
-    with atomic_directory(".", None) as tmp:  # "." works: the directory is named by its absolute path
+    with atomic_directory("out/../saved", None) as tmp:  # named by its absolute path: "saved"
         save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")  # safetensors writes 0600
         (tmp / "sub").mkdir(mode=0o700)
-    assert os.stat(tmp_path).st_mode & 0o777 == 0o755
-    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
-    assert (tmp_path / "sub").stat().st_mode & 0o777 == 0o755
+    saved = tmp_path / "saved"
+    assert os.stat(saved).st_mode & 0o777 == 0o755
+    assert (saved / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (saved / "sub").stat().st_mode & 0o777 == 0o755
+    for here in (".", ".."):  # never pulled from under the process
+        with pytest.raises(ValueError, match="current directory or holds it"):
+            with atomic_directory(here, None):
+                pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]

@@ -46,6 +46,7 @@ class LinearizedModel(torch.nn.Module):
         self.state_inputs = [name for r in rewritten for name in r.state_inputs]
         # decodable through `past_state`: some site keeps a state, and no causal site lacks one (an encoder's
         # sites are all non-causal: it keeps nothing, and is called on whole sequences)
+        self.source_class: str | None = None  # the model class `optimize` linearized (what `load` rebuilds)
         self.supports_state = (len(rewritten) == len(sites) and any(s.stateful for s in sites)
                                and all(s.stateful or not s.causal for s in sites))
 

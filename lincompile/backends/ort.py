@@ -131,7 +131,7 @@ class OrtModel:
         if past_state is not None and not self.meta.get("supports_state", True):
             raise ValueError("this model has attention sites without a recurrent state; call it without past_state")
         if past_state is not None:
-            check_state(past_state, list(self.meta["state"]), batch)
+            check_state(past_state, self.state_names, batch)
         state = past_state if past_state is not None else self.initial_state(batch)
         mask = None if attention_mask is None else _numpy(attention_mask, np.dtype(np.int64))
         if mask is not None and state.length and mask.shape[1:] == (state.length + tokens,):

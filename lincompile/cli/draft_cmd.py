@@ -17,7 +17,7 @@ from torch import nn
 
 from lincompile.api import SAVE_FILE
 from lincompile.atomic import check_replaceable
-from lincompile.cli.args import nonnegative_int, positive_int
+from lincompile.cli.args import nonnegative_float, nonnegative_int, positive_float, positive_int
 from lincompile.runtime.medusa import CONFIG_FILE as MEDUSA_CONFIG
 from lincompile.runtime.ngram import TABLE_FILE
 from lincompile.train.draft_model import DistillConfig
@@ -62,18 +62,11 @@ def _print(summary: dict[str, Any], as_json: bool) -> None:
         print(f"{key:<16} {value:.4g}" if isinstance(value, float) else f"{key:<16} {value}")
 
 
-def _positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-
-
 def _frozen_target(args: argparse.Namespace, purpose: str) -> tuple[Any, Any]:
     """(the target as a HiddenTarget, its tokenizer) for a command that runs it over --tokens training tokens;
-    checks --tokens, --block-size and --weights first."""
+    checks --tokens against --block-size, and --weights, first."""
     from lincompile.train.medusa import as_target
 
-    for name in ("tokens", "block_size"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.tokens < args.block_size:
         raise ValueError(f"--tokens ({args.tokens}) must be at least one block (--block-size {args.block_size})")
     model, tokenizer = load_target(args.model, args.method, args.weights)
@@ -88,8 +81,6 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
     from lincompile.train.data import heldout_blocks, load_texts, token_blocks
     from lincompile.train.medusa import train_medusa
 
-    for name in ("heads", "head_layers"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
     check_replaceable(args.out, MEDUSA_CONFIG)
     target, tokenizer = _frozen_target(args, "training the heads")
     vocab, hidden = target.lm_head_weight.shape
@@ -115,7 +106,6 @@ def cmd_make_draft(args: argparse.Namespace) -> int:
     """Make an N-layer linearized draft of MODEL, distill it toward the target, save it to --out."""
     from lincompile.train.draft_model import make_draft
 
-    _positive("--layers", args.layers)
     check_replaceable(args.out, SAVE_FILE)
     config = DistillConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, block_size=args.block_size,
                            warmup_steps=args.warmup_steps, ce_weight=args.ce_weight,
@@ -137,7 +127,6 @@ def cmd_build_ngram(args: argparse.Namespace) -> int:
     from lincompile.train.data import load_texts, token_blocks
     from lincompile.train.medusa import precompute_features
 
-    _positive("--batch-size", args.batch_size)
     check_replaceable(args.out, TABLE_FILE)
     target, tokenizer = _frozen_target(args, "building the table")
     blocks = token_blocks(tokenizer, load_texts("train", args.data), args.block_size, args.tokens // args.block_size)
@@ -167,8 +156,10 @@ def command_parser(sub: Any, name: str, func: Callable[[argparse.Namespace], int
 def _common(parser: argparse.ArgumentParser, block_size: int, batch_help: str, batch_default: int) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
     parser.add_argument("--data", default="default", help="'default' (Shakespeare train split) or a .txt file/dir")
-    parser.add_argument("--block-size", type=int, default=block_size, help=f"tokens per block (default {block_size})")
-    parser.add_argument("--batch-size", type=int, default=batch_default, help=f"{batch_help} (default {batch_default})")
+    parser.add_argument("--block-size", type=positive_int, default=block_size,
+                        help=f"tokens per block (default {block_size})")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_default,
+                        help=f"{batch_help} (default {batch_default})")
     parser.add_argument("--seed", type=int, default=0, help="data order and sampling seed (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
@@ -194,15 +185,15 @@ def add_parsers(sub: Any) -> None:
                    "(the shipped one when there is one, else untrained; default), 'default' (the shipped one), "
                    "'none' (untrained), a directory written by lincompile.pretrained.ship, or a training checkpoint "
                    "OUT/checkpoints/step-N")
-    p.add_argument("--heads", type=int, default=4, help="number of heads = draft tokens per step (default 4)")
-    p.add_argument("--head-layers", type=int, default=1, help="residual blocks per head (default 1)")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    p.add_argument("--tokens", type=int, default=131072, help="training tokens the target is run over "
+    p.add_argument("--heads", type=positive_int, default=4, help="number of heads = draft tokens per step (default 4)")
+    p.add_argument("--head-layers", type=positive_int, default=1, help="residual blocks per head (default 1)")
+    p.add_argument("--steps", type=nonnegative_int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--tokens", type=positive_int, default=131072, help="training tokens the target is run over "
                    "(default 131072; hidden states kept in fp16: tokens x hidden x 2 bytes)")
-    p.add_argument("--heldout-tokens", type=int, default=8192,
+    p.add_argument("--heldout-tokens", type=nonnegative_int, default=8192,
                    help="held-out tokens for the accuracy metric (default 8192; 0 = none)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine decay (default 1e-3)")
-    p.add_argument("--warmup-steps", type=int, default=20, help="linear warm-up steps (default 20)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate, cosine decay (default 1e-3)")
+    p.add_argument("--warmup-steps", type=nonnegative_int, default=20, help="linear warm-up steps (default 20)")
     p.add_argument("--labels", choices=("self", "corpus"), default="self",
                    help="self: the target's greedy predictions (default); corpus: the text's own tokens")
     p.add_argument("--eval-every", type=nonnegative_int, default=0,
@@ -221,16 +212,18 @@ def add_parsers(sub: Any) -> None:
          f"{PROG} make-draft smollm2-135m --layers 4 --method augmented --out out/draft4 --steps 100"])
     p.add_argument("model", metavar="MODEL_OR_DIR", help="a saved linearized directory, an embedded model name or a "
                    "Hugging Face directory")
-    p.add_argument("--layers", type=int, required=True, help="decoder layers the draft keeps (1 .. target's - 1)")
+    p.add_argument("--layers", type=positive_int, required=True,
+                   help="decoder layers the draft keeps (1 .. target's - 1)")
     p.add_argument("--method", default=None, help="attention method for a Hugging Face MODEL (default augmented); "
                    "a linearized directory keeps its own")
     p.add_argument("--teacher", default=None, metavar="MODEL_OR_DIR",
                    help="distill toward this model instead (e.g. the trained linearized target)")
-    p.add_argument("--steps", type=int, default=_DISTILL.steps, help=f"distillation steps (default {_DISTILL.steps})")
-    p.add_argument("--lr", type=float, default=_DISTILL.lr, help=f"learning rate (default {_DISTILL.lr})")
-    p.add_argument("--warmup-steps", type=int, default=_DISTILL.warmup_steps,
+    p.add_argument("--steps", type=nonnegative_int, default=_DISTILL.steps,
+                   help=f"distillation steps (default {_DISTILL.steps})")
+    p.add_argument("--lr", type=positive_float, default=_DISTILL.lr, help=f"learning rate (default {_DISTILL.lr})")
+    p.add_argument("--warmup-steps", type=nonnegative_int, default=_DISTILL.warmup_steps,
                    help=f"linear warm-up, then constant (default {_DISTILL.warmup_steps})")
-    p.add_argument("--ce-weight", type=float, default=_DISTILL.ce_weight,
+    p.add_argument("--ce-weight", type=nonnegative_float, default=_DISTILL.ce_weight,
                    help="weight of the corpus next-token CE added to the KL (default 0)")
     p.add_argument("--train-embeddings", action="store_true", help="also train the token embeddings (and a tied "
                    "lm_head)")
@@ -252,11 +245,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--method", default=None, help="linearize a Hugging Face MODEL with this method first")
     p.add_argument("--weights", default="auto", help="with --method: the trained linearization to load: 'auto' "
                    "(default), 'default', 'none' or a directory (as for train-medusa)")
-    p.add_argument("--tokens", type=int, default=131072, help="training tokens the target is run over "
+    p.add_argument("--tokens", type=positive_int, default=131072, help="training tokens the target is run over "
                    "(default 131072)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (ngram.json written atomically)")
     p.add_argument("--data", default="default", help="'default' (Shakespeare train split) or a .txt file/dir")
-    p.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256)")
-    p.add_argument("--batch-size", type=int, default=4, help="blocks per target forward (default 4)")
+    p.add_argument("--block-size", type=positive_int, default=256, help="tokens per block (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="blocks per target forward (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")

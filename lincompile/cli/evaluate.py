@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from lincompile.cli.args import positive_int
 from lincompile.api import SAVE_FILE
 from lincompile.api import load as load_linearized
 from lincompile.assets import load_model
+from lincompile.cli.args import positive_int
 from lincompile.pretrained import linearized
 from lincompile.train.data import heldout_blocks
 from lincompile.train.eval import perplexity
@@ -72,7 +72,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                    desc=method or "linearized").ppl
         result["ratio"] = result["ppl"] / base.ppl
     if args.softmax_finetuned:
-        tuned, _ = load_model(args.softmax_finetuned)
+        tuned_path = Path(args.softmax_finetuned).expanduser()  # a `lincompile train --method softmax` run's final/
+        tuned = load_linearized(tuned_path) if (tuned_path / SAVE_FILE).is_file() else load_model(str(tuned_path))[0]
         result["ppl_softmax_finetuned"] = perplexity(tuned, blocks, args.batch_size, progress=progress,
                                                      desc="softmax fine-tuned").ppl
         if "ppl" in result:

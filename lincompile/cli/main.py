@@ -27,7 +27,8 @@ from lincompile.config import LinearizeConfig
 from lincompile.kernels.linear_attention.reference import init_state
 from lincompile.methods.leakage import leakage_report
 from lincompile.methods.spec import get_method, methods
-from lincompile.passes.base import PassContext, PassManager, PassResult, Verifier, registered_passes
+from lincompile.passes.base import (PassContext, PassManager, PassResult, Verifier, check_dump_dir,
+                                    registered_passes)
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.pipeline import DEFAULT_PIPELINE, build_pipeline
 from lincompile.train.data import heldout_blocks
@@ -160,6 +161,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     names = tuple(args.passes) if args.passes else DEFAULT_PIPELINE
     disabled = frozenset(name for item in args.disable for name in _csv(item))
     PassManager(build_pipeline(config, names), disabled, args.stop_after)  # validate names before the slow load
+    if args.dump_dir is not None:
+        check_dump_dir(args.dump_dir)  # and a user's directory
     model, tokenizer = load(args.model, args.attn_impl)
     sample = verify_sample(model, tokenizer) if args.verify else None
     stream = sys.stderr if args.json else sys.stdout

@@ -12,10 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-from lincompile.cli.args import nonnegative_float, nonnegative_int, positive_float, positive_int
 from lincompile.api import SAVE_FILE, optimize
 from lincompile.assets import load_model
 from lincompile.atomic import atomic_write_text, check_replaceable
+from lincompile.cli.args import nonnegative_float, nonnegative_int, positive_float, positive_int
 from lincompile.config import LinearizeConfig
 from lincompile.methods.spec import methods
 from lincompile.train.checkpoint import latest_checkpoint

@@ -144,11 +144,11 @@ class PassManager:
         (self.dump_dir / f"{index:02d}_{name}.py").write_text(ctx.gm.code)
 
 
-def _clear_dump(directory: Path) -> None:
-    """Empty a previous dump (`NN_<pass>.py` files and `sites/`) so stale stages never mix with this run's; a
-    directory holding anything else is the user's, and is refused."""
+def check_dump_dir(directory: Path) -> list[Path]:
+    """What a previous dump left in `directory` (`NN_<pass>.py` files and `sites/`); FileExistsError when it is a
+    file or holds anything else (the user's)."""
     if not directory.exists():
-        return
+        return []
     if not directory.is_dir():
         raise FileExistsError(f"dump directory {directory} is a file; pass a new or empty directory")
     entries = list(directory.iterdir())
@@ -157,7 +157,12 @@ def _clear_dump(directory: Path) -> None:
     if foreign:
         raise FileExistsError(f"dump directory {directory} holds {sorted(foreign)[:3]}, which a dump does not write; "
                               "pass a new or empty directory, or a previous dump's")
-    for entry in entries:
+    return entries
+
+
+def _clear_dump(directory: Path) -> None:
+    """Empty a previous dump, so stale stages never mix with this run's."""
+    for entry in check_dump_dir(directory):
         if entry.is_dir():
             shutil.rmtree(entry)
         else:

@@ -45,8 +45,8 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
     require_decodable(model, "generate")
     if attention_mask is not None and attention_mask.shape == input_ids.shape and not bool(
             attention_mask[:, -1].bool().all()):
-        raise ValueError("attention_mask: a row ends in padding; generate continues each row from its last token, "
-                         "so pad on the left (tokenizer.padding_side = 'left')")
+        raise ValueError("attention_mask: a row ends in padding (or is all padding); generate continues each row "
+                         "from its last token, so pad on the left (tokenizer.padding_side = 'left')")
     config = SamplingConfig(do_sample, temperature, top_k, top_p)
     eos = torch.tensor(eos_ids(eos_token_id), dtype=torch.long, device=input_ids.device)
     batch = input_ids.shape[0]

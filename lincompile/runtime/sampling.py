@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,17 +26,19 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def eos_ids(eos_token_id: int | Iterable[int] | None) -> tuple[int, ...]:
+def eos_ids(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
     """End-of-sequence ids as a tuple (empty for None): one id, or several, any of which ends a sequence (as in
     Hugging Face generation configs)."""
     if eos_token_id is None:
         return ()
-    given = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple, set)) else (eos_token_id,)
+    if hasattr(eos_token_id, "tolist"):  # a tensor or NumPy value
+        eos_token_id = eos_token_id.tolist()
+    given = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
     try:
-        ids = tuple(operator.index(i) for i in given)
+        ids = tuple(operator.index(i) for i in given if not isinstance(i, bool))
     except TypeError:
         ids = ()
-    if not ids or min(ids) < 0:
+    if not ids or len(ids) != len(given) or min(ids) < 0:
         raise ValueError(f"eos_token_id must be a token id or a non-empty list of them, got {eos_token_id!r}")
     return ids
 

@@ -194,13 +194,13 @@ def _truncate(proposal: Proposal, limit: int) -> Proposal:
     return Proposal(proposal.tokens[:limit], parents, q)
 
 
-@torch.no_grad()
 def _check_one_sequence(input_ids: Tensor) -> None:
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
         raise ValueError(f"speculative decoding runs one sequence at a time: input_ids must be [1, tokens], got "
                          f"{tuple(input_ids.shape)}; loop over rows or use plain generate for batches")
 
 
+@torch.no_grad()
 def speculative_generate(model: Any, input_ids: Tensor, max_new_tokens: int, draft: Any, num_draft_tokens: int = 4,
                          *, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                          top_p: float | None = None, eos_token_id: int | None = None, streamer: Any = None,

@@ -37,8 +37,11 @@ def test_longest_seen_context_wins():
 def test_table_round_trips_and_refuses_other_files(tmp_path):
     table = build_ngram_table(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]), 5, {"tokens": 3})
     assert table.trigram == {(1, 2, 3): 4}
-    table.save(tmp_path)
-    assert NgramTable.load(tmp_path) == table
+    out = tmp_path / "table"
+    table.save(out)
+    assert NgramTable.load(out) == table
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table"]  # no temp directory left beside it
+    tmp_path = out
     payload = json.loads((tmp_path / "ngram.json").read_text())
     del payload["trigram"]  # a file written before trigrams existed: loads, and backs off to bigrams
     (tmp_path / "ngram.json").write_text(json.dumps(payload))
@@ -47,7 +50,6 @@ def test_table_round_trips_and_refuses_other_files(tmp_path):
     (tmp_path / "ngram.json").write_text(json.dumps(payload))
     with pytest.raises(ValueError, match="outside its vocabulary of 5"):
         NgramTable.load(tmp_path)
-    assert not list(tmp_path.glob("*.tmp"))
     (tmp_path / "ngram.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="not a lincompile-ngram"):
         NgramTable.load(tmp_path)

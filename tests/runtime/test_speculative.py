@@ -248,3 +248,18 @@ def test_eos_stops_and_adaptive_k_keeps_the_output(target, draft_model):
     assert out.shape[1] == 8 + plain[0, 8:].tolist().index(eos) + 1
     adaptive, stats = speculative_generate(target, prompt, 20, draft_model, 6, adaptive=True)
     assert torch.equal(adaptive, plain)
+
+
+def test_speculative_generate_records_no_autograd_graph(monkeypatch):
+    """The model's parameters require grad; a recorded graph would chain every state to the last (memory grows
+    with each token)."""
+    from lincompile.runtime import speculative
+
+    linear = lincompile.optimize(tiny_model("llama"), "local")
+    assert any(p.requires_grad for p in linear.parameters())
+    seen = []
+    step = speculative.SpeculativeDecoder.step
+    monkeypatch.setattr(speculative.SpeculativeDecoder, "step",
+                        lambda self: seen.append(torch.is_grad_enabled()) or step(self))
+    speculative_generate(linear, torch.randint(3, 128, (1, 6)), 8, "prompt-lookup", 2)
+    assert seen and not any(seen)

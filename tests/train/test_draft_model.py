@@ -155,10 +155,8 @@ def test_target_weights_reach_the_linearization(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train-medusa", "M", "--out", "o", "--heads", "0"], "--heads must be >= 1"),
     (["train-medusa", "M", "--out", "o", "--tokens", "8"], "at least one block"),
     (["train-medusa", "M", "--out", "o", "--weights", "none"], "add --method"),
-    (["make-draft", "M", "--out", "o", "--layers", "0"], "--layers must be >= 1"),
 ])
 def test_bad_arguments_are_refused_before_loading(argv, message):
     parser = argparse.ArgumentParser(prog="lincompile")
@@ -166,6 +164,17 @@ def test_bad_arguments_are_refused_before_loading(argv, message):
     args = parser.parse_args(argv)
     with pytest.raises(ValueError, match=message):
         args.func(args)
+
+
+@pytest.mark.parametrize("argv", [["train-medusa", "M", "--out", "o", "--heads", "0"],
+                                  ["make-draft", "M", "--out", "o", "--layers", "0"],
+                                  ["build-ngram", "M", "--out", "o", "--batch-size", "0"]])
+def test_counts_are_checked_when_parsed(argv, capsys):
+    parser = argparse.ArgumentParser(prog="lincompile")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    assert f"argument {argv[-2]}: must be >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -154,9 +154,12 @@ def test_eval_reads_a_saved_model_whose_embeddings_are_tied(tmp_path, capsys):
     model_dir = tmp_path / "tiny"
     model.save_pretrained(model_dir)
     char_tokenizer().save_pretrained(model_dir)
-    plain = _eval([str(model_dir), "--method", "linear-elu", "--weights", "none", "--data", str(corpus)], capsys)
+    softmax = lincompile.optimize(model, "softmax").save_pretrained(str(tmp_path / "softmax"), char_tokenizer())
+    plain = _eval([str(model_dir), "--method", "linear-elu", "--weights", "none", "--data", str(corpus),
+                   "--softmax-finetuned", softmax], capsys)  # a softmax `train` run's final/ is a saved model
     assert tied["ppl_original"] == pytest.approx(plain["ppl_original"], rel=1e-6)
     assert tied["ppl"] == pytest.approx(plain["ppl"], rel=1e-6)
+    assert plain["ppl_softmax_finetuned"] == pytest.approx(plain["ppl_original"], rel=1e-5)
 
 
 def test_train_refuses_an_out_it_could_damage_before_any_work(tmp_path, monkeypatch):

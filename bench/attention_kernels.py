@@ -11,7 +11,7 @@ On CPU: the PyTorch reference forms (parallel = masked quadratic, chunked, recur
 SDPA, so the scaling in T shows on any machine (medians of --repeats runs after a warm-up).
 
 Writes bench/results/kernels_<device>.json (device, command, rows, rewritten after each T; `complete` says whether
-the run finished) and kernels_<device>.png (time against T).
+the run finished) and kernels_<device>.png (time against T); `--quick` names them kernels_<device>_quick.
     python bench/attention_kernels.py --quick            # CPU, well under a minute
     python bench/attention_kernels.py --device cuda      # GPU, T = 1K..32K
 """
@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, " \
                                                                f"{torch.get_num_threads()} threads)"
     args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / f"kernels_{args.device}.json"
+    stem = f"kernels_{args.device}" + ("_quick" if args.quick else "")  # a smoke run never replaces a real one
+    json_path = args.out / f"{stem}.json"
     result = {"device": device_name, "command": command, "torch": torch.__version__, "method": args.method,
               "shape": {"batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
                         "head_dim": args.head_dim, "dtype": args.dtype}, "rows": [], "complete": False}
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{b['decode GB/s']:.0f} GB/s; device copy {b['copy GB/s']:.0f} GB/s; ratio {b['decode / copy']:.2f}")
     print(f"\nwrote {json_path}")
     if not args.no_plot:
-        png = args.out / f"kernels_{args.device}.png"
+        png = args.out / f"{stem}.png"
         _plot(rows, png, f"{args.method} vs SDPA, {device_name}")
         print(f"wrote {png}")
     print(f"reproduce: {command}")

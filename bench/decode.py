@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from lincompile.atomic import atomic_write_text
 from lincompile.runtime.timing import HFCache, Step, compiled_model, linear_session, open_ort, time_steps
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     json_path = args.out / f"decode_{machine_tag()}{suffix}.json"
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
     png_path = args.out / f"decode{suffix}.png"
     plot(result["rows"], args.engines, png_path, f"SmolLM2-135M {args.method}, {args.threads} thread(s)")
     print()

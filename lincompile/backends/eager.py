@@ -47,6 +47,7 @@ class LinearizedModel(torch.nn.Module):
         # decodable through `past_state`: some site keeps a state, and no causal site lacks one (an encoder's
         # sites are all non-causal: it keeps nothing, and is called on whole sequences)
         self.source_class: str | None = None  # the model class `optimize` linearized (what `load` rebuilds)
+        self.captured_dtype = next(graph.parameters()).dtype  # the graph's casts were traced for it
         self.supports_state = (len(rewritten) == len(sites) and any(s.stateful for s in sites)
                                and all(s.stateful or not s.causal for s in sites))
 
@@ -71,6 +72,11 @@ class LinearizedModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_state: RecurrentState | None = None, use_cache: bool = True,
                 position_ids: torch.Tensor | None = None, **extra: torch.Tensor) -> LinearizedOutput:
+        dtype = next(self.graph.parameters()).dtype
+        if dtype != self.captured_dtype:
+            raise ValueError(f"this model was captured in {self.captured_dtype} and cast to {dtype} since; its graph "
+                             f"keeps the {self.captured_dtype} casts it was traced with: cast the Hugging Face model "
+                             "first, then optimize it")
         if input_ids.dim() != 2 or 0 in input_ids.shape:
             raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got shape "
                              f"{tuple(input_ids.shape)}")

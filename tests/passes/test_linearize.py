@@ -170,3 +170,10 @@ def test_captured_graph_of_another_model_is_refused():
     assert lincompile.optimize(llama, "local", captured=captured).sites
     with pytest.raises(ValueError, match="another model's weights"):
         lincompile.optimize(gpt2, "local", captured=captured)
+
+
+def test_casting_after_optimize_is_refused_with_the_fix():
+    linear = lincompile.optimize(tiny_model("llama"), "local")
+    linear.half()
+    with pytest.raises(ValueError, match="captured in torch.float32 .* cast the Hugging Face model first"):
+        linear(torch.randint(3, 128, (1, 4)))

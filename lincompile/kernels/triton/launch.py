@@ -43,8 +43,8 @@ _MODES = ("auto", "triton", "reference")
 
 
 def kernel_mode() -> str:
-    """LINCOMPILE_KERNELS: auto (Triton on CUDA, reference on CPU), triton, or reference."""
-    mode = os.environ.get("LINCOMPILE_KERNELS", "auto")
+    """LINCOMPILE_KERNELS: auto (Triton on CUDA, reference on CPU; also when unset or empty), triton, or reference."""
+    mode = os.environ.get("LINCOMPILE_KERNELS") or "auto"
     if mode not in _MODES:
         raise ValueError(f"LINCOMPILE_KERNELS={mode!r} is not one of {_MODES}")
     return mode

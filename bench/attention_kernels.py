@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lincompile.cli.args import positive_int, positive_int_list
 from lincompile.atomic import atomic_write_text
 from lincompile.kernels.linear_attention import reference
 from lincompile.methods.params import random_params
@@ -251,19 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--method", default="augmented")
-    parser.add_argument("--lengths", default=None, help="comma-separated T (default: 1K..32K on CUDA, 256..2K on CPU)")
+    parser.add_argument("--lengths", type=positive_int_list, default=None,
+                        help="comma-separated T (default: 1K..32K on CUDA, 256..2K on CPU)")
     parser.add_argument("--quick", action="store_true", help="CPU: T in 128, 256, 512 and at most 5 repeats")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=None, help="query heads (default: 32 on CUDA, 4 on CPU)")
-    parser.add_argument("--kv-heads", type=int, default=None, help="KV heads (default: --heads)")
-    parser.add_argument("--head-dim", type=int, default=None, help="default: 128 on CUDA, 64 on CPU")
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--heads", type=positive_int, default=None, help="query heads (default: 32 on CUDA, 4 on CPU)")
+    parser.add_argument("--kv-heads", type=positive_int, default=None, help="KV heads (default: --heads)")
+    parser.add_argument("--head-dim", type=positive_int, default=None, help="default: 128 on CUDA, 64 on CPU")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--decode-batch", type=int, default=64,
+    parser.add_argument("--decode-batch", type=positive_int, default=64,
                         help="CUDA: rows of the decode-bandwidth measurement (default 64)")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (default 1, steadier on a "
+    parser.add_argument("--repeats", type=positive_int, default=7)
+    parser.add_argument("--threads", type=positive_int, default=1, help="CPU: torch threads (default 1, steadier on a "
                         "shared machine)")
-    parser.add_argument("--parallel-max", type=int, default=2048, help="CPU: largest T for the quadratic form")
+    parser.add_argument("--parallel-max", type=positive_int, default=2048, help="CPU: largest T for the quadratic form")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: this PyTorch sees no CUDA GPU (drop --device for the CPU timings)")
     default_lengths = "1024,2048,4096,8192,16384,32768" if cuda else ("128,256,512" if args.quick else
                                                                        "256,512,1024,2048")
-    lengths = [int(x) for x in (args.lengths or default_lengths).split(",")]
+    lengths = args.lengths or [int(x) for x in default_lengths.split(",")]
     args.heads = args.heads or (32 if cuda else 4)
     args.kv_heads = args.kv_heads or args.heads
     args.head_dim = args.head_dim or (128 if cuda else 64)

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from lincompile.cli.args import nonnegative_int, positive_int
 from lincompile.atomic import atomic_write_text
 from lincompile.runtime.timing import HFCache, Step, compiled_model, linear_session, open_ort, time_steps
 
@@ -211,14 +212,15 @@ def machine_tag() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
+    parser.add_argument("--contexts", type=positive_int, nargs="+", default=list(CONTEXTS))
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--method", default="augmented")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per engine per round")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (median over rounds x steps)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per engine and context")
-    parser.add_argument("--prefill-chunk", type=int, default=256, help="prefill chunk (HF and lincompile)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+    parser.add_argument("--steps", type=positive_int, default=4, help="timed steps per engine per round")
+    parser.add_argument("--rounds", type=positive_int, default=4,
+                        help="interleaved rounds (median over rounds x steps)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps per engine and context")
+    parser.add_argument("--prefill-chunk", type=positive_int, default=256, help="prefill chunk (HF and lincompile)")
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
                         help="torch and onnxruntime intra-op threads")
     parser.add_argument("--onnx-dir", type=Path, default=None,
                         help="reuse this export if it exists, else export into it (default: a temp dir)")

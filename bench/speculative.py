@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lincompile.cli.args import positive_int, positive_int_list
 from lincompile.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,11 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                         "heads")
     parser.add_argument("--ngram", metavar="DIR", nargs="+", help="n-gram tables (lincompile build-ngram): each adds "
                         "prompt lookup filled up from that table")
-    parser.add_argument("--ks", default="2,4,6,8", help="comma-separated numbers of drafted tokens")
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--ks", type=positive_int_list, default="2,4,6,8",
+                        help="comma-separated numbers of drafted tokens")
+    parser.add_argument("--prompts", type=positive_int, default=8)
+    parser.add_argument("--prompt-tokens", type=positive_int, default=64)
+    parser.add_argument("--new-tokens", type=positive_int, default=64)
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="2 prompts x 16 new tokens, k in 2,4")
     parser.add_argument("--onnx-dir", type=Path, default=None,
                         help="with --runtime ort: reuse the export in this directory, or export there (default: a "
@@ -207,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.prompts, args.new_tokens, args.ks = 2, 16, "2,4"
-    args.ks = [int(k) for k in args.ks.split(",")]
+        args.prompts, args.new_tokens, args.ks = 2, 16, [2, 4]
     result = run(args)
     print(_table(result))
     print(f"command: {result['command']}")

@@ -29,3 +29,8 @@ nonnegative_int = _bounded(int, 0, strict=False)
 positive_float = _bounded(float, 0.0, strict=True)
 #: a float >= 0 (weights, decay, clipping where 0 is off)
 nonnegative_float = _bounded(float, 0.0, strict=False)
+
+
+def positive_int_list(text: str) -> list[int]:
+    """Comma-separated ints >= 1 (`--lengths 1024,2048`)."""
+    return [positive_int(item.strip()) for item in text.split(",")]

@@ -37,6 +37,17 @@ def make_shareable(directory: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
+def check_not_inside(target: str | os.PathLike[str], *sources: str | os.PathLike[str] | None) -> None:
+    """Refuse a `target` directory that is, or holds, one of the `sources` a command reads (writing it would replace
+    them); sources that are not existing paths (model names) are ignored."""
+    where = Path(os.path.abspath(Path(target).expanduser()))
+    for source in sources:
+        path = Path(source).expanduser() if source is not None else None
+        if path is not None and path.exists() and Path(os.path.abspath(path)).is_relative_to(where):
+            raise ValueError(f"{target} holds {source}, which this command reads; writing it would replace that: "
+                             "write to another directory")
+
+
 def check_replaceable(target: str | os.PathLike[str], marker: str) -> None:
     """Raise FileExistsError when `target` is a file, or a non-empty directory without `marker` (so not one of this
     kind that lincompile wrote): replacing it would delete the user's files. Commands call it before long work."""

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from torch import nn
 
 from lincompile.api import SAVE_FILE
-from lincompile.atomic import check_replaceable
+from lincompile.atomic import check_not_inside, check_replaceable
 from lincompile.cli.args import nonnegative_float, nonnegative_int, positive_float, positive_int
 from lincompile.runtime.medusa import CONFIG_FILE as MEDUSA_CONFIG
 from lincompile.runtime.ngram import TABLE_FILE
@@ -82,6 +82,7 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
     from lincompile.train.medusa import train_medusa
 
     check_replaceable(args.out, MEDUSA_CONFIG)
+    check_not_inside(args.out, args.model)
     target, tokenizer = _frozen_target(args, "training the heads")
     vocab, hidden = target.lm_head_weight.shape
     config = MedusaConfig(num_heads=args.heads, hidden_size=hidden, vocab_size=vocab, num_layers=args.head_layers)
@@ -107,6 +108,7 @@ def cmd_make_draft(args: argparse.Namespace) -> int:
     from lincompile.train.draft_model import make_draft
 
     check_replaceable(args.out, SAVE_FILE)
+    check_not_inside(args.out, args.model, args.teacher)
     config = DistillConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, block_size=args.block_size,
                            warmup_steps=args.warmup_steps, ce_weight=args.ce_weight,
                            train_embeddings=args.train_embeddings, seed=args.seed)
@@ -128,6 +130,7 @@ def cmd_build_ngram(args: argparse.Namespace) -> int:
     from lincompile.train.medusa import precompute_features
 
     check_replaceable(args.out, TABLE_FILE)
+    check_not_inside(args.out, args.model)
     target, tokenizer = _frozen_target(args, "building the table")
     blocks = token_blocks(tokenizer, load_texts("train", args.data), args.block_size, args.tokens // args.block_size)
     features = precompute_features(target, blocks, args.batch_size, progress=not args.no_progress, keep_hidden=False)

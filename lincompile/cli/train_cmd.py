@@ -14,13 +14,13 @@ from pathlib import Path
 
 from lincompile.api import SAVE_FILE, optimize
 from lincompile.assets import load_model
-from lincompile.atomic import atomic_write_text, check_replaceable
+from lincompile.atomic import atomic_write_text, check_not_inside, check_replaceable
 from lincompile.cli.args import nonnegative_float, nonnegative_int, positive_float, positive_int
 from lincompile.config import LinearizeConfig
 from lincompile.methods.spec import methods
 from lincompile.train.checkpoint import latest_checkpoint
 from lincompile.train.data import heldout_blocks, load_texts, token_blocks
-from lincompile.train.lora import DEFAULT_TARGETS, merge_lora
+from lincompile.train.lora import DEFAULT_TARGETS, lora_matches, merge_lora
 from lincompile.train.trainer import LR_SCHEDULES, Distributed, TrainConfig, train
 
 _DEFAULTS = TrainConfig()
@@ -44,20 +44,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train, save OUT/final, print a summary (one JSON line with --json)."""
     config = train_config(args)
     out = Path(args.out).expanduser()
-    _check_out(out)
+    _check_out(out, args)
     if not args.resume and latest_checkpoint(out / "checkpoints") is not None:
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue, or another --out")
     if args.resume and latest_checkpoint(out / "checkpoints") is None:
         print(f"lincompile train: no checkpoint in {out / 'checkpoints'} to resume; training from the start",
               file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not at the first checkpoint
     parallel = Distributed.from_env(args.device)
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not at the first checkpoint
     try:
         model, tokenizer = load_model(args.model, attn_implementation=args.attn_impl)
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer; training needs one to tokenize the corpus")
         linear = optimize(model, args.method)
-        init = _init_tensors(args, linear.config.to_dict(), config) if args.init else None  # unused on resume
+        if config.lora_rank and config.stage2_steps:
+            lora_matches(linear.graph, config.lora_targets)  # stage 2 adds them: a bad --lora-targets fails now
+        init = _init_tensors(args, linear.config.to_dict(), config) if args.init else None
         blocks = token_blocks(tokenizer, load_texts("train", args.data), config.block_size, args.max_train_blocks)
         held = (heldout_blocks(tokenizer, config.block_size, config.eval_blocks, data=args.data)
                 if config.eval_blocks else None)
@@ -84,13 +86,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, args: argparse.Namespace) -> None:
     """Refuse, before any work, an --out whose files a run could overwrite: a file, or a non-empty directory that
-    `lincompile train` did not write (no checkpoints/), or one whose final/ is not a saved model."""
+    `lincompile train` did not write (no checkpoints/), or one whose final/ is not a saved model or is what the run
+    reads (MODEL, --init)."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "checkpoints").is_dir())):
         raise FileExistsError(f"{out} is a file or a non-empty directory that lincompile train did not write (no "
                               "checkpoints/); a run would overwrite its files: pass a new or empty --out")
     check_replaceable(out / "final", SAVE_FILE)
+    check_not_inside(out / "final", args.model, args.init)
 
 
 def _init_tensors(args: argparse.Namespace, linearize: dict, config: TrainConfig) -> dict:
@@ -166,8 +170,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", default=None, metavar="WEIGHTS",
                         help="start a new run from trained tensors: 'default' (the shipped linearization of MODEL "
                              "and --method), a directory written by lincompile.pretrained.ship, or a checkpoint "
-                             "OUT/checkpoints/step-N; its LoRA adapters continue (same --lora-* options); a "
-                             "--resume that finds a checkpoint in OUT continues that instead")
+                             "OUT/checkpoints/step-N; its LoRA adapters continue (same --lora-* options); resume "
+                             "such a run with the same --init")
     parser.add_argument("--seed", type=int, default=d.seed, help="data order and LoRA init (default 0)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on GPU (CPU never uses it)")

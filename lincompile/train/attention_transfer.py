@@ -85,7 +85,8 @@ def transfer_graph(linear: LinearizedModel) -> tuple[fx.GraphModule, list[int]]:
     """(graph returning a tuple of per-site MSEs, the site index of each MSE)."""
     graph, _, calls = _copy(linear)
     if not calls:
-        raise ValueError("no linearized attention site to transfer (every site is softmax)")
+        raise ValueError("no linearized attention site to transfer (every site is softmax): skip attention "
+                         "transfer with --stage1-steps 0 (stage1_steps=0)")
     losses = []
     for _, call in calls:
         student, teacher = _force_teacher(graph, call)

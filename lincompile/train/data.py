@@ -122,6 +122,10 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
 
+class ShortCorpusError(ValueError):
+    """The text does not fill one block."""
+
+
 def token_blocks(tokenizer: Any, texts: Iterable[str], block_size: int,
                  max_blocks: int | None = None) -> torch.Tensor:
     """Tokenize ``texts`` (no special tokens), join them with ``eos`` *between* texts, and cut
@@ -151,11 +155,15 @@ def token_blocks(tokenizer: Any, texts: Iterable[str], block_size: int,
     if max_blocks is not None:
         n = min(n, max_blocks)
     if n == 0:
-        raise ValueError(f"corpus has {len(stream)} tokens, fewer than one block of {block_size}")
+        raise ShortCorpusError(f"corpus has {len(stream)} tokens, fewer than one block of {block_size}")
     return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
 def heldout_blocks(tokenizer: Any, block_size: int = 256, max_blocks: int | None = None,
                    data: str | Path = "default", cache_dir: str | Path | None = None) -> torch.Tensor:
     """``token_blocks`` of the held-out split of ``data`` (the evaluation set)."""
-    return token_blocks(tokenizer, load_texts("heldout", data, cache_dir), block_size, max_blocks)
+    try:
+        return token_blocks(tokenizer, load_texts("heldout", data, cache_dir), block_size, max_blocks)
+    except ShortCorpusError as exc:
+        raise ShortCorpusError(f"the held-out split of {data}: {exc}; use a smaller block size, more text, or no "
+                         "held-out evaluation (--eval-blocks 0)") from None

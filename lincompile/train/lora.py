@@ -54,6 +54,19 @@ def projection_paths(gm: fx.GraphModule) -> list[str]:
     return out
 
 
+def lora_matches(gm: fx.GraphModule, targets: tuple[str, ...]) -> list[tuple[fx.Node, tuple]]:
+    """The projections `targets` adapt, as (node, (input, weight, transposed)) in graph order; ValueError naming the
+    graph's projections when there are none (checked before training: stage 2 adds the adapters)."""
+    matched = [(node, found) for node in list(gm.graph.nodes)
+               if (found := _projection(node)) is not None
+               and _matches(str(found[1].target)[: -len(".weight")], targets)]
+    if not matched:
+        names = sorted({p.rsplit(".", 1)[-1] for p in projection_paths(gm)})
+        raise ValueError(f"no projection matches LoRA targets {list(targets)}; the graph's projections are "
+                         f"named {names}")
+    return matched
+
+
 def apply_lora(gm: fx.GraphModule, targets: tuple[str, ...] = DEFAULT_TARGETS, rank: int = 8,
                alpha: float = 16.0, seed: int = 0) -> dict[str, torch.nn.Parameter]:
     """Add an adapter to every targeted projection, in place; returns {parameter name: parameter}.
@@ -65,13 +78,7 @@ def apply_lora(gm: fx.GraphModule, targets: tuple[str, ...] = DEFAULT_TARGETS, r
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if hasattr(gm, LORA_MODULE):
         raise ValueError("this graph already has LoRA adapters; merge_lora first")
-    matched = [(node, found) for node in list(gm.graph.nodes)
-               if (found := _projection(node)) is not None
-               and _matches(str(found[1].target)[: -len(".weight")], targets)]
-    if not matched:
-        names = sorted({p.rsplit(".", 1)[-1] for p in projection_paths(gm)})
-        raise ValueError(f"no projection matches LoRA targets {list(targets)}; the graph's projections are "
-                         f"named {names}")
+    matched = lora_matches(gm, targets)
     gm.add_submodule(LORA_MODULE, torch.nn.Module())
     root = getattr(gm, LORA_MODULE)
     scale = alpha / rank

@@ -107,7 +107,16 @@ class Distributed:
     def from_env(cls, device: str | None = None) -> "Distributed":
         """Join the job torchrun describes (WORLD_SIZE > 1: nccl on GPU, gloo on CPU), else a single process.
 
-        `device` None picks CUDA when available (cuda:LOCAL_RANK under torchrun)."""
+        `device` None picks CUDA when available (cuda:LOCAL_RANK under torchrun); "cpu" or "cuda[:N]" otherwise."""
+        if device is not None:
+            try:
+                kind = torch.device(device).type
+            except RuntimeError:
+                kind = device
+            if kind not in ("cpu", "cuda"):
+                raise ValueError(f"device {device!r}: use cpu or cuda (cuda:N for one GPU)")
+            if kind == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {device!r}: this PyTorch sees no CUDA GPU; use cpu, or drop --device")
         use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls(device=torch.device(device or ("cuda" if use_cuda else "cpu")))
@@ -205,8 +214,10 @@ def _setup_stage(number: int, linear: LinearizedModel, config: TrainConfig) -> _
         objective = FinetuneObjective(linear, config.kl_weight, teacher)
         base_lr, first = config.lr, config.stage1_steps
     if not params:
-        raise ValueError(f"stage {number} has nothing to train ({linear.config.spec.name} has no parameters; "
-                         "use a LoRA rank > 0 or full fine-tuning)")
+        fix = ("skip attention transfer with --stage1-steps 0 (stage1_steps=0)" if number == 1 else
+               "use a LoRA rank > 0 or full fine-tuning")
+        raise ValueError(f"stage {number} has nothing to train ({linear.config.spec.name} has no attention "
+                         f"parameters): {fix}")
     trained = {id(p) for p in params.values()}
     for p in linear.graph.parameters():
         p.requires_grad_(id(p) in trained)
@@ -272,9 +283,10 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
     afterwards (`merge_lora` folds them).
     `on_step(step, record)` runs after each step, once its checkpoint (if any) is written. `desc` names the run on
     its progress bar (or, without one, on its evaluation lines).
-    `init` (a fresh run only) sets trained tensors by name before training, e.g. a previous run's method parameters
-    and LoRA adapters (`lincompile.pretrained.trained_tensors`) to continue from; LoRA-adapter tensors are set when
-    stage 2 creates the adapters, and every tensor must find a parameter of the same shape.
+    `init` sets trained tensors by name before training, e.g. a previous run's method parameters and LoRA adapters
+    (`lincompile.pretrained.trained_tensors`) to continue from; LoRA-adapter tensors are set when stage 2 creates
+    the adapters, and every tensor must find a parameter of the same shape. Checkpoints record its names: resuming
+    such a run takes the same `init` (for the tensors the checkpoint lacks); a run started without one ignores it.
     """
     parallel = parallel or Distributed(device=linear.device)
     per_step = config.grad_accum * parallel.world
@@ -293,7 +305,8 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
     evals: list[dict[str, Any]] = list(checkpoint.state["evals"]) if checkpoint else []
     flags = [(p, p.requires_grad) for p in linear.graph.parameters()]
     stage: _Stage | None = None
-    pending = dict(init or {}) if checkpoint is None else {}
+    pending = dict(init or {}) if checkpoint is None else _init_left(checkpoint, init)
+    init_names = sorted(init or {}) if checkpoint is None else checkpoint.state.get("init", [])
     last_stage = 2 if config.stage2_steps else 1
     saved: Path | None = found
     bar = tqdm(total=config.total_steps, initial=step, disable=not (progress and parallel.is_main), desc=desc)
@@ -342,7 +355,7 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
             if stage_end or (config.eval_every and step % config.eval_every == 0):
                 evaluate(number)
             if parallel.is_main and (stage_end or (config.checkpoint_every and step % config.checkpoint_every == 0)):
-                saved = _save(root, step, linear, stage, config, history, evals)
+                saved = _save(root, step, linear, stage, config, history, evals, init_names)
             if on_step is not None:
                 on_step(step, record)
         if checkpoint is not None:  # resumed a finished run: load its final parameters
@@ -359,10 +372,25 @@ def _trained_tensors(linear: LinearizedModel, stage: _Stage) -> dict[str, Tensor
     return {**attention_parameters(linear), **stage.params}
 
 
+def _init_left(checkpoint: Checkpoint, init: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """The `init` tensors a resumed run still needs: those its checkpoint does not hold (LoRA adapters made in
+    stage 2, frozen or fully fine-tuned base weights after a stage-1 checkpoint). A run started from `init` must be
+    resumed with the same names (the checkpoint records them); one started without it ignores `init`."""
+    names = checkpoint.state.get("init", [])
+    if not names:
+        return {}
+    if init is None or sorted(init) != names:
+        given = "none" if init is None else f"{len(init)} other tensors"
+        raise ValueError(f"{checkpoint.path}: this run started from {len(names)} init tensors ({given} given now); "
+                         "resume it with the same --init")
+    return {name: value for name, value in init.items() if name not in checkpoint.tensors}
+
+
 def _save(root: Path, step: int, linear: LinearizedModel, stage: _Stage, config: TrainConfig,
-          history: list[dict[str, Any]], evals: list[dict[str, Any]]) -> Path:
+          history: list[dict[str, Any]], evals: list[dict[str, Any]], init: list[str]) -> Path:
     tensors = _trained_tensors(linear, stage)
-    state = {"stage": stage.number, "optimizer_params": list(stage.params), "history": history, "evals": evals}
+    state = {"stage": stage.number, "optimizer_params": list(stage.params), "history": history, "evals": evals,
+             "init": init}
     return save_checkpoint(root, step, tensors, stage.optimizer.state_dict(), linear.config.to_dict(),
                            config.to_dict(), state, config.keep_checkpoints)
 

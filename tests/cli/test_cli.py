@@ -270,3 +270,21 @@ def test_draft_commands_refuse_a_users_directory_before_loading(capsys, tmp_path
     assert code == 1
     assert_one_line_error(err, "not a directory of this kind that lincompile wrote")
     assert (mine / "notes.txt").read_text() == "mine"
+
+
+def test_commands_never_write_over_the_model_they_read(capsys, tmp_path: Path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("loaded before the output was checked")
+
+    monkeypatch.setattr("lincompile.cli.draft_cmd.load_target", never)
+    monkeypatch.setattr("lincompile.cli.train_cmd.load_model", never)
+    saved = tmp_path / "run" / "final"
+    saved.mkdir(parents=True)
+    (saved / "lincompile.json").write_text("{}")  # a saved linearized model: its kind's marker
+    (tmp_path / "run" / "checkpoints").mkdir()
+    for argv in (["make-draft", str(saved), "--layers", "1", "--out", str(saved)],
+                 ["train", str(saved), "--method", "augmented", "--out", str(tmp_path / "run")]):
+        code, _, err = run(capsys, *argv)
+        assert code == 1
+        assert_one_line_error(err, "which this command reads")
+    assert (saved / "lincompile.json").read_text() == "{}"

@@ -83,3 +83,26 @@ def test_init_errors_name_the_problem(reference_run, worker, tmp_path):
         assert all(torch.equal(loaded[n], tensors[n]) for n in tensors) and set(loaded) == set(tensors)
     with pytest.raises(ValueError, match="holds a augmented linearization, not linear-elu"):
         trained_tensors(reference.checkpoint, "tiny", "linear-elu")
+
+
+def test_a_run_started_from_init_resumes_from_a_stage1_checkpoint_with_its_adapters(reference_run, worker,
+                                                                                      tmp_path):
+    """A stage-1 checkpoint holds only the method parameters: the init's LoRA adapters must still arrive when the
+    resumed run reaches stage 2, or it trains from fresh adapters (a worse model, silently)."""
+    import shutil
+
+    init = load_checkpoint(reference_run[0].checkpoint).tensors
+    config = worker.config(stage1_steps=2, stage2_steps=2, checkpoint_every=1, keep_checkpoints=10)
+    linear, blocks, _ = worker.build()
+    train(linear, blocks, config, tmp_path / "whole", progress=False, init=init)
+    whole = {n: p.detach().clone() for n, p in linear.graph.named_parameters()}
+    (tmp_path / "part" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step-00000001",
+                    tmp_path / "part" / "checkpoints" / "step-00000001")
+    linear, blocks, _ = worker.build()
+    with pytest.raises(ValueError, match="started from .* init tensors .*same --init"):
+        train(linear, blocks, config, tmp_path / "part", resume=True, progress=False)
+    linear, blocks, _ = worker.build()
+    train(linear, blocks, config, tmp_path / "part", resume=True, progress=False, init=init)
+    resumed = dict(linear.graph.named_parameters())
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[n], resumed[n]) for n in whole)

@@ -195,3 +195,31 @@ def test_eval_refuses_options_that_would_be_ignored(tmp_path):
                         (["smollm2-135m", "--softmax-finetuned", str(tmp_path / "nope")], "is not a directory")):
         with pytest.raises(ValueError, match=match):
             cmd_eval(parser.parse_args(argv))
+
+
+def test_training_errors_say_what_to_do(tmp_path):
+    from lincompile.train.data import heldout_blocks
+    from lincompile.train.trainer import Distributed
+
+    with pytest.raises(ValueError, match="use cpu or cuda"):
+        Distributed.from_env("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            Distributed.from_env("cuda")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    with pytest.raises(ValueError, match="held-out split .*--eval-blocks 0"):
+        heldout_blocks(char_tokenizer(), 256, data=str(corpus))
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    corpus.write_text(TEXT * 6)
+    with pytest.raises(ValueError, match="--stage1-steps 0"):
+        _run([str(model_dir), "--method", "linear-elu", "--data", str(corpus), "--out", str(tmp_path / "a"),
+              "--stage1-steps", "1", "--stage2-steps", "1", "--batch-size", "2", "--block-size", "16",
+              "--eval-blocks", "0", "--no-progress"])
+    with pytest.raises(ValueError, match="no projection matches LoRA targets"):
+        _run([str(model_dir), "--method", "augmented", "--data", str(corpus), "--out", str(tmp_path / "b"),
+              "--lora-targets", "nothing", "--stage1-steps", "1", "--stage2-steps", "1", "--batch-size", "2",
+              "--block-size", "16", "--eval-blocks", "0", "--no-progress"])
+    assert not (tmp_path / "b" / "checkpoints").exists()  # refused before stage 1 ran

@@ -81,6 +81,9 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
     from lincompile.train.data import heldout_blocks, load_texts, token_blocks
     from lincompile.train.medusa import train_medusa
 
+    if args.heads + 1 >= args.block_size:  # head i (1-based) at t learns token t + 1 + i of the same block
+        raise ValueError(f"--heads {args.heads} leaves heads with no token to predict in a block of "
+                         f"{args.block_size}: use fewer heads or a larger --block-size")
     check_replaceable(args.out, MEDUSA_CONFIG)
     check_not_inside(args.out, args.model)
     target, tokenizer = _frozen_target(args, "training the heads")

@@ -157,6 +157,7 @@ def test_target_weights_reach_the_linearization(tiny_dir, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["train-medusa", "M", "--out", "o", "--tokens", "8"], "at least one block"),
     (["train-medusa", "M", "--out", "o", "--weights", "none"], "add --method"),
+    (["train-medusa", "M", "--out", "o", "--heads", "40", "--block-size", "32"], "heads with no token to predict"),
 ])
 def test_bad_arguments_are_refused_before_loading(argv, message):
     parser = argparse.ArgumentParser(prog="lincompile")

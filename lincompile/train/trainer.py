@@ -13,6 +13,7 @@ Global steps 0 .. stage1_steps-1 are stage 1, the next stage2_steps are stage 2.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import random
@@ -298,8 +299,10 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
     root = Path(out_dir) / "checkpoints"
     found = latest_checkpoint(root) if resume else None
     checkpoint = load_checkpoint(found) if found is not None else None
+    fingerprint = _fingerprint(linear, blocks)  # before any tensor is trained, restored or set from `init`
     if checkpoint is not None:
         _check_resumable(checkpoint, linear, config)
+        _check_same_inputs(checkpoint, fingerprint)
     step = checkpoint.step if checkpoint else 0
     history: list[dict[str, Any]] = list(checkpoint.state["history"]) if checkpoint else []
     evals: list[dict[str, Any]] = list(checkpoint.state["evals"]) if checkpoint else []
@@ -355,7 +358,7 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
             if stage_end or (config.eval_every and step % config.eval_every == 0):
                 evaluate(number)
             if parallel.is_main and (stage_end or (config.checkpoint_every and step % config.checkpoint_every == 0)):
-                saved = _save(root, step, linear, stage, config, history, evals, init_names)
+                saved = _save(root, step, linear, stage, config, history, evals, init_names, fingerprint)
             if on_step is not None:
                 on_step(step, record)
         if checkpoint is not None:  # resumed a finished run: load its final parameters
@@ -386,11 +389,31 @@ def _init_left(checkpoint: Checkpoint, init: dict[str, Tensor] | None) -> dict[s
     return {name: value for name, value in init.items() if name not in checkpoint.tensors}
 
 
+def _fingerprint(linear: LinearizedModel, blocks: Tensor) -> dict[str, str]:
+    """Hashes of what a resumed run must share with the run it continues: the training tokens, and the model's
+    first weight (the embeddings) as loaded."""
+    def digest(t: Tensor) -> str:
+        return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+    return {"data": digest(blocks), "model": digest(next(linear.graph.parameters()))}
+
+
+def _check_same_inputs(checkpoint: Checkpoint, fingerprint: dict[str, str]) -> None:
+    """Refuse to resume on other training tokens (--data, --max-train-blocks, tokenizer) or another model; older
+    checkpoints, which recorded neither, are not checked."""
+    saved = checkpoint.state.get("fingerprint", {})
+    what = {"data": "training tokens (--data, --max-train-blocks)", "model": "model weights"}
+    changed = [what[k] for k in what if k in saved and saved[k] != fingerprint[k]]
+    if changed:
+        raise ValueError(f"cannot resume {checkpoint.path}: other {' and '.join(changed)} than the run it continues")
+
+
 def _save(root: Path, step: int, linear: LinearizedModel, stage: _Stage, config: TrainConfig,
-          history: list[dict[str, Any]], evals: list[dict[str, Any]], init: list[str]) -> Path:
+          history: list[dict[str, Any]], evals: list[dict[str, Any]], init: list[str],
+          fingerprint: dict[str, str]) -> Path:
     tensors = _trained_tensors(linear, stage)
     state = {"stage": stage.number, "optimizer_params": list(stage.params), "history": history, "evals": evals,
-             "init": init}
+             "init": init, "fingerprint": fingerprint}
     return save_checkpoint(root, step, tensors, stage.optimizer.state_dict(), linear.config.to_dict(),
                            config.to_dict(), state, config.keep_checkpoints)
 

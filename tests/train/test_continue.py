@@ -1,6 +1,7 @@
 """Continuing a trained linearization: the cosine LR schedule and `train(init=...)` / `lincompile train --init`."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -106,3 +107,20 @@ def test_a_run_started_from_init_resumes_from_a_stage1_checkpoint_with_its_adapt
     train(linear, blocks, config, tmp_path / "part", resume=True, progress=False, init=init)
     resumed = dict(linear.graph.named_parameters())
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[n], resumed[n]) for n in whole)
+
+
+def test_resume_refuses_other_tokens_or_another_model(worker, tmp_path):
+    import lincompile
+    from lincompile.testing.tiny import tiny_model
+
+    config = worker.config(stage1_steps=1, stage2_steps=1)
+    linear, blocks, _ = worker.build()
+    train(linear, blocks, dataclasses.replace(config, stage2_steps=0), tmp_path, progress=False)
+    linear, blocks, _ = worker.build()
+    with pytest.raises(ValueError, match="other training tokens"):
+        train(linear, blocks[:-4], config, tmp_path, resume=True, progress=False)
+    other = lincompile.optimize(tiny_model("llama", seed=1), worker.METHOD)
+    with pytest.raises(ValueError, match="other model weights"):
+        train(other, blocks, config, tmp_path, resume=True, progress=False)
+    linear, blocks, _ = worker.build()
+    assert len(train(linear, blocks, config, tmp_path, resume=True, progress=False).history) == 2

@@ -393,7 +393,8 @@ def _fingerprint(linear: LinearizedModel, blocks: Tensor) -> dict[str, str]:
     """Hashes of what a resumed run must share with the run it continues: the training tokens, and the model's
     first weight (the embeddings) as loaded."""
     def digest(t: Tensor) -> str:
-        return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+        data = t.detach().cpu().reshape(-1).contiguous().view(torch.uint8)  # the bytes, whatever the dtype
+        return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]
 
     return {"data": digest(blocks), "model": digest(next(linear.graph.parameters()))}
 

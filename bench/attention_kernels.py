@@ -31,8 +31,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lincompile.cli.args import positive_int, positive_int_list
 from lincompile.atomic import atomic_write_text
+from lincompile.cli.args import positive_int, positive_int_list
 from lincompile.kernels.linear_attention import reference
 from lincompile.methods.params import random_params
 from lincompile.methods.spec import MethodSpec, get_method

@@ -50,8 +50,8 @@ from pathlib import Path
 
 import torch
 
-from lincompile.cli.args import nonnegative_int, positive_int
 from lincompile.atomic import atomic_write_text
+from lincompile.cli.args import nonnegative_int, positive_int
 from lincompile.runtime.timing import HFCache, Step, compiled_model, linear_session, open_ort, time_steps
 
 RESULTS = Path(__file__).resolve().parent / "results"

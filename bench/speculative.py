@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from lincompile.cli.args import positive_int, positive_int_list
 from lincompile.atomic import atomic_write_text
+from lincompile.cli.args import positive_int, positive_int_list
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -40,10 +40,10 @@ def make_shareable(directory: Path) -> None:
 def check_not_inside(target: str | os.PathLike[str], *sources: str | os.PathLike[str] | None) -> None:
     """Refuse a `target` directory that is, or holds, one of the `sources` a command reads (writing it would replace
     them); sources that are not existing paths (model names) are ignored."""
-    where = Path(os.path.abspath(Path(target).expanduser()))
+    where = Path(target).expanduser().resolve()  # through symlinks, to what would be replaced
     for source in sources:
         path = Path(source).expanduser() if source is not None else None
-        if path is not None and path.exists() and Path(os.path.abspath(path)).is_relative_to(where):
+        if path is not None and path.exists() and path.resolve().is_relative_to(where):
             raise ValueError(f"{target} holds {source}, which this command reads; writing it would replace that: "
                              "write to another directory")
 

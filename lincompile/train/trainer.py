@@ -308,8 +308,13 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
     evals: list[dict[str, Any]] = list(checkpoint.state["evals"]) if checkpoint else []
     flags = [(p, p.requires_grad) for p in linear.graph.parameters()]
     stage: _Stage | None = None
-    pending = dict(init or {}) if checkpoint is None else _init_left(checkpoint, init)
-    init_names = sorted(init or {}) if checkpoint is None else checkpoint.state.get("init", [])
+    pending = dict(init or {})
+    init_names = sorted(pending) if checkpoint is None else checkpoint.state.get("init", [])
+    if checkpoint is not None:
+        # the run's starting point before any stage is set up (a stage-2 KL teacher copies base weights from it);
+        # the checkpoint's tensors replace what it holds, so only what it lacks stays pending (LoRA after stage 1)
+        rest = _copy_by_name(linear, _resume_init(checkpoint, init), "init", final=False)
+        pending = {name: value for name, value in rest.items() if name not in checkpoint.tensors}
     last_stage = 2 if config.stage2_steps else 1
     saved: Path | None = found
     bar = tqdm(total=config.total_steps, initial=step, disable=not (progress and parallel.is_main), desc=desc)
@@ -375,18 +380,19 @@ def _trained_tensors(linear: LinearizedModel, stage: _Stage) -> dict[str, Tensor
     return {**attention_parameters(linear), **stage.params}
 
 
-def _init_left(checkpoint: Checkpoint, init: dict[str, Tensor] | None) -> dict[str, Tensor]:
-    """The `init` tensors a resumed run still needs: those its checkpoint does not hold (LoRA adapters made in
-    stage 2, frozen or fully fine-tuned base weights after a stage-1 checkpoint). A run started from `init` must be
-    resumed with the same names (the checkpoint records them); one started without it ignores `init`."""
+def _resume_init(checkpoint: Checkpoint, init: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """The `init` a resumed run starts from: a run started from `init` must be resumed with the same names (its
+    checkpoints record them), one started without it without (older checkpoints recorded neither: ignored)."""
     names = checkpoint.state.get("init", [])
     if not names:
+        if init and "init" in checkpoint.state:
+            raise ValueError(f"{checkpoint.path}: this run started without init tensors; resume it without --init")
         return {}
     if init is None or sorted(init) != names:
         given = "none" if init is None else f"{len(init)} other tensors"
         raise ValueError(f"{checkpoint.path}: this run started from {len(names)} init tensors ({given} given now); "
                          "resume it with the same --init")
-    return {name: value for name, value in init.items() if name not in checkpoint.tensors}
+    return dict(init)
 
 
 def _fingerprint(linear: LinearizedModel, blocks: Tensor) -> dict[str, str]:

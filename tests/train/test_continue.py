@@ -86,10 +86,10 @@ def test_init_errors_name_the_problem(reference_run, worker, tmp_path):
         trained_tensors(reference.checkpoint, "tiny", "linear-elu")
 
 
-def test_a_run_started_from_init_resumes_from_a_stage1_checkpoint_with_its_adapters(reference_run, worker,
-                                                                                      tmp_path):
-    """A stage-1 checkpoint holds only the method parameters: the init's LoRA adapters must still arrive when the
-    resumed run reaches stage 2, or it trains from fresh adapters (a worse model, silently)."""
+@pytest.mark.parametrize("step", [1, 3, 4])  # stage 1; stage 2 (its KL teacher copies base weights); finished
+def test_a_run_started_from_init_resumes_from_any_checkpoint_exactly(reference_run, worker, tmp_path, step):
+    """A checkpoint holds only what was trained so far: the init's other tensors (LoRA adapters after stage 1,
+    norms the teacher copies) must still arrive, or the resumed run trains from other weights (silently)."""
     import shutil
 
     init = load_checkpoint(reference_run[0].checkpoint).tensors
@@ -97,9 +97,8 @@ def test_a_run_started_from_init_resumes_from_a_stage1_checkpoint_with_its_adapt
     linear, blocks, _ = worker.build()
     train(linear, blocks, config, tmp_path / "whole", progress=False, init=init)
     whole = {n: p.detach().clone() for n, p in linear.graph.named_parameters()}
-    (tmp_path / "part" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step-00000001",
-                    tmp_path / "part" / "checkpoints" / "step-00000001")
+    name = f"step-{step:08d}"
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / name, tmp_path / "part" / "checkpoints" / name)
     linear, blocks, _ = worker.build()
     with pytest.raises(ValueError, match="started from .* init tensors .*same --init"):
         train(linear, blocks, config, tmp_path / "part", resume=True, progress=False)
@@ -122,5 +121,8 @@ def test_resume_refuses_other_tokens_or_another_model(worker, tmp_path):
     other = lincompile.optimize(tiny_model("llama", seed=1), worker.METHOD)
     with pytest.raises(ValueError, match="other model weights"):
         train(other, blocks, config, tmp_path, resume=True, progress=False)
+    linear, blocks, _ = worker.build()
+    with pytest.raises(ValueError, match="started without init tensors"):
+        train(linear, blocks, config, tmp_path, resume=True, progress=False, init={"x": torch.zeros(1)})
     linear, blocks, _ = worker.build()
     assert len(train(linear, blocks, config, tmp_path, resume=True, progress=False).history) == 2

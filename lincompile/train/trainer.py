@@ -400,7 +400,7 @@ def _fingerprint(linear: LinearizedModel, blocks: Tensor) -> dict[str, str]:
     first weight (the embeddings) as loaded."""
     def digest(t: Tensor) -> str:
         data = t.detach().cpu().reshape(-1).contiguous().view(torch.uint8)  # the bytes, whatever the dtype
-        return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]
+        return hashlib.sha256(memoryview(data.numpy())).hexdigest()[:16]
 
     return {"data": digest(blocks), "model": digest(next(linear.graph.parameters()))}
 

@@ -174,9 +174,8 @@ def save(model: LinearizedModel, directory: str | Path, tokenizer: object | None
         model.hf_config.save_pretrained(tmp)
         state = {k: v.detach().contiguous() for k, v in model.graph.state_dict().items()}
         save_file(_untie(state), tmp / "model.safetensors")
-        meta = {"format": SAVE_FORMAT, "linearize": model.config.to_dict(),
-                "source_class": getattr(model, "source_class", None),
-                "dtype": str(next(model.graph.parameters()).dtype).removeprefix("torch.")}
+        meta = {"format": SAVE_FORMAT, "linearize": model.config.to_dict(), "source_class": model.source_class,
+                "dtype": str(model.captured_dtype).removeprefix("torch.")}
         (tmp / SAVE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -44,13 +44,17 @@ class LinearizedModel(torch.nn.Module):
         self.hf_config = hf_config
         self._site_by_index = {s.index: s for s in sites}
         self.state_inputs = [name for r in rewritten for name in r.state_inputs]
+        self.source_class: str | None = None  # the model class `optimize` linearized (what `load` rebuilds)
+        self.captured_dtype = self._param_dtype()  # the graph's casts were traced for it
         # decodable through `past_state`: some site keeps a state, and no causal site lacks one (an encoder's
         # sites are all non-causal: it keeps nothing, and is called on whole sequences)
-        self.source_class: str | None = None  # the model class `optimize` linearized (what `load` rebuilds)
-        first = next(graph.parameters(), None)
-        self.captured_dtype = None if first is None else first.dtype  # the graph's casts were traced for it
         self.supports_state = (len(rewritten) == len(sites) and any(s.stateful for s in sites)
                                and all(s.stateful or not s.causal for s in sites))
+
+    def _param_dtype(self) -> torch.dtype | None:
+        """The dtype of the graph's first parameter (the embeddings): the model's dtype."""
+        first = next(self.graph.parameters(), None)
+        return None if first is None else first.dtype
 
     @property
     def device(self) -> torch.device:
@@ -73,8 +77,7 @@ class LinearizedModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_state: RecurrentState | None = None, use_cache: bool = True,
                 position_ids: torch.Tensor | None = None, **extra: torch.Tensor) -> LinearizedOutput:
-        first = next(self.graph.parameters(), None)
-        dtype = None if first is None else first.dtype
+        dtype = self._param_dtype()
         if dtype != self.captured_dtype:
             raise ValueError(f"this model was captured in {self.captured_dtype} and cast to {dtype} since; its graph "
                              f"keeps the {self.captured_dtype} casts it was traced with: cast the Hugging Face model "

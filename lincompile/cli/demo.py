@@ -119,13 +119,12 @@ def _decode(hf: Any, engines: dict[str, Any], start: Any, steps: int) -> tuple[d
 def _draft(opts: DemoOptions) -> Any:
     """The draft `--draft` names, loaded before any long work (a bad one fails now, not after the export)."""
     from lincompile.cli.serve_cmd import draft_kind, parse_draft
-    from lincompile.passes.linearize import VERIFY_WINDOW
+    from lincompile.runtime.speculative import check_num_draft_tokens
 
     if draft_kind(opts.draft)[0] in ("none", "medusa"):
         raise ValueError(f"--draft {opts.draft}: the demo times speculative decoding against plain decoding of a "
                          "fresh linearization; use prompt-lookup, ngram:DIR or model:DIR")
-    if not 1 <= opts.num_draft_tokens < VERIFY_WINDOW:
-        raise ValueError(f"--num-draft-tokens must be in 1..{VERIFY_WINDOW - 1}, got {opts.num_draft_tokens}")
+    check_num_draft_tokens(opts.num_draft_tokens)
     return parse_draft(opts.draft, None, "torch")
 
 

@@ -153,14 +153,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lincompile.runtime.speculative import speculative_generate
 
     kind = draft_kind(args.draft)[0]  # a misspelt --draft fails before the model loads
-    early = parse_draft(args.draft, None, "torch") if kind in ("ngram", "model") else None  # so does a bad DIR
+    loaded_first = kind in ("ngram", "model")  # needing no target, so a bad DIR fails before the model loads too
+    draft = parse_draft(args.draft, None, "torch") if loaded_first else None
     text = _prompt_text(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, runtime = _target(args)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; save one beside the model (tokenizer.save_pretrained)")
-    draft = early if kind in ("ngram", "model") else parse_draft(args.draft, model, runtime)
+    if not loaded_first:
+        draft = parse_draft(args.draft, model, runtime)
     ids = _prompt_ids(args, text, tokenizer)
     streamer = None if args.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,

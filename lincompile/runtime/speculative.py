@@ -105,11 +105,7 @@ class SpeculativeDecoder:
     def __init__(self, target: Any, draft: Any, num_draft_tokens: int = 4, sampling: SamplingConfig | None = None,
                  generator: torch.Generator | None = None, adaptive: bool = False,
                  prefill_chunk_size: int | None = 512) -> None:
-        if num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
-        if num_draft_tokens >= VERIFY_WINDOW:
-            raise ValueError(f"num_draft_tokens must be < {VERIFY_WINDOW} (one verify call scores at most "
-                             f"{VERIFY_WINDOW} tokens), got {num_draft_tokens}")
+        check_num_draft_tokens(num_draft_tokens)
         require_decodable(target, "speculative decoding")
         self.target = target
         self.draft = make_draft(draft, target)
@@ -192,6 +188,15 @@ def _truncate(proposal: Proposal, limit: int) -> Proposal:
     parents = None if proposal.parents is None else proposal.parents[:limit]
     q = None if proposal.q is None else proposal.q[:limit]
     return Proposal(proposal.tokens[:limit], parents, q)
+
+
+def check_num_draft_tokens(k: int) -> None:
+    """Refuse a draft length one verify call cannot score: 1 <= k < VERIFY_WINDOW."""
+    if k < 1:
+        raise ValueError(f"num_draft_tokens must be >= 1, got {k}")
+    if k >= VERIFY_WINDOW:
+        raise ValueError(f"num_draft_tokens must be < {VERIFY_WINDOW} (one verify call scores at most "
+                         f"{VERIFY_WINDOW} tokens), got {k}")
 
 
 def _check_one_sequence(input_ids: Tensor) -> None:

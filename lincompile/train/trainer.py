@@ -287,7 +287,9 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
     `init` sets trained tensors by name before training, e.g. a previous run's method parameters and LoRA adapters
     (`lincompile.pretrained.trained_tensors`) to continue from; LoRA-adapter tensors are set when stage 2 creates
     the adapters, and every tensor must find a parameter of the same shape. Checkpoints record its names: resuming
-    such a run takes the same `init` (for the tensors the checkpoint lacks); a run started without one ignores it.
+    such a run takes the same `init` (the checkpoint's tensors then replace what it holds), and resuming one
+    started without it refuses one. Checkpoints also record hashes of `blocks` and the model's first weight: a
+    resume on others is refused.
     """
     parallel = parallel or Distributed(device=linear.device)
     per_step = config.grad_accum * parallel.world

@@ -18,6 +18,7 @@ from lincompile.methods.spec import MethodSpec, get_method
 from lincompile.passes.base import PassContext, PassManager, PassResult, Verifier
 from lincompile.passes.detect_attention import AttentionSite, UnmatchedSoftmax
 from lincompile.passes.pipeline import DEFAULT_PIPELINE, build_pipeline
+from lincompile.runtime.state import learned_positions
 
 SAVE_FORMAT = "lincompile-linearized"
 #: The file every saved linearized model directory holds (its format, LinearizeConfig, source class, dtype).
@@ -160,6 +161,7 @@ def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, 
                                  ctx.rewritten, config, getattr(model, "config", None))
     linearized.report = report
     linearized.source_class = type(model).__name__  # what `load` rebuilds (a BertModel is no causal LM)
+    linearized.max_positions = learned_positions(model)
     return linearized
 
 

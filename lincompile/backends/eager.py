@@ -16,7 +16,7 @@ from lincompile.kernels.linear_attention.reference import init_state
 from lincompile.methods.spec import MethodSpec
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT, RewrittenSite
-from lincompile.runtime.state import RecurrentState, check_state
+from lincompile.runtime.state import RecurrentState, check_positions, check_state
 
 
 @dataclass
@@ -46,6 +46,7 @@ class LinearizedModel(torch.nn.Module):
         self.state_inputs = [name for r in rewritten for name in r.state_inputs]
         self.source_class: str | None = None  # the model class `optimize` linearized (what `load` rebuilds)
         self.captured_dtype = self._param_dtype()  # the graph's casts were traced for it
+        self.max_positions: int | None = None  # learned position embeddings' limit (`optimize` sets it)
         # decodable through `past_state`: some site keeps a state, and no causal site lacks one (an encoder's
         # sites are all non-causal: it keeps nothing, and is called on whole sequences)
         self.supports_state = (len(rewritten) == len(sites) and any(s.stateful for s in sites)
@@ -94,6 +95,7 @@ class LinearizedModel(torch.nn.Module):
         if past_state is not None:
             check_state(past_state, self.state_inputs, batch)
         state = past_state if past_state is not None else self.initial_state(batch, input_ids.device)
+        check_positions(self.max_positions, state.length + tokens)
         if attention_mask is not None and attention_mask.shape[1] == state.length + tokens and state.length:
             attention_mask = attention_mask[:, state.length:]
         if attention_mask is None:

@@ -20,7 +20,7 @@ import torch
 
 from lincompile.backends.onnx import FORMAT, FORMAT_VERSION, META_FILE
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT
-from lincompile.runtime.state import RecurrentState, check_state
+from lincompile.runtime.state import RecurrentState, check_positions, check_state
 
 ArrayLike = Any  # torch.Tensor | np.ndarray | OrtValue
 
@@ -62,6 +62,7 @@ class OrtModel:
             raise ValueError(f"{directory}: model.onnx interface {self.input_names} -> {self.output_names} does not "
                              f"match {META_FILE} {expected[0]} -> {expected[1]}")
         self.state_names: list[str] = list(meta["state"])
+        self.max_positions: int | None = meta.get("max_positions")  # exports before it was recorded: unchecked
         self._dtypes = {v["name"]: np.dtype(v["dtype"]) for v in meta["inputs"]}
         provider = session.get_providers()[0]
         self.device_type = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
@@ -133,6 +134,7 @@ class OrtModel:
         if past_state is not None:
             check_state(past_state, self.state_names, batch)
         state = past_state if past_state is not None else self.initial_state(batch)
+        check_positions(self.max_positions, state.length + tokens)
         mask = None if attention_mask is None else _numpy(attention_mask, np.dtype(np.int64))
         if mask is not None and state.length and mask.shape[1:] == (state.length + tokens,):
             mask = mask[:, state.length:]

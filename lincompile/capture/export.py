@@ -45,10 +45,12 @@ class CapturedGraph:
         return self.gm(*[inputs[n] for n in self.input_names])
 
 
-def _dynamic_shapes(example: dict[str, object]) -> dict[str, object]:
-    batch = Dim("batch", min=1, max=1024)
-    seq = Dim("seq", min=1, max=1 << 17)
-    dec_seq = Dim("decoder_seq", min=1, max=1 << 17)
+def _dynamic_shapes(example: dict[str, object], named: bool = True) -> dict[str, object]:
+    """Batch and sequence dims: named, bounded `Dim`s (export proves every guard over their range), or, with
+    `named=False`, `Dim.DYNAMIC` (export records what it cannot prove instead of refusing)."""
+    batch = Dim("batch", min=1, max=1024) if named else Dim.DYNAMIC
+    seq = Dim("seq", min=1, max=1 << 17) if named else Dim.DYNAMIC
+    dec_seq = Dim("decoder_seq", min=1, max=1 << 17) if named else Dim.DYNAMIC
     shapes: dict[str, object] = {}
     for name, value in example.items():
         if not isinstance(value, torch.Tensor):
@@ -82,6 +84,35 @@ def _flatten_interface(gm: fx.GraphModule, output_names: list[str]) -> tuple[fx.
     return fx.GraphModule(gm, graph), input_names
 
 
+def _still_dynamic(ep: torch.export.ExportedProgram, shapes: dict[str, object]) -> bool:
+    """Whether every dim `shapes` made dynamic is symbolic in `ep`'s inputs (none was specialised)."""
+    inputs = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    for name, dims in shapes.items():
+        val = inputs.get(name)
+        if dims and val is not None and any(isinstance(val.shape[d], int) for d in dims):
+            return False
+    return True
+
+
+def _export(model: torch.nn.Module, example_inputs: dict[str, object], dynamic: bool) -> torch.export.ExportedProgram:
+    """`torch.export` with dynamic batch and sequence. Some torch releases (2.11 with a GQA model's `repeat_kv`) fail
+    to prove a guard that holds for every size, e.g. Min(64*seq, 192*seq) == 64*seq, and refuse the named dims:
+    then export again with `Dim.DYNAMIC`, and keep that graph only if no dim was specialised."""
+    if not dynamic:
+        return torch.export.export(model, (), dict(example_inputs), strict=False)
+    try:
+        return torch.export.export(model, (), dict(example_inputs), strict=False,
+                                   dynamic_shapes=_dynamic_shapes(example_inputs))
+    except torch._dynamo.exc.UserError as exc:
+        if exc.error_type != torch._dynamo.exc.UserErrorType.CONSTRAINT_VIOLATION:
+            raise
+        shapes = _dynamic_shapes(example_inputs, named=False)
+        ep = torch.export.export(model, (), dict(example_inputs), strict=False, dynamic_shapes=shapes)
+        if not _still_dynamic(ep, shapes):
+            raise exc
+        return ep
+
+
 def capture(model: torch.nn.Module, example_inputs: dict[str, object], *, dynamic: bool = True) -> CapturedGraph:
     """Export `model(**example_inputs)` and return it as a flat graph.
 
@@ -89,11 +120,10 @@ def capture(model: torch.nn.Module, example_inputs: dict[str, object], *, dynami
     the example so that those dims stay symbolic.
     """
     start = time.perf_counter()
-    shapes = _dynamic_shapes(example_inputs) if dynamic else None
     was_training = model.training
     model.eval()
     try:
-        ep = torch.export.export(model, (), dict(example_inputs), strict=False, dynamic_shapes=shapes)
+        ep = _export(model, example_inputs, dynamic)
     finally:
         model.train(was_training)
     out_spec = ep.call_spec.out_spec

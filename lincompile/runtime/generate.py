@@ -13,7 +13,7 @@ import torch
 
 from lincompile.runtime.prefill import prefill
 from lincompile.runtime.sampling import SamplingConfig, eos_ids, sample
-from lincompile.runtime.state import require_decodable
+from lincompile.runtime.state import check_positions, require_decodable
 
 
 @torch.no_grad()
@@ -31,6 +31,9 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
     (`lincompile.runtime.speculative`, one sequence): the same tokens as greedy decoding, the same
     distribution as sampling.
     """
+    if input_ids.dim() == 2:
+        check_positions(getattr(model, "max_positions", None), input_ids.shape[1] + max(max_new_tokens - 1, 0),
+                        f"a prompt of {input_ids.shape[1]} tokens plus max_new_tokens={max_new_tokens}")
     if draft is not None:
         from lincompile.runtime.speculative import speculative_generate
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -51,3 +52,24 @@ def check_state(state: RecurrentState, names: list[str], batch: int) -> None:
         if rows != batch:
             raise ValueError(f"past_state holds {rows} rows ({name}), input_ids {batch}: continue each batch from "
                              "its own state")
+
+
+def learned_positions(model: nn.Module) -> int | None:
+    """How many positions `model`'s learned position embeddings cover (GPT-2's `wpe`, OPT's `embed_positions`,
+    BERT's `position_embeddings`; the smallest if several), net of an offset or padding row; None for a model
+    without them (rotary or relative positions have no hard limit)."""
+    limits = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Embedding) and (leaf == "wpe" or "position" in leaf):
+            padding = module.padding_idx
+            reserved = int(getattr(module, "offset", 0) or 0) + (0 if padding is None else padding + 1)
+            limits.append(module.num_embeddings - reserved)
+    return min(limits) if limits else None
+
+
+def check_positions(limit: int | None, end: int, what: str = "this call") -> None:
+    """Refuse a sequence that reaches past `limit` learned positions (`end` tokens in all)."""
+    if limit is not None and end > limit:
+        raise ValueError(f"{what} reaches token {end}, past the model's {limit} learned positions: keep the prompt "
+                         f"and the new tokens within {limit} (this model cannot extrapolate its position embeddings)")

@@ -231,3 +231,15 @@ def test_smollm2_linear_elu_onnx_matches_torch(smollm2, heldout_batch, tmp_path)
     shapes_2048 = _ort_shapes(ort_model(long_ids).past_state)
     assert shapes_64 == shapes_2048 == _declared(meta, batch=1)
     assert shapes_64 == {k: tuple(v.shape) for k, v in ref.past_state.tensors.items()}
+
+
+def test_learned_position_limit_travels_with_the_export(tmp_path):
+    model = lincompile.optimize(tiny_model("gpt2"), "linear-elu")
+    ort = OrtModel.from_dir(lo.export_onnx(model, tmp_path / "gpt2"), providers=["CPUExecutionProvider"])
+    assert ort.meta["max_positions"] == ort.max_positions == 128
+    ids = torch.randint(0, 128, (1, 128))
+    state = ort(ids[:, :100]).past_state
+    with pytest.raises(ValueError, match="reaches token 129, past the model's 128 learned positions"):
+        ort(ids[:, :29], past_state=state)
+    with pytest.raises(ValueError, match="a prompt of 120 tokens plus max_new_tokens=10"):
+        ort.generate(ids[:, :120], max_new_tokens=10)

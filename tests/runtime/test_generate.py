@@ -119,3 +119,29 @@ def test_past_state_of_another_batch_or_model_is_refused(llama):
     other = lincompile.optimize(tiny_model("llama", num_layers=3), "linear-elu")
     with pytest.raises(ValueError, match="does not belong to this model"):
         linear(torch.randint(3, 128, (1, 1)), past_state=other(torch.randint(3, 128, (1, 4))).past_state)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_learned_positions_are_a_clear_limit(family):
+    """GPT-2's and OPT's learned position embeddings end at 128 rows here (OPT's net of its offset of 2): up to the
+    last one the model runs as Hugging Face's does; past it, every path says so instead of an IndexError."""
+    hf = tiny_model(family)
+    model = lincompile.optimize(hf, "softmax")
+    assert model.max_positions == 128
+    ids = torch.randint(0, 128, (1, 128), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="reaches token 129, past the model's 128 learned positions"):
+        model(torch.cat([ids, ids[:, :1]], 1))
+    state = model(ids[:, :127]).past_state
+    with pytest.raises(ValueError, match="reaches token 129"):
+        model(ids[:, 127:].repeat(1, 2), past_state=state)
+    assert model.generate(ids[:, :120], max_new_tokens=9).shape == (1, 129)  # the 129th token is never fed
+    with pytest.raises(ValueError, match="a prompt of 120 tokens plus max_new_tokens=10 reaches token 129"):
+        model.generate(ids[:, :120], max_new_tokens=10)
+    with pytest.raises(ValueError, match="reaches token 129"):
+        model.generate(ids[:, :120], max_new_tokens=10, draft="prompt-lookup")
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_rotary_and_relative_positions_have_no_limit(family):
+    assert lincompile.optimize(tiny_model(family), "softmax").max_positions is None

@@ -1,0 +1,60 @@
+"""`capture`'s fallback when torch's constraint solver refuses named dims over a guard that always holds."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.exc import UserError, UserErrorType
+
+import lincompile
+from lincompile.api import capture_model
+from lincompile.testing.tiny import tiny_model
+
+_EXPORT = torch.export.export
+
+
+def _refuse_named_dims(model, args, kwargs, **options):
+    """torch 2.11's refusal of a GQA model's `repeat_kv` guard, for every export given named dims."""
+    shapes = options.get("dynamic_shapes") or {}
+    if any(isinstance(d, torch.export.Dim) for dims in shapes.values() if isinstance(dims, dict)
+           for d in dims.values()):
+        raise UserError(UserErrorType.CONSTRAINT_VIOLATION, "Constraints violated (seq)! (simulated)")
+    return _EXPORT(model, args, kwargs, **options)
+
+
+def test_refused_named_dims_export_again_with_dynamic_dims(monkeypatch):
+    model = tiny_model("llama")
+    expected = lincompile.optimize(model, "augmented")
+    monkeypatch.setattr(torch.export, "export", _refuse_named_dims)
+    linear = lincompile.optimize(model, "augmented")
+    for batch, tokens in [(1, 1), (3, 7), (2, 40)]:
+        ids = torch.randint(0, 128, (batch, tokens))
+        torch.testing.assert_close(linear(ids).logits, expected(ids).logits, rtol=1e-5, atol=1e-5)
+    state = linear(ids[:, :39]).past_state
+    torch.testing.assert_close(linear(ids[:, 39:], past_state=state).logits[:, -1], expected(ids).logits[:, -1],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_specialised_fallback_raises_the_original_error(monkeypatch):
+    def static_fallback(model, args, kwargs, **options):
+        shapes = options.get("dynamic_shapes") or {}
+        if any(isinstance(d, torch.export.Dim) for dims in shapes.values() if isinstance(dims, dict)
+               for d in dims.values()):
+            raise UserError(UserErrorType.CONSTRAINT_VIOLATION, "Constraints violated (seq)! (simulated)")
+        return _EXPORT(model, args, kwargs, strict=False)  # every dim specialised to the example's sizes
+
+    monkeypatch.setattr(torch.export, "export", static_fallback)
+    with pytest.raises(UserError, match=r"Constraints violated \(seq\)! \(simulated\)"):
+        capture_model(tiny_model("llama"))
+
+
+def test_other_export_errors_are_not_retried(monkeypatch):
+    calls = []
+
+    def refuse(model, args, kwargs, **options):
+        calls.append(options)
+        raise UserError(UserErrorType.DYNAMIC_CONTROL_FLOW, "data-dependent branch (simulated)")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    with pytest.raises(UserError, match="data-dependent branch"):
+        capture_model(tiny_model("llama"))
+    assert len(calls) == 1

@@ -74,9 +74,12 @@ class PromptLookupDraft:
         pass
 
 
-def _vocab_of(model: Any) -> int | None:
+def vocab_size(model: Any) -> int | None:
+    """The vocabulary a model scores: from its Hugging Face config (`hf_config` of a `LinearizedModel`, `config` of
+    an HF model) or an `OrtModel`'s metadata; None when neither says."""
     config = getattr(model, "hf_config", None) or getattr(model, "config", None)
-    return getattr(config, "vocab_size", None)
+    meta = getattr(model, "meta", None)
+    return getattr(config, "vocab_size", None) or (meta.get("vocab_size") if isinstance(meta, dict) else None)
 
 
 class ModelDraft:
@@ -88,7 +91,7 @@ class ModelDraft:
     def __init__(self, model: Any) -> None:
         self.model = model
         self.linear = hasattr(model, "initial_state")
-        self.vocab_size = _vocab_of(model)
+        self.vocab_size = vocab_size(model)
         self._fed = 0  # committed tokens the draft has absorbed: the first _fed of _tokens
         self._tokens = torch.zeros(0, dtype=torch.long)
         self._state: Any = None

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lincompile.passes.linearize import HIDDEN_OUTPUT, VERIFY_WINDOW
-from lincompile.runtime.drafts import DraftContext, Proposal, make_draft
+from lincompile.runtime.drafts import DraftContext, Proposal, make_draft, vocab_size
 from lincompile.runtime.prefill import prefill
 from lincompile.runtime.sampling import SamplingConfig, eos_ids, probabilities, sample
 from lincompile.runtime.state import RecurrentState, require_decodable
@@ -93,11 +93,6 @@ def _depths(parents: Tensor) -> Tensor:
     return torch.tensor(depth, dtype=torch.long)
 
 
-def _vocab_size(target: Any) -> int | None:
-    config = getattr(target, "hf_config", None)
-    return getattr(config, "vocab_size", None) or getattr(target, "meta", {}).get("vocab_size")
-
-
 class SpeculativeDecoder:
     """One sequence (batch 1) decoded speculatively. `prefill(ids)`, then `step()` until done; `tokens` holds
     every committed token (the last is pending) and `state` the target state of all but the last."""
@@ -139,7 +134,7 @@ class SpeculativeDecoder:
         self.state = out.past_state
         self.stats.target_calls = 0
         logits = out.logits[0, -1]
-        self._check_vocab(_vocab_size(self.target) or int(logits.shape[-1]))
+        self._check_vocab(vocab_size(self.target) or int(logits.shape[-1]))
         token = int(sample(logits[None], self.sampling, self.generator)[0])
         self.hidden = out.extras[HIDDEN_OUTPUT][0, -1] if HIDDEN_OUTPUT in out.extras else None
         self.tokens = torch.cat([input_ids[0].cpu(), torch.tensor([token])])

@@ -68,8 +68,15 @@ def learned_positions(model: nn.Module) -> int | None:
     return min(limits) if limits else None
 
 
+def position_limit(model: object) -> int | None:
+    """A linearized model's (or ONNX runner's) `max_positions`, else a torch module's `learned_positions`."""
+    if hasattr(model, "max_positions"):
+        return model.max_positions
+    return learned_positions(model) if isinstance(model, nn.Module) else None
+
+
 def check_positions(limit: int | None, end: int, what: str = "this call") -> None:
     """Refuse a sequence that reaches past `limit` learned positions (`end` tokens in all)."""
     if limit is not None and end > limit:
-        raise ValueError(f"{what} reaches token {end}, past the model's {limit} learned positions: keep the prompt "
-                         f"and the new tokens within {limit} (this model cannot extrapolate its position embeddings)")
+        raise ValueError(f"{what} reaches token {end}, past the model's {limit} learned positions (it cannot "
+                         f"extrapolate its position embeddings): stay within {limit} tokens")

@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 from lincompile.api import SAVE_FILE, load, optimize
 from lincompile.backends.eager import LinearizedModel
 from lincompile.config import LinearizeConfig
+from lincompile.runtime.drafts import vocab_size
+from lincompile.runtime.state import check_positions, position_limit
 from lincompile.jsonconfig import JsonConfig
 from lincompile.train.attention_transfer import graph_inputs
 from lincompile.train.finetune import embedding_parameters
@@ -225,6 +227,16 @@ def _source(model_name_or_dir: str, num_layers: int,
     return optimize(shallow_hf(model, num_layers), method or "augmented"), model, tokenizer
 
 
+def _check_fits(draft: LinearizedModel, teacher: nn.Module, block_size: int) -> None:
+    """Refuse a teacher that scores another vocabulary, and blocks longer than either model's learned positions."""
+    mine, theirs = vocab_size(draft), vocab_size(teacher)
+    if mine is not None and theirs is not None and mine != theirs:
+        raise ValueError(f"the teacher scores {theirs} tokens, the draft {mine}: distilling needs a teacher with the "
+                         "draft's tokenizer (the target itself, or a model of its family)")
+    for model in (draft, teacher):
+        check_positions(position_limit(model), block_size, f"a block of {block_size} tokens (--block-size)")
+
+
 def make_draft(model_name_or_dir: str, num_layers: int, method: str | None = None,
                out_dir: str | Path | None = None, *, config: DistillConfig = DistillConfig(),
                blocks: Tensor | None = None, heldout: Tensor | None = None, data: str | Path = "default",
@@ -238,6 +250,7 @@ def make_draft(model_name_or_dir: str, num_layers: int, method: str | None = Non
 
     draft, default_teacher, tokenizer = _source(model_name_or_dir, num_layers, method)
     teacher = default_teacher if teacher is None else teacher
+    _check_fits(draft, teacher, config.block_size)
     if (blocks is None and config.steps) or (heldout is None and eval_blocks):
         if tokenizer is None:
             raise ValueError(f"{model_name_or_dir} has no tokenizer; pass token blocks to distill on")

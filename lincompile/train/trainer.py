@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lincompile.jsonconfig import JsonConfig
 from lincompile.backends.eager import LinearizedModel
+from lincompile.runtime.state import check_positions
 from lincompile.train.attention_transfer import TransferObjective, attention_parameters
 from lincompile.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from lincompile.train.eval import perplexity
@@ -297,6 +298,7 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
         raise ValueError(f"batch_size {config.batch_size} is not a multiple of grad_accum x world size ({per_step})")
     if blocks.dim() != 2 or blocks.shape[0] < 1 or blocks.shape[1] != config.block_size:
         raise ValueError(f"blocks must be [num_blocks, block_size={config.block_size}], got {tuple(blocks.shape)}")
+    check_positions(linear.max_positions, config.block_size, f"a block of {config.block_size} tokens (--block-size)")
     linear.to(parallel.device)
     root = Path(out_dir) / "checkpoints"
     found = latest_checkpoint(root) if resume else None

@@ -200,3 +200,23 @@ def test_build_ngram_command(tiny_dir, capsys):
     assert table.vocab_size == 128 and len(table.unigram) == summary["unigram_contexts"]
     assert len(table.trigram) == summary["trigram_contexts"] > 0
     assert table.metadata["tokens"] == 256
+
+
+def test_a_teacher_of_another_vocabulary_is_refused(tiny_dir):
+    from transformers import LlamaForCausalLM
+
+    from lincompile.testing.tiny import make_config
+
+    config = make_config("llama")
+    config.vocab_size = 200
+    with pytest.raises(ValueError, match="the teacher scores 200 tokens, the draft 128"):
+        make_draft(str(tiny_dir / "tiny"), 1, config=DistillConfig(steps=1, block_size=16),
+                   blocks=_blocks(4, 16, 0), eval_blocks=0, teacher=LlamaForCausalLM(config).eval(), progress=False)
+
+
+def test_blocks_past_learned_positions_are_refused(tmp_path):
+    tiny_model("gpt2", num_layers=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=r"a block of 200 tokens \(--block-size\) reaches token 200, past the model's "
+                                         "128 learned positions"):
+        make_draft(str(tmp_path / "gpt2"), 1, config=DistillConfig(steps=1, block_size=200),
+                   blocks=_blocks(4, 200, 0), eval_blocks=0, progress=False)

@@ -25,3 +25,18 @@ def test_perplexity_matches_formula_and_softmax_rewrite():
 def test_perplexity_rejects_bad_blocks():
     with pytest.raises(ValueError, match="block_size"):
         perplexity(tiny_model("llama"), torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_blocks_past_learned_positions_are_refused(tmp_path):
+    from lincompile.train.trainer import TrainConfig, train
+
+    hf = tiny_model("gpt2")
+    blocks = torch.randint(0, 128, (2, 129))
+    for model in (hf, lincompile.optimize(hf, "linear-elu")):
+        with pytest.raises(ValueError, match=r"a block of 129 tokens \(--block-size\) reaches token 129, past the "
+                                             "model's 128 learned positions"):
+            perplexity(model, blocks, progress=False)
+    config = TrainConfig(stage1_steps=1, stage2_steps=0, batch_size=2, block_size=129)
+    with pytest.raises(ValueError, match="a block of 129 tokens"):
+        train(lincompile.optimize(hf, "linear-elu"), blocks, config, tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())

@@ -1,6 +1,8 @@
 """The torch.library op: same numbers as the reference, gradients, and torch.library.opcheck."""
+import pytest
 import torch
 
+import lincompile
 import lincompile.kernels.ops  # noqa: F401
 from lincompile.kernels.linear_attention import reference
 from lincompile.methods.spec import get_method
@@ -118,3 +120,20 @@ def test_a_decode_step_returns_no_input_storage():
     inputs = {t.untyped_storage().data_ptr() for t in (*step[:4], *state, *params)}
     assert all(t.untyped_storage().data_ptr() not in inputs for t in (out, *new_state))
     torch.library.opcheck(op.default, step)
+
+
+@pytest.mark.parametrize("method", [m for m in lincompile.methods() if get_method(m).uses_groups])
+def test_opcheck_one_token_step_with_gradients(method):
+    """A decode step from a state with every input requiring grad: opcheck's dynamic-shape autograd check traces
+    the backward's recompute through the recurrent reference, whose "did a group complete?" has no values then."""
+    from lincompile.methods.params import random_params
+
+    spec = get_method(method)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    params = [p.double().requires_grad_() for p in random_params(spec, 4, 2, 8, 8)]
+    _, state = reference.attention(q, k, v, None, None, [], params, spec, 0.35, True)
+    one = [t[:, :, :1].clone().requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(op.default, (*one, torch.ones(2, 1, dtype=torch.long), None, [s.detach() for s in state],
+                                       params, spec.to_json(), 0.35, True))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from lincompile.kernels.linear_attention.reference_linear import acc_parts, start_position
 from lincompile.kernels.linear_attention.reference_softmax import cache_weights
@@ -101,7 +102,7 @@ def recurrent_linear(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: l
             _shift_conv(parts, vi, real)
         if spec.uses_groups:
             complete = real & (pos % size == size - 1)
-            if bool(complete.any()):  # eager only (the op is opaque to tracing): most tokens complete nothing
+            if _any(complete):  # most tokens complete nothing
                 _fold_completed_group(spec, parts, complete, fb)
         pos = pos + real.to(torch.int64)
         outs.append(out.reshape(batch, heads, -1))
@@ -138,7 +139,7 @@ def absorb_linear(k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor
             _shift_conv(parts, vi, real)
         if spec.uses_groups:
             complete = pos % spec.group_size == spec.group_size - 1
-            if bool(complete.any()):
+            if _any(complete):
                 fb = (_buffer_features(spec, named, parts, pos, scale, slots) if spec.global_branch == "grouped"
                       else None)
                 _fold_completed_group(spec, parts, complete, fb)
@@ -219,6 +220,13 @@ def _scale(x: Tensor, decay: Tensor | float) -> Tensor:
     if isinstance(decay, float):
         return x
     return x * decay.reshape(decay.shape + (1,) * (x.dim() - 2))
+
+
+def _any(flags: Tensor) -> bool:
+    """Whether any flag is set; True for a tracing tensor, which has no values (the op's backward, traced by
+    `torch.library.opcheck` or AOT autograd, recomputes through this reference): the fold it guards is masked
+    by the flags, so running it is right for any values."""
+    return is_fake(flags) or bool(flags.any())
 
 
 def _fold_completed_group(spec: MethodSpec, parts: dict[str, Tensor], complete: Tensor, fb: Tensor | None) -> None:

@@ -40,6 +40,7 @@ from lincompile.atomic import atomic_directory
 from lincompile.backends import onnx_sites
 from lincompile.backends.eager import LinearizedModel
 from lincompile.backends.onnx_einsum import lower_einsums
+from lincompile.capture.export import export_dynamic
 from lincompile.kernels.linear_attention import reference
 from lincompile.methods.spec import MethodSpec
 
@@ -178,7 +179,7 @@ def _trace(module: torch.nn.Module, args: tuple[Tensor, ...], shapes: tuple[Any,
     """torch.export `module`; the `OnnxLoweringError` of a failed decomposition, or one naming the failure."""
     try:
         with torch.no_grad():
-            ep = torch.export.export(module, args, dynamic_shapes=(shapes,), strict=False)
+            ep = export_dynamic(module, args, None, (shapes,))
     except Exception as error:
         cause: BaseException | None = error
         while cause is not None and not isinstance(cause, OnnxLoweringError):

@@ -45,12 +45,10 @@ class CapturedGraph:
         return self.gm(*[inputs[n] for n in self.input_names])
 
 
-def _dynamic_shapes(example: dict[str, object], named: bool = True) -> dict[str, object]:
-    """Batch and sequence dims: named, bounded `Dim`s (export proves every guard over their range), or, with
-    `named=False`, `Dim.DYNAMIC` (export records what it cannot prove instead of refusing)."""
-    batch = Dim("batch", min=1, max=1024) if named else Dim.DYNAMIC
-    seq = Dim("seq", min=1, max=1 << 17) if named else Dim.DYNAMIC
-    dec_seq = Dim("decoder_seq", min=1, max=1 << 17) if named else Dim.DYNAMIC
+def _dynamic_shapes(example: dict[str, object]) -> dict[str, object]:
+    batch = Dim("batch", min=1, max=1024)
+    seq = Dim("seq", min=1, max=1 << 17)
+    dec_seq = Dim("decoder_seq", min=1, max=1 << 17)
     shapes: dict[str, object] = {}
     for name, value in example.items():
         if not isinstance(value, torch.Tensor):
@@ -84,31 +82,27 @@ def _flatten_interface(gm: fx.GraphModule, output_names: list[str]) -> tuple[fx.
     return fx.GraphModule(gm, graph), input_names
 
 
-def _still_dynamic(ep: torch.export.ExportedProgram, shapes: dict[str, object]) -> bool:
-    """Whether every dim `shapes` made dynamic is symbolic in `ep`'s inputs (none was specialised)."""
-    inputs = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
-    for name, dims in shapes.items():
-        val = inputs.get(name)
-        if dims and val is not None and any(isinstance(val.shape[d], int) for d in dims):
-            return False
-    return True
+def _symbolic_dims(ep: torch.export.ExportedProgram) -> int:
+    user = {spec.arg.name for spec in ep.graph_signature.input_specs if spec.kind.name == "USER_INPUT"}
+    values = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+    return sum(isinstance(d, torch.SymInt) for v in values if isinstance(v, torch.Tensor) for d in v.shape)
 
 
-def _export(model: torch.nn.Module, example_inputs: dict[str, object], dynamic: bool) -> torch.export.ExportedProgram:
-    """`torch.export` with dynamic batch and sequence. Some torch releases (2.11 with a GQA model's `repeat_kv`) fail
-    to prove a guard that holds for every size, e.g. Min(64*seq, 192*seq) == 64*seq, and refuse the named dims:
-    then export again with `Dim.DYNAMIC`, and keep that graph only if no dim was specialised."""
-    if not dynamic:
-        return torch.export.export(model, (), dict(example_inputs), strict=False)
+def export_dynamic(module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object] | None,
+                   dynamic_shapes: object) -> torch.export.ExportedProgram:
+    """Non-strict `torch.export` with the named `Dim`s of `dynamic_shapes`. Some torch releases (2.11, on a GQA
+    model's `repeat_kv`) cannot prove a guard that holds for every size, e.g. Min(64*seq, 192*seq) == 64*seq, and
+    refuse the named dims: then export again with `Dim.DYNAMIC` in their place, and keep that program only if
+    every one of those dims is still symbolic (else the first error stands)."""
     try:
-        return torch.export.export(model, (), dict(example_inputs), strict=False,
-                                   dynamic_shapes=_dynamic_shapes(example_inputs))
+        return torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except torch._dynamo.exc.UserError as exc:
         if exc.error_type != torch._dynamo.exc.UserErrorType.CONSTRAINT_VIOLATION:
             raise
-        shapes = _dynamic_shapes(example_inputs, named=False)
-        ep = torch.export.export(model, (), dict(example_inputs), strict=False, dynamic_shapes=shapes)
-        if not _still_dynamic(ep, shapes):
+        leaves = torch.utils._pytree.tree_leaves(dynamic_shapes)
+        hints = torch.utils._pytree.tree_map(lambda d: Dim.DYNAMIC if isinstance(d, Dim) else d, dynamic_shapes)
+        ep = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=hints)
+        if _symbolic_dims(ep) != sum(isinstance(d, Dim) for d in leaves):
             raise exc
         return ep
 
@@ -123,7 +117,8 @@ def capture(model: torch.nn.Module, example_inputs: dict[str, object], *, dynami
     was_training = model.training
     model.eval()
     try:
-        ep = _export(model, example_inputs, dynamic)
+        ep = (export_dynamic(model, (), dict(example_inputs), _dynamic_shapes(example_inputs)) if dynamic
+              else torch.export.export(model, (), dict(example_inputs), strict=False))
     finally:
         model.train(was_training)
     out_spec = ep.call_spec.out_spec

@@ -221,7 +221,8 @@ def _rename_dims(ir_model: Any, dims: dict[str, str]) -> None:
 
 
 def _interface_dims(ir_model: Any, shapes: tuple[dict[int, Any], ...]) -> dict[str, str]:
-    """Exporter symbol -> Dim name, read off the ONNX graph inputs at the axes we declared dynamic."""
+    """Exporter symbol -> Dim name, read off the ONNX graph inputs at the axes we declared dynamic (the names
+    torch.export gave, or, after `export_dynamic`'s retry, its own symbols)."""
     import onnx_ir as ir
 
     mapping: dict[str, str] = {}
@@ -345,7 +346,7 @@ def _export_split(model: LinearizedModel, opset: int | None, optimize: bool) -> 
     outer = program.model
     version = outer.opset_imports.get("", 0)
     _check_standard(outer, version)
-    _rename_dims(outer, _interface_dims(outer, shapes))
+    _rename_dims(outer, _interface_dims(outer, shapes + extra_shapes))
     proto = program.model_proto
     sites = [n for n in model.graph.graph.nodes if n.op == "call_function" and n.target is onnx_sites.ATTENTION]
     templates = []

@@ -1,4 +1,4 @@
-"""Canonicalize a captured graph before matching: drop runtime asserts, no-op casts, p=0 dropout.
+"""Canonicalize a captured graph before matching: drop runtime asserts, no-op casts, p=0 dropout, full slices.
 
 Invariant: the graph computes the same values afterwards (only identities are removed).
 """
@@ -35,6 +35,16 @@ def _dropout_p(node: fx.Node) -> float | None:
     return float(p) if isinstance(p, (int, float)) else None
 
 
+def _full_slice(node: fx.Node) -> bool:
+    """`x[..., 0:END:1]` with END at least the int64 maximum's half: every element, in order (`x[:, :, None]`
+    traces as an unsqueeze and such a slice when a dim is dynamic)."""
+    args = list(node.args) + [None] * (5 - len(node.args))
+    start = node.kwargs.get("start", args[2])
+    end = node.kwargs.get("end", args[3])
+    step = node.kwargs.get("step", args[4])
+    return start in (0, None) and step in (1, None) and (end is None or (isinstance(end, int) and end >= 1 << 62))
+
+
 def normalize(gm: fx.GraphModule) -> int:
     """Remove identity nodes in place; returns how many nodes were removed."""
     graph = gm.graph
@@ -52,6 +62,8 @@ def normalize(gm: fx.GraphModule) -> int:
             src = node.args[0]
             if isinstance(src, fx.Node) and _same_tensor_type(_val(src), _val(node)):
                 replacement = src
+        elif target == aten.slice.Tensor and isinstance(node.args[0], fx.Node) and _full_slice(node):
+            replacement = node.args[0]
         elif target in _DROPOUTS and _dropout_p(node) == 0.0:
             src = node.args[0]
             if target == aten.native_dropout.default:

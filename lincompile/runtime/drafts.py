@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from lincompile.runtime.sampling import SamplingConfig, probabilities
+from lincompile.runtime.state import hf_cache_keyword
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class ModelDraft:
         from transformers import DynamicCache
 
         cache = state if state is not None else DynamicCache()
-        out = self.model(input_ids=ids, cache=cache, use_cache=True)  # grows `cache` in place
+        out = self.model(input_ids=ids, use_cache=True, **{hf_cache_keyword(self.model): cache})  # grows `cache`
         return out.logits[0, -1], cache
 
     def _device(self) -> torch.device:

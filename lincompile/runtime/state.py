@@ -31,6 +31,14 @@ class RecurrentState:
         return RecurrentState({k: v.to(device) for k, v in self.tensors.items()}, self.length)
 
 
+def hf_cache_keyword(model: nn.Module) -> str:
+    """The keyword a Hugging Face model's forward takes its KV cache by: `cache` in recent transformers,
+    `past_key_values` before (5.17, the GPU image's). The cache object grows in place either way."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def require_decodable(model: object, what: str) -> None:
     """Refuse, naming `what`, a model that cannot continue through a recurrent state (a `LinearizedModel` or an
     `OrtModel` whose `supports_state` is False: an encoder, or causal attention sites left without a state)."""

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from lincompile.runtime.state import RecurrentState
+from lincompile.runtime.state import RecurrentState, hf_cache_keyword
 
 Step = Callable[[], torch.Tensor]  # one decode step; returns the step's logits [batch, vocab]
 
@@ -66,8 +66,7 @@ class HFCache:
         self.next_token: torch.Tensor | None = None
 
     def _call(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(ids, cache=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache = out.cache
+        out = self.model(ids, use_cache=True, logits_to_keep=1, **{hf_cache_keyword(self.model): self.cache})
         self.length += ids.shape[1]
         return out.logits[:, -1]
 

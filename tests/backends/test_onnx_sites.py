@@ -66,3 +66,20 @@ def test_toposort_orders_spliced_nodes_and_rejects_dangling_reads():
         onnx_sites._toposort(nodes, set())
     with pytest.raises(onnx_sites.SpliceError, match="cycle"):
         onnx_sites._toposort([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Relu", ["y"], ["x"])], set())
+
+
+@pytest.mark.parametrize("split_sites", [True, False])
+def test_export_retried_with_dynamic_dims_has_the_same_interface(tmp_path, request, split_sites):
+    """torch 2.11 refuses named dims for a GQA model; `export_dynamic`'s retry names no dim, so the interface's
+    names (batch, seq, past_seq) come from the declared axes: the same metadata, the same outputs. The hybrid
+    (a softmax site keeps its KV cache in the outer graph) cuts the most dims across the splice."""
+    model = perturb_new_parameters(lincompile.optimize(tiny_model("llama"), "linear-elu", layers=[1]))
+    expected = lo.export_onnx(model, tmp_path / "named", split_sites=split_sites)
+    request.getfixturevalue("refuse_named_dims")
+    retried = lo.export_onnx(model, tmp_path / "retried", split_sites=split_sites)
+    metas = [json.loads((d / lo.META_FILE).read_text()) for d in (expected, retried)]
+    for key in ("input_names", "output_names", "inputs", "outputs", "state", "sites"):
+        assert metas[0][key] == metas[1][key], key
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    for a, b in zip(_run(expected, ids, torch.ones_like(ids)), _run(retried, ids, torch.ones_like(ids)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

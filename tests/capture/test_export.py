@@ -12,20 +12,12 @@ from lincompile.testing.tiny import tiny_model
 _EXPORT = torch.export.export
 
 
-def _refuse_named_dims(model, args, kwargs, **options):
-    """torch 2.11's refusal of a GQA model's `repeat_kv` guard, for every export given named dims."""
-    shapes = options.get("dynamic_shapes") or {}
-    if any(isinstance(d, torch.export.Dim) for dims in shapes.values() if isinstance(dims, dict)
-           for d in dims.values()):
-        raise UserError(UserErrorType.CONSTRAINT_VIOLATION, "Constraints violated (seq)! (simulated)")
-    return _EXPORT(model, args, kwargs, **options)
-
-
-def test_refused_named_dims_export_again_with_dynamic_dims(monkeypatch):
+def test_refused_named_dims_export_again_with_dynamic_dims(request):
     model = tiny_model("llama")
     expected = lincompile.optimize(model, "augmented")
-    monkeypatch.setattr(torch.export, "export", _refuse_named_dims)
+    request.getfixturevalue("refuse_named_dims")
     linear = lincompile.optimize(model, "augmented")
+    assert [(s.heads, s.kv_heads) for s in linear.sites] == [(4, 2)] * 2  # GQA seen through the traced repeat_kv
     for batch, tokens in [(1, 1), (3, 7), (2, 40)]:
         ids = torch.randint(0, 128, (batch, tokens))
         torch.testing.assert_close(linear(ids).logits, expected(ids).logits, rtol=1e-5, atol=1e-5)
@@ -58,3 +50,25 @@ def test_other_export_errors_are_not_retried(monkeypatch):
     with pytest.raises(UserError, match="data-dependent branch"):
         capture_model(tiny_model("llama"))
     assert len(calls) == 1
+
+
+def test_full_slices_are_normalized_away():
+    """`x[:, :, None]` on a dynamic dim traces (torch 2.11) as unsqueeze + slice(dim, 0, INT64_MAX): an identity
+    that would hide GQA's repeat_kv from the patterns; a slice that drops elements stays."""
+    from torch import fx
+
+    from lincompile.capture.normalize import normalize
+
+    class Slices(torch.nn.Module):
+        def forward(self, x):
+            full = torch.ops.aten.slice.Tensor(torch.ops.aten.unsqueeze.default(x, 2), 3, 0, 9223372036854775807)
+            return full.expand(-1, -1, 2, -1, -1) + 1, torch.ops.aten.slice.Tensor(x, 2, 1, 9223372036854775807)
+
+    gm = fx.symbolic_trace(Slices())
+    x = torch.randn(2, 3, 4, 5)
+    expected = gm(x)
+    assert normalize(gm) == 1
+    kept = [n.args[1:] for n in gm.graph.nodes if n.target == torch.ops.aten.slice.Tensor]
+    assert kept == [(2, 1, 9223372036854775807)]
+    for a, b in zip(gm(x), expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -158,10 +158,9 @@ def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, 
 
         warnings.warn(message + "\nthese nodes were left unchanged", stacklevel=2)
     linearized = LinearizedModel(ctx.gm, ctx.captured.input_names, ctx.captured.output_names, ctx.sites,
-                                 ctx.rewritten, config, getattr(model, "config", None))
+                                 ctx.rewritten, config, getattr(model, "config", None), learned_positions(model))
     linearized.report = report
     linearized.source_class = type(model).__name__  # what `load` rebuilds (a BertModel is no causal LM)
-    linearized.max_positions = learned_positions(model)
     return linearized
 
 

@@ -28,15 +28,20 @@ def heldout_batch(smollm2):
 @pytest.fixture
 def refuse_named_dims(monkeypatch):
     """`torch.export.export` refusing every call given named `Dim`s, as torch 2.11 refuses a GQA model's (its
-    constraint solver cannot prove Min(64*seq, 192*seq) == 64*seq): what `export_dynamic` retries."""
+    constraint solver cannot prove Min(64*seq, 192*seq) == 64*seq): what `export_dynamic` retries. Yields the
+    calls, "refused" or "retried" (an export given `Dim.DYNAMIC`), so a test can check that the retry ran."""
     from torch._dynamo.exc import UserError, UserErrorType
 
     export = torch.export.export
+    calls: list[str] = []
 
     def refusing(module, args, kwargs=None, **options):
         leaves = torch.utils._pytree.tree_leaves(options.get("dynamic_shapes"))
         if any(isinstance(d, torch.export.Dim) for d in leaves):
+            calls.append("refused")
             raise UserError(UserErrorType.CONSTRAINT_VIOLATION, "Constraints violated (seq)! (simulated)")
+        calls.append("retried" if torch.export.Dim.DYNAMIC in leaves else "other")
         return export(module, args, kwargs, **options)
 
     monkeypatch.setattr(torch.export, "export", refusing)
+    return calls

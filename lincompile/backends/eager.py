@@ -29,11 +29,12 @@ class LinearizedOutput:
 
 
 class LinearizedModel(torch.nn.Module):
-    """A linearized model: `graph` (an fx.GraphModule holding all weights) plus its interface."""
+    """A linearized model: `graph` (an fx.GraphModule holding all weights) plus its interface. `max_positions`: the
+    most tokens a sequence may have (the source's learned position embeddings; None: no such table)."""
 
     def __init__(self, graph: fx.GraphModule, input_names: list[str], output_names: list[str],
                  sites: list[AttentionSite], rewritten: list[RewrittenSite], config: LinearizeConfig,
-                 hf_config: object | None = None) -> None:
+                 hf_config: object | None = None, max_positions: int | None = None) -> None:
         super().__init__()
         self.graph = graph
         self.input_names = list(input_names)
@@ -46,7 +47,7 @@ class LinearizedModel(torch.nn.Module):
         self.state_inputs = [name for r in rewritten for name in r.state_inputs]
         self.source_class: str | None = None  # the model class `optimize` linearized (what `load` rebuilds)
         self.captured_dtype = self._param_dtype()  # the graph's casts were traced for it
-        self.max_positions: int | None = None  # learned position embeddings' limit (`optimize` sets it)
+        self.max_positions = max_positions  # the source's learned position embeddings' limit (None: none)
         # decodable through `past_state`: some site keeps a state, and no causal site lacks one (an encoder's
         # sites are all non-causal: it keeps nothing, and is called on whole sequences)
         self.supports_state = (len(rewritten) == len(sites) and any(s.stateful for s in sites)

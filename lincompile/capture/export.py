@@ -82,10 +82,33 @@ def _flatten_interface(gm: fx.GraphModule, output_names: list[str]) -> tuple[fx.
     return fx.GraphModule(gm, graph), input_names
 
 
-def _symbolic_dims(ep: torch.export.ExportedProgram) -> int:
-    user = {spec.arg.name for spec in ep.graph_signature.input_specs if spec.kind.name == "USER_INPUT"}
-    values = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
-    return sum(isinstance(d, torch.SymInt) for v in values if isinstance(v, torch.Tensor) for d in v.shape)
+def _is_tensor_spec(spec: object) -> bool:
+    return spec is None or (isinstance(spec, dict) and all(isinstance(axis, int) for axis in spec))
+
+
+def _keeps_declared_dims(ep: torch.export.ExportedProgram, dynamic_shapes: object) -> bool:
+    """Whether every axis `dynamic_shapes` declared is, in `ep`, a symbol of its own Dim's (not specialised, not
+    merged with another Dim's, its range not narrowed below the Dim's)."""
+    user = [spec.arg.name for spec in ep.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
+    values = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    if isinstance(dynamic_shapes, dict):
+        pairs = [(values.get(name), spec) for name, spec in dynamic_shapes.items()]
+    else:
+        specs = torch.utils._pytree.tree_flatten(dynamic_shapes, is_leaf=_is_tensor_spec)[0]
+        if len(specs) != len(user):
+            return False
+        pairs = [(values[name], spec) for name, spec in zip(user, specs)]
+    owner: dict[object, str] = {}
+    for val, spec in pairs:
+        for axis, dim in (spec or {}).items():
+            size = val.shape[axis] if isinstance(val, torch.Tensor) else None
+            symbol = size.node.expr if isinstance(size, torch.SymInt) else None
+            if symbol is None or not symbol.is_Symbol or owner.setdefault(symbol, dim.__name__) != dim.__name__:
+                return False
+            bounds = ep.range_constraints.get(symbol)
+            if bounds is None or bounds.lower > max(dim.min, 2) or bounds.upper < dim.max:
+                return False
+    return True
 
 
 def export_dynamic(module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object] | None,
@@ -93,16 +116,18 @@ def export_dynamic(module: torch.nn.Module, args: tuple[object, ...], kwargs: di
     """Non-strict `torch.export` with the named `Dim`s of `dynamic_shapes`. Some torch releases (2.11, on a GQA
     model's `repeat_kv`) cannot prove a guard that holds for every size, e.g. Min(64*seq, 192*seq) == 64*seq, and
     refuse the named dims: then export again with `Dim.DYNAMIC` in their place, and keep that program only if
-    every one of those dims is still symbolic (else the first error stands)."""
+    every declared axis kept its own Dim's symbol and range (else the first error stands)."""
     try:
         return torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except torch._dynamo.exc.UserError as exc:
         if exc.error_type != torch._dynamo.exc.UserErrorType.CONSTRAINT_VIOLATION:
             raise
-        leaves = torch.utils._pytree.tree_leaves(dynamic_shapes)
         hints = torch.utils._pytree.tree_map(lambda d: Dim.DYNAMIC if isinstance(d, Dim) else d, dynamic_shapes)
-        ep = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=hints)
-        if _symbolic_dims(ep) != sum(isinstance(d, Dim) for d in leaves):
+        try:
+            ep = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=hints)
+        except Exception:
+            raise exc from None
+        if not _keeps_declared_dims(ep, dynamic_shapes):
             raise exc
         return ep
 

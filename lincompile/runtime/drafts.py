@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lincompile.runtime.sampling import SamplingConfig, probabilities
-from lincompile.runtime.state import hf_cache_keyword
+from lincompile.runtime.state import hf_cache_keyword, position_limit
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ class ModelDraft:
         self.model = model
         self.linear = hasattr(model, "initial_state")
         self.vocab_size = vocab_size(model)
+        self.max_positions = position_limit(model)
         self._fed = 0  # committed tokens the draft has absorbed: the first _fed of _tokens
         self._tokens = torch.zeros(0, dtype=torch.long)
         self._state: Any = None
@@ -115,6 +116,10 @@ class ModelDraft:
     def propose(self, context: DraftContext, k: int, sampling: SamplingConfig,
                 generator: torch.Generator | None) -> Proposal:
         tokens = context.tokens
+        if self.max_positions is not None:  # drafting k tokens feeds len(tokens) + k - 1 in all
+            k = min(k, self.max_positions - len(tokens) + 1)
+            if k < 1:
+                return Proposal(torch.zeros(0, dtype=torch.long))  # past the draft's positions: plain decoding
         if self._fed >= len(tokens) or not torch.equal(tokens[:self._fed], self._tokens[:self._fed]):
             self._fed, self._state = 0, None  # not a continuation of what was absorbed: start over
         self._tokens = tokens

@@ -13,7 +13,7 @@ import torch
 
 from lincompile.runtime.prefill import prefill
 from lincompile.runtime.sampling import SamplingConfig, eos_ids, sample
-from lincompile.runtime.state import check_positions, require_decodable
+from lincompile.runtime.state import check_new_tokens, require_decodable
 
 
 @torch.no_grad()
@@ -31,9 +31,6 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
     (`lincompile.runtime.speculative`, one sequence): the same tokens as greedy decoding, the same
     distribution as sampling.
     """
-    if input_ids.dim() == 2:
-        check_positions(getattr(model, "max_positions", None), input_ids.shape[1] + max(max_new_tokens - 1, 0),
-                        f"a prompt of {input_ids.shape[1]} tokens plus max_new_tokens={max_new_tokens}")
     if draft is not None:
         from lincompile.runtime.speculative import speculative_generate
 
@@ -46,6 +43,7 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got {tuple(input_ids.shape)}")
     require_decodable(model, "generate")
+    check_new_tokens(model, input_ids.shape[1], max_new_tokens)
     if attention_mask is not None and attention_mask.shape == input_ids.shape and not bool(
             attention_mask[:, -1].bool().all()):
         raise ValueError("attention_mask: a row ends in padding (or is all padding); generate continues each row "

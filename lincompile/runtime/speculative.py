@@ -24,7 +24,7 @@ from lincompile.passes.linearize import HIDDEN_OUTPUT, VERIFY_WINDOW
 from lincompile.runtime.drafts import DraftContext, Proposal, make_draft, vocab_size
 from lincompile.runtime.prefill import prefill
 from lincompile.runtime.sampling import SamplingConfig, eos_ids, probabilities, sample
-from lincompile.runtime.state import RecurrentState, require_decodable
+from lincompile.runtime.state import RecurrentState, check_new_tokens, position_limit, require_decodable
 from lincompile.runtime.verify import PARENTS_INPUT, commit_path, commit_sites, tree_verifier
 
 
@@ -103,6 +103,7 @@ class SpeculativeDecoder:
         check_num_draft_tokens(num_draft_tokens)
         require_decodable(target, "speculative decoding")
         self.target = target
+        self.max_positions = position_limit(target)
         self.draft = make_draft(draft, target)
         self.k = num_draft_tokens
         self.max_k = num_draft_tokens
@@ -144,7 +145,9 @@ class SpeculativeDecoder:
         """One round: draft, verify in one target call, commit; returns the tokens it emitted (>= 1)."""
         context = DraftContext(self.tokens, self.hidden)
         proposal = self.draft.propose(context, self.k, self.sampling, self.generator)
-        proposal = _truncate(proposal, VERIFY_WINDOW - 1)
+        # the verify call feeds the pending token and the proposal: it may reach the last learned position
+        room = VERIFY_WINDOW - 1 if self.max_positions is None else self.max_positions - len(self.tokens)
+        proposal = _truncate(proposal, min(VERIFY_WINDOW - 1, room))
         n = len(proposal)
         chain = proposal.parents is None
         parents = (torch.arange(n + 1) - 1 if chain
@@ -218,6 +221,7 @@ def speculative_generate(model: Any, input_ids: Tensor, max_new_tokens: int, dra
     eos = set(eos_ids(eos_token_id))
     decoder = SpeculativeDecoder(model, draft, num_draft_tokens, SamplingConfig(do_sample, temperature, top_k, top_p),
                                  generator, adaptive, prefill_chunk_size)
+    check_new_tokens(model, input_ids.shape[1], max_new_tokens)
     start = time.perf_counter()
     prompt = input_ids.shape[1]
     tokens = input_ids[0].tolist()

@@ -62,17 +62,25 @@ def check_state(state: RecurrentState, names: list[str], batch: int) -> None:
                              "its own state")
 
 
+#: Position tables by attribute name: GPT-2's and GPT-Neo's `wpe`, the BERT family's `position_embeddings`, OPT's
+#: `embed_positions` (an embedding), GPT-J's and CodeGen's `embed_positions` (a precomputed rotary buffer).
+POSITION_TABLES = ("wpe", "position_embeddings", "embed_positions")
+
+
 def learned_positions(model: nn.Module) -> int | None:
-    """How many positions `model`'s learned position embeddings cover (GPT-2's `wpe`, OPT's `embed_positions`,
-    BERT's `position_embeddings`; the smallest if several), net of an offset or padding row; None for a model
-    without them (rotary or relative positions have no hard limit)."""
+    """How many positions `model`'s position tables cover (the smallest if several), net of an offset or padding
+    row (OPT's offset of 2, RoBERTa's positions after its padding index); None for a model without one (rotary
+    positions computed on the fly, relative ones) and for encoder-decoder models, whose two tables differ."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
     limits = []
     for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, nn.Embedding) and (leaf == "wpe" or "position" in leaf):
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
             padding = module.padding_idx
             reserved = int(getattr(module, "offset", 0) or 0) + (0 if padding is None else padding + 1)
             limits.append(module.num_embeddings - reserved)
+    limits += [buffer.shape[0] for name, buffer in model.named_buffers()
+               if name.rsplit(".", 1)[-1] in POSITION_TABLES and buffer.dim() == 2]
     return min(limits) if limits else None
 
 
@@ -88,3 +96,13 @@ def check_positions(limit: int | None, end: int, what: str = "this call") -> Non
     if limit is not None and end > limit:
         raise ValueError(f"{what} reaches token {end}, past the model's {limit} learned positions (it cannot "
                          f"extrapolate its position embeddings): stay within {limit} tokens")
+
+
+def check_new_tokens(model: object, prompt: int, max_new_tokens: int) -> None:
+    """Refuse, before any work, a generation that would feed the model past its learned positions (the last new
+    token is never fed: prompt + max_new_tokens - 1 tokens are)."""
+    limit = position_limit(model)
+    if limit is not None and prompt + max_new_tokens - 1 > limit:
+        raise ValueError(f"a prompt of {prompt} tokens plus max_new_tokens={max_new_tokens} passes the model's "
+                         f"{limit} learned positions (it cannot extrapolate its position embeddings): use "
+                         f"max_new_tokens <= {max(limit - prompt + 1, 0)}, or a shorter prompt")

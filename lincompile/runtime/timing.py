@@ -143,7 +143,7 @@ def compiled_model(linear: Any) -> Any:
 
     compiled = torch.compile(linear.graph, backend="inductor", dynamic=False, options={"freezing": True})
     return LinearizedModel(compiled, linear.input_names, linear.output_names, linear.sites, linear.rewritten,
-                           linear.config, linear.hf_config)
+                           linear.config, linear.hf_config, linear.max_positions)
 
 
 def open_ort(onnx_dir: Path, threads: int, cpu_only: bool = True) -> Any:

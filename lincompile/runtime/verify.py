@@ -161,6 +161,7 @@ def tree_verifier(model: Any) -> Callable[..., Any]:
             new.target = _tree_attention
             new.args = tuple(new.args) + (parents,)
     verifier = LinearizedModel(fx.GraphModule(model.graph, graph), [*model.input_names, PARENTS_INPUT],
-                               model.output_names, model.sites, model.rewritten, model.config, model.hf_config)
+                               model.output_names, model.sites, model.rewritten, model.config, model.hf_config,
+                               model.max_positions)
     object.__setattr__(model, "_tree_verifier", verifier)  # not a submodule: its weights are model's own
     return verifier

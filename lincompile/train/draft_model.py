@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from lincompile.api import SAVE_FILE, load, optimize
 from lincompile.backends.eager import LinearizedModel
 from lincompile.config import LinearizeConfig
+from lincompile.jsonconfig import JsonConfig
 from lincompile.runtime.drafts import vocab_size
 from lincompile.runtime.state import check_positions, position_limit
-from lincompile.jsonconfig import JsonConfig
 from lincompile.train.attention_transfer import graph_inputs
 from lincompile.train.finetune import embedding_parameters
 from lincompile.train.trainer import batch_indices, learning_rate
@@ -231,8 +231,9 @@ def _check_fits(draft: LinearizedModel, teacher: nn.Module, block_size: int) -> 
     """Refuse a teacher that scores another vocabulary, and blocks longer than either model's learned positions."""
     mine, theirs = vocab_size(draft), vocab_size(teacher)
     if mine is not None and theirs is not None and mine != theirs:
-        raise ValueError(f"the teacher scores {theirs} tokens, the draft {mine}: distilling needs a teacher with the "
-                         "draft's tokenizer (the target itself, or a model of its family)")
+        raise ValueError(f"the teacher scores {theirs} tokens, the draft {mine} (config.vocab_size): distilling "
+                         "compares their logits token by token, so the teacher needs the draft's tokenizer and "
+                         "vocabulary size (the target itself, or a model of its family with the same vocab_size)")
     for model in (draft, teacher):
         check_positions(position_limit(model), block_size, f"a block of {block_size} tokens (--block-size)")
 

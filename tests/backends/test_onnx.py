@@ -241,5 +241,5 @@ def test_learned_position_limit_travels_with_the_export(tmp_path):
     state = ort(ids[:, :100]).past_state
     with pytest.raises(ValueError, match="reaches token 129, past the model's 128 learned positions"):
         ort(ids[:, :29], past_state=state)
-    with pytest.raises(ValueError, match="a prompt of 120 tokens plus max_new_tokens=10"):
+    with pytest.raises(ValueError, match="a prompt of 120 tokens plus max_new_tokens=10 passes"):
         ort.generate(ids[:, :120], max_new_tokens=10)

@@ -15,8 +15,9 @@ _EXPORT = torch.export.export
 def test_refused_named_dims_export_again_with_dynamic_dims(request):
     model = tiny_model("llama")
     expected = lincompile.optimize(model, "augmented")
-    request.getfixturevalue("refuse_named_dims")
+    calls = request.getfixturevalue("refuse_named_dims")
     linear = lincompile.optimize(model, "augmented")
+    assert calls == ["refused", "retried"]
     assert [(s.heads, s.kv_heads) for s in linear.sites] == [(4, 2)] * 2  # GQA seen through the traced repeat_kv
     for batch, tokens in [(1, 1), (3, 7), (2, 40)]:
         ids = torch.randint(0, 128, (batch, tokens))
@@ -72,3 +73,25 @@ def test_full_slices_are_normalized_away():
     assert kept == [(2, 1, 9223372036854775807)]
     for a, b in zip(gm(x), expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["narrowed", "merged"])
+def test_a_retry_that_narrows_or_merges_dims_raises_the_original_error(request, case):
+    """Guards the named dims would refuse for a real reason: a range narrowed (seq > 4), two dims made one."""
+    from lincompile.capture.export import export_dynamic
+
+    class Narrowed(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if x.shape[1] > 4 else x
+
+    class Merged(torch.nn.Module):
+        def forward(self, x, y):
+            return x + y
+
+    seq, past = torch.export.Dim("seq", min=1, max=1024), torch.export.Dim("past", min=1, max=1024)
+    module, args, shapes = ((Narrowed(), (torch.randn(2, 8),), ({1: seq},)) if case == "narrowed"
+                            else (Merged(), (torch.randn(2, 8), torch.randn(2, 8)), ({1: seq}, {1: past})))
+    calls = request.getfixturevalue("refuse_named_dims")
+    with pytest.raises(UserError, match=r"\(simulated\)"):
+        export_dynamic(module, args, None, shapes)
+    assert calls == ["refused", "retried"]

@@ -135,11 +135,18 @@ def test_learned_positions_are_a_clear_limit(family):
     state = model(ids[:, :127]).past_state
     with pytest.raises(ValueError, match="reaches token 129"):
         model(ids[:, 127:].repeat(1, 2), past_state=state)
-    assert model.generate(ids[:, :120], max_new_tokens=9).shape == (1, 129)  # the 129th token is never fed
-    with pytest.raises(ValueError, match="a prompt of 120 tokens plus max_new_tokens=10 reaches token 129"):
+    plain = model.generate(ids[:, :120], max_new_tokens=9)  # the 129th token is never fed
+    assert plain.shape == (1, 129)
+    message = "a prompt of 120 tokens plus max_new_tokens=10 passes the model's 128 .* use max_new_tokens <= 9"
+    with pytest.raises(ValueError, match=message):
         model.generate(ids[:, :120], max_new_tokens=10)
-    with pytest.raises(ValueError, match="reaches token 129"):
+    with pytest.raises(ValueError, match=message):
         model.generate(ids[:, :120], max_new_tokens=10, draft="prompt-lookup")
+    # drafts that always propose 6 tokens: verify calls near the end are cut to the positions left (a draft with
+    # its own table, GPT-2's, also stops drafting past it); the tokens are plain greedy decoding's
+    for draft in (tiny_model("llama"), tiny_model("gpt2", seed=1)):
+        out = model.generate(ids[:, :120], max_new_tokens=9, draft=draft, num_draft_tokens=6)
+        assert torch.equal(out, plain)
 
 
 @pytest.mark.parametrize("family", ["llama", "t5"])

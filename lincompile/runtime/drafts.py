@@ -92,6 +92,7 @@ class ModelDraft:
     def __init__(self, model: Any) -> None:
         self.model = model
         self.linear = hasattr(model, "initial_state")
+        self._cache_keyword = None if self.linear else hf_cache_keyword(model)
         self.vocab_size = vocab_size(model)
         self.max_positions = position_limit(model)
         self._fed = 0  # committed tokens the draft has absorbed: the first _fed of _tokens
@@ -107,7 +108,7 @@ class ModelDraft:
         from transformers import DynamicCache
 
         cache = state if state is not None else DynamicCache()
-        out = self.model(input_ids=ids, use_cache=True, **{hf_cache_keyword(self.model): cache})  # grows `cache`
+        out = self.model(input_ids=ids, use_cache=True, **{self._cache_keyword: cache})  # grows `cache`
         return out.logits[0, -1], cache
 
     def _device(self) -> torch.device:

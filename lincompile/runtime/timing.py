@@ -62,11 +62,12 @@ class HFCache:
 
         self.model = model
         self.cache = DynamicCache(config=model.config)
+        self._cache_keyword = hf_cache_keyword(model)
         self.length = 0
         self.next_token: torch.Tensor | None = None
 
     def _call(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(ids, use_cache=True, logits_to_keep=1, **{hf_cache_keyword(self.model): self.cache})
+        out = self.model(ids, use_cache=True, logits_to_keep=1, **{self._cache_keyword: self.cache})
         self.length += ids.shape[1]
         return out.logits[:, -1]
 

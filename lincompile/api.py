@@ -18,7 +18,7 @@ from lincompile.methods.spec import MethodSpec, get_method
 from lincompile.passes.base import PassContext, PassManager, PassResult, Verifier
 from lincompile.passes.detect_attention import AttentionSite, UnmatchedSoftmax
 from lincompile.passes.pipeline import DEFAULT_PIPELINE, build_pipeline
-from lincompile.runtime.state import learned_positions
+from lincompile.runtime.state import learned_positions, position_padding
 
 SAVE_FORMAT = "lincompile-linearized"
 #: The file every saved linearized model directory holds (its format, LinearizeConfig, source class, dtype).
@@ -158,7 +158,8 @@ def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, 
 
         warnings.warn(message + "\nthese nodes were left unchanged", stacklevel=2)
     linearized = LinearizedModel(ctx.gm, ctx.captured.input_names, ctx.captured.output_names, ctx.sites,
-                                 ctx.rewritten, config, getattr(model, "config", None), learned_positions(model))
+                                 ctx.rewritten, config, getattr(model, "config", None), learned_positions(model),
+                                 position_padding(model))
     linearized.report = report
     linearized.source_class = type(model).__name__  # what `load` rebuilds (a BertModel is no causal LM)
     return linearized

@@ -16,7 +16,7 @@ from lincompile.kernels.linear_attention.reference import init_state
 from lincompile.methods.spec import MethodSpec
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT, RewrittenSite
-from lincompile.runtime.state import RecurrentState, check_positions, check_state
+from lincompile.runtime.state import RecurrentState, check_positions, check_state, default_positions
 
 
 @dataclass
@@ -30,11 +30,14 @@ class LinearizedOutput:
 
 class LinearizedModel(torch.nn.Module):
     """A linearized model: `graph` (an fx.GraphModule holding all weights) plus its interface. `max_positions`: the
-    most tokens a sequence may have (the source's learned position embeddings; None: no such table)."""
+    most tokens a sequence may have (the source's learned position embeddings; None: no such table).
+    `position_padding`: the padding id a RoBERTa-style source numbers positions after (None: from 0); calls
+    without `position_ids` get the source's own numbering either way."""
 
     def __init__(self, graph: fx.GraphModule, input_names: list[str], output_names: list[str],
                  sites: list[AttentionSite], rewritten: list[RewrittenSite], config: LinearizeConfig,
-                 hf_config: object | None = None, max_positions: int | None = None) -> None:
+                 hf_config: object | None = None, max_positions: int | None = None,
+                 position_padding: int | None = None) -> None:
         super().__init__()
         self.graph = graph
         self.input_names = list(input_names)
@@ -48,6 +51,7 @@ class LinearizedModel(torch.nn.Module):
         self.source_class: str | None = None  # the model class `optimize` linearized (what `load` rebuilds)
         self.captured_dtype = self._param_dtype()  # the graph's casts were traced for it
         self.max_positions = max_positions  # the source's learned position embeddings' limit (None: none)
+        self.position_padding = position_padding
         # decodable through `past_state`: some site keeps a state, and no causal site lacks one (an encoder's
         # sites are all non-causal: it keeps nothing, and is called on whole sequences)
         self.supports_state = (len(rewritten) == len(sites) and any(s.stateful for s in sites)
@@ -57,6 +61,15 @@ class LinearizedModel(torch.nn.Module):
         """The dtype of the graph's first parameter (the embeddings): the model's dtype."""
         first = next(self.graph.parameters(), None)
         return None if first is None else first.dtype
+
+    def with_graph(self, graph: torch.nn.Module, input_names: list[str] | None = None) -> "LinearizedModel":
+        """This model's interface (sites, config, position limits) around `graph`, a derived graph over the same
+        weights (a compiled one, a tree verifier); `input_names` if it takes other inputs."""
+        derived = LinearizedModel(graph, self.input_names if input_names is None else input_names, self.output_names,
+                                  self.sites, self.rewritten, self.config, self.hf_config, self.max_positions,
+                                  self.position_padding)
+        derived.source_class = self.source_class
+        return derived
 
     @property
     def device(self) -> torch.device:
@@ -105,8 +118,7 @@ class LinearizedModel(torch.nn.Module):
             raise ValueError(f"attention_mask must be [batch, tokens] = {(batch, tokens)} (or cover past + new "
                              f"tokens), got {tuple(attention_mask.shape)}")
         if position_ids is None:
-            position_ids = torch.arange(state.length, state.length + tokens, device=input_ids.device)
-            position_ids = position_ids.unsqueeze(0).expand(batch, tokens)
+            position_ids = default_positions(input_ids, state.length, self.position_padding)
         values = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                   **extra, **state.tensors}
         missing = [n for n in self.input_names if n not in values]

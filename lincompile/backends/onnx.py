@@ -288,9 +288,12 @@ def _metadata(model: LinearizedModel, ir_model: Any, tokenizer: object | None, o
         "dims": {"batch": "rows", "seq": "new tokens this call",
                  "past_seq": "tokens already absorbed by a growing (softmax KV-cache) state; 0 initially"},
         "conventions": {"attention_mask": "[batch, seq] int64, 1 = real token, covers the new tokens only",
-                        "position_ids": "past length + arange(seq) unless given",
+                        "position_ids": "past length + arange(seq) unless given; for a position_padding model, "
+                                        "past length + position_padding + the count of ids != position_padding "
+                                        "(those ids: position_padding)",
                         "state": "present.{i}.{part} of one call feeds past_key_values.{i}.{part} of the next"},
         "supports_state": model.supports_state, "max_positions": model.max_positions,
+        "position_padding": model.position_padding,
         "methods": specs, "sites": sites, "linearize": model.config.to_dict(),
         "vocab_size": getattr(hf, "vocab_size", None), "eos_token_id": getattr(hf, "eos_token_id", None),
         "pad_token_id": getattr(hf, "pad_token_id", None), "model_type": getattr(hf, "model_type", None),

@@ -20,7 +20,7 @@ import torch
 
 from lincompile.backends.onnx import FORMAT, FORMAT_VERSION, META_FILE
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT
-from lincompile.runtime.state import RecurrentState, check_positions, check_state
+from lincompile.runtime.state import RecurrentState, check_positions, check_state, default_positions
 
 ArrayLike = Any  # torch.Tensor | np.ndarray | OrtValue
 
@@ -63,6 +63,7 @@ class OrtModel:
                              f"match {META_FILE} {expected[0]} -> {expected[1]}")
         self.state_names: list[str] = list(meta["state"])
         self.max_positions: int | None = meta.get("max_positions")  # exports before it was recorded: unchecked
+        self.position_padding: int | None = meta.get("position_padding")  # see LinearizedModel
         self._dtypes = {v["name"]: np.dtype(v["dtype"]) for v in meta["inputs"]}
         provider = session.get_providers()[0]
         self.device_type = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
@@ -144,7 +145,7 @@ class OrtModel:
             raise ValueError(f"attention_mask must be [batch, tokens] = {(batch, tokens)} (or cover past + new "
                              f"tokens), got {mask.shape}")
         if position_ids is None:
-            position_ids = np.broadcast_to(np.arange(state.length, state.length + tokens), (batch, tokens))
+            position_ids = default_positions(torch.from_numpy(ids), state.length, self.position_padding).numpy()
         values = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, **state.tensors}
         missing = [n for n in self.input_names if n not in values]
         if missing:

@@ -1,6 +1,8 @@
-"""Canonicalize a captured graph before matching: drop runtime asserts, no-op casts, p=0 dropout, full slices.
+"""Canonicalize a captured graph before matching: drop runtime asserts, no-op casts, p=0 dropout, full slices;
+make in-place arithmetic on a private temporary (MPNet's `scores += position_bias`) out-of-place.
 
-Invariant: the graph computes the same values afterwards (only identities are removed).
+Invariant: the graph computes the same values afterwards, in the same memory layouts (only identities are removed:
+a `contiguous` or copy that changes strides stays, since a later `view` may need them).
 """
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import operator
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
 
@@ -15,6 +18,8 @@ _ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, t
 _CASTS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default}
 _IDENTITIES = {aten.alias.default, aten.contiguous.default, aten.clone.default, aten.detach.default}
 _DROPOUTS = {aten.dropout.default, aten.native_dropout.default, aten.feature_dropout.default}
+_IN_PLACE = {aten.add_.Tensor: aten.add.Tensor, aten.sub_.Tensor: aten.sub.Tensor, aten.mul_.Tensor: aten.mul.Tensor,
+             aten.div_.Tensor: aten.div.Tensor, aten.masked_fill_.Scalar: aten.masked_fill.Scalar}
 
 
 def _val(node: object) -> object:
@@ -22,8 +27,11 @@ def _val(node: object) -> object:
 
 
 def _same_tensor_type(a: object, b: object) -> bool:
+    """Same dtype, device, layout, shape and strides (symbolic ones only where provably equal)."""
     return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
-            and a.device == b.device and a.layout == b.layout and a.shape == b.shape)
+            and a.device == b.device and a.layout == b.layout and a.shape == b.shape
+            and len(a.stride()) == len(b.stride())
+            and all(statically_known_true(x == y) for x, y in zip(a.stride(), b.stride())))
 
 
 def _dropout_p(node: fx.Node) -> float | None:
@@ -45,18 +53,31 @@ def _full_slice(node: fx.Node) -> bool:
     return start in (0, None) and step in (1, None) and (end is None or (isinstance(end, int) and end >= 1 << 62))
 
 
+def _private_temporary(node: object, user: fx.Node) -> bool:
+    """`node` is a fresh tensor (an op's own result, not a view or an input) that only `user` reads: mutating it in
+    place or computing a new one is the same to the rest of the graph."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or list(node.users) != [user]:
+        return False
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and len(schema.returns) == 1 and schema.returns[0].alias_info is None
+
+
 def normalize(gm: fx.GraphModule) -> int:
-    """Remove identity nodes in place; returns how many nodes were removed."""
+    """Canonicalize `gm` in place; returns how many nodes were removed or rewritten."""
     graph = gm.graph
-    removed = 0
+    changed = 0
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
         target = node.target
         replacement = None
+        if target in _IN_PLACE and _private_temporary(node.args[0], node):
+            node.target = _IN_PLACE[target]
+            changed += 1
+            continue
         if target in _ASSERTS and not node.users:
             graph.erase_node(node)
-            removed += 1
+            changed += 1
             continue
         if target in _CASTS or target in _IDENTITIES:
             src = node.args[0]
@@ -75,9 +96,9 @@ def normalize(gm: fx.GraphModule) -> int:
         if replacement is not None:
             node.replace_all_uses_with(replacement)
             graph.erase_node(node)
-            removed += 1
-    removed += eliminate_dead_code(gm)
-    return removed
+            changed += 1
+    changed += eliminate_dead_code(gm)
+    return changed
 
 
 #: Ops fx calls impure only because they *may* draw random numbers (dropout inside attention);

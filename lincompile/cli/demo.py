@@ -240,8 +240,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     clock.lap("decode_short")
 
     _log(f"lincompile: prefilling held-out tokens {opts.context}..{opts.long_context} (chunks of {PREFILL_CHUNK})")
-    long = prefill(linear, ids[:, opts.context:], position_ids=torch.arange(opts.context, opts.long_context)[None],
-                   past_state=short.state, chunk_size=PREFILL_CHUNK)
+    long = prefill(linear, ids[:, opts.context:], past_state=short.state, chunk_size=PREFILL_CHUNK)
     clock.lap("prefill_long")
     _log(f"timing {opts.steps} decode steps per engine at {opts.long_context} (HF: random KV cache)")
     hf = HFCache(model)

@@ -31,6 +31,7 @@ from lincompile.passes.base import (PassContext, PassManager, PassResult, Verifi
                                     registered_passes)
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.pipeline import DEFAULT_PIPELINE, build_pipeline
+from lincompile.runtime.state import default_positions, position_padding
 from lincompile.train.data import heldout_blocks
 
 PROG = "lincompile"
@@ -66,8 +67,8 @@ def verify_sample(model: torch.nn.Module, tokenizer: Any | None, batch: int = 2,
     mask[1, :pad] = 0
     ids[1, :pad] = pad_id
     sample.update(input_ids=ids, attention_mask=mask)
-    if "position_ids" in sample:
-        sample["position_ids"] = torch.arange(seq).unsqueeze(0).expand(batch, seq).contiguous()
+    if "position_ids" in sample:  # numbered as the model numbers them itself (RoBERTa-style: after its pad id)
+        sample["position_ids"] = default_positions(ids, 0, position_padding(model)).contiguous()
     return sample
 
 

@@ -8,10 +8,11 @@ from lincompile.passes.base import Pass, PassContext, register_pass
 @register_pass
 class Normalize(Pass):
     name = "normalize"
-    description = "drop runtime asserts, no-op casts/aliases and p=0 dropout so patterns see one canonical form"
+    description = ("drop runtime asserts, no-op casts/aliases and p=0 dropout, make in-place score arithmetic "
+                   "out-of-place, so patterns see one canonical form")
 
     def run(self, ctx: PassContext) -> list[str]:
-        return [f"removed {normalize(ctx.gm)} identity nodes"]
+        return [f"removed or rewrote {normalize(ctx.gm)} identity and in-place nodes"]
 
 
 @register_pass

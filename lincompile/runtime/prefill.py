@@ -8,8 +8,9 @@ form inside a chunk is quadratic in the chunk only), so for constant-size states
 the prompt length and independent of it apart from the returned logits.
 
 Position ids: given explicitly, they are used as they are; otherwise they count the real tokens of
-`attention_mask` (left padding takes no position, as in Hugging Face's `generate`), starting at
-`past_state.length` when a state is given (exact only if that past had no padding: pass the
+`attention_mask` (left padding takes no position, as in Hugging Face's `generate`) from the model's first
+position (`first_position`: 0, or a RoBERTa-style model's padding id + 1), plus `past_state.length` when a
+state is given (exact only if that past had no padding: pass the
 `next_position_ids` a previous `prefill` returned, plus the new tokens' offsets, otherwise).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from lincompile.runtime.state import RecurrentState
+from lincompile.runtime.state import RecurrentState, first_position
 
 
 class Prefilled(NamedTuple):
@@ -54,7 +55,8 @@ def prefill(model: Callable, input_ids: torch.Tensor, attention_mask: torch.Tens
     if mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {tuple(mask.shape)}")
     if position_ids is None:
-        position_ids = mask_positions(mask, past_state.length if past_state is not None else 0)
+        past = 0 if past_state is None else past_state.length
+        position_ids = mask_positions(mask, first_position(model) + past)
     elif position_ids.shape != input_ids.shape:
         raise ValueError(f"position_ids must match input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(position_ids.shape)}")

@@ -24,7 +24,8 @@ from lincompile.passes.linearize import HIDDEN_OUTPUT, VERIFY_WINDOW
 from lincompile.runtime.drafts import DraftContext, Proposal, make_draft, vocab_size
 from lincompile.runtime.prefill import prefill
 from lincompile.runtime.sampling import SamplingConfig, eos_ids, probabilities, sample
-from lincompile.runtime.state import RecurrentState, check_new_tokens, position_limit, require_decodable
+from lincompile.runtime.state import (RecurrentState, check_new_tokens, first_position, position_limit,
+                                      require_decodable)
 from lincompile.runtime.verify import PARENTS_INPUT, commit_path, commit_sites, tree_verifier
 
 
@@ -153,7 +154,7 @@ class SpeculativeDecoder:
         parents = (torch.arange(n + 1) - 1 if chain
                    else torch.cat([torch.tensor([-1]), torch.where(proposal.parents < 0, 0, proposal.parents + 1)]))
         ids = torch.cat([self.tokens[-1:], proposal.tokens])[None]
-        positions = (self.state.length + _depths(parents))[None]
+        positions = (self.state.length + first_position(self.target) + _depths(parents))[None]
         if chain:
             out = self.target(ids, past_state=self.state, position_ids=positions)
         else:

@@ -7,6 +7,7 @@ onnxruntime OrtValues when the state comes from an `OrtModel`.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -67,18 +68,65 @@ def check_state(state: RecurrentState, names: list[str], batch: int) -> None:
 POSITION_TABLES = ("wpe", "position_embeddings", "embed_positions")
 
 
+def _tables(model: nn.Module) -> Iterator[tuple[nn.Module, nn.Embedding]]:
+    """(embeddings module, position table) pairs: each `nn.Embedding` named as in `POSITION_TABLES`, with its parent."""
+    for module in model.modules():
+        for name, child in module.named_children():
+            if name in POSITION_TABLES and isinstance(child, nn.Embedding):
+                yield module, child
+
+
+def _numbered_after_padding(module: nn.Module, table: nn.Embedding) -> bool:
+    """Whether `module` numbers positions after `table`'s padding row: it holds that row as its own `padding_idx`
+    (RoBERTa's embeddings do; LXMERT's table has a padding row 0 but numbers its tokens from 0)."""
+    return table.padding_idx is not None and getattr(module, "padding_idx", None) == table.padding_idx
+
+
+def position_padding(model: nn.Module) -> int | None:
+    """The padding id a RoBERTa-style Hugging Face module numbers its positions after (RoBERTa, XLM-R, CamemBERT,
+    Data2VecText, ESM, ...): the padding row of the position table beside its input embedding, when that
+    embeddings module numbers after it. Hugging Face numbers such a model's tokens padding_idx + 1, + 2, ... and
+    gives pad tokens padding_idx. None for a model numbering from 0 and for encoder-decoder models. (Runners
+    carry theirs as `.position_padding`.)"""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    try:
+        inputs = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # not a Hugging Face model, or one without a single input table
+        inputs = None
+    for module, table in _tables(model):
+        beside_inputs = inputs is None or any(child is inputs for child in module.children())
+        if beside_inputs and _numbered_after_padding(module, table):
+            return table.padding_idx
+    return None
+
+
+def first_position(model: object) -> int:
+    """The position id of a sequence's first token for a lincompile runner (`LinearizedModel`, `OrtModel`):
+    its `position_padding` + 1, else 0."""
+    padding = getattr(model, "position_padding", None)
+    return 0 if padding is None else padding + 1
+
+
+def default_positions(input_ids: torch.Tensor, start: int, padding: int | None) -> torch.Tensor:
+    """The position ids [B, T] of a call given none, after `start` tokens: start + arange(T), or for a model
+    numbered after `padding`, Hugging Face's: the count of non-pad tokens, + start + padding (pads get padding)."""
+    batch, tokens = input_ids.shape
+    if padding is None:
+        return torch.arange(start, start + tokens, device=input_ids.device).unsqueeze(0).expand(batch, tokens)
+    real = input_ids.ne(padding).long()
+    return (real.cumsum(1) + start) * real + padding
+
+
 def learned_positions(model: nn.Module) -> int | None:
     """How many positions `model`'s position tables cover (the smallest if several), net of an offset or padding
-    row (OPT's offset of 2, RoBERTa's positions after its padding index); None for a model without one (rotary
+    rows (OPT's offset of 2, RoBERTa's rows up to its padding index); None for a model without one (rotary
     positions computed on the fly, relative ones) and for encoder-decoder models, whose two tables differ."""
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return None
-    limits = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
-            padding = module.padding_idx
-            reserved = int(getattr(module, "offset", 0) or 0) + (0 if padding is None else padding + 1)
-            limits.append(module.num_embeddings - reserved)
+    limits = [table.num_embeddings - int(getattr(table, "offset", 0) or 0)
+              - (table.padding_idx + 1 if _numbered_after_padding(module, table) else 0)
+              for module, table in _tables(model)]
     limits += [buffer.shape[0] for name, buffer in model.named_buffers()
                if name.rsplit(".", 1)[-1] in POSITION_TABLES and buffer.dim() == 2]
     return min(limits) if limits else None

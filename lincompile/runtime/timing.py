@@ -140,11 +140,8 @@ def compiled_model(linear: Any) -> Any:
     constants, linears prepacked; only valid while the weights do not change). Compilation happens at the
     first call and again for each new input shape; `lincompile::attention` stays an extern call of its
     registered kernel. Shares `linear`'s weights and interface."""
-    from lincompile.backends.eager import LinearizedModel
-
     compiled = torch.compile(linear.graph, backend="inductor", dynamic=False, options={"freezing": True})
-    return LinearizedModel(compiled, linear.input_names, linear.output_names, linear.sites, linear.rewritten,
-                           linear.config, linear.hf_config, linear.max_positions)
+    return linear.with_graph(compiled)
 
 
 def open_ort(onnx_dir: Path, threads: int, cpu_only: bool = True) -> Any:

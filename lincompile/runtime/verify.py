@@ -142,8 +142,6 @@ def _tree_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bi
 def tree_verifier(model: Any) -> Callable[..., Any]:
     """A `LinearizedModel` sharing `model`'s weights whose stateful ops verify a tree given as the extra
     input `draft_parents`; call it as `verifier(ids, past_state=, position_ids=, draft_parents=)`."""
-    from lincompile.backends.eager import LinearizedModel
-
     if not hasattr(model, "graph"):
         raise TypeError("tree verification runs on a LinearizedModel (torch); an ONNX model verifies chains")
     cached = getattr(model, "_tree_verifier", None)
@@ -160,8 +158,6 @@ def tree_verifier(model: Any) -> Callable[..., Any]:
         if old.op == "call_function" and old.target == attention_op() and old.args[5]:
             new.target = _tree_attention
             new.args = tuple(new.args) + (parents,)
-    verifier = LinearizedModel(fx.GraphModule(model.graph, graph), [*model.input_names, PARENTS_INPUT],
-                               model.output_names, model.sites, model.rewritten, model.config, model.hf_config,
-                               model.max_positions)
+    verifier = model.with_graph(fx.GraphModule(model.graph, graph), [*model.input_names, PARENTS_INPUT])
     object.__setattr__(model, "_tree_verifier", verifier)  # not a submodule: its weights are model's own
     return verifier

@@ -23,6 +23,7 @@ from lincompile.backends.eager import LinearizedModel
 from lincompile.kernels.linear_attention.reference import attention as reference_attention
 from lincompile.methods.spec import MethodSpec, get_method
 from lincompile.passes.linearize import PARAMS_MODULE
+from lincompile.runtime.state import default_positions
 
 _SOFTMAX = get_method("softmax")
 
@@ -106,10 +107,10 @@ def softmax_graph(linear: LinearizedModel) -> fx.GraphModule:
 
 
 def graph_inputs(linear: LinearizedModel, input_ids: Tensor) -> list[Tensor]:
-    """Positional inputs of `linear.graph` (and its derived copies) for full, unpadded blocks from position 0."""
+    """Positional inputs of `linear.graph` (and its derived copies) for full, unpadded blocks from the first position
+    (numbered as the source numbers them)."""
     batch, tokens = input_ids.shape
-    positions = torch.arange(tokens, device=input_ids.device).unsqueeze(0).expand(batch, tokens)
-    values = {"input_ids": input_ids, "position_ids": positions,
+    values = {"input_ids": input_ids, "position_ids": default_positions(input_ids, 0, linear.position_padding),
               "attention_mask": torch.ones(batch, tokens, dtype=torch.long, device=input_ids.device),
               **linear.initial_state(batch, input_ids.device).tensors}
     missing = [n for n in linear.input_names if n not in values]

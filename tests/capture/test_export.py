@@ -95,3 +95,29 @@ def test_a_retry_that_narrows_or_merges_dims_raises_the_original_error(request, 
     with pytest.raises(UserError, match=r"\(simulated\)"):
         export_dynamic(module, args, None, shapes)
     assert calls == ["refused", "retried"]
+
+
+def test_normalize_keeps_layouts_and_makes_private_in_place_arithmetic_out_of_place():
+    """MPNet writes `scores += bias` (an in-place add the patterns did not know) and `.contiguous().view(...)` after
+    a permute (dropping that contiguous broke the view). A clone keeping the layout and an add_ on a private
+    temporary go; the needed contiguous and an add_ into a view of an input stay."""
+    from lincompile.capture.normalize import normalize
+
+    class Scores(torch.nn.Module):
+        def forward(self, x, bias):
+            scores = x @ x.transpose(-1, -2) / 4.0
+            scores += bias
+            bias.transpose(-1, -2)[0] += 1.0  # into an input's view: observable, kept
+            out = scores.softmax(-1) @ x
+            return out.permute(0, 2, 1, 3).contiguous().view(x.shape[0], x.shape[2], -1).clone()
+
+    x, bias = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 5)
+    gm = torch.export.export(Scores(), (x, bias.clone()), strict=False).module()
+    expected = gm(x, bias.clone())
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.aten.add_.Tensor) == 2 and targets.count(torch.ops.aten.clone.default) == 1
+    assert normalize(gm) >= 2
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.aten.add_.Tensor) == 1 and targets.count(torch.ops.aten.add.Tensor) == 1
+    assert targets.count(torch.ops.aten.contiguous.default) == 1 and torch.ops.aten.clone.default not in targets
+    torch.testing.assert_close(gm(x, bias.clone()), expected, rtol=0, atol=0)

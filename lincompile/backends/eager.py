@@ -16,7 +16,8 @@ from lincompile.kernels.linear_attention.reference import init_state
 from lincompile.methods.spec import MethodSpec
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT, RewrittenSite
-from lincompile.runtime.state import RecurrentState, check_positions, check_state, default_positions
+from lincompile.runtime.state import (SLIDING_WINDOW, RecurrentState, check_positions, check_state,
+                                      default_positions)
 
 
 @dataclass
@@ -30,7 +31,8 @@ class LinearizedOutput:
 
 class LinearizedModel(torch.nn.Module):
     """A linearized model: `graph` (an fx.GraphModule holding all weights) plus its interface. `max_positions`: the
-    most tokens a sequence may have (the source's learned position embeddings; None: no such table).
+    most tokens a sequence may have (the source's learned position embeddings; None: no such table), or fewer: the
+    sliding window of a site rewritten to exact softmax, whose op has no window (`limit_reason` says which).
     `position_padding`: the padding id a RoBERTa-style source numbers positions after (None: from 0); calls
     without `position_ids` get the source's own numbering either way."""
 
@@ -51,6 +53,11 @@ class LinearizedModel(torch.nn.Module):
         self.source_class: str | None = None  # the model class `optimize` linearized (what `load` rebuilds)
         self.captured_dtype = self._param_dtype()  # the graph's casts were traced for it
         self.max_positions = max_positions  # the source's learned position embeddings' limit (None: none)
+        self.limit_reason: str | None = None  # None: learned positions
+        windows = [self._site_by_index[r.index].window for r in rewritten
+                   if MethodSpec.from_json(r.node.args[7]).kind == "softmax" and self._site_by_index[r.index].window]
+        if windows and (max_positions is None or min(windows) <= max_positions):
+            self.max_positions, self.limit_reason = min(windows), SLIDING_WINDOW
         self.position_padding = position_padding
         # decodable through `past_state`: some site keeps a state, and no causal site lacks one (an encoder's
         # sites are all non-causal: it keeps nothing, and is called on whole sequences)
@@ -109,7 +116,7 @@ class LinearizedModel(torch.nn.Module):
         if past_state is not None:
             check_state(past_state, self.state_inputs, batch)
         state = past_state if past_state is not None else self.initial_state(batch, input_ids.device)
-        check_positions(self.max_positions, state.length + tokens)
+        check_positions(self, state.length + tokens)
         if attention_mask is not None and attention_mask.shape[1] == state.length + tokens and state.length:
             attention_mask = attention_mask[:, state.length:]
         if attention_mask is None:

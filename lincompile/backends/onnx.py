@@ -293,7 +293,7 @@ def _metadata(model: LinearizedModel, ir_model: Any, tokenizer: object | None, o
                                         "(those ids: position_padding)",
                         "state": "present.{i}.{part} of one call feeds past_key_values.{i}.{part} of the next"},
         "supports_state": model.supports_state, "max_positions": model.max_positions,
-        "position_padding": model.position_padding,
+        "position_padding": model.position_padding, "limit_reason": model.limit_reason,
         "methods": specs, "sites": sites, "linearize": model.config.to_dict(),
         "vocab_size": getattr(hf, "vocab_size", None), "eos_token_id": getattr(hf, "eos_token_id", None),
         "pad_token_id": getattr(hf, "pad_token_id", None), "model_type": getattr(hf, "model_type", None),

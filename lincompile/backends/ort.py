@@ -64,6 +64,7 @@ class OrtModel:
         self.state_names: list[str] = list(meta["state"])
         self.max_positions: int | None = meta.get("max_positions")  # exports before it was recorded: unchecked
         self.position_padding: int | None = meta.get("position_padding")  # see LinearizedModel
+        self.limit_reason: str | None = meta.get("limit_reason")
         self._dtypes = {v["name"]: np.dtype(v["dtype"]) for v in meta["inputs"]}
         provider = session.get_providers()[0]
         self.device_type = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
@@ -135,7 +136,7 @@ class OrtModel:
         if past_state is not None:
             check_state(past_state, self.state_names, batch)
         state = past_state if past_state is not None else self.initial_state(batch)
-        check_positions(self.max_positions, state.length + tokens)
+        check_positions(self, state.length + tokens)
         mask = None if attention_mask is None else _numpy(attention_mask, np.dtype(np.int64))
         if mask is not None and state.length and mask.shape[1:] == (state.length + tokens,):
             mask = mask[:, state.length:]

@@ -4,7 +4,9 @@ Patterns (passes/patterns) find the q/k/v nodes, the scale and the mask terms. T
 then read numerically: the mask terms are evaluated on the captured example inputs (which have a
 padded row), turned into an allowed-pattern and compared with causal / padding / both / nothing.
 Anything else is `custom` (an additive bias such as T5's relative positions), which only the exact
-softmax method can reproduce.
+softmax method can reproduce. A causal mask that lets each query see only its last W keys is a sliding window
+(`AttentionSite.window`): read on the example when W is shorter than it, else on a second, long probe of the
+mask terms alone (one unpadded row of `WINDOW_PROBE` tokens).
 """
 from __future__ import annotations
 
@@ -17,6 +19,16 @@ from lincompile.passes.base import Pass, PassContext, register_pass
 from lincompile.passes.pictures import between
 from lincompile.passes.patterns.attention_forms import PATTERNS, SOFTMAX_OPS
 from lincompile.passes.patterns.common import SiteMatch, depends_on, module_path, val
+
+aten = torch.ops.aten
+
+#: Tokens of the long mask probe: sliding windows up to WINDOW_PROBE - 1 keys are found (Mistral's and
+#: Starcoder2's 4096, Gemma's 512 to 4096, Phi-3's 2047, GPT-Neo's 256); longer ones go unseen.
+WINDOW_PROBE = 4098
+#: Ops whose presence among a mask's ancestors means it is computed from activations (not from the inputs
+#: alone): the long probe would run the model's layers, so it is skipped.
+_HEAVY = {aten.linear.default, aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default,
+          aten.baddbmm.default, aten.scaled_dot_product_attention.default, aten.softmax.int, aten._softmax.default}
 
 @dataclass
 class AttentionSite:
@@ -36,6 +48,7 @@ class AttentionSite:
     dtype: str
     dropout_p: float
     key_mask_input: str | None = None
+    window: int | None = None  # causal sliding window: each query sees its last `window` keys (itself included)
     match: SiteMatch | None = field(default=None, repr=False)
 
     @property
@@ -46,7 +59,7 @@ class AttentionSite:
     def to_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in (
             "index", "path", "form", "heads", "kv_heads", "head_dim", "v_head_dim", "scale", "mask_kind",
-            "causal", "cross", "dtype", "dropout_p", "key_mask_input")}
+            "causal", "cross", "dtype", "dropout_p", "key_mask_input", "window")}
 
 
 @dataclass
@@ -63,12 +76,17 @@ class UnmatchedSoftmax:
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]) -> None:
+    """Runs the graph (only the `needed` nodes, if given) and keeps the values of the `wanted` ones."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node], needed: set[fx.Node] | None = None) -> None:
         super().__init__(gm)
         self.wanted = wanted
+        self.needed = needed
         self.values: dict[fx.Node, object] = {}
 
     def run_node(self, n: fx.Node) -> object:
+        if self.needed is not None and n not in self.needed and n.op not in ("placeholder", "output"):
+            return None
         result = super().run_node(n)
         if n in self.wanted:
             self.values[n] = result
@@ -94,11 +112,27 @@ def _allowed_and_bias(match: SiteMatch, values: dict, t: int, s: int) -> tuple[t
     return allowed, has_bias
 
 
-def _classify(match: SiteMatch, values: dict, placeholders: dict[str, fx.Node],
-              inputs: dict[str, torch.Tensor]) -> tuple[str, bool, str | None]:
-    """(mask kind, causal, name of the graph input that holds the key padding mask, if any).
+def _band(t: int, s: int, window: int | None) -> torch.Tensor:
+    """[t, s] causal pattern of t queries ending at key s - 1, each seeing at most its last `window` keys."""
+    causal = torch.ones(t, s, dtype=torch.bool).tril(s - t)
+    return causal if window is None else causal & ~torch.ones(t, s, dtype=torch.bool).tril(s - t - window)
 
-    A custom bias still has a structure (causal, padding) that linear methods keep.
+
+def _window(allowed: torch.Tensor, keys: torch.Tensor) -> int | None:
+    """How many keys the last query of a row with every key real may see, when fewer than all (a window)."""
+    rows = [b for b in range(keys.shape[0]) if bool(keys[b].all())]
+    if not rows:
+        return None
+    seen = int(allowed[rows[0], 0, -1].sum())
+    return seen if 0 < seen < allowed.shape[-1] else None
+
+
+def _classify(match: SiteMatch, values: dict, placeholders: dict[str, fx.Node],
+              inputs: dict[str, torch.Tensor]) -> tuple[str, bool, str | None, int | None]:
+    """(mask kind, causal, name of the graph input that holds the key padding mask if any, sliding window).
+
+    A custom bias still has a structure (causal, padding) that linear methods keep; a custom mask that never lets
+    a query see a later key is causal.
     """
     qv, kv = val(match.q), val(match.k)
     t, s = int(qv.shape[2]), int(kv.shape[2])
@@ -110,9 +144,10 @@ def _classify(match: SiteMatch, values: dict, placeholders: dict[str, fx.Node],
         if "attention_mask" in name and any(depends_on(term[0], {node}) for term in match.mask_terms):
             if inputs[name].shape[-1] == s:
                 key_input = name
-    causal = torch.ones(t, s, dtype=torch.bool).tril(s - t)
     keys = inputs[key_input].bool().cpu() if key_input else torch.ones(batch, s, dtype=torch.bool)
     real_rows = keys[:, s - t:] if t <= s and key_input else torch.ones(batch, t, dtype=torch.bool)
+    window = _window(allowed, keys) if t == s else None
+    causal = _band(t, s, window)
     candidates = [("causal+padding", causal[None] & keys[:, None, :]),
                   ("padding", keys[:, None, :].expand(batch, t, s)), ("causal", causal[None].expand(batch, t, s)),
                   ("none", torch.ones(batch, t, s, dtype=torch.bool))]
@@ -121,8 +156,66 @@ def _classify(match: SiteMatch, values: dict, placeholders: dict[str, fx.Node],
     for kind, expected in candidates:
         ok = all(bool((allowed[b, :, real_rows[b]] == expected[b, real_rows[b]][None]).all()) for b in range(batch))
         if ok:
-            return ("custom" if has_bias else kind), kind.startswith("causal"), key_input if "padding" in kind else None
-    return "custom", False, None
+            is_causal = kind.startswith("causal")
+            return (("custom" if has_bias else kind), is_causal, key_input if "padding" in kind else None,
+                    window if is_causal else None)
+    below = _band(t, s, None)
+    is_causal = all(bool((allowed[b, :, real_rows[b]] <= below[real_rows[b]][None]).all()) for b in range(batch))
+    return "custom", is_causal, None, None
+
+
+def _probe_windows(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], input_names: list[str],
+                   sites: list[AttentionSite]) -> list[str]:
+    """Set `window` on causal sites whose mask, on one unpadded row of WINDOW_PROBE tokens, lets a query see only
+    its last W keys (a window the short example cannot show). Runs the mask terms' ancestors alone; returns notes.
+    """
+    probed = [site for site in sites if site.causal and site.window is None and site.match.mask_terms
+              and site.mask_kind in ("causal", "causal+padding")]
+    ids = example_inputs.get("input_ids")
+    if not probed or "decoder_input_ids" in example_inputs or not isinstance(ids, torch.Tensor):
+        return []
+    wanted = {term[0] for site in probed for term in site.match.mask_terms}
+    needed = _ancestors(wanted)
+    if any(n.op == "call_function" and n.target in _HEAVY for n in needed):
+        return ["sliding windows not probed: the masks are computed from activations"]
+    seq = ids.shape[1]
+    inputs = []
+    for name in input_names:
+        value = example_inputs[name]
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == seq:
+            if "mask" in name:
+                value = torch.ones(1, WINDOW_PROBE, dtype=value.dtype, device=value.device)
+            elif "position" in name:
+                value = torch.arange(WINDOW_PROBE, device=value.device)[None]
+            else:
+                value = value[:1].repeat(1, -(-WINDOW_PROBE // seq))[:, :WINDOW_PROBE]
+        inputs.append(value)
+    recorder = _Recorder(gm, wanted, needed)
+    try:
+        with torch.no_grad():
+            recorder.run(*inputs)
+    except (IndexError, RuntimeError) as exc:  # e.g. a learned position table shorter than the probe
+        return [f"sliding windows not probed at {WINDOW_PROBE} tokens: {str(exc).splitlines()[0]}"]
+    notes = []
+    for site in probed:
+        allowed, _ = _allowed_and_bias(site.match, recorder.values, WINDOW_PROBE, WINDOW_PROBE)
+        window = _window(allowed, torch.ones(1, WINDOW_PROBE, dtype=torch.bool))
+        if window is not None and bool((allowed[0, 0] == _band(WINDOW_PROBE, WINDOW_PROBE, window)).all()):
+            site.window = window
+            notes.append(f"site {site.index} ({site.path}): sliding window of {window} keys")
+    return notes
+
+
+def _ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
+    """`nodes` and every node they are computed from."""
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen
 
 
 def find_sites(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor],
@@ -153,7 +246,7 @@ def find_sites(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor],
             recorder.run(*[example_inputs[n] for n in input_names])
     sites = []
     for index, m in enumerate(matches):
-        kind, causal, key_input = _classify(m, recorder.values, placeholders, example_inputs)
+        kind, causal, key_input, window = _classify(m, recorder.values, placeholders, example_inputs)
         qv, kv, vv = val(m.q), val(m.k), val(m.v)
         cross = str(qv.shape[2]) != str(kv.shape[2])
         sites.append(AttentionSite(
@@ -161,8 +254,9 @@ def find_sites(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor],
             kv_heads=int(kv.shape[1]), head_dim=int(qv.shape[3]), v_head_dim=int(vv.shape[3]),
             scale=m.scale, mask_kind=kind, causal=causal,
             cross=cross, dtype=str(qv.dtype).replace("torch.", ""), dropout_p=m.dropout_p,
-            key_mask_input=key_input, match=m,
+            key_mask_input=key_input, window=window, match=m,
         ))
+    notes += _probe_windows(gm, example_inputs, input_names, sites)
     return sites, unmatched, notes
 
 

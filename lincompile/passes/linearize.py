@@ -60,14 +60,21 @@ def state_name(prefix: str, site: int, part: str) -> str:
 
 
 def _bias_node(graph: fx.Graph, site: AttentionSite) -> fx.Node:
-    terms = site.match.mask_terms
-    if any(kind != "additive" for _, kind, _ in terms):
-        raise UnsupportedSiteError(f"site {site.index} ({site.path}): a custom mask mixing boolean and additive "
-                                   "terms is not supported; export with attn_implementation='sdpa'")
+    """The site's mask terms as one additive bias; a boolean term adds 0 where it keeps a key and float32's
+    minimum where it drops one (as Hugging Face's eager masks do; MPT mixes such a term with ALiBi). A sum of
+    several terms is clamped there: two minima would make -inf, and a query with every key dropped (a padding row)
+    would turn to NaN and reach the real rows through its values."""
     bias = None
-    for node, _, coefficient in terms:
-        term = node if coefficient == 1.0 else graph.call_function(aten.mul.Tensor, (node, coefficient))
+    low = torch.finfo(torch.float32).min
+    for node, kind, coefficient in site.match.mask_terms:
+        if kind == "additive":
+            term = node if coefficient == 1.0 else graph.call_function(aten.mul.Tensor, (node, coefficient))
+        else:
+            kept, dropped = (0.0, low) if kind == "allow_bool" else (low, 0.0)
+            term = graph.call_function(aten.where.Scalar, (node, kept, dropped))
         bias = term if bias is None else graph.call_function(aten.add.Tensor, (bias, term))
+    if len(site.match.mask_terms) > 1:
+        bias = graph.call_function(aten.clamp_min.default, (bias, low))
     return bias
 
 
@@ -203,6 +210,10 @@ class Linearize(Pass):
             if spec.kind != "softmax" and site.mask_kind == "custom":
                 notes.append(f"site {site.index} ({site.path}): its additive bias (e.g. relative positions) "
                              f"has no linear form and is dropped by {spec.name}")
+            if site.window is not None:
+                notes.append(f"site {site.index} ({site.path}): its sliding window of {site.window} keys is "
+                             + (f"dropped by {spec.name}, which reads the whole past" if spec.kind != "softmax"
+                                else "kept by limiting sequences to that many tokens (the exact op has no window)"))
             if site.causal and not spec.causal_capable:
                 raise UnsupportedSiteError(
                     f"site {site.index} ({site.path}) is causal, but {spec.name} projects along the sequence and "

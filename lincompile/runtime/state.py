@@ -132,6 +132,13 @@ def learned_positions(model: nn.Module) -> int | None:
     return min(limits) if limits else None
 
 
+#: Why a model takes at most `max_positions` tokens, by default.
+LEARNED_POSITIONS = "learned positions (it cannot extrapolate its position embeddings)"
+#: ... when an exact softmax site keeps a sliding window shorter than the position table (or without one).
+SLIDING_WINDOW = ("tokens, the sliding window of its exact softmax sites (lincompile's softmax op has no window; a "
+                  "linear method drops it)")
+
+
 def position_limit(model: object) -> int | None:
     """A linearized model's (or ONNX runner's) `max_positions`, else a torch module's `learned_positions`."""
     if hasattr(model, "max_positions"):
@@ -139,18 +146,24 @@ def position_limit(model: object) -> int | None:
     return learned_positions(model) if isinstance(model, nn.Module) else None
 
 
-def check_positions(limit: int | None, end: int, what: str = "this call") -> None:
-    """Refuse a sequence that reaches past `limit` learned positions (`end` tokens in all)."""
+def limit_reason(model: object) -> str:
+    """What `position_limit(model)` stands for: its `limit_reason` (a runner's), else learned positions."""
+    return getattr(model, "limit_reason", None) or LEARNED_POSITIONS
+
+
+def check_positions(model: object, end: int, what: str = "this call") -> None:
+    """Refuse a sequence that reaches past `model`'s position limit (`end` tokens in all)."""
+    limit = position_limit(model)
     if limit is not None and end > limit:
-        raise ValueError(f"{what} reaches token {end}, past the model's {limit} learned positions (it cannot "
-                         f"extrapolate its position embeddings): stay within {limit} tokens")
+        raise ValueError(f"{what} reaches token {end}, past the model's {limit} {limit_reason(model)}: stay within "
+                         f"{limit} tokens")
 
 
 def check_new_tokens(model: object, prompt: int, max_new_tokens: int) -> None:
-    """Refuse, before any work, a generation that would feed the model past its learned positions (the last new
+    """Refuse, before any work, a generation that would feed the model past its position limit (the last new
     token is never fed: prompt + max_new_tokens - 1 tokens are)."""
     limit = position_limit(model)
     if limit is not None and prompt + max_new_tokens - 1 > limit:
         raise ValueError(f"a prompt of {prompt} tokens plus max_new_tokens={max_new_tokens} passes the model's "
-                         f"{limit} learned positions (it cannot extrapolate its position embeddings): use "
-                         f"max_new_tokens <= {max(limit - prompt + 1, 0)}, or a shorter prompt")
+                         f"{limit} {limit_reason(model)}: use max_new_tokens <= {max(limit - prompt + 1, 0)}, or a "
+                         "shorter prompt")

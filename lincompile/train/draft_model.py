@@ -30,7 +30,7 @@ from lincompile.backends.eager import LinearizedModel
 from lincompile.config import LinearizeConfig
 from lincompile.jsonconfig import JsonConfig
 from lincompile.runtime.drafts import vocab_size
-from lincompile.runtime.state import check_positions, position_limit
+from lincompile.runtime.state import check_positions
 from lincompile.train.attention_transfer import graph_inputs
 from lincompile.train.finetune import embedding_parameters
 from lincompile.train.trainer import batch_indices, learning_rate
@@ -235,7 +235,7 @@ def _check_fits(draft: LinearizedModel, teacher: nn.Module, block_size: int) -> 
                          "compares their logits token by token, so the teacher needs the draft's tokenizer and "
                          "vocabulary size (the target itself, or a model of its family with the same vocab_size)")
     for model in (draft, teacher):
-        check_positions(position_limit(model), block_size, f"a block of {block_size} tokens (--block-size)")
+        check_positions(model, block_size, f"a block of {block_size} tokens (--block-size)")
 
 
 def make_draft(model_name_or_dir: str, num_layers: int, method: str | None = None,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lincompile.runtime.state import check_positions, position_limit
+from lincompile.runtime.state import check_positions
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4
     """exp(mean next-token NLL) over `blocks` [N, T] (every block scored on tokens 1..T-1)."""
     if blocks.dim() != 2 or blocks.shape[1] < 2:
         raise ValueError(f"blocks must be [num_blocks, block_size >= 2], got {tuple(blocks.shape)}")
-    check_positions(position_limit(model), blocks.shape[1], f"a block of {blocks.shape[1]} tokens (--block-size)")
+    check_positions(model, blocks.shape[1], f"a block of {blocks.shape[1]} tokens (--block-size)")
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

@@ -298,7 +298,7 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
         raise ValueError(f"batch_size {config.batch_size} is not a multiple of grad_accum x world size ({per_step})")
     if blocks.dim() != 2 or blocks.shape[0] < 1 or blocks.shape[1] != config.block_size:
         raise ValueError(f"blocks must be [num_blocks, block_size={config.block_size}], got {tuple(blocks.shape)}")
-    check_positions(linear.max_positions, config.block_size, f"a block of {config.block_size} tokens (--block-size)")
+    check_positions(linear, config.block_size, f"a block of {config.block_size} tokens (--block-size)")
     linear.to(parallel.device)
     root = Path(out_dir) / "checkpoints"
     found = latest_checkpoint(root) if resume else None

@@ -95,3 +95,87 @@ def test_smollm2_has_30_causal_gqa_sites(impl):
     assert len(sites) == 30
     assert {(s.heads, s.kv_heads, s.head_dim, s.mask_kind) for s in sites} == {(9, 3, 64, "causal+padding")}
     assert [s.path for s in sites] == [f"model.layers.{i}.self_attn" for i in range(30)]
+
+
+def _windowed_mistral(impl: str, window: int) -> torch.nn.Module:
+    import transformers as tf
+
+    from lincompile.testing.tiny import make_config
+
+    config = make_config("mistral")
+    config.sliding_window = window
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return tf.MistralForCausalLM._from_config(config, attn_implementation=impl).eval()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("window", [4, 20])
+def test_sliding_windows_are_found_and_kept_exact_or_dropped_aloud(impl, window):
+    """A window shorter than the 16-token capture example is read from it (eager's once looked non-causal, and
+    linear methods then read future tokens); a longer one from the long probe. Exact softmax keeps it by refusing
+    longer sequences; a linear method drops it, says so, and stays causal."""
+    hf = _windowed_mistral(impl, window)
+    exact = lincompile.optimize(hf, "softmax")
+    assert [(s.mask_kind, s.causal, s.window) for s in exact.sites] == [("causal+padding", True, window)] * 2
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(exact(ids[:, :window]).logits, hf(ids[:, :window]).logits, rtol=1e-5, atol=1e-5)
+    assert exact.max_positions == window
+    with pytest.raises(ValueError, match=f"reaches token {window + 1}, past the model's {window} tokens, the "
+                                         "sliding window of its exact softmax sites"):
+        exact(ids[:, :window + 1])
+    with pytest.raises(ValueError, match=f"passes the model's {window} tokens, the sliding window"):
+        exact.generate(ids[:, :window], 2)
+    linear = lincompile.optimize(hf, "augmented")
+    assert linear.max_positions is None
+    notes = [n for p in linear.report.passes for n in p.notes]
+    assert f"site 0 (model.layers.0.self_attn): its sliding window of {window} keys is dropped by augmented, which " \
+           "reads the whole past" in notes
+    changed = ids.clone()
+    changed[0, -1] = 3 if int(ids[0, -1]) != 3 else 4
+    torch.testing.assert_close(linear(changed).logits[:, :-1], linear(ids).logits[:, :-1], rtol=0, atol=0)
+
+
+def test_custom_masks_that_never_look_ahead_are_causal():
+    """A mask no pattern knows (here: every other past key) is custom; it is causal when no query sees a later key,
+    so linear methods keep the model causal."""
+
+    class EveryOther(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(100, 16)  # example_inputs draws ids below 100 without a config
+            self.qkv = torch.nn.Linear(16, 48)
+
+        def forward(self, input_ids, attention_mask):
+            x = self.embed(input_ids)
+            q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+            t = input_ids.shape[1]
+            i = torch.arange(t, device=x.device)
+            allowed = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :]) % 2 == 0)
+            scores = (q @ k.transpose(-1, -2)) / 8 ** 0.5
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+            return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+    sites = lincompile.inspect(EveryOther())
+    assert [(s.mask_kind, s.causal, s.window) for s in sites] == [("custom", True, None)]
+
+
+def test_a_boolean_mask_beside_alibi_is_exact_under_softmax():
+    """MPT adds ALiBi and masks with a boolean term: once refused, now one additive bias (clamped: a fully padded
+    query row stays finite, so no NaN reaches the real rows)."""
+    import transformers as tf
+
+    config = tf.MptConfig(vocab_size=128, d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
+                          attn_config={"alibi": True})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf = tf.MptForCausalLM(config).eval()
+    linear = lincompile.optimize(hf, "softmax", strict=True)
+    assert [(s.mask_kind, s.causal) for s in linear.sites] == [("custom", True)] * 2
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ours, theirs = linear(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1, 3:], theirs[1, 3:], rtol=1e-5, atol=1e-5)

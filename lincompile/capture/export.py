@@ -13,6 +13,8 @@ import torch
 from torch import fx
 from torch.export import Dim
 
+from lincompile.runtime.state import learned_positions
+
 #: Inputs whose dims 0 and 1 are (batch, tokens) in HF models.
 _SEQUENCE_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 _DECODER_INPUTS = ("decoder_input_ids", "decoder_attention_mask", "decoder_position_ids")
@@ -28,6 +30,7 @@ class CapturedGraph:
     example_inputs: dict[str, torch.Tensor]
     seconds: float = 0.0
     constants: dict[str, object] = field(default_factory=dict)
+    max_tokens: int | None = None  # the longest sequence the graph takes (a learned position table's length)
 
     def fork(self) -> "CapturedGraph":
         """A copy whose graph passes may rewrite freely; parameters and buffers stay shared."""
@@ -36,7 +39,7 @@ class CapturedGraph:
         out = graph.graph_copy(self.gm.graph, {})
         graph.output(out)
         return CapturedGraph(fx.GraphModule(self.gm, graph), list(self.input_names), list(self.output_names),
-                             dict(self.example_inputs), self.seconds, dict(self.constants))
+                             dict(self.example_inputs), self.seconds, dict(self.constants), self.max_tokens)
 
     def __call__(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         missing = [n for n in self.input_names if n not in inputs]
@@ -45,9 +48,11 @@ class CapturedGraph:
         return self.gm(*[inputs[n] for n in self.input_names])
 
 
-def _dynamic_shapes(example: dict[str, object]) -> dict[str, object]:
+def _dynamic_shapes(example: dict[str, object], max_seq: int | None = None) -> dict[str, object]:
+    """Batch and sequence dims; `max_seq` caps the sequence (a learned position table's length: a model may
+    compute with it, as GPT-Neo's and XGLM's masks do, and export refuses a range the model cannot take)."""
     batch = Dim("batch", min=1, max=1024)
-    seq = Dim("seq", min=1, max=1 << 17)
+    seq = Dim("seq", min=1, max=max(max_seq or 1 << 17, 2))
     dec_seq = Dim("decoder_seq", min=1, max=1 << 17)
     shapes: dict[str, object] = {}
     for name, value in example.items():
@@ -142,7 +147,9 @@ def capture(model: torch.nn.Module, example_inputs: dict[str, object], *, dynami
     was_training = model.training
     model.eval()
     try:
-        ep = (export_dynamic(model, (), dict(example_inputs), _dynamic_shapes(example_inputs)) if dynamic
+        max_tokens = learned_positions(model)
+        shapes = _dynamic_shapes(example_inputs, max_tokens)
+        ep = (export_dynamic(model, (), dict(example_inputs), shapes) if dynamic
               else torch.export.export(model, (), dict(example_inputs), strict=False))
     finally:
         model.train(was_training)
@@ -152,4 +159,5 @@ def capture(model: torch.nn.Module, example_inputs: dict[str, object], *, dynami
     gm, input_names = _flatten_interface(ep.module(), output_names)
     tensors = {k: v for k, v in example_inputs.items() if isinstance(v, torch.Tensor)}
     constants = {k: v for k, v in example_inputs.items() if not isinstance(v, torch.Tensor)}
-    return CapturedGraph(gm, input_names, output_names, tensors, time.perf_counter() - start, constants)
+    return CapturedGraph(gm, input_names, output_names, tensors, time.perf_counter() - start, constants,
+                         max_tokens)

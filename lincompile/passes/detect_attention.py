@@ -165,14 +165,14 @@ def _classify(match: SiteMatch, values: dict, placeholders: dict[str, fx.Node],
 
 
 def _probe_windows(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], input_names: list[str],
-                   sites: list[AttentionSite]) -> list[str]:
-    """Set `window` on causal sites whose mask, on one unpadded row of WINDOW_PROBE tokens, lets a query see only
-    its last W keys (a window the short example cannot show). Runs the mask terms' ancestors alone; returns notes.
-    """
+                   sites: list[AttentionSite], length: int) -> list[str]:
+    """Set `window` on causal sites whose mask, on one unpadded row of `length` tokens, lets a query see only its
+    last W keys (a window the short example cannot show). Runs the mask terms' ancestors alone; returns notes."""
     probed = [site for site in sites if site.causal and site.window is None and site.match.mask_terms
               and site.mask_kind in ("causal", "causal+padding")]
     ids = example_inputs.get("input_ids")
-    if not probed or "decoder_input_ids" in example_inputs or not isinstance(ids, torch.Tensor):
+    if (not probed or "decoder_input_ids" in example_inputs or not isinstance(ids, torch.Tensor)
+            or length <= ids.shape[1]):
         return []
     wanted = {term[0] for site in probed for term in site.match.mask_terms}
     needed = _ancestors(wanted)
@@ -184,23 +184,27 @@ def _probe_windows(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], 
         value = example_inputs[name]
         if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == seq:
             if "mask" in name:
-                value = torch.ones(1, WINDOW_PROBE, dtype=value.dtype, device=value.device)
+                value = torch.ones(1, length, dtype=value.dtype, device=value.device)
             elif "position" in name:
-                value = torch.arange(WINDOW_PROBE, device=value.device)[None]
+                value = torch.arange(length, device=value.device)[None]
             else:
-                value = value[:1].repeat(1, -(-WINDOW_PROBE // seq))[:, :WINDOW_PROBE]
+                value = value[:1].repeat(1, -(-length // seq))[:, :length]
         inputs.append(value)
     recorder = _Recorder(gm, wanted, needed)
     try:
         with torch.no_grad():
             recorder.run(*inputs)
     except (IndexError, RuntimeError) as exc:  # e.g. a learned position table shorter than the probe
-        return [f"sliding windows not probed at {WINDOW_PROBE} tokens: {str(exc).splitlines()[0]}"]
+        return [f"sliding windows not probed at {length} tokens: {str(exc).splitlines()[0]}"]
     notes = []
     for site in probed:
-        allowed, _ = _allowed_and_bias(site.match, recorder.values, WINDOW_PROBE, WINDOW_PROBE)
-        window = _window(allowed, torch.ones(1, WINDOW_PROBE, dtype=torch.bool))
-        if window is not None and bool((allowed[0, 0] == _band(WINDOW_PROBE, WINDOW_PROBE, window)).all()):
+        try:
+            allowed, _ = _allowed_and_bias(site.match, recorder.values, length, length)
+        except RuntimeError as exc:  # a mask read from a table shorter than the probe (GPT-Neo's causal buffer)
+            notes.append(f"site {site.index}: sliding window not probed at {length} tokens: {exc}")
+            continue
+        window = _window(allowed, torch.ones(1, length, dtype=torch.bool))
+        if window is not None and bool((allowed[0, 0] == _band(length, length, window)).all()):
             site.window = window
             notes.append(f"site {site.index} ({site.path}): sliding window of {window} keys")
     return notes
@@ -218,9 +222,10 @@ def _ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def find_sites(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor],
-               input_names: list[str]) -> tuple[list[AttentionSite], list[UnmatchedSoftmax], list[str]]:
-    """All attention sites, the attention-like softmaxes that matched nothing, and notes."""
+def find_sites(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], input_names: list[str],
+               max_tokens: int | None = None) -> tuple[list[AttentionSite], list[UnmatchedSoftmax], list[str]]:
+    """All attention sites, the attention-like softmaxes that matched nothing, and notes (`max_tokens`: the
+    longest sequence the graph takes, if limited)."""
     matches: list[SiteMatch] = []
     unmatched: list[UnmatchedSoftmax] = []
     notes: list[str] = []
@@ -256,7 +261,7 @@ def find_sites(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor],
             cross=cross, dtype=str(qv.dtype).replace("torch.", ""), dropout_p=m.dropout_p,
             key_mask_input=key_input, window=window, match=m,
         ))
-    notes += _probe_windows(gm, example_inputs, input_names, sites)
+    notes += _probe_windows(gm, example_inputs, input_names, sites, min(WINDOW_PROBE, max_tokens or WINDOW_PROBE))
     return sites, unmatched, notes
 
 
@@ -267,7 +272,7 @@ class DetectAttention(Pass):
 
     def run(self, ctx: PassContext) -> list[str]:
         cap = ctx.captured
-        ctx.sites, ctx.unmatched, notes = find_sites(cap.gm, cap.example_inputs, cap.input_names)
+        ctx.sites, ctx.unmatched, notes = find_sites(cap.gm, cap.example_inputs, cap.input_names, cap.max_tokens)
         notes = [f"{len(ctx.sites)} attention sites"] + notes
         notes += [f"unmatched: {u}" for u in ctx.unmatched]
         return notes

@@ -179,3 +179,21 @@ def test_a_boolean_mask_beside_alibi_is_exact_under_softmax():
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[1, 3:], theirs[1, 3:], rtol=1e-5, atol=1e-5)
+
+
+def test_gpt_neo_captures_within_its_positions_and_its_local_layers_are_windows():
+    """GPT-Neo builds its mask from a table as long as its positions: capture caps the sequence there (export
+    refused the open range), and the long probe, capped too, cannot read past it."""
+    import transformers as tf
+
+    config = tf.GPTNeoConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=128,
+                             attention_types=[[["global", "local"], 1]], window_size=8, embed_dropout=0.0,
+                             attention_dropout=0.0, resid_dropout=0.0, bos_token_id=1, eos_token_id=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf = tf.GPTNeoForCausalLM(config).eval()
+    linear = lincompile.optimize(hf, "softmax", strict=True)
+    assert [s.window for s in linear.sites] == [None, 8] and linear.max_positions == 8
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(linear(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+    assert lincompile.optimize(hf, "augmented").max_positions == 128

@@ -196,8 +196,9 @@ def _looks_like_scores(node: object, depth: int = 6) -> bool:
         for cur in frontier:
             if not isinstance(cur, fx.Node) or cur.op != "call_function":
                 continue
-            if cur.target in MATMUL_OPS or cur.target == aten.einsum.default:
-                operands = cur.args[1] if cur.target == aten.einsum.default else cur.args[:2]
+            if cur.target in MATMUL_OPS or cur.target in (aten.einsum.default, aten.baddbmm.default):
+                operands = {aten.einsum.default: cur.args[1], aten.baddbmm.default: cur.args[1:3]}.get(
+                    cur.target, cur.args[:2])
                 if all(isinstance(o, fx.Node) and o.op == "call_function" for o in operands):
                     return True
             nxt.extend(cur.all_input_nodes)

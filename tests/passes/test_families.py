@@ -1,0 +1,29 @@
+"""Popular Hugging Face causal-LM families beyond the seven tiny ones: every attention site found, the exact
+rewrite equal to the original, and the paper's method decoding as it prefills (`bench/families.py` prints the
+whole table)."""
+import pytest
+
+from lincompile.testing.families import check_family
+
+POPULAR = [("gemma", "sdpa"), ("gemma3_text", "sdpa"), ("phi3", "sdpa"), ("gpt_neox", "sdpa"), ("falcon", "sdpa"),
+           ("qwen3", "sdpa"), ("starcoder2", "sdpa"), ("mixtral", "sdpa"), ("deepseek_v3", "sdpa"),
+           ("gpt_neo", "eager")]
+#: Gemma 3's layers slide over 4096 keys by default (found by the long probe), GPT-Neo's local layer over 8 here.
+WINDOWS = {"gemma3_text": [4096, 4096], "gpt_neo": [None, 8]}
+
+
+@pytest.mark.parametrize("family,impl", POPULAR)
+def test_popular_families_linearize(family, impl):
+    row = check_family(family, impl)
+    assert row["sites"] == row["layers"] and row["unmatched"] == 0
+    assert row["kinds"] == ["causal+padding"]
+    assert row["softmax_diff"] <= 1e-4
+    assert row["decode_rel"] <= 1e-5
+    assert row["windows"] == WINDOWS.get(family, [None, None])
+
+
+@pytest.mark.parametrize("family", ["gemma2", "bloom"])
+def test_families_not_linearized_yet_say_so(family):
+    """Gemma 2 softcaps its scores with tanh, Bloom scores with a 3-D baddbmm: no site, each softmax reported."""
+    row = check_family(family, "eager")
+    assert row["sites"] == 0 and row["unmatched"] == row["layers"]

@@ -61,8 +61,9 @@ def family_model(family: str, attn_implementation: str = "sdpa", seed: int = 0) 
 def check_family(family: str, attn_implementation: str = "sdpa") -> dict[str, Any]:
     """What lincompile does with `family`: sites found (and layers), sliding windows, unmatched softmaxes, the
     exact rewrite's largest logit difference from Hugging Face over real tokens (2 rows of 12, the second
-    left-padded on 3; fewer where a sliding window limits the exact rewrite), and `augmented`'s (new parameters perturbed) prefill of 8 + 4 single steps against its full
-    forward (4 steps), relative to the largest logit. Raises whatever lincompile raises."""
+    left-padded on 3; fewer where a sliding window limits the exact rewrite), and `augmented`'s (new parameters
+    perturbed) prefill plus 4 single steps against its full forward, relative to the largest logit. Raises
+    whatever lincompile raises."""
     import lincompile
     from lincompile.testing.tiny import perturb_new_parameters
 

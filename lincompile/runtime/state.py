@@ -64,8 +64,9 @@ def check_state(state: RecurrentState, names: list[str], batch: int) -> None:
 
 
 #: Position tables by attribute name: GPT-2's and GPT-Neo's `wpe`, the BERT family's `position_embeddings`, OPT's
-#: `embed_positions` (an embedding), GPT-J's and CodeGen's `embed_positions` (a precomputed rotary buffer).
-POSITION_TABLES = ("wpe", "position_embeddings", "embed_positions")
+#: `embed_positions` (an embedding), GPT-J's and CodeGen's `embed_positions` (a precomputed rotary buffer), the
+#: original GPT's `positions_embed`.
+POSITION_TABLES = ("wpe", "position_embeddings", "embed_positions", "positions_embed")
 
 
 def _tables(model: nn.Module) -> Iterator[tuple[nn.Module, nn.Embedding]]:

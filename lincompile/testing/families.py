@@ -37,6 +37,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
                                           n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1),
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=8),
     "gemma2": {}, "bloom": {}, "mpt": dict(expansion_ratio=2, attn_config={"alibi": True}), "jetmoe": {},
+    "gpt_oss": _MOE, "xglm": dict(attention_heads=4, ffn_dim=128), "openai-gpt": {},
 }
 
 

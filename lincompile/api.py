@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect as pyinspect
 import json
 import operator
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,7 +17,7 @@ from lincompile.capture.export import CapturedGraph, capture
 from lincompile.config import LinearizeConfig
 from lincompile.methods.spec import MethodSpec, get_method
 from lincompile.passes.base import PassContext, PassManager, PassResult, Verifier
-from lincompile.passes.detect_attention import AttentionSite, UnmatchedSoftmax
+from lincompile.passes.detect_attention import WINDOW_PROBE, AttentionSite, UnmatchedSoftmax
 from lincompile.passes.pipeline import DEFAULT_PIPELINE, build_pipeline
 from lincompile.runtime.state import learned_positions, position_padding
 
@@ -154,15 +155,26 @@ def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, 
         message = "attention-like softmax not recognized:\n  " + "\n  ".join(str(u) for u in report.unmatched)
         if config.strict:
             raise UnrecognizedAttentionError(message)
-        import warnings
-
         warnings.warn(message + "\nthese nodes were left unchanged", stacklevel=2)
+    _warn_unprobed_window(model, ctx)
     linearized = LinearizedModel(ctx.gm, ctx.captured.input_names, ctx.captured.output_names, ctx.sites,
                                  ctx.rewritten, config, getattr(model, "config", None), learned_positions(model),
                                  position_padding(model))
     linearized.report = report
     linearized.source_class = type(model).__name__  # what `load` rebuilds (a BertModel is no causal LM)
     return linearized
+
+
+def _warn_unprobed_window(model: torch.nn.Module, ctx: PassContext) -> None:
+    """Warn when the config declares a sliding window too long for detection to have checked and a causal site
+    stays exact softmax (which would attend past that window)."""
+    declared = getattr(getattr(model, "config", None), "sliding_window", None)
+    exact = [r for r in ctx.rewritten if MethodSpec.from_json(r.node.args[7]).kind == "softmax"
+             and ctx.sites[r.index].causal and ctx.sites[r.index].window is None]
+    if isinstance(declared, int) and declared >= WINDOW_PROBE and exact:
+        warnings.warn(f"the model's config declares sliding_window={declared}, longer than lincompile's mask probe "
+                      f"({WINDOW_PROBE - 1} keys); {len(exact)} causal sites kept exact softmax attend to every past "
+                      f"token, so past {declared} tokens they differ from the original", stacklevel=3)
 
 
 def save(model: LinearizedModel, directory: str | Path, tokenizer: object | None = None) -> Path:
@@ -205,8 +217,6 @@ def _rebuild(hf_config: object, name: str | None, meta_file: Path) -> torch.nn.M
     if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
         return cls(hf_config)
     if name:
-        import warnings
-
         warnings.warn(f"{meta_file}: saved from {name}, which transformers does not provide; rebuilding it with "
                       "its Auto class", stacklevel=3)
     try:

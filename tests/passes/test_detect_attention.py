@@ -1,4 +1,6 @@
 """Detection finds every attention form, reads mask kinds right, and leaves other softmaxes alone."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -197,3 +199,20 @@ def test_gpt_neo_captures_within_its_positions_and_its_local_layers_are_windows(
     ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(linear(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
     assert lincompile.optimize(hf, "augmented").max_positions == 128
+
+
+def test_a_declared_window_beyond_the_probe_is_warned_about():
+    """Qwen2 may slide over 8192 keys: longer than the probe, so exact softmax sites would attend past it."""
+    import transformers as tf
+
+    from lincompile.testing.tiny import make_config
+
+    config = make_config("qwen2")
+    config.use_sliding_window, config.sliding_window, config.max_window_layers = True, 8192, 0
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    hf = tf.Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    with pytest.warns(UserWarning, match="declares sliding_window=8192, longer than lincompile's mask probe"):
+        lincompile.optimize(hf, "softmax")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lincompile.optimize(hf, "augmented")  # linear methods drop windows anyway: nothing to warn about

@@ -166,15 +166,18 @@ def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, 
 
 
 def _warn_unprobed_window(model: torch.nn.Module, ctx: PassContext) -> None:
-    """Warn when the config declares a sliding window too long for detection to have checked and a causal site
-    stays exact softmax (which would attend past that window)."""
+    """Warn when the config declares a sliding window that detection did not find (longer than its probe, or no
+    site got one) and a causal site stays exact softmax (which would attend past that window)."""
     declared = getattr(getattr(model, "config", None), "sliding_window", None)
     exact = [r for r in ctx.rewritten if MethodSpec.from_json(r.node.args[7]).kind == "softmax"
              and ctx.sites[r.index].causal and ctx.sites[r.index].window is None]
-    if isinstance(declared, int) and declared >= WINDOW_PROBE and exact:
-        warnings.warn(f"the model's config declares sliding_window={declared}, longer than lincompile's mask probe "
-                      f"({WINDOW_PROBE - 1} keys); {len(exact)} causal sites kept exact softmax attend to every past "
-                      f"token, so past {declared} tokens they differ from the original", stacklevel=3)
+    found = any(site.window for site in ctx.sites)
+    if isinstance(declared, int) and exact and (declared >= WINDOW_PROBE or not found):
+        why = (f"longer than lincompile's mask probe ({WINDOW_PROBE - 1} keys)" if declared >= WINDOW_PROBE
+               else "but detection found no window in the masks")
+        warnings.warn(f"the model's config declares sliding_window={declared}, {why}; {len(exact)} causal sites "
+                      "kept exact softmax attend to every past token, so past that many tokens they may differ "
+                      "from the original", stacklevel=3)
 
 
 def save(model: LinearizedModel, directory: str | Path, tokenizer: object | None = None) -> Path:

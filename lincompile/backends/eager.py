@@ -54,8 +54,9 @@ class LinearizedModel(torch.nn.Module):
         self.captured_dtype = self._param_dtype()  # the graph's casts were traced for it
         self.max_positions = max_positions  # the source's learned position embeddings' limit (None: none)
         self.limit_reason: str | None = None  # None: learned positions
-        windows = [self._site_by_index[r.index].window for r in rewritten
-                   if MethodSpec.from_json(r.node.args[7]).kind == "softmax" and self._site_by_index[r.index].window]
+        windows = [site.window for r in rewritten for site in [self._site_by_index[r.index]]
+                   if MethodSpec.from_json(r.node.args[7]).kind == "softmax" and site.window and r.state_inputs
+                   and site.mask_kind != "custom"]  # a custom mask (and the window in it) is kept as a bias
         if windows and (max_positions is None or min(windows) <= max_positions):
             self.max_positions, self.limit_reason = min(windows), SLIDING_WINDOW
         self.position_padding = position_padding

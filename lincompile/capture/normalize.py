@@ -53,13 +53,34 @@ def _full_slice(node: fx.Node) -> bool:
     return start in (0, None) and step in (1, None) and (end is None or (isinstance(end, int) and end >= 1 << 62))
 
 
+#: Ops whose schema declares no alias but which may return their input itself.
+_MAY_RETURN_SELF = {aten.type_as.default, aten.resolve_conj.default, aten.resolve_neg.default}
+
+
 def _private_temporary(node: object, user: fx.Node) -> bool:
     """`node` is a fresh tensor (an op's own result, not a view or an input) that only `user` reads: mutating it in
     place or computing a new one is the same to the rest of the graph."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or list(node.users) != [user]:
         return False
     schema = getattr(node.target, "_schema", None)
-    return schema is not None and len(schema.returns) == 1 and schema.returns[0].alias_info is None
+    return (schema is not None and len(schema.returns) == 1 and schema.returns[0].alias_info is None
+            and node.target not in _MAY_RETURN_SELF)
+
+
+def _same_out_of_place(node: fx.Node) -> bool:
+    """The out-of-place form of in-place `node` gives its result's dtype and shape (an in-place op keeps its
+    input's; the out-of-place one may promote, e.g. fp16 += fp32, or broadcast)."""
+    self_val, out_val = _val(node.args[0]), _val(node)
+    others = [_val(a) if isinstance(a, fx.Node) else a for a in node.args[1:]]
+    if self_val is None or out_val is None or any(o is None for o in others):
+        return False
+    tensors = [o for o in others if isinstance(o, torch.Tensor)]
+    if node.target == aten.masked_fill_.Scalar:
+        dtype = self_val.dtype
+    else:
+        dtype = torch.result_type(self_val, others[0])
+    shape = torch.broadcast_shapes(self_val.shape, *(t.shape for t in tensors))
+    return dtype == out_val.dtype and shape == out_val.shape
 
 
 def normalize(gm: fx.GraphModule) -> int:
@@ -71,7 +92,7 @@ def normalize(gm: fx.GraphModule) -> int:
             continue
         target = node.target
         replacement = None
-        if target in _IN_PLACE and _private_temporary(node.args[0], node):
+        if target in _IN_PLACE and _private_temporary(node.args[0], node) and _same_out_of_place(node):
             node.target = _IN_PLACE[target]
             changed += 1
             continue

@@ -28,7 +28,8 @@ WINDOW_PROBE = 4098
 #: Ops whose presence among a mask's ancestors means it is computed from activations (not from the inputs
 #: alone): the long probe would run the model's layers, so it is skipped.
 _HEAVY = {aten.linear.default, aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default,
-          aten.baddbmm.default, aten.scaled_dot_product_attention.default, aten.softmax.int, aten._softmax.default}
+          aten.baddbmm.default, aten.einsum.default, aten.convolution.default,
+          aten.scaled_dot_product_attention.default, aten.softmax.int, aten._softmax.default}
 
 @dataclass
 class AttentionSite:
@@ -131,8 +132,9 @@ def _classify(match: SiteMatch, values: dict, placeholders: dict[str, fx.Node],
               inputs: dict[str, torch.Tensor]) -> tuple[str, bool, str | None, int | None]:
     """(mask kind, causal, name of the graph input that holds the key padding mask if any, sliding window).
 
-    A custom bias still has a structure (causal, padding) that linear methods keep; a custom mask that never lets
-    a query see a later key is causal.
+    A custom bias still has a structure (causal, padding) that linear methods keep; a custom self-attention mask
+    that never lets a query see a later key is causal, and one that never lets it see padding keeps the padding
+    input.
     """
     qv, kv = val(match.q), val(match.k)
     t, s = int(qv.shape[2]), int(kv.shape[2])
@@ -160,24 +162,28 @@ def _classify(match: SiteMatch, values: dict, placeholders: dict[str, fx.Node],
             return (("custom" if has_bias else kind), is_causal, key_input if "padding" in kind else None,
                     window if is_causal else None)
     below = _band(t, s, None)
-    is_causal = all(bool((allowed[b, :, real_rows[b]] <= below[real_rows[b]][None]).all()) for b in range(batch))
-    return "custom", is_causal, None, None
+    is_causal = t == s and all(bool((allowed[b, :, real_rows[b]] <= below[real_rows[b]][None]).all())
+                               for b in range(batch))
+    padded = key_input is not None and bool((allowed <= keys[:, None, None, :]).all())
+    return "custom", is_causal, key_input if padded else None, None
 
 
 def _probe_windows(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], input_names: list[str],
                    sites: list[AttentionSite], length: int) -> list[str]:
-    """Set `window` on causal sites whose mask, on one unpadded row of `length` tokens, lets a query see only its
-    last W keys (a window the short example cannot show). Runs the mask terms' ancestors alone; returns notes."""
-    probed = [site for site in sites if site.causal and site.window is None and site.match.mask_terms
-              and site.mask_kind in ("causal", "causal+padding")]
-    ids = example_inputs.get("input_ids")
-    if (not probed or "decoder_input_ids" in example_inputs or not isinstance(ids, torch.Tensor)
+    """Read the masks again on one unpadded row of `length` tokens, running the mask terms' ancestors alone: a
+    causal site whose queries see only their last W keys gets `window` W (one the short example cannot show); a
+    site whose pattern is then neither its kind's nor a window (chunked attention, a bidirectional local window)
+    becomes `custom`, which exact softmax keeps as a bias. Returns notes."""
+    probed = [site for site in sites if site.window is None and site.match.mask_terms and not site.cross
+              and site.mask_kind in ("causal", "causal+padding", "padding", "none")]
+    ids = next((v for k, v in example_inputs.items() if "input_ids" in k and "decoder" not in k), None)
+    if (not probed or any("decoder" in k for k in example_inputs) or not isinstance(ids, torch.Tensor)
             or length <= ids.shape[1]):
         return []
     wanted = {term[0] for site in probed for term in site.match.mask_terms}
     needed = _ancestors(wanted)
     if any(n.op == "call_function" and n.target in _HEAVY for n in needed):
-        return ["sliding windows not probed: the masks are computed from activations"]
+        return ["masks not probed at length: they are computed from activations"]
     seq = ids.shape[1]
     inputs = []
     for name in input_names:
@@ -194,19 +200,32 @@ def _probe_windows(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], 
     try:
         with torch.no_grad():
             recorder.run(*inputs)
-    except (IndexError, RuntimeError) as exc:  # e.g. a learned position table shorter than the probe
-        return [f"sliding windows not probed at {length} tokens: {str(exc).splitlines()[0]}"]
-    notes = []
+    except Exception as exc:  # a mask builder that cannot take the probe (e.g. a table shorter than it)
+        return [f"masks not probed at {length} tokens: {type(exc).__name__}: {str(exc).splitlines()[0]}"]
+    notes: list[str] = []
+    seen: dict[tuple, torch.Tensor | None] = {}  # sites sharing mask terms (usually all layers) share the pattern
     for site in probed:
-        try:
-            allowed, _ = _allowed_and_bias(site.match, recorder.values, length, length)
-        except RuntimeError as exc:  # a mask read from a table shorter than the probe (GPT-Neo's causal buffer)
-            notes.append(f"site {site.index}: sliding window not probed at {length} tokens: {exc}")
+        key = tuple((id(node), kind, coefficient) for node, kind, coefficient in site.match.mask_terms)
+        if key not in seen:
+            try:
+                seen[key] = _allowed_and_bias(site.match, recorder.values, length, length)[0][0, 0]
+            except RuntimeError as exc:  # a mask read from a table shorter than the probe (GPT-Neo's buffer)
+                notes.append(f"site {site.index}: mask not probed at {length} tokens: {exc}")
+                seen[key] = None
+        allowed = seen[key]
+        if allowed is None:
             continue
-        window = _window(allowed, torch.ones(1, length, dtype=torch.bool))
-        if window is not None and bool((allowed[0, 0] == _band(length, length, window)).all()):
+        expected = _band(length, length, None) if site.causal else torch.ones(length, length, dtype=torch.bool)
+        if bool((allowed == expected).all()):
+            continue
+        window = _window(allowed[None, None], torch.ones(1, length, dtype=torch.bool)) if site.causal else None
+        if window is not None and bool((allowed == _band(length, length, window)).all()):
             site.window = window
             notes.append(f"site {site.index} ({site.path}): sliding window of {window} keys")
+        else:
+            site.mask_kind = "custom"  # the padding input stays: a linear method, dropping the bias, keeps it
+            notes.append(f"site {site.index} ({site.path}): at {length} tokens its mask is neither "
+                         f"{'causal' if site.causal else 'full'} nor a sliding window: custom")
     return notes
 
 

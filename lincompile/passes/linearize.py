@@ -121,7 +121,9 @@ def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx
                 name = state_name(STATE_INPUT, site.index, part)
                 state_in.insert(0, graph.placeholder(name.replace(".", "_")))
                 in_names.insert(0, name)
-    use_bias = spec.kind == "softmax" and site.mask_kind == "custom"
+    # exact softmax keeps a custom mask, and without a state (a whole-sequence forward) a sliding window too, as the
+    # graph's own mask turned into a bias (with a state the window is kept by limiting the length instead)
+    use_bias = spec.kind == "softmax" and (site.mask_kind == "custom" or (site.window is not None and not stateful))
     with graph.inserting_before(match.output):
         bias = _bias_node(graph, site) if use_bias else None
         key_mask = placeholders[site.key_mask_input] if site.key_mask_input and not use_bias else None
@@ -211,9 +213,11 @@ class Linearize(Pass):
                 notes.append(f"site {site.index} ({site.path}): its additive bias (e.g. relative positions) "
                              f"has no linear form and is dropped by {spec.name}")
             if site.window is not None:
+                kept = ("kept by the mask, as a bias" if not self.stateful or site.mask_kind == "custom" else
+                        "kept by limiting sequences to that many tokens (the exact op has no window)")
                 notes.append(f"site {site.index} ({site.path}): its sliding window of {site.window} keys is "
                              + (f"dropped by {spec.name}, which reads the whole past" if spec.kind != "softmax"
-                                else "kept by limiting sequences to that many tokens (the exact op has no window)"))
+                                else kept))
             if site.causal and not spec.causal_capable:
                 raise UnsupportedSiteError(
                     f"site {site.index} ({site.path}) is causal, but {spec.name} projects along the sequence and "

@@ -121,3 +121,21 @@ def test_normalize_keeps_layouts_and_makes_private_in_place_arithmetic_out_of_pl
     assert targets.count(torch.ops.aten.add_.Tensor) == 1 and targets.count(torch.ops.aten.add.Tensor) == 1
     assert targets.count(torch.ops.aten.contiguous.default) == 1 and torch.ops.aten.clone.default not in targets
     torch.testing.assert_close(gm(x, bias.clone()), expected, rtol=0, atol=0)
+
+
+def test_in_place_arithmetic_that_would_promote_stays_in_place():
+    """fp16 scores += an fp32 bias stays fp16 in place; out of place it would promote to fp32 (and the next fp16
+    matmul would fail), so normalize leaves it."""
+    from lincompile.capture.normalize import normalize
+
+    class Promote(torch.nn.Module):
+        def forward(self, x, bias):
+            scores = x @ x.transpose(-1, -2)
+            scores += bias
+            return scores @ x
+
+    x, bias = torch.randn(2, 5, 4).half(), torch.randn(2, 5, 5)
+    gm = torch.export.export(Promote(), (x, bias), strict=False).module()
+    normalize(gm)
+    assert torch.ops.aten.add_.Tensor in [n.target for n in gm.graph.nodes]
+    assert gm(x, bias).dtype == torch.float16

@@ -136,6 +136,15 @@ def test_sliding_windows_are_found_and_kept_exact_or_dropped_aloud(impl, window)
     changed = ids.clone()
     changed[0, -1] = 3 if int(ids[0, -1]) != 3 else 4
     torch.testing.assert_close(linear(changed).logits[:, :-1], linear(ids).logits[:, :-1], rtol=0, atol=0)
+    # attention transfer's teacher is the original attention, window included, at any block length
+    from lincompile.train.attention_transfer import graph_inputs, softmax_graph
+
+    teacher = softmax_graph(linear)(*graph_inputs(linear, ids))[0]
+    torch.testing.assert_close(teacher, hf(ids).logits, rtol=1e-5, atol=1e-5)
+    # a whole-sequence graph without state (the torch.compile backend's) keeps the window as a bias
+    torch._dynamo.reset()
+    compiled = torch.compile(hf, backend="lincompile", options={"method": "softmax", "compiler": "eager"})
+    torch.testing.assert_close(compiled(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_custom_masks_that_never_look_ahead_are_causal():
@@ -216,3 +225,25 @@ def test_a_declared_window_beyond_the_probe_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lincompile.optimize(hf, "augmented")  # linear methods drop windows anyway: nothing to warn about
+
+
+def test_a_bidirectional_local_window_is_kept_exact():
+    """ModernBERT's local layers see 20 keys around each query: neither padding nor full, so custom (once read as
+    plain padding, the exact rewrite differed past the window); its global layer stays `padding`."""
+    import transformers as tf
+
+    config = tf.ModernBertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                 intermediate_size=128, max_position_embeddings=256, local_attention=20,
+                                 global_attn_every_n_layers=3, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                 cls_token_id=1, sep_token_id=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf = tf.ModernBertModel._from_config(config, attn_implementation="sdpa").eval()
+    linear = lincompile.optimize(hf, "softmax", strict=True)
+    assert [(s.mask_kind, s.causal) for s in linear.sites] == [("padding", False)] + [("custom", False)] * 2
+    ids = torch.randint(3, 128, (2, 60), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0
+    ours, theirs = linear(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1, :-5], theirs[1, :-5], rtol=1e-5, atol=1e-5)

@@ -44,7 +44,9 @@ class MethodSpec(JsonConfig):
       "projected" Linformer: softmax over keys/values projected along the sequence to `num_features` rows
                   (bidirectional only: `causal_capable` is False).
     num_features: Performer random features, or Linformer's projected length. horizon: cosFormer's M (the
-    position reweighting is cos(pi/2 * (i - j) / M)), or Linformer's maximum sequence length.
+    position reweighting is cos(pi/2 * (i - j) / M)), or Linformer's maximum sequence length. softcap: exact
+    softmax only, the scaled scores s become softcap * tanh(s / softcap) before the mask (Gemma 2's attention
+    logit softcapping; 0: none). `linearize` sets it per site from the graph, as it does the scale.
     """
 
     name: str
@@ -59,6 +61,7 @@ class MethodSpec(JsonConfig):
     decay: bool = False
     num_features: int = 64
     horizon: int = 4096
+    softcap: float = 0.0
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -77,6 +80,10 @@ class MethodSpec(JsonConfig):
             self._fail("decay", "must be a bool")
         if not isinstance(self.description, str):
             self._fail("description", "must be a string")
+        if isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)) or self.softcap < 0:
+            self._fail("softcap", "must be a number >= 0 (0: no softcapping)")
+        if self.softcap and self.kind != "softmax":
+            self._fail("softcap", "applies to kind='softmax' only (a linear method has no scores to cap)")
         self._check_combination()
 
     def _fail(self, field: str, why: str) -> None:

@@ -15,7 +15,7 @@ of the model.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
@@ -209,6 +209,11 @@ class Linearize(Pass):
                 break
             chosen = self.layers is None or site.index in self.layers
             spec = self.spec if chosen else softmax
+            if site.softcap and spec.kind == "softmax":
+                spec = replace(spec, softcap=site.softcap)
+            elif site.softcap:
+                notes.append(f"site {site.index} ({site.path}): its logit softcap ({site.softcap:g}) has no linear "
+                             f"form and is dropped by {spec.name}")
             if spec.kind != "softmax" and site.mask_kind == "custom":
                 notes.append(f"site {site.index} ({site.path}): its additive bias (e.g. relative positions) "
                              f"has no linear form and is dropped by {spec.name}")

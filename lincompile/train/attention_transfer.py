@@ -15,6 +15,7 @@ Sites left as softmax by `optimize(layers=...)` (hybrids) are untouched and prod
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 
 import torch
 from torch import Tensor, fx
@@ -22,6 +23,7 @@ from torch import Tensor, fx
 from lincompile.backends.eager import LinearizedModel
 from lincompile.kernels.linear_attention.reference import attention as reference_attention
 from lincompile.methods.spec import MethodSpec, get_method
+from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.linearize import PARAMS_MODULE
 from lincompile.runtime.state import default_positions
 
@@ -29,15 +31,16 @@ _SOFTMAX = get_method("softmax")
 
 
 def softmax_teacher(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor | None, scale: float,
-                    causal: bool, window: int | None = None) -> Tensor:
+                    causal: bool, window: int | None = None, softcap: float = 0.0) -> Tensor:
     """Exact softmax attention of q/k/v (the reference implementation), as the original model computes it: within
-    the site's sliding `window` (each query sees its last `window` keys) if it has one."""
+    the site's sliding `window` (each query sees its last `window` keys) and with its logit `softcap`, if any."""
     if window is not None:
         t, s = q.shape[2], k.shape[2]
         outside = ~torch.ones(t, s, dtype=torch.bool, device=q.device).triu(s - t - window + 1)
         band = torch.zeros(t, s, device=q.device).masked_fill(outside, torch.finfo(torch.float32).min)
         bias = band if bias is None else (bias.float() + band).clamp_min(torch.finfo(torch.float32).min)
-    out, _ = reference_attention(q, k, v, key_mask, bias, [], [], _SOFTMAX, scale, causal)
+    spec = replace(_SOFTMAX, softcap=softcap) if softcap else _SOFTMAX
+    out, _ = reference_attention(q, k, v, key_mask, bias, [], [], spec, scale, causal)
     return out
 
 
@@ -71,19 +74,20 @@ def _copy(linear: LinearizedModel) -> tuple[fx.Graph, fx.Node, list[tuple[int, f
     return graph, outputs[0], calls
 
 
-def _force_teacher(graph: fx.Graph, call: fx.Node, window: int | None) -> tuple[fx.Node, fx.Node]:
-    """Insert the softmax teacher (within the site's sliding `window`, if any) after `call` and route the site's
-    output users to it; returns (student output, teacher output)."""
+def _force_teacher(graph: fx.Graph, call: fx.Node, site: AttentionSite) -> tuple[fx.Node, fx.Node]:
+    """Insert the softmax teacher (the `site`'s attention as the original computes it: its window and softcap too)
+    after `call` and route the site's output users to it; returns (student output, teacher output)."""
     q, k, v, key_mask, bias, _state, _params, _spec, scale, causal = call.args
     student = next(u for u in call.users if u.target is operator.getitem and u.args[1] == 0)
     with graph.inserting_before(student.next):
-        teacher = graph.call_function(softmax_teacher, (q, k, v, key_mask, bias, scale, causal, window))
+        teacher = graph.call_function(softmax_teacher, (q, k, v, key_mask, bias, scale, causal, site.window,
+                                                         site.softcap))
     student.replace_all_uses_with(teacher)
     return student, teacher
 
 
-def _window(linear: LinearizedModel, index: int) -> int | None:
-    return next(site.window for site in linear.sites if site.index == index)
+def _site(linear: LinearizedModel, index: int) -> AttentionSite:
+    return next(site for site in linear.sites if site.index == index)
 
 
 def _module(linear: LinearizedModel, graph: fx.Graph) -> fx.GraphModule:
@@ -100,7 +104,7 @@ def transfer_graph(linear: LinearizedModel) -> tuple[fx.GraphModule, list[int]]:
                          "transfer with --stage1-steps 0 (stage1_steps=0)")
     losses = []
     for index, call in calls:
-        student, teacher = _force_teacher(graph, call, _window(linear, index))
+        student, teacher = _force_teacher(graph, call, _site(linear, index))
         with graph.inserting_after(teacher):
             losses.append(graph.call_function(site_mse, (student, teacher)))
     graph.output(tuple(losses))
@@ -111,7 +115,7 @@ def softmax_graph(linear: LinearizedModel) -> fx.GraphModule:
     """Graph returning `(logits,)` of the model with every linearized site computed as exact softmax."""
     graph, logits, calls = _copy(linear)
     for index, call in calls:
-        _force_teacher(graph, call, _window(linear, index))
+        _force_teacher(graph, call, _site(linear, index))
     graph.output((logits,))
     return _module(linear, graph)
 

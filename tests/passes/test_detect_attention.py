@@ -247,3 +247,26 @@ def test_a_bidirectional_local_window_is_kept_exact():
     ours, theirs = linear(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[1, :-5], theirs[1, :-5], rtol=1e-5, atol=1e-5)
+
+
+def test_gemma2_logit_softcapping_is_found_and_kept_by_exact_softmax():
+    """Gemma 2 caps its scores as c * tanh(s / c): the site records c, exact softmax applies it (here c = 0.5, which
+    moves the tiny model's logits by about 1), a linear method drops it and says so."""
+    from lincompile.testing.families import family_model
+
+    hf = family_model("gemma2", "eager")
+    exact = lincompile.optimize(hf, "softmax", strict=True)
+    assert [s.softcap for s in exact.sites] == [0.5, 0.5]
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    theirs = hf(ids).logits
+    torch.testing.assert_close(exact(ids).logits, theirs, rtol=1e-5, atol=1e-5)
+    state = exact(ids[:, :8]).past_state
+    torch.testing.assert_close(exact(ids[:, 8:9], past_state=state).logits[:, -1], hf(ids[:, :9]).logits[:, -1],
+                               rtol=1e-5, atol=1e-5)
+    for layer in hf.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    assert (hf(ids).logits - theirs).abs().max() > 0.1  # the cap matters: the comparison above can fail
+    notes = [n for p in lincompile.optimize(family_model("gemma2", "eager"), "augmented").report.passes
+             for n in p.notes]
+    assert "site 0 (model.layers.0.self_attn): its logit softcap (0.5) has no linear form and is dropped by " \
+           "augmented" in notes

@@ -25,6 +25,8 @@ def cache_weights(spec: MethodSpec, params: dict[str, Tensor], q: Tensor, keys: 
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(DENOMINATOR_EPS)
         return weights
     scores = torch.einsum("bhgtd,bhld->bhgtl", q, keys) * scale
+    if spec.softcap:
+        scores = torch.tanh(scores / spec.softcap) * spec.softcap
     if bias is not None:
         b, h, g, t, total = scores.shape
         scores = scores + bias.to(q.dtype).expand(b, h * g, t, total).reshape(scores.shape)

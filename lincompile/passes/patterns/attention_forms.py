@@ -2,8 +2,9 @@
 
 - `sdpa_op`: `aten.scaled_dot_product_attention` with a bool or additive mask, `is_causal`, `scale`,
   `enable_gqa`, dropout.
-- `eager_matmul_softmax`: `matmul(q, k^T)`, scaled by `mul`/`div` (or unscaled), masked by additive
-  terms, `where` or `masked_fill`, softmax (fp32 round trips allowed), dropout, `matmul(., v)`.
+- `eager_matmul_softmax`: `matmul(q, k^T)`, scaled by `mul`/`div` (or unscaled), optionally softcapped
+  (`c * tanh(s / c)`, Gemma 2), masked by additive terms, `where` or `masked_fill`, softmax (fp32 round trips
+  allowed), dropout, `matmul(., v)`.
 
 Each returns a `SiteMatch`, or a string saying why a softmax that looks like attention did not match,
 or None when the node is not attention at all.
@@ -90,8 +91,27 @@ def _scalar(node: object) -> float | None:
     return None
 
 
-def _walk_scores(node: object, scale: float, terms: list, path: list[fx.Node]) -> tuple[fx.Node, float] | None:
-    """From a softmax input back to the q.k^T product, collecting scale factors and mask terms."""
+def _softcapped(node: object, cap: float) -> fx.Node | None:
+    """The scores s of `tanh(s / cap)` (or `tanh(s * (1 / cap))`), else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten.tanh.default):
+        return None
+    inner = node.args[0]
+    if not (isinstance(inner, fx.Node) and inner.op == "call_function"):
+        return None
+    c = _scalar(inner.args[1]) if len(inner.args) > 1 else None
+    if c is None:
+        return None
+    if inner.target in (aten.div.Tensor, aten.div.Scalar) and math.isclose(c, cap, rel_tol=1e-6):
+        return inner.args[0]
+    if inner.target in (aten.mul.Tensor, aten.mul.Scalar) and math.isclose(c * cap, 1.0, rel_tol=1e-6):
+        return inner.args[0]
+    return None
+
+
+def _walk_scores(node: object, scale: float, terms: list, path: list[fx.Node],
+                 softcap: list[float]) -> tuple[fx.Node, float] | None:
+    """From a softmax input back to the q.k^T product, collecting scale factors, mask terms and a softcap (appended
+    to `softcap`; only where nothing scaled the capped scores afterwards)."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return None
     path.append(node)
@@ -99,31 +119,36 @@ def _walk_scores(node: object, scale: float, terms: list, path: list[fx.Node]) -
     if target in MATMUL_OPS:
         return node, scale
     if target in CASTS or target in PASS_THROUGH:
-        return _walk_scores(node.args[0], scale, terms, path)
+        return _walk_scores(node.args[0], scale, terms, path, softcap)
     if target in (aten.mul.Tensor, aten.mul.Scalar):
         for a, b in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
             c = _scalar(b)
+            capped = _softcapped(a, c) if c is not None and scale == 1.0 and not softcap else None
+            if capped is not None:
+                softcap.append(c)
+                path.extend([a, a.args[0]])
+                return _walk_scores(capped, scale, terms, path, softcap)
             if c is not None:
-                return _walk_scores(a, scale * c, terms, path)
+                return _walk_scores(a, scale * c, terms, path, softcap)
         return None
     if target in (aten.div.Tensor, aten.div.Scalar):
         c = _scalar(node.args[1])
-        return None if c is None or c == 0 else _walk_scores(node.args[0], scale / c, terms, path)
+        return None if c is None or c == 0 else _walk_scores(node.args[0], scale / c, terms, path, softcap)
     if target == aten.add.Tensor:
         for a, b in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
-            found = _walk_scores(a, scale, terms, path)
+            found = _walk_scores(a, scale, terms, path, softcap)
             if found is not None:
                 if isinstance(b, fx.Node):
                     terms.append((b, "additive", scale))
                 return found
         return None
     if target in (aten.where.self, aten.where.ScalarOther):
-        found = _walk_scores(node.args[1], scale, terms, path)
+        found = _walk_scores(node.args[1], scale, terms, path, softcap)
         if found is not None:
             terms.append((node.args[0], "allow_bool", 1.0))
         return found
     if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-        found = _walk_scores(node.args[0], scale, terms, path)
+        found = _walk_scores(node.args[0], scale, terms, path, softcap)
         if found is not None:
             terms.append((node.args[1], "deny_bool", 1.0))
         return found
@@ -160,7 +185,8 @@ def eager_matmul_softmax(node: fx.Node) -> SiteMatch | str | None:
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     terms: list = []
     path: list[fx.Node] = []
-    found = _walk_scores(scores_in, 1.0, terms, path)
+    softcap: list[float] = []
+    found = _walk_scores(scores_in, 1.0, terms, path, softcap)
     if found is None:
         if _looks_like_scores(scores_in):
             return "softmax over q.k^T-like scores, but the score chain has an op this matcher does not know"
@@ -185,6 +211,7 @@ def eager_matmul_softmax(node: fx.Node) -> SiteMatch | str | None:
     return SiteMatch(
         form="eager_matmul_softmax", output=pv_node, q=q, k=k_base, v=v_base, kv_groups=int(groups),
         scale=scale, mask_terms=terms, is_causal=False, dropout_p=dropout_p, nodes=[qk, *path],
+        softcap=softcap[0] if softcap else 0.0,
     )
 
 

@@ -30,6 +30,7 @@ class SiteMatch:
     is_causal: bool                 # causal by flag (sdpa is_causal=True), independent of `mask`
     dropout_p: float
     nodes: list[fx.Node]            # the nodes of the attention core, for pictures and reports
+    softcap: float = 0.0            # scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2); 0: none
 
 
 def val(node: object) -> torch.Tensor | None:

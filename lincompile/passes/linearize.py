@@ -78,6 +78,24 @@ def _bias_node(graph: fx.Graph, site: AttentionSite) -> fx.Node:
     return bias
 
 
+_LAYOUT_MOVES = {aten.transpose.int, aten.permute.default, aten.reshape.default, aten.unsqueeze.default,
+                 aten.squeeze.dim}
+_VIEWS = {aten.view.default, aten._unsafe_view.default}
+
+
+def _views_to_reshapes(node: fx.Node) -> None:
+    """Views of the site's output (through transposes and reshapes) become reshapes: the op's output is contiguous,
+    while the attention it replaced may have had another layout that a model viewed directly (CPU SDPA's
+    [B, T, H, D] storage, which JetMoE views without `.contiguous()`). Same values; a copy only where the view was
+    invalid."""
+    for user in list(node.users):
+        if user.op != "call_function" or user.target not in _LAYOUT_MOVES | _VIEWS:
+            continue
+        if user.target in _VIEWS:
+            user.target = aten.reshape.default
+        _views_to_reshapes(user)
+
+
 #: Submodule of the graph that owns the parameters linearization adds: `lincompile_params.site_{i}.<name>`.
 PARAMS_MODULE = "lincompile_params"
 
@@ -139,6 +157,7 @@ def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx
             result = graph.call_function(aten.to.dtype, (out, original_dtype))
     call.meta["nn_module_stack"] = match.output.meta.get("nn_module_stack", {})
     match.output.replace_all_uses_with(result)
+    _views_to_reshapes(result)
     out_names: list[str] = []
     draft_names: list[str] = []
     if stateful:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,8 +81,9 @@ class MethodSpec(JsonConfig):
             self._fail("decay", "must be a bool")
         if not isinstance(self.description, str):
             self._fail("description", "must be a string")
-        if isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)) or self.softcap < 0:
-            self._fail("softcap", "must be a number >= 0 (0: no softcapping)")
+        if (isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float))
+                or not math.isfinite(self.softcap) or self.softcap < 0):
+            self._fail("softcap", "must be a finite number >= 0 (0: no softcapping)")
         if self.softcap and self.kind != "softmax":
             self._fail("softcap", "applies to kind='softmax' only (a linear method has no scores to cap)")
         self._check_combination()

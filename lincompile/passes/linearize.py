@@ -79,7 +79,8 @@ def _bias_node(graph: fx.Graph, site: AttentionSite) -> fx.Node:
 
 
 _LAYOUT_MOVES = {aten.transpose.int, aten.permute.default, aten.reshape.default, aten.unsqueeze.default,
-                 aten.squeeze.dim}
+                 aten.squeeze.dim, aten.squeeze.dims, aten.flatten.using_ints, aten.clone.default, aten.alias.default,
+                 aten._to_copy.default, aten.to.dtype}  # each keeps (or moves) the layout a view may depend on
 _VIEWS = {aten.view.default, aten._unsafe_view.default}
 
 
@@ -228,7 +229,7 @@ class Linearize(Pass):
                 break
             chosen = self.layers is None or site.index in self.layers
             spec = self.spec if chosen else softmax
-            if site.softcap and spec.kind == "softmax":
+            if spec.kind == "softmax":  # the cap is the site's, as the scale is (0 where the graph has none)
                 spec = replace(spec, softcap=site.softcap)
             elif site.softcap:
                 notes.append(f"site {site.index} ({site.path}): its logit softcap ({site.softcap:g}) has no linear "

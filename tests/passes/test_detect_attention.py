@@ -270,3 +270,43 @@ def test_gemma2_logit_softcapping_is_found_and_kept_by_exact_softmax():
              for n in p.notes]
     assert "site 0 (model.layers.0.self_attn): its logit softcap (0.5) has no linear form and is dropped by " \
            "augmented" in notes
+
+
+class _Capped(torch.nn.Module):
+    """One causal attention whose scores are softcapped in one of several ways (`variant`)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 16)  # example_inputs draws ids below 100 without a config
+        self.qkv = torch.nn.Linear(16, 48)
+        self.variant = variant
+
+    def forward(self, input_ids, attention_mask):
+        q, k, v = self.qkv(self.embed(input_ids)).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        t = input_ids.shape[1]
+        future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+        scores = (q @ k.transpose(-1, -2)) * 0.125
+        if self.variant == "negative":  # -c tanh(s / -c) is c tanh(s / c)
+            scores = torch.tanh(scores / -0.5) * -0.5
+        elif self.variant == "mask_inside":  # a key masked under the cap still scores -c: not expressible
+            scores = torch.tanh(scores.masked_fill(future, torch.finfo(scores.dtype).min) / 0.5) * 0.5
+        elif self.variant == "capped_bias":  # the cap is on a bias beside the scores, not on them
+            bias = torch.arange(t, device=q.device, dtype=scores.dtype)[None, :] * 0.1
+            scores = torch.tanh(bias / 0.5) * 0.5 + scores
+        if self.variant != "mask_inside":
+            scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+        return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("variant,expected", [("negative", [0.5]), ("mask_inside", []), ("capped_bias", [0.0])])
+def test_softcap_is_read_only_where_the_op_can_express_it(variant, expected):
+    """A negative cap is its absolute value; a mask under the cap leaves the site unmatched (the op masks after the
+    cap); a capped bias beside the scores is no softcap of the scores (a failed walk leaves no cap behind)."""
+    model = _Capped(variant)
+    sites = lincompile.inspect(model)
+    assert [s.softcap for s in sites] == expected
+    if sites:
+        linear = lincompile.optimize(model, "softmax", strict=True)
+        ids = torch.randint(3, 100, (1, 9), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        torch.testing.assert_close(linear(ids, attention_mask=mask).logits, model(ids, mask), rtol=1e-5, atol=1e-5)

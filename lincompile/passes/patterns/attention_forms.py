@@ -99,7 +99,7 @@ def _softcapped(node: object, cap: float) -> fx.Node | None:
     if not (isinstance(inner, fx.Node) and inner.op == "call_function"):
         return None
     c = _scalar(inner.args[1]) if len(inner.args) > 1 else None
-    if c is None:
+    if not c or not cap:
         return None
     if inner.target in (aten.div.Tensor, aten.div.Scalar) and math.isclose(c, cap, rel_tol=1e-6):
         return inner.args[0]
@@ -111,7 +111,8 @@ def _softcapped(node: object, cap: float) -> fx.Node | None:
 def _walk_scores(node: object, scale: float, terms: list, path: list[fx.Node],
                  softcap: list[float]) -> tuple[fx.Node, float] | None:
     """From a softmax input back to the q.k^T product, collecting scale factors, mask terms and a softcap (appended
-    to `softcap`; only where nothing scaled the capped scores afterwards)."""
+    to `softcap`; only where nothing scaled the capped scores afterwards and no mask term lies under the cap, since
+    the op applies masks after it). A failed walk leaves `path`, `terms` and `softcap` as it found them."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return None
     path.append(node)
@@ -125,9 +126,15 @@ def _walk_scores(node: object, scale: float, terms: list, path: list[fx.Node],
             c = _scalar(b)
             capped = _softcapped(a, c) if c is not None and scale == 1.0 and not softcap else None
             if capped is not None:
-                softcap.append(c)
+                marks = len(path), len(terms)
+                softcap.append(abs(c))  # c tanh(s / c) is |c| tanh(s / |c|)
                 path.extend([a, a.args[0]])
-                return _walk_scores(capped, scale, terms, path, softcap)
+                found = _walk_scores(capped, scale, terms, path, softcap)
+                if found is None or len(terms) != marks[1]:
+                    softcap.pop()
+                    del path[marks[0]:], terms[marks[1]:]
+                    return None
+                return found
             if c is not None:
                 return _walk_scores(a, scale * c, terms, path, softcap)
         return None
@@ -135,12 +142,14 @@ def _walk_scores(node: object, scale: float, terms: list, path: list[fx.Node],
         c = _scalar(node.args[1])
         return None if c is None or c == 0 else _walk_scores(node.args[0], scale / c, terms, path, softcap)
     if target == aten.add.Tensor:
+        marks = len(path), len(terms), len(softcap)
         for a, b in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
             found = _walk_scores(a, scale, terms, path, softcap)
             if found is not None:
                 if isinstance(b, fx.Node):
                     terms.append((b, "additive", scale))
                 return found
+            del path[marks[0]:], terms[marks[1]:], softcap[marks[2]:]
         return None
     if target in (aten.where.self, aten.where.ScalarOther):
         found = _walk_scores(node.args[1], scale, terms, path, softcap)

@@ -63,8 +63,8 @@ def test_router_and_classifier_softmax_are_left_alone():
         assert torch.allclose(linear(inputs["input_ids"]).logits, model(**inputs), atol=1e-6)
 
 
-class SoftCappedAttention(torch.nn.Module):
-    """Attention with tanh soft-capping on the scores: a form no pattern knows."""
+class CubedScoresAttention(torch.nn.Module):
+    """Attention over cubed scores: a form no pattern knows (softcapping, which this test once used, is known now)."""
 
     def __init__(self, dim=16):
         super().__init__()
@@ -74,12 +74,12 @@ class SoftCappedAttention(torch.nn.Module):
     def forward(self, input_ids):
         x = self.embed(input_ids)
         q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
-        scores = torch.tanh(q @ k.transpose(-1, -2) / 30.0) * 30.0
+        scores = (q @ k.transpose(-1, -2)) ** 3
         return torch.softmax(scores, dim=-1) @ v
 
 
 def test_unrecognized_attention_is_reported_and_strict_raises():
-    model = SoftCappedAttention().eval()
+    model = CubedScoresAttention().eval()
     inputs = {"input_ids": torch.randint(0, 50, (2, 6))}
     with pytest.warns(UserWarning, match="softmax"):
         linear = lincompile.optimize(model, "softmax", inputs=inputs)

@@ -10,7 +10,7 @@ accepted tokens one at a time gives, with no rerun of the model and whatever the
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,6 +77,8 @@ def _ort_sites(model: Any) -> list[CommitSite]:
         if not s["state_inputs"]:
             continue
         spec = MethodSpec.from_dict(meta["methods"][s["method"]])
+        if spec.kind == "softmax":  # "methods" is keyed by name; the cap is the site's (exports before it: none)
+            spec = replace(spec, softcap=s.get("softcap", 0.0))
         params = tuple(tensors[name] for name in s.get("params", []))
         sites.append(CommitSite(s["index"], spec, params, float(s["scale"]), tuple(s["state_inputs"])))
     return sites

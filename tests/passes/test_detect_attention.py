@@ -310,3 +310,18 @@ def test_softcap_is_read_only_where_the_op_can_express_it(variant, expected):
         ids = torch.randint(3, 100, (1, 9), generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
         torch.testing.assert_close(linear(ids, attention_mask=mask).logits, model(ids, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_softcap_and_window_travel_with_the_onnx_export(tmp_path):
+    """The export records each site's window and softcap; a speculative commit on the ONNX runner rebuilds each
+    exact site's spec with its own cap ("methods" is keyed by name)."""
+    from lincompile.backends.ort import OrtModel
+    from lincompile.runtime.verify import commit_sites
+    from lincompile.testing.families import family_model
+
+    linear = lincompile.optimize(family_model("gemma2", "eager"), "softmax")
+    ort = OrtModel.from_dir(linear.export_onnx(str(tmp_path / "gemma2")), providers=["CPUExecutionProvider"])
+    assert [(s["window"], s["softcap"]) for s in ort.meta["sites"]] == [(4096, 0.5), (None, 0.5)]
+    assert [site.spec.softcap for site in commit_sites(ort)] == [0.5, 0.5]
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ort(ids).logits, linear(ids).logits, rtol=1e-4, atol=1e-4)

@@ -169,7 +169,7 @@ def _warn_unprobed_window(model: torch.nn.Module, ctx: PassContext) -> None:
     """Warn when the config declares a sliding window that detection did not find (longer than its probe, or no
     site got one) and a causal site stays exact softmax (which would attend past that window)."""
     declared = getattr(getattr(model, "config", None), "sliding_window", None)
-    exact = [r for r in ctx.rewritten if MethodSpec.from_json(r.node.args[7]).kind == "softmax"
+    exact = [r for r in ctx.rewritten if r.spec.kind == "softmax"
              and ctx.sites[r.index].causal and ctx.sites[r.index].window is None]
     found = any(site.window for site in ctx.sites)
     if isinstance(declared, int) and exact and (declared >= WINDOW_PROBE or not found):

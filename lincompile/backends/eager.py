@@ -13,7 +13,6 @@ from torch import fx
 
 from lincompile.config import LinearizeConfig
 from lincompile.kernels.linear_attention.reference import init_state
-from lincompile.methods.spec import MethodSpec
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT, RewrittenSite
 from lincompile.runtime.state import (SLIDING_WINDOW, RecurrentState, check_positions, check_state,
@@ -55,7 +54,7 @@ class LinearizedModel(torch.nn.Module):
         self.max_positions = max_positions  # the source's learned position embeddings' limit (None: none)
         self.limit_reason: str | None = None  # None: learned positions
         windows = [site.window for r in rewritten for site in [self._site_by_index[r.index]]
-                   if MethodSpec.from_json(r.node.args[7]).kind == "softmax" and site.window and r.state_inputs
+                   if r.spec.kind == "softmax" and site.window and r.state_inputs
                    and site.mask_kind != "custom"]  # a custom mask (and the window in it) is kept as a bias
         if windows and (max_positions is None or min(windows) <= max_positions):
             self.max_positions, self.limit_reason = min(windows), SLIDING_WINDOW
@@ -92,7 +91,7 @@ class LinearizedModel(torch.nn.Module):
             if not r.state_inputs:
                 continue
             site = self._site_by_index[r.index]
-            spec = MethodSpec.from_json(r.node.args[7])  # the op's own spec (custom specs have no registry name)
+            spec = r.spec
             parts = init_state(spec, batch, site.kv_heads, site.head_dim, site.v_head_dim, device, dtype)
             tensors.update(zip(r.state_inputs, parts))
         return RecurrentState(tensors, 0)

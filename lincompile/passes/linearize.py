@@ -41,6 +41,11 @@ class RewrittenSite:
     state_outputs: tuple[str, ...]
     node: fx.Node | None = field(default=None, compare=False, repr=False)  # the lincompile::attention call
 
+    @property
+    def spec(self) -> MethodSpec:
+        """The op's own spec (a custom spec has no registry name; a softmax site's carries its softcap)."""
+        return MethodSpec.from_json(self.node.args[7])
+
 
 class UnsupportedSiteError(RuntimeError):
     """A site the chosen method cannot express (named, with what to do)."""

@@ -57,7 +57,7 @@ def commit_sites(model: Any) -> list[CommitSite]:
                 continue
             args = r.node.args
             params = tuple(_attribute(model.graph, p.target) for p in args[6])
-            sites.append(CommitSite(r.index, MethodSpec.from_json(args[7]), params,
+            sites.append(CommitSite(r.index, r.spec, params,
                                     float(args[8]), tuple(r.state_inputs)))
         return sites
     return _ort_sites(model)

@@ -22,7 +22,7 @@ from torch import Tensor, fx
 
 from lincompile.backends.eager import LinearizedModel
 from lincompile.kernels.linear_attention.reference import attention as reference_attention
-from lincompile.methods.spec import MethodSpec, get_method
+from lincompile.methods.spec import get_method
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.linearize import PARAMS_MODULE
 from lincompile.runtime.state import default_positions
@@ -51,7 +51,7 @@ def site_mse(student: Tensor, teacher: Tensor) -> Tensor:
 
 def linearized_sites(linear: LinearizedModel) -> list[int]:
     """Indices of the sites with a linear method (the ones attention transfer trains)."""
-    return [r.index for r in linear.rewritten if MethodSpec.from_json(r.node.args[7]).kind != "softmax"]
+    return [r.index for r in linear.rewritten if r.spec.kind != "softmax"]
 
 
 def attention_parameters(linear: LinearizedModel) -> dict[str, torch.nn.Parameter]:

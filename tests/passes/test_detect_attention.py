@@ -325,3 +325,29 @@ def test_softcap_and_window_travel_with_the_onnx_export(tmp_path):
     assert [site.spec.softcap for site in commit_sites(ort)] == [0.5, 0.5]
     ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(ort(ids).logits, linear(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+class _Chunked(torch.nn.Module):
+    """Causal attention within chunks of 24 tokens (Llama 4's chunked layers): plain causal on the 16-token
+    example, neither causal nor a window at length."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 16)  # example_inputs draws ids below 100 without a config
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, input_ids, attention_mask):
+        q, k, v = self.qkv(self.embed(input_ids)).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        i = torch.arange(input_ids.shape[1], device=q.device)
+        allowed = (i[None, :] <= i[:, None]) & (i[None, :] // 24 == i[:, None] // 24)
+        scores = ((q @ k.transpose(-1, -2)) * 0.125).masked_fill(~allowed, torch.finfo(q.dtype).min)
+        return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+
+def test_chunked_attention_found_at_length_is_custom_and_exact():
+    model = _Chunked()
+    linear = lincompile.optimize(model, "softmax", strict=True)
+    assert [(s.mask_kind, s.causal, s.window) for s in linear.sites] == [("custom", True, None)]
+    ids = torch.randint(3, 100, (1, 60), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(linear(ids, attention_mask=mask).logits, model(ids, mask), rtol=1e-5, atol=1e-5)

@@ -4,8 +4,8 @@ Each entry is (name, impl, supports, priority); the plain PyTorch reference is a
 the lowest priority and supports everything, so every device always has an implementation.
 The generated Triton kernels (`lincompile.kernels.triton`) serve the specs they cover on CUDA, and on CPU under
 `LINCOMPILE_KERNELS=triton` with TRITON_INTERPRET=1. Elsewhere causal linear sites go through `recurrent-step`:
-the reference's recurrent form for single-token calls (decode: the same math in fewer, smaller ops), its
-parallel form otherwise. `LINCOMPILE_KERNELS=reference` forces the parallel reference for every call.
+single-token calls (decode) take the recurrent form, as `decode.step` where it applies (every row real, one
+shared position: the same math in fewer ops) and as the reference's otherwise; longer calls the parallel form. `LINCOMPILE_KERNELS=reference` forces the parallel reference for every call.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from lincompile.kernels.linear_attention import reference
+from lincompile.kernels.linear_attention import decode, reference
 from lincompile.kernels.triton import launch as triton_launch
 from lincompile.methods.spec import MethodSpec
 
@@ -51,9 +51,12 @@ _ENTRIES: list[KernelEntry] = [
 def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                    bias: torch.Tensor | None, state: list[torch.Tensor], params: list[torch.Tensor],
                    spec: MethodSpec, scale: float, causal: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """`reference.recurrent` for one causal token, `reference.attention` for anything else (both forms agree:
-    tests/kernels/test_registry.py checks it on every causal linear method)."""
+    """One causal token: `decode.step` where it applies, else `reference.recurrent`; anything else:
+    `reference.attention` (the forms agree: tests/kernels/test_registry.py and test_decode.py check it on every
+    causal linear method)."""
     if causal and q.shape[2] == 1:
+        if decode.applies(q, key_mask, state, spec, causal):
+            return decode.step(q, k, v, state, params, spec, scale)
         return reference.recurrent(q, k, v, key_mask, state, params, spec, scale)
     return reference.attention(q, k, v, key_mask, bias, state, params, spec, scale, causal)
 

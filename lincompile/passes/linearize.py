@@ -14,6 +14,7 @@ of the model.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass, field, replace
 
@@ -131,7 +132,7 @@ def _add_parameters(ctx: PassContext, site: AttentionSite, spec: MethodSpec, see
 
 
 def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx.Node, seed: int,
-             allow_state: bool = True) -> RewrittenSite:
+             windows: dict[str, fx.Node], allow_state: bool = True) -> RewrittenSite:
     graph = ctx.gm.graph
     match = site.match
     stateful = allow_state and site.stateful
@@ -167,9 +168,11 @@ def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx
     out_names: list[str] = []
     draft_names: list[str] = []
     if stateful:
+        with graph.inserting_before(call.next):  # k and v are freed here, not kept whole to the graph's end
+            drafts = [_last_tokens(graph, match.k, 2, windows), _last_tokens(graph, match.v, 2, windows)]
         with graph.inserting_before(output):
             parts = [graph.call_function(operator.getitem, (new_state, j)) for j in range(len(state_in))]
-            parts += [_last_tokens(graph, match.k, 2), _last_tokens(graph, match.v, 2)]
+        parts += drafts
         output.args = (tuple(output.args[0]) + tuple(parts),)
         out_names = [state_name(STATE_OUTPUT, site.index, p) for p in spec.state_parts()]
         draft_names = [state_name(DRAFT_OUTPUT, site.index, p) for p in ("keys", "values")]
@@ -178,25 +181,44 @@ def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx
     return RewrittenSite(site.index, site.path, spec.name, tuple(in_names), tuple(out_names), call)
 
 
-def _last_tokens(graph: fx.Graph, node: fx.Node, dim: int) -> fx.Node:
+def _last_tokens(graph: fx.Graph, node: fx.Node, dim: int, windows: dict[str, fx.Node]) -> fx.Node:
     """The last VERIFY_WINDOW entries of `node` along `dim`, always VERIFY_WINDOW long: entry j is token
-    size - VERIFY_WINDOW + j, clamped to token 0 for shorter calls (a fixed shape keeps export guard-free)."""
-    ones = graph.call_function(aten.new_ones.default, (node, [VERIFY_WINDOW]), {"dtype": torch.int64})
-    offset = graph.call_function(operator.sub, (graph.call_function(aten.sym_size.int, (node, dim)),
-                                                VERIFY_WINDOW + 1))
-    index = graph.call_function(aten.add.Tensor, (graph.call_function(aten.cumsum.default, (ones, 0)), offset))
-    index = graph.call_function(aten.clamp_min.default, (index, 0))
-    return graph.call_function(aten.index_select.default, (node, dim, index))
+    size - VERIFY_WINDOW + j, clamped to token 0 for shorter calls (a fixed shape keeps export guard-free).
+    Inserted at the graph's insertion point; the index is `_window_index`'s (shared by sizes that are equal)."""
+    return graph.call_function(aten.index_select.default, (node, dim, _window_index(graph, node, dim, windows)))
 
 
-def _add_hidden_output(ctx: PassContext, output: fx.Node) -> bool:
+def _window_index(graph: fx.Graph, node: fx.Node, dim: int, windows: dict[str, fx.Node]) -> fx.Node:
+    """The index `_last_tokens` gathers for a size of `node[dim]`, built once per size in `windows` (keyed by the
+    size's expression, so sizes known equal share one: every stateful site's tokens and the hidden states') from a
+    graph input of that size, right after the inputs; from `node` itself where no input has that size."""
+    size = node.meta["val"].shape[dim]
+    key = str(size)
+    if key in windows:
+        return windows[key]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    source = next(((p, i) for p in placeholders if isinstance(p.meta.get("val"), torch.Tensor)
+                   for i, d in enumerate(p.meta["val"].shape) if str(d) == key), None)
+    with graph.inserting_before(placeholders[-1].next) if source is not None else contextlib.nullcontext():
+        source = source or (node, dim)
+        ones = graph.call_function(aten.new_ones.default, (source[0], [VERIFY_WINDOW]), {"dtype": torch.int64})
+        offset = graph.call_function(operator.sub, (graph.call_function(aten.sym_size.int, source),
+                                                    VERIFY_WINDOW + 1))
+        index = graph.call_function(aten.add.Tensor, (graph.call_function(aten.cumsum.default, (ones, 0)), offset))
+        index = graph.call_function(aten.clamp_min.default, (index, 0))
+    if source[0] is not node:  # reusable: it comes before every node
+        windows[key] = index
+    return index
+
+
+def _add_hidden_output(ctx: PassContext, output: fx.Node, windows: dict[str, fx.Node]) -> bool:
     """Output the LM head's input as `hidden_states` (last VERIFY_WINDOW tokens); False if logits do not come
     from a linear layer (e.g. an encoder without an LM head)."""
     logits = output.args[0][0]
     if not (isinstance(logits, fx.Node) and logits.target == aten.linear.default):
         return False
-    with ctx.gm.graph.inserting_before(output):
-        hidden = _last_tokens(ctx.gm.graph, logits.args[0], 1)
+    with ctx.gm.graph.inserting_before(logits.args[0].next):
+        hidden = _last_tokens(ctx.gm.graph, logits.args[0], 1, windows)
     output.args = (tuple(output.args[0]) + (hidden,),)
     ctx.captured.output_names.append(HIDDEN_OUTPUT)
     return True
@@ -223,6 +245,7 @@ class Linearize(Pass):
         graph = ctx.gm.graph
         output = next(n for n in graph.nodes if n.op == "output")
         softmax = get_method("softmax")
+        windows: dict[str, fx.Node] = {}  # `_window_index`'s, shared by the sites
         notes = []
         if self.layers is not None:
             unknown = sorted(set(self.layers) - {s.index for s in ctx.sites})
@@ -252,9 +275,9 @@ class Linearize(Pass):
                 raise UnsupportedSiteError(
                     f"site {site.index} ({site.path}) is causal, but {spec.name} projects along the sequence and "
                     "cannot be causal; use it on bidirectional (encoder) models, or pick another method")
-            ctx.rewritten.append(_rewrite(ctx, site, spec, output, self.seed, self.stateful))
+            ctx.rewritten.append(_rewrite(ctx, site, spec, output, self.seed, windows, self.stateful))
         if self.stateful and any(r.state_inputs for r in ctx.rewritten):
-            _add_hidden_output(ctx, output)
+            _add_hidden_output(ctx, output, windows)
         eliminate_dead_code(ctx.gm)
         notes.insert(0, f"rewrote {len(ctx.rewritten)} of {len(ctx.sites)} sites")
         return notes

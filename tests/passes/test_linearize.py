@@ -74,6 +74,38 @@ def test_linear_state_does_not_grow_with_context():
     assert short.shapes() == long.shapes() and short.nbytes() == long.nbytes()
 
 
+@pytest.mark.parametrize("tokens", [3, 70])
+def test_draft_outputs_hold_the_last_tokens_and_free_keys_early(tokens):
+    """`draft.{i}.keys|values` are the op's k and v for the call's last VERIFY_WINDOW tokens, right-aligned (a short
+    call's first token fills the rest); one index serves every site, and each site's k and v are gathered right
+    after its op, so a long prefill does not keep every layer's keys and values to the graph's end."""
+    from lincompile.passes.linearize import VERIFY_WINDOW
+
+    linear = lincompile.optimize(tiny_model("llama"), "linear-elu")
+    nodes = list(linear.graph.graph.nodes)
+    assert sum(n.target is torch.ops.aten.cumsum.default for n in nodes) == 1
+    calls = [n for n in nodes if n.target is torch.ops.lincompile.attention.default]
+    for call, following in zip(calls, calls[1:]):
+        assert all(nodes.index(u) < nodes.index(following) for u in (*call.args[1].users, *call.args[2].users))
+    seen = []  # each site's k and v, in call order (= site order)
+    op = torch.ops.lincompile.attention.default
+
+    def spy(q, k, v, *rest):
+        seen.append((k, v))
+        return op(q, k, v, *rest)
+
+    for call in calls:
+        call.target = spy
+    linear.graph.recompile()
+    ids = torch.randint(3, 128, (2, tokens))
+    with torch.no_grad():
+        out = linear(ids)
+    index = torch.arange(tokens - VERIFY_WINDOW, tokens).clamp_min(0)
+    assert len(seen) == len(calls)
+    for i, (k, v) in enumerate(seen):
+        assert torch.equal(out.extras[f"draft.{i}.keys"], k[:, :, index])
+        assert torch.equal(out.extras[f"draft.{i}.values"], v[:, :, index])
+
 def test_fuel_limits_rewrites_and_disables_state():
     model = tiny_model("llama")
     linear = lincompile.optimize(model, "linear-elu", config=lincompile.LinearizeConfig("linear-elu", fuel=1))

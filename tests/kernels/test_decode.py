@@ -1,0 +1,106 @@
+"""The fast decode form (`decode.step`) against the reference's recurrent form, token by token, for every causal
+linear method: outputs and state, across group and conv-window boundaries, GQA, rows decoded in step."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lincompile.kernels import registry
+from lincompile.kernels.linear_attention import decode, reference
+from lincompile.kernels.linear_attention.reference import init_state
+from lincompile.methods.params import random_params
+from lincompile.methods.spec import get_method
+
+from .conftest import BATCH, CAUSAL, DK, DV, EXTRA, HEADS, KV_HEADS, SCALE
+
+LINEAR = [name for name in CAUSAL if (EXTRA.get(name) or get_method(name)).kind == "linear"]
+
+
+def _token(c, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return c.q[:, :, i:i + 1], c.k[:, :, i:i + 1], c.v[:, :, i:i + 1]
+
+
+@pytest.mark.parametrize("name", LINEAR)
+def test_step_equals_the_reference_token_by_token(name, case, small_spec, diff):
+    """From the initial state, 11 tokens (groups of 4 complete at tokens 3 and 7, the 2-token conv window fills),
+    fp64: every output and the state after each token agree with `reference.recurrent` to rounding."""
+    spec = small_spec(name)
+    c = case(spec, 11, seed=5, padding=False)
+    fast = want = init_state(spec, BATCH, KV_HEADS, DK, DV, dtype=torch.float64)
+    for i in range(11):
+        q, k, v = _token(c, i)
+        assert decode.applies(q, None, fast, spec, True)
+        got, fast = decode.step(q, k, v, fast, c.params, spec, c.scale)
+        out, want = reference.recurrent(q, k, v, None, want, c.params, spec, c.scale)
+        assert got.dtype == out.dtype and diff([got], [out]) < 1e-12, i
+        assert diff(fast, want) < 1e-12, i
+        assert [s.dtype for s in fast] == [s.dtype for s in want]
+
+
+@pytest.mark.parametrize("name", ["augmented", "hedgehog", "retnet", "cosformer", "test-softmax-local"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_at_the_paper_sizes_completes_a_group(name, dtype, case):
+    """G = 64, K = 63: after a 62-token prefill, tokens 62 and 63 (the second completes the group, which is folded)
+    and 64 (the next group's first) as the reference decodes them; fp32 within 1e-5, bf16 inputs (fp32 state)
+    within bf16 rounding."""
+    spec = EXTRA.get(name) or get_method(name)
+    c = case(spec, 65, seed=2, padding=False)
+    params = [p.float() for p in c.params]
+    q, k, v = (x.to(dtype) for x in (c.q, c.k, c.v))
+    _, state = reference.attention(q[:, :, :62], k[:, :, :62], v[:, :, :62], None, None, [], params, spec, SCALE,
+                                   True)
+    fast = want = state
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for i in range(62, 65):
+        step = (q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1])
+        got, fast = decode.step(*step, fast, params, spec, SCALE)
+        out, want = reference.recurrent(*step, None, want, params, spec, SCALE)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), out.float(), rtol=tolerance, atol=tolerance)
+        for a, b in zip(fast, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_step_leaves_its_inputs_unchanged(case, small_spec):
+    spec = small_spec("augmented")
+    c = case(spec, 4, seed=1, padding=False)
+    _, state = reference.attention(c.q[:, :, :3], c.k[:, :, :3], c.v[:, :, :3], None, None, [], c.params, spec,
+                                   c.scale, True)
+    before = [s.clone() for s in state]
+    decode.step(*_token(c, 3), state, c.params, spec, c.scale)  # completes a group of 4: folds and clears
+    assert all(torch.equal(a, b) for a, b in zip(state, before, strict=True))
+
+
+def test_applies_only_to_real_rows_at_one_position(case, small_spec):
+    spec = small_spec("augmented")
+    c = case(spec, 3, seed=0, padding=False)
+    q = c.q[:, :, :1]
+    state = init_state(spec, BATCH, KV_HEADS, DK, DV, dtype=torch.float64)
+    assert decode.applies(q, None, state, spec, True)
+    assert decode.applies(q, torch.ones(BATCH, 1, dtype=torch.bool), state, spec, True)
+    assert not decode.applies(q, torch.tensor([[True], [False]]), state, spec, True)  # a padding row
+    assert not decode.applies(c.q[:, :, :2], None, state, spec, True)  # two tokens
+    assert not decode.applies(q, None, state, spec, False)  # bidirectional
+    assert not decode.applies(q, None, [], spec, True)  # no state given
+    apart = list(state)
+    apart[-1] = torch.tensor([4, 5])  # rows at different positions
+    assert not decode.applies(q, None, apart, spec, True)
+    assert decode.applies(q[:1], None, [s[:1] for s in apart], spec, True)  # one row: always in step
+    assert not decode.applies(q, None, [], get_method("softmax"), True)  # a KV cache
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(s) for s in state]
+        assert not decode.applies(mode.from_tensor(q), None, fake, spec, True)  # tracing: no values to read
+
+
+def test_recurrent_step_serves_decode_through_the_fast_form(case, small_spec, monkeypatch):
+    """The registry's `recurrent-step` takes `decode.step` for real rows in step and the reference otherwise."""
+    spec = small_spec("augmented")
+    c = case(spec, 2, seed=0, padding=False)
+    params = random_params(spec, HEADS, KV_HEADS, DK, DV, seed=0)
+    state = init_state(spec, BATCH, KV_HEADS, DK, DV)
+    q, k, v = (x.float() for x in _token(c, 0))
+    calls = []
+    monkeypatch.setattr(decode, "step", lambda *args: calls.append("fast") or reference.recurrent(
+        *args[:3], None, *args[3:]))
+    registry.recurrent_step(q, k, v, None, None, state, params, spec, SCALE, True)
+    registry.recurrent_step(q, k, v, torch.tensor([[True], [False]]), None, state, params, spec, SCALE, True)
+    assert calls == ["fast"]

@@ -11,6 +11,7 @@ Order and shapes (H query heads, Hkv KV heads, d head_dim; each present only whe
   decay                [Hkv]        yes        logit of gamma_h = 1 - 2^(-5-h) (RetNet); gamma = sigmoid(decay)
   alpha                []           yes        0 (grouped global branch)
   conv_weight          [H, K]       yes        0; tap j weighs the token K//2 - j positions back (j > K//2: future)
+  sinks                [H]          yes        0; softmax only: the model's own attention-sink logits (GPT-OSS)
 
 Feature-map parameters and decays are per KV head, because phi(k) and the state S are per KV head: one
 Hedgehog MLP / Performer feature set serves a KV head and all its query heads. Conv filters are per query head
@@ -47,6 +48,8 @@ def param_layout(spec: MethodSpec, heads: int, kv_heads: int, head_dim: int, v_h
         layout.append(("alpha", (), True))
     if spec.conv != "none":
         layout.append(("conv_weight", (heads, spec.conv_kernel), True))
+    if spec.sinks:
+        layout.append(("sinks", (heads,), True))
     return layout
 
 
@@ -56,7 +59,7 @@ def param_names(spec: MethodSpec) -> tuple[str, ...]:
 
 
 #: Parameters that only weigh outputs: the recurrent state's updates (and so `commit`) never read them.
-OUTPUT_ONLY_PARAMS = frozenset({"alpha", "conv_weight"})
+OUTPUT_ONLY_PARAMS = frozenset({"alpha", "conv_weight", "sinks"})
 
 
 def state_update_reads_params(spec: MethodSpec) -> bool:
@@ -107,7 +110,7 @@ def init_params(spec: MethodSpec, heads: int, kv_heads: int, head_dim: int, v_he
 def random_params(spec: MethodSpec, heads: int, kv_heads: int, head_dim: int, v_head_dim: int,
                   seed: int = 0) -> list[Tensor]:
     """Nonzero parameters for tests and the leakage check: every tap random (future taps too, so masking
-    is exercised), alpha 1, gammas in (0.5, 0.99), Hedgehog perturbed away from the identity."""
+    is exercised), alpha 1, gammas in (0.5, 0.99), Hedgehog perturbed away from the identity, sinks N(0, 1)."""
     generator = torch.Generator().manual_seed(seed + 1)
     values = []
     for name, value, _ in init_params(spec, heads, kv_heads, head_dim, v_head_dim, seed):
@@ -120,6 +123,8 @@ def random_params(spec: MethodSpec, heads: int, kv_heads: int, head_dim: int, v_
             value = torch.ones(())
         elif name == "conv_weight":
             value = 0.3 * noise
+        elif name == "sinks":
+            value = noise
         values.append(value)
     return values
 

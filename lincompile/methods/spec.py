@@ -47,7 +47,9 @@ class MethodSpec(JsonConfig):
     num_features: Performer random features, or Linformer's projected length. horizon: cosFormer's M (the
     position reweighting is cos(pi/2 * (i - j) / M)), or Linformer's maximum sequence length. softcap: exact
     softmax only, the scaled scores s become softcap * tanh(s / softcap) before the mask (Gemma 2's attention
-    logit softcapping; 0: none). `linearize` sets it per site from the graph, as it does the scale.
+    logit softcapping; 0: none). sinks: exact softmax only, one learned logit per query head joins every row's
+    softmax denominator and weighs no value (GPT-OSS's attention sinks; the op's `sinks` parameter [H]).
+    `linearize` sets softcap and sinks per site from the graph, as it does the scale.
     """
 
     name: str
@@ -63,6 +65,7 @@ class MethodSpec(JsonConfig):
     num_features: int = 64
     horizon: int = 4096
     softcap: float = 0.0
+    sinks: bool = False
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -86,6 +89,10 @@ class MethodSpec(JsonConfig):
             self._fail("softcap", "must be a finite number >= 0 (0: no softcapping)")
         if self.softcap and self.kind != "softmax":
             self._fail("softcap", "applies to kind='softmax' only (a linear method has no scores to cap)")
+        if not isinstance(self.sinks, bool):
+            self._fail("sinks", "must be a bool")
+        if self.sinks and self.kind != "softmax":
+            self._fail("sinks", "applies to kind='softmax' only (a linear method has no softmax denominator)")
         self._check_combination()
 
     def _fail(self, field: str, why: str) -> None:

@@ -51,6 +51,7 @@ class AttentionSite:
     key_mask_input: str | None = None
     window: int | None = None  # causal sliding window: each query sees its last `window` keys (itself included)
     softcap: float = 0.0  # scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2); 0: none
+    sinks: str | None = None  # the [heads] parameter of attention-sink logits (GPT-OSS); None: none
     match: SiteMatch | None = field(default=None, repr=False)
 
     @property
@@ -61,7 +62,7 @@ class AttentionSite:
     def to_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in (
             "index", "path", "form", "heads", "kv_heads", "head_dim", "v_head_dim", "scale", "mask_kind",
-            "causal", "cross", "dtype", "dropout_p", "key_mask_input", "window", "softcap")}
+            "causal", "cross", "dtype", "dropout_p", "key_mask_input", "window", "softcap", "sinks")}
 
 
 @dataclass
@@ -279,7 +280,7 @@ def find_sites(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], inpu
             kv_heads=int(kv.shape[1]), head_dim=int(qv.shape[3]), v_head_dim=int(vv.shape[3]),
             scale=m.scale, mask_kind=kind, causal=causal,
             cross=cross, dtype=str(qv.dtype).replace("torch.", ""), dropout_p=m.dropout_p,
-            key_mask_input=key_input, window=window, softcap=m.softcap, match=m,
+            key_mask_input=key_input, window=window, softcap=m.softcap, sinks=m.sinks, match=m,
         ))
     notes += _probe_windows(gm, example_inputs, input_names, sites, min(WINDOW_PROBE, max_tokens or WINDOW_PROBE))
     return sites, unmatched, notes

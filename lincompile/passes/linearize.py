@@ -44,7 +44,7 @@ class RewrittenSite:
 
     @property
     def spec(self) -> MethodSpec:
-        """The op's own spec (a custom spec has no registry name; a softmax site's carries its softcap)."""
+        """The op's own spec (a custom spec has no registry name; a softmax site's carries its softcap and sinks)."""
         return MethodSpec.from_json(self.node.args[7])
 
 
@@ -110,6 +110,8 @@ PARAMS_MODULE = "lincompile_params"
 def _add_parameters(ctx: PassContext, site: AttentionSite, spec: MethodSpec, seed: int) -> list[fx.Node]:
     """Create the method's parameters for this site (trainable ones as nn.Parameter, fixed ones as
     buffers) in the model's dtype and on its device, and return get_attr nodes in the op's order."""
+    if spec.sinks:  # the model's own parameter, shared (exact softmax has no parameters of its own)
+        return [_sinks_node(ctx, site)]
     values = init_params(spec, site.heads, site.kv_heads, site.head_dim, site.v_head_dim, seed=seed + site.index)
     if not values:
         return []
@@ -129,6 +131,15 @@ def _add_parameters(ctx: PassContext, site: AttentionSite, spec: MethodSpec, see
             holder.register_buffer(name, value)
         nodes.append(ctx.gm.graph.get_attr(f"{PARAMS_MODULE}.site_{site.index}.{name}"))
     return nodes
+
+
+def _sinks_node(ctx: PassContext, site: AttentionSite) -> fx.Node:
+    """A `get_attr` of the site's attention-sink logits, checked to hold one per query head."""
+    sinks = operator.attrgetter(site.sinks)(ctx.gm)
+    if tuple(sinks.shape) != (site.heads,):
+        raise UnsupportedSiteError(f"site {site.index} ({site.path}): its attention sinks {site.sinks} have shape "
+                                   f"{tuple(sinks.shape)}, not one logit per head ({site.heads},)")
+    return ctx.gm.graph.get_attr(site.sinks)
 
 
 def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx.Node, seed: int,
@@ -257,11 +268,15 @@ class Linearize(Pass):
                 break
             chosen = self.layers is None or site.index in self.layers
             spec = self.spec if chosen else softmax
-            if spec.kind == "softmax":  # the cap is the site's, as the scale is (0 where the graph has none)
-                spec = replace(spec, softcap=site.softcap)
-            elif site.softcap:
-                notes.append(f"site {site.index} ({site.path}): its logit softcap ({site.softcap:g}) has no linear "
-                             f"form and is dropped by {spec.name}")
+            if spec.kind == "softmax":  # cap and sinks are the site's, as the scale is
+                spec = replace(spec, softcap=site.softcap, sinks=site.sinks is not None)
+            else:
+                if site.softcap:
+                    notes.append(f"site {site.index} ({site.path}): its logit softcap ({site.softcap:g}) has no "
+                                 f"linear form and is dropped by {spec.name}")
+                if site.sinks:
+                    notes.append(f"site {site.index} ({site.path}): its attention sinks ({site.sinks}) have no "
+                                 f"linear form and are dropped by {spec.name}")
             if spec.kind != "softmax" and site.mask_kind == "custom":
                 notes.append(f"site {site.index} ({site.path}): its additive bias (e.g. relative positions) "
                              f"has no linear form and is dropped by {spec.name}")

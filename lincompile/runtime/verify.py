@@ -77,8 +77,8 @@ def _ort_sites(model: Any) -> list[CommitSite]:
         if not s["state_inputs"]:
             continue
         spec = MethodSpec.from_dict(meta["methods"][s["method"]])
-        if spec.kind == "softmax":  # "methods" is keyed by name; the cap is the site's (exports before it: none)
-            spec = replace(spec, softcap=s.get("softcap", 0.0))
+        if spec.kind == "softmax":  # "methods" is keyed by name; cap and sinks are the site's (older exports: none)
+            spec = replace(spec, softcap=s.get("softcap", 0.0), sinks=s.get("sinks") is not None)
         params = tuple(tensors[name] for name in s.get("params", []))
         sites.append(CommitSite(s["index"], spec, params, float(s["scale"]), tuple(s["state_inputs"])))
     return sites

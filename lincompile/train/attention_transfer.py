@@ -31,16 +31,18 @@ _SOFTMAX = get_method("softmax")
 
 
 def softmax_teacher(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor | None, scale: float,
-                    causal: bool, window: int | None = None, softcap: float = 0.0) -> Tensor:
+                    causal: bool, window: int | None = None, softcap: float = 0.0,
+                    sinks: Tensor | None = None) -> Tensor:
     """Exact softmax attention of q/k/v (the reference implementation), as the original model computes it: within
-    the site's sliding `window` (each query sees its last `window` keys) and with its logit `softcap`, if any."""
+    the site's sliding `window` (each query sees its last `window` keys), with its logit `softcap` and its
+    attention `sinks` [H], if any."""
     if window is not None:
         t, s = q.shape[2], k.shape[2]
         outside = ~torch.ones(t, s, dtype=torch.bool, device=q.device).triu(s - t - window + 1)
         band = torch.zeros(t, s, device=q.device).masked_fill(outside, torch.finfo(torch.float32).min)
         bias = band if bias is None else (bias.float() + band).clamp_min(torch.finfo(torch.float32).min)
-    spec = replace(_SOFTMAX, softcap=softcap) if softcap else _SOFTMAX
-    out, _ = reference_attention(q, k, v, key_mask, bias, [], [], spec, scale, causal)
+    spec = replace(_SOFTMAX, softcap=softcap, sinks=sinks is not None)
+    out, _ = reference_attention(q, k, v, key_mask, bias, [], [] if sinks is None else [sinks], spec, scale, causal)
     return out
 
 
@@ -75,13 +77,14 @@ def _copy(linear: LinearizedModel) -> tuple[fx.Graph, fx.Node, list[tuple[int, f
 
 
 def _force_teacher(graph: fx.Graph, call: fx.Node, site: AttentionSite) -> tuple[fx.Node, fx.Node]:
-    """Insert the softmax teacher (the `site`'s attention as the original computes it: its window and softcap too)
-    after `call` and route the site's output users to it; returns (student output, teacher output)."""
+    """Insert the softmax teacher (the `site`'s attention as the original computes it: its window, softcap and
+    sinks too) after `call` and route the site's output users to it; returns (student output, teacher output)."""
     q, k, v, key_mask, bias, _state, _params, _spec, scale, causal = call.args
     student = next(u for u in call.users if u.target is operator.getitem and u.args[1] == 0)
     with graph.inserting_before(student.next):
+        sinks = graph.get_attr(site.sinks) if site.sinks else None
         teacher = graph.call_function(softmax_teacher, (q, k, v, key_mask, bias, scale, causal, site.window,
-                                                         site.softcap))
+                                                         site.softcap, sinks))
     student.replace_all_uses_with(teacher)
     return student, teacher
 

@@ -18,6 +18,7 @@ EXTRA = {spec.name: spec for spec in (
                decay=True, conv="causal"),
     MethodSpec("test-quadratic-yoso", kind="quadratic", feature_map="l2", normalizer="denominator", local="yoso",
                global_branch="none"),
+    MethodSpec("test-softmax-sinks", kind="softmax", global_branch="none", sinks=True),
 )}
 CAUSAL = [name for name in methods() if get_method(name).causal_safe] + list(EXTRA)
 

@@ -1,5 +1,6 @@
 """What the methods compute, written out by hand: the paper's augmented form, the kernelized baselines,
 padding, bidirectional and cross-attention, constant-size state, and the errors."""
+import dataclasses
 import math
 
 import pytest
@@ -83,6 +84,26 @@ def test_square_and_yoso_kernels(case, small_spec):
     out, _ = reference.attention(c.q, c.k, c.v, None, None, [], [torch.tensor(1.0)], spec, c.scale, True)
     weights = ((1 - torch.arccos(_cos(c.q, _expand(c.k, 4)).clamp(-1, 1)) / math.pi) ** 8).tril()
     assert torch.allclose(out, weights @ _expand(c.v, 4), atol=1e-6)
+
+
+def test_softmax_sinks_join_the_denominator(case):
+    """GPT-OSS's form: softmax over [scores, sink_h], the sink's column dropped; a decode step through the KV cache
+    gives the same last row."""
+    spec = dataclasses.replace(get_method("softmax"), sinks=True)
+    c = case(spec, 7, seed=4, padding=False)
+    sinks = torch.randn(4, dtype=torch.float64)
+    out, state = reference.attention(c.q, c.k, c.v, None, None, [], [sinks], spec, c.scale, True)
+    scores = (c.q @ _expand(c.k, 4).transpose(-1, -2)) * c.scale
+    scores = scores.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), -math.inf)
+    combined = torch.cat([scores, sinks.reshape(1, 4, 1, 1).expand(2, 4, 7, 1)], -1)
+    want = torch.softmax(combined, -1)[..., :-1] @ _expand(c.v, 4)
+    assert torch.allclose(out, want, atol=1e-12)
+    assert not torch.allclose(out, reference.attention(c.q, c.k, c.v, None, None, [], [], get_method("softmax"),
+                                                       c.scale, True)[0], atol=1e-3)
+    _, past = reference.attention(c.q[:, :, :6], c.k[:, :, :6], c.v[:, :, :6], None, None, [], [sinks], spec,
+                                  c.scale, True)
+    step, _ = reference.recurrent(c.q[:, :, 6:], c.k[:, :, 6:], c.v[:, :, 6:], None, past, [sinks], spec, c.scale)
+    assert torch.allclose(step, want[:, :, 6:], atol=1e-12)
 
 
 def test_padding_takes_no_position(causal_method, case, small_spec, diff):

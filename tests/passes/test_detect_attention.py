@@ -351,3 +351,75 @@ def test_chunked_attention_found_at_length_is_custom_and_exact():
     ids = torch.randint(3, 100, (1, 60), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     torch.testing.assert_close(linear(ids, attention_mask=mask).logits, model(ids, mask), rtol=1e-5, atol=1e-5)
+
+
+
+class _Sinks(torch.nn.Module):
+    """GPT-OSS's eager attention (sinks joined, max-shifted, the sink column dropped), causal, 2 heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 16)  # example_inputs draws ids below 100 without a config
+        self.qkv = torch.nn.Linear(16, 48)
+        self.sinks = torch.nn.Parameter(3 * torch.randn(2))
+
+    def forward(self, input_ids, attention_mask):
+        q, k, v = self.qkv(self.embed(input_ids)).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        i = torch.arange(input_ids.shape[1], device=q.device)
+        allowed = (i[None, :] <= i[:, None]) & attention_mask.bool()[:, None, None, :]
+        scores = ((q @ k.transpose(-1, -2)) * 0.125).masked_fill(~allowed, torch.finfo(q.dtype).min)
+        combined = torch.cat([scores, self.sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)], -1)
+        probs = torch.softmax(combined - combined.max(-1, keepdim=True).values, -1)[..., :-1]
+        return (probs @ v).transpose(1, 2).flatten(2)
+
+
+def test_attention_sinks_travel_with_the_onnx_export(tmp_path):
+    """The export records each site's sinks; the ONNX runner computes them, and its speculative commit rebuilds
+    each exact site's spec with them ("methods" is keyed by name). (GPT-OSS itself does not export: its experts
+    call a custom grouped matmul.)"""
+    from lincompile.backends.ort import OrtModel
+    from lincompile.runtime.verify import commit_sites
+
+    torch.manual_seed(0)
+    model = _Sinks()
+    linear = lincompile.optimize(model, "softmax", strict=True)
+    assert [s.sinks for s in linear.sites] == ["sinks"]
+    ids = torch.randint(3, 100, (1, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(linear(ids, attention_mask=mask).logits, model(ids, mask), rtol=1e-5, atol=1e-5)
+    ort = OrtModel.from_dir(linear.export_onnx(str(tmp_path / "sinks")), providers=["CPUExecutionProvider"])
+    assert [s["sinks"] for s in ort.meta["sites"]] == ["sinks"]
+    assert [site.spec.sinks for site in commit_sites(ort)] == [True]
+    torch.testing.assert_close(ort(ids).logits, model(ids, mask), rtol=1e-4, atol=1e-4)
+
+
+def test_gpt_oss_attention_sinks_are_kept_by_exact_softmax_and_dropped_with_a_note():
+    """GPT-OSS joins each head's learned sink logit to the softmax denominator (and drops its column after). The
+    site records the parameter; exact softmax shares and applies it in prefill and decode (random sinks move the
+    logits by far more than the bound, so the comparisons can fail); a linear method drops them and says so."""
+    from lincompile.testing.families import family_model
+
+    hf = family_model("gpt_oss", "eager")
+    exact = lincompile.optimize(hf, "softmax", strict=True)
+    assert [s.sinks for s in exact.sites] == ["model.layers.0.self_attn.sinks", "model.layers.1.self_attn.sinks"]
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = hf(ids).logits
+        for layer in hf.model.layers:  # shared with the linearized graph
+            layer.self_attn.sinks.copy_(3 * torch.randn(layer.self_attn.sinks.shape))
+        theirs = hf(ids).logits
+        assert (theirs - before).abs().max() > 0.1
+        torch.testing.assert_close(exact(ids).logits, theirs, rtol=1e-5, atol=1e-5)
+        state = exact(ids[:, :8]).past_state
+        torch.testing.assert_close(exact(ids[:, 8:9], past_state=state).logits[:, -1], hf(ids[:, :9]).logits[:, -1],
+                                   rtol=1e-5, atol=1e-5)
+    linear = lincompile.optimize(hf, "augmented")
+    notes = [n for p in linear.report.passes for n in p.notes]
+    assert "site 1 (model.layers.1.self_attn): its attention sinks (model.layers.1.self_attn.sinks) have no linear " \
+           "form and are dropped by augmented" in notes
+    # attention transfer's teacher is the original attention, sinks included
+    from lincompile.train.attention_transfer import graph_inputs, softmax_graph
+
+    with torch.no_grad():
+        teacher = softmax_graph(linear)(*graph_inputs(linear, ids))[0]
+    torch.testing.assert_close(teacher, theirs, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,8 @@ from lincompile.methods.spec import MethodSpec
 def cache_weights(spec: MethodSpec, params: dict[str, Tensor], q: Tensor, keys: Tensor, allowed: Tensor,
                   bias: Tensor | None, scale: float) -> Tensor:
     """Attention weights [B, Hkv, g, T, L] of grouped queries q [B, Hkv, g, T, d] over keys [B, Hkv, L, d]
-    (accumulation dtype); allowed [B, T, L] masks them. Softmax rows with no allowed key are all zero;
+    (accumulation dtype); allowed [B, T, L] masks them. Softmax rows with no allowed key are all zero (with
+    sinks too, where the original's would hold the sink's share and so weigh no value either);
     quadratic kernel weights are divided by their row sum (at least DENOMINATOR_EPS) when normalized."""
     allowed = allowed[:, None, None]
     if spec.kind == "quadratic":
@@ -31,6 +32,10 @@ def cache_weights(spec: MethodSpec, params: dict[str, Tensor], q: Tensor, keys: 
         b, h, g, t, total = scores.shape
         scores = scores + bias.to(q.dtype).expand(b, h * g, t, total).reshape(scores.shape)
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    if spec.sinks:  # each head's sink logit joins the denominator as a key that weighs no value
+        b, h, g, t, _ = scores.shape
+        sinks = params["sinks"].reshape(1, h, g, 1, 1).expand(b, h, g, t, 1)
+        return torch.softmax(torch.cat([scores, sinks], -1), dim=-1)[..., :-1] * allowed.any(-1, keepdim=True)
     return torch.softmax(scores, dim=-1) * allowed.any(-1, keepdim=True)
 
 

@@ -3,8 +3,9 @@
 - `sdpa_op`: `aten.scaled_dot_product_attention` with a bool or additive mask, `is_causal`, `scale`,
   `enable_gqa`, dropout.
 - `eager_matmul_softmax`: `matmul(q, k^T)`, scaled by `mul`/`div` (or unscaled), optionally softcapped
-  (`c * tanh(s / c)`, Gemma 2), masked by additive terms, `where` or `masked_fill`, softmax (fp32 round trips
-  allowed), dropout, `matmul(., v)`.
+  (`c * tanh(s / c)`, Gemma 2), masked by additive terms, `where` or `masked_fill`, optionally joined by
+  attention sinks (a per-head parameter column, dropped after the softmax: GPT-OSS) and shifted by the row max,
+  softmax (fp32 round trips allowed), dropout, `matmul(., v)`.
 
 Each returns a `SiteMatch`, or a string saying why a softmax that looks like attention did not match,
 or None when the node is not attention at all.
@@ -12,6 +13,7 @@ or None when the node is not attention at all.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import fx
@@ -164,8 +166,68 @@ def _walk_scores(node: object, scale: float, terms: list, path: list[fx.Node],
     return None
 
 
-def _follow_probs(node: fx.Node, path: list[fx.Node]) -> tuple[fx.Node, float] | str:
-    """From the softmax output forward to `matmul(probs, v)`; returns it and the dropout p."""
+def _is_call(node: object, *targets: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _last_dim(node: fx.Node, dim: object) -> bool:
+    value = val(node)
+    return value is not None and dim in (-1, value.dim() - 1)
+
+
+def _row_max(node: object, of: fx.Node) -> bool:
+    """`node` is the max of `of` over its last dim, kept: `max.dim(of, -1, True)[0]` or `amax(of, [-1], True)`."""
+    if _is_call(node, operator.getitem) and node.args[1] == 0 and _is_call(node.args[0], aten.max.dim):
+        source, dim, *keep = node.args[0].args
+        return source is of and _last_dim(of, dim) and bool(keep and keep[0])
+    if _is_call(node, aten.amax.default):
+        source, dims, *keep = node.args
+        return source is of and len(dims) == 1 and _last_dim(of, dims[0]) and bool(keep and keep[0])
+    return False
+
+
+def _parameter(node: object) -> fx.Node | None:
+    """The `get_attr` a per-head column is broadcast from (through views, expands and casts), else None."""
+    while _is_call(node, aten.expand.default, aten.reshape.default, aten.view.default, aten.unsqueeze.default,
+                   *CASTS):
+        node = node.args[0]
+    return node if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def _peel_sinks(node: object, path: list[fx.Node]) -> tuple[object, str | None]:
+    """The scores under a softmax input: `x - rowmax(x)` is `x` (softmax ignores the shift), and `cat([scores,
+    column], -1)` with a one-column broadcast of a parameter is `scores` plus attention sinks (GPT-OSS); returns
+    (scores, the sink parameter's target or None)."""
+    if _is_call(node, aten.sub.Tensor) and _row_max(node.args[1], node.args[0]):
+        path.append(node)
+        node = node.args[0]
+    if _is_call(node, aten.cat.default) and len(node.args[0]) == 2 and _last_dim(node, node.args[1] if len(
+            node.args) > 1 else 0):
+        scores, column = node.args[0]
+        sinks = _parameter(column)
+        if sinks is not None and val(column) is not None and val(column).shape[-1] == 1:
+            path.append(node)
+            return scores, str(sinks.target)
+    return node, None
+
+
+def _dropped_sink(node: fx.Node, softmax: fx.Node) -> bool:
+    """`node` keeps every column of `softmax` but its last: the sinks' (`softmax[..., :-1]`)."""
+    if not _is_call(node, aten.slice.Tensor) or node.args[0] is not softmax:
+        return False
+    dim, start, end = (list(node.args[1:4]) + [None] * 3)[:3]
+    return _last_dim(softmax, dim) and start in (0, None) and end == -1
+
+
+def _follow_probs(node: fx.Node, path: list[fx.Node], sinks: bool = False) -> tuple[fx.Node, float] | str:
+    """From the softmax output forward to `matmul(probs, v)` (with `sinks`, through the slice that drops the sinks'
+    column first); returns it and the dropout p."""
+    if sinks:
+        users = list(node.users)
+        if len(users) != 1 or not _dropped_sink(users[0], node):
+            return "softmax over scores and attention sinks whose sink column is not dropped ([..., :-1])"
+        node = users[0]
+        path.append(node)
     dropout_p = 0.0
     while True:
         users = list(node.users)
@@ -195,6 +257,7 @@ def eager_matmul_softmax(node: fx.Node) -> SiteMatch | str | None:
     terms: list = []
     path: list[fx.Node] = []
     softcap: list[float] = []
+    scores_in, sinks = _peel_sinks(scores_in, path)
     found = _walk_scores(scores_in, 1.0, terms, path, softcap)
     if found is None:
         if _looks_like_scores(scores_in):
@@ -207,7 +270,7 @@ def eager_matmul_softmax(node: fx.Node) -> SiteMatch | str | None:
     k_t = strip(k_t, PASS_THROUGH)
     if not is_transpose_last2(k_t):
         return "q.k^T product whose right operand is not a transpose of K"
-    pv = _follow_probs(node, path)
+    pv = _follow_probs(node, path, sinks is not None)
     if isinstance(pv, str):
         return pv
     pv_node, dropout_p = pv
@@ -220,7 +283,7 @@ def eager_matmul_softmax(node: fx.Node) -> SiteMatch | str | None:
     return SiteMatch(
         form="eager_matmul_softmax", output=pv_node, q=q, k=k_base, v=v_base, kv_groups=int(groups),
         scale=scale, mask_terms=terms, is_causal=False, dropout_p=dropout_p, nodes=[qk, *path],
-        softcap=softcap[0] if softcap else 0.0,
+        softcap=softcap[0] if softcap else 0.0, sinks=sinks,
     )
 
 

@@ -31,6 +31,7 @@ class SiteMatch:
     dropout_p: float
     nodes: list[fx.Node]            # the nodes of the attention core, for pictures and reports
     softcap: float = 0.0            # scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2); 0: none
+    sinks: str | None = None        # target of the [heads] attention-sink logits parameter (GPT-OSS); None: none
 
 
 def val(node: object) -> torch.Tensor | None:

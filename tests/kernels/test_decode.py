@@ -104,3 +104,30 @@ def test_recurrent_step_serves_decode_through_the_fast_form(case, small_spec, mo
     registry.recurrent_step(q, k, v, None, None, state, params, spec, SCALE, True)
     registry.recurrent_step(q, k, v, torch.tensor([[True], [False]]), None, state, params, spec, SCALE, True)
     assert calls == ["fast"]
+
+
+@pytest.mark.parametrize("name", ["augmented", "hedgehog", "retnet", "test-softmax-local"])
+def test_step_gradients_equal_the_reference(name, case, small_spec):
+    """The op's backward recomputes a decode call through `decode.step`: its gradients (inputs and parameters,
+    through the output and the new state, at a group's last token) are the reference's."""
+    spec = small_spec(name)
+    c = case(spec, 4, seed=6, padding=False)
+    _, state = reference.attention(c.q[:, :, :3], c.k[:, :, :3], c.v[:, :, :3], None, None, [], c.params, spec,
+                                   c.scale, True)
+
+    def grads(form):
+        inputs = [t.clone().requires_grad_() for t in (*_token(c, 3), *c.params)]
+        q, k, v, *params = inputs
+        if form == "fast":
+            out, new = decode.step(q, k, v, state, params, spec, c.scale)
+        else:
+            out, new = reference.recurrent(q, k, v, None, state, params, spec, c.scale)
+        g = torch.Generator().manual_seed(0)
+        loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum()
+                   for t in (out, *new) if t.is_floating_point())
+        return torch.autograd.grad(loss, inputs, allow_unused=True)
+
+    for got, want in zip(grads("fast"), grads("reference"), strict=True):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -61,8 +61,9 @@ class LinearizedModel(torch.nn.Module):
         self.position_padding = position_padding
         # decodable through `past_state`: some site keeps a state, and no causal site lacks one (an encoder's
         # sites are all non-causal: it keeps nothing, and is called on whole sequences)
-        self.supports_state = (len(rewritten) == len(sites) and any(s.stateful for s in sites)
-                               and all(s.stateful or not s.causal for s in sites))
+        kept = {r.index for r in rewritten if r.state_inputs}
+        self.supports_state = (len(rewritten) == len(sites) and bool(kept)
+                               and all(s.index in kept or not s.causal for s in sites))
 
     def _param_dtype(self) -> torch.dtype | None:
         """The dtype of the graph's first parameter (the embeddings): the model's dtype."""

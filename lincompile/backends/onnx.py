@@ -275,7 +275,7 @@ def _metadata(model: LinearizedModel, ir_model: Any, tokenizer: object | None, o
                       "method": r.method, "heads": getattr(site, "heads", None),
                       "kv_heads": getattr(site, "kv_heads", None), "head_dim": getattr(site, "head_dim", None),
                       "scale": float(r.node.args[8]), "window": getattr(site, "window", None),
-                      "softcap": r.spec.softcap, "sinks": getattr(site, "sinks", None),
+                      "softcap": r.spec.softcap, "sinks": site.sinks if r.spec.sinks else None,
                       "params": [n.target for n in r.node.args[6]],
                       "state_inputs": list(r.state_inputs), "state_outputs": list(r.state_outputs)})
     hf = model.hf_config

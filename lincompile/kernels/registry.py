@@ -5,7 +5,8 @@ the lowest priority and supports everything, so every device always has an imple
 The generated Triton kernels (`lincompile.kernels.triton`) serve the specs they cover on CUDA, and on CPU under
 `LINCOMPILE_KERNELS=triton` with TRITON_INTERPRET=1. Elsewhere causal linear sites go through `recurrent-step`:
 single-token calls (decode) take the recurrent form, as `decode.step` where it applies (every row real, one
-shared position: the same math in fewer ops) and as the reference's otherwise; longer calls the parallel form. `LINCOMPILE_KERNELS=reference` forces the parallel reference for every call.
+shared position: the same math in fewer ops) and as the reference's otherwise; longer calls the parallel form.
+`LINCOMPILE_KERNELS=reference` forces the parallel reference for every call.
 """
 from __future__ import annotations
 

@@ -10,11 +10,13 @@ mask terms alone (one unpadded row of `WINDOW_PROBE` tokens).
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
+from lincompile.methods.spec import MethodSpec
 from lincompile.passes.base import Pass, PassContext, register_pass
 from lincompile.passes.pictures import between
 from lincompile.passes.patterns.attention_forms import PATTERNS, SOFTMAX_OPS
@@ -30,6 +32,7 @@ WINDOW_PROBE = 4098
 _HEAVY = {aten.linear.default, aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default,
           aten.baddbmm.default, aten.einsum.default, aten.convolution.default,
           aten.scaled_dot_product_attention.default, aten.softmax.int, aten._softmax.default}
+
 
 @dataclass
 class AttentionSite:
@@ -54,10 +57,10 @@ class AttentionSite:
     sinks: str | None = None  # the [heads] parameter of attention-sink logits (GPT-OSS); None: none
     match: SiteMatch | None = field(default=None, repr=False)
 
-    @property
-    def stateful(self) -> bool:
-        """Causal self-attention without a custom bias: decodable through a recurrent state."""
-        return self.causal and not self.cross and self.mask_kind != "custom"
+    def decodable(self, spec: MethodSpec) -> bool:
+        """Causal self-attention that `spec` can run through a recurrent state: without a custom bias, or with one
+        that `spec` drops (every method but exact softmax, which keeps the bias and so needs whole sequences)."""
+        return self.causal and not self.cross and (self.mask_kind != "custom" or spec.kind != "softmax")
 
     def to_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in (
@@ -243,6 +246,15 @@ def _ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
     return seen
 
 
+def _sinks_checked(gm: fx.GraphModule, match: SiteMatch) -> SiteMatch | str:
+    """`match`, or why its attention sinks are not the op's: one logit per query head."""
+    shape = tuple(operator.attrgetter(match.sinks)(gm).shape)
+    heads = val(match.q).shape[1]
+    if shape != (heads,):
+        return f"attention sinks {match.sinks} of shape {shape}, not one logit per head ({heads},)"
+    return match
+
+
 def find_sites(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], input_names: list[str],
                max_tokens: int | None = None) -> tuple[list[AttentionSite], list[UnmatchedSoftmax], list[str]]:
     """All attention sites, the attention-like softmaxes that matched nothing, and notes (`max_tokens`: the
@@ -254,6 +266,8 @@ def find_sites(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], inpu
     for node in gm.graph.nodes:
         for pattern in PATTERNS:
             result = pattern(node)
+            if isinstance(result, SiteMatch) and result.sinks is not None:
+                result = _sinks_checked(gm, result)
             if isinstance(result, SiteMatch):
                 matches.append(result)
                 claimed.update(result.nodes)

@@ -110,8 +110,8 @@ PARAMS_MODULE = "lincompile_params"
 def _add_parameters(ctx: PassContext, site: AttentionSite, spec: MethodSpec, seed: int) -> list[fx.Node]:
     """Create the method's parameters for this site (trainable ones as nn.Parameter, fixed ones as
     buffers) in the model's dtype and on its device, and return get_attr nodes in the op's order."""
-    if spec.sinks:  # the model's own parameter, shared (exact softmax has no parameters of its own)
-        return [_sinks_node(ctx, site)]
+    if spec.sinks:  # the model's own parameter [heads], shared (exact softmax has no parameters of its own)
+        return [ctx.gm.graph.get_attr(site.sinks)]
     values = init_params(spec, site.heads, site.kv_heads, site.head_dim, site.v_head_dim, seed=seed + site.index)
     if not values:
         return []
@@ -133,20 +133,11 @@ def _add_parameters(ctx: PassContext, site: AttentionSite, spec: MethodSpec, see
     return nodes
 
 
-def _sinks_node(ctx: PassContext, site: AttentionSite) -> fx.Node:
-    """A `get_attr` of the site's attention-sink logits, checked to hold one per query head."""
-    sinks = operator.attrgetter(site.sinks)(ctx.gm)
-    if tuple(sinks.shape) != (site.heads,):
-        raise UnsupportedSiteError(f"site {site.index} ({site.path}): its attention sinks {site.sinks} have shape "
-                                   f"{tuple(sinks.shape)}, not one logit per head ({site.heads},)")
-    return ctx.gm.graph.get_attr(site.sinks)
-
-
 def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx.Node, seed: int,
              windows: dict[str, fx.Node], allow_state: bool = True) -> RewrittenSite:
     graph = ctx.gm.graph
     match = site.match
-    stateful = allow_state and site.stateful
+    stateful = allow_state and site.decodable(spec)
     placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
     state_in: list[fx.Node] = []
     in_names: list[str] = []
@@ -290,7 +281,9 @@ class Linearize(Pass):
                 raise UnsupportedSiteError(
                     f"site {site.index} ({site.path}) is causal, but {spec.name} projects along the sequence and "
                     "cannot be causal; use it on bidirectional (encoder) models, or pick another method")
-            ctx.rewritten.append(_rewrite(ctx, site, spec, output, self.seed, windows, self.stateful))
+            # an encoder-decoder graph keeps custom-bias sites (T5's decoder) stateless: it is run on whole sequences
+            allow_state = self.stateful and (site.mask_kind != "custom" or not any(s.cross for s in ctx.sites))
+            ctx.rewritten.append(_rewrite(ctx, site, spec, output, self.seed, windows, allow_state))
         if self.stateful and any(r.state_inputs for r in ctx.rewritten):
             _add_hidden_output(ctx, output, windows)
         eliminate_dead_code(ctx.gm)

@@ -86,13 +86,15 @@ def test_applies_only_to_real_rows_at_one_position(case, small_spec):
     assert not decode.applies(q, None, apart, spec, True)
     assert decode.applies(q[:1], None, [s[:1] for s in apart], spec, True)  # one row: always in step
     assert not decode.applies(q, None, [], get_method("softmax"), True)  # a KV cache
+    assert not decode.applies(q, torch.ones(BATCH, 2, dtype=torch.bool), state, spec, True)  # the reference refuses
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(s) for s in state]
         assert not decode.applies(mode.from_tensor(q), None, fake, spec, True)  # tracing: no values to read
 
 
 def test_recurrent_step_serves_decode_through_the_fast_form(case, small_spec, monkeypatch):
-    """The registry's `recurrent-step` takes `decode.step` for real rows in step and the reference otherwise."""
+    """The registry's `recurrent-step` takes `decode.step` for real rows in step and the reference otherwise (a
+    padding row, rows at different positions)."""
     spec = small_spec("augmented")
     c = case(spec, 2, seed=0, padding=False)
     params = random_params(spec, HEADS, KV_HEADS, DK, DV, seed=0)
@@ -103,6 +105,8 @@ def test_recurrent_step_serves_decode_through_the_fast_form(case, small_spec, mo
         *args[:3], None, *args[3:]))
     registry.recurrent_step(q, k, v, None, None, state, params, spec, SCALE, True)
     registry.recurrent_step(q, k, v, torch.tensor([[True], [False]]), None, state, params, spec, SCALE, True)
+    apart = state[:-1] + [torch.tensor([4, 5])]  # rows at different positions
+    registry.recurrent_step(q, k, v, None, None, apart, params, spec, SCALE, True)
     assert calls == ["fast"]
 
 

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import lincompile
 from lincompile.api import UnrecognizedAttentionError
-from lincompile.testing.tiny import FAMILIES, attn_implementations, expected_sites, tiny_model
+from lincompile.testing.tiny import (FAMILIES, attn_implementations, expected_sites, perturb_new_parameters,
+                                     tiny_model)
 
 CASES = [(f, impl) for f in FAMILIES for impl in attn_implementations(f)]
 EXPECTED_KINDS = {
@@ -171,9 +172,10 @@ def test_custom_masks_that_never_look_ahead_are_causal():
     assert [(s.mask_kind, s.causal, s.window) for s in sites] == [("custom", True, None)]
 
 
-def test_a_boolean_mask_beside_alibi_is_exact_under_softmax():
+def test_a_boolean_mask_beside_alibi_is_exact_under_softmax_and_decodes_linearized():
     """MPT adds ALiBi and masks with a boolean term: once refused, now one additive bias (clamped: a fully padded
-    query row stays finite, so no NaN reaches the real rows)."""
+    query row stays finite, so no NaN reaches the real rows). A linear method drops the bias: its sites keep a
+    state, and a padded batch prefills and decodes as its rows alone."""
     import transformers as tf
 
     config = tf.MptConfig(vocab_size=128, d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
@@ -190,6 +192,20 @@ def test_a_boolean_mask_beside_alibi_is_exact_under_softmax():
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[1, 3:], theirs[1, 3:], rtol=1e-5, atol=1e-5)
+    assert not linear.supports_state  # exact softmax keeps the bias, which a state cannot continue
+    # a linear method drops ALiBi, so its causal sites decode through the state (with the padding kept)
+    augmented = perturb_new_parameters(lincompile.optimize(hf, "augmented"), 0.1)
+    assert augmented.supports_state
+    full = augmented(ids, attention_mask=mask).logits
+    alone = augmented(ids[1:, 3:]).logits
+    torch.testing.assert_close(full[1, 3:], alone[0], rtol=1e-5, atol=1e-5)
+    out = augmented(ids[:, :8], attention_mask=mask[:, :8])
+    steps = [out.logits]
+    for i in range(8, 12):
+        out = augmented(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], past_state=out.past_state)
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1)[0], full[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, 1)[1, 3:], full[1, 3:], rtol=1e-5, atol=1e-5)
 
 
 def test_gpt_neo_captures_within_its_positions_and_its_local_layers_are_windows():
@@ -353,15 +369,16 @@ def test_chunked_attention_found_at_length_is_custom_and_exact():
     torch.testing.assert_close(linear(ids, attention_mask=mask).logits, model(ids, mask), rtol=1e-5, atol=1e-5)
 
 
-
 class _Sinks(torch.nn.Module):
-    """GPT-OSS's eager attention (sinks joined, max-shifted, the sink column dropped), causal, 2 heads."""
+    """GPT-OSS's eager attention (sinks joined, max-shifted, the sink column dropped), causal, 2 heads; `variant`
+    spells it another way."""
 
-    def __init__(self):
+    def __init__(self, variant: str = "max"):
         super().__init__()
         self.embed = torch.nn.Embedding(100, 16)  # example_inputs draws ids below 100 without a config
         self.qkv = torch.nn.Linear(16, 48)
-        self.sinks = torch.nn.Parameter(3 * torch.randn(2))
+        self.sinks = torch.nn.Parameter(3 * torch.randn(1 if variant == "one sink" else 2))
+        self.variant = variant
 
     def forward(self, input_ids, attention_mask):
         q, k, v = self.qkv(self.embed(input_ids)).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
@@ -369,8 +386,40 @@ class _Sinks(torch.nn.Module):
         allowed = (i[None, :] <= i[:, None]) & attention_mask.bool()[:, None, None, :]
         scores = ((q @ k.transpose(-1, -2)) * 0.125).masked_fill(~allowed, torch.finfo(q.dtype).min)
         combined = torch.cat([scores, self.sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)], -1)
-        probs = torch.softmax(combined - combined.max(-1, keepdim=True).values, -1)[..., :-1]
-        return (probs @ v).transpose(1, 2).flatten(2)
+        if self.variant == "amax":
+            combined = combined - combined.amax(-1, keepdim=True)
+        elif self.variant != "cast":
+            combined = combined - combined.max(-1, keepdim=True).values
+        probs = torch.softmax(combined.double(), -1).float() if self.variant == "cast" else combined.softmax(-1)
+        if self.variant == "first column dropped":
+            return (probs[..., 1:] @ v).transpose(1, 2).flatten(2)
+        keep = probs[..., :scores.shape[-1]] if self.variant == "static end" else probs[..., :-1]
+        return (keep @ v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("variant", ["amax", "cast", "static end"])
+def test_attention_sinks_in_other_spellings_are_exact(variant):
+    torch.manual_seed(0)
+    model = _Sinks(variant)
+    linear = lincompile.optimize(model, "softmax", strict=True)
+    assert [s.sinks for s in linear.sites] == ["sinks"]
+    ids = torch.randint(3, 100, (1, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(linear(ids, attention_mask=mask).logits, model(ids, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant,reason", [
+    ("first column dropped", "sink column is not dropped"),
+    ("one sink", r"attention sinks sinks of shape \(1,\), not one logit per head \(2,\)")])
+def test_attention_sinks_the_op_cannot_express_are_reported(variant, reason):
+    """A sink column the softmax keeps, or one sink shared by the heads, is no site: reported (strict refuses),
+    and the model runs unchanged."""
+    model = _Sinks(variant)
+    with pytest.raises(UnrecognizedAttentionError, match=reason):
+        lincompile.optimize(model, "softmax", strict=True)
+    with pytest.warns(UserWarning):
+        linear = lincompile.optimize(model, "softmax")
+    assert linear.sites == []
 
 
 def test_attention_sinks_travel_with_the_onnx_export(tmp_path):

@@ -106,6 +106,7 @@ def test_draft_outputs_hold_the_last_tokens_and_free_keys_early(tokens):
         assert torch.equal(out.extras[f"draft.{i}.keys"], k[:, :, index])
         assert torch.equal(out.extras[f"draft.{i}.values"], v[:, :, index])
 
+
 def test_fuel_limits_rewrites_and_disables_state():
     model = tiny_model("llama")
     linear = lincompile.optimize(model, "linear-elu", config=lincompile.LinearizeConfig("linear-elu", fuel=1))

@@ -28,12 +28,15 @@ from lincompile.methods.spec import MethodSpec
 def applies(q: Tensor, key_mask: Tensor | None, state: list[Tensor], spec: MethodSpec, causal: bool) -> bool:
     """Whether `step` serves this call: one causal token of a causal linear method, a state given, every row a
     real token at one shared position. Reads the mask and the position counter (a sync on a GPU); tracing
-    tensors have no values, so under tracing this is False."""
+    tensors have no values, nor may a CUDA graph's capture read them, so there this is False (as for a mask that
+    is not [B, 1]: the reference checks and refuses it)."""
     if not (causal and q.shape[2] == 1 and spec.kind == "linear" and spec.causal_safe and state):
         return False
     if any(is_fake(t) for t in (q, *state)) or (key_mask is not None and is_fake(key_mask)):
         return False
-    if key_mask is not None and not bool(key_mask.all()):
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():  # a CUDA graph being captured may not read values
+        return False
+    if key_mask is not None and (key_mask.shape != (q.shape[0], 1) or not bool(key_mask.all())):
         return False
     if spec.uses_positions and q.shape[0] > 1:
         position = state[spec.state_parts().index("position")]

@@ -198,11 +198,14 @@ def _peel_sinks(node: object, path: list[fx.Node]) -> tuple[object, str | None]:
     """The scores under a softmax input: `x - rowmax(x)` is `x` (softmax ignores the shift), and `cat([scores,
     column], -1)` with a one-column broadcast of a parameter is `scores` plus attention sinks (GPT-OSS); returns
     (scores, the sink parameter's target or None)."""
+    while _is_call(node, *CASTS):
+        path.append(node)
+        node = node.args[0]
     if _is_call(node, aten.sub.Tensor) and _row_max(node.args[1], node.args[0]):
         path.append(node)
         node = node.args[0]
-    if _is_call(node, aten.cat.default) and len(node.args[0]) == 2 and _last_dim(node, node.args[1] if len(
-            node.args) > 1 else 0):
+    cat_dim = node.args[1] if _is_call(node, aten.cat.default) and len(node.args) > 1 else 0
+    if _is_call(node, aten.cat.default) and len(node.args[0]) == 2 and _last_dim(node, cat_dim):
         scores, column = node.args[0]
         sinks = _parameter(column)
         if sinks is not None and val(column) is not None and val(column).shape[-1] == 1:
@@ -211,23 +214,31 @@ def _peel_sinks(node: object, path: list[fx.Node]) -> tuple[object, str | None]:
     return node, None
 
 
-def _dropped_sink(node: fx.Node, softmax: fx.Node) -> bool:
-    """`node` keeps every column of `softmax` but its last: the sinks' (`softmax[..., :-1]`)."""
-    if not _is_call(node, aten.slice.Tensor) or node.args[0] is not softmax:
+def _dropped_sink(node: fx.Node, probs: fx.Node) -> bool:
+    """`node` keeps every column of `probs` but its last: the sinks' (`probs[..., :-1]`, or `[..., :n]` for the n
+    columns of scores, n static or symbolic)."""
+    if not _is_call(node, aten.slice.Tensor) or node.args[0] is not probs or val(probs) is None:
         return False
     dim, start, end = (list(node.args[1:4]) + [None] * 3)[:3]
-    return _last_dim(softmax, dim) and start in (0, None) and end == -1
+    end = end.meta.get("val") if isinstance(end, fx.Node) else end
+    last = end == -1 if isinstance(end, int) else str(end) == str(val(probs).shape[-1] - 1)
+    return _last_dim(probs, dim) and start in (0, None) and last
 
 
 def _follow_probs(node: fx.Node, path: list[fx.Node], sinks: bool = False) -> tuple[fx.Node, float] | str:
     """From the softmax output forward to `matmul(probs, v)` (with `sinks`, through the slice that drops the sinks'
     column first); returns it and the dropout p."""
-    if sinks:
+    while sinks:
         users = list(node.users)
+        if len(users) == 1 and _is_call(users[0], *CASTS):
+            node = users[0]
+            path.append(node)
+            continue
         if len(users) != 1 or not _dropped_sink(users[0], node):
             return "softmax over scores and attention sinks whose sink column is not dropped ([..., :-1])"
         node = users[0]
         path.append(node)
+        break
     dropout_p = 0.0
     while True:
         users = list(node.users)

@@ -52,7 +52,8 @@ def strip_gqa(node: fx.Node) -> tuple[fx.Node, int]:
     Returns the un-expanded [B, Hkv, S, D] node and the group count (1 when there is no expansion).
     """
     node = strip(node, PASS_THROUGH)
-    if node.op == "call_function" and node.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+    if node.op == "call_function" and node.target in (aten.reshape.default, aten.view.default,
+                                                      aten._unsafe_view.default):
         expand = strip(node.args[0], PASS_THROUGH)
         if expand.op == "call_function" and expand.target == aten.expand.default:
             unsq = strip(expand.args[0], PASS_THROUGH)

@@ -200,7 +200,9 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _site_row(s: AttentionSite) -> list[str]:
-    flags = ",".join(flag for flag, on in (("causal", s.causal), ("cross", s.cross)) if on) or "-"
+    flags = ",".join(flag for flag, on in (
+        ("causal", s.causal), ("cross", s.cross), (f"window={s.window}", s.window is not None),
+        (f"softcap={s.softcap:g}", bool(s.softcap)), ("sinks", s.sinks is not None)) if on) or "-"
     return [str(s.index), s.path, s.form, str(s.heads), str(s.kv_heads), str(s.head_dim), f"{s.scale:.4g}",
             s.mask_kind, flags]
 

@@ -7,7 +7,8 @@ from xml.dom import minidom
 
 import pytest
 
-from lincompile.cli.main import build_parser, main, verify_sample
+from lincompile.cli.main import _site_row, build_parser, main, verify_sample
+from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.pipeline import DEFAULT_PIPELINE
 from lincompile.testing.tiny import expected_sites, tiny_model
 
@@ -288,3 +289,11 @@ def test_commands_never_write_over_the_model_they_read(capsys, tmp_path: Path, m
         assert code == 1
         assert_one_line_error(err, "which this command reads")
     assert (saved / "lincompile.json").read_text() == "{}"
+
+
+def test_inspect_table_flags_windows_softcaps_and_sinks():
+    site = AttentionSite(index=0, path="model.layers.0.self_attn", form="eager_matmul_softmax", heads=8, kv_heads=2,
+                         head_dim=64, v_head_dim=64, scale=0.125, mask_kind="causal+padding", causal=True,
+                         cross=False, dtype="float32", dropout_p=0.0, window=128, softcap=50.0,
+                         sinks="model.layers.0.self_attn.sinks")
+    assert _site_row(site)[-1] == "causal,window=128,softcap=50,sinks"

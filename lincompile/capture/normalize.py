@@ -1,8 +1,10 @@
 """Canonicalize a captured graph before matching: drop runtime asserts, no-op casts, p=0 dropout, full slices;
-make in-place arithmetic on a private temporary (MPNet's `scores += position_bias`) out-of-place.
+make in-place arithmetic on a private temporary (MPNet's `scores += position_bias`) out-of-place; write attention
+with heads merged into the batch (Bloom) in its 4-D form (`merged_heads`).
 
 Invariant: the graph computes the same values afterwards, in the same memory layouts (only identities are removed:
-a `contiguous` or copy that changes strides stays, since a later `view` may need them).
+a `contiguous` or copy that changes strides stays, since a later `view` may need them); a merged-heads product may
+round its last bit differently (see `merged_heads`).
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import operator
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from lincompile.capture.merged_heads import split_merged_heads
 
 aten = torch.ops.aten
 
@@ -118,6 +122,7 @@ def normalize(gm: fx.GraphModule) -> int:
             node.replace_all_uses_with(replacement)
             graph.erase_node(node)
             changed += 1
+    changed += split_merged_heads(gm)
     changed += eliminate_dead_code(gm)
     return changed
 

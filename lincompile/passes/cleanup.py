@@ -9,7 +9,8 @@ from lincompile.passes.base import Pass, PassContext, register_pass
 class Normalize(Pass):
     name = "normalize"
     description = ("drop runtime asserts, no-op casts/aliases and p=0 dropout, make in-place score arithmetic "
-                   "out-of-place, so patterns see one canonical form")
+                   "out-of-place, write heads merged into the batch (Bloom) in 4-D, so patterns see one canonical "
+                   "form")
 
     def run(self, ctx: PassContext) -> list[str]:
         return [f"removed or rewrote {normalize(ctx.gm)} identity and in-place nodes"]

@@ -70,11 +70,15 @@ def test_linear_method_under_inductor_is_as_close_to_fp64_as_eager(smollm2, held
 
 
 def test_onnxruntime_prefill_decode_chunk_are_as_close_to_fp64_as_torch(heldout_batch, linear, exact, tmp_path):
-    """Prefill 64 tokens, 32 greedy decode steps, one 5-token chunk: ORT, torch fp32 and fp64 in lockstep."""
+    """Prefill 64 tokens, 32 greedy decode steps, one 5-token chunk: ORT, torch fp32 and fp64 in lockstep; the same
+    greedy token at every step, and over the run ORT no further from fp64 than torch fp32 is (x2). (Per step the
+    bound is noise against noise: torch's fp32 error dips to 6e-5 on a step where ORT's is 4e-4, and which steps
+    dip depends on how each form orders its fp32 sums.)"""
     ort_model = OrtModel.from_dir(lo.export_onnx(linear, tmp_path / "onnx"), providers=["CPUExecutionProvider"])
     ids = heldout_batch[0][:1]
     calls = [ids] + [None] * 32 + [heldout_batch[0][1:, -5:]]  # None: the torch path's greedy token
     got = ref = best = None
+    errors = []  # (ORT's, torch's) largest difference from fp64, per call
 
     def state(out: object) -> object:
         return None if out is None else out.past_state
@@ -87,5 +91,7 @@ def test_onnxruntime_prefill_decode_chunk_are_as_close_to_fp64_as_torch(heldout_
             best = exact(tokens, past_state=state(best))
             reference = best.logits
             assert torch.equal(got.logits.argmax(-1), ref.logits.argmax(-1))
-            assert _error(got.logits, reference) <= 2 * _error(ref.logits, reference) + 1e-4
+            errors.append((_error(got.logits, reference), _error(ref.logits, reference)))
             torch.testing.assert_close(got.logits, ref.logits, atol=2e-3, rtol=0)
+    ort_error, torch_error = (max(e) for e in zip(*errors))
+    assert ort_error <= 2 * torch_error + 1e-4, errors

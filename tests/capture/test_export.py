@@ -139,3 +139,39 @@ def test_in_place_arithmetic_that_would_promote_stays_in_place():
     normalize(gm)
     assert torch.ops.aten.add_.Tensor in [n.target for n in gm.graph.nodes]
     assert gm(x, bias).dtype == torch.float16
+
+
+class _MergedHeads(torch.nn.Module):
+    """Bloom's form: q, k, v [B, H, T, d] merged to [B*H, T, d], scores by `baddbmm` on a [B*H, 1, T] bias, viewed
+    4-D for the mask and softmax, back to 3-D for `bmm` with V. `split` gives the product a wrong head split."""
+
+    def __init__(self, split: int = 2):
+        super().__init__()
+        self.split = split
+
+    def forward(self, q, k, v, bias, mask):
+        b, h, t, d = q.shape
+        q3, k3, v3 = (x.reshape(b * h, t, d) for x in (q, k, v))
+        scores = bias.baddbmm(q3, k3.transpose(-1, -2), beta=0.5, alpha=0.25)
+        probs = (scores.view(b * h // self.split, self.split, t, t) + mask).softmax(-1)
+        return torch.bmm(probs.view(b * h, t, t), v3)
+
+
+@pytest.mark.parametrize("split,rewritten", [(2, 2), (1, 0)])
+def test_merged_heads_products_take_their_4d_form(split, rewritten):
+    """`baddbmm` scores and the `bmm` with V over merged heads become 4-D products with the same values; where the
+    4-D view splits the heads otherwise than the operands were merged, nothing changes."""
+    from lincompile.capture.merged_heads import split_merged_heads
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 4, generator=g) for _ in range(3))
+    bias, mask = torch.randn(6, 1, 5, generator=g), torch.randn(5, 5, generator=g)
+    model = _MergedHeads(split)
+    gm = torch.export.export(model, (q, k, v, bias, mask), strict=False).module()
+    assert split_merged_heads(gm) == rewritten
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes]
+    assert (torch.ops.aten.baddbmm.default in targets) == (rewritten == 0)
+    assert (torch.ops.aten.bmm.default in targets) == (rewritten == 0)
+    torch.testing.assert_close(gm(q, k, v, bias, mask), model(q, k, v, bias, mask), rtol=1e-6, atol=1e-6)

@@ -208,6 +208,25 @@ def test_a_boolean_mask_beside_alibi_is_exact_under_softmax_and_decodes_lineariz
     torch.testing.assert_close(torch.cat(steps, 1)[1, 3:], full[1, 3:], rtol=1e-5, atol=1e-5)
 
 
+def test_bloom_merged_heads_and_alibi_are_found():
+    """Bloom merges the heads into the batch (3-D `baddbmm` scores with ALiBi, `bmm` with V): normalize writes it
+    in 4-D, so its sites are found, exact under softmax on a padded batch, and linear methods keep the padding."""
+    from lincompile.testing.families import family_model
+
+    hf = family_model("bloom", "eager")
+    exact = lincompile.optimize(hf, "softmax", strict=True)
+    assert [(s.mask_kind, s.causal, s.key_mask_input) for s in exact.sites] == [("custom", True, "attention_mask")] * 2
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ours, theirs = exact(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1, 3:], theirs[1, 3:], rtol=1e-5, atol=1e-5)
+    augmented = perturb_new_parameters(lincompile.optimize(hf, "augmented"), 0.1)
+    torch.testing.assert_close(augmented(ids, attention_mask=mask).logits[1, 3:], augmented(ids[1:, 3:]).logits[0],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_gpt_neo_captures_within_its_positions_and_its_local_layers_are_windows():
     """GPT-Neo builds its mask from a table as long as its positions: capture caps the sequence there (export
     refused the open range), and the long probe, capped too, cannot read past it."""

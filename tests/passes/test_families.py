@@ -7,7 +7,7 @@ from lincompile.testing.families import check_family
 
 POPULAR = [("gemma", "sdpa"), ("gemma3_text", "sdpa"), ("phi3", "sdpa"), ("gpt_neox", "sdpa"), ("falcon", "sdpa"),
            ("qwen3", "sdpa"), ("starcoder2", "sdpa"), ("mixtral", "sdpa"), ("deepseek_v3", "sdpa"),
-           ("gpt_neo", "eager"), ("gemma2", "eager"), ("jetmoe", "sdpa"), ("gpt_oss", "eager")]
+           ("gpt_neo", "eager"), ("gemma2", "eager"), ("jetmoe", "sdpa"), ("gpt_oss", "eager"), ("bloom", "eager")]
 #: Gemma 3's layers slide over 4096 keys by default (found by the long probe), GPT-Neo's local layer over 8 here,
 #: Gemma 2 alternates a 4096-key window with full attention, GPT-OSS a 128-key one.
 WINDOWS = {"gemma3_text": [4096, 4096], "gpt_neo": [None, 8], "gemma2": [4096, None], "gpt_oss": [128, None]}
@@ -17,13 +17,13 @@ WINDOWS = {"gemma3_text": [4096, 4096], "gpt_neo": [None, 8], "gemma2": [4096, N
 def test_popular_families_linearize(family, impl):
     row = check_family(family, impl)
     assert row["sites"] == row["layers"] and row["unmatched"] == 0
-    assert row["kinds"] == ["causal+padding"]
+    assert row["kinds"] == ["custom" if family == "bloom" else "causal+padding"]  # Bloom's ALiBi is a bias
     assert row["softmax_diff"] <= 1e-4
     assert row["decode_rel"] <= 1e-5
     assert row["windows"] == WINDOWS.get(family, [None, None])
 
 
 def test_families_not_linearized_yet_say_so():
-    """Bloom scores with a 3-D baddbmm: no site, each softmax reported."""
-    row = check_family("bloom", "eager")
+    """OpenAI GPT multiplies its scores by a 0/1 mask: no site, each softmax reported."""
+    row = check_family("openai-gpt", "eager")
     assert row["sites"] == 0 and row["unmatched"] == row["layers"]

@@ -1,0 +1,108 @@
+"""Attention written with the heads merged into the batch (Bloom: 3-D `baddbmm` scores and `bmm` with V over
+[B*H, T, d]), rewritten in its 4-D [B, H, T, d] form, which the attention patterns read.
+
+Two local rewrites, each where every operand is a 4-D tensor with its first two dims merged, split the same way:
+  view4(baddbmm(bias3, q3, k3^T, beta, alpha))  ->  alpha * (q4 @ k4^T) + beta * unflatten(bias3)
+  bmm(merge(p4), merge(v4))                     ->  flatten(p4 @ v4, 0, 1)
+Invariant: the same values (one batched product of the same rows each way; a fused `baddbmm` may round its sum
+differently in the last bit), the same output shapes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+_MERGES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
+
+
+def _shape(node: object) -> tuple | None:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
+
+
+def _split(node: object, heads: tuple) -> fx.Node | None:
+    """The 4-D [B, H, n, d] tensor that `node` [B*H, n, d] merges (B, H = `heads`), else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _MERGES):
+        return None
+    source, merged = node.args[0], _shape(node)
+    shape = _shape(source)
+    if shape is None or merged is None or len(shape) != 4 or len(merged) != 3:
+        return None
+    if not (_same(shape[:2], heads) and _same(shape[2:], merged[1:]) and str(shape[0] * shape[1]) == str(merged[0])):
+        return None
+    return source
+
+
+def _transposed(node: object) -> fx.Node | None:
+    """x for `transpose(x, -1, -2)` of a 3-D x, else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten.transpose.int):
+        return None
+    dims = {d % 3 for d in node.args[1:3]}
+    return node.args[0] if dims == {1, 2} and len(_shape(node) or ()) == 3 else None
+
+
+def _call(graph: fx.Graph, target: object, *args: object) -> fx.Node:
+    """A new node whose meta value is computed from its inputs' (fake) values."""
+    node = graph.call_function(target, args)
+    values = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
+    fake = next(v for v in values if isinstance(v, torch.Tensor)).fake_mode
+    with fake:
+        node.meta["val"] = target(*values)
+    return node
+
+
+def _scores(graph: fx.Graph, scores: fx.Node) -> bool:
+    users = list(scores.users)
+    if len(users) != 1 or users[0].target not in _MERGES or len(_shape(users[0]) or ()) != 4:
+        return False
+    split = users[0]
+    heads = _shape(split)[:2]
+    bias, q3, kt3 = scores.args[:3]
+    q4, k3 = _split(q3, heads), _transposed(kt3)
+    k4 = _split(k3, heads)
+    beta, alpha = scores.kwargs.get("beta", 1), scores.kwargs.get("alpha", 1)
+    bias_shape = _shape(bias)
+    if q4 is None or k4 is None or bias_shape is None or len(bias_shape) != 3 or not isinstance(heads[1], int):
+        return False
+    if not (isinstance(beta, (int, float)) and isinstance(alpha, (int, float))):
+        return False
+    with graph.inserting_before(split):
+        out = _call(graph, aten.matmul.default, q4, _call(graph, aten.transpose.int, k4, -1, -2))
+        if alpha != 1:
+            out = _call(graph, aten.mul.Tensor, out, alpha)
+        if beta != 0:
+            term = _call(graph, aten.unflatten.int, bias, 0, [-1, heads[1]])
+            out = _call(graph, aten.add.Tensor, out, term if beta == 1 else _call(graph, aten.mul.Tensor, term, beta))
+    split.replace_all_uses_with(out)
+    return True
+
+
+def _values(graph: fx.Graph, product: fx.Node) -> bool:
+    probs3, v3 = product.args[:2]
+    probs4 = probs3.args[0] if isinstance(probs3, fx.Node) and probs3.target in _MERGES else None
+    heads = _shape(probs4)[:2] if _shape(probs4) is not None and len(_shape(probs4)) == 4 else None
+    if heads is None or _split(probs3, heads) is None or _split(v3, heads) is None:
+        return False
+    with graph.inserting_before(product):
+        out = _call(graph, aten.flatten.using_ints,
+                    _call(graph, aten.matmul.default, probs4, _split(v3, heads)), 0, 1)
+    product.replace_all_uses_with(out)
+    return True
+
+
+def split_merged_heads(gm: fx.GraphModule) -> int:
+    """Rewrite every merged-heads score and value product in `gm` in place; returns how many (the old nodes are
+    left for dead-code elimination)."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target == aten.baddbmm.default:
+            changed += _scores(gm.graph, node)
+        elif node.op == "call_function" and node.target == aten.bmm.default:
+            changed += _values(gm.graph, node)
+    return changed

@@ -5,7 +5,8 @@ Two local rewrites, each where every operand is a 4-D tensor with its first two 
   view4(baddbmm(bias3, q3, k3^T, beta, alpha))  ->  alpha * (q4 @ k4^T) + beta * unflatten(bias3)
   bmm(merge(p4), merge(v4))                     ->  flatten(p4 @ v4, 0, 1)
 Invariant: the same values (one batched product of the same rows each way; a fused `baddbmm` may round its sum
-differently in the last bit), the same output shapes.
+differently in the last bit), the same output shapes. fp16 scores are left alone: the unscaled product could
+overflow where the fused one, scaled before rounding, does not.
 """
 from __future__ import annotations
 
@@ -47,22 +48,26 @@ def _transposed(node: object) -> fx.Node | None:
     return node.args[0] if dims == {1, 2} and len(_shape(node) or ()) == 3 else None
 
 
-def _call(graph: fx.Graph, target: object, *args: object) -> fx.Node:
-    """A new node whose meta value is computed from its inputs' (fake) values."""
+def _call(graph: fx.Graph, like: fx.Node, target: object, *args: object) -> fx.Node:
+    """A new node whose meta value is computed from its inputs' (fake) values, in the module of `like` (the node it
+    stands in for: site paths are read from it)."""
     node = graph.call_function(target, args)
     values = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
     fake = next(v for v in values if isinstance(v, torch.Tensor)).fake_mode
     with fake:
         node.meta["val"] = target(*values)
+    node.meta.update({key: like.meta[key] for key in ("nn_module_stack", "stack_trace") if key in like.meta})
     return node
 
 
 def _scores(graph: fx.Graph, scores: fx.Node) -> bool:
     users = list(scores.users)
-    if len(users) != 1 or users[0].target not in _MERGES or len(_shape(users[0]) or ()) != 4:
+    shape, merged = (_shape(users[0]) if len(users) == 1 else None), _shape(scores)
+    if shape is None or merged is None or users[0].target not in _MERGES or len(shape) != 4 \
+            or not _same(shape[2:], merged[1:]):
         return False
     split = users[0]
-    heads = _shape(split)[:2]
+    heads = shape[:2]
     bias, q3, kt3 = scores.args[:3]
     q4, k3 = _split(q3, heads), _transposed(kt3)
     k4 = _split(k3, heads)
@@ -70,15 +75,22 @@ def _scores(graph: fx.Graph, scores: fx.Node) -> bool:
     bias_shape = _shape(bias)
     if q4 is None or k4 is None or bias_shape is None or len(bias_shape) != 3 or not isinstance(heads[1], int):
         return False
+    shared = str(bias_shape[0]) == "1"  # one bias for every batch row and head: it broadcasts as it is
+    if not (shared or str(bias_shape[0]) == str(heads[0] * heads[1])):
+        return False
     if not (isinstance(beta, (int, float)) and isinstance(alpha, (int, float))):
         return False
+    if scores.meta["val"].dtype == torch.float16:
+        return False
     with graph.inserting_before(split):
-        out = _call(graph, aten.matmul.default, q4, _call(graph, aten.transpose.int, k4, -1, -2))
+        out = _call(graph, split, aten.matmul.default, q4, _call(graph, split, aten.transpose.int, k4, -1, -2))
         if alpha != 1:
-            out = _call(graph, aten.mul.Tensor, out, alpha)
+            out = _call(graph, split, aten.mul.Tensor, out, alpha)
         if beta != 0:
-            term = _call(graph, aten.unflatten.int, bias, 0, [-1, heads[1]])
-            out = _call(graph, aten.add.Tensor, out, term if beta == 1 else _call(graph, aten.mul.Tensor, term, beta))
+            term = bias if shared else _call(graph, split, aten.unflatten.int, bias, 0, [-1, heads[1]])
+            if beta != 1:
+                term = _call(graph, split, aten.mul.Tensor, term, beta)
+            out = _call(graph, split, aten.add.Tensor, out, term)
     split.replace_all_uses_with(out)
     return True
 
@@ -90,8 +102,8 @@ def _values(graph: fx.Graph, product: fx.Node) -> bool:
     if heads is None or _split(probs3, heads) is None or _split(v3, heads) is None:
         return False
     with graph.inserting_before(product):
-        out = _call(graph, aten.flatten.using_ints,
-                    _call(graph, aten.matmul.default, probs4, _split(v3, heads)), 0, 1)
+        out = _call(graph, product, aten.flatten.using_ints,
+                    _call(graph, product, aten.matmul.default, probs4, _split(v3, heads)), 0, 1)
     product.replace_all_uses_with(out)
     return True
 

@@ -46,8 +46,9 @@ def require_decodable(model: object, what: str) -> None:
     meta = getattr(model, "meta", None) or {}
     if not getattr(model, "supports_state", True) or not meta.get("supports_state", True):
         raise ValueError(f"{what} needs a causal language model whose causal attention sites all keep a recurrent "
-                         "state; this model has none to continue from (an encoder or encoder-decoder, or sites "
-                         "left unrewritten): call it on whole sequences instead")
+                         "state; this model has none to continue from (an encoder or encoder-decoder, sites left "
+                         "unrewritten, or exact-softmax sites with an additive bias such as ALiBi, which a state "
+                         "cannot continue): call it on whole sequences instead")
 
 
 def check_state(state: RecurrentState, names: list[str], batch: int) -> None:

@@ -142,36 +142,50 @@ def test_in_place_arithmetic_that_would_promote_stays_in_place():
 
 
 class _MergedHeads(torch.nn.Module):
-    """Bloom's form: q, k, v [B, H, T, d] merged to [B*H, T, d], scores by `baddbmm` on a [B*H, 1, T] bias, viewed
-    4-D for the mask and softmax, back to 3-D for `bmm` with V. `split` gives the product a wrong head split."""
+    """Bloom's form: q, k, v [B, H, T, d] merged to [B*H, T, d], scores by `baddbmm` on a [B*H or 1, 1 or T, S]
+    bias, viewed 4-D for the mask and softmax, back to 3-D for `bmm` with V. `split` splits the merged dim for the
+    softmax (2: as the operands were merged); `transposed` views the scores [.., S, T] instead."""
 
-    def __init__(self, split: int = 2):
+    def __init__(self, split: int = 2, transposed: bool = False):
         super().__init__()
-        self.split = split
+        self.split, self.transposed = split, transposed
 
     def forward(self, q, k, v, bias, mask):
         b, h, t, d = q.shape
-        q3, k3, v3 = (x.reshape(b * h, t, d) for x in (q, k, v))
+        s = k.shape[2]
+        q3, k3, v3 = q.reshape(b * h, t, d), k.reshape(b * h, s, d), v.reshape(b * h, s, d)
         scores = bias.baddbmm(q3, k3.transpose(-1, -2), beta=0.5, alpha=0.25)
-        probs = (scores.view(b * h // self.split, self.split, t, t) + mask).softmax(-1)
-        return torch.bmm(probs.view(b * h, t, t), v3)
+        view = (b * h // self.split, self.split) + ((s, t) if self.transposed else (t, s))
+        probs = (scores.view(view) + mask).softmax(-1)
+        return torch.bmm(probs.reshape(b * h, t, s), v3)
 
 
-@pytest.mark.parametrize("split,rewritten", [(2, 2), (1, 0)])
-def test_merged_heads_products_take_their_4d_form(split, rewritten):
-    """`baddbmm` scores and the `bmm` with V over merged heads become 4-D products with the same values; where the
-    4-D view splits the heads otherwise than the operands were merged, nothing changes."""
+@pytest.mark.parametrize("case,scores,values", [("merged bias", True, True), ("shared bias", True, True),
+                                                ("other split", False, False), ("scores viewed [S, T]", False, False),
+                                                ("fp16", False, True)])
+def test_merged_heads_products_take_their_4d_form(case, scores, values):
+    """`baddbmm` scores and the `bmm` with V over merged heads become 4-D products with the same values, and keep
+    their module (site paths read it). Nothing changes where the 4-D view splits the heads otherwise than the
+    operands were merged, or transposes the scores; fp16 scores stay fused (their unscaled product could overflow)."""
     from lincompile.capture.merged_heads import split_merged_heads
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 2, 5, 4, generator=g) for _ in range(3))
-    bias, mask = torch.randn(6, 1, 5, generator=g), torch.randn(5, 5, generator=g)
-    model = _MergedHeads(split)
+    t = 4 if case == "scores viewed [S, T]" else 5  # [B*H, 4, 5] scores seen as [., ., 5, 4]
+    q, k, v = (torch.randn(3, 2, n, 4, generator=g) for n in (t, 5, 5))
+    bias = torch.randn(1 if case == "shared bias" else 6, 1, 5, generator=g)
+    mask = torch.randn(5, t, generator=g) if case == "scores viewed [S, T]" else torch.randn(t, 5, generator=g)
+    model = _MergedHeads(1 if case == "other split" else 2, transposed=case == "scores viewed [S, T]")
+    if case == "fp16":
+        q, k, v, bias, mask = (x.half() for x in (q, k, v, bias, mask))
     gm = torch.export.export(model, (q, k, v, bias, mask), strict=False).module()
-    assert split_merged_heads(gm) == rewritten
+    stack = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.baddbmm.default).meta.get("nn_module_stack")
+    assert split_merged_heads(gm) == scores + values
+    assert all(n.meta.get("nn_module_stack") == stack for n in gm.graph.nodes
+               if n.target == torch.ops.aten.matmul.default)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     targets = [n.target for n in gm.graph.nodes]
-    assert (torch.ops.aten.baddbmm.default in targets) == (rewritten == 0)
-    assert (torch.ops.aten.bmm.default in targets) == (rewritten == 0)
-    torch.testing.assert_close(gm(q, k, v, bias, mask), model(q, k, v, bias, mask), rtol=1e-6, atol=1e-6)
+    assert (torch.ops.aten.baddbmm.default in targets) != scores
+    assert (torch.ops.aten.bmm.default in targets) != values
+    tolerance = 1e-3 if case == "fp16" else 1e-6
+    torch.testing.assert_close(gm(q, k, v, bias, mask), model(q, k, v, bias, mask), rtol=tolerance, atol=tolerance)

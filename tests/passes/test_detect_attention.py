@@ -216,6 +216,7 @@ def test_bloom_merged_heads_and_alibi_are_found():
     hf = family_model("bloom", "eager")
     exact = lincompile.optimize(hf, "softmax", strict=True)
     assert [(s.mask_kind, s.causal, s.key_mask_input) for s in exact.sites] == [("custom", True, "attention_mask")] * 2
+    assert [s.path for s in exact.sites] == ["transformer.h.0.self_attention", "transformer.h.1.self_attention"]
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0

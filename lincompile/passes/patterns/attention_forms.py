@@ -221,7 +221,7 @@ def _dropped_sink(node: fx.Node, probs: fx.Node) -> bool:
         return False
     dim, start, end = (list(node.args[1:4]) + [None] * 3)[:3]
     end = end.meta.get("val") if isinstance(end, fx.Node) else end
-    last = end == -1 if isinstance(end, int) else str(end) == str(val(probs).shape[-1] - 1)
+    last = (isinstance(end, int) and end == -1) or str(end) == str(val(probs).shape[-1] - 1)
     return _last_dim(probs, dim) and start in (0, None) and last
 
 

@@ -5,8 +5,9 @@ mask covers the new tokens only) and per stateful site `past_key_values.{i}.{par
 [batch, seq, vocab] and `present.{i}.{part}`. Dims are named `batch`, `seq` and, for state that grows with
 context (a softmax site's KV cache), `past_seq`; linear-method state shapes are constants.
 
-Lowering: in a copy of `model.graph` (sharing its weights) every lincompile op call is bound to its entry in
-`DECOMPOSITIONS` (for `lincompile::attention`: the plain-PyTorch `reference.attention`, looked up at call time),
+Lowering: in a copy of `model.graph` (sharing its weights) every custom op call is bound to its entry in
+`DECOMPOSITIONS` (for `lincompile::attention`: the plain-PyTorch `reference.attention`, looked up at call time;
+for transformers' grouped matmul of Mixture-of-Experts layers: a traceable form),
 so `torch.export` traces the reference into aten ops and any method the reference covers lowers with no
 per-method ONNX; `torch.onnx.export(ep, dynamo=True)` translates the aten graph. (Exporting with the op intact
 and then `ep.run_decompositions(DECOMPOSITIONS)` gives the same graph but costs one more full retrace.) Limit:
@@ -72,9 +73,24 @@ def _attention_decomposition(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor |
     return out.contiguous(), [s.contiguous() for s in new_state]
 
 
-#: Decomposition of every lincompile op into plain PyTorch; a new op needs an entry here (and nothing else).
-DECOMPOSITIONS: dict[torch._ops.OpOverload, Callable[..., Any]] = {
-    torch.ops.lincompile.attention.default: _attention_decomposition,
+def _grouped_mm_decomposition(input: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+    """transformers' `grouped_mm_fallback` (Mixture-of-Experts layers: rows sorted by expert, `offs` the cumulative
+    row count per expert) in traceable ops, with no branch on the counts: every expert's product for every row,
+    then each row's own (num_experts / top_k times the grouped product's work). Rows past offs[-1] are zero, as in
+    the fallback."""
+    experts = weight.shape[0]
+    rows = torch.arange(input.shape[0], device=input.device)
+    expert = (rows[:, None] >= offs[None, :]).sum(1)  # the first expert whose cumulative count passes the row
+    every = torch.einsum("si,eio->seo", input, weight)
+    index = expert.clamp(max=experts - 1)[:, None, None].expand(-1, 1, weight.shape[2])
+    return torch.where((expert < experts)[:, None], every.gather(1, index)[:, 0], 0.0).to(input.dtype)
+
+
+#: Decomposition into plain PyTorch of every custom op a linearized graph may hold, by qualified name: lincompile's
+#: own and the ones Hugging Face models call; a new op needs an entry here (and nothing else).
+DECOMPOSITIONS: dict[str, Callable[..., Any]] = {
+    "lincompile.attention.default": _attention_decomposition,
+    "transformers.grouped_mm_fallback.default": _grouped_mm_decomposition,
 }
 
 
@@ -135,7 +151,7 @@ def _describe(node: fx.Node) -> str:
 
 def _lower_call(op: str, where: str, *args: Any, **kwargs: Any) -> Any:
     """Stands in for one lincompile op call while torch.export traces; names the node if tracing fails."""
-    decomposition = next(fn for key, fn in DECOMPOSITIONS.items() if str(key) == op)
+    decomposition = DECOMPOSITIONS[op]
     try:
         return decomposition(*args, **kwargs)
     except Exception as error:
@@ -156,7 +172,7 @@ def bind_decompositions(graph: fx.GraphModule) -> fx.GraphModule:
         target = node.target
         if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
             continue
-        if target in DECOMPOSITIONS:
+        if str(target) in DECOMPOSITIONS:
             node.args = (str(target), _describe(node), *node.args)
             node.target = _lower_call
         elif target.namespace not in _TRANSLATED_NAMESPACES:
@@ -263,7 +279,7 @@ def _metadata(model: LinearizedModel, ir_model: Any, tokenizer: object | None, o
     by_name = {v["name"]: v for v in inputs}
     specs = {}
     for node in model.graph.graph.nodes:
-        if node.op == "call_function" and node.target in DECOMPOSITIONS and _spec_json(node):
+        if node.op == "call_function" and str(node.target) in DECOMPOSITIONS and _spec_json(node):
             spec = MethodSpec.from_json(_spec_json(node))
             specs[spec.name] = spec.to_dict()
     site_info = {s.index: s for s in model.sites}

@@ -243,3 +243,32 @@ def test_learned_position_limit_travels_with_the_export(tmp_path):
         ort(ids[:, :29], past_state=state)
     with pytest.raises(ValueError, match="a prompt of 120 tokens plus max_new_tokens=10 passes"):
         ort.generate(ids[:, :120], max_new_tokens=10)
+
+
+def test_grouped_mm_decomposition_is_transformers_fallback():
+    """Mixture-of-Experts layers call transformers' `grouped_mm_fallback` (rows sorted by expert, cumulative
+    counts): its traceable form gives the same rows, with empty experts and rows past the last count (zero)."""
+    import transformers.integrations.moe  # noqa: F401  (registers the op)
+
+    g = torch.Generator().manual_seed(0)
+    rows, weight = torch.randn(9, 6, generator=g), torch.randn(4, 6, 5, generator=g)
+    for offs in ([2, 2, 7, 9], [0, 3, 3, 3], [9, 9, 9, 9], [1, 4, 6, 8]):
+        offs = torch.tensor(offs, dtype=torch.int32)
+        want = torch.ops.transformers.grouped_mm_fallback(rows, weight, offs)
+        torch.testing.assert_close(lo.DECOMPOSITIONS["transformers.grouped_mm_fallback.default"](rows, weight, offs),
+                                   want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,impl", [("mixtral", "sdpa"), ("gpt_oss", "eager")])
+def test_mixture_of_experts_models_export(family, impl, tmp_path):
+    """Mixtral's and GPT-OSS's experts (a transformers grouped matmul) lower to standard ops: the exact rewrite's
+    export computes the original model's logits (GPT-OSS's with its attention sinks, recorded per site)."""
+    from lincompile.testing.families import family_model
+
+    hf = family_model(family, impl)
+    exact = lincompile.optimize(hf, "softmax")
+    ort = OrtModel.from_dir(exact.export_onnx(str(tmp_path / family)), providers=["CPUExecutionProvider"])
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ort(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
+    assert [s["sinks"] is not None for s in ort.meta["sites"]] == [family == "gpt_oss"] * 2

@@ -444,8 +444,7 @@ def test_attention_sinks_the_op_cannot_express_are_reported(variant, reason):
 
 def test_attention_sinks_travel_with_the_onnx_export(tmp_path):
     """The export records each site's sinks; the ONNX runner computes them, and its speculative commit rebuilds
-    each exact site's spec with them ("methods" is keyed by name). (GPT-OSS itself does not export: its experts
-    call a custom grouped matmul.)"""
+    each exact site's spec with them ("methods" is keyed by name)."""
     from lincompile.backends.ort import OrtModel
     from lincompile.runtime.verify import commit_sites
 

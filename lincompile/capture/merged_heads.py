@@ -97,13 +97,15 @@ def _scores(graph: fx.Graph, scores: fx.Node) -> bool:
 
 def _values(graph: fx.Graph, product: fx.Node) -> bool:
     probs3, v3 = product.args[:2]
-    probs4 = probs3.args[0] if isinstance(probs3, fx.Node) and probs3.target in _MERGES else None
-    heads = _shape(probs4)[:2] if _shape(probs4) is not None and len(_shape(probs4)) == 4 else None
-    if heads is None or _split(probs3, heads) is None or _split(v3, heads) is None:
+    shape = _shape(probs3.args[0]) if isinstance(probs3, fx.Node) and probs3.target in _MERGES else None
+    if shape is None or len(shape) != 4:
+        return False
+    probs4, v4 = _split(probs3, shape[:2]), _split(v3, shape[:2])
+    if probs4 is None or v4 is None:
         return False
     with graph.inserting_before(product):
         out = _call(graph, product, aten.flatten.using_ints,
-                    _call(graph, product, aten.matmul.default, probs4, _split(v3, heads)), 0, 1)
+                    _call(graph, product, aten.matmul.default, probs4, v4), 0, 1)
     product.replace_all_uses_with(out)
     return True
 

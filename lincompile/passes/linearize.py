@@ -248,6 +248,8 @@ class Linearize(Pass):
         output = next(n for n in graph.nodes if n.op == "output")
         softmax = get_method("softmax")
         windows: dict[str, fx.Node] = {}  # `_window_index`'s, shared by the sites
+        # an encoder-decoder graph keeps custom-bias sites (T5's decoder) stateless: it is run on whole sequences
+        encoder_decoder = any(s.cross for s in ctx.sites)
         notes = []
         if self.layers is not None:
             unknown = sorted(set(self.layers) - {s.index for s in ctx.sites})
@@ -281,8 +283,7 @@ class Linearize(Pass):
                 raise UnsupportedSiteError(
                     f"site {site.index} ({site.path}) is causal, but {spec.name} projects along the sequence and "
                     "cannot be causal; use it on bidirectional (encoder) models, or pick another method")
-            # an encoder-decoder graph keeps custom-bias sites (T5's decoder) stateless: it is run on whole sequences
-            allow_state = self.stateful and (site.mask_kind != "custom" or not any(s.cross for s in ctx.sites))
+            allow_state = self.stateful and (site.mask_kind != "custom" or not encoder_decoder)
             ctx.rewritten.append(_rewrite(ctx, site, spec, output, self.seed, windows, allow_state))
         if self.stateful and any(r.state_inputs for r in ctx.rewritten):
             _add_hidden_output(ctx, output, windows)

@@ -19,7 +19,7 @@ from lincompile.methods.spec import MethodSpec, get_method
 from lincompile.passes.base import PassContext, PassManager, PassResult, Verifier
 from lincompile.passes.detect_attention import WINDOW_PROBE, AttentionSite, UnmatchedSoftmax
 from lincompile.passes.pipeline import DEFAULT_PIPELINE, build_pipeline
-from lincompile.runtime.state import learned_positions, position_padding
+from lincompile.runtime.state import position_padding, position_tables
 
 SAVE_FORMAT = "lincompile-linearized"
 #: The file every saved linearized model directory holds (its format, LinearizeConfig, source class, dtype).
@@ -157,9 +157,10 @@ def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, 
             raise UnrecognizedAttentionError(message)
         warnings.warn(message + "\nthese nodes were left unchanged", stacklevel=2)
     _warn_unprobed_window(model, ctx)
+    limit, reason = position_tables(model) or (None, None)
     linearized = LinearizedModel(ctx.gm, ctx.captured.input_names, ctx.captured.output_names, ctx.sites,
-                                 ctx.rewritten, config, getattr(model, "config", None), learned_positions(model),
-                                 position_padding(model))
+                                 ctx.rewritten, config, getattr(model, "config", None), limit,
+                                 position_padding(model), reason)
     linearized.report = report
     linearized.source_class = type(model).__name__  # what `load` rebuilds (a BertModel is no causal LM)
     return linearized

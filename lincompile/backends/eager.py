@@ -30,15 +30,15 @@ class LinearizedOutput:
 
 class LinearizedModel(torch.nn.Module):
     """A linearized model: `graph` (an fx.GraphModule holding all weights) plus its interface. `max_positions`: the
-    most tokens a sequence may have (the source's learned position embeddings; None: no such table), or fewer: the
-    sliding window of a site rewritten to exact softmax, whose op has no window (`limit_reason` says which).
+    most tokens a sequence may have (the source's position table, `limit_reason` saying which kind; None: no such
+    table), or fewer: the sliding window of a site rewritten to exact softmax, whose op has no window.
     `position_padding`: the padding id a RoBERTa-style source numbers positions after (None: from 0); calls
     without `position_ids` get the source's own numbering either way."""
 
     def __init__(self, graph: fx.GraphModule, input_names: list[str], output_names: list[str],
                  sites: list[AttentionSite], rewritten: list[RewrittenSite], config: LinearizeConfig,
                  hf_config: object | None = None, max_positions: int | None = None,
-                 position_padding: int | None = None) -> None:
+                 position_padding: int | None = None, limit_reason: str | None = None) -> None:
         super().__init__()
         self.graph = graph
         self.input_names = list(input_names)
@@ -51,8 +51,8 @@ class LinearizedModel(torch.nn.Module):
         self.state_inputs = [name for r in rewritten for name in r.state_inputs]
         self.source_class: str | None = None  # the model class `optimize` linearized (what `load` rebuilds)
         self.captured_dtype = self._param_dtype()  # the graph's casts were traced for it
-        self.max_positions = max_positions  # the source's learned position embeddings' limit (None: none)
-        self.limit_reason: str | None = None  # None: learned positions
+        self.max_positions = max_positions  # the source's position table's limit (None: none)
+        self.limit_reason = limit_reason  # None: learned positions
         windows = [site.window for r in rewritten for site in [self._site_by_index[r.index]]
                    if r.spec.kind == "softmax" and site.window and r.state_inputs
                    and site.mask_kind != "custom"]  # a custom mask (and the window in it) is kept as a bias
@@ -75,7 +75,7 @@ class LinearizedModel(torch.nn.Module):
         weights (a compiled one, a tree verifier); `input_names` if it takes other inputs."""
         derived = LinearizedModel(graph, self.input_names if input_names is None else input_names, self.output_names,
                                   self.sites, self.rewritten, self.config, self.hf_config, self.max_positions,
-                                  self.position_padding)
+                                  self.position_padding, self.limit_reason)
         derived.source_class = self.source_class
         return derived
 

@@ -13,7 +13,7 @@ import torch
 from torch import fx
 from torch.export import Dim
 
-from lincompile.runtime.state import learned_positions
+from lincompile.runtime.state import position_tables
 
 #: Inputs whose dims 0 and 1 are (batch, tokens) in HF models.
 _SEQUENCE_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
@@ -30,7 +30,7 @@ class CapturedGraph:
     example_inputs: dict[str, torch.Tensor]
     seconds: float = 0.0
     constants: dict[str, object] = field(default_factory=dict)
-    max_tokens: int | None = None  # the longest sequence the graph takes (a learned position table's length)
+    max_tokens: int | None = None  # the longest sequence the graph takes (a position table's length)
 
     def fork(self) -> "CapturedGraph":
         """A copy whose graph passes may rewrite freely; parameters and buffers stay shared."""
@@ -49,8 +49,8 @@ class CapturedGraph:
 
 
 def _dynamic_shapes(example: dict[str, object], max_seq: int | None = None) -> dict[str, object]:
-    """Batch and sequence dims; `max_seq` caps the sequence (a learned position table's length: a model may
-    compute with it, as GPT-Neo's and XGLM's masks do, and export refuses a range the model cannot take)."""
+    """Batch and sequence dims; `max_seq` caps the sequence (a position table's length: a model may compute with
+    it, as GPT-Neo's masks and XGLM's table regrowth do, and export refuses a range the model cannot take)."""
     batch = Dim("batch", min=1, max=1024)
     seq = Dim("seq", min=1, max=max(max_seq or 1 << 17, 2))
     dec_seq = Dim("decoder_seq", min=1, max=1 << 17)
@@ -147,7 +147,7 @@ def capture(model: torch.nn.Module, example_inputs: dict[str, object], *, dynami
     was_training = model.training
     model.eval()
     try:
-        max_tokens = learned_positions(model)
+        max_tokens = (position_tables(model) or (None, None))[0]
         shapes = _dynamic_shapes(example_inputs, max_tokens)
         ep = (export_dynamic(model, (), dict(example_inputs), shapes) if dynamic
               else torch.export.export(model, (), dict(example_inputs), strict=False))

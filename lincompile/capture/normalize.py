@@ -1,6 +1,7 @@
 """Canonicalize a captured graph before matching: drop runtime asserts, no-op casts, p=0 dropout, full slices;
 make in-place arithmetic on a private temporary (MPNet's `scores += position_bias`) out-of-place; write attention
-with heads merged into the batch (Bloom) in its 4-D form (`merged_heads`).
+with heads merged into the batch (Bloom, XGLM) in its 4-D form (`merged_heads`), and drop the view round trips
+that leaves; split a permute that moves heads and transposes keys at once (OpenAI GPT's K) into those two.
 
 Invariant: the graph computes the same values afterwards, in the same memory layouts (only identities are removed:
 a `contiguous` or copy that changes strides stays, since a later `view` may need them); a merged-heads product may
@@ -14,7 +15,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from lincompile.capture.merged_heads import split_merged_heads
+from lincompile.capture.merged_heads import call_like, split_merged_heads
 
 aten = torch.ops.aten
 
@@ -110,6 +111,10 @@ def normalize(gm: fx.GraphModule) -> int:
                 replacement = src
         elif target == aten.slice.Tensor and isinstance(node.args[0], fx.Node) and _full_slice(node):
             replacement = node.args[0]
+        elif target == aten.permute.default and [d % 4 for d in node.args[1]] == [0, 2, 3, 1]:
+            with graph.inserting_before(node):  # keys split into heads and transposed at once (OpenAI GPT's)
+                heads = call_like(graph, node, aten.permute.default, node.args[0], [0, 2, 1, 3])
+                replacement = call_like(graph, node, aten.transpose.int, heads, 2, 3)
         elif target in _DROPOUTS and _dropout_p(node) == 0.0:
             src = node.args[0]
             if target == aten.native_dropout.default:
@@ -123,7 +128,26 @@ def normalize(gm: fx.GraphModule) -> int:
             graph.erase_node(node)
             changed += 1
     changed += split_merged_heads(gm)
+    changed += _view_round_trips(gm.graph)
     changed += eliminate_dead_code(gm)
+    return changed
+
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_RESHAPES = _VIEWS | {aten.flatten.using_ints, aten.unflatten.int}
+
+
+def _view_round_trips(graph: fx.Graph) -> int:
+    """`view(reshape(x))` that gives back x's shape and strides is x (a merge, then a split back: what the
+    merged-heads rewrite leaves between a 4-D op and its 4-D user)."""
+    changed = 0
+    for node in list(graph.nodes):
+        inner = node.args[0] if node.op == "call_function" and node.target in _VIEWS else None
+        if isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target in _RESHAPES:
+            source = inner.args[0]
+            if isinstance(source, fx.Node) and _same_tensor_type(_val(source), _val(node)):
+                node.replace_all_uses_with(source)
+                changed += 1
     return changed
 
 

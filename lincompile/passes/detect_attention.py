@@ -111,6 +111,8 @@ def _allowed_and_bias(match: SiteMatch, values: dict, t: int, s: int) -> tuple[t
             allowed = allowed & keep
         elif kind == "allow_bool":
             allowed = allowed & value.bool()
+        elif kind == "allow_01":
+            allowed = allowed & (value != 0)
         else:
             allowed = allowed & ~value.bool()
     if match.is_causal:
@@ -246,6 +248,19 @@ def _ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
     return seen
 
 
+def _binary_masks(match: SiteMatch, values: dict, unmatched: list[UnmatchedSoftmax]) -> bool:
+    """Whether every mask the scores are multiplied by ("allow_01" terms) holds only 0 and 1 in the example; if
+    not, the site is reported unmatched (it is not a mask but a weighting) and False."""
+    for node, kind, _ in match.mask_terms:
+        value = values[node]
+        if kind == "allow_01" and not bool(((value == 0) | (value == 1)).all()):
+            unmatched.append(UnmatchedSoftmax(match.output.name, str(match.output.target), module_path(match.output),
+                                              f"scores multiplied by {node.name}, which holds values other than 0 "
+                                              "and 1 (a weighting, not a mask)"))
+            return False
+    return True
+
+
 def _sinks_checked(gm: fx.GraphModule, match: SiteMatch) -> SiteMatch | str:
     """`match`, or why its attention sinks are not the op's: one logit per query head."""
     shape = tuple(operator.attrgetter(match.sinks)(gm).shape)
@@ -284,6 +299,7 @@ def find_sites(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], inpu
     if wanted:
         with torch.no_grad():
             recorder.run(*[example_inputs[n] for n in input_names])
+    matches = [m for m in matches if _binary_masks(m, recorder.values, unmatched)]
     sites = []
     for index, m in enumerate(matches):
         kind, causal, key_input, window = _classify(m, recorder.values, placeholders, example_inputs)

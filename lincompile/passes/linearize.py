@@ -76,7 +76,9 @@ def _bias_node(graph: fx.Graph, site: AttentionSite) -> fx.Node:
         if kind == "additive":
             term = node if coefficient == 1.0 else graph.call_function(aten.mul.Tensor, (node, coefficient))
         else:
-            kept, dropped = (0.0, low) if kind == "allow_bool" else (low, 0.0)
+            kept, dropped = (low, 0.0) if kind == "deny_bool" else (0.0, low)
+            if kind == "allow_01":
+                node = graph.call_function(aten.ne.Scalar, (node, 0))
             term = graph.call_function(aten.where.Scalar, (node, kept, dropped))
         bias = term if bias is None else graph.call_function(aten.add.Tensor, (bias, term))
     if len(site.match.mask_terms) > 1:

@@ -120,37 +120,48 @@ def default_positions(input_ids: torch.Tensor, start: int, padding: int | None) 
     return (real.cumsum(1) + start) * real + padding
 
 
-def learned_positions(model: nn.Module) -> int | None:
-    """How many positions `model`'s position tables cover (the smallest if several), net of an offset or padding
-    rows (OPT's offset of 2, RoBERTa's rows up to its padding index); None for a model without one (rotary
-    positions computed on the fly, relative ones) and for encoder-decoder models, whose two tables differ."""
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return None
-    limits = [table.num_embeddings - int(getattr(table, "offset", 0) or 0)
-              - (table.padding_idx + 1 if _numbered_after_padding(module, table) else 0)
-              for module, table in _tables(model)]
-    limits += [buffer.shape[0] for name, buffer in model.named_buffers()
-               if name.rsplit(".", 1)[-1] in POSITION_TABLES and buffer.dim() == 2]
-    return min(limits) if limits else None
-
-
-#: Why a model takes at most `max_positions` tokens, by default.
+#: Why a model takes at most `max_positions` tokens, by default: its learned position table ...
 LEARNED_POSITIONS = "learned positions (it cannot extrapolate its position embeddings)"
+#: ... or a fairseq-style precomputed sinusoidal table (XGLM's).
+SINUSOIDAL_POSITIONS = ("positions of its precomputed sinusoidal table (Hugging Face regrows the table past them; a "
+                        "captured graph keeps the rows it was captured with)")
 #: ... when an exact softmax site keeps a sliding window shorter than the position table (or without one).
 SLIDING_WINDOW = ("tokens, the sliding window of its exact softmax sites (lincompile's softmax op has no window; a "
                   "linear method drops it)")
 
 
+def position_tables(model: nn.Module) -> tuple[int, str] | None:
+    """(how many positions `model`'s position tables cover, why): the smallest table's, net of an offset or padding
+    rows (OPT's and XGLM's offset of 2, RoBERTa's rows up to its padding index). The tables: learned embeddings,
+    precomputed buffers named as in `POSITION_TABLES` (GPT-J's rotary one), and fairseq-style sinusoidal tables (a
+    module named so holding a 2-D `weights` buffer, as XGLM's). None for a model without one (rotary positions
+    computed on the fly, relative ones) and for encoder-decoder models, whose two tables differ."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    limits = [(table.num_embeddings - int(getattr(table, "offset", 0) or 0)
+               - (table.padding_idx + 1 if _numbered_after_padding(module, table) else 0), LEARNED_POSITIONS)
+              for module, table in _tables(model)]
+    limits += [(buffer.shape[0], LEARNED_POSITIONS) for name, buffer in model.named_buffers()
+               if name.rsplit(".", 1)[-1] in POSITION_TABLES and buffer.dim() == 2]
+    limits += [(module.weights.shape[0] - int(getattr(module, "offset", 0) or 0), SINUSOIDAL_POSITIONS)
+               for name, module in model.named_modules()
+               if name.rsplit(".", 1)[-1] in POSITION_TABLES and not isinstance(module, nn.Embedding)
+               and isinstance(getattr(module, "weights", None), torch.Tensor) and module.weights.dim() == 2]
+    return min(limits, key=lambda limit: limit[0]) if limits else None
+
+
 def position_limit(model: object) -> int | None:
-    """A linearized model's (or ONNX runner's) `max_positions`, else a torch module's `learned_positions`."""
+    """A linearized model's (or ONNX runner's) `max_positions`, else a torch module's `position_tables` limit."""
     if hasattr(model, "max_positions"):
         return model.max_positions
-    return learned_positions(model) if isinstance(model, nn.Module) else None
+    table = position_tables(model) if isinstance(model, nn.Module) else None
+    return None if table is None else table[0]
 
 
 def limit_reason(model: object) -> str:
-    """What `position_limit(model)` stands for: its `limit_reason` (a runner's), else learned positions."""
-    return getattr(model, "limit_reason", None) or LEARNED_POSITIONS
+    """What `position_limit(model)` stands for: its `limit_reason` (a runner's), else its table's."""
+    table = position_tables(model) if isinstance(model, nn.Module) and not hasattr(model, "max_positions") else None
+    return getattr(model, "limit_reason", None) or (LEARNED_POSITIONS if table is None else table[1])
 
 
 def check_positions(model: object, end: int, what: str = "this call") -> None:

@@ -189,3 +189,54 @@ def test_merged_heads_products_take_their_4d_form(case, scores, values):
     assert (torch.ops.aten.bmm.default in targets) != values
     tolerance = 1e-3 if case == "fp16" else 1e-6
     torch.testing.assert_close(gm(q, k, v, bias, mask), model(q, k, v, bias, mask), rtol=tolerance, atol=tolerance)
+
+
+class _MergedSoftmax(torch.nn.Module):
+    """XGLM's form: `bmm` scores over merged heads viewed 4-D for the mask, the softmax over [B*H, T, S], viewed
+    4-D and back before the `bmm` with V."""
+
+    def forward(self, q, k, v, mask):
+        b, h, t, d = q.shape
+        s = k.shape[2]
+        q3, k3, v3 = q.reshape(b * h, t, d), k.reshape(b * h, s, d), v.reshape(b * h, s, d)
+        scores = torch.bmm(q3, k3.transpose(1, 2)).view(b, h, t, s) + mask
+        probs = scores.view(b * h, t, s).softmax(-1)
+        return torch.bmm(probs.view(b, h, t, s).view(b * h, t, s), v3)
+
+
+def test_merged_heads_softmax_takes_its_4d_form_and_view_round_trips_go():
+    """After normalize the scores, softmax and value product are 4-D, the softmax feeds the value product directly
+    (the views between them went), and the values are the same."""
+    from lincompile.capture.normalize import normalize
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 4, generator=g) for _ in range(3))
+    mask = torch.randn(5, 5, generator=g)
+    model = _MergedSoftmax()
+    gm = torch.export.export(model, (q, k, v, mask), strict=False).module()
+    normalize(gm)
+    targets = [n.target for n in gm.graph.nodes]
+    assert torch.ops.aten.bmm.default not in targets
+    softmax = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.softmax.int)
+    assert softmax.meta["val"].dim() == 4
+    assert [u.target for u in softmax.users] == [torch.ops.aten.matmul.default]
+    torch.testing.assert_close(gm(q, k, v, mask), model(q, k, v, mask), rtol=1e-6, atol=1e-6)
+
+
+def test_keys_split_and_transposed_by_one_permute_become_two_steps():
+    """permute(x, [0, 2, 3, 1]) is transpose(permute(x, [0, 2, 1, 3]), 2, 3): the same view, which the attention
+    patterns read as K^T."""
+    from lincompile.capture.normalize import normalize
+
+    class Permuted(torch.nn.Module):
+        def forward(self, x):
+            return x.permute(0, 2, 3, 1)
+
+    x = torch.randn(2, 5, 3, 4)
+    gm = torch.export.export(Permuted(), (x,), strict=False).module()
+    normalize(gm)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert [(n.target, n.args[1:]) for n in nodes] == [(torch.ops.aten.permute.default, ([0, 2, 1, 3],)),
+                                                        (torch.ops.aten.transpose.int, (2, 3))]
+    out = gm(x)
+    assert torch.equal(out, x.permute(0, 2, 3, 1)) and out.stride() == x.permute(0, 2, 3, 1).stride()

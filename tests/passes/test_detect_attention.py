@@ -228,6 +228,76 @@ def test_bloom_merged_heads_and_alibi_are_found():
                                rtol=1e-5, atol=1e-5)
 
 
+class _Multiplied(torch.nn.Module):
+    """OpenAI GPT's attention: K split into heads and transposed by one permute, the scores multiplied by a causal
+    0/1 buffer (as long as its position table) plus c * (1 - buffer), then a padding bias; `variant` changes the
+    buffer or c."""
+
+    def __init__(self, variant: str = "causal"):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 16)  # example_inputs draws ids below 100 without a config
+        self.positions_embed = torch.nn.Embedding(64, 16)  # unused: it bounds the sequence as OpenAI GPT's does
+        self.qkv = torch.nn.Linear(16, 48)
+        keep = torch.ones(64, 64).tril()
+        if variant == "weighting":
+            keep = keep * 0.5
+        self.register_buffer("keep", keep[None, None], persistent=False)
+        self.low = -1.0 if variant == "small constant" else -1e4
+
+    def forward(self, input_ids, attention_mask):
+        b, t = input_ids.shape
+        q, k, v = self.qkv(self.embed(input_ids)).chunk(3, -1)
+        q, v = (x.view(b, t, 2, 8).permute(0, 2, 1, 3) for x in (q, v))
+        scores = q @ k.view(b, t, 2, 8).permute(0, 2, 3, 1) / 8 ** 0.5
+        keep = self.keep[:, :, :t, :t]
+        scores = scores * keep + self.low * (1 - keep)
+        scores = scores + (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+
+def test_scores_multiplied_by_a_causal_mask_are_exact_and_decode():
+    """OpenAI GPT's spelling is causal+padding: exact under softmax on a padded batch, and `augmented` keeps the
+    padding (the OpenAI GPT row of test_families checks its decoding)."""
+    model = _Multiplied()
+    exact = lincompile.optimize(model, "softmax", strict=True)
+    assert [(s.mask_kind, s.causal, s.key_mask_input) for s in exact.sites] == [
+        ("causal+padding", True, "attention_mask")]
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    torch.testing.assert_close(exact(ids, attention_mask=mask).logits[mask.bool()], model(ids, mask)[mask.bool()],
+                               rtol=1e-5, atol=1e-5)
+    linear = perturb_new_parameters(lincompile.optimize(model, "augmented", strict=True), 0.1)
+    torch.testing.assert_close(linear(ids, attention_mask=mask).logits[1, 2:], linear(ids[1:, 2:]).logits[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant,reason", [("weighting", "holds values other than 0 and 1"),
+                                            ("small constant", "score chain")])
+def test_multiplied_scores_that_are_no_mask_are_reported(variant, reason):
+    """Scores weighted by 0.5 are not masked, and c = -1 does not drop a key: neither is a site."""
+    with pytest.raises(UnrecognizedAttentionError, match=reason):
+        lincompile.optimize(_Multiplied(variant), "softmax", strict=True)
+
+
+def test_xglm_merged_heads_clamped_scores_and_sinusoidal_table():
+    """XGLM merges heads for `bmm` scores and its softmax, clamps the masked scores at float32's minimum, and
+    regrows its sinusoidal position table past its length in eager: its sites are found and exact, and the
+    linearized model takes the table's length (the captured graph holds those rows) and says why past it."""
+    from lincompile.testing.families import family_model
+
+    hf = family_model("xglm", "eager")
+    exact = lincompile.optimize(hf, "softmax", strict=True)
+    assert [(s.mask_kind, s.path) for s in exact.sites] == [
+        ("causal+padding", "model.layers.0.self_attn"), ("causal+padding", "model.layers.1.self_attn")]
+    assert exact.max_positions == 128
+    ids = torch.randint(3, 128, (1, 128), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(exact(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="reaches token 129, past the model's 128 positions of its precomputed "
+                                         "sinusoidal table"):
+        exact(torch.cat([ids, ids[:, :1]], 1))
+
+
 def test_gpt_neo_captures_within_its_positions_and_its_local_layers_are_windows():
     """GPT-Neo builds its mask from a table as long as its positions: capture caps the sequence there (export
     refused the open range), and the long probe, capped too, cannot read past it."""

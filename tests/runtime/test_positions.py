@@ -6,7 +6,7 @@ from torch import nn
 
 import lincompile
 from lincompile.runtime.prefill import prefill
-from lincompile.runtime.state import default_positions, learned_positions, position_padding
+from lincompile.runtime.state import LEARNED_POSITIONS, default_positions, position_padding, position_tables
 from lincompile.train.attention_transfer import graph_inputs, softmax_graph
 
 PAD = 1  # RoBERTa's padding id: its tokens are numbered 2, 3, ...
@@ -147,7 +147,7 @@ def test_padding_rows_are_reserved_only_when_the_embeddings_number_after_them(pa
     """LXMERT's table has a padding row 0 but numbers its tokens from 0 (all 20 rows are positions)."""
     module = nn.Sequential(_Embeddings(padding, numbered))
     assert position_padding(module) == (padding if numbered else None)
-    assert learned_positions(module) == limit
+    assert position_tables(module) == (limit, LEARNED_POSITIONS)
 
 
 def test_only_the_input_embeddings_table_sets_the_numbering():

@@ -143,6 +143,13 @@ def _walk_scores(node: object, scale: float, terms: list, path: list[fx.Node],
     if target in (aten.div.Tensor, aten.div.Scalar):
         c = _scalar(node.args[1])
         return None if c is None or c == 0 else _walk_scores(node.args[0], scale / c, terms, path, softcap)
+    if target == aten.add.Tensor and (kept := _kept_by_product(node)) is not None:
+        scores, mask, spelling = kept
+        path.extend(spelling)
+        found = _walk_scores(scores, scale, terms, path, softcap)
+        if found is not None:
+            terms.append((mask, "allow_01", 1.0))
+        return found
     if target == aten.add.Tensor:
         marks = len(path), len(terms), len(softcap)
         for a, b in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
@@ -158,12 +165,39 @@ def _walk_scores(node: object, scale: float, terms: list, path: list[fx.Node],
         if found is not None:
             terms.append((node.args[0], "allow_bool", 1.0))
         return found
+    if target in (aten.max.other, aten.maximum.default, aten.clamp_min.default) and _lowest(node.args[1], node):
+        return _walk_scores(node.args[0], scale, terms, path, softcap)
     if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
         found = _walk_scores(node.args[0], scale, terms, path, softcap)
         if found is not None:
             terms.append((node.args[1], "deny_bool", 1.0))
         return found
     return None
+
+
+def _kept_by_product(node: fx.Node) -> tuple[object, fx.Node, list[fx.Node]] | None:
+    """(scores, m, the nodes that spell it) for `scores * m + c * (1 - m)` with c <= -1e4: OpenAI GPT's causal mask,
+    where(m, scores, c) if m holds only 0 and 1 (a term "allow_01": the probe checks that)."""
+    for product, partner in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+        if not (_is_call(product, aten.mul.Tensor) and _is_call(partner, aten.mul.Tensor, aten.mul.Scalar)):
+            continue
+        for complement, c in ((partner.args[0], partner.args[1]), (partner.args[1], partner.args[0])):
+            c = _scalar(c)
+            if c is None or c > -1e4 or not _is_call(complement, aten.rsub.Scalar):
+                continue
+            if _scalar(complement.args[1]) != 1.0 or complement.kwargs.get("alpha", 1) != 1 or len(complement.args) > 2:
+                continue
+            for scores, mask in ((product.args[0], product.args[1]), (product.args[1], product.args[0])):
+                if mask is complement.args[0]:
+                    return scores, mask, [product, partner, complement]
+    return None
+
+
+def _lowest(bound: object, clamped: fx.Node) -> bool:
+    """`bound` is the lowest finite value of `clamped`'s dtype: raising scores to it (XGLM's `max(scores,
+    finfo.min)`) changes only -inf ones, whose keys keep weight 0 unless every key of the row is masked."""
+    c, value = _scalar(bound), val(clamped)
+    return c is not None and value is not None and value.dtype.is_floating_point and c <= torch.finfo(value.dtype).min
 
 
 def _is_call(node: object, *targets: object) -> bool:

@@ -25,7 +25,8 @@ class SiteMatch:
     kv_groups: int
     scale: float
     #: (node, kind, coefficient): kind is "additive" (score += coefficient * node), "allow_bool"
-    #: (keep where True) or "deny_bool" (drop where True).
+    #: (keep where True), "allow_01" (keep where 1, drop where 0: a float mask multiplied in) or "deny_bool"
+    #: (drop where True).
     mask_terms: list[tuple[fx.Node, str, float]]
     is_causal: bool                 # causal by flag (sdpa is_causal=True), independent of `mask`
     dropout_p: float

@@ -1,5 +1,6 @@
 """The fast decode form (`decode.step`) against the reference's recurrent form, token by token, for every causal
-linear method: outputs and state, across group and conv-window boundaries, GQA, rows decoded in step."""
+linear method: outputs and state, across group and conv-window boundaries, GQA, rows decoded in step and rows at
+different positions."""
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -36,6 +37,26 @@ def test_step_equals_the_reference_token_by_token(name, case, small_spec, diff):
         assert [s.dtype for s in fast] == [s.dtype for s in want]
 
 
+@pytest.mark.parametrize("name", LINEAR)
+def test_step_equals_the_reference_for_rows_at_different_positions(name, case, small_spec, diff):
+    """Row 1 left-padded by 2 in a 3-token prefill, so it runs 2 positions behind row 0; then 9 tokens decoded in
+    fp64, the rows completing their groups of 4 at different tokens: every output and state as the reference's."""
+    spec = small_spec(name)
+    c = case(spec, 12, seed=7, padding=False)
+    prefill = torch.tensor([[True, True, True], [False, False, True]])
+    _, want = reference.recurrent(c.q[:, :, :3], c.k[:, :, :3], c.v[:, :, :3], prefill, [], c.params, spec, c.scale)
+    if spec.uses_positions:
+        assert want[spec.state_parts().index("position")].tolist() == [3, 1]
+    fast = want
+    for i in range(3, 12):
+        q, k, v = _token(c, i)
+        assert decode.applies(q, None, fast, spec, True)
+        got, fast = decode.step(q, k, v, fast, c.params, spec, c.scale)
+        out, want = reference.recurrent(q, k, v, None, want, c.params, spec, c.scale)
+        assert diff([got], [out]) < 1e-12, i
+        assert diff(fast, want) < 1e-12, i
+
+
 @pytest.mark.parametrize("name", ["augmented", "hedgehog", "retnet", "cosformer", "test-softmax-local"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_step_at_the_paper_sizes_completes_a_group(name, dtype, case):
@@ -70,7 +91,7 @@ def test_step_leaves_its_inputs_unchanged(case, small_spec):
     assert all(torch.equal(a, b) for a, b in zip(state, before, strict=True))
 
 
-def test_applies_only_to_real_rows_at_one_position(case, small_spec):
+def test_applies_only_to_real_rows(case, small_spec):
     spec = small_spec("augmented")
     c = case(spec, 3, seed=0, padding=False)
     q = c.q[:, :, :1]
@@ -83,8 +104,7 @@ def test_applies_only_to_real_rows_at_one_position(case, small_spec):
     assert not decode.applies(q, None, [], spec, True)  # no state given
     apart = list(state)
     apart[-1] = torch.tensor([4, 5])  # rows at different positions
-    assert not decode.applies(q, None, apart, spec, True)
-    assert decode.applies(q[:1], None, [s[:1] for s in apart], spec, True)  # one row: always in step
+    assert decode.applies(q, None, apart, spec, True)
     assert not decode.applies(q, None, [], get_method("softmax"), True)  # a KV cache
     assert not decode.applies(q, torch.ones(BATCH, 2, dtype=torch.bool), state, spec, True)  # the reference refuses
     with FakeTensorMode() as mode:
@@ -93,8 +113,8 @@ def test_applies_only_to_real_rows_at_one_position(case, small_spec):
 
 
 def test_recurrent_step_serves_decode_through_the_fast_form(case, small_spec, monkeypatch):
-    """The registry's `recurrent-step` takes `decode.step` for real rows in step and the reference otherwise (a
-    padding row, rows at different positions)."""
+    """The registry's `recurrent-step` takes `decode.step` for real rows (in step or not) and the reference for a
+    padding row."""
     spec = small_spec("augmented")
     c = case(spec, 2, seed=0, padding=False)
     params = random_params(spec, HEADS, KV_HEADS, DK, DV, seed=0)
@@ -107,17 +127,20 @@ def test_recurrent_step_serves_decode_through_the_fast_form(case, small_spec, mo
     registry.recurrent_step(q, k, v, torch.tensor([[True], [False]]), None, state, params, spec, SCALE, True)
     apart = state[:-1] + [torch.tensor([4, 5])]  # rows at different positions
     registry.recurrent_step(q, k, v, None, None, apart, params, spec, SCALE, True)
-    assert calls == ["fast"]
+    assert calls == ["fast", "fast"]
 
 
 @pytest.mark.parametrize("name", ["augmented", "hedgehog", "retnet", "test-softmax-local"])
-def test_step_gradients_equal_the_reference(name, case, small_spec):
+@pytest.mark.parametrize("apart", [False, True])
+def test_step_gradients_equal_the_reference(name, apart, case, small_spec):
     """The op's backward recomputes a decode call through `decode.step`: its gradients (inputs and parameters,
-    through the output and the new state, at a group's last token) are the reference's."""
+    through the output and the new state, at a group's last token; `apart`: row 1 a token behind, at slot 2)
+    are the reference's."""
     spec = small_spec(name)
     c = case(spec, 4, seed=6, padding=False)
-    _, state = reference.attention(c.q[:, :, :3], c.k[:, :, :3], c.v[:, :, :3], None, None, [], c.params, spec,
-                                   c.scale, True)
+    prefill = torch.tensor([[True, True, True], [not apart, True, True]])
+    _, state = reference.recurrent(c.q[:, :, :3], c.k[:, :, :3], c.v[:, :, :3], prefill, [], c.params, spec,
+                                   c.scale)
 
     def grads(form):
         inputs = [t.clone().requires_grad_() for t in (*_token(c, 3), *c.params)]

@@ -1,12 +1,15 @@
 """One decode token of a linear method in few ops: the fast form of `reference.recurrent` for a single token.
 
-It applies (`applies`) when every row of the batch is a real token and every row is at the same position:
-batch-1 decoding, or a batch decoded in step. Then the token's group slot s = p % G is a number, not a per-row
-tensor, so
+It applies (`applies`) when every row of the batch is a real token (no padding row). When every row is also at
+the same position (batch-1 decoding, or a batch decoded in step), the token's group slot s = p % G is a number,
+not a per-row tensor, so
   - the group-buffer write is one indexed copy (the reference selects over every slot with a mask),
   - the local branch and phi of the buffer's keys read only slots 0..s, the ones filled (no masks),
-  - the group is folded only when s = G - 1, without reading a flag from the device,
-  - nothing selects between a real row's update and a padding row's unchanged state.
+  - the group is folded only when s = G - 1, without reading a flag from the device.
+Rows at different positions (a left-padded batch after its prompt) write their slots with one scatter, the local
+branch reads every slot masked to each row's filled ones, and groups fold only in a step where some row completes
+one. Either way phi of the buffer's keys is computed only where it is read (the reference computes it every token)
+and nothing selects between a real row's update and a padding row's unchanged state.
 The math is `recurrent_linear`'s, branch for branch (same outputs and state, to rounding: sums over fewer
 terms may round differently); tests/kernels/test_decode.py checks every causal linear method against it.
 The registry's `recurrent-step` runs the reference for calls this form does not take.
@@ -27,27 +30,21 @@ from lincompile.methods.spec import MethodSpec
 
 def applies(q: Tensor, key_mask: Tensor | None, state: list[Tensor], spec: MethodSpec, causal: bool) -> bool:
     """Whether `step` serves this call: one causal token of a causal linear method, a state given, every row a
-    real token at one shared position. Reads the mask and the position counter (a sync on a GPU); tracing
-    tensors have no values, nor may a CUDA graph's capture read them, so there this is False (as for a mask that
-    is not [B, 1]: the reference checks and refuses it)."""
+    real token. Reads the mask (a sync on a GPU); tracing tensors have no values, nor may a CUDA graph's capture
+    read them, so there this is False (as for a mask that is not [B, 1]: the reference checks and refuses it)."""
     if not (causal and q.shape[2] == 1 and spec.kind == "linear" and spec.causal_safe and state):
         return False
     if any(is_fake(t) for t in (q, *state)) or (key_mask is not None and is_fake(key_mask)):
         return False
     if q.is_cuda and torch.cuda.is_current_stream_capturing():  # a CUDA graph being captured may not read values
         return False
-    if key_mask is not None and (key_mask.shape != (q.shape[0], 1) or not bool(key_mask.all())):
-        return False
-    if spec.uses_positions and q.shape[0] > 1:
-        position = state[spec.state_parts().index("position")]
-        return bool((position == position[0]).all())
-    return True
+    return key_mask is None or (key_mask.shape == (q.shape[0], 1) and bool(key_mask.all()))
 
 
 def step(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor], spec: MethodSpec,
          scale: float) -> tuple[Tensor, list[Tensor]]:
-    """(out [B, H, 1, dv] in q's dtype, new state) for one real token per row, every row at the same position
-    (`applies` checks both). Never modifies `state`."""
+    """(out [B, H, 1, dv] in q's dtype, new state) for one real token per row (`applies` checks that). Reads the
+    position counter (a sync on a GPU). Never modifies `state`."""
     batch, heads, _, dk = q.shape
     kv_heads, dv = k.shape[1], v.shape[3]
     groups = heads // kv_heads
@@ -68,8 +65,10 @@ def step(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tens
         num = named["alpha"] * (fq @ parts["state"])
         if "normalizer" in parts:
             den = named["alpha"] * (fq @ parts["normalizer"][..., None])[..., 0]
-    if spec.uses_groups:
+    if spec.uses_groups and bool((pos == pos[0]).all()):
         num, den, out = _group(spec, named, parts, qi, fq, ki, vi, int(pos[0]), num, den, scale)
+    elif spec.uses_groups:
+        num, den, out = _group_rows(spec, named, parts, qi, fq, ki, vi, pos, num, den, scale)
     if num is not None:
         if spec.normalizer == "denominator":
             num = num / den.clamp_min(DENOMINATOR_EPS)[..., None]
@@ -131,6 +130,46 @@ def _group(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor],
             if "normalizer" in parts:
                 parts["normalizer"] = parts["normalizer"] + fb.sum(2)
         group_keys, group_values = torch.zeros_like(group_keys), torch.zeros_like(group_values)
+    parts["group_keys"], parts["group_values"] = group_keys, group_values
+    return num, den, out
+
+
+def _group_rows(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor], qi: Tensor, fq: Tensor,
+                ki: Tensor, vi: Tensor, pos: Tensor, num: Tensor | None, den: Tensor | None,
+                scale: float) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """`_group` for rows at different positions `pos` [B]: each row's token goes into its own slot, the local
+    branch reads every slot masked to the row's filled ones, rows whose group completes fold it."""
+    size = spec.group_size
+    slot = pos % size  # [B]
+    slots = torch.arange(size, device=pos.device)
+    where = slot[:, None, None, None]
+    group_keys = parts["group_keys"].scatter(2, where.expand(-1, *ki.shape[1:]), ki)
+    group_values = parts["group_values"].scatter(2, where.expand(-1, *vi.shape[1:]), vi)
+    filled = (slots <= slot[:, None])[:, None, None, :]  # [B, 1, 1, G]
+    complete = slot == size - 1
+    folds = bool(complete.any())
+    fb = None
+    if spec.local in ("relu2", "yoso") or (folds and spec.global_branch == "grouped"):
+        slot_pos = (pos - slot)[:, None] + slots if spec.feature_map == "cosformer" else None
+        fb = features(group_keys[:, :, None], spec, named, slot_pos, scale)[:, :, 0]  # [B, Hkv, G, F]
+    out = None
+    if spec.local in ("relu2", "yoso"):
+        w = torch.where(filled, local_kernel(fq @ fb.transpose(-1, -2), spec), 0.0)  # [B, Hkv, g, G]
+        local = w @ group_values
+        num = local if num is None else num + local
+        if spec.normalizer == "denominator":
+            den = w.sum(-1) if den is None else den + w.sum(-1)
+    if spec.local == "softmax":
+        scores = (qi[:, :, :, 0] @ group_keys.transpose(-1, -2)) * scale
+        out = torch.softmax(scores.masked_fill(~filled, float("-inf")), -1) @ group_values  # own slot: filled
+    if folds:
+        if spec.global_branch == "grouped":
+            flag = complete[:, None, None].to(fb.dtype)
+            parts["state"] = parts["state"] + flag[..., None] * (fb.transpose(-1, -2) @ group_values)
+            if "normalizer" in parts:
+                parts["normalizer"] = parts["normalizer"] + flag * fb.sum(2)
+        group_keys = torch.where(complete[:, None, None, None], 0.0, group_keys)
+        group_values = torch.where(complete[:, None, None, None], 0.0, group_values)
     parts["group_keys"], parts["group_values"] = group_keys, group_values
     return num, den, out
 

@@ -4,8 +4,9 @@ Each entry is (name, impl, supports, priority); the plain PyTorch reference is a
 the lowest priority and supports everything, so every device always has an implementation.
 The generated Triton kernels (`lincompile.kernels.triton`) serve the specs they cover on CUDA, and on CPU under
 `LINCOMPILE_KERNELS=triton` with TRITON_INTERPRET=1. Elsewhere causal linear sites go through `recurrent-step`:
-single-token calls (decode) take the recurrent form, as `decode.step` where it applies (every row real, one
-shared position: the same math in fewer ops) and as the reference's otherwise; longer calls the parallel form.
+single-token calls (decode) take the recurrent form, as `decode.step` where it applies (every row real: the same
+math in fewer ops) and as the reference's otherwise; calls of up to `CHUNK` tokens the parallel form, longer ones
+(prefill, training) the chunked form, linear in T.
 `LINCOMPILE_KERNELS=reference` forces the parallel reference for every call.
 """
 from __future__ import annotations
@@ -20,6 +21,11 @@ from lincompile.kernels.triton import launch as triton_launch
 from lincompile.methods.spec import MethodSpec
 
 AttentionImpl = Callable[..., tuple[torch.Tensor, list[torch.Tensor]]]
+
+#: `recurrent-step` runs causal calls longer than this in chunks of this many tokens (`reference.chunked`: the
+#: parallel form is quadratic in T; on this CPU at T = 512 the chunked form is 2.7-6x faster for the methods
+#: `bench/attention_kernels.py` times, and equal at 128).
+CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -52,13 +58,15 @@ _ENTRIES: list[KernelEntry] = [
 def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                    bias: torch.Tensor | None, state: list[torch.Tensor], params: list[torch.Tensor],
                    spec: MethodSpec, scale: float, causal: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One causal token: `decode.step` where it applies, else `reference.recurrent`; anything else:
-    `reference.attention` (the forms agree: tests/kernels/test_registry.py and test_decode.py check it on every
-    causal linear method)."""
+    """One causal token: `decode.step` where it applies, else `reference.recurrent`; more than `CHUNK` causal
+    tokens: `reference.chunked`; anything else: `reference.attention` (the forms agree: tests/kernels/
+    test_registry.py and test_decode.py check it on every causal linear method)."""
     if causal and q.shape[2] == 1:
         if decode.applies(q, key_mask, state, spec, causal):
             return decode.step(q, k, v, state, params, spec, scale)
         return reference.recurrent(q, k, v, key_mask, state, params, spec, scale)
+    if causal and q.shape[2] > CHUNK:
+        return reference.chunked(q, k, v, key_mask, bias, state, params, spec, scale, causal, CHUNK)
     return reference.attention(q, k, v, key_mask, bias, state, params, spec, scale, causal)
 
 

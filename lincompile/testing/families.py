@@ -60,12 +60,13 @@ def family_model(family: str, attn_implementation: str = "sdpa", seed: int = 0) 
 
 
 @torch.no_grad()
-def check_family(family: str, attn_implementation: str = "sdpa") -> dict[str, Any]:
+def check_family(family: str, attn_implementation: str = "sdpa", onnx_dir: str | None = None) -> dict[str, Any]:
     """What lincompile does with `family`: sites found (and layers), sliding windows, unmatched softmaxes, the
     exact rewrite's largest logit difference from Hugging Face over real tokens (2 rows of 12, the second
     left-padded on 3; fewer where a sliding window limits the exact rewrite), and `augmented`'s (new parameters
-    perturbed) prefill plus 4 single steps against its full forward, relative to the largest logit. Raises
-    whatever lincompile raises."""
+    perturbed) prefill plus 4 single steps against its full forward, relative to the largest logit. With
+    `onnx_dir`, also `augmented` exported there and run by onnxruntime, the same prefill and steps from its own
+    state against the torch ones ("onnx_rel"). Raises whatever lincompile raises."""
     import lincompile
     from lincompile.testing.tiny import perturb_new_parameters
 
@@ -96,10 +97,22 @@ def check_family(family: str, attn_implementation: str = "sdpa") -> dict[str, An
     full = linear(one).logits
     if not linear.supports_state:
         return {**result, "decode_rel": None}
-    out = linear(one[:, :tokens - 4])
-    steps = [out.logits]
-    for i in range(tokens - 4, tokens):
-        out = linear(one[:, i:i + 1], past_state=out.past_state)
-        steps.append(out.logits)
-    decode = float((torch.cat(steps, 1) - full).abs().max() / full.abs().max())
-    return {**result, "decode_rel": decode}
+    steps = torch.cat(_decode(linear, one, tokens - 4), 1)
+    result["decode_rel"] = float((steps - full).abs().max() / full.abs().max())
+    if onnx_dir is not None:
+        from lincompile.backends.ort import OrtModel
+
+        ort = OrtModel.from_dir(linear.export_onnx(onnx_dir), providers=["CPUExecutionProvider"])
+        result["onnx_rel"] = float((torch.cat(_decode(ort, one, tokens - 4), 1) - steps).abs().max()
+                                   / steps.abs().max())
+    return result
+
+
+def _decode(model: Any, ids: torch.Tensor, prompt: int) -> list[torch.Tensor]:
+    """The logits of a `prompt`-token prefill of `ids` [1, T], then of each later token decoded from the state."""
+    out = model(ids[:, :prompt])
+    logits = [out.logits]
+    for i in range(prompt, ids.shape[1]):
+        out = model(ids[:, i:i + 1], past_state=out.past_state)
+        logits.append(out.logits)
+    return logits

@@ -272,3 +272,13 @@ def test_mixture_of_experts_models_export(family, impl, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ort(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
     assert [s["sinks"] is not None for s in ort.meta["sites"]] == [family == "gpt_oss"] * 2
+
+
+@pytest.mark.parametrize("family", ["xglm", "openai-gpt"])
+def test_families_with_merged_heads_or_a_multiplied_mask_export_and_decode(family, tmp_path):
+    """XGLM (heads merged, sinusoidal positions) and OpenAI GPT (a multiplied 0/1 mask): `augmented` exported to
+    ONNX prefills and decodes in onnxruntime as in torch (`bench/families.py --onnx` checks every family)."""
+    from lincompile.testing.families import check_family
+
+    row = check_family(family, "eager", str(tmp_path / family))
+    assert row["sites"] == row["layers"] and row["onnx_rel"] <= 1e-5

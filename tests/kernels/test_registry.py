@@ -25,7 +25,8 @@ STEP_METHODS = [name for name in methods() if get_method(name).kind == "linear" 
 @pytest.mark.parametrize("name", STEP_METHODS)
 def test_recurrent_step_agrees_with_the_parallel_reference(name, monkeypatch):
     """`recurrent-step` serves causal linear sites on CPU; one token (real or padding) after a state that sits
-    mid-group gives the parallel form's output and state, and longer calls are the parallel form itself."""
+    mid-group gives the parallel form's output and state, calls of up to 64 tokens are the parallel form itself,
+    and longer ones the chunked form, which agrees with the parallel one."""
     monkeypatch.setenv("LINCOMPILE_KERNELS", "auto")
     spec = get_method(name)
     entry = registry.select(spec, torch.device("cpu"))
@@ -45,3 +46,14 @@ def test_recurrent_step_agrees_with_the_parallel_reference(name, monkeypatch):
         torch.testing.assert_close(fast, want, rtol=1e-5, atol=1e-5)
     chunk = (q[:, :, 60:], k[:, :, 60:], v[:, :, 60:], None, None, [], params, spec, 0.25, True)
     assert torch.equal(entry.impl(*chunk)[0], reference.attention(*chunk)[0])
+    mask = torch.ones(batch, 71, dtype=torch.bool)
+    mask[1, :5] = False
+    prefill = (q, k, v, mask, None, [], params, spec, 0.25, True)
+    got_out, got_state = entry.impl(*prefill)
+    chunked_out, chunked_state = reference.chunked(*prefill, registry.CHUNK)
+    assert torch.equal(got_out, chunked_out) and all(map(torch.equal, got_state, chunked_state))
+    want_out, want_state = reference.attention(*prefill)
+    real = mask[:, None, :, None].expand_as(got_out)
+    torch.testing.assert_close(got_out[real], want_out[real], rtol=1e-5, atol=1e-5)
+    for got, want in zip(got_state, want_state, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -96,8 +96,7 @@ def chunked(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tens
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check_shapes(q, k, v)
     mask = _key_mask(key_mask, k)
-    state = _initial(spec, q, k, v, state)
-    past = state[0].shape[2] if spec.has_kv_cache else 0
+    past = state[0].shape[2] if spec.has_kv_cache and state else 0  # [] (the initial state) goes to the first chunk
     outs = []
     for start in range(0, q.shape[2], chunk_size):
         end = start + chunk_size

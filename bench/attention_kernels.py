@@ -7,8 +7,9 @@ walking; decode = recurrent step from a state) against SDPA (FlashAttention; dec
 cache of T tokens) and, when installed, flash-linear-attention's chunk_linear_attn / fused_recurrent_linear_attn,
 for T in 1K..32K (triton.testing.do_bench medians); first, the decode step's memory bandwidth at `--decode-batch`
 rows against a device-to-device copy's.
-On CPU: the PyTorch reference forms (parallel = masked quadratic, chunked, recurrent per decode token) against
-SDPA, so the scaling in T shows on any machine (medians of --repeats runs after a warm-up).
+On CPU: the PyTorch reference forms (parallel = masked quadratic, chunked, each forward and forward+backward;
+recurrent and `decode.step` per decode token) against SDPA, so the scaling in T shows on any machine (medians of
+--repeats runs after a warm-up).
 
 Writes bench/results/kernels_<device>.json (device, command, rows, rewritten after each T; `complete` says whether
 the run finished) and kernels_<device>.png (time against T); `--quick` names them kernels_<device>_quick.
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from lincompile.atomic import atomic_write_text
 from lincompile.cli.args import positive_int, positive_int_list
-from lincompile.kernels.linear_attention import reference
+from lincompile.kernels.linear_attention import decode, reference
 from lincompile.methods.params import random_params
 from lincompile.methods.spec import MethodSpec, get_method
 
@@ -95,16 +96,29 @@ def cpu_row(spec: MethodSpec, args: argparse.Namespace, t: int) -> dict[str, flo
     _, state = reference.chunked(q, k, v, None, None, [], params, spec, scale, True, 64)
     step = [x[:, :, :DECODE_STEPS] for x in (q, k, v)]
     kv = (k.repeat_interleave(args.heads // args.kv_heads, 1), v.repeat_interleave(args.heads // args.kv_heads, 1))
+    grads = [x.detach().requires_grad_() for x in (q, k, v)]
+
+    def steps() -> None:  # decode.step token by token (what the op runs for a decode call)
+        after = state
+        for i in range(DECODE_STEPS):
+            _, after = decode.step(*(x[:, :, i:i + 1] for x in step), after, params, spec, scale)
+
     forms: dict[str, tuple[Callable[[], object], int]] = {
         "sdpa prefill": (lambda: _sdpa(q, k, v), 1),
         "chunked prefill": (lambda: reference.chunked(q, k, v, None, None, [], params, spec, scale, True, 64), 1),
+        "sdpa fwd+bwd": (_backward(lambda: _sdpa(*grads)), 1),
+        "chunked fwd+bwd": (_backward(lambda: reference.chunked(*grads, None, None, [], params, spec, scale, True,
+                                                                64)[0]), 1),
         "sdpa decode/token": (lambda: _sdpa(q[:, :, -1:], *kv, causal=False), 1),
         "recurrent decode/token": (lambda: reference.recurrent(*step, None, state, params, spec, scale),
                                    DECODE_STEPS),
+        "decode.step decode/token": (steps, DECODE_STEPS),
     }
     if t <= args.parallel_max:
         forms["parallel prefill"] = (lambda: reference.attention(q, k, v, None, None, [], params, spec, scale,
                                                                  True), 1)
+        forms["parallel fwd+bwd"] = (_backward(lambda: reference.attention(*grads, None, None, [], params, spec,
+                                                                           scale, True)[0]), 1)
     times: dict[str, list[float]] = {name: [] for name in forms}
     for fn, _ in forms.values():
         fn()
@@ -114,6 +128,14 @@ def cpu_row(spec: MethodSpec, args: argparse.Namespace, t: int) -> dict[str, flo
             fn()
             times[name].append((time.perf_counter() - start) * 1e3 / per)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _backward(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """`forward` then the backward of its output's sum, with autograd on (the CPU rows run under no_grad)."""
+    def run() -> None:
+        with torch.enable_grad():
+            forward().sum().backward()
+    return run
 
 
 def _walking(fn: Callable[[], object]) -> object:
@@ -198,10 +220,12 @@ def decode_bandwidth(spec: MethodSpec, args: argparse.Namespace) -> dict[str, fl
 
 def _ratios(row: dict[str, float | str]) -> dict[str, float]:
     """SDPA time / our time for each matching pair (> 1: ours is faster)."""
-    pairs = {"prefill": ("sdpa prefill", ("triton prefill", "triton prefill (walk)", "chunked prefill")),
-             "decode": ("sdpa decode", ("triton decode",)), "decode/token": ("sdpa decode/token",
-                                                                         ("recurrent decode/token",)),
-             "fwd+bwd": ("sdpa fwd+bwd", ("lincompile op fwd+bwd", "lincompile op fwd+bwd (walk)"))}
+    pairs = {"prefill": ("sdpa prefill", ("triton prefill", "triton prefill (walk)", "chunked prefill",
+                                          "parallel prefill")),
+             "decode": ("sdpa decode", ("triton decode",)),
+             "decode/token": ("sdpa decode/token", ("recurrent decode/token", "decode.step decode/token")),
+             "fwd+bwd": ("sdpa fwd+bwd", ("lincompile op fwd+bwd", "lincompile op fwd+bwd (walk)", "chunked fwd+bwd",
+                                          "parallel fwd+bwd"))}
     out = {}
     for name, (base, ours) in pairs.items():
         for key in ours:

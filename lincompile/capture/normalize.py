@@ -111,7 +111,8 @@ def normalize(gm: fx.GraphModule) -> int:
                 replacement = src
         elif target == aten.slice.Tensor and isinstance(node.args[0], fx.Node) and _full_slice(node):
             replacement = node.args[0]
-        elif target == aten.permute.default and [d % 4 for d in node.args[1]] == [0, 2, 3, 1]:
+        elif (target == aten.permute.default and [d % 4 for d in node.args[1]] == [0, 2, 3, 1]
+              and isinstance(_val(node.args[0]), torch.Tensor)):
             with graph.inserting_before(node):  # keys split into heads and transposed at once (OpenAI GPT's)
                 heads = call_like(graph, node, aten.permute.default, node.args[0], [0, 2, 1, 3])
                 replacement = call_like(graph, node, aten.transpose.int, heads, 2, 3)

@@ -142,9 +142,9 @@ def _group_rows(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Ten
     size = spec.group_size
     slot = pos % size  # [B]
     slots = torch.arange(size, device=pos.device)
-    where = slot[:, None, None, None]
-    group_keys = parts["group_keys"].scatter(2, where.expand(-1, *ki.shape[1:]), ki)
-    group_values = parts["group_values"].scatter(2, where.expand(-1, *vi.shape[1:]), vi)
+    index = slot[:, None, None, None]
+    group_keys = parts["group_keys"].scatter(2, index.expand(-1, *ki.shape[1:]), ki)
+    group_values = parts["group_values"].scatter(2, index.expand(-1, *vi.shape[1:]), vi)
     filled = (slots <= slot[:, None])[:, None, None, :]  # [B, 1, 1, G]
     complete = slot == size - 1
     folds = bool(complete.any())

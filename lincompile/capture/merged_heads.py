@@ -85,7 +85,8 @@ def _scores(graph: fx.Graph, scores: fx.Node) -> bool:
         return False
     shared = fused and str(_shape(bias)[0]) == "1"  # one bias for every batch row and head: broadcast as it is
     with graph.inserting_before(split):
-        out = call_like(graph, split, aten.matmul.default, q4, call_like(graph, split, aten.transpose.int, k4, -1, -2))
+        kt4 = call_like(graph, split, aten.transpose.int, k4, -1, -2)
+        out = call_like(graph, split, aten.matmul.default, q4, kt4)
         if alpha != 1:
             out = call_like(graph, split, aten.mul.Tensor, out, alpha)
         if beta != 0:
@@ -136,7 +137,7 @@ def _values(graph: fx.Graph, product: fx.Node) -> bool:
         return False
     with graph.inserting_before(product):
         out = call_like(graph, product, aten.flatten.using_ints,
-                    call_like(graph, product, aten.matmul.default, probs4, v4), 0, 1)
+                        call_like(graph, product, aten.matmul.default, probs4, v4), 0, 1)
     product.replace_all_uses_with(out)
     return True
 

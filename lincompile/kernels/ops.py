@@ -29,10 +29,11 @@ def _run(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor 
          params: list[Tensor], spec: str, scale: float, causal: bool) -> tuple[Tensor, list[Tensor]]:
     """The selected implementation's call. A multi-token call given the initial state explicitly (every part
     zero, as training feeds it) passes it as [], which implementations may exploit (the reference then skips
-    the queries' product with S and z): the same numbers, since [] means exactly that state."""
+    the queries' product with S and z): the same numbers, since [] means exactly that state. Not when a part
+    requires grad (its gradient is wanted)."""
     method = _spec(spec)
     impl = registry.select(method, q.device).impl
-    if q.shape[2] > 1 and _initial(state):
+    if q.shape[2] > 1 and not any(t.requires_grad for t in state) and _initial(state):
         state = []
     return impl(q, k, v, key_mask, bias, list(state), list(params), method, scale, causal)
 
@@ -88,6 +89,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k, v, *params)
     ctx.num_params = len(params)
     ctx.rest = (key_mask, bias, list(state), spec, scale, causal)
+    ctx.state_grad = [t.requires_grad for t in state]  # a past state computed with autograd (carried across calls)
 
 
 def _from_the_start(key_mask: Tensor | None, state: list[Tensor]) -> bool:
@@ -108,20 +110,24 @@ def _backward(ctx, grad_out, grad_state):
     trainable = param_trainable(method)
     if (grad_out is not None and fast is not None and fast.applies(q, k, v, bias, method, causal)
             and not any(p.requires_grad and not t for p, t in zip(params, trainable))
-            and _from_the_start(key_mask, state)):
+            and not any(ctx.state_grad) and _from_the_start(key_mask, state)):
         gq, gk, gv, gtrained = attention_backward(q, k, v, params, grad_out, list(grad_state), spec, scale)
         gtrained = iter(gtrained)
         gparams = [next(gtrained) if t else None for t in trainable]
         return gq, gk, gv, None, None, [None] * len(state), gparams, None, None, None
     inputs = [t.detach().requires_grad_(t.requires_grad or t.is_floating_point()) for t in (q, k, v, *params)]
+    state = [t.detach().requires_grad_() if wanted else t for t, wanted in zip(state, ctx.state_grad)]
     with torch.enable_grad():
         out, new_state = _run(inputs[0], inputs[1], inputs[2], key_mask, bias, state, inputs[3:], spec,
                               scale, causal)
         pairs = [(t, g) for t, g in zip([out, *new_state], [grad_out, *grad_state])
                  if g is not None and t.requires_grad]
-        grads = torch.autograd.grad([p[0] for p in pairs], inputs, [p[1] for p in pairs], allow_unused=True)
-    gq, gk, gv, *gparams = grads
-    return gq, gk, gv, None, None, [None] * len(state), list(gparams), None, None, None
+        leaves = inputs + [t for t, wanted in zip(state, ctx.state_grad) if wanted]
+        grads = torch.autograd.grad([p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True)
+    gq, gk, gv, *rest = grads
+    gparams, gstate = rest[:len(params)], iter(rest[len(params):])
+    return (gq, gk, gv, None, None, [next(gstate) if wanted else None for wanted in ctx.state_grad], list(gparams),
+            None, None, None)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -137,3 +137,44 @@ def test_opcheck_one_token_step_with_gradients(method):
     one = [t[:, :, :1].clone().requires_grad_() for t in (q, k, v)]
     torch.library.opcheck(op.default, (*one, torch.ones(2, 1, dtype=torch.long), None, [s.detach() for s in state],
                                        params, spec.to_json(), 0.35, True))
+
+
+@pytest.mark.parametrize("method", ["augmented", "hedgehog", "retnet", "linear-elu", "softmax"])
+@pytest.mark.parametrize("tokens", [1, 3, 70])
+def test_gradients_reach_a_past_state(method, tokens):
+    """A past state computed with autograd (a segment carried into the next, as truncated backprop through time
+    does): the op's gradients with respect to it, and to q, k, v and the parameters, are those of the form it
+    runs differentiated directly (a decode step, a short call, a chunked one of 70 tokens; with a padded row).
+    The parts that are not floating (positions, a KV cache's key mask) get none. (Forms may differ in the
+    gradient of group-buffer slots that no state fills: each passes them on or drops them.)"""
+    import dataclasses
+
+    from lincompile.kernels import registry
+    from lincompile.methods.params import random_params
+
+    spec = get_method(method)
+    if spec.uses_groups:
+        spec = dataclasses.replace(spec, group_size=4, conv_kernel=5)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, h, 6 + tokens, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    params = [p.double().requires_grad_() for p in random_params(spec, 4, 2, 8, 8)]
+    _, past = reference.attention(q[:, :, :6], k[:, :, :6], v[:, :, :6], None, None, [], params, spec, 0.35, True)
+    past = [s.detach().requires_grad_() if s.is_floating_point() else s for s in past]
+    new = [t[:, :, 6:].clone().requires_grad_() for t in (q, k, v)]
+    mask = torch.ones(2, tokens, dtype=torch.long)
+    mask[1, 0] = 0
+    leaves = [*new, *params, *(s for s in past if s.requires_grad)]
+
+    def grads(call):
+        out, state = call(*new, mask, None, past, params)
+        weights = torch.Generator().manual_seed(0)
+        loss = sum((t * torch.randn(t.shape, generator=weights, dtype=t.dtype)).sum()
+                   for t in (out, *state) if t.is_floating_point())
+        return torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+
+    ours = grads(lambda *a: op(*a, spec.to_json(), 0.35, True))
+    theirs = grads(lambda *a: registry.select(spec, q.device).impl(*a, spec, 0.35, True))
+    assert any(s.requires_grad for s in past)
+    for got, want in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert all(s.abs().sum() > 0 for s in ours[-len([s for s in past if s.requires_grad]):])

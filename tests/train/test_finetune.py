@@ -43,3 +43,26 @@ def test_full_finetune_with_kl_keeps_the_teacher_original(linearize, llama_captu
         torch.testing.assert_close(teacher(*graph_inputs(linear, ids))[0], original, atol=1e-5, rtol=1e-5)
         loss, parts = FinetuneObjective(linear, 0.5, teacher)(ids)
     torch.testing.assert_close(loss, parts[0] + 0.5 * parts[1])
+
+
+def test_a_long_sequence_trains_in_segments_through_the_state(linearize):
+    """Training a sequence in two segments, the second starting from the first's state with the gradient kept,
+    gives every parameter the gradient of the whole sequence in one call (truncated backprop without the cut)."""
+    from lincompile.testing.tiny import perturb_new_parameters
+
+    linear = perturb_new_parameters(linearize("augmented"), 0.1)
+    params = [p for p in linear.graph.parameters() if p.requires_grad]
+    ids = torch.randint(3, 128, (2, 80), generator=torch.Generator().manual_seed(0))  # 70 + 10: a chunked call
+
+    def grads(segments: list[int]) -> list[torch.Tensor]:
+        state, logits, start = None, [], 0
+        for end in segments:
+            out = linear(ids[:, start:end], past_state=state)
+            state, start = out.past_state, end
+            logits.append(out.logits)
+        return torch.autograd.grad(torch.cat(logits, 1).float().square().mean(), params)
+
+    whole, split = grads([80]), grads([70, 80])
+    for a, b in zip(whole, split, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert any(float(g.abs().sum()) > 0 for g in split)

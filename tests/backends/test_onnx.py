@@ -123,6 +123,19 @@ def test_generate_is_greedy_decoding_of_the_torch_path(exported):
     assert stopped.shape[1] <= 5 + 2 and int(stopped[0, -1]) == eos
 
 
+def test_a_left_padded_batch_generates_as_in_torch(exported):
+    """Rows 3 positions apart after a left-padded prompt: torch decodes them through `decode.step`'s per-row form,
+    onnxruntime through the exported graph; the same tokens."""
+    _, model, _, ort_model = exported
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ids[1, :3] = 0
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, attention_mask=mask)
+    assert torch.equal(ort_model.generate(ids, max_new_tokens=6, attention_mask=mask), want)
+
+
 def test_linear_state_shapes_do_not_grow_with_context(exported):
     name, model, out, ort_model = exported
     meta = json.loads((out / lo.META_FILE).read_text())

@@ -147,7 +147,7 @@ class LinearizedModel(torch.nn.Module):
 
         return str(save(self, directory, tokenizer))
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs: object) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, **kwargs: object) -> torch.Tensor:
         """Autoregressive generation through the recurrent state, speculative with `draft=` (see
         `lincompile.runtime.generate`)."""
         from lincompile.runtime.generate import generate

@@ -167,7 +167,7 @@ class OrtModel:
         extras = {name: torch.from_numpy(value.numpy()) for name, value in outputs.items()}
         return OrtOutput(logits, new_state if self.meta.get("supports_state", True) else None, extras)
 
-    def generate(self, input_ids: ArrayLike, max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
+    def generate(self, input_ids: ArrayLike, max_new_tokens: int | None = None, **kwargs: Any) -> torch.Tensor:
         """Autoregressive generation with the torch path's arguments (`lincompile.runtime.generate`):
         chunked prefill, then one token per call, the state staying in ORT buffers throughout."""
         from lincompile.runtime.generate import generate

@@ -166,6 +166,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = _prompt_ids(args, text, tokenizer)
     streamer = None if args.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                "repetition_penalty": args.repetition_penalty,
                 "eos_token_id": None if args.ignore_eos else tokenizer.eos_token_id,
                 "generator": torch.Generator().manual_seed(args.seed), "streamer": streamer}
     start = time.perf_counter()
@@ -236,6 +237,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
     p.add_argument("--top-k", type=int, default=None, help="with --sample: keep the k likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus sampling")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already in the "
+                   "text, greedy or sampled (Hugging Face's; default 1.0: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch and onnxruntime (default: "

@@ -12,34 +12,46 @@ from typing import Callable
 import torch
 
 from lincompile.runtime.prefill import prefill
-from lincompile.runtime.sampling import SamplingConfig, eos_ids, sample
+from lincompile.runtime.sampling import SamplingConfig, eos_ids, penalize, sample
 from lincompile.runtime.state import check_new_tokens, require_decodable
 
 
+#: New tokens when neither `max_new_tokens` nor `max_length` is given.
+DEFAULT_NEW_TOKENS = 32
+
+
 @torch.no_grad()
-def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
+def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | None = None, *,
              attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
-             streamer: object | None = None, generator: torch.Generator | None = None,
-             prefill_chunk_size: int | None = 512, draft: object = None, num_draft_tokens: int = 4,
-             adaptive: bool = False) -> torch.Tensor:
-    """Prompt + up to `max_new_tokens` tokens, [batch, prompt + new]; finished rows repeat eos (the first id
-    when `eos_token_id` lists several, any of which ends a row). A padded batch must be left-padded.
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+             max_length: int | None = None, num_beams: int = 1, streamer: object | None = None,
+             generator: torch.Generator | None = None, prefill_chunk_size: int | None = 512, draft: object = None,
+             num_draft_tokens: int = 4, adaptive: bool = False) -> torch.Tensor:
+    """Prompt + up to `max_new_tokens` tokens, [batch, prompt + new]; finished rows repeat `pad_token_id`, else eos
+    (the first id when `eos_token_id` lists several, any of which ends a row). A padded batch must be
+    left-padded. As in Hugging Face's `generate`: `max_length` counts the prompt too and applies when
+    `max_new_tokens` is not given (neither: 32 new tokens); `repetition_penalty` (> 1 discourages tokens already
+    in the row, prompt and padding included) applies before temperature, top-k and top-p; `num_beams` must be 1
+    (there is no beam search).
 
     The output does not depend on `prefill_chunk_size` (None: the prompt in one call) beyond fp reordering.
     With `draft` ("prompt-lookup", "medusa", MedusaHeads, an NgramTable or a draft model), speculative decoding
     (`lincompile.runtime.speculative`, one sequence): the same tokens as greedy decoding, the same
     distribution as sampling.
     """
+    if num_beams != 1:
+        raise ValueError(f"num_beams={num_beams}: lincompile decodes greedily or by sampling, without beam search; "
+                         "use num_beams=1 (speculative decoding with draft= speeds greedy decoding up instead)")
+    max_new_tokens = new_tokens(max_new_tokens, max_length, torch.as_tensor(input_ids).shape[-1])
     if draft is not None:
         from lincompile.runtime.speculative import speculative_generate
 
         return speculative_generate(model, input_ids, max_new_tokens, draft, num_draft_tokens, do_sample=do_sample,
-                                    temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                                    temperature=temperature, top_k=top_k, top_p=top_p,
+                                    repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
                                     streamer=streamer, generator=generator, adaptive=adaptive,
                                     attention_mask=attention_mask, prefill_chunk_size=prefill_chunk_size)[0]
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got {tuple(input_ids.shape)}")
     require_decodable(model, "generate")
@@ -48,8 +60,9 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
             attention_mask[:, -1].bool().all()):
         raise ValueError("attention_mask: a row ends in padding (or is all padding); generate continues each row "
                          "from its last token, so pad on the left (tokenizer.padding_side = 'left')")
-    config = SamplingConfig(do_sample, temperature, top_k, top_p)
+    config = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty)
     eos = torch.tensor(eos_ids(eos_token_id), dtype=torch.long, device=input_ids.device)
+    fill = eos[:1] if pad_token_id is None else torch.tensor([pad_token_id], device=input_ids.device)
     batch = input_ids.shape[0]
     logits, state, next_position = prefill(model, input_ids, attention_mask, chunk_size=prefill_chunk_size)
     tokens = [input_ids]
@@ -57,9 +70,11 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
     if streamer is not None:
         streamer.put(input_ids.cpu())
     for _ in range(max_new_tokens):
+        if repetition_penalty != 1.0:
+            logits = penalize(logits, torch.cat(tokens, 1), repetition_penalty)
         token = sample(logits, config, generator)
         if len(eos):
-            token = torch.where(done, eos[0], token)
+            token = torch.where(done, fill, token)
             done |= torch.isin(token, eos)
         tokens.append(token[:, None])
         if streamer is not None:
@@ -73,3 +88,18 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int, *,
     if streamer is not None:
         streamer.end()
     return torch.cat(tokens, dim=1)
+
+
+def new_tokens(max_new_tokens: int | None, max_length: int | None, prompt: int) -> int:
+    """How many tokens to generate after a `prompt`-token prompt: `max_new_tokens`, else `max_length` - prompt
+    (Hugging Face's total length), else `DEFAULT_NEW_TOKENS`."""
+    if max_new_tokens is None and max_length is not None:
+        if max_length < prompt:
+            raise ValueError(f"max_length={max_length} is shorter than the prompt ({prompt} tokens); max_length "
+                             "counts the prompt too: raise it, or give max_new_tokens")
+        max_new_tokens = max_length - prompt
+    if max_new_tokens is None:
+        return DEFAULT_NEW_TOKENS
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    return max_new_tokens

@@ -1,4 +1,5 @@
-"""Turning logits into a next-token distribution: temperature, top-k, top-p; and argument checks."""
+"""Turning logits into a next-token distribution: repetition penalty, temperature, top-k, top-p; and argument
+checks."""
 from __future__ import annotations
 
 import operator
@@ -10,14 +11,18 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """do_sample=False is greedy; otherwise sample from softmax(logits / temperature) after top-k/top-p."""
+    """do_sample=False is greedy; otherwise sample from softmax(logits / temperature) after top-k/top-p. Either
+    way the logits get `repetition_penalty` first (`penalize`, by whoever knows the tokens so far)."""
 
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -41,6 +46,17 @@ def eos_ids(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
     if not ids or len(ids) != len(given) or min(ids) < 0:
         raise ValueError(f"eos_token_id must be a token id or a non-empty list of them, got {eos_token_id!r}")
     return ids
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Hugging Face's repetition penalty: in each row of `logits` [..., vocab], the logit of every token id in the
+    same row of `seen` [..., n] is divided by `penalty` where positive and multiplied by it where negative (> 1
+    discourages repeats); `logits` itself when the penalty is 1."""
+    if penalty == 1.0 or seen.shape[-1] == 0:
+        return logits
+    seen = seen.to(logits.device, torch.int64)
+    score = logits.gather(-1, seen)
+    return logits.scatter(-1, seen, torch.where(score < 0, score * penalty, score / penalty))
 
 
 def probabilities(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor
 from lincompile.passes.linearize import HIDDEN_OUTPUT, VERIFY_WINDOW
 from lincompile.runtime.drafts import DraftContext, Proposal, make_draft, vocab_size
 from lincompile.runtime.prefill import prefill
-from lincompile.runtime.sampling import SamplingConfig, eos_ids, probabilities, sample
+from lincompile.runtime.sampling import SamplingConfig, eos_ids, penalize, probabilities, sample
 from lincompile.runtime.state import (RecurrentState, check_new_tokens, first_position, position_limit,
                                       require_decodable)
 from lincompile.runtime.verify import PARENTS_INPUT, commit_path, commit_sites, tree_verifier
@@ -137,6 +137,7 @@ class SpeculativeDecoder:
         self.stats.target_calls = 0
         logits = out.logits[0, -1]
         self._check_vocab(vocab_size(self.target) or int(logits.shape[-1]))
+        logits = penalize(logits, input_ids[0].to(logits.device), self.sampling.repetition_penalty)
         token = int(sample(logits[None], self.sampling, self.generator)[0])
         self.hidden = out.extras[HIDDEN_OUTPUT][0, -1] if HIDDEN_OUTPUT in out.extras else None
         self.tokens = torch.cat([input_ids[0].cpu(), torch.tensor([token])])
@@ -160,7 +161,7 @@ class SpeculativeDecoder:
         else:
             out = tree_verifier(self.target)(ids, past_state=self.state, position_ids=positions,
                                              **{PARENTS_INPUT: parents})
-        logits = out.logits[0].float()
+        logits = _penalized(out.logits[0].float(), self.tokens, ids[0], parents, self.sampling.repetition_penalty)
         if self.sampling.do_sample:
             path, token = accept_sampled(probabilities(logits, self.sampling), proposal, self.generator)
         else:
@@ -179,6 +180,21 @@ class SpeculativeDecoder:
         if self.adaptive:
             self.k = min(self.max_k, self.k + 1) if len(path) == n and n else max(1, min(self.k, len(path) + 1))
         return emitted
+
+
+def _penalized(logits: Tensor, committed: Tensor, ids: Tensor, parents: Tensor, penalty: float) -> Tensor:
+    """The repetition penalty on a verify call's logits [n, vocab]: node j's row is penalized by the committed
+    tokens (its pending last included, which is node 0) and the drafted tokens on its path, as sequential decoding
+    of that path would penalize it."""
+    if penalty == 1.0:
+        return logits
+    paths: list[list[int]] = []
+    rows = []
+    for j, parent in enumerate(parents.tolist()):
+        paths.append([] if parent < 0 else paths[parent] + [j])
+        seen = torch.cat([committed.to(ids.device), ids[paths[j]]])
+        rows.append(penalize(logits[j], seen, penalty))
+    return torch.stack(rows)
 
 
 def _truncate(proposal: Proposal, limit: int) -> Proposal:
@@ -207,7 +223,8 @@ def _check_one_sequence(input_ids: Tensor) -> None:
 @torch.no_grad()
 def speculative_generate(model: Any, input_ids: Tensor, max_new_tokens: int, draft: Any, num_draft_tokens: int = 4,
                          *, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                         top_p: float | None = None, eos_token_id: int | None = None, streamer: Any = None,
+                         top_p: float | None = None, repetition_penalty: float = 1.0,
+                         eos_token_id: int | None = None, streamer: Any = None,
                          generator: torch.Generator | None = None, adaptive: bool = False,
                          attention_mask: Tensor | None = None,
                          prefill_chunk_size: int | None = 512) -> tuple[Tensor, SpeculativeStats]:
@@ -220,8 +237,8 @@ def speculative_generate(model: Any, input_ids: Tensor, max_new_tokens: int, dra
     if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
         raise ValueError("speculative decoding takes one unpadded sequence; drop the padding from input_ids")
     eos = set(eos_ids(eos_token_id))
-    decoder = SpeculativeDecoder(model, draft, num_draft_tokens, SamplingConfig(do_sample, temperature, top_k, top_p),
-                                 generator, adaptive, prefill_chunk_size)
+    sampling = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty)
+    decoder = SpeculativeDecoder(model, draft, num_draft_tokens, sampling, generator, adaptive, prefill_chunk_size)
     check_new_tokens(model, input_ids.shape[1], max_new_tokens)
     start = time.perf_counter()
     prompt = input_ids.shape[1]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import lincompile
-from lincompile.runtime.sampling import SamplingConfig, probabilities
+from lincompile.runtime.sampling import SamplingConfig, penalize, probabilities
 from lincompile.testing.tiny import perturb_new_parameters, tiny_model
 
 
@@ -19,6 +19,52 @@ def test_softmax_greedy_equals_hf_generate(llama):
     theirs = llama.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
                             attention_mask=torch.ones_like(ids))
     assert torch.equal(ours, theirs)
+
+
+def test_repetition_penalty_is_hugging_faces():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g)
+    seen = torch.randint(0, 50, (3, 12), generator=g)  # repeats included
+    for penalty in (0.7, 1.0, 1.3):
+        want = RepetitionPenaltyLogitsProcessor(penalty)(seen, logits.clone())
+        assert torch.equal(penalize(logits, seen, penalty), want)
+
+
+def test_hugging_face_generation_arguments_give_hugging_faces_tokens(llama):
+    """`max_length` (prompt included), `repetition_penalty` and `pad_token_id` (what a finished row repeats)
+    mean what they mean in Hugging Face's `generate`: the exact rewrite gives its tokens."""
+    linear = lincompile.optimize(llama, "softmax")
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    hf = dict(do_sample=False, attention_mask=torch.ones_like(ids), max_length=17, repetition_penalty=1.5)
+    free = llama.generate(ids, eos_token_id=None, pad_token_id=0, **hf)
+    eos = int(free[0, 7])  # row 0 ends two tokens in
+    theirs = llama.generate(ids, eos_token_id=eos, pad_token_id=1, **hf)
+    ours = linear.generate(ids, max_length=17, repetition_penalty=1.5, eos_token_id=eos, pad_token_id=1)
+    assert torch.equal(ours, theirs) and int(ours[0, -1]) == 1
+    assert not torch.equal(linear.generate(ids, max_length=17), ours)  # the penalty changes the tokens
+
+
+def test_speculative_decoding_keeps_the_repetition_penalty(llama):
+    """Greedy speculative decoding with a repetition penalty gives plain greedy decoding's tokens with it: every
+    verified position is penalized by the tokens before it on its path."""
+    linear = perturb_new_parameters(lincompile.optimize(llama, "augmented"), 0.1)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(2)).repeat(1, 3)
+    plain = linear.generate(ids, 16, repetition_penalty=1.3)
+    assert torch.equal(linear.generate(ids, 16, repetition_penalty=1.3, draft="prompt-lookup"), plain)
+
+
+def test_beam_search_and_a_max_length_under_the_prompt_are_refused(llama):
+    linear = lincompile.optimize(llama, "linear-elu")
+    ids = torch.randint(3, 128, (1, 5))
+    with pytest.raises(ValueError, match="without beam search; use num_beams=1"):
+        linear.generate(ids, 4, num_beams=2)
+    with pytest.raises(ValueError, match="max_length=3 is shorter than the prompt"):
+        linear.generate(ids, max_length=3)
+    with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
+        linear.generate(ids, 4, repetition_penalty=0.0)
+    assert linear.generate(ids).shape == (1, 5 + 32) and linear.generate(ids, max_length=9).shape == (1, 9)
 
 
 @pytest.mark.parametrize("method", ["linear-elu", "softmax", "augmented"])

@@ -46,13 +46,38 @@ def test_hugging_face_generation_arguments_give_hugging_faces_tokens(llama):
     assert not torch.equal(linear.generate(ids, max_length=17), ours)  # the penalty changes the tokens
 
 
-def test_speculative_decoding_keeps_the_repetition_penalty(llama):
+class _Oracle:
+    """A draft that proposes the next tokens of a known continuation (a chain), or (`tree`) those as a branch after
+    a wrong one-token branch: the continuation's second token first, which the right branch's first row must
+    not count as seen."""
+
+    def __init__(self, sequence: torch.Tensor, tree: bool) -> None:
+        self.sequence, self.tree = sequence, tree
+
+    def propose(self, context, k, sampling, generator):
+        from lincompile.runtime.drafts import Proposal
+
+        tokens = self.sequence[len(context.tokens):len(context.tokens) + k]
+        if not self.tree or len(tokens) < 2:
+            return Proposal(tokens)
+        parents = torch.arange(-1, len(tokens) + 1)  # the wrong root, then the continuation: its own root, a chain
+        parents[1] = -1
+        return Proposal(torch.cat([tokens[1:2], tokens]), parents[:len(tokens) + 1])
+
+    def accepted(self, path):
+        pass
+
+
+@pytest.mark.parametrize("draft", ["prompt-lookup", "chain", "tree"])
+def test_speculative_decoding_keeps_the_repetition_penalty(llama, draft):
     """Greedy speculative decoding with a repetition penalty gives plain greedy decoding's tokens with it: every
-    verified position is penalized by the tokens before it on its path."""
+    verified position is penalized by the tokens before it on its path (drafts of new tokens, accepted whole,
+    show it; a tree's wrong branch must not count)."""
     linear = perturb_new_parameters(lincompile.optimize(llama, "augmented"), 0.1)
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(2)).repeat(1, 3)
     plain = linear.generate(ids, 16, repetition_penalty=1.3)
-    assert torch.equal(linear.generate(ids, 16, repetition_penalty=1.3, draft="prompt-lookup"), plain)
+    chosen = draft if draft == "prompt-lookup" else _Oracle(plain[0], tree=draft == "tree")
+    assert torch.equal(linear.generate(ids, 16, repetition_penalty=1.3, draft=chosen), plain)
 
 
 def test_beam_search_and_a_max_length_under_the_prompt_are_refused(llama):

@@ -43,7 +43,7 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
     if num_beams != 1:
         raise ValueError(f"num_beams={num_beams}: lincompile decodes greedily or by sampling, without beam search; "
                          "use num_beams=1 (speculative decoding with draft= speeds greedy decoding up instead)")
-    max_new_tokens = new_tokens(max_new_tokens, max_length, torch.as_tensor(input_ids).shape[-1])
+    max_new_tokens = _new_tokens(max_new_tokens, max_length, torch.as_tensor(input_ids).shape[-1])
     if draft is not None:
         from lincompile.runtime.speculative import speculative_generate
 
@@ -90,7 +90,7 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
     return torch.cat(tokens, dim=1)
 
 
-def new_tokens(max_new_tokens: int | None, max_length: int | None, prompt: int) -> int:
+def _new_tokens(max_new_tokens: int | None, max_length: int | None, prompt: int) -> int:
     """How many tokens to generate after a `prompt`-token prompt: `max_new_tokens`, else `max_length` - prompt
     (Hugging Face's total length), else `DEFAULT_NEW_TOKENS`."""
     if max_new_tokens is None and max_length is not None:

@@ -12,6 +12,7 @@ Prints a table; with --json, writes the rows too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -38,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         for impl in ("sdpa", "eager"):
             start = time.perf_counter()
             try:
-                with tempfile.TemporaryDirectory() as onnx_dir:
-                    row = check_family(family, impl, onnx_dir if args.onnx else None)
+                with tempfile.TemporaryDirectory() if args.onnx else contextlib.nullcontext() as onnx_dir:
+                    row = check_family(family, impl, onnx_dir)
             except Exception as exc:  # a family's failure is a row of the table, not the end of the run
                 message = str(exc).splitlines()[0][:100]
                 if "does not support an attention implementation" in message:

@@ -32,8 +32,9 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
     (the first id when `eos_token_id` lists several, any of which ends a row). A padded batch must be
     left-padded. As in Hugging Face's `generate`: `max_length` counts the prompt too and applies when
     `max_new_tokens` is not given (neither: 32 new tokens); `repetition_penalty` (> 1 discourages tokens already
-    in the row, prompt and padding included) applies before temperature, top-k and top-p; `num_beams` must be 1
-    (there is no beam search).
+    in the row, prompt and padding included) applies in fp32 before temperature, top-k and top-p; without an
+    `attention_mask`, `pad_token_id` tokens in `input_ids` are padding unless the id is also an eos id;
+    `num_beams` must be 1 (there is no beam search).
 
     The output does not depend on `prefill_chunk_size` (None: the prompt in one call) beyond fp reordering.
     With `draft` ("prompt-lookup", "medusa", MedusaHeads, an NgramTable or a draft model), speculative decoding
@@ -54,6 +55,8 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
                                     attention_mask=attention_mask, prefill_chunk_size=prefill_chunk_size)[0]
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = padding_mask(input_ids, pad_token_id, eos_token_id)
     require_decodable(model, "generate")
     check_new_tokens(model, input_ids.shape[1], max_new_tokens)
     if attention_mask is not None and attention_mask.shape == input_ids.shape and not bool(
@@ -70,8 +73,8 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
     if streamer is not None:
         streamer.put(input_ids.cpu())
     for _ in range(max_new_tokens):
-        if repetition_penalty != 1.0:
-            logits = penalize(logits, torch.cat(tokens, 1), repetition_penalty)
+        if repetition_penalty != 1.0:  # in fp32, as Hugging Face's (and the speculative verify's)
+            logits = penalize(logits.float(), torch.cat(tokens, 1), repetition_penalty)
         token = sample(logits, config, generator)
         if len(eos):
             token = torch.where(done, fill, token)
@@ -94,12 +97,21 @@ def _new_tokens(max_new_tokens: int | None, max_length: int | None, prompt: int)
     """How many tokens to generate after a `prompt`-token prompt: `max_new_tokens`, else `max_length` - prompt
     (Hugging Face's total length), else `DEFAULT_NEW_TOKENS`."""
     if max_new_tokens is None and max_length is not None:
-        if max_length < prompt:
-            raise ValueError(f"max_length={max_length} is shorter than the prompt ({prompt} tokens); max_length "
-                             "counts the prompt too: raise it, or give max_new_tokens")
+        if max_length <= prompt:
+            raise ValueError(f"max_length={max_length} leaves no new token after a prompt of {prompt} tokens; "
+                             "max_length counts the prompt too: raise it, or give max_new_tokens")
         max_new_tokens = max_length - prompt
     if max_new_tokens is None:
         return DEFAULT_NEW_TOKENS
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     return max_new_tokens
+
+
+def padding_mask(input_ids: torch.Tensor, pad_token_id: int | None,
+                 eos_token_id: int | list[int] | None) -> torch.Tensor | None:
+    """The attention mask Hugging Face's `generate` infers when given none: `input_ids != pad_token_id` where the
+    pad id occurs in `input_ids` and is no eos id; else None (every token real)."""
+    if pad_token_id is None or pad_token_id in eos_ids(eos_token_id) or not bool((input_ids == pad_token_id).any()):
+        return None
+    return input_ids.ne(pad_token_id).long()

@@ -12,7 +12,9 @@ import torch
 @dataclass(frozen=True)
 class SamplingConfig:
     """do_sample=False is greedy; otherwise sample from softmax(logits / temperature) after top-k/top-p. Either
-    way the logits get `repetition_penalty` first (`penalize`, by whoever knows the tokens so far)."""
+    way the target's logits get `repetition_penalty` first, in fp32 (`penalize`, applied by `generate` and the
+    speculative verify, which know the tokens so far). Drafts propose without it: verification keeps the output
+    exact, a draft just gets fewer tokens accepted."""
 
     do_sample: bool = False
     temperature: float = 1.0

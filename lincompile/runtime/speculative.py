@@ -137,7 +137,7 @@ class SpeculativeDecoder:
         self.stats.target_calls = 0
         logits = out.logits[0, -1]
         self._check_vocab(vocab_size(self.target) or int(logits.shape[-1]))
-        logits = penalize(logits, input_ids[0].to(logits.device), self.sampling.repetition_penalty)
+        logits = penalize(logits.float(), input_ids[0].to(logits.device), self.sampling.repetition_penalty)
         token = int(sample(logits[None], self.sampling, self.generator)[0])
         self.hidden = out.extras[HIDDEN_OUTPUT][0, -1] if HIDDEN_OUTPUT in out.extras else None
         self.tokens = torch.cat([input_ids[0].cpu(), torch.tensor([token])])

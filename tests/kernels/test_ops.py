@@ -140,13 +140,14 @@ def test_opcheck_one_token_step_with_gradients(method):
 
 
 @pytest.mark.parametrize("method", ["augmented", "hedgehog", "retnet", "linear-elu", "softmax"])
-@pytest.mark.parametrize("tokens", [1, 3, 70])
-def test_gradients_reach_a_past_state(method, tokens):
+@pytest.mark.parametrize("tokens,padded", [(1, False), (1, True), (3, True), (70, True)])
+def test_gradients_reach_a_past_state(method, tokens, padded):
     """A past state computed with autograd (a segment carried into the next, as truncated backprop through time
     does): the op's gradients with respect to it, and to q, k, v and the parameters, are those of the form it
-    runs differentiated directly (a decode step, a short call, a chunked one of 70 tokens; with a padded row).
-    The parts that are not floating (positions, a KV cache's key mask) get none. (Forms may differ in the
-    gradient of group-buffer slots that no state fills: each passes them on or drops them.)"""
+    runs differentiated directly: `decode.step` (one token, every row real), the reference's recurrent form (one
+    token, a padding row), the parallel form (3 tokens) and the chunked one (70). A decode step's are also the
+    reference recurrent form's. (Forms may differ in the gradient of group-buffer slots that no state fills: each
+    passes them on or drops them; `decode.step` and the recurrent form agree.)"""
     import dataclasses
 
     from lincompile.kernels import registry
@@ -162,7 +163,7 @@ def test_gradients_reach_a_past_state(method, tokens):
     past = [s.detach().requires_grad_() if s.is_floating_point() else s for s in past]
     new = [t[:, :, 6:].clone().requires_grad_() for t in (q, k, v)]
     mask = torch.ones(2, tokens, dtype=torch.long)
-    mask[1, 0] = 0
+    mask[1, 0] = 0 if padded else 1
     leaves = [*new, *params, *(s for s in past if s.requires_grad)]
 
     def grads(call):
@@ -173,8 +174,12 @@ def test_gradients_reach_a_past_state(method, tokens):
         return torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
 
     ours = grads(lambda *a: op(*a, spec.to_json(), 0.35, True))
-    theirs = grads(lambda *a: registry.select(spec, q.device).impl(*a, spec, 0.35, True))
+    forms = [lambda *a: registry.select(spec, q.device).impl(*a, spec, 0.35, True)]
+    if tokens == 1 and spec.kind == "linear":
+        forms.append(lambda q, k, v, mask, bias, state, params: reference.recurrent(q, k, v, mask, state, params,
+                                                                                    spec, 0.35))
     assert any(s.requires_grad for s in past)
-    for got, want in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    for form in forms:
+        for got, want in zip(ours, grads(form), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     assert all(s.abs().sum() > 0 for s in ours[-len([s for s in past if s.requires_grad]):])

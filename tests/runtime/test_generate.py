@@ -39,11 +39,16 @@ def test_hugging_face_generation_arguments_give_hugging_faces_tokens(llama):
     ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(1))
     hf = dict(do_sample=False, attention_mask=torch.ones_like(ids), max_length=17, repetition_penalty=1.5)
     free = llama.generate(ids, eos_token_id=None, pad_token_id=0, **hf)
-    eos = int(free[0, 7])  # row 0 ends two tokens in
+    eos = int(free[0, 7])  # row 0 ends at its third new token
     theirs = llama.generate(ids, eos_token_id=eos, pad_token_id=1, **hf)
     ours = linear.generate(ids, max_length=17, repetition_penalty=1.5, eos_token_id=eos, pad_token_id=1)
     assert torch.equal(ours, theirs) and int(ours[0, -1]) == 1
     assert not torch.equal(linear.generate(ids, max_length=17), ours)  # the penalty changes the tokens
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids[1:, 2:]], 1)  # without a mask: 0 is padding
+    assert torch.equal(linear.generate(padded, 6, pad_token_id=0),
+                       llama.generate(padded, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None))
+    assert torch.equal(linear.generate(padded, 6, pad_token_id=0), linear.generate(
+        padded, 6, attention_mask=padded.ne(0).long()))
 
 
 class _Oracle:
@@ -85,8 +90,8 @@ def test_beam_search_and_a_max_length_under_the_prompt_are_refused(llama):
     ids = torch.randint(3, 128, (1, 5))
     with pytest.raises(ValueError, match="without beam search; use num_beams=1"):
         linear.generate(ids, 4, num_beams=2)
-    with pytest.raises(ValueError, match="max_length=3 is shorter than the prompt"):
-        linear.generate(ids, max_length=3)
+    with pytest.raises(ValueError, match="max_length=5 leaves no new token after a prompt of 5 tokens"):
+        linear.generate(ids, max_length=5)
     with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
         linear.generate(ids, 4, repetition_penalty=0.0)
     assert linear.generate(ids).shape == (1, 5 + 32) and linear.generate(ids, max_length=9).shape == (1, 9)

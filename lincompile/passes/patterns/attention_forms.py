@@ -114,7 +114,8 @@ def _walk_scores(node: object, scale: float, terms: list, path: list[fx.Node],
                  softcap: list[float]) -> tuple[fx.Node, float] | None:
     """From a softmax input back to the q.k^T product, collecting scale factors, mask terms and a softcap (appended
     to `softcap`; only where nothing scaled the capped scores afterwards and no mask term lies under the cap, since
-    the op applies masks after it). A failed walk leaves `path`, `terms` and `softcap` as it found them."""
+    the op applies masks after it). A failed walk may leave nodes on `path` (callers that try another branch cut
+    it back) but leaves `terms` and `softcap` as it found them."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return None
     path.append(node)

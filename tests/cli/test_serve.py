@@ -63,6 +63,21 @@ def test_generate_is_plain_greedy_with_every_draft(dirs, capsys):
     assert same_model["tokens_per_call"] > 3.5  # the target drafting for itself: (nearly) every draft is accepted
 
 
+def test_generate_takes_a_repetition_penalty(dirs, capsys):
+    """`--repetition-penalty` is `generate`'s, with or without a draft; a penalty that is not > 0 is one error."""
+    linear = lincompile.load(dirs / "lin")
+    tokenizer = char_tokenizer()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    expected = tokenizer.decode(generate(linear, ids, 24, repetition_penalty=1.5)[0, ids.shape[1]:],
+                                skip_special_tokens=True)
+    assert expected != tokenizer.decode(generate(linear, ids, 24)[0, ids.shape[1]:], skip_special_tokens=True)
+    args = ["--prompt", PROMPT, "--max-new-tokens", "24", "--ignore-eos", "--repetition-penalty", "1.5"]
+    assert _generate(capsys, str(dirs / "lin"), *args)["text"] == expected
+    assert _generate(capsys, str(dirs / "lin"), *args, "--draft", "prompt-lookup")["text"] == expected
+    assert main(["generate", str(dirs / "lin"), "--prompt", PROMPT, "--repetition-penalty", "0"]) == 1
+    assert "repetition_penalty must be > 0" in capsys.readouterr().err
+
+
 def test_generate_streams_text_and_reads_stdin(dirs, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(PROMPT + "\n"))  # as `echo` sends it: the newline is dropped
     from_stdin = _generate(capsys, str(dirs / "lin"), "--prompt", "-", "--max-new-tokens", "12", "--ignore-eos")

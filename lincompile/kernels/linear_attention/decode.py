@@ -22,6 +22,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from lincompile.kernels.linear_attention.reference_linear import acc_parts
+from lincompile.kernels.linear_attention.reference_recurrent import buffer_features, fold_completed_group
 from lincompile.kernels.linear_attention.state import accumulation_dtype, pack_state
 from lincompile.methods.feature_maps import DENOMINATOR_EPS, features, local_kernel
 from lincompile.methods.params import named_params
@@ -143,34 +144,26 @@ def _group_rows(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Ten
     slot = pos % size  # [B]
     slots = torch.arange(size, device=pos.device)
     index = slot[:, None, None, None]
-    group_keys = parts["group_keys"].scatter(2, index.expand(-1, *ki.shape[1:]), ki)
-    group_values = parts["group_values"].scatter(2, index.expand(-1, *vi.shape[1:]), vi)
+    parts["group_keys"] = parts["group_keys"].scatter(2, index.expand(-1, *ki.shape[1:]), ki)
+    parts["group_values"] = parts["group_values"].scatter(2, index.expand(-1, *vi.shape[1:]), vi)
     filled = (slots <= slot[:, None])[:, None, None, :]  # [B, 1, 1, G]
     complete = slot == size - 1
     folds = bool(complete.any())
     fb = None
     if spec.local in ("relu2", "yoso") or (folds and spec.global_branch == "grouped"):
-        slot_pos = (pos - slot)[:, None] + slots if spec.feature_map == "cosformer" else None
-        fb = features(group_keys[:, :, None], spec, named, slot_pos, scale)[:, :, 0]  # [B, Hkv, G, F]
+        fb = buffer_features(spec, named, parts, pos, scale, slots)  # [B, Hkv, G, F]
     out = None
     if spec.local in ("relu2", "yoso"):
         w = torch.where(filled, local_kernel(fq @ fb.transpose(-1, -2), spec), 0.0)  # [B, Hkv, g, G]
-        local = w @ group_values
+        local = w @ parts["group_values"]
         num = local if num is None else num + local
         if spec.normalizer == "denominator":
             den = w.sum(-1) if den is None else den + w.sum(-1)
     if spec.local == "softmax":
-        scores = (qi[:, :, :, 0] @ group_keys.transpose(-1, -2)) * scale
-        out = torch.softmax(scores.masked_fill(~filled, float("-inf")), -1) @ group_values  # own slot: filled
+        scores = (qi[:, :, :, 0] @ parts["group_keys"].transpose(-1, -2)) * scale
+        out = torch.softmax(scores.masked_fill(~filled, float("-inf")), -1) @ parts["group_values"]  # own slot: filled
     if folds:
-        if spec.global_branch == "grouped":
-            flag = complete[:, None, None].to(fb.dtype)
-            parts["state"] = parts["state"] + flag[..., None] * (fb.transpose(-1, -2) @ group_values)
-            if "normalizer" in parts:
-                parts["normalizer"] = parts["normalizer"] + flag * fb.sum(2)
-        group_keys = torch.where(complete[:, None, None, None], 0.0, group_keys)
-        group_values = torch.where(complete[:, None, None, None], 0.0, group_values)
-    parts["group_keys"], parts["group_values"] = group_keys, group_values
+        fold_completed_group(spec, parts, complete, fb)
     return num, den, out
 
 

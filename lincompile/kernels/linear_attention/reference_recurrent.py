@@ -83,7 +83,7 @@ def recurrent_linear(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: l
             valid = ((slots < (pos % size)[:, None]) | write)[:, None, None, :]  # [B, 1, 1, G]
             fb = None  # phi of the buffer's keys, once per token
             if spec.local in ("relu2", "yoso") or spec.global_branch == "grouped":
-                fb = _buffer_features(spec, named, parts, pos, scale, slots)
+                fb = buffer_features(spec, named, parts, pos, scale, slots)
             if spec.local in ("relu2", "yoso"):
                 w = torch.where(valid, local_kernel(fq @ fb.transpose(-1, -2), spec), 0.0)
                 num = num + w @ parts["group_values"]
@@ -103,7 +103,7 @@ def recurrent_linear(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: l
         if spec.uses_groups:
             complete = real & (pos % size == size - 1)
             if _any(complete):  # most tokens complete nothing
-                _fold_completed_group(spec, parts, complete, fb)
+                fold_completed_group(spec, parts, complete, fb)
         pos = pos + real.to(torch.int64)
         outs.append(out.reshape(batch, heads, -1))
     if spec.uses_positions:
@@ -140,9 +140,9 @@ def absorb_linear(k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor
         if spec.uses_groups:
             complete = pos % spec.group_size == spec.group_size - 1
             if _any(complete):
-                fb = (_buffer_features(spec, named, parts, pos, scale, slots) if spec.global_branch == "grouped"
+                fb = (buffer_features(spec, named, parts, pos, scale, slots) if spec.global_branch == "grouped"
                       else None)
-                _fold_completed_group(spec, parts, complete, fb)
+                fold_completed_group(spec, parts, complete, fb)
         pos = pos + 1
     if spec.uses_positions:
         parts["position"] = pos
@@ -167,9 +167,9 @@ def _absorb_runs(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Te
         done += n
         if slot + n == spec.group_size:
             last = pos + (done - 1)
-            fb = (_buffer_features(spec, named, parts, last, scale, slots) if spec.global_branch == "grouped"
+            fb = (buffer_features(spec, named, parts, last, scale, slots) if spec.global_branch == "grouped"
                   else None)
-            _fold_completed_group(spec, parts, torch.ones_like(pos, dtype=torch.bool), fb)
+            fold_completed_group(spec, parts, torch.ones_like(pos, dtype=torch.bool), fb)
     return pos + t
 
 
@@ -202,7 +202,7 @@ def _write_group(parts: dict[str, Tensor], ki: Tensor, vi: Tensor, real: Tensor,
     return write
 
 
-def _buffer_features(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor], pos: Tensor,
+def buffer_features(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor], pos: Tensor,
                      scale: float, slots: Tensor) -> Tensor:
     """phi of the group buffer's keys [B, Hkv, G, F], each slot at its position in the group of `pos`."""
     buffer_pos = pos[:, None] - (pos % spec.group_size)[:, None] + slots
@@ -229,7 +229,7 @@ def _any(flags: Tensor) -> bool:
     return is_fake(flags) or bool(flags.any())
 
 
-def _fold_completed_group(spec: MethodSpec, parts: dict[str, Tensor], complete: Tensor, fb: Tensor | None) -> None:
+def fold_completed_group(spec: MethodSpec, parts: dict[str, Tensor], complete: Tensor, fb: Tensor | None) -> None:
     """Rows whose group just completed: add it to S (grouped branch; `fb` = phi of the buffer's keys) and
     clear the buffer, in place."""
     if spec.global_branch == "grouped":

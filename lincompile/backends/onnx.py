@@ -349,14 +349,30 @@ def _to_onnx(program: torch.export.ExportedProgram, input_names: list[str], outp
         registration.setLevel(level)
 
 
-def _export_split(model: LinearizedModel, opset: int | None, optimize: bool) -> tuple[Any, int, int]:
+def export_template(template: onnx_sites.Template, where: str, batch: Any, seq: Any, opset: int | None,
+                    optimize: bool = False) -> Any:
+    """One attention site signature alone as a standard-ONNX proto: inputs in0.. (q, k, v[, key_mask], *state,
+    *params), outputs out0.. (out, *new_state); `batch` and `seq` are its dynamic dims, `where` names the site
+    in errors."""
+    decomposition = functools.partial(_lower_call, str(onnx_sites.ATTENTION), where)
+    traced = _trace(template.module(decomposition), template.inputs, template.dynamic_shapes(batch, seq))
+    inputs = [f"in{i}" for i in range(len(template.inputs))]
+    outputs = [f"out{i}" for i in range(1 + template.num_state)]
+    exported = _to_onnx(traced, inputs, outputs, opset, optimize)
+    _check_standard(exported.model, opset)
+    return exported.model_proto
+
+
+def _export_split(model: LinearizedModel, opset: int | None, optimize: bool,
+                  chunk_size: int | None) -> tuple[Any, int, int, int]:
     """The ONNX proto of `model.graph` with each distinct attention site exported once and spliced per site
-    (`onnx_sites`), its opset and the number of spliced sites."""
+    (`onnx_sites`; causal linear sites in chunks past `chunk_size` tokens), its opset and the numbers of spliced
+    and of chunked sites."""
     args, shapes = _example_inputs(model)
     placeholders = [n.name for n in model.graph.graph.nodes if n.op == "placeholder"]
     onnx_names = dict(zip(placeholders, model.input_names, strict=True))
     state = {ph: arg for ph, arg in zip(placeholders, args) if onnx_names[ph] in model.state_inputs}
-    parts = onnx_sites.split(model.graph, state, onnx_names, EXAMPLE_BATCH, EXAMPLE_SEQ)
+    parts = onnx_sites.split(model.graph, state, onnx_names, EXAMPLE_BATCH, EXAMPLE_SEQ, chunk_size)
     dims = shapes[model.input_names.index("input_ids")]
     named = {"batch": dims[0], "seq": dims[1]}
     extra_args = tuple(example for _, example, _ in parts.extra_inputs)
@@ -373,22 +389,16 @@ def _export_split(model: LinearizedModel, opset: int | None, optimize: bool) -> 
     templates = []
     for index, template in enumerate(parts.templates):
         where = _describe(sites[next(cut.site for cut in parts.cuts if cut.template == index)])
-        decomposition = functools.partial(_lower_call, str(onnx_sites.ATTENTION), where)
-        traced = _trace(template.module(decomposition), template.inputs,
-                        template.dynamic_shapes(named["batch"], named["seq"]))
-        inputs = [f"in{i}" for i in range(len(template.inputs))]
-        outputs = [f"out{i}" for i in range(1 + template.num_state)]
-        exported = _to_onnx(traced, inputs, outputs, version, optimize)
-        _check_standard(exported.model, version)
-        templates.append(exported.model_proto)
+        templates.append(export_template(template, where, named["batch"], named["seq"], version, optimize))
     params = {p: operator.attrgetter(p)(model.graph) for cut in parts.cuts for p in cut.params}
     onnx_sites.splice(proto, templates, parts, params, len(model.input_names), len(model.output_names),
                       {"batch": ("input_ids", 0), "seq": ("input_ids", 1)})
-    return proto, version, len(parts.cuts)
+    chunked = sum(parts.templates[cut.template].chunk is not None for cut in parts.cuts)
+    return proto, version, len(parts.cuts), chunked
 
 
 def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer: object | None,
-           optimize: bool, split_sites: bool) -> None:
+           optimize: bool, split_sites: bool, chunk_size: int | None) -> None:
     """Export into `directory` (a fresh temp dir): model.onnx, the JSON, the tokenizer; then check."""
     import onnx
     import onnx_ir as ir
@@ -396,10 +406,10 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
     if opset is not None and not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ValueError(f"opset {opset} is outside {MIN_OPSET}..{onnx.defs.onnx_opset_version()}: the lowering "
                          f"needs opset >= {MIN_OPSET}, and this onnx {onnx.__version__} knows none later")
-    proto, spliced = None, 0
+    proto, spliced, chunked = None, 0, 0
     if split_sites:
         try:
-            proto, version, spliced = _export_split(model, opset, optimize)
+            proto, version, spliced, chunked = _export_split(model, opset, optimize, chunk_size)
         except (onnx_sites.SpliceError, OnnxLoweringError) as error:  # the whole graph computes the same ops
             warnings.warn(f"export_onnx: exporting each attention site once failed ({_first_lines(error, 2)}); "
                           "tracing the whole graph instead (same ops, slower)", stacklevel=3)
@@ -423,6 +433,8 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
     meta = _metadata(model, ir.serde.deserialize_model(proto), tokenizer, version)
     meta["einsum"] = {"lowered_to_matmul": lowered, "left": left}
     meta["sites_spliced"] = spliced
+    meta["chunked_sites"] = chunked
+    meta["chunk_size"] = chunk_size if chunked else None
     _write_site_params(model, directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
@@ -430,18 +442,26 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
 
 
 def export_onnx(model: LinearizedModel, out_dir: str | os.PathLike[str], opset: int | None = None,
-                tokenizer: object | None = None, *, optimize: bool = False, split_sites: bool = True) -> Path:
+                tokenizer: object | None = None, *, optimize: bool = False, split_sites: bool = True,
+                chunk_size: int | None = None) -> Path:
     """Export `model` to `out_dir`/model.onnx + lincompile_onnx.json (+ tokenizer files); returns `out_dir`.
 
     `opset`: default-domain opset (>= 18; None = torch.onnx's default). `optimize`: also run the onnxscript
     graph optimizer (about 3x fewer nodes, but +60 s on SmolLM2 and no speedup under onnxruntime, which
     optimizes at session load anyway). `split_sites`: export each distinct attention site once and splice
     it per site (the default; same graph outputs, a fraction of the time); False traces the whole graph.
+    `chunk_size`: with `split_sites`, causal linear sites run calls longer than this in chunks of it inside the
+    graph (`onnx_chunks`; 64 is what the torch path takes): time and memory linear in a call's length, for
+    callers who send long prompts in one call, at the price of a slower decode step (an `If` per site; see
+    `bench/onnx_prefill.py`). None (the default): every call in one piece, quadratic in its length;
+    `OrtModel`'s prefill then feeds prompts in calls of 128 tokens.
 
     Atomic: built in a temp dir beside `out_dir`, checked with `onnx.checker`, then renamed over it.
     Raises `OnnxLoweringError` naming the node/op that could not be lowered; then nothing is written.
     """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None for calls in one piece), got {chunk_size}")
     target = Path(out_dir)
     with atomic_directory(target, META_FILE) as tmp:
-        _write(model, tmp, opset, tokenizer, optimize, split_sites)
+        _write(model, tmp, opset, tokenizer, optimize, split_sites, chunk_size)
     return target

@@ -149,10 +149,19 @@ def _lower(node: object, graph: object) -> list[object] | None:
 
 
 def lower_einsums(model: object) -> tuple[int, int]:
-    """Rewrite the main graph of an `onnx.ModelProto` in place; returns (lowered, left as Einsum)."""
-    graph = model.graph
+    """Rewrite an `onnx.ModelProto` in place, subgraphs (If branches, Scan bodies) included; returns (lowered,
+    left as Einsum)."""
+    return _lower_graph(model.graph)
+
+
+def _lower_graph(graph: object) -> tuple[int, int]:
+    from lincompile.backends.onnx_chunks import subgraphs
+
     nodes, lowered, left = [], 0, 0
     for node in graph.node:
+        for inner in subgraphs(node):
+            counts = _lower_graph(inner)
+            lowered, left = lowered + counts[0], left + counts[1]
         replacement = _lower(node, graph) if node.op_type == "Einsum" and node.domain in ("", "ai.onnx") else None
         if replacement is None:
             left += node.op_type == "Einsum"

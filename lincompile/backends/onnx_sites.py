@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, fx
 
+from lincompile.backends import onnx_chunks
 from lincompile.kernels import ops  # noqa: F401  (registers lincompile::attention)
 from lincompile.methods.spec import MethodSpec
 
@@ -47,6 +48,7 @@ class Template:
     num_state: int
     num_params: int
     inputs: tuple[Tensor, ...]
+    chunk: int | None = None  # calls longer than this run in chunks of it (`onnx_chunks`); None: one call
 
     def module(self, decomposition: Callable[..., Any]) -> torch.nn.Module:
         return _TemplateModule(self, decomposition)
@@ -114,11 +116,13 @@ def _example(like: Tensor, shape: list[int], generator: torch.Generator) -> Tens
 
 
 def split(graph: fx.GraphModule, state_examples: dict[str, Tensor], placeholder_names: dict[str, str],
-          batch: int, seq: int) -> Split:
+          batch: int, seq: int, chunk: int | None = None) -> Split:
     """Cut every cuttable attention site out of a copy of `graph` (sharing its weights).
 
     `state_examples`: example state tensors of batch `batch` by graph placeholder name; `placeholder_names`:
     graph placeholder name -> ONNX input name. Example tensors use `batch` and `seq` for the dynamic axes.
+    `chunk`: causal linear sites run calls longer than this in chunks of it (their templates then always take
+    a key mask; a site without one reads "" there and is fed all-True); None: every call in one.
     """
     copied = copy.deepcopy(graph.graph)
     gen = torch.Generator().manual_seed(0)
@@ -135,27 +139,33 @@ def split(graph: fx.GraphModule, state_examples: dict[str, Tensor], placeholder_
         if not _cuttable(node):
             continue
         q, k, v, key_mask, _, state, params, spec, scale, causal = node.args
+        site_chunk = chunk if causal and MethodSpec.from_json(spec).kind == "linear" else None
         tensors = [q, k, v] + ([key_mask] if key_mask is not None else [])
         vals = [t.meta["val"] for t in tensors]
         examples = [_example(vals[0], [batch, vals[0].shape[1], seq, vals[0].shape[3]], gen),
                     *(_example(x, [batch, x.shape[1], seq, x.shape[3]], gen) for x in vals[1:3])]
         if key_mask is not None:
             examples.append(_example(vals[3], [batch, seq], gen))
+        elif site_chunk is not None:
+            examples.append(torch.ones(batch, seq, dtype=torch.bool))
+        has_key_mask = len(examples) == 4
         state_ex = [state_examples[s.name] for s in state]
         param_ex = [operator.attrgetter(p.target)(graph).detach() for p in params]
-        key = (spec, scale, causal, key_mask is not None,
+        key = (spec, scale, causal, has_key_mask, site_chunk,
                tuple((tuple(x.shape[1:]), x.dtype) for x in (*examples, *state_ex)),
                tuple((tuple(p.shape), p.dtype) for p in param_ex))
         if key not in keys:
             keys[key] = len(templates)
-            templates.append(Template(spec, scale, causal, key_mask is not None, len(state), len(params),
-                                      tuple(examples + state_ex + param_ex)))
+            templates.append(Template(spec, scale, causal, has_key_mask, len(state), len(params),
+                                      tuple(examples + state_ex + param_ex), site_chunk))
         args = []
         for t in [*tensors, *state]:
             if t.op == "placeholder":
                 args.append(placeholder_names[t.name])
             else:
                 args.append(extra_outputs.setdefault(t, f"lc_arg_{len(extra_outputs)}"))
+        if has_key_mask and key_mask is None:
+            args.insert(3, "")
         results = [""] * (1 + len(state))
         out_example = _example(vals[0], [batch, vals[0].shape[1], seq, vals[2].shape[3]], gen)
         for user in list(node.users):
@@ -225,23 +235,33 @@ def splice(outer: Any, templates: list[Any], split_: Split, params: dict[str, Te
     nodes = list(graph.node)
     for cut in split_.cuts:
         template = templates[cut.template].graph
+        prefix = f"lc{cut.site}/"
         names = {i.name for i in template.initializer}
         rename = {init: f"lc_t{cut.template}/{init}" for init in names}
         inputs = [i.name for i in template.input]
         for name, param in zip(inputs[len(cut.args):], cut.params):
-            init = _initializer(params[param].detach().cpu(), f"lc{cut.site}/{param}")
+            init = _initializer(params[param].detach().cpu(), f"{prefix}{param}")
             graph.initializer.append(init)
             rename[name] = init.name
-        rename.update(zip(inputs, (actual.get(arg, arg) for arg in cut.args)))
-        for output, result in zip((o.name for o in template.output), cut.results):
-            rename[output] = actual[result] if result else f"lc{cut.site}/{output}"
+        args = [actual.get(arg, arg) for arg in cut.args]
+        results = [actual[result] if result else f"{prefix}{output.name}"
+                   for output, result in zip(template.output, cut.results)]
+        chunk = split_.templates[cut.template].chunk
+        if chunk is not None:
+            if not args[3]:
+                mask_nodes, args[3] = onnx_chunks.all_true_mask(args[0], prefix)
+                nodes.extend(mask_nodes)
+            nodes.extend(onnx_chunks.chunked_site(template, args, rename, results, prefix, chunk))
+            continue
+        rename.update(zip(inputs, args))
+        rename.update(zip((o.name for o in template.output), results))
         for node in template.node:
             copied = copy.deepcopy(node)
-            copied.name = f"lc{cut.site}/{node.name}"
+            copied.name = f"{prefix}{node.name}"
             for field in (copied.input, copied.output):
                 for i, name in enumerate(field):
                     if name:
-                        field[i] = rename.get(name, f"lc{cut.site}/{name}")
+                        field[i] = rename.get(name, f"{prefix}{name}")
             nodes.append(copied)
     del graph.node[:]
     graph.node.extend(_toposort(nodes, {i.name for i in graph.input} | {i.name for i in graph.initializer}))
@@ -280,11 +300,12 @@ def _redirect_size_reads(graph: Any, cut_axes: dict[str, dict[int, str]],
 def _toposort(nodes: list[Any], available: set[str]) -> list[Any]:
     """Nodes in an order where every input is produced before use (stable for already-ordered nodes)."""
     producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
-    waiting = [sum(1 for name in set(node.input) if name and name in producer) for node in nodes]
+    reads = [{name for name in node.input if name} | onnx_chunks.implicit_inputs(node) for node in nodes]
+    waiting = [sum(1 for name in names if name in producer) for names in reads]
     consumers: dict[str, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for name in set(node.input):
-            if name and name in producer:
+    for i, names in enumerate(reads):
+        for name in names:
+            if name in producer:
                 consumers.setdefault(name, []).append(i)
     ready = [i for i, count in enumerate(waiting) if count == 0]
     heapq.heapify(ready)
@@ -299,14 +320,15 @@ def _toposort(nodes: list[Any], available: set[str]) -> list[Any]:
                     heapq.heappush(ready, j)
     if len(order) != len(nodes):
         raise SpliceError("the spliced graph has a cycle")
-    missing = {name for node in order for name in node.input if name and name not in producer} - available
+    missing = {name for names in reads for name in names if name not in producer} - available
     if missing:
         raise SpliceError(f"spliced nodes read values nothing produces: {sorted(missing)[:5]}")
     return order
 
 
 def _drop_unused_initializers(graph: Any) -> None:
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    used = {name for node in graph.node for name in [*node.input, *onnx_chunks.implicit_inputs(node)]}
+    used |= {o.name for o in graph.output}
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)

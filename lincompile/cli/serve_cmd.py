@@ -60,9 +60,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, tokenizer = _linearized(args)
     _log(f"exporting to ONNX in {args.out} (SmolLM2-135M: about a minute on 2 CPU cores) ...")
     start = time.perf_counter()
-    out = export_onnx(model, args.out, opset=args.opset, tokenizer=tokenizer, optimize=args.optimize)
+    out = export_onnx(model, args.out, opset=args.opset, tokenizer=tokenizer, optimize=args.optimize,
+                      chunk_size=args.chunk_size)
     summary = {"out": str(out), "method": model.config.spec.name, "tokenizer": tokenizer is not None,
-               "seconds": round(time.perf_counter() - start, 1), "megabytes": round(_export_size(out) / 2**20, 1)}
+               "chunk_size": args.chunk_size, "seconds": round(time.perf_counter() - start, 1),
+               "megabytes": round(_export_size(out) / 2**20, 1)}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -213,6 +215,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 18; default: torch.onnx's)")
     p.add_argument("--optimize", action="store_true", help="also run the onnxscript optimizer (about 3x fewer "
                    "nodes; slower export, no speedup under onnxruntime)")
+    p.add_argument("--chunk-size", type=positive_int, default=None, metavar="N",
+                   help="run calls longer than N tokens in chunks of N inside the graph (64 is the torch path's): "
+                        "time and memory linear in a call's length, for callers who send long prompts to the "
+                        "session in one call; the decode step gets slower (an If per site, see "
+                        "bench/onnx_prefill.py). Default: each call in one piece (lincompile's runners feed "
+                        "prompts in calls of 128 tokens then)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p = command_parser(
         sub, "generate", cmd_generate, "generate text with a linearized model (PyTorch or onnxruntime)",

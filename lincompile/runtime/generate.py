@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from lincompile.runtime.prefill import prefill
+from lincompile.runtime.prefill import ChunkSize, prefill
 from lincompile.runtime.sampling import SamplingConfig, eos_ids, penalize, sample
 from lincompile.runtime.state import check_new_tokens, require_decodable
 
@@ -26,8 +26,8 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              max_length: int | None = None, num_beams: int = 1, streamer: object | None = None,
-             generator: torch.Generator | None = None, prefill_chunk_size: int | None = 512, draft: object = None,
-             num_draft_tokens: int = 4, adaptive: bool = False) -> torch.Tensor:
+             generator: torch.Generator | None = None, prefill_chunk_size: ChunkSize = "auto",
+             draft: object = None, num_draft_tokens: int = 4, adaptive: bool = False) -> torch.Tensor:
     """Prompt + up to `max_new_tokens` tokens, [batch, prompt + new]; finished rows repeat `pad_token_id`, else eos
     (the first id when `eos_token_id` lists several, any of which ends a row). A padded batch must be
     left-padded. As in Hugging Face's `generate`: `max_length` counts the prompt too and applies when
@@ -36,7 +36,8 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
     `attention_mask`, `pad_token_id` tokens in `input_ids` are padding unless the id is also an eos id;
     `num_beams` must be 1 (there is no beam search).
 
-    The output does not depend on `prefill_chunk_size` (None: the prompt in one call) beyond fp reordering.
+    The output does not depend on `prefill_chunk_size` (None: the prompt in one call; "auto": the model's own
+    `prefill_chunk_size`, else 512) beyond fp reordering.
     With `draft` ("prompt-lookup", "medusa", MedusaHeads, an NgramTable or a draft model), speculative decoding
     (`lincompile.runtime.speculative`, one sequence): the same tokens as greedy decoding, the same
     distribution as sampling.

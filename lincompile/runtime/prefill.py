@@ -15,11 +15,25 @@ state is given (exact only if that past had no padding: pass the
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch
 
 from lincompile.runtime.state import RecurrentState, first_position
+
+
+#: Tokens per call by default, unless the model names its own (`prefill_chunk_size`, e.g. an `OrtModel`).
+DEFAULT_CHUNK = 512
+ChunkSize = int | None | Literal["auto"]
+
+
+def resolve_chunk(model: object, chunk_size: ChunkSize) -> int | None:
+    """`chunk_size`, with "auto" read as the model's `prefill_chunk_size` attribute or `DEFAULT_CHUNK`."""
+    if chunk_size == "auto":
+        return getattr(model, "prefill_chunk_size", DEFAULT_CHUNK)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be >= 1, None (one call) or 'auto', got {chunk_size!r}")
+    return chunk_size
 
 
 class Prefilled(NamedTuple):
@@ -38,8 +52,9 @@ def mask_positions(attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor
 @torch.no_grad()
 def prefill(model: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
             position_ids: torch.Tensor | None = None, past_state: RecurrentState | None = None,
-            chunk_size: int | None = 512, *, all_logits: bool = False) -> Prefilled:
-    """Run `input_ids` [B, T] through `model` in chunks of `chunk_size` tokens (None: one call).
+            chunk_size: ChunkSize = "auto", *, all_logits: bool = False) -> Prefilled:
+    """Run `input_ids` [B, T] through `model` in chunks of `chunk_size` tokens (None: one call; "auto": the
+    model's `prefill_chunk_size`, else `DEFAULT_CHUNK`).
 
     `attention_mask` [B, T] covers the new tokens (1 = real); the last column must be real for the
     last-token logits to be meaningful (left padding). Returns the last token's logits [B, V] (all
@@ -48,8 +63,7 @@ def prefill(model: Callable, input_ids: torch.Tensor, attention_mask: torch.Tens
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got {tuple(input_ids.shape)}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 (or None for one call), got {chunk_size}")
+    chunk_size = resolve_chunk(model, chunk_size)
     total = input_ids.shape[1]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
     if mask.shape != input_ids.shape:

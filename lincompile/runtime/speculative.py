@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lincompile.passes.linearize import HIDDEN_OUTPUT, VERIFY_WINDOW
 from lincompile.runtime.drafts import DraftContext, Proposal, make_draft, vocab_size
-from lincompile.runtime.prefill import prefill
+from lincompile.runtime.prefill import ChunkSize, prefill
 from lincompile.runtime.sampling import SamplingConfig, eos_ids, penalize, probabilities, sample
 from lincompile.runtime.state import (RecurrentState, check_new_tokens, first_position, position_limit,
                                       require_decodable)
@@ -100,7 +100,7 @@ class SpeculativeDecoder:
 
     def __init__(self, target: Any, draft: Any, num_draft_tokens: int = 4, sampling: SamplingConfig | None = None,
                  generator: torch.Generator | None = None, adaptive: bool = False,
-                 prefill_chunk_size: int | None = 512) -> None:
+                 prefill_chunk_size: ChunkSize = "auto") -> None:
         check_num_draft_tokens(num_draft_tokens)
         require_decodable(target, "speculative decoding")
         self.target = target
@@ -227,7 +227,7 @@ def speculative_generate(model: Any, input_ids: Tensor, max_new_tokens: int, dra
                          eos_token_id: int | None = None, streamer: Any = None,
                          generator: torch.Generator | None = None, adaptive: bool = False,
                          attention_mask: Tensor | None = None,
-                         prefill_chunk_size: int | None = 512) -> tuple[Tensor, SpeculativeStats]:
+                         prefill_chunk_size: ChunkSize = "auto") -> tuple[Tensor, SpeculativeStats]:
     """Prompt + up to `max_new_tokens` tokens [1, prompt + new], and the acceptance statistics. `eos_token_id`:
     one id or several (any ends the sequence)."""
     if max_new_tokens < 0:

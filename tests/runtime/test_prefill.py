@@ -1,6 +1,8 @@
 """Chunked prefill equals one call over the whole prompt (logits and state), for torch and onnxruntime."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -102,7 +104,28 @@ def test_onnxruntime_chunked_prefill_equals_torch(batch, tmp_path):
     assert torch.equal(ort_model.generate(ids, 4, attention_mask=mask), model.generate(ids, 4, attention_mask=mask))
 
 
-@pytest.mark.parametrize("kwargs,match", [({"chunk_size": 0}, "chunk_size"),
+def test_auto_chunk_size_is_the_models_own():
+    """"auto" (the default) takes the model's `prefill_chunk_size` when it names one, else 512 tokens per call."""
+    calls = []
+
+    class Counted:
+        def __init__(self, chunk=None):
+            if chunk is not None:
+                self.prefill_chunk_size = chunk
+
+        def __call__(self, input_ids, **kwargs):
+            calls.append(input_ids.shape[1])
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 5), past_state=object())
+
+    ids = torch.ones(2, 600, dtype=torch.long)
+    prefill(Counted(250), ids)
+    assert calls == [250, 250, 100]
+    calls.clear()
+    prefill(Counted(), ids)
+    assert calls == [512, 88]
+
+
+@pytest.mark.parametrize("kwargs,match", [({"chunk_size": 0}, "chunk_size"), ({"chunk_size": "big"}, "auto"),
                                           ({"attention_mask": torch.ones(2, 3)}, "attention_mask"),
                                           ({"position_ids": torch.zeros(2, 3)}, "position_ids")])
 def test_bad_arguments(kwargs, match):

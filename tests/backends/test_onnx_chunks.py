@@ -1,0 +1,162 @@
+"""Calls longer than the chunk size run in chunks inside the ONNX graph (`onnx_chunks`): one site against the
+reference, and whole exports against the torch model and the export without chunks."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+import lincompile
+from lincompile.backends import onnx as lo
+from lincompile.backends import onnx_chunks, onnx_sites
+from lincompile.backends.ort import OrtModel
+from lincompile.kernels.linear_attention import reference
+from lincompile.methods.params import random_params
+from lincompile.methods.spec import get_method
+from lincompile.testing.kernels import rel, state_rel
+from lincompile.testing.tiny import perturb_new_parameters, tiny_model
+
+B, H, HKV, D, CHUNK = 2, 4, 2, 16, 8
+#: every state part and weighting: groups + conv + position counter, normalizer, decay, learned features,
+#: the local branch alone, position-dependent features
+METHODS = ["augmented", "linear-elu", "retnet", "hedgehog", "local", "cosformer"]
+
+
+def _site_session(method: str, with_mask: bool):
+    """An onnxruntime session of one spliced site (chunked every CHUNK tokens) and its spec and params."""
+    import onnxruntime as ort
+
+    spec = get_method(method)
+    params = random_params(spec, H, HKV, D, D, seed=1)
+    state = reference.init_state(spec, B, HKV, D, D)
+    gen = torch.Generator().manual_seed(0)
+    examples = [torch.rand(B, heads, 5, D, generator=gen) for heads in (H, HKV, HKV)] + [torch.ones(B, 5).bool()]
+    template = onnx_sites.Template(spec.to_json(), D ** -0.5, True, True, len(state), len(params),
+                                   tuple(examples + state + params), CHUNK)
+    proto = lo.export_template(template, "test site", torch.export.Dim("batch"), torch.export.Dim("seq"), None)
+    names = [i.name for i in proto.graph.input]
+    rename = {name: f"param{i}" for i, name in enumerate(names[4 + len(state):])}
+    rename.update({init.name: f"t/{init.name}" for init in proto.graph.initializer})
+    args = ["q", "k", "v", "mask" if with_mask else ""] + [f"state{j}" for j in range(len(state))]
+    nodes = []
+    if not with_mask:
+        nodes, args[3] = onnx_chunks.all_true_mask("q", "m/")
+    results = ["out"] + [f"new{j}" for j in range(len(state))]
+    nodes += onnx_chunks.chunked_site(proto.graph, args, rename, results, "site/", CHUNK)
+
+    def typed(value, name):
+        copied = onnx.ValueInfoProto()
+        copied.CopyFrom(value)
+        copied.name = name
+        return copied
+
+    inputs = [typed(proto.graph.input[i], name) for i, name in enumerate(["q", "k", "v", "mask"][:3 + with_mask])]
+    inputs += [typed(proto.graph.input[4 + j], f"state{j}") for j in range(len(state))]
+    outputs = [typed(o, name) for o, name in zip(proto.graph.output, results)]
+    inits = [numpy_helper.from_array(p.numpy(), f"param{i}") for i, p in enumerate(params)]
+    inits += [typed_init(init, f"t/{init.name}") for init in proto.graph.initializer]
+    model = helper.make_model(helper.make_graph(nodes, "site", inputs, outputs, initializer=inits),
+                              opset_imports=proto.opset_import)
+    onnx.checker.check_model(model, full_check=True)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), spec, params
+
+
+def typed_init(init, name):
+    copied = onnx.TensorProto()
+    copied.CopyFrom(init)
+    copied.name = name
+    return copied
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_chunked_site_matches_the_reference(method):
+    """Fresh random inputs, GQA, B > 1 with a left-padded row, a non-initial state, T from 1 (decode) through the
+    chunk size to past it by a remainder; the output and every state part against the reference (the chunked
+    form the torch path takes past the chunk size, and the parallel form)."""
+    session, spec, params = _site_session(method, with_mask=True)
+    gen = torch.Generator().manual_seed(METHODS.index(method))
+    _, state = reference.attention(*(torch.randn(B, h, 11, D, generator=gen) for h in (H, HKV, HKV)), None, None,
+                                   [], params, spec, D ** -0.5, True)
+    for t in (1, 3, CHUNK, CHUNK + 1, 3 * CHUNK + 5):
+        q, k, v = (torch.randn(B, h, t, D, generator=gen) for h in (H, HKV, HKV))
+        mask = torch.ones(B, t, dtype=torch.bool)
+        mask[1, :min(2, t - 1)] = False
+        feed = {"q": q, "k": k, "v": v, "mask": mask, **{f"state{j}": s for j, s in enumerate(state)}}
+        out, *new = session.run(None, {name: value.numpy() for name, value in feed.items()})
+        args = (q, k, v, mask, None, list(state), params, spec, D ** -0.5, True)
+        ref, ref_state = reference.chunked(*args, chunk_size=CHUNK)
+        assert rel(torch.from_numpy(out), ref) <= 1e-5, t
+        assert state_rel([torch.from_numpy(x) for x in new], ref_state) <= 1e-5, t
+        parallel, _ = reference.attention(*args)
+        assert rel(torch.from_numpy(out), parallel) <= 1e-5, t
+        state = [torch.from_numpy(x) for x in new]
+
+
+def test_a_site_without_a_key_mask_reads_every_token():
+    session, spec, params = _site_session("augmented", with_mask=False)
+    gen = torch.Generator().manual_seed(3)
+    for t in (1, 2 * CHUNK + 3):
+        q, k, v = (torch.randn(B, h, t, D, generator=gen) for h in (H, HKV, HKV))
+        state = reference.init_state(spec, B, HKV, D, D)
+        feed = {"q": q, "k": k, "v": v, **{f"state{j}": s for j, s in enumerate(state)}}
+        out, *new = session.run(None, {name: value.numpy() for name, value in feed.items()})
+        ref, ref_state = reference.attention(q, k, v, None, None, state, params, spec, D ** -0.5, True)
+        assert rel(torch.from_numpy(out), ref) <= 1e-5
+        assert state_rel([torch.from_numpy(x) for x in new], ref_state) <= 1e-5
+
+
+def test_implicit_inputs_are_the_outer_values_subgraphs_read():
+    inner = helper.make_graph([helper.make_node("Add", ["a", "x"], ["y"])], "inner",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    branch = helper.make_graph([helper.make_node("Scan", ["s", "xs"], ["t", "ys"], body=inner, num_scan_inputs=1),
+                                helper.make_node("Identity", ["b"], ["c"])], "branch", [],
+                               [helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [1])])
+    node = helper.make_node("If", ["cond"], ["c"], then_branch=branch, else_branch=branch)
+    assert onnx_chunks.implicit_inputs(node) == {"a", "s", "xs", "b"}
+    assert onnx_chunks.implicit_inputs(helper.make_node("Relu", ["a"], ["b"])) == set()
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """A tiny augmented llama exported with chunks of 4 tokens and without."""
+    model = perturb_new_parameters(lincompile.optimize(tiny_model("llama"), "augmented"))
+    root = tmp_path_factory.mktemp("chunks")
+    return model, lo.export_onnx(model, root / "chunked", chunk_size=4), lo.export_onnx(model, root / "whole")
+
+
+def test_a_chunked_export_matches_torch_and_the_export_without_chunks(exports):
+    """Prefill past the chunk size with a left-padded row, a second long call from that state, then decode;
+    einsums in the subgraphs are lowered too."""
+    model, chunked, whole = exports
+    meta = json.loads((chunked / lo.META_FILE).read_text())
+    assert (meta["chunk_size"], meta["chunked_sites"], meta["einsum"]["left"]) == (4, 2, 0)
+    assert json.loads((whole / lo.META_FILE).read_text())["chunk_size"] is None
+    runners = [OrtModel.from_dir(d, providers=["CPUExecutionProvider"]) for d in (chunked, whole)]
+    assert [r.prefill_chunk_size for r in runners] == [512, 128]
+    ids = torch.randint(3, 128, (2, 23), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+    outs = [[r(ids[:, :10], mask[:, :10])] for r in runners]
+    for out, runner in zip(outs, runners):
+        out.append(runner(ids[:, 10:], mask[:, 10:], past_state=out[0].past_state))
+        out.append(runner(ids[:, -1:], past_state=out[1].past_state))
+    for got in (outs[0], outs[1]):
+        assert torch.allclose(torch.cat([got[0].logits, got[1].logits], 1), expected, atol=1e-5)
+    for a, b in zip(outs[0], outs[1]):
+        assert torch.allclose(a.logits, b.logits, atol=1e-5)
+
+
+def test_chunk_size_must_be_positive(tmp_path):
+    model = lincompile.optimize(tiny_model("llama"), "linear-elu")
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        lo.export_onnx(model, tmp_path / "out", chunk_size=0)
+    assert not (tmp_path / "out").exists()

@@ -13,10 +13,10 @@ registry sends causal calls over `registry.CHUNK` tokens to `reference.chunked`)
 Masked tokens take no position and change no state, so the padding changes nothing but its own (dropped)
 outputs, and the result is `reference.chunked(..., C)`. A template whose site has no key mask is exported with
 one and fed all-True (the same numbers as none). The head stays in the main graph because onnxruntime runs a
-subgraph's nodes more slowly (both forms inside an `If` made SmolLM2's decode step 16% slower); the `If` itself
-still costs decode steps time (`bench/onnx_prefill.py`), which is why chunking is opt-in. Subgraphs read the
-main graph's values (the site's arguments, its parameters) by name; `implicit_inputs` lists such reads for
-sorting and pruning.
+subgraph's nodes more slowly (both forms inside an `If` cost decode more in a trial); the `If` itself still
+costs each decode step time (8% on SmolLM2, `bench/onnx_prefill.py`), which is why chunking is opt-in.
+Subgraphs read the main graph's values (the site's arguments, its parameters) by name; `implicit_inputs` lists
+such reads for sorting and pruning.
 """
 from __future__ import annotations
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -48,17 +47,11 @@ def _site_session(method: str, with_mask: bool):
     results = ["out"] + [f"new{j}" for j in range(len(state))]
     nodes += onnx_chunks.chunked_site(proto.graph, args, rename, results, "site/", CHUNK)
 
-    def typed(value, name):
-        copied = onnx.ValueInfoProto()
-        copied.CopyFrom(value)
-        copied.name = name
-        return copied
-
-    inputs = [typed(proto.graph.input[i], name) for i, name in enumerate(["q", "k", "v", "mask"][:3 + with_mask])]
-    inputs += [typed(proto.graph.input[4 + j], f"state{j}") for j in range(len(state))]
-    outputs = [typed(o, name) for o, name in zip(proto.graph.output, results)]
+    inputs = [_renamed(proto.graph.input[i], name) for i, name in enumerate(["q", "k", "v", "mask"][:3 + with_mask])]
+    inputs += [_renamed(proto.graph.input[4 + j], f"state{j}") for j in range(len(state))]
+    outputs = [_renamed(o, name) for o, name in zip(proto.graph.output, results)]
     inits = [numpy_helper.from_array(p.numpy(), f"param{i}") for i, p in enumerate(params)]
-    inits += [typed_init(init, f"t/{init.name}") for init in proto.graph.initializer]
+    inits += [_renamed(init, f"t/{init.name}") for init in proto.graph.initializer]
     model = helper.make_model(helper.make_graph(nodes, "site", inputs, outputs, initializer=inits),
                               opset_imports=proto.opset_import)
     onnx.checker.check_model(model, full_check=True)
@@ -67,9 +60,10 @@ def _site_session(method: str, with_mask: bool):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), spec, params
 
 
-def typed_init(init, name):
-    copied = onnx.TensorProto()
-    copied.CopyFrom(init)
+def _renamed(proto, name):
+    """A copy of an ONNX value info or initializer under `name`."""
+    copied = type(proto)()
+    copied.CopyFrom(proto)
     copied.name = name
     return copied
 

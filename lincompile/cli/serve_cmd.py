@@ -61,10 +61,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     _log(f"exporting to ONNX in {args.out} (SmolLM2-135M: about a minute on 2 CPU cores) ...")
     start = time.perf_counter()
     out = export_onnx(model, args.out, opset=args.opset, tokenizer=tokenizer, optimize=args.optimize,
-                      chunk_size=args.chunk_size)
+                      chunk_size=args.chunk_size, quantize=args.quantize)
     summary = {"out": str(out), "method": model.config.spec.name, "tokenizer": tokenizer is not None,
-               "chunk_size": args.chunk_size, "seconds": round(time.perf_counter() - start, 1),
-               "megabytes": round(_export_size(out) / 2**20, 1)}
+               "chunk_size": args.chunk_size, "quantize": args.quantize,
+               "seconds": round(time.perf_counter() - start, 1), "megabytes": round(_export_size(out) / 2**20, 1)}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -221,6 +221,10 @@ def add_parsers(sub: Any) -> None:
                         "session in one call; the decode step gets slower (an If per site, see "
                         "bench/onnx_prefill.py). Default: each call in one piece (lincompile's runners feed "
                         "prompts in calls of 128 tokens then)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: every linear layer's weights in 8 bits (onnxruntime's MatMulNBits, blocks of 32, "
+                        "int8 compute): about half the size and a faster CPU decode, onnxruntime only (see "
+                        "bench/onnx_quantize.py for perplexity and speed). Default: float weights, standard ONNX")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p = command_parser(
         sub, "generate", cmd_generate, "generate text with a linearized model (PyTorch or onnxruntime)",

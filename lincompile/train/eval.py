@@ -1,7 +1,7 @@
 """Perplexity on fixed token blocks: the same tokens for every model and method.
 
-`perplexity` works for anything called as `model(input_ids).logits` (an HF causal LM or a
-`LinearizedModel`). It scores every token of each block after the first, averages the negative
+`perplexity` works for anything called as `model(input_ids).logits` (an HF causal LM, a `LinearizedModel`,
+an `OrtModel`). It scores every token of each block after the first, averages the negative
 log-likelihood over all scored tokens, and returns exp of that mean.
 """
 from __future__ import annotations
@@ -33,8 +33,9 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4
     if blocks.dim() != 2 or blocks.shape[1] < 2:
         raise ValueError(f"blocks must be [num_blocks, block_size >= 2], got {tuple(blocks.shape)}")
     check_positions(model, blocks.shape[1], f"a block of {blocks.shape[1]} tokens (--block-size)")
-    was_training = model.training
-    model.eval()
+    was_training = getattr(model, "training", False)  # an OrtModel has no training mode
+    if was_training:
+        model.eval()
     total, count = 0.0, 0
     try:
         starts = range(0, blocks.shape[0], batch_size)
@@ -46,7 +47,8 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4
             total += float(nll)
             count += ids[:, 1:].numel()
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     mean = total / count
     if not math.isfinite(mean):
         raise FloatingPointError("non-finite loss while computing perplexity (NaN/Inf logits)")

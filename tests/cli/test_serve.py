@@ -124,6 +124,13 @@ def test_export_with_chunks_in_the_graph_generates_the_same_text(dirs, capsys):
     assert exit_info.value.code == 2 and "--chunk-size" in capsys.readouterr().err
 
 
+def test_export_with_8_bit_weights_generates(dirs, capsys):
+    assert main(["export", str(dirs / "lin"), "--out", str(dirs / "int8"), "--quantize", "int8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantize"] == "int8"
+    result = _generate(capsys, str(dirs / "int8"), "--prompt", PROMPT, "--max-new-tokens", "6", "--ignore-eos")
+    assert result["runtime"] == "onnxruntime" and result["new_tokens"] == 6
+
+
 def test_generate_linearizes_a_hugging_face_model(dirs, capsys):
     code = main(["generate", str(dirs / "hf"), "--method", "linear-elu", "--prompt", PROMPT, "--max-new-tokens", "5",
                  "--ignore-eos", "--json"])

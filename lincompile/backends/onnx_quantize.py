@@ -1,0 +1,109 @@
+"""Weight-only quantization of an export's linear layers (`export_onnx(..., quantize="int8")`).
+
+Every `nn.Linear` of the model (attention projections, MLP, the LM head; LoRA adapters too) becomes onnxruntime's
+`MatMulNBits` (domain com.microsoft): weights in 8 bits, asymmetric, one scale and zero point per block of 32
+inputs, and `accuracy_level` 4, under which onnxruntime's CPU kernel quantizes each block of activations to int8
+on the fly and multiplies in integers. What stays in float: the attention sites (their method parameters, the
+recurrent state and every product of activations), the norms, the embedding table.
+
+torch.onnx writes a linear layer as MatMul(x, Transpose(W)) with W an initializer; `fold_transposed_weights`
+stores W^T instead, which is the form the quantizer reads. Only those MatMuls are quantized (named to the
+quantizer one by one), never a MatMul of two activations, and never one whose weight is a linearization
+parameter (`PARAMS_MODULE`, e.g. Hedgehog's feature map).
+
+The export then runs in onnxruntime only (the op is a contrib op), with `onnxruntime>=MIN_ORT`.
+`python bench/onnx_quantize.py` measures perplexity, decode speed and size against the float export.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from lincompile.passes.linearize import PARAMS_MODULE
+
+#: scheme -> MatMulNBits settings
+SCHEMES: dict[str, dict[str, int]] = {"int8": {"bits": 8, "block_size": 32, "accuracy_level": 4}}
+#: The first onnxruntime whose quantizer writes, and whose CPU kernel runs, 8-bit MatMulNBits.
+MIN_ORT = (1, 22)
+
+
+def fold_transposed_weights(graph: Any) -> list[Any]:
+    """Rewrite MatMul(x, Transpose(W)) with W an initializer (not a linearization parameter) as MatMul(x, W^T) in
+    `graph` in place; returns those MatMul nodes (named, for the quantizer). Transposes left unused and
+    initializers nothing reads any more are dropped."""
+    from onnx import numpy_helper
+
+    producer = {out: node for node in graph.node for out in node.output}
+    initializers = {init.name: init for init in graph.initializer}
+    folded: dict[str, str] = {}
+    matmuls = []
+    for index, node in enumerate(graph.node):
+        transpose = producer.get(node.input[1]) if node.op_type == "MatMul" else None
+        if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in initializers:
+            continue
+        if PARAMS_MODULE in transpose.input[0]:
+            continue
+        if transpose.output[0] not in folded:
+            weight = numpy_helper.to_array(initializers[transpose.input[0]])
+            perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+            if weight.ndim != 2 or perm not in (None, [1, 0]):
+                continue
+            name = f"{transpose.output[0]}/folded"
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), name))
+            folded[transpose.output[0]] = name
+        node.input[1] = folded[transpose.output[0]]
+        if not node.name:
+            node.name = f"lc_linear_{index}"
+        matmuls.append(node)
+    read = {name for node in graph.node for name in node.input}
+    kept = [n for n in graph.node if not (n.op_type == "Transpose" and n.output[0] in folded
+                                          and n.output[0] not in read)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    used = [init for init in graph.initializer if init.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(used)
+    return matmuls
+
+
+def check_onnxruntime() -> None:
+    """Refuse an onnxruntime too old for 8-bit MatMulNBits, with what to install."""
+    import onnxruntime
+
+    version = tuple(int(x) for x in onnxruntime.__version__.split(".")[:2])
+    if version < MIN_ORT:
+        raise RuntimeError(f"quantize='int8' needs onnxruntime >= {'.'.join(map(str, MIN_ORT))} (8-bit "
+                           f"MatMulNBits); this is {onnxruntime.__version__}: pip install -U onnxruntime")
+
+
+def quantize_weights(model: Any, scheme: str) -> tuple[Any, int]:
+    """(the quantized onnx.ModelProto, number of linear layers quantized) for `model` (an onnx.ModelProto, whose
+    graph is rewritten by `fold_transposed_weights`) under `scheme` (a key of `SCHEMES`)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantize={scheme!r}: known schemes are {sorted(SCHEMES)} (or None for float weights)")
+    check_onnxruntime()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:  # importing the quantizer calls logging.basicConfig(level=INFO): undo that in the user's process
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    matmuls = fold_transposed_weights(model.graph)
+    settings = SCHEMES[scheme]
+    quantizer = MatMulNBitsQuantizer(model, bits=settings["bits"], block_size=settings["block_size"],
+                                     is_symmetric=False, accuracy_level=settings["accuracy_level"],
+                                     nodes_to_include=[node.name for node in matmuls])
+    quiet = logging.getLogger("onnxruntime.quantization")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the quantizer logs a line per node
+    try:
+        quantizer.process()
+    finally:
+        quiet.setLevel(level)
+    quantized = quantizer.model.model
+    count = sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
+    return quantized, count

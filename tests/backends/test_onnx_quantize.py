@@ -1,0 +1,90 @@
+"""8-bit weights in an ONNX export (`export_onnx(quantize="int8")`): which MatMuls become MatMulNBits, and the
+quantized export against the float one."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import lincompile
+from lincompile.backends import onnx as lo
+from lincompile.backends import onnx_quantize
+from lincompile.backends.ort import OrtModel
+from lincompile.testing.tiny import perturb_new_parameters, tiny_model
+
+
+def test_only_linear_weights_are_folded():
+    """MatMul(x, Transpose(W)) with W a weight folds to MatMul(x, W^T), the same numbers; a product of two
+    activations and a linearization parameter (`lincompile_params...`) stay as they are."""
+    gen = np.random.default_rng(0)
+    weight, param = gen.standard_normal((6, 4)).astype(np.float32), gen.standard_normal((4, 4)).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "wt"], ["y"], name="linear"),
+             helper.make_node("Transpose", ["lincompile_params.site_0.proj"], ["pt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "pt"], ["z"], name="feature_map"),
+             helper.make_node("MatMul", ["y", "x2"], ["u"], name="activations")]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in [("x", [2, 4]), ("x2", [6, 3])]]
+    graph = helper.make_graph(
+        nodes, "g", inputs,
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "z", "u")],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(param, "lincompile_params.site_0.proj")])
+    folded = onnx_quantize.fold_transposed_weights(graph)
+    assert [n.name for n in folded] == ["linear"]
+    assert [n.op_type for n in graph.node] == ["MatMul", "Transpose", "MatMul", "MatMul"]
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    assert "w" not in inits and np.array_equal(inits[folded[0].input[1]], weight.T)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """A tiny hedgehog llama (a learned feature map: a parameter MatMul inside each site) exported with float and
+    with 8-bit weights."""
+    model = perturb_new_parameters(lincompile.optimize(tiny_model("llama"), "hedgehog"))
+    root = tmp_path_factory.mktemp("quantize")
+    before = (list(logging.getLogger().handlers), logging.getLogger().level)
+    quantized = lo.export_onnx(model, root / "int8", quantize="int8")
+    assert (list(logging.getLogger().handlers), logging.getLogger().level) == before  # no basicConfig left behind
+    return model, quantized, lo.export_onnx(model, root / "float")
+
+
+def test_every_linear_layer_and_nothing_else_is_quantized(exports):
+    model, quantized, _ = exports
+    linears = sum(1 for n in model.graph.graph.nodes if "linear" in str(n.target))
+    meta = json.loads((quantized / lo.META_FILE).read_text())
+    assert meta["quantize"] == {"scheme": "int8", "bits": 8, "block_size": 32, "accuracy_level": 4,
+                                "linear_layers": linears}
+    proto = onnx.load(str(quantized / lo.MODEL_FILE))
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == linears and all(n.domain == "com.microsoft" for n in nbits)
+    assert not any(n.name.startswith("lc") for n in nbits)  # attention sites keep float
+    assert json.loads((exports[2] / lo.META_FILE).read_text())["quantize"] is None
+
+
+def test_quantized_export_stays_close_to_the_float_export(exports):
+    """Logits within 3% (relative norm) of the float export's on a left-padded batch, after the prompt and after
+    decode steps from the state; the state has the float export's layout."""
+    _, quantized, floating = exports
+    runners = [OrtModel.from_dir(d, providers=["CPUExecutionProvider"]) for d in (quantized, floating)]
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    outs = [r(ids, mask) for r in runners]
+    for _ in range(3):
+        token = outs[1].logits[:, -1:].argmax(-1)
+        outs = [r(token, past_state=o.past_state) for r, o in zip(runners, outs)]
+        got, ref = outs[0].logits, outs[1].logits
+        assert ((got - ref).norm() / ref.norm()).item() <= 3e-2
+    assert ({n: tuple(v.shape()) for n, v in outs[0].past_state.tensors.items()}
+            == {n: tuple(v.shape()) for n, v in outs[1].past_state.tensors.items()})
+
+
+def test_an_unknown_scheme_is_refused_before_writing(tmp_path):
+    model = lincompile.optimize(tiny_model("llama"), "linear-elu")
+    with pytest.raises(ValueError, match="known schemes are \\['int8'\\]"):
+        lo.export_onnx(model, tmp_path / "out", quantize="int4")
+    assert not (tmp_path / "out").exists()

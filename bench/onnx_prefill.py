@@ -8,8 +8,8 @@ Shakespeare prompt:
              does), best of `--repeats`;
   calls of   the longest prompt fed by `lincompile.runtime.prefill` in calls of each `--call-sizes` length
              (`OrtModel.prefill_chunk_size` picks 128 for the unchunked export, 512 for the chunked one);
-  decode     the median single-token step from the longest prompt's state, the two exports taking turns
-             step by step for `--rounds` steps each.
+  decode     the median greedy single-token step from the longest prompt's state, the two exports taking turns
+             step by step for `--rounds` steps each (whether their greedy tokens agree is recorded).
 The largest logit difference between the two exports is recorded beside each one-call row.
 
 Writes bench/results/onnx_prefill_<machine>.json; prints the table and the command.
@@ -19,11 +19,6 @@ Writes bench/results/onnx_prefill_<machine>.json; prints the table and the comma
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -31,9 +26,8 @@ from pathlib import Path
 
 import torch
 
-from lincompile.atomic import atomic_write_text
 from lincompile.cli.args import positive_int
-from lincompile.runtime.timing import open_ort
+from lincompile.runtime.timing import linear_session, open_ort, time_steps, write_bench_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMS = {"whole": None, "chunked": 64}  # form -> export_onnx(chunk_size=...)
@@ -89,15 +83,10 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
             seconds, _ = _best(lambda: prefill(runner, ids, chunk_size=size), 1)
             calls.append({"form": form, "call_size": size, "s": seconds})
             _log(f"{form}: {longest} tokens in calls of {size}: {seconds:.2f} s")
-    state = {form: prefill(runner, ids).state for form, runner in runners.items()}
-    token = ids[:, -1:]
-    steps: dict[str, list[float]] = {form: [] for form in runners}
-    for _ in range(args.rounds):  # the forms take turns step by step, so drifts in the machine's speed hit both
-        for form, runner in runners.items():
-            start = time.perf_counter()
-            state[form] = runner(token, past_state=state[form]).past_state
-            steps[form].append(time.perf_counter() - start)
-    decode = {f"ms_{form}": 1e3 * statistics.median(times) for form, times in steps.items()}
+    sessions = {form: linear_session(runner, *prefill(runner, ids)) for form, runner in runners.items()}
+    timings = time_steps(sessions, warmup=2, rounds=args.rounds, steps=1)  # the forms take turns step by step
+    decode = {f"ms_{form}": 1e3 / rate for form, rate in timings.tokens_per_s().items()}
+    decode["greedy_tokens_agree"] = timings.tokens["whole"] == timings.tokens["chunked"]
     return {"one_call": one_call, "calls": calls, "decode": decode,
             "prefill_chunk_size": {form: runner.prefill_chunk_size for form, runner in runners.items()}}
 
@@ -129,22 +118,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="onnxruntime intra-op threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    argv = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
     with tempfile.TemporaryDirectory(prefix="lincompile-bench-") as scratch:  # two exports, ~0.6 GB each
         result = run(args, Path(scratch))
-    import onnxruntime
-
-    machine = f"{platform.machine()}-{os.cpu_count()}cpu"
-    result.update({"command": command, "machine": machine, "processor": platform.processor(),
-                   "threads": args.threads, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                   "method": args.method})
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"onnx_prefill_{machine}.json"
-    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    result.update({"method": args.method})
+    path = write_bench_result(result, args.out, "onnx_prefill", args.threads, argv)
     print()
     print_table(result)
     print(f"\nwrote {path}")
-    print(f"reproduce: {command}")
+    print(f"reproduce: {result['command']}")
     return 0
 
 

@@ -5,8 +5,8 @@ Both exports come from the same linearized model (`lincompile.pretrained.lineari
 there are some) and run on onnxruntime's CPU provider with the same thread count:
   perplexity  the held-out blocks `lincompile eval` scores (`--max-blocks` x `--block-size` tokens);
   prefill     one call over the first `--prefill` tokens of a held-out block, best of 3;
-  decode      the median single-token step after that prompt, the two exports taking turns step by step for
-              `--rounds` steps each.
+  decode      the median greedy single-token step after that prompt, the two exports taking turns step by step
+              for `--rounds` steps each (how many greedy tokens agree is recorded).
 
 Writes bench/results/onnx_quantize_<machine>.json; prints the table and the command.
     python bench/onnx_quantize.py --threads 1        # about 4 minutes
@@ -14,11 +14,6 @@ Writes bench/results/onnx_quantize_<machine>.json; prints the table and the comm
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -26,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from lincompile.atomic import atomic_write_text
 from lincompile.cli.args import positive_int
-from lincompile.runtime.timing import open_ort
+from lincompile.runtime.timing import linear_session, open_ort, time_steps, write_bench_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMS = {"float": None, "int8": "int8"}  # form -> export_onnx(quantize=...)
@@ -60,24 +54,22 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
         rows[form]["ppl"] = perplexity(runner, blocks, progress=False).ppl
         _log(f"{form}: perplexity {rows[form]['ppl']:.3f}")
     prompt = blocks[:1, :args.prefill]
-    state = {}
+    sessions = {}
     for form, runner in runners.items():
         best = float("inf")
         for _ in range(3):
             start = time.perf_counter()
             out = runner(prompt)
             best = min(best, time.perf_counter() - start)
-        rows[form]["prefill_s"], state[form] = best, out.past_state
-    token = prompt[:, -1:]
-    steps: dict[str, list[float]] = {form: [] for form in runners}
-    for _ in range(args.rounds):  # the forms take turns step by step, so drifts in the machine's speed hit both
-        for form, runner in runners.items():
-            start = time.perf_counter()
-            state[form] = runner(token, past_state=state[form]).past_state
-            steps[form].append(time.perf_counter() - start)
-    for form, times in steps.items():
-        rows[form]["decode_ms"] = 1e3 * statistics.median(times)
-    return {"forms": rows, "tokens_scored": int(blocks[:, 1:].numel()), "prefill_tokens": int(prompt.shape[1])}
+        rows[form]["prefill_s"] = best
+        position = torch.tensor([[prompt.shape[1]]])
+        sessions[form] = linear_session(runner, out.logits[:, -1], out.past_state, position)
+    timings = time_steps(sessions, warmup=2, rounds=args.rounds, steps=1)  # the forms take turns step by step
+    for form, rate in timings.tokens_per_s().items():
+        rows[form]["decode_ms"] = 1e3 / rate
+    agree = sum(a == b for a, b in zip(timings.tokens["float"], timings.tokens["int8"]))
+    return {"forms": rows, "tokens_scored": int(blocks[:, 1:].numel()), "prefill_tokens": int(prompt.shape[1]),
+            "greedy_steps_agreeing": f"{agree} of {len(timings.tokens['float'])}"}
 
 
 def print_table(result: dict) -> None:
@@ -105,22 +97,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="onnxruntime intra-op threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    argv = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
     with tempfile.TemporaryDirectory(prefix="lincompile-bench-") as scratch:
         result = run(args, Path(scratch))
-    import onnxruntime
-
-    machine = f"{platform.machine()}-{os.cpu_count()}cpu"
-    result.update({"command": command, "machine": machine, "processor": platform.processor(),
-                   "threads": args.threads, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                   "method": args.method, "block_size": args.block_size, "blocks": args.max_blocks})
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"onnx_quantize_{machine}.json"
-    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    result.update({"method": args.method, "block_size": args.block_size, "blocks": args.max_blocks})
+    path = write_bench_result(result, args.out, "onnx_quantize", args.threads, argv)
     print()
     print_table(result)
     print(f"\nwrote {path}")
-    print(f"reproduce: {command}")
+    print(f"reproduce: {result['command']}")
     return 0
 
 

@@ -310,6 +310,11 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
         path = smollm2_dir(cache_dir) if name_or_path in EMBEDDED_MODELS else local
         if (path / SAVE_FILE).is_file():  # its softmax weights would load, its linearization not
             raise AssetError(f"{path} is a saved linearized model: load it with lincompile.load({str(path)!r})")
+        if not (path / "config.json").is_file():
+            what = ("holds a model.onnx but no lincompile_onnx.json, so it is not an export lincompile wrote "
+                    "(`lincompile export` writes one)" if (path / "model.onnx").is_file() else "has no config.json")
+            raise AssetError(f"{path} {what}: pass a Hugging Face model directory (config.json and weights), a saved "
+                             f"linearized model, an ONNX export written by lincompile, or one of: {names}")
         try:
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
             has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)

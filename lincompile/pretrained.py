@@ -54,7 +54,7 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
     layers = optimize_kwargs.pop("layers", None)
     if layers is not None and tuple(layers) != config.layers:
         raise ValueError(f"{weights} was trained with layers={config.layers} (None: every site); its tensors do not "
-                         f"fit layers={tuple(layers)}: use weights='none' for an untrained hybrid")
+                         f"fit layers={tuple(layers)}: use weights='none' (--weights none) for an untrained hybrid")
     config = dataclasses.replace(config, strict=optimize_kwargs.pop("strict", config.strict))
     linear = optimize(model, config=config, **optimize_kwargs)
     lora = recipe.get("lora")
@@ -97,7 +97,7 @@ def trained_tensors(weights: str | Path, model_name: str, method: str) -> tuple[
     else:
         raise FileNotFoundError(f"no trained linearization at {path} (shipped: {', '.join(available()) or 'none'}); "
                                 "train one with `lincompile train` and `lincompile.pretrained.ship`, or use "
-                                "weights='none' for an untrained one")
+                                "weights='none' (--weights none) for an untrained one")
     if recipe["linearize"]["method"] != method:
         raise ValueError(f"{path} holds a {recipe['linearize']['method']} linearization, not {method}")
     return tensors, recipe

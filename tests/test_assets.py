@@ -217,3 +217,14 @@ def test_conversion_is_atomic(monkeypatch, tmp_path, real_cache):
     with torch.no_grad():
         logits = model(tok("To be, or not to", return_tensors="pt").input_ids).logits
     assert tok.decode(logits[0, -1].argmax()) == " be"
+
+
+def test_a_directory_that_is_no_model_says_what_is_expected(tmp_path):
+    onnx_only = tmp_path / "onnx_only"
+    onnx_only.mkdir()
+    (onnx_only / "model.onnx").write_bytes(b"")
+    with pytest.raises(assets.AssetError, match="holds a model.onnx but no lincompile_onnx.json"):
+        assets.load_model(str(onnx_only))
+    with pytest.raises(assets.AssetError, match="has no config.json: pass a Hugging Face model directory"):
+        assets.load_model(str(tmp_path))
+

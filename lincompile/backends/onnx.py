@@ -404,17 +404,14 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
     import onnx
     import onnx_ir as ir
 
-    if opset is not None and not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
-        raise ValueError(f"opset {opset} is outside {MIN_OPSET}..{onnx.defs.onnx_opset_version()}: the lowering "
-                         f"needs opset >= {MIN_OPSET}, and this onnx {onnx.__version__} knows none later")
-    proto, spliced, chunked = None, 0, 0
+    proto, spliced, chunked, fell_back = None, 0, 0, False
     if split_sites:
         try:
             proto, version, spliced, chunked = _export_split(model, opset, optimize, chunk_size)
         except (onnx_sites.SpliceError, OnnxLoweringError) as error:  # the whole graph computes the same ops
             warnings.warn(f"export_onnx: exporting each attention site once failed ({_first_lines(error, 2)}); "
-                          "tracing the whole graph instead (same ops, slower)", stacklevel=3)
-            proto = None
+                          "tracing the whole graph instead (same ops, slower; calls run in one piece)", stacklevel=3)
+            proto, fell_back = None, True
     if proto is None:
         example = _example_inputs(model)
         program = _to_onnx(capture_and_lower(model, example), list(model.input_names), list(model.output_names),
@@ -437,6 +434,11 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
     meta = _metadata(model, ir.serde.deserialize_model(proto), tokenizer, version)
     meta["einsum"] = {"lowered_to_matmul": lowered, "left": left}
     meta["sites_spliced"] = spliced
+    if chunk_size is not None and not chunked:
+        why = ("split_sites=False traces the whole graph, which takes each call in one piece" if not split_sites
+               else "the export traced the whole graph (see the warning above)" if fell_back
+               else "the model has no causal linear attention site (softmax sites keep a KV cache)")
+        warnings.warn(f"export_onnx: chunk_size={chunk_size} chunks nothing: {why}", stacklevel=3)
     meta["chunked_sites"] = chunked
     meta["chunk_size"] = chunk_size if chunked else None
     meta["quantize"] = None if quantize is None else {"scheme": quantize, **SCHEMES[quantize],
@@ -445,6 +447,21 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def check_export_options(opset: int | None, chunk_size: int | None, quantize: str | None) -> None:
+    """Refuse options `export_onnx` cannot honour, naming the fix (callers check before any long work)."""
+    import onnx
+
+    if opset is not None and not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise ValueError(f"opset {opset} is outside {MIN_OPSET}..{onnx.defs.onnx_opset_version()}: the lowering "
+                         f"needs opset >= {MIN_OPSET}, and this onnx {onnx.__version__} knows none later")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an integer >= 1 (or None for calls in one piece), got {chunk_size!r}")
+    if quantize is not None:
+        if quantize not in SCHEMES:
+            raise ValueError(f"quantize={quantize!r}: known schemes are {sorted(SCHEMES)} (or None for float weights)")
+        check_onnxruntime()
 
 
 def export_onnx(model: LinearizedModel, out_dir: str | os.PathLike[str], opset: int | None = None,
@@ -468,12 +485,7 @@ def export_onnx(model: LinearizedModel, out_dir: str | os.PathLike[str], opset: 
     Atomic: built in a temp dir beside `out_dir`, checked with `onnx.checker`, then renamed over it.
     Raises `OnnxLoweringError` naming the node/op that could not be lowered; then nothing is written.
     """
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 (or None for calls in one piece), got {chunk_size}")
-    if quantize is not None:
-        if quantize not in SCHEMES:
-            raise ValueError(f"quantize={quantize!r}: known schemes are {sorted(SCHEMES)} (or None for float weights)")
-        check_onnxruntime()
+    check_export_options(opset, chunk_size, quantize)
     target = Path(out_dir)
     with atomic_directory(target, META_FILE) as tmp:
         _write(model, tmp, opset, tokenizer, optimize, split_sites, chunk_size, quantize)

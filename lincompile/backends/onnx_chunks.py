@@ -50,7 +50,7 @@ def implicit_inputs(node: Any) -> set[str]:
     return names
 
 
-def _copy(nodes: Iterable[Any], rename: dict[str, str], prefix: str) -> list[Any]:
+def copy_nodes(nodes: Iterable[Any], rename: dict[str, str], prefix: str) -> list[Any]:
     """Copies of `nodes` with every value name mapped through `rename`, else prefixed."""
     copies = []
     for node in nodes:
@@ -121,7 +121,7 @@ def chunked_site(template: Any, args: list[str], rename: dict[str, str], results
             for name, value, axis in zip(inputs[:4], args[:4], axes)}
     head.update(zip(inputs[4:4 + num_state], args[4:4 + num_state]))
     head.update({o: f"{prefix}head/{o}" for o in outputs})
-    nodes = emit.nodes + _copy(template.node, dict(rename, **head), f"{prefix}head/")
+    nodes = emit.nodes + copy_nodes(template.node, dict(rename, **head), f"{prefix}head/")
     head_out, head_state = head[outputs[0]], [head[o] for o in outputs[1:]]
 
     short = _Nodes(f"{prefix}short/")
@@ -171,7 +171,7 @@ def _rest_in_chunks(template: Any, args: list[str], rename: dict[str, str], head
     body_prefix = f"{prefix}chunk/"
     by_name = {i.name: i for i in [*template.input, *template.output]}
     body = helper.make_graph(
-        _copy(template.node, rename, body_prefix), "chunk",
+        copy_nodes(template.node, rename, body_prefix), "chunk",
         [_typed(by_name[n], body_prefix + n) for n in inputs[4:4 + num_state] + inputs[:4]],
         [_typed(by_name[n], body_prefix + n) for n in outputs[1:] + outputs[:1]])
     final = [f"{prefix}{o}" for o in outputs[1:]]

@@ -255,14 +255,7 @@ def splice(outer: Any, templates: list[Any], split_: Split, params: dict[str, Te
             continue
         rename.update(zip(inputs, args))
         rename.update(zip((o.name for o in template.output), results))
-        for node in template.node:
-            copied = copy.deepcopy(node)
-            copied.name = f"{prefix}{node.name}"
-            for field in (copied.input, copied.output):
-                for i, name in enumerate(field):
-                    if name:
-                        field[i] = rename.get(name, f"{prefix}{name}")
-            nodes.append(copied)
+        nodes.extend(onnx_chunks.copy_nodes(template.node, rename, prefix))
     del graph.node[:]
     graph.node.extend(_toposort(nodes, {i.name for i in graph.input} | {i.name for i in graph.initializer}))
     _drop_unused_initializers(graph)

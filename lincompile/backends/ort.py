@@ -75,6 +75,10 @@ class OrtModel:
         options = session.get_provider_options().get(provider, {})
         self.device_id = int(options.get("device_id", 0) or 0)
         self._tokenizer: Any = None
+        #: Prompt tokens per call `lincompile.runtime.prefill` (and `generate`) take by default; settable: 512 when
+        #: the export runs long calls in chunks itself (`export_onnx(chunk_size=...)`), else `UNCHUNKED_PREFILL`
+        #: (each call costs time quadratic in its length there).
+        self.prefill_chunk_size: int = DEFAULT_CHUNK if meta.get("chunk_size") else UNCHUNKED_PREFILL
 
     @classmethod
     def from_dir(cls, directory: str | Path, providers: Sequence[str] | None = None,
@@ -104,13 +108,6 @@ class OrtModel:
                              f"({str(exc).splitlines()[0]}); export the model in float32 or float16 instead "
                              "(model.float() or model.half() before optimize)") from exc
         return cls(session, meta, path)
-
-    @property
-    def prefill_chunk_size(self) -> int:
-        """Tokens per call `lincompile.runtime.prefill` takes by default: 512 when the export runs long calls in
-        chunks itself (`export_onnx(chunk_size=...)`), else `UNCHUNKED_PREFILL` (each call costs time quadratic in
-        its length there)."""
-        return DEFAULT_CHUNK if self.meta.get("chunk_size") else UNCHUNKED_PREFILL
 
     @property
     def tokenizer(self) -> Any:

@@ -31,6 +31,21 @@ positive_float = _bounded(float, 0.0, strict=True)
 nonnegative_float = _bounded(float, 0.0, strict=False)
 
 
+def probability(text: str) -> float:
+    """A float in (0, 1] (`--top-p`)."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def opset_type(text: str) -> int:
+    """An ONNX opset the export can write: >= 18 (the lowering's minimum)."""
+    from lincompile.backends.onnx import MIN_OPSET
+
+    return _bounded(int, MIN_OPSET, strict=False)(text)
+
+
 def positive_int_list(text: str) -> list[int]:
     """Comma-separated ints >= 1 (`--lengths 1024,2048`)."""
     return [positive_int(item.strip()) for item in text.split(",")]

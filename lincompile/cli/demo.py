@@ -32,11 +32,13 @@ from typing import Any
 
 import torch
 
+from lincompile.atomic import atomic_write_text, check_replaceable
 from lincompile.cli.args import positive_int
 
 MODEL = "smollm2-135m"
 EVAL_BLOCK = 256  # tokens per perplexity block, as `lincompile eval` scores by default
 PROMPT_TOKENS = 48  # the held-out prompt the linearized model continues
+DEMO_FILE = "demo.json"
 PREFILL_CHUNK = 512
 ENGINES = {"hf": "original (HF)", "eager": "PyTorch eager", "compile": "torch.compile", "ort": "onnxruntime"}
 
@@ -195,6 +197,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     if not 0 < opts.context < opts.long_context:
         raise ValueError(f"need 0 < --context < --long-context, got {opts.context} and {opts.long_context}")
     draft = _draft(opts)
+    check_replaceable(opts.out, DEMO_FILE)  # a directory of the user's own files is not written into
     opts.out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     clock = _Stopwatch()
@@ -269,7 +272,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     }
     result["seconds"]["total"] = sum(clock.seconds.values())
     _plot(opts.out / "decode.png", result)
-    (opts.out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(opts.out / DEMO_FILE, json.dumps(result, indent=2) + "\n")
     return result
 
 

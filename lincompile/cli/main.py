@@ -20,6 +20,7 @@ from lincompile.api import UnrecognizedAttentionError, example_inputs, run_pipel
 from lincompile.assets import EMBEDDED_MODELS, load_model
 from lincompile.capture.export import CapturedGraph
 from lincompile.cli import draft_cmd, kernels_cmd, serve_cmd
+from lincompile.cli.args import nonnegative_int
 from lincompile.cli.demo import add_demo_arguments, cmd_demo
 from lincompile.cli.evaluate import add_eval_arguments, cmd_eval
 from lincompile.cli.train_cmd import add_train_arguments, cmd_train
@@ -322,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-dir", type=Path, default=None, metavar="DIR",
                    help="write the graph code before the first pass and after each pass into DIR, plus DOT and SVG "
                         "pictures of every attention site before and after rewriting (DIR/sites)")
-    p.add_argument("--fuel", type=int, default=None, metavar="N", help="rewrite at most N sites (for bisecting)")
+    p.add_argument("--fuel", type=nonnegative_int, default=None, metavar="N",
+                   help="rewrite at most N sites (for bisecting)")
     p = _subcommand(sub, "eval", cmd_eval, "held-out perplexity of a linearized model and of the original",
                     "Scores the same fixed held-out token blocks with both models and prints the ratio.",
                     f"{PROG} eval smollm2-135m --method linear-elu --max-blocks 8 --json")
@@ -339,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "compiles it, exports it to ONNX and runs it in onnxruntime, generates with speculative\n"
                     "decoding, and prints one table: perplexity, decode tokens/s at 512 and 8K tokens of context\n"
                     "(eager, torch.compile, onnxruntime vs the HF original), tokens per target call, and state\n"
-                    "memory against the KV cache. About 5 minutes on 2 CPU cores (the ONNX export and Inductor\n"
-                    "take about half).",
+                    "memory against the KV cache. About 2 minutes on 2 CPU cores (the ONNX export and Inductor\n"
+                    "take about half). --out must be new, empty, or an earlier demo's directory.",
                     f"{PROG} demo --out out/demo")
     add_demo_arguments(p)
     serve_cmd.add_parsers(sub)

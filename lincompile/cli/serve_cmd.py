@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lincompile.api import SAVE_FILE
-from lincompile.cli.args import positive_int
+from lincompile.cli.args import opset_type, positive_float, positive_int, probability
 from lincompile.cli.draft_cmd import command_parser, load_target
 
 __all__ = ["add_parsers", "cmd_export", "cmd_generate", "parse_draft"]
@@ -43,7 +43,7 @@ def _linearized(args: argparse.Namespace) -> tuple[Any, Any]:
     if not isinstance(model, LinearizedModel):
         raise ValueError(f"{args.model} is a softmax model: add --method METHOD (augmented: the paper's method, with "
                          "shipped trained weights for smollm2-135m) or pass a saved linearized directory")
-    if args.method and getattr(model, "recipe", None) is None:
+    if args.method and getattr(model, "recipe", None) is None and model.config.spec.kind != "softmax":  # exact
         _log(f"warning: {args.method} is untrained here (no shipped or given weights): expect poor text; train one "
              "with `lincompile train` and pass it as MODEL_OR_DIR")
     return model, tokenizer
@@ -55,22 +55,32 @@ def _export_size(directory: Path) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export MODEL_OR_DIR (linearized) to ONNX in --out and print a summary."""
-    from lincompile.backends.onnx import export_onnx
+    from lincompile.atomic import check_not_inside, check_replaceable
+    from lincompile.backends.onnx import META_FILE, check_export_options, export_onnx
 
+    check_export_options(args.opset, args.chunk_size, args.quantize)
+    check_replaceable(args.out, META_FILE)
+    check_not_inside(args.out, args.model)
     model, tokenizer = _linearized(args)
-    _log(f"exporting to ONNX in {args.out} (SmolLM2-135M: about a minute on 2 CPU cores) ...")
+    _log(f"exporting to ONNX in {args.out} (SmolLM2-135M takes about a minute on 2 CPU cores) ...")
     start = time.perf_counter()
     out = export_onnx(model, args.out, opset=args.opset, tokenizer=tokenizer, optimize=args.optimize,
                       chunk_size=args.chunk_size, quantize=args.quantize)
+    meta = json.loads((out / META_FILE).read_text())
     summary = {"out": str(out), "method": model.config.spec.name, "tokenizer": tokenizer is not None,
-               "chunk_size": args.chunk_size, "quantize": args.quantize,
+               "chunk_size": meta["chunk_size"], "quantize": (meta["quantize"] or {}).get("scheme"),
                "seconds": round(time.perf_counter() - start, 1), "megabytes": round(_export_size(out) / 2**20, 1)}
     if args.json:
         print(json.dumps(summary))
     else:
         for key, value in summary.items():
             print(f"{key:<10} {value}")
-        print(f"run it: {PROG} generate {out} --prompt 'To be, or not to be'")
+        if tokenizer is not None:
+            print(f"run it: {PROG} generate {out} --prompt 'To be, or not to be'")
+        else:
+            print(f"no tokenizer was found beside {args.model}, so `{PROG} generate` cannot read text for this "
+                  "export: save the model's tokenizer in its directory and export again, or feed token ids to "
+                  "lincompile.OrtModel")
     return 0
 
 
@@ -87,8 +97,9 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, str]:
                              "and --weights")
         model = open_ort(path, torch.get_num_threads(), cpu_only=False)
         if model.tokenizer is None:
-            raise ValueError(f"{path} was exported without a tokenizer; export it again with one (`{PROG} export` "
-                             "saves the model's)")
+            raise ValueError(f"{path} was exported without a tokenizer, so text cannot be encoded for it: export "
+                             f"again from a model directory that holds its tokenizer (`{PROG} export` copies it), or "
+                             "feed token ids to lincompile.OrtModel")
         return model, model.tokenizer, "onnxruntime"
     model, tokenizer = _linearized(args)
     return model, tokenizer, "torch"
@@ -212,7 +223,7 @@ def add_parsers(sub: Any) -> None:
          f"{PROG} export runs/aug/final --out runs/aug/onnx"])
     _model_arguments(p, onnx=False)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 18; default: torch.onnx's)")
+    p.add_argument("--opset", type=opset_type, default=None, help="ONNX opset (>= 18; default: torch.onnx's)")
     p.add_argument("--optimize", action="store_true", help="also run the onnxscript optimizer (about 3x fewer "
                    "nodes; slower export, no speedup under onnxruntime)")
     p.add_argument("--chunk-size", type=positive_int, default=None, metavar="N",
@@ -246,9 +257,9 @@ def add_parsers(sub: Any) -> None:
                    help="drafted tokens per target call (default 4)")
     p.add_argument("--adaptive", action="store_true", help="adapt the number of drafted tokens to the acceptance")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="with --sample: keep the k likeliest tokens")
-    p.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus sampling")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="with --sample (> 0, default 1.0)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="with --sample: keep the k likeliest tokens")
+    p.add_argument("--top-p", type=probability, default=None, help="with --sample: nucleus sampling, in (0, 1]")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already in the "
                    "text, greedy or sampled (Hugging Face's; default 1.0: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")

@@ -176,3 +176,26 @@ def time_steps(sessions: dict[str, Step], warmup: int, rounds: int, steps: int) 
                 timings.steps[name].append(time.perf_counter() - start)
                 timings.tokens[name].append(int(logits.argmax()))
     return timings
+
+
+def write_bench_result(result: dict[str, Any], out_dir: Path, stem: str, threads: int, argv: list[str]) -> Path:
+    """Add where and how a benchmark ran (its command, machine, thread count, torch and onnxruntime versions)
+    to `result` and write it atomically to `out_dir`/`stem`_<machine>.json; returns the path."""
+    import json
+    import os
+    import platform
+    import shlex
+
+    import onnxruntime
+
+    from lincompile.atomic import atomic_write_text
+
+    machine = f"{platform.machine()}-{os.cpu_count()}cpu"
+    result.update({"command": "python " + " ".join(shlex.quote(a) for a in argv), "machine": machine,
+                   "processor": platform.processor(), "threads": threads, "torch": torch.__version__,
+                   "onnxruntime": onnxruntime.__version__})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}_{machine}.json"
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    return path
+

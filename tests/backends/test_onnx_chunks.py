@@ -149,8 +149,21 @@ def test_a_chunked_export_matches_torch_and_the_export_without_chunks(exports):
         assert torch.allclose(a.logits, b.logits, atol=1e-5)
 
 
-def test_chunk_size_must_be_positive(tmp_path):
+@pytest.mark.parametrize("chunk_size", [0, 16.5, "64", True])
+def test_chunk_size_must_be_a_positive_integer(tmp_path, chunk_size):
     model = lincompile.optimize(tiny_model("llama"), "linear-elu")
-    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
-        lo.export_onnx(model, tmp_path / "out", chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
+        lo.export_onnx(model, tmp_path / "out", chunk_size=chunk_size)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_chunk_size_that_chunks_nothing_is_reported(tmp_path):
+    """Softmax sites keep their KV cache, and split_sites=False traces calls in one piece: a warning says so and the
+    metadata records no chunking."""
+    softmax = lincompile.optimize(tiny_model("llama"), "softmax")
+    with pytest.warns(UserWarning, match="chunks nothing: the model has no causal linear attention site"):
+        out = lo.export_onnx(softmax, tmp_path / "softmax", chunk_size=16)
+    assert json.loads((out / lo.META_FILE).read_text())["chunk_size"] is None
+    linear = lincompile.optimize(tiny_model("llama"), "linear-elu")
+    with pytest.warns(UserWarning, match="chunks nothing: split_sites=False"):
+        lo.export_onnx(linear, tmp_path / "whole", chunk_size=16, split_sites=False)

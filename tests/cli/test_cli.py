@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from xml.dom import minidom
 
@@ -271,6 +273,30 @@ def test_draft_commands_refuse_a_users_directory_before_loading(capsys, tmp_path
     assert code == 1
     assert_one_line_error(err, "not a directory of this kind that lincompile wrote")
     assert (mine / "notes.txt").read_text() == "mine"
+
+
+def test_export_checks_its_options_and_out_before_loading(capsys, tmp_path: Path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the export's options were checked")
+
+    monkeypatch.setattr("lincompile.cli.serve_cmd.load_target", never)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "export", "smollm2-135m", "--method", "augmented", "--out", str(mine))
+    assert code == 1
+    assert_one_line_error(err, "not a directory of this kind that lincompile wrote")
+    assert (mine / "notes.txt").read_text() == "mine"
+    for option, value in (("--opset", "10"), ("--chunk-size", "0"), ("--quantize", "int4")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["export", "smollm2-135m", "--method", "augmented", "--out", str(tmp_path / "new"), option, value])
+        assert exit_info.value.code == 2 and f"argument {option}" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "lincompile", "methods"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "augmented" in result.stdout
 
 
 def test_commands_never_write_over_the_model_they_read(capsys, tmp_path: Path, monkeypatch):

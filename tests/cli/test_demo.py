@@ -37,6 +37,15 @@ def test_a_bad_draft_fails_before_any_work(tmp_path, draft, match):
     assert not out.exists()
 
 
+def test_a_directory_of_the_users_own_files_is_refused_before_any_work(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "decode.png").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a directory of this kind"):
+        run_demo(DemoOptions(mine))
+    assert [p.name for p in mine.iterdir()] == ["decode.png"]
+
+
 def test_numeric_options_are_checked_when_parsed(capsys):
     for option in ("--steps", "--num-draft-tokens", "--new-tokens", "--eval-blocks"):
         with pytest.raises(SystemExit):

@@ -131,6 +131,12 @@ def test_export_with_8_bit_weights_generates(dirs, capsys):
     assert result["runtime"] == "onnxruntime" and result["new_tokens"] == 6
 
 
+def test_exact_softmax_is_not_called_untrained(dirs, capsys):
+    code = main(["generate", str(dirs / "hf"), "--method", "softmax", "--prompt", PROMPT, "--max-new-tokens", "2",
+                 "--ignore-eos", "--json"])
+    assert code == 0 and "untrained" not in capsys.readouterr().err
+
+
 def test_generate_linearizes_a_hugging_face_model(dirs, capsys):
     code = main(["generate", str(dirs / "hf"), "--method", "linear-elu", "--prompt", PROMPT, "--max-new-tokens", "5",
                  "--ignore-eos", "--json"])

@@ -14,7 +14,7 @@ Masked tokens take no position and change no state, so the padding changes nothi
 outputs, and the result is `reference.chunked(..., C)`. A template whose site has no key mask is exported with
 one and fed all-True (the same numbers as none). The head stays in the main graph because onnxruntime runs a
 subgraph's nodes more slowly (both forms inside an `If` cost decode more in a trial); the `If` itself still
-costs each decode step time (8% on SmolLM2, `bench/onnx_prefill.py`), which is why chunking is opt-in.
+costs each decode step time (7% on SmolLM2, `bench/onnx_prefill.py`), which is why chunking is opt-in.
 Subgraphs read the main graph's values (the site's arguments, its parameters) by name; `implicit_inputs` lists
 such reads for sorting and pruning.
 """

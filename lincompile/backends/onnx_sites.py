@@ -249,7 +249,7 @@ def splice(outer: Any, templates: list[Any], split_: Split, params: dict[str, Te
         chunk = split_.templates[cut.template].chunk
         if chunk is not None:
             if not args[3]:
-                mask_nodes, args[3] = onnx_chunks.all_true_mask(args[0], prefix)
+                mask_nodes, args[3] = onnx_chunks.all_true_mask(args[0], f"{prefix}all_true/")
                 nodes.extend(mask_nodes)
             nodes.extend(onnx_chunks.chunked_site(template, args, rename, results, prefix, chunk))
             continue

@@ -25,7 +25,7 @@ from lincompile.runtime.state import RecurrentState, check_positions, check_stat
 
 ArrayLike = Any  # torch.Tensor | np.ndarray | OrtValue
 #: Prefill tokens per call for an export whose sites take each call in one piece (`python bench/onnx_prefill.py`,
-#: SmolLM2 on this CPU: a 2K prompt in calls of 128 tokens 1.5x faster than in calls of 512).
+#: SmolLM2 on this CPU: a 2K prompt in calls of 128 tokens 1.35x faster than in calls of 512).
 UNCHUNKED_PREFILL = 128
 
 

@@ -43,7 +43,7 @@ def _site_session(method: str, with_mask: bool):
     args = ["q", "k", "v", "mask" if with_mask else ""] + [f"state{j}" for j in range(len(state))]
     nodes = []
     if not with_mask:
-        nodes, args[3] = onnx_chunks.all_true_mask("q", "m/")
+        nodes, args[3] = onnx_chunks.all_true_mask("q", "site/all_true/")  # as `onnx_sites.splice` names it
     results = ["out"] + [f"new{j}" for j in range(len(state))]
     nodes += onnx_chunks.chunked_site(proto.graph, args, rename, results, "site/", CHUNK)
 
@@ -147,6 +147,22 @@ def test_a_chunked_export_matches_torch_and_the_export_without_chunks(exports):
         assert torch.allclose(torch.cat([got[0].logits, got[1].logits], 1), expected, atol=1e-5)
     for a, b in zip(outs[0], outs[1]):
         assert torch.allclose(a.logits, b.logits, atol=1e-5)
+
+
+def test_a_site_without_a_key_mask_exports_chunked(tmp_path):
+    """Sites whose graph passes no key mask (every key real) get an all-True one in the export: the same logits
+    as the torch graph on a call past the chunk size."""
+    model = perturb_new_parameters(lincompile.optimize(tiny_model("llama"), "augmented"))
+    for node in model.graph.graph.nodes:
+        if node.target is onnx_sites.ATTENTION:
+            node.args = (*node.args[:3], None, *node.args[4:])
+    model.graph.recompile()
+    out = lo.export_onnx(model, tmp_path / "export", chunk_size=4)
+    ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(ids).logits
+    got = OrtModel.from_dir(out, providers=["CPUExecutionProvider"])(ids).logits
+    assert torch.allclose(got, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk_size", [0, 16.5, "64", True])

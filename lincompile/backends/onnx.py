@@ -17,6 +17,9 @@ Speed: tracing the reference is nearly all of the work and every site of a model
 by default (`split_sites=True`) each distinct site signature is exported once and spliced into the graph per
 site (`onnx_sites`; SmolLM2 in `lincompile demo`: 84-98 s instead of 333 s, the same outputs bit for bit).
 
+Options beyond the default graph: `chunk_size` runs long calls of causal linear sites in chunks inside the graph
+(`onnx_chunks`), `quantize="int8"` stores the linear layers' weights in 8 bits (`onnx_quantize`).
+
 Invariant: the target directory is either the complete previous content or the complete new export
 (model.onnx, lincompile_onnx.json, lincompile_params.safetensors, tokenizer files), never a mix; on failure
 nothing is left behind.
@@ -41,7 +44,7 @@ from lincompile.atomic import atomic_directory
 from lincompile.backends import onnx_sites
 from lincompile.backends.eager import LinearizedModel
 from lincompile.backends.onnx_einsum import lower_einsums
-from lincompile.backends.onnx_quantize import SCHEMES, check_onnxruntime, quantize_weights
+from lincompile.backends.onnx_quantize import SCHEMES, check_scheme, quantize_weights
 from lincompile.capture.export import export_dynamic
 from lincompile.kernels.linear_attention import reference
 from lincompile.methods.spec import MethodSpec
@@ -459,9 +462,7 @@ def check_export_options(opset: int | None, chunk_size: int | None, quantize: st
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be an integer >= 1 (or None for calls in one piece), got {chunk_size!r}")
     if quantize is not None:
-        if quantize not in SCHEMES:
-            raise ValueError(f"quantize={quantize!r}: known schemes are {sorted(SCHEMES)} (or None for float weights)")
-        check_onnxruntime()
+        check_scheme(quantize)
 
 
 def export_onnx(model: LinearizedModel, out_dir: str | os.PathLike[str], opset: int | None = None,

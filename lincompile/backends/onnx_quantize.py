@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from lincompile.backends.onnx_chunks import implicit_inputs
 from lincompile.passes.linearize import PARAMS_MODULE
 
 #: scheme -> MatMulNBits settings
@@ -57,21 +58,30 @@ def fold_transposed_weights(graph: Any) -> list[Any]:
         if not node.name:
             node.name = f"lc_linear_{index}"
         matmuls.append(node)
-    read = {name for node in graph.node for name in node.input}
+    read = _read(graph)
     kept = [n for n in graph.node if not (n.op_type == "Transpose" and n.output[0] in folded
                                           and n.output[0] not in read)]
     del graph.node[:]
     graph.node.extend(kept)
-    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    read = _read(graph)
     used = [init for init in graph.initializer if init.name in read]
     del graph.initializer[:]
     graph.initializer.extend(used)
     return matmuls
 
 
-def check_onnxruntime() -> None:
-    """Refuse an onnxruntime too old for 8-bit MatMulNBits, with what to install."""
+def _read(graph: Any) -> set[str]:
+    """Every value name `graph`'s nodes (their subgraphs included) or outputs read."""
+    names = {name for node in graph.node for name in [*node.input, *implicit_inputs(node)]}
+    return names | {o.name for o in graph.output}
+
+
+def check_scheme(scheme: str) -> None:
+    """Refuse an unknown scheme, or an onnxruntime too old for 8-bit MatMulNBits, with what to do."""
     import onnxruntime
+
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantize={scheme!r}: known schemes are {sorted(SCHEMES)} (or None for float weights)")
 
     version = tuple(int(x) for x in onnxruntime.__version__.split(".")[:2])
     if version < MIN_ORT:
@@ -82,9 +92,7 @@ def check_onnxruntime() -> None:
 def quantize_weights(model: Any, scheme: str) -> tuple[Any, int]:
     """(the quantized onnx.ModelProto, number of linear layers quantized) for `model` (an onnx.ModelProto, whose
     graph is rewritten by `fold_transposed_weights`) under `scheme` (a key of `SCHEMES`)."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"quantize={scheme!r}: known schemes are {sorted(SCHEMES)} (or None for float weights)")
-    check_onnxruntime()
+    check_scheme(scheme)
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     try:  # importing the quantizer calls logging.basicConfig(level=INFO): undo that in the user's process

@@ -220,6 +220,7 @@ def add_parsers(sub: Any) -> None:
         "export is refused, not replaced). One graph serves prefill, decode and multi-token verify;\n"
         "`lincompile generate DIR` and lincompile.OrtModel.from_dir(DIR) run it in onnxruntime.",
         [f"{PROG} export smollm2-135m --method augmented --out out/smol-onnx",
+         f"{PROG} export smollm2-135m --method augmented --out out/smol-int8 --quantize int8",
          f"{PROG} export runs/aug/final --out runs/aug/onnx"])
     _model_arguments(p, onnx=False)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")

@@ -88,3 +88,16 @@ def test_an_unknown_scheme_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="known schemes are \\['int8'\\]"):
         lo.export_onnx(model, tmp_path / "out", quantize="int4")
     assert not (tmp_path / "out").exists()
+
+
+def test_8_bit_weights_combine_with_chunks_in_the_graph(tmp_path):
+    """The chunked sites' subgraphs read parameters from the main graph: quantizing must keep them."""
+    model = perturb_new_parameters(lincompile.optimize(tiny_model("llama"), "augmented"))
+    out = lo.export_onnx(model, tmp_path / "both", chunk_size=4, quantize="int8")
+    meta = json.loads((out / lo.META_FILE).read_text())
+    assert meta["chunked_sites"] == 2 and meta["quantize"]["linear_layers"] == 15
+    ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+    got = OrtModel.from_dir(out, providers=["CPUExecutionProvider"])(ids).logits
+    assert ((got - expected).norm() / expected.norm()).item() <= 3e-2

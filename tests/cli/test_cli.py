@@ -171,7 +171,8 @@ def test_text_output_print_between_and_dump_dir(capsys, tiny_dir, tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "00_captured.py", "01_normalize.py", "02_detect_attention.py", "03_linearize.py", "04_cleanup.py", "sites"]
     pictures = sorted(p.name for p in (tmp_path / "sites").iterdir())
-    assert pictures == [f"site_{i}_{when}.{ext}" for i in (0, 1) for when in ("after", "before") for ext in ("dot", "svg")]
+    assert pictures == [f"site_{i}_{when}.{ext}" for i in (0, 1) for when in ("after", "before")
+                        for ext in ("dot", "svg")]
     before = (tmp_path / "sites" / "site_0_before.dot").read_text()
     assert "scaled_dot_product_attention" in before and "->" in before
     assert "lincompile.attention" in (tmp_path / "sites" / "site_0_after.dot").read_text()

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
-import os
 import platform
 import shlex
 import shutil
@@ -52,7 +51,8 @@ import torch
 
 from lincompile.atomic import atomic_write_text
 from lincompile.cli.args import nonnegative_int, positive_int
-from lincompile.runtime.timing import HFCache, Step, compiled_model, linear_session, open_ort, time_steps
+from lincompile.runtime.timing import (HFCache, Step, compiled_model, linear_session, machine_tag, open_ort,
+                                      time_steps)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ENGINES = ("hf", "eager", "compile", "ort")
@@ -202,10 +202,6 @@ def plot(rows: list[dict], engines: list[str], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def machine_tag() -> str:
-    return f"{platform.machine()}-{os.cpu_count()}cpu"
 
 
 def main(argv: list[str] | None = None) -> int:

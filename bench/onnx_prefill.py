@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from lincompile.cli.args import positive_int
-from lincompile.runtime.timing import linear_session, open_ort, time_steps, write_bench_result
+from lincompile.runtime.timing import best_time, linear_session, open_ort, time_steps, write_bench_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMS = {"whole": None, "chunked": 64}  # form -> export_onnx(chunk_size=...)
@@ -35,16 +35,6 @@ FORMS = {"whole": None, "chunked": 64}  # form -> export_onnx(chunk_size=...)
 
 def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _best(call: object, repeats: int) -> tuple[float, object]:
-    """(fastest wall time of `repeats` calls, the last result)."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = call()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def run(args: argparse.Namespace, scratch: Path) -> dict:
@@ -72,7 +62,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
         row: dict = {"context": context}
         logits = {}
         for form, runner in runners.items():
-            row[f"s_{form}"], out = _best(lambda: runner(ids[:, :context]), args.repeats)
+            row[f"s_{form}"], out = best_time(lambda: runner(ids[:, :context]), args.repeats)
             logits[form] = out.logits
         row["max_logit_difference"] = float((logits["whole"] - logits["chunked"]).abs().max())
         _log(f"one call of {context}: " + ", ".join(f"{f} {row[f's_{f}']:.2f} s" for f in runners))
@@ -80,7 +70,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
     calls = []
     for form, runner in runners.items():
         for size in args.call_sizes:
-            seconds, _ = _best(lambda: prefill(runner, ids, chunk_size=size), 1)
+            seconds, _ = best_time(lambda: prefill(runner, ids, chunk_size=size), 1)
             calls.append({"form": form, "call_size": size, "s": seconds})
             _log(f"{form}: {longest} tokens in calls of {size}: {seconds:.2f} s")
     sessions = {form: linear_session(runner, *prefill(runner, ids)) for form, runner in runners.items()}

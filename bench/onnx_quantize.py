@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from lincompile.cli.args import positive_int
-from lincompile.runtime.timing import linear_session, open_ort, time_steps, write_bench_result
+from lincompile.runtime.timing import best_time, linear_session, open_ort, time_steps, write_bench_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMS = {"float": None, "int8": "int8"}  # form -> export_onnx(quantize=...)
@@ -56,12 +56,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
     prompt = blocks[:1, :args.prefill]
     sessions = {}
     for form, runner in runners.items():
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            out = runner(prompt)
-            best = min(best, time.perf_counter() - start)
-        rows[form]["prefill_s"] = best
+        rows[form]["prefill_s"], out = best_time(lambda: runner(prompt), 3)
         position = torch.tensor([[prompt.shape[1]]])
         sessions[form] = linear_session(runner, out.logits[:, -1], out.past_state, position)
     timings = time_steps(sessions, warmup=2, rounds=args.rounds, steps=1)  # the forms take turns step by step

@@ -12,9 +12,9 @@ registry sends causal calls over `registry.CHUNK` tokens to `reference.chunked`)
 
 Masked tokens take no position and change no state, so the padding changes nothing but its own (dropped)
 outputs, and the result is `reference.chunked(..., C)`. A template whose site has no key mask is exported with
-one and fed all-True (the same numbers as none). The head stays in the main graph because onnxruntime runs a
-subgraph's nodes more slowly (both forms inside an `If` cost decode more in a trial); the `If` itself still
-costs each decode step time (7% on SmolLM2, `bench/onnx_prefill.py`), which is why chunking is opt-in.
+one and fed all-True (the same numbers as none). The head stays in the main graph, so that a decode step runs
+no subgraph nodes (both forms inside an `If` was slower still in an unscripted trial, session 20); the `If`
+itself costs each decode step time (7% on SmolLM2, `bench/onnx_prefill.py`), which is why chunking is opt-in.
 Subgraphs read the main graph's values (the site's arguments, its parameters) by name; `implicit_inputs` lists
 such reads for sorting and pruning.
 """
@@ -48,6 +48,20 @@ def implicit_inputs(node: Any) -> set[str]:
         names |= {o.name for o in graph.output}
         names -= defined
     return names
+
+
+def read_names(graph: Any) -> set[str]:
+    """Every value name `graph`'s nodes (their subgraphs included) or outputs read."""
+    names = {name for node in graph.node for name in [*node.input, *implicit_inputs(node)]}
+    return names | {o.name for o in graph.output}
+
+
+def drop_unused_initializers(graph: Any) -> None:
+    """Remove the initializers of `graph` that nothing reads (`read_names`)."""
+    read = read_names(graph)
+    kept = [init for init in graph.initializer if init.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def copy_nodes(nodes: Iterable[Any], rename: dict[str, str], prefix: str) -> list[Any]:

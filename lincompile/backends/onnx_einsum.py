@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lincompile.backends.onnx_chunks import subgraphs
+
 LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
@@ -155,8 +157,6 @@ def lower_einsums(model: object) -> tuple[int, int]:
 
 
 def _lower_graph(graph: object) -> tuple[int, int]:
-    from lincompile.backends.onnx_chunks import subgraphs
-
     nodes, lowered, left = [], 0, 0
     for node in graph.node:
         for inner in subgraphs(node):

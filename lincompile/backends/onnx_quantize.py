@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lincompile.backends.onnx_chunks import implicit_inputs
+from lincompile.backends.onnx_chunks import drop_unused_initializers, read_names
 from lincompile.passes.linearize import PARAMS_MODULE
 
 #: scheme -> MatMulNBits settings
@@ -58,22 +58,13 @@ def fold_transposed_weights(graph: Any) -> list[Any]:
         if not node.name:
             node.name = f"lc_linear_{index}"
         matmuls.append(node)
-    read = _read(graph)
+    read = read_names(graph)
     kept = [n for n in graph.node if not (n.op_type == "Transpose" and n.output[0] in folded
                                           and n.output[0] not in read)]
     del graph.node[:]
     graph.node.extend(kept)
-    read = _read(graph)
-    used = [init for init in graph.initializer if init.name in read]
-    del graph.initializer[:]
-    graph.initializer.extend(used)
+    drop_unused_initializers(graph)
     return matmuls
-
-
-def _read(graph: Any) -> set[str]:
-    """Every value name `graph`'s nodes (their subgraphs included) or outputs read."""
-    names = {name for node in graph.node for name in [*node.input, *implicit_inputs(node)]}
-    return names | {o.name for o in graph.output}
 
 
 def check_scheme(scheme: str) -> None:
@@ -82,10 +73,9 @@ def check_scheme(scheme: str) -> None:
 
     if scheme not in SCHEMES:
         raise ValueError(f"quantize={scheme!r}: known schemes are {sorted(SCHEMES)} (or None for float weights)")
-
     version = tuple(int(x) for x in onnxruntime.__version__.split(".")[:2])
     if version < MIN_ORT:
-        raise RuntimeError(f"quantize='int8' needs onnxruntime >= {'.'.join(map(str, MIN_ORT))} (8-bit "
+        raise RuntimeError(f"quantize={scheme!r} needs onnxruntime >= {'.'.join(map(str, MIN_ORT))} (8-bit "
                            f"MatMulNBits); this is {onnxruntime.__version__}: pip install -U onnxruntime")
 
 

@@ -258,7 +258,7 @@ def splice(outer: Any, templates: list[Any], split_: Split, params: dict[str, Te
         nodes.extend(onnx_chunks.copy_nodes(template.node, rename, prefix))
     del graph.node[:]
     graph.node.extend(_toposort(nodes, {i.name for i in graph.input} | {i.name for i in graph.initializer}))
-    _drop_unused_initializers(graph)
+    onnx_chunks.drop_unused_initializers(graph)
 
 
 def _initializer(tensor: Tensor, name: str) -> Any:
@@ -317,11 +317,3 @@ def _toposort(nodes: list[Any], available: set[str]) -> list[Any]:
     if missing:
         raise SpliceError(f"spliced nodes read values nothing produces: {sorted(missing)[:5]}")
     return order
-
-
-def _drop_unused_initializers(graph: Any) -> None:
-    used = {name for node in graph.node for name in [*node.input, *onnx_chunks.implicit_inputs(node)]}
-    used |= {o.name for o in graph.output}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)

@@ -31,7 +31,7 @@ def resolve_chunk(model: object, chunk_size: ChunkSize) -> int | None:
     """`chunk_size`, with "auto" read as the model's `prefill_chunk_size` attribute or `DEFAULT_CHUNK`."""
     if chunk_size == "auto":
         return getattr(model, "prefill_chunk_size", DEFAULT_CHUNK)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be >= 1, None (one call) or 'auto', got {chunk_size!r}")
     return chunk_size
 

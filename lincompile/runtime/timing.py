@@ -178,11 +178,28 @@ def time_steps(sessions: dict[str, Step], warmup: int, rounds: int, steps: int) 
     return timings
 
 
+def best_time(call: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """(the fastest wall time in s of `repeats` calls of `call`, the last call's result)."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = call()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def machine_tag() -> str:
+    """`<arch>-<cores>cpu`: the suffix benchmark result files carry."""
+    import os
+    import platform
+
+    return f"{platform.machine()}-{os.cpu_count()}cpu"
+
+
 def write_bench_result(result: dict[str, Any], out_dir: Path, stem: str, threads: int, argv: list[str]) -> Path:
     """Add where and how a benchmark ran (its command, machine, thread count, torch and onnxruntime versions)
     to `result` and write it atomically to `out_dir`/`stem`_<machine>.json; returns the path."""
     import json
-    import os
     import platform
     import shlex
 
@@ -190,7 +207,7 @@ def write_bench_result(result: dict[str, Any], out_dir: Path, stem: str, threads
 
     from lincompile.atomic import atomic_write_text
 
-    machine = f"{platform.machine()}-{os.cpu_count()}cpu"
+    machine = machine_tag()
     result.update({"command": "python " + " ".join(shlex.quote(a) for a in argv), "machine": machine,
                    "processor": platform.processor(), "threads": threads, "torch": torch.__version__,
                    "onnxruntime": onnxruntime.__version__})
@@ -198,4 +215,3 @@ def write_bench_result(result: dict[str, Any], out_dir: Path, stem: str, threads
     path = out_dir / f"{stem}_{machine}.json"
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     return path
-

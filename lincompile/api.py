@@ -157,6 +157,12 @@ def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, 
             raise UnrecognizedAttentionError(message)
         warnings.warn(message + "\nthese nodes were left unchanged", stacklevel=2)
     _warn_unprobed_window(model, ctx)
+    dropped = [note for result in report.passes for note in result.notes if " dropped by " in note]
+    if dropped:
+        warnings.warn(f"{len(dropped)} attention terms have no linear form and are dropped (training can recover "
+                      "part of what they did; layers= keeps chosen sites exact):\n  " + "\n  ".join(dropped[:4])
+                      + (f"\n  ... {len(dropped) - 4} more in the returned model's .report" if len(dropped) > 4
+                         else ""), stacklevel=2)
     limit, reason = position_tables(model) or (None, None)
     linearized = LinearizedModel(ctx.gm, ctx.captured.input_names, ctx.captured.output_names, ctx.sites,
                                  ctx.rewritten, config, getattr(model, "config", None), limit,
@@ -193,7 +199,7 @@ def save(model: LinearizedModel, directory: str | Path, tokenizer: object | None
         state = {k: v.detach().contiguous() for k, v in model.graph.state_dict().items()}
         save_file(_untie(state), tmp / "model.safetensors")
         meta = {"format": SAVE_FORMAT, "linearize": model.config.to_dict(), "source_class": model.source_class,
-                "dtype": str(model.captured_dtype).removeprefix("torch.")}
+                "dtype": str(model.captured_dtype).removeprefix("torch."), "source_model": model.source_model}
         (tmp / SAVE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -237,11 +243,21 @@ def load(directory: str | Path) -> LinearizedModel:
     path = Path(directory)
     meta_file = path / SAVE_FILE
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{path} is not a saved lincompile model (no lincompile.json); "
-                                "save one with LinearizedModel.save_pretrained(dir)")
+        from lincompile.backends.onnx import META_FILE
+
+        what = (f"an ONNX export: run it with lincompile.OrtModel.from_dir({str(path)!r})"
+                if (path / META_FILE).is_file() else
+                "a Hugging Face model: load it with lincompile.load_model, then lincompile.optimize"
+                if (path / "config.json").is_file() else "")
+        raise FileNotFoundError(f"{path} is not a saved lincompile model (no {SAVE_FILE}); "
+                                + (what or "save one with LinearizedModel.save_pretrained(dir)"))
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != SAVE_FORMAT:
         raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r}")
+    lost = [name for name in ("config.json", "model.safetensors") if not (path / name).is_file()]
+    if lost:
+        raise FileNotFoundError(f"{path} is a saved lincompile model without {' and '.join(lost)}: it was "
+                                "damaged or copied in part; save it again with save_pretrained")
     config = LinearizeConfig.from_dict(meta["linearize"])
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     source = _rebuild(hf_config, meta.get("source_class"), meta_file)
@@ -252,4 +268,5 @@ def load(directory: str | Path) -> LinearizedModel:
     if unexpected or missing:
         raise ValueError(f"{path}: weights do not match the rebuilt graph (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
+    model.source_model = meta.get("source_model")
     return model

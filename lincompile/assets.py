@@ -300,6 +300,7 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lincompile.api import SAVE_FILE
+    from lincompile.backends.onnx import META_FILE as ONNX_META
 
     names = ", ".join(EMBEDDED_MODELS)
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -310,6 +311,8 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
         path = smollm2_dir(cache_dir) if name_or_path in EMBEDDED_MODELS else local
         if (path / SAVE_FILE).is_file():  # its softmax weights would load, its linearization not
             raise AssetError(f"{path} is a saved linearized model: load it with lincompile.load({str(path)!r})")
+        if (path / ONNX_META).is_file():
+            raise AssetError(f"{path} is an ONNX export: run it with lincompile.OrtModel.from_dir({str(path)!r})")
         if not (path / "config.json").is_file():
             what = ("holds a model.onnx but no lincompile_onnx.json, so it is not an export lincompile wrote "
                     "(`lincompile export` writes one)" if (path / "model.onnx").is_file() else "has no config.json")

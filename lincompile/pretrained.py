@@ -94,6 +94,10 @@ def trained_tensors(weights: str | Path, model_name: str, method: str) -> tuple[
         recipe = {"linearize": checkpoint.linearize, "lora": lora_layout(checkpoint.train_config),
                   "step": checkpoint.step, "train_config": checkpoint.train_config}
         tensors = checkpoint.tensors
+    elif (path / "checkpoints").is_dir() or (path.parent / "checkpoints").is_dir():
+        run = path if (path / "checkpoints").is_dir() else path.parent
+        raise FileNotFoundError(f"{path} is (in) a `lincompile train` run, whose trained tensors are its checkpoints: "
+                                f"pass one, e.g. {run / 'checkpoints' / 'step-N'} (the newest is the run's end)")
     else:
         raise FileNotFoundError(f"no trained linearization at {path} (shipped: {', '.join(available()) or 'none'}); "
                                 "train one with `lincompile train` and `lincompile.pretrained.ship`, or use "

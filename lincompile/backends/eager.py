@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import Any
+
 import torch
 from torch import fx
 
@@ -49,7 +51,11 @@ class LinearizedModel(torch.nn.Module):
         self.hf_config = hf_config
         self._site_by_index = {s.index: s for s in sites}
         self.state_inputs = [name for r in rewritten for name in r.state_inputs]
+        self._shapes: dict[str, tuple[int | str, ...]] | None = None  # `_state_shapes`, once asked for
         self.source_class: str | None = None  # the model class `optimize` linearized (what `load` rebuilds)
+        #: the model (name or directory) whose weights training started from, when they have changed since (set by
+        #: `lincompile train`, saved and loaded with the model): `lincompile eval` compares against it
+        self.source_model: str | None = None
         self.captured_dtype = self._param_dtype()  # the graph's casts were traced for it
         self.max_positions = max_positions  # the source's position table's limit (None: none)
         self.limit_reason = limit_reason  # None: learned positions
@@ -83,6 +89,13 @@ class LinearizedModel(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def _state_shapes(self) -> dict[str, tuple[int | str, ...]]:
+        """Each state part's shape per row ("past" for a KV cache's growing length), computed once."""
+        if self._shapes is None:
+            self._shapes = {name: tuple("past" if n == 0 else n for n in t.shape[1:])
+                            for name, t in self.initial_state(1, "meta").tensors.items()}
+        return self._shapes
+
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> RecurrentState:
         """The state before any token, for every stateful site."""
         device = self.device if device is None else device
@@ -105,6 +118,7 @@ class LinearizedModel(torch.nn.Module):
             raise ValueError(f"this model was captured in {self.captured_dtype} and cast to {dtype} since; its graph "
                              f"keeps the {self.captured_dtype} casts it was traced with: cast the Hugging Face model "
                              "first, then optimize it")
+        self._check_keywords(extra)
         if input_ids.dim() != 2 or 0 in input_ids.shape:
             raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got shape "
                              f"{tuple(input_ids.shape)}")
@@ -115,7 +129,9 @@ class LinearizedModel(torch.nn.Module):
             raise ValueError("this model has attention sites without a recurrent state (not rewritten, or "
                              "non-causal/custom-bias); call it on the whole sequence without past_state")
         if past_state is not None:
-            check_state(past_state, self.state_inputs, batch)
+            check_state(past_state, self.state_inputs, batch, self._state_shapes())
+            if not all(isinstance(t, torch.Tensor) for t in past_state.tensors.values()):
+                past_state = past_state.to(input_ids.device)  # an `OrtModel`'s state: its OrtValues as tensors
         state = past_state if past_state is not None else self.initial_state(batch, input_ids.device)
         check_positions(self, state.length + tokens)
         if attention_mask is not None and attention_mask.shape[1] == state.length + tokens and state.length:
@@ -141,6 +157,18 @@ class LinearizedModel(torch.nn.Module):
                 {name.replace(STATE_OUTPUT, STATE_INPUT, 1): t for name, t in present.items()}, state.length + tokens)
         return LinearizedOutput(logits, new_state, outputs)
 
+    def _check_keywords(self, extra: dict[str, object]) -> None:
+        """Refuse keywords that are not graph inputs (an ignored one would change nothing, silently)."""
+        known = [n for n in self.input_names if n not in self.state_inputs]
+        unknown = [name for name in extra if name not in known]
+        if not unknown:
+            return
+        hints = {"past_key_values": "the recurrent state goes in past_state= (an earlier output's .past_state)",
+                 "labels": "no loss is computed: take .logits (lincompile.train has the losses)"}
+        why = "; ".join(hints[name] for name in unknown if name in hints)
+        raise TypeError(f"unexpected keyword argument(s) {unknown}: this model takes {known}, past_state and "
+                        f"use_cache" + (f"; {why}" if why else ""))
+
     def save_pretrained(self, directory: str, tokenizer: object | None = None) -> str:
         """Write this model atomically to `directory`; `lincompile.load(directory)` reads it back."""
         from lincompile.api import save
@@ -149,13 +177,18 @@ class LinearizedModel(torch.nn.Module):
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, **kwargs: object) -> torch.Tensor:
         """Autoregressive generation through the recurrent state, speculative with `draft=` (see
-        `lincompile.runtime.generate`)."""
-        from lincompile.runtime.generate import generate
+        `lincompile.runtime.generate`); stops at the model config's `eos_token_id` unless given another (None:
+        never)."""
+        from lincompile.runtime.generate import generate, with_model_ids
 
-        return generate(self, input_ids, max_new_tokens, **kwargs)
+        config = self.hf_config
+        kwargs = with_model_ids(kwargs, getattr(config, "eos_token_id", None), getattr(config, "pad_token_id", None))
+        return generate(self, torch.as_tensor(input_ids), max_new_tokens, **kwargs)
 
-    def export_onnx(self, out_dir: str, opset: int | None = None, tokenizer: object | None = None) -> str:
-        """Write model.onnx + lincompile_onnx.json atomically (see `lincompile.backends.onnx`)."""
+    def export_onnx(self, out_dir: str, opset: int | None = None, tokenizer: object | None = None,
+                    **options: Any) -> str:
+        """Write model.onnx + lincompile_onnx.json atomically; `options` are `lincompile.export_onnx`'s keywords
+        (chunk_size, quantize, decode_step, ...)."""
         from lincompile.backends.onnx import export_onnx
 
-        return str(export_onnx(self, out_dir, opset, tokenizer))
+        return str(export_onnx(self, out_dir, opset, tokenizer, **options))

@@ -41,12 +41,13 @@ import torch
 from torch import Tensor, fx
 
 from lincompile.atomic import atomic_directory
-from lincompile.backends import onnx_sites
+from lincompile.backends import onnx_sites, onnx_step
 from lincompile.backends.eager import LinearizedModel
 from lincompile.backends.onnx_einsum import lower_einsums
 from lincompile.backends.onnx_quantize import SCHEMES, check_scheme, quantize_weights
 from lincompile.capture.export import export_dynamic
 from lincompile.kernels.linear_attention import reference
+from lincompile.kernels.linear_attention.reference_recurrent import first_token
 from lincompile.methods.spec import MethodSpec
 
 MODEL_FILE = "model.onnx"
@@ -74,6 +75,15 @@ def _attention_decomposition(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor |
     """`lincompile::attention` as its plain-PyTorch reference (no kernel registry: the graph must stay aten)."""
     out, new_state = reference.attention(q, k, v, key_mask, bias, list(state), list(params),
                                          MethodSpec.from_json(spec), scale, causal)
+    return out.contiguous(), [s.contiguous() for s in new_state]
+
+
+def _step_decomposition(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor | None,
+                        state: list[Tensor], params: list[Tensor], spec: str, scale: float,
+                        causal: bool) -> tuple[Tensor, list[Tensor]]:
+    """`lincompile::attention` on the call's first token through the recurrent reference (`first_token`): a decode
+    step's form (`onnx_step`; traced for any T, its outputs used only when T == 1). `bias` is None at cut sites."""
+    out, new_state = first_token(q, k, v, key_mask, list(state), list(params), MethodSpec.from_json(spec), scale)
     return out.contiguous(), [s.contiguous() for s in new_state]
 
 
@@ -153,9 +163,11 @@ def _describe(node: fx.Node) -> str:
     return f"{node.target} node {node.name!r} ({path}, method {method!r})"
 
 
-def _lower_call(op: str, where: str, *args: Any, **kwargs: Any) -> Any:
-    """Stands in for one lincompile op call while torch.export traces; names the node if tracing fails."""
-    decomposition = DECOMPOSITIONS[op]
+def _lower_call(op: str, where: str, *args: Any, decompositions: dict[str, Callable[..., Any]] | None = None,
+                **kwargs: Any) -> Any:
+    """Stands in for one lincompile op call while torch.export traces (through `decompositions`, by default
+    `DECOMPOSITIONS`); names the node if tracing fails."""
+    decomposition = (decompositions or DECOMPOSITIONS)[op]
     try:
         return decomposition(*args, **kwargs)
     except Exception as error:
@@ -354,11 +366,13 @@ def _to_onnx(program: torch.export.ExportedProgram, input_names: list[str], outp
 
 
 def export_template(template: onnx_sites.Template, where: str, batch: Any, seq: Any, opset: int | None,
-                    optimize: bool = False) -> Any:
+                    optimize: bool = False, step: bool = False) -> Any:
     """One attention site signature alone as a standard-ONNX proto: inputs in0.. (q, k, v[, key_mask], *state,
     *params), outputs out0.. (out, *new_state); `batch` and `seq` are its dynamic dims, `where` names the site
-    in errors."""
-    decomposition = functools.partial(_lower_call, str(onnx_sites.ATTENTION), where)
+    in errors. `step`: the decode step's form (`_step_decomposition`) instead of the parallel one."""
+    op = str(onnx_sites.ATTENTION)
+    decomposition = functools.partial(_lower_call, op, where,
+                                      decompositions={op: _step_decomposition} if step else None)
     traced = _trace(template.module(decomposition), template.inputs, template.dynamic_shapes(batch, seq))
     inputs = [f"in{i}" for i in range(len(template.inputs))]
     outputs = [f"out{i}" for i in range(1 + template.num_state)]
@@ -367,11 +381,11 @@ def export_template(template: onnx_sites.Template, where: str, batch: Any, seq: 
     return exported.model_proto
 
 
-def _export_split(model: LinearizedModel, opset: int | None, optimize: bool,
-                  chunk_size: int | None) -> tuple[Any, int, int, int]:
+def _export_split(model: LinearizedModel, opset: int | None, optimize: bool, chunk_size: int | None,
+                  decode_step: bool) -> tuple[Any, int, dict[str, int]]:
     """The ONNX proto of `model.graph` with each distinct attention site exported once and spliced per site
-    (`onnx_sites`; causal linear sites in chunks past `chunk_size` tokens), its opset and the numbers of spliced
-    and of chunked sites."""
+    (`onnx_sites`; causal linear sites in chunks past `chunk_size` tokens and, with `decode_step`, through their
+    step form at one-token calls), its opset and the numbers of sites spliced, chunked and with a step form."""
     args, shapes = _example_inputs(model)
     placeholders = [n.name for n in model.graph.graph.nodes if n.op == "placeholder"]
     onnx_names = dict(zip(placeholders, model.input_names, strict=True))
@@ -390,27 +404,34 @@ def _export_split(model: LinearizedModel, opset: int | None, optimize: bool,
     _rename_dims(outer, _interface_dims(outer, shapes + extra_shapes))
     proto = program.model_proto
     sites = [n for n in model.graph.graph.nodes if n.op == "call_function" and n.target is onnx_sites.ATTENTION]
-    templates = []
+    templates, steps = [], []
     for index, template in enumerate(parts.templates):
         where = _describe(sites[next(cut.site for cut in parts.cuts if cut.template == index)])
         templates.append(export_template(template, where, named["batch"], named["seq"], version, optimize))
+        takes_step = decode_step and onnx_step.takes_step(template.spec, template.causal)
+        steps.append(export_template(template, where, named["batch"], named["seq"], version, optimize, step=True)
+                     if takes_step else None)
     params = {p: operator.attrgetter(p)(model.graph) for cut in parts.cuts for p in cut.params}
     onnx_sites.splice(proto, templates, parts, params, len(model.input_names), len(model.output_names),
-                      {"batch": ("input_ids", 0), "seq": ("input_ids", 1)})
-    chunked = sum(parts.templates[cut.template].chunk is not None for cut in parts.cuts)
-    return proto, version, len(parts.cuts), chunked
+                      {"batch": ("input_ids", 0), "seq": ("input_ids", 1)}, steps)
+    counts = {"spliced": len(parts.cuts),
+              "chunked": sum(parts.templates[cut.template].chunk is not None for cut in parts.cuts),
+              "step": sum(steps[cut.template] is not None for cut in parts.cuts)}
+    return proto, version, counts
 
 
 def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer: object | None,
-           optimize: bool, split_sites: bool, chunk_size: int | None, quantize: str | None) -> None:
+           optimize: bool, split_sites: bool, chunk_size: int | None, quantize: str | None,
+           decode_step: bool) -> None:
     """Export into `directory` (a fresh temp dir): model.onnx, the JSON, the tokenizer; then check."""
     import onnx
     import onnx_ir as ir
 
-    proto, spliced, chunked, fell_back = None, 0, 0, False
+    proto, fell_back = None, False
+    counts = {"spliced": 0, "chunked": 0, "step": 0}
     if split_sites:
         try:
-            proto, version, spliced, chunked = _export_split(model, opset, optimize, chunk_size)
+            proto, version, counts = _export_split(model, opset, optimize, chunk_size, decode_step)
         except (onnx_sites.SpliceError, OnnxLoweringError) as error:  # the whole graph computes the same ops
             warnings.warn(f"export_onnx: exporting each attention site once failed ({_first_lines(error, 2)}); "
                           "tracing the whole graph instead (same ops, slower; calls run in one piece)", stacklevel=3)
@@ -436,7 +457,8 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
     onnx.checker.check_model(str(path))  # path form: works with external data too
     meta = _metadata(model, ir.serde.deserialize_model(proto), tokenizer, version)
     meta["einsum"] = {"lowered_to_matmul": lowered, "left": left}
-    meta["sites_spliced"] = spliced
+    meta["sites_spliced"] = counts["spliced"]
+    chunked = counts["chunked"]
     if chunk_size is not None and not chunked:
         why = ("split_sites=False traces the whole graph, which takes each call in one piece" if not split_sites
                else "the export traced the whole graph (see the warning above)" if fell_back
@@ -444,6 +466,7 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
         warnings.warn(f"export_onnx: chunk_size={chunk_size} chunks nothing: {why}", stacklevel=3)
     meta["chunked_sites"] = chunked
     meta["chunk_size"] = chunk_size if chunked else None
+    meta["decode_step_sites"] = counts["step"]
     meta["quantize"] = None if quantize is None else {"scheme": quantize, **SCHEMES[quantize],
                                                       "linear_layers": quantized}
     _write_site_params(model, directory)
@@ -456,6 +479,9 @@ def check_export_options(opset: int | None, chunk_size: int | None, quantize: st
     """Refuse options `export_onnx` cannot honour, naming the fix (callers check before any long work)."""
     import onnx
 
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)):
+        raise TypeError(f"opset must be an integer or None, got {type(opset).__name__}; a tokenizer goes in as "
+                        "tokenizer=")
     if opset is not None and not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ValueError(f"opset {opset} is outside {MIN_OPSET}..{onnx.defs.onnx_opset_version()}: the lowering "
                          f"needs opset >= {MIN_OPSET}, and this onnx {onnx.__version__} knows none later")
@@ -467,7 +493,7 @@ def check_export_options(opset: int | None, chunk_size: int | None, quantize: st
 
 def export_onnx(model: LinearizedModel, out_dir: str | os.PathLike[str], opset: int | None = None,
                 tokenizer: object | None = None, *, optimize: bool = False, split_sites: bool = True,
-                chunk_size: int | None = None, quantize: str | None = None) -> Path:
+                chunk_size: int | None = None, quantize: str | None = None, decode_step: bool = True) -> Path:
     """Export `model` to `out_dir`/model.onnx + lincompile_onnx.json (+ tokenizer files); returns `out_dir`.
 
     `opset`: default-domain opset (>= 18; None = torch.onnx's default). `optimize`: also run the onnxscript
@@ -482,12 +508,18 @@ def export_onnx(model: LinearizedModel, out_dir: str | os.PathLike[str], opset: 
     `quantize`: "int8" stores every linear layer's weights in 8 bits (onnxruntime's MatMulNBits, blocks of 32,
     int8 compute; `onnx_quantize`): about half the file and a faster CPU decode, for onnxruntime only; None
     (the default): float weights, standard ONNX.
+    `decode_step`: with `split_sites`, causal linear sites run one-token calls through their recurrent form, half
+    the nodes of the parallel one (`onnx_step`; the default): a faster decode step, a little more work per call
+    of more tokens (see `bench/onnx_decode_step.py`); False: every call through the parallel form.
 
     Atomic: built in a temp dir beside `out_dir`, checked with `onnx.checker`, then renamed over it.
     Raises `OnnxLoweringError` naming the node/op that could not be lowered; then nothing is written.
     """
+    if not isinstance(model, LinearizedModel):
+        raise TypeError(f"export_onnx takes a linearized model, got {type(model).__name__}: run "
+                        "lincompile.optimize(model, method) first (method='softmax' keeps exact attention)")
     check_export_options(opset, chunk_size, quantize)
     target = Path(out_dir)
     with atomic_directory(target, META_FILE) as tmp:
-        _write(model, tmp, opset, tokenizer, optimize, split_sites, chunk_size, quantize)
+        _write(model, tmp, opset, tokenizer, optimize, split_sites, chunk_size, quantize, decode_step)
     return target

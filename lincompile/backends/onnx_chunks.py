@@ -85,7 +85,7 @@ def _typed(value: Any, name: str) -> Any:
     return copied
 
 
-class _Nodes:
+class Nodes:
     """Emits nodes whose outputs are named `prefix + what`."""
 
     def __init__(self, prefix: str) -> None:
@@ -108,7 +108,7 @@ def all_true_mask(q: str, prefix: str) -> tuple[list[Any], str]:
     """Nodes making a bool [batch, seq] mask of True from q [batch, heads, seq, dim], and its name."""
     from onnx import TensorProto, helper
 
-    emit = _Nodes(prefix)
+    emit = Nodes(prefix)
     shape = emit("Concat", [emit("Shape", [q], "batch", start=0, end=1), emit("Shape", [q], "seq", start=2, end=3)],
                  "mask_shape", axis=0)
     emit.nodes.append(helper.make_node("ConstantOfShape", [shape], [prefix + "mask"], name=prefix + "mask",
@@ -128,7 +128,7 @@ def chunked_site(template: Any, args: list[str], rename: dict[str, str], results
     outputs = [o.name for o in template.output]
     num_state = len(outputs) - 1
     q = args[0]
-    emit = _Nodes(prefix)
+    emit = Nodes(prefix)
     zero, size = emit.const("zero", [0]), emit.const("chunk", [chunk])
     axes = [emit.const("axis2", [2])] * 3 + [emit.const("axis1", [1])]  # the token axis of q, k, v, key_mask
     head = {name: emit("Slice", [value, zero, size, axis], f"head/{name}")
@@ -138,13 +138,13 @@ def chunked_site(template: Any, args: list[str], rename: dict[str, str], results
     nodes = emit.nodes + copy_nodes(template.node, dict(rename, **head), f"{prefix}head/")
     head_out, head_state = head[outputs[0]], [head[o] for o in outputs[1:]]
 
-    short = _Nodes(f"{prefix}short/")
+    short = Nodes(f"{prefix}short/")
     for name, value in zip(outputs, [head_out, *head_state]):
         short("Identity", [value], name)
     else_graph = helper.make_graph(short.nodes, "short", [],
                                    [_typed(o, short.prefix + o.name) for o in template.output])
     then_graph = _rest_in_chunks(template, args, rename, head_out, head_state, f"{prefix}rest/", size, axes, chunk)
-    tail = _Nodes(prefix)
+    tail = Nodes(prefix)
     longer = tail("Greater", [tail("Shape", [q], "seq", start=2, end=3), size], "longer")
     tail.nodes.append(helper.make_node("If", [longer], results, name=f"{prefix}if", then_branch=then_graph,
                                        else_branch=else_graph))
@@ -160,7 +160,7 @@ def _rest_in_chunks(template: Any, args: list[str], rename: dict[str, str], head
     inputs = [i.name for i in template.input]
     outputs = [o.name for o in template.output]
     num_state = len(outputs) - 1
-    emit = _Nodes(prefix)
+    emit = Nodes(prefix)
     end = emit.const("end", [2 ** 62])  # past any length: Slice clamps it
     rest = [emit("Slice", [value, size, end, axis], f"{name}_rest")
             for value, axis, name in zip(args[:4], axes, "qkvm")]

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, fx
 
-from lincompile.backends import onnx_chunks
+from lincompile.backends import onnx_chunks, onnx_step
 from lincompile.kernels import ops  # noqa: F401  (registers lincompile::attention)
 from lincompile.methods.spec import MethodSpec
 
@@ -200,7 +200,7 @@ def _replace(graph: fx.Graph, node: fx.Node, name: str, example: Tensor, axes: d
 
 
 def splice(outer: Any, templates: list[Any], split_: Split, params: dict[str, Tensor], num_inputs: int,
-           num_outputs: int, dim_sources: dict[str, tuple[str, int]]) -> None:
+           num_outputs: int, dim_sources: dict[str, tuple[str, int]], steps: list[Any] | None = None) -> None:
     """Copy each cut's template (an onnx.ModelProto per `split_.templates` entry) into `outer` in place.
 
     `outer`'s first `num_inputs` inputs and `num_outputs` outputs are the interface; the rest are, in order,
@@ -208,7 +208,8 @@ def splice(outer: Any, templates: list[Any], split_: Split, params: dict[str, Te
     both an input and an output). Template inputs are (q, k, v[, key_mask], *state, *params), outputs
     (out, *new_state). torch.onnx may read a dynamic size (batch, seq) off any input that has it, a cut
     output included, which upstream nodes must not depend on: such reads are redirected to the interface
-    input and axis `dim_sources` names for that dim.
+    input and axis `dim_sources` names for that dim. `steps`: per template, its decode step's form (a ModelProto,
+    `onnx_step`) or None; a site whose template has one runs it for one-token calls.
     """
     from onnx import AttributeProto
 
@@ -224,15 +225,23 @@ def splice(outer: Any, templates: list[Any], split_: Split, params: dict[str, Te
     graph.input.extend(kept_inputs)
     del graph.output[:]
     graph.output.extend(kept_outputs)
-    for t_index, template in enumerate(templates):
-        for node in template.graph.node:
-            if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
-                raise SpliceError(f"template {t_index} has a {node.op_type} node with a subgraph")
-        for init in template.graph.initializer:
-            copy_ = graph.initializer.add()
-            copy_.CopyFrom(init)
-            copy_.name = f"lc_t{t_index}/{init.name}"
+    steps = steps or [None] * len(templates)
+    for kind, protos in (("t", templates), ("s", steps)):
+        for t_index, template in enumerate(protos):
+            if template is None:
+                continue
+            for node in template.graph.node:
+                if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
+                    raise SpliceError(f"template {t_index} has a {node.op_type} node with a subgraph")
+            for init in template.graph.initializer:
+                copy_ = graph.initializer.add()
+                copy_.CopyFrom(init)
+                copy_.name = f"lc_{kind}{t_index}/{init.name}"
     nodes = list(graph.node)
+    condition = ""
+    if any(steps[cut.template] is not None for cut in split_.cuts):
+        condition_nodes, condition = onnx_step.one_token(dim_sources["seq"][0], "lc_step/")
+        nodes.extend(condition_nodes)
     for cut in split_.cuts:
         template = templates[cut.template].graph
         prefix = f"lc{cut.site}/"
@@ -246,16 +255,25 @@ def splice(outer: Any, templates: list[Any], split_: Split, params: dict[str, Te
         args = [actual.get(arg, arg) for arg in cut.args]
         results = [actual[result] if result else f"{prefix}{output.name}"
                    for output, result in zip(template.output, cut.results)]
+        step = steps[cut.template]
+        general = [f"{prefix}general/{output.name}" for output in template.output] if step else results
         chunk = split_.templates[cut.template].chunk
+        if chunk is not None and not args[3]:
+            mask_nodes, args[3] = onnx_chunks.all_true_mask(args[0], f"{prefix}all_true/")
+            nodes.extend(mask_nodes)
         if chunk is not None:
-            if not args[3]:
-                mask_nodes, args[3] = onnx_chunks.all_true_mask(args[0], f"{prefix}all_true/")
-                nodes.extend(mask_nodes)
-            nodes.extend(onnx_chunks.chunked_site(template, args, rename, results, prefix, chunk))
+            site_nodes = onnx_chunks.chunked_site(template, args, dict(rename), general, prefix, chunk)
+        else:
+            names = dict(rename, **dict(zip(inputs, args)))
+            names.update(zip((o.name for o in template.output), general))
+            site_nodes = onnx_chunks.copy_nodes(template.node, names, prefix)
+        if step is None:
+            nodes.extend(site_nodes)
             continue
-        rename.update(zip(inputs, args))
-        rename.update(zip((o.name for o in template.output), results))
-        nodes.extend(onnx_chunks.copy_nodes(template.node, rename, prefix))
+        step_names = {init.name: f"lc_s{cut.template}/{init.name}" for init in step.graph.initializer}
+        step_names.update({name: rename[name] for name in inputs[len(cut.args):]})  # the site's parameters
+        nodes.extend(onnx_step.step_site(step.graph, site_nodes, general, args, step_names, results, prefix,
+                                         condition))
     del graph.node[:]
     graph.node.extend(_toposort(nodes, {i.name for i in graph.input} | {i.name for i in graph.initializer}))
     onnx_chunks.drop_unused_initializers(graph)

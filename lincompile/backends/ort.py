@@ -94,6 +94,9 @@ class OrtModel:
         if meta.get("format") != FORMAT or int(meta.get("version", 0)) > FORMAT_VERSION:
             raise ValueError(f"{meta_file}: format {meta.get('format')!r} v{meta.get('version')} is not readable "
                              f"by this lincompile ({FORMAT} v{FORMAT_VERSION})")
+        if not (path / meta["model_file"]).is_file():
+            raise FileNotFoundError(f"{path} holds {META_FILE} but no {meta['model_file']}: the export was damaged or "
+                                    "copied in part; export it again with lincompile export")
         if session_options is None:
             session_options = ort.SessionOptions()
             session_options.log_severity_level = 3  # errors only: constant-folding notices are not for users
@@ -125,6 +128,22 @@ class OrtModel:
             return value
         return ort.OrtValue.ortvalue_from_numpy(_numpy(value, self._dtypes[name]), self.device_type, self.device_id)
 
+    def _token_ids(self, input_ids: ArrayLike) -> np.ndarray:
+        """`input_ids` as int64 [batch, tokens], refused where onnxruntime would not say what is wrong (an empty
+        call), or would silently compute something (float ids, negative ids: Gather wraps them)."""
+        raw = input_ids.detach().cpu().numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
+        if raw.size and not np.issubdtype(raw.dtype, np.integer):
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {raw.dtype}")
+        ids = _numpy(raw, np.dtype(np.int64))
+        if ids.ndim != 2 or 0 in ids.shape:
+            raise ValueError(f"input_ids must be a non-empty [batch, tokens] array, got shape {ids.shape}")
+        vocab = self.meta.get("vocab_size")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (vocab is not None and high >= vocab):
+            raise ValueError(f"input_ids holds ids outside the vocabulary 0..{vocab - 1 if vocab else '?'} "
+                             f"(min {low}, max {high}); pad with the tokenizer's pad id, not -1 or -100")
+        return ids
+
     def initial_state(self, batch: int) -> RecurrentState:
         """Zeros of the declared state shapes: `batch` rows; any other symbolic dim (a growing cache) is 0."""
         tensors = {}
@@ -135,14 +154,13 @@ class OrtModel:
 
     def __call__(self, input_ids: ArrayLike, attention_mask: ArrayLike | None = None,
                  past_state: RecurrentState | None = None, position_ids: ArrayLike | None = None) -> OrtOutput:
-        ids = _numpy(input_ids, np.dtype(np.int64))
-        if ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, tokens], got shape {ids.shape}")
+        ids = self._token_ids(input_ids)
         batch, tokens = ids.shape
         if past_state is not None and not self.meta.get("supports_state", True):
             raise ValueError("this model has attention sites without a recurrent state; call it without past_state")
         if past_state is not None:
-            check_state(past_state, self.state_names, batch)
+            check_state(past_state, self.state_names, batch,
+                        {name: tuple(info["shape"][1:]) for name, info in self.meta["state"].items()})
         state = past_state if past_state is not None else self.initial_state(batch)
         check_positions(self, state.length + tokens)
         mask = None if attention_mask is None else _numpy(attention_mask, np.dtype(np.int64))
@@ -177,10 +195,12 @@ class OrtModel:
 
     def generate(self, input_ids: ArrayLike, max_new_tokens: int | None = None, **kwargs: Any) -> torch.Tensor:
         """Autoregressive generation with the torch path's arguments (`lincompile.runtime.generate`):
-        chunked prefill, then one token per call, the state staying in ORT buffers throughout."""
-        from lincompile.runtime.generate import generate
+        chunked prefill, then one token per call, the state staying in ORT buffers throughout; stops at the
+        exported model's `eos_token_id` unless given another (None: never)."""
+        from lincompile.runtime.generate import generate, with_model_ids
 
-        return generate(self, torch.as_tensor(_numpy(input_ids, np.dtype(np.int64))), max_new_tokens, **kwargs)
+        kwargs = with_model_ids(kwargs, self.meta.get("eos_token_id"), self.meta.get("pad_token_id"))
+        return generate(self, torch.as_tensor(self._token_ids(input_ids)), max_new_tokens, **kwargs)
 
     @staticmethod
     def state_to_torch(state: RecurrentState) -> RecurrentState:

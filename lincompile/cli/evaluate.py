@@ -21,12 +21,22 @@ from lincompile.train.data import heldout_blocks
 from lincompile.train.eval import perplexity
 
 
-def _original_of_saved(directory: Path) -> tuple[torch.nn.Module, Any, torch.nn.Module]:
-    """(linearized, tokenizer, original) for a directory written by `save_pretrained`."""
+def _original_of_saved(directory: Path) -> tuple[torch.nn.Module, Any, torch.nn.Module, str]:
+    """(linearized, tokenizer, original, what the original is) for a directory written by `save_pretrained`: the
+    model training started from when the save records it (`source_model`; the saved weights have been trained
+    since), else the saved weights with softmax attention."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from lincompile.assets import TOKENIZER_FILES
+
     linear = load_linearized(directory)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{directory} holds no tokenizer; perplexity needs one to tokenize the corpus (save the "
+                         "model with save_pretrained(dir, tokenizer))")
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    if linear.source_model is not None:
+        return linear, tokenizer, load_model(linear.source_model)[0].eval(), linear.source_model
     original = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
     weights = load_file(directory / "model.safetensors")
     missing, _ = original.load_state_dict(weights, strict=False)
@@ -35,8 +45,7 @@ def _original_of_saved(directory: Path) -> tuple[torch.nn.Module, Any, torch.nn.
     uncovered = [name for name in missing if id(own[name]) not in loaded]  # a tied tensor is saved under one name
     if uncovered:
         raise ValueError(f"{directory}: the saved weights do not cover the original model ({uncovered[:3]} ...)")
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    return linear, tokenizer, original.eval()
+    return linear, tokenizer, original.eval(), "the saved weights with softmax attention"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -50,8 +59,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.softmax_finetuned and not Path(args.softmax_finetuned).expanduser().is_dir():
         raise ValueError(f"--softmax-finetuned {args.softmax_finetuned} is not a directory")
     progress = not args.no_progress
+    original_is = args.model
     if saved:
-        linear, tokenizer, original = _original_of_saved(path)
+        linear, tokenizer, original, original_is = _original_of_saved(path)
         method, weights = linear.config.spec.name, "saved model"
     else:
         original, tokenizer = load_model(args.model)
@@ -62,7 +72,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         weights = None if linear is None else "none" if linear.recipe is None else \
             "default" if args.weights == "auto" else str(args.weights)
     blocks = heldout_blocks(tokenizer, args.block_size, args.max_blocks, data=args.data)
-    result: dict[str, object] = {"model": args.model, "method": method, "weights": weights,
+    result: dict[str, object] = {"model": args.model, "original": original_is, "method": method, "weights": weights,
                                  "tokens": blocks[:, 1:].numel(),
                                  "block_size": args.block_size, "blocks": int(blocks.shape[0])}
     base = perplexity(original, blocks, args.batch_size, progress=progress, desc="original")

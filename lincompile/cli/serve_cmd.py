@@ -65,10 +65,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     _log(f"exporting to ONNX in {args.out} (SmolLM2-135M takes about a minute on 2 CPU cores) ...")
     start = time.perf_counter()
     out = export_onnx(model, args.out, opset=args.opset, tokenizer=tokenizer, optimize=args.optimize,
-                      chunk_size=args.chunk_size, quantize=args.quantize)
+                      chunk_size=args.chunk_size, quantize=args.quantize, decode_step=args.decode_step)
     meta = json.loads((out / META_FILE).read_text())
     summary = {"out": str(out), "method": model.config.spec.name, "tokenizer": tokenizer is not None,
-               "chunk_size": meta["chunk_size"], "quantize": (meta["quantize"] or {}).get("scheme"),
+               "chunk_size": meta["chunk_size"], "decode_step": meta["decode_step_sites"] > 0,
+               "quantize": (meta["quantize"] or {}).get("scheme"),
                "seconds": round(time.perf_counter() - start, 1), "megabytes": round(_export_size(out) / 2**20, 1)}
     if args.json:
         print(json.dumps(summary))
@@ -145,6 +146,11 @@ def _prompt_text(args: argparse.Namespace) -> str:
     text = sys.stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt
     if not text:
         raise ValueError("the prompt is empty; give --prompt TEXT (or - to read it from standard input)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # bytes that are not UTF-8 arrive as lone surrogates
+        raise ValueError(f"the prompt is not valid UTF-8 (at character {error.start}); convert it first, e.g. "
+                         "iconv -f latin1 -t utf-8") from None
     return text
 
 
@@ -237,6 +243,10 @@ def add_parsers(sub: Any) -> None:
                    help="int8: every linear layer's weights in 8 bits (onnxruntime's MatMulNBits, blocks of 32, "
                         "int8 compute): about half the size and a faster CPU decode, onnxruntime only (see "
                         "bench/onnx_quantize.py for perplexity and speed). Default: float weights, standard ONNX")
+    p.add_argument("--no-decode-step", dest="decode_step", action="store_false",
+                   help="run one-token calls through each site's parallel form too. Default: causal linear sites "
+                        "run a decode step through their recurrent form, half the nodes (a faster decode step, a "
+                        "little more time per multi-token call; see bench/onnx_decode_step.py)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p = command_parser(
         sub, "generate", cmd_generate, "generate text with a linearized model (PyTorch or onnxruntime)",

@@ -68,6 +68,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not parallel.is_main:
             return 0
         merged = merge_lora(linear.graph)
+        local = Path(args.model).expanduser()
+        linear.source_model = str(local.resolve()) if local.is_dir() else args.model  # what `eval` compares with
         final = linear.save_pretrained(str(out / "final"), tokenizer)
         atomic_write_text(out / "history.json", json.dumps(
             {"train_config": config.to_dict(), "init": args.init, "history": result.history,

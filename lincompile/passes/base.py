@@ -57,6 +57,7 @@ class Pass:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()  # passes that must run before this one (what it reads from the context)
 
     def run(self, ctx: PassContext) -> list[str]:
         """Transform `ctx` in place; return short notes for the report."""
@@ -107,6 +108,14 @@ class PassManager:
         for name in list(self.disabled) + ([self.stop_after] if self.stop_after else []):
             if name not in names:
                 raise ValueError(f"no pass {name!r} in this pipeline; it is {names}")
+        ran: set[str] = set()
+        for p in self.passes:
+            missing = [need for need in p.requires if need not in ran]
+            if p.name not in self.disabled and missing:
+                raise ValueError(f"pass {p.name} needs {', '.join(missing)} to run before it (it works on what that "
+                                 f"finds); the pipeline is {names}, disabled {sorted(self.disabled)}")
+            if p.name not in self.disabled:
+                ran.add(p.name)
 
     def run(self, ctx: PassContext) -> list[PassResult]:
         results = []

@@ -112,7 +112,9 @@ class ModelDraft:
         return out.logits[0, -1], cache
 
     def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the draft takes its ids: its parameters' device; the CPU for an `OrtModel` (it takes CPU ids)."""
+        parameters = getattr(self.model, "parameters", None)
+        return next(parameters()).device if parameters is not None else torch.device("cpu")
 
     def propose(self, context: DraftContext, k: int, sampling: SamplingConfig,
                 generator: torch.Generator | None) -> Proposal:
@@ -198,7 +200,8 @@ def make_draft(draft: Any, target: Any) -> Draft:
                 raise ValueError("draft='medusa' needs heads: train them with `lincompile train-medusa` and attach "
                                  "them with `lincompile.runtime.medusa.attach(model, dir)`, or pass the heads")
             return MedusaDraft(heads, tree=hasattr(target, "graph"))
-        raise ValueError(f"unknown draft {draft!r}; use 'prompt-lookup', 'medusa', a draft model or MedusaHeads")
+        raise ValueError(f"unknown draft {draft!r}; use 'prompt-lookup', 'medusa', a draft model, MedusaHeads or "
+                         "an NgramTable")
     if hasattr(draft, "propose") and hasattr(draft, "accepted"):
         return draft
     if type(draft).__name__ == "MedusaHeads":

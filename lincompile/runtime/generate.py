@@ -46,6 +46,8 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
         raise ValueError(f"num_beams={num_beams}: lincompile decodes greedily or by sampling, without beam search; "
                          "use num_beams=1 (speculative decoding with draft= speeds greedy decoding up instead)")
     max_new_tokens = _new_tokens(max_new_tokens, max_length, torch.as_tensor(input_ids).shape[-1])
+    if attention_mask is None and torch.as_tensor(input_ids).dim() == 2:
+        attention_mask = padding_mask(torch.as_tensor(input_ids), pad_token_id, eos_token_id)
     if draft is not None:
         from lincompile.runtime.speculative import speculative_generate
 
@@ -56,8 +58,6 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
                                     attention_mask=attention_mask, prefill_chunk_size=prefill_chunk_size)[0]
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got {tuple(input_ids.shape)}")
-    if attention_mask is None:
-        attention_mask = padding_mask(input_ids, pad_token_id, eos_token_id)
     require_decodable(model, "generate")
     check_new_tokens(model, input_ids.shape[1], max_new_tokens)
     if attention_mask is not None and attention_mask.shape == input_ids.shape and not bool(
@@ -92,6 +92,13 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
     if streamer is not None:
         streamer.end()
     return torch.cat(tokens, dim=1)
+
+
+def with_model_ids(kwargs: dict[str, object], eos_token_id: object, pad_token_id: object) -> dict[str, object]:
+    """`kwargs` of a model's `generate` with the model's own end-of-sequence and padding ids where the caller gave
+    none, so that generation stops at the model's eos as Hugging Face's does; an explicit `eos_token_id=None`
+    generates past it."""
+    return {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id, **kwargs}
 
 
 def _new_tokens(max_new_tokens: int | None, max_length: int | None, prompt: int) -> int:

@@ -69,8 +69,12 @@ class NgramTable:
         path = Path(directory) / TABLE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: build a table with `lincompile build-ngram MODEL --out DIR`")
-        payload = json.loads(path.read_text())
-        if payload.get("format") != FORMAT or payload.get("version") != FORMAT_VERSION:
+        try:
+            payload = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is damaged ({error}): build the table again with `lincompile build-ngram`"
+                             ) from None
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} file (format {payload.get('format')!r}, "
                              f"version {payload.get('version')!r})")
         vocab = int(payload["vocab_size"])

@@ -29,10 +29,11 @@ ChunkSize = int | None | Literal["auto"]
 
 def resolve_chunk(model: object, chunk_size: ChunkSize) -> int | None:
     """`chunk_size`, with "auto" read as the model's `prefill_chunk_size` attribute or `DEFAULT_CHUNK`."""
+    what = "chunk_size"
     if chunk_size == "auto":
-        return getattr(model, "prefill_chunk_size", DEFAULT_CHUNK)
+        chunk_size, what = getattr(model, "prefill_chunk_size", DEFAULT_CHUNK), "the model's prefill_chunk_size"
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be >= 1, None (one call) or 'auto', got {chunk_size!r}")
+        raise ValueError(f"{what} must be an integer >= 1 or None (one call), got {chunk_size!r}")
     return chunk_size
 
 

@@ -25,8 +25,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.do_sample and not self.temperature > 0:  # greedy ignores it, as Hugging Face's generate does
+            raise ValueError(f"temperature must be > 0 to sample, got {self.temperature} (do_sample=False for greedy)")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

@@ -19,17 +19,29 @@ class RecurrentState:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     length: int = 0
 
+    def _torch(self) -> dict[str, torch.Tensor]:
+        """The tensors as torch tensors (an `OrtModel`'s OrtValues copied to the CPU)."""
+        import numpy as np
+
+        return {name: t if isinstance(t, torch.Tensor) else torch.from_numpy(np.array(t.numpy()))
+                for name, t in self.tensors.items()}
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return sum(t.numel() * t.element_size() for t in self._torch().values())
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(t.shape) for name, t in self.tensors.items()}
+        return {name: tuple(t.shape) for name, t in self._torch().items()}
 
     def clone(self) -> "RecurrentState":
-        return RecurrentState({k: v.clone() for k, v in self.tensors.items()}, self.length)
+        """A copy in torch tensors (also of an `OrtModel`'s state, which then feeds either runtime)."""
+        return RecurrentState({k: v.clone() for k, v in self._torch().items()}, self.length)
 
-    def to(self, device: torch.device | str) -> "RecurrentState":
-        return RecurrentState({k: v.to(device) for k, v in self.tensors.items()}, self.length)
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "RecurrentState":
+        """The state on `device`, its floating parts in `dtype` (integer parts, the position counters, keep
+        theirs); a linear method's state accumulates in fp32 whatever the model's dtype, so a lower `dtype`
+        only loses precision."""
+        return RecurrentState({k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+                               for k, v in self._torch().items()}, self.length)
 
 
 def hf_cache_keyword(model: nn.Module) -> str:
@@ -51,17 +63,24 @@ def require_decodable(model: object, what: str) -> None:
                          "cannot continue): call it on whole sequences instead")
 
 
-def check_state(state: RecurrentState, names: list[str], batch: int) -> None:
-    """Refuse a `past_state` that is not this model's (other parts) or not this call's (another batch size)."""
+def check_state(state: RecurrentState, names: list[str], batch: int,
+                shapes: dict[str, tuple[int | str, ...]] | None = None) -> None:
+    """Refuse a `past_state` that is not this model's (other parts, or parts of other sizes per row: `shapes`, a
+    str for a dim that may grow) or not this call's (another batch size)."""
     have, want = set(state.tensors), set(names)
     if have != want:
         raise ValueError(f"past_state does not belong to this model (missing {sorted(want - have)[:3]}, unexpected "
                          f"{sorted(have - want)[:3]}): pass the past_state this model returned")
     for name, tensor in state.tensors.items():
-        rows = tensor.shape()[0] if callable(tensor.shape) else tensor.shape[0]  # an OrtValue's shape is a method
-        if rows != batch:
-            raise ValueError(f"past_state holds {rows} rows ({name}), input_ids {batch}: continue each batch from "
-                             "its own state")
+        shape = tuple(tensor.shape() if callable(tensor.shape) else tensor.shape)  # an OrtValue's shape is a method
+        if shape[0] != batch:
+            raise ValueError(f"past_state holds {shape[0]} rows ({name}), input_ids {batch}: continue each batch "
+                             "from its own state")
+        expected = (shapes or {}).get(name)
+        if expected is not None and (len(shape) != len(expected) + 1 or any(
+                isinstance(e, int) and e != got for e, got in zip(expected, shape[1:]))):
+            raise ValueError(f"past_state part {name} is {list(shape[1:])} per row, this model's is "
+                             f"{list(expected)}: a state of another model (method or size) cannot continue here")
 
 
 #: Position tables by attribute name: GPT-2's and GPT-Neo's `wpe`, the BERT family's `position_embeddings`, OPT's

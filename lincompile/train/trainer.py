@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, fx
 from tqdm.auto import tqdm
 
 from lincompile.jsonconfig import JsonConfig
@@ -199,17 +199,23 @@ class _Stage:
     first_step: int
 
 
-def _setup_stage(number: int, linear: LinearizedModel, config: TrainConfig) -> _Stage:
+def _teacher(linear: LinearizedModel, config: TrainConfig) -> fx.GraphModule | None:
+    """Stage 2's KL teacher when it has one: the original model, so built before `init`, a checkpoint or stage 1
+    change any weight (and before LoRA exists)."""
+    if not (config.stage2_steps and config.kl_weight > 0):
+        return None
+    return frozen_teacher(linear, set(stage2_parameters(linear, config.full, config.train_norms,
+                                                        config.train_embeddings)))
+
+
+def _setup_stage(number: int, linear: LinearizedModel, config: TrainConfig,
+                 teacher: fx.GraphModule | None) -> _Stage:
     """Build the objective, freeze everything but this stage's parameters, and create its optimizer."""
     objective: Callable[[Tensor], tuple[Tensor, Tensor]]
     if number == 1:
         params, objective = attention_parameters(linear), TransferObjective(linear)
         base_lr, first = config.stage1_lr, 0
     else:
-        teacher = None
-        if config.kl_weight > 0:  # built before LoRA exists, from the weights stage 2 starts with
-            base = stage2_parameters(linear, config.full, config.train_norms, config.train_embeddings)
-            teacher = frozen_teacher(linear, set(base))
         if config.lora_rank:
             apply_lora(linear.graph, config.lora_targets, config.lora_rank, config.lora_alpha, config.seed)
         params = stage2_parameters(linear, config.full, config.train_norms, config.train_embeddings)
@@ -307,16 +313,21 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
     if checkpoint is not None:
         _check_resumable(checkpoint, linear, config)
         _check_same_inputs(checkpoint, fingerprint)
+        if checkpoint.step > config.total_steps:
+            raise ValueError(f"{checkpoint.path} is at step {checkpoint.step}, past this run's {config.total_steps} "
+                             "steps (stage 1 + stage 2): resume with at least as many, or start a new run with "
+                             "--init that checkpoint")
     step = checkpoint.step if checkpoint else 0
     history: list[dict[str, Any]] = list(checkpoint.state["history"]) if checkpoint else []
     evals: list[dict[str, Any]] = list(checkpoint.state["evals"]) if checkpoint else []
     flags = [(p, p.requires_grad) for p in linear.graph.parameters()]
     stage: _Stage | None = None
+    teacher = _teacher(linear, config)
     pending = dict(init or {})
     init_names = sorted(pending) if checkpoint is None else checkpoint.state.get("init", [])
     if checkpoint is not None:
-        # the run's starting point before any stage is set up (a stage-2 KL teacher copies base weights from it);
-        # the checkpoint's tensors replace what it holds, so only what it lacks stays pending (LoRA after stage 1)
+        # the run's starting point before any stage is set up; the checkpoint's tensors replace what it holds, so
+        # only what it lacks stays pending (LoRA after stage 1)
         rest = _copy_by_name(linear, _resume_init(checkpoint, init), "init", final=False)
         pending = {name: value for name, value in rest.items() if name not in checkpoint.tensors}
     last_stage = 2 if config.stage2_steps else 1
@@ -345,7 +356,7 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
         while step < config.total_steps:
             number = 1 if step < config.stage1_steps else 2
             if stage is None or stage.number != number:
-                stage = _setup_stage(number, linear, config)
+                stage = _setup_stage(number, linear, config, teacher)
                 bar.set_description(f"stage {number}")
                 if checkpoint is not None:
                     _restore(checkpoint, linear, stage)
@@ -371,7 +382,7 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
             if on_step is not None:
                 on_step(step, record)
         if checkpoint is not None:  # resumed a finished run: load its final parameters
-            _restore(checkpoint, linear, _setup_stage(2 if config.stage2_steps else 1, linear, config))
+            _restore(checkpoint, linear, _setup_stage(2 if config.stage2_steps else 1, linear, config, teacher))
     finally:
         bar.close()
         for p, flag in flags:

@@ -324,3 +324,10 @@ def test_inspect_table_flags_windows_softcaps_and_sinks():
                          cross=False, dtype="float32", dropout_p=0.0, window=128, softcap=50.0,
                          sinks="model.layers.0.self_attn.sinks")
     assert _site_row(site)[-1] == "causal,window=128,softcap=50,sinks"
+
+
+def test_a_pipeline_without_detection_cannot_linearize(capsys):
+    """linearize rewrites what detect_attention finds: without it, it would rewrite nothing and say it did."""
+    for extra in (["--passes", "linearize"], ["--disable", "detect_attention"]):
+        assert main(["optimize", "smollm2-135m", "--method", "augmented", *extra]) == 1
+        assert "pass linearize needs detect_attention" in capsys.readouterr().err

@@ -96,6 +96,7 @@ def test_export_then_generate_in_onnxruntime(dirs, capsys):
     assert code == 0, err
     summary = json.loads(out)
     assert summary["method"] == "augmented" and summary["tokenizer"] and summary["megabytes"] > 0
+    assert summary["decode_step"]
     assert (dirs / "onnx" / "model.onnx").is_file() and not list(dirs.glob("*.tmp*"))
     args = ["--prompt", PROMPT, "--max-new-tokens", "16", "--ignore-eos"]
     torch_text = _generate(capsys, str(dirs / "lin"), *args)["text"]
@@ -119,6 +120,9 @@ def test_export_with_chunks_in_the_graph_generates_the_same_text(dirs, capsys):
     assert len(PROMPT) > 4  # a character tokenizer: the prompt takes the chunked branch
     chunked = _generate(capsys, str(dirs / "chunked"), *args)["text"]
     assert chunked == _generate(capsys, str(dirs / "lin"), *args)["text"]
+    assert main(["export", str(dirs / "lin"), "--out", str(dirs / "plain"), "--no-decode-step", "--json"]) == 0
+    assert not json.loads(capsys.readouterr().out)["decode_step"]
+    assert _generate(capsys, str(dirs / "plain"), *args)["text"] == chunked
     with pytest.raises(SystemExit) as exit_info:
         main(["export", str(dirs / "lin"), "--out", str(dirs / "chunked"), "--chunk-size", "0"])
     assert exit_info.value.code == 2 and "--chunk-size" in capsys.readouterr().err
@@ -170,3 +174,9 @@ def test_generate_numbers_are_checked_when_parsed(dirs, capsys, option):
         main(["generate", str(dirs / "lin"), "--prompt", "x", option, "0"])
     assert exit_info.value.code == 2
     assert f"argument {option}" in (err := capsys.readouterr().err) and "must be >= 1, got 0" in err
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_before_loading(capsys):
+    """Bytes that are not UTF-8 reach Python as lone surrogates; the tokenizer would fail on them obscurely."""
+    assert main(["generate", "/no/such/model", "--prompt", "To be \udcff or not"]) == 1
+    assert "not valid UTF-8" in capsys.readouterr().err

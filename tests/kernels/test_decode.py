@@ -8,6 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from lincompile.kernels import registry
 from lincompile.kernels.linear_attention import decode, reference
 from lincompile.kernels.linear_attention.reference import init_state
+from lincompile.kernels.linear_attention.reference_recurrent import first_token
 from lincompile.methods.params import random_params
 from lincompile.methods.spec import get_method
 
@@ -158,3 +159,22 @@ def test_step_gradients_equal_the_reference(name, apart, case, small_spec):
         assert (got is None) == (want is None)
         if got is not None:
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", LINEAR)
+def test_first_token_is_the_recurrent_form_on_the_first_token(name, case, small_spec, diff):
+    """`first_token` (the ONNX export's decode step) on a 3-token call is `reference.recurrent` on its first token,
+    bit for bit: rows at different positions, a padding row (its state unchanged), and no key mask at all."""
+    spec = small_spec(name)
+    c = case(spec, 9, seed=4, padding=False)
+    prefill = torch.tensor([[True] * 6, [False, False, True, True, True, True]])
+    _, state = reference.recurrent(c.q[:, :, :6], c.k[:, :, :6], c.v[:, :, :6], prefill, [], c.params, spec,
+                                   c.scale)
+    call = (c.q[:, :, 6:], c.k[:, :, 6:], c.v[:, :, 6:])
+    for mask in (None, torch.tensor([[True, True, False], [False, True, True]])):
+        got, new = first_token(*call, mask, state, c.params, spec, c.scale)
+        first = None if mask is None else mask[:, :1]
+        out, want = reference.recurrent(*(x[:, :, :1] for x in call), first, state, c.params, spec, c.scale)
+        assert diff([got], [out]) == 0 and diff(new, want) == 0
+    padded = [s[1:] for s in new]  # row 1 was padding: its state is the one before the call
+    assert diff(padded, [s[1:] for s in state]) == 0

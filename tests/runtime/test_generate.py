@@ -13,12 +13,21 @@ def llama():
 
 
 def test_softmax_greedy_equals_hf_generate(llama):
+    """Also by default, where both stop at the model's own end-of-sequence id."""
     linear = lincompile.optimize(llama, "softmax")
-    ids = torch.randint(3, 128, (2, 5))
-    ours = linear.generate(ids, 8)
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(2))
+    ours = linear.generate(ids, 8, eos_token_id=None)
     theirs = llama.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
                             attention_mask=torch.ones_like(ids))
     assert torch.equal(ours, theirs)
+    saved = llama.config.eos_token_id, llama.generation_config.eos_token_id
+    llama.config.eos_token_id = llama.generation_config.eos_token_id = int(ours[0, 7])  # row 0's third new token
+    try:
+        theirs = llama.generate(ids, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(ids))
+        got = linear.generate(ids, 8)
+        assert torch.equal(got, theirs) and not torch.equal(got, ours)  # row 0 stopped: the rest is padding
+    finally:
+        llama.config.eos_token_id, llama.generation_config.eos_token_id = saved
 
 
 def test_repetition_penalty_is_hugging_faces():
@@ -45,10 +54,10 @@ def test_hugging_face_generation_arguments_give_hugging_faces_tokens(llama):
     assert torch.equal(ours, theirs) and int(ours[0, -1]) == 1
     assert not torch.equal(linear.generate(ids, max_length=17), ours)  # the penalty changes the tokens
     padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids[1:, 2:]], 1)  # without a mask: 0 is padding
-    assert torch.equal(linear.generate(padded, 6, pad_token_id=0),
+    assert torch.equal(linear.generate(padded, 6, pad_token_id=0, eos_token_id=None),
                        llama.generate(padded, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None))
-    assert torch.equal(linear.generate(padded, 6, pad_token_id=0), linear.generate(
-        padded, 6, attention_mask=padded.ne(0).long()))
+    assert torch.equal(linear.generate(padded, 6, pad_token_id=0, eos_token_id=None), linear.generate(
+        padded, 6, attention_mask=padded.ne(0).long(), eos_token_id=None))
 
 
 class _Oracle:
@@ -94,7 +103,8 @@ def test_beam_search_and_a_max_length_under_the_prompt_are_refused(llama):
         linear.generate(ids, max_length=5)
     with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
         linear.generate(ids, 4, repetition_penalty=0.0)
-    assert linear.generate(ids).shape == (1, 5 + 32) and linear.generate(ids, max_length=9).shape == (1, 9)
+    assert linear.generate(ids, eos_token_id=None).shape == (1, 5 + 32)
+    assert linear.generate(ids, max_length=9, eos_token_id=None).shape == (1, 9)
 
 
 @pytest.mark.parametrize("method", ["linear-elu", "softmax", "augmented"])
@@ -106,17 +116,19 @@ def test_left_padded_row_generates_what_it_would_alone(llama, method):
     batch = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
     mask = torch.ones_like(batch)
     mask[1, :3] = 0
-    together = linear.generate(batch, 6, attention_mask=mask)
-    alone = linear.generate(short, 6)
+    together = linear.generate(batch, 6, attention_mask=mask, eos_token_id=None)
+    alone = linear.generate(short, 6, eos_token_id=None)
     assert torch.equal(together[1, 3:], alone[0])
-    assert torch.equal(together[0], linear.generate(long, 6)[0])
+    assert torch.equal(together[0], linear.generate(long, 6, eos_token_id=None)[0])
 
 
 def test_sampling_is_seeded_and_eos_stops(llama):
     linear = lincompile.optimize(llama, "linear-elu")
     ids = torch.randint(3, 128, (1, 4))
-    a = linear.generate(ids, 10, do_sample=True, top_k=20, generator=torch.Generator().manual_seed(3))
-    b = linear.generate(ids, 10, do_sample=True, top_k=20, generator=torch.Generator().manual_seed(3))
+    a = linear.generate(ids, 10, do_sample=True, top_k=20, generator=torch.Generator().manual_seed(3),
+                        eos_token_id=None)
+    b = linear.generate(ids, 10, do_sample=True, top_k=20, generator=torch.Generator().manual_seed(3),
+                        eos_token_id=None)
     assert torch.equal(a, b) and a.shape == (1, 14)
     first = int(linear.generate(ids, 1)[0, -1])
     stopped = linear.generate(ids, 10, eos_token_id=first)
@@ -150,10 +162,10 @@ def test_right_padding_is_refused(llama):
 def test_several_eos_ids_each_end_a_row(llama):
     linear = lincompile.optimize(llama, "linear-elu")
     ids = torch.randint(3, 128, (2, 4))
-    free = linear.generate(ids, 6)
+    free = linear.generate(ids, 6, eos_token_id=None)
     eos = [int(free[0, 5]), int(free[1, 6])]
     ends = [4 + next(j for j in range(6) if int(free[r, 4 + j]) in eos) for r in (0, 1)]  # each row's first eos
-    ended = linear.generate(ids, 6, eos_token_id=eos)
+    ended = linear.generate(ids, 6, eos_token_id=eos, pad_token_id=None)
     assert ended.shape == (2, max(ends) + 1)
     for r in (0, 1):
         assert torch.equal(ended[r, :ends[r] + 1], free[r, :ends[r] + 1])
@@ -205,14 +217,14 @@ def test_learned_positions_are_a_clear_limit(family):
     hf = tiny_model(family)
     model = lincompile.optimize(hf, "softmax")
     assert model.max_positions == 128
-    ids = torch.randint(0, 128, (1, 128), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 128, (1, 128), generator=torch.Generator().manual_seed(0))  # no pad or eos id
     torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="reaches token 129, past the model's 128 learned positions"):
         model(torch.cat([ids, ids[:, :1]], 1))
     state = model(ids[:, :127]).past_state
     with pytest.raises(ValueError, match="reaches token 129"):
         model(ids[:, 127:].repeat(1, 2), past_state=state)
-    plain = model.generate(ids[:, :120], max_new_tokens=9)  # the 129th token is never fed
+    plain = model.generate(ids[:, :120], max_new_tokens=9, eos_token_id=None)  # the 129th token is never fed
     assert plain.shape == (1, 129)
     message = "a prompt of 120 tokens plus max_new_tokens=10 passes the model's 128 .* use max_new_tokens <= 9"
     with pytest.raises(ValueError, match=message):
@@ -222,7 +234,7 @@ def test_learned_positions_are_a_clear_limit(family):
     # drafts that always propose 6 tokens: verify calls near the end are cut to the positions left (a draft with
     # its own table, GPT-2's, also stops drafting past it); the tokens are plain greedy decoding's
     for draft in (tiny_model("llama"), tiny_model("gpt2", seed=1)):
-        out = model.generate(ids[:, :120], max_new_tokens=9, draft=draft, num_draft_tokens=6)
+        out = model.generate(ids[:, :120], max_new_tokens=9, draft=draft, num_draft_tokens=6, eos_token_id=None)
         assert torch.equal(out, plain)
 
 

@@ -83,9 +83,17 @@ def test_speculative_output_with_the_table_is_plain_greedy():
     table = build_ngram_table(corpus, target(corpus).logits.argmax(-1), 128)
     for seed in range(2):
         prompt = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(seed))
-        plain = target.generate(prompt, 24)
+        plain = target.generate(prompt, 24, eos_token_id=None)
         out, stats = speculative_generate(target, prompt, 24, table, 4)
         assert torch.equal(out, plain)
         assert stats.drafted > 0
     with pytest.raises(ValueError, match="vocabulary has 64 tokens"):
         speculative_generate(target, prompt, 4, NgramTable(64, {}, {}), 4)
+
+
+def test_a_damaged_table_file_is_named(tmp_path):
+    from lincompile.runtime.ngram import TABLE_FILE
+
+    (tmp_path / TABLE_FILE).write_text('{"format": "lincompile-ngram", "unigr')
+    with pytest.raises(ValueError, match=f"{TABLE_FILE} is damaged"):
+        NgramTable.load(tmp_path)

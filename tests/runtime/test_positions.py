@@ -78,8 +78,8 @@ def test_decoder_paths_number_positions_as_the_source(decoder, tmp_path):
     prompt = ids(1, 6)
     torch.testing.assert_close(linear(prompt).logits, decoder(prompt).logits, rtol=1e-5, atol=1e-5)
     expected = greedy(decoder, prompt, 6)
-    assert torch.equal(linear.generate(prompt, 6), expected)
-    assert torch.equal(linear.generate(prompt, 6, draft="prompt-lookup"), expected)
+    assert torch.equal(linear.generate(prompt, 6, eos_token_id=None), expected)
+    assert torch.equal(linear.generate(prompt, 6, draft="prompt-lookup", eos_token_id=None), expected)
     logits, state, position = prefill(linear, prompt, chunk_size=4)
     assert position.tolist() == [[PAD + 1 + 6]]
     step = linear(expected[:, 6:7], past_state=state)  # no position_ids: numbered after the state
@@ -95,9 +95,9 @@ def test_linear_decoder_is_padding_invariant(decoder):
     short, long = ids(1, 4, seed=1), ids(1, 7, seed=2)
     batch = torch.cat([long, torch.cat([torch.full((1, 3), PAD), short], 1)])
     mask = batch.ne(PAD).long()
-    together = linear.generate(batch, 5, attention_mask=mask)
-    assert torch.equal(together[1, 3:], linear.generate(short, 5)[0])
-    assert torch.equal(together[0], linear.generate(long, 5)[0])
+    together = linear.generate(batch, 5, attention_mask=mask, eos_token_id=None)
+    assert torch.equal(together[1, 3:], linear.generate(short, 5, eos_token_id=None)[0])
+    assert torch.equal(together[0], linear.generate(long, 5, eos_token_id=None)[0])
     assert torch.equal(linear.generate(long, 5, draft="prompt-lookup"), linear.generate(long, 5))
 
 

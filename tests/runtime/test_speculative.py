@@ -87,7 +87,7 @@ class RandomTree:
                                           ("oracle-tree", 3), ("random-tree", 3)])
 def test_greedy_output_equals_plain_greedy(target, draft_model, draft_kind, k):
     for prompt in _prompts(2):
-        plain = target.generate(prompt, 24)
+        plain = target.generate(prompt, 24, eos_token_id=None)
         draft = {"prompt-lookup": "prompt-lookup", "model": draft_model, "hf-model": tiny_model("llama", num_layers=1),
                  "oracle-tree": OracleTree(plain), "random-tree": RandomTree()}[draft_kind]
         out, stats = speculative_generate(target, prompt, 24, draft, k)
@@ -99,7 +99,7 @@ def test_greedy_output_equals_plain_greedy(target, draft_model, draft_kind, k):
 
 def test_hybrid_model_with_a_kv_cache_site(hybrid, draft_model):
     prompt = _prompts(1)[0]
-    plain = hybrid.generate(prompt, 20)
+    plain = hybrid.generate(prompt, 20, eos_token_id=None)
     for draft in (draft_model, OracleTree(plain)):
         assert torch.equal(speculative_generate(hybrid, prompt, 20, draft, 3)[0], plain)
 
@@ -108,7 +108,7 @@ def test_hybrid_model_with_a_kv_cache_site(hybrid, draft_model):
 def test_committed_state_equals_token_by_token_decoding(target, draft_model, draft_kind):
     """After every step, the state equals prefill + the committed tokens fed one at a time."""
     prompt = _prompts(1, seed=5)[0]
-    plain = target.generate(prompt, 30)
+    plain = target.generate(prompt, 30, eos_token_id=None)
     draft = {"oracle-tree": OracleTree(plain), "random-tree": RandomTree(), "model": draft_model}[draft_kind]
     decoder = SpeculativeDecoder(target, draft, 3)
     decoder.prefill(prompt)
@@ -242,7 +242,7 @@ def test_bad_arguments_get_clear_errors(target, draft_model):
 
 def test_eos_stops_and_adaptive_k_keeps_the_output(target, draft_model):
     prompt = _prompts(1)[0]
-    plain = target.generate(prompt, 20)
+    plain = target.generate(prompt, 20, eos_token_id=None)
     eos = int(plain[0, 8 + 5])
     out, _ = speculative_generate(target, prompt, 20, draft_model, 4, eos_token_id=eos)
     assert out.shape[1] == 8 + plain[0, 8:].tolist().index(eos) + 1

@@ -86,14 +86,15 @@ def test_init_errors_name_the_problem(reference_run, worker, tmp_path):
         trained_tensors(reference.checkpoint, "tiny", "linear-elu")
 
 
-@pytest.mark.parametrize("step", [1, 3, 4])  # stage 1; stage 2 (its KL teacher copies base weights); finished
-def test_a_run_started_from_init_resumes_from_any_checkpoint_exactly(reference_run, worker, tmp_path, step):
+@pytest.mark.parametrize("stage1,step", [(2, 1), (2, 3), (2, 4), (0, 1)])  # stage 1; stage 2; finished; no stage 1
+def test_a_run_started_from_init_resumes_from_any_checkpoint_exactly(reference_run, worker, tmp_path, stage1, step):
     """A checkpoint holds only what was trained so far: the init's other tensors (LoRA adapters after stage 1,
-    norms the teacher copies) must still arrive, or the resumed run trains from other weights (silently)."""
+    norms) must still arrive, or the resumed run trains from other weights (silently); the KL teacher is the
+    original model either way, not the init's norms."""
     import shutil
 
     init = load_checkpoint(reference_run[0].checkpoint).tensors
-    config = worker.config(stage1_steps=2, stage2_steps=2, checkpoint_every=1, keep_checkpoints=10)
+    config = worker.config(stage1_steps=stage1, stage2_steps=2, checkpoint_every=1, keep_checkpoints=10)
     linear, blocks, _ = worker.build()
     train(linear, blocks, config, tmp_path / "whole", progress=False, init=init)
     whole = {n: p.detach().clone() for n, p in linear.graph.named_parameters()}
@@ -106,6 +107,14 @@ def test_a_run_started_from_init_resumes_from_any_checkpoint_exactly(reference_r
     train(linear, blocks, config, tmp_path / "part", resume=True, progress=False, init=init)
     resumed = dict(linear.graph.named_parameters())
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[n], resumed[n]) for n in whole)
+
+
+def test_resume_refuses_a_run_shorter_than_its_checkpoint(worker, tmp_path):
+    linear, blocks, _ = worker.build()
+    train(linear, blocks, worker.config(stage1_steps=1, stage2_steps=2), tmp_path, progress=False)
+    linear, blocks, _ = worker.build()
+    with pytest.raises(ValueError, match="is at step 3, past this run's 2 steps"):
+        train(linear, blocks, worker.config(stage1_steps=1, stage2_steps=1), tmp_path, resume=True, progress=False)
 
 
 def test_resume_refuses_other_tokens_or_another_model(worker, tmp_path):

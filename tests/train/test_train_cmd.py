@@ -105,6 +105,8 @@ def test_eval_scores_shipped_weights_like_the_saved_model(tmp_path, capsys):
     assert from_shipped["weights"] == str(shipped) and untrained["weights"] == "none"
     assert from_shipped["ppl"] == pytest.approx(saved["ppl"], rel=1e-4)
     assert from_shipped["ppl_original"] == pytest.approx(untrained["ppl_original"], rel=1e-6)
+    # the saved model's LoRA is merged into its weights: its original is the model training started from
+    assert saved["original"] == str(model_dir.resolve()) and saved["ppl_original"] == untrained["ppl_original"]
     assert abs(untrained["ppl"] - from_shipped["ppl"]) > 1e-3 * from_shipped["ppl"]
     assert from_shipped["ratio"] == pytest.approx(from_shipped["ppl"] / from_shipped["ppl_original"])
 

@@ -44,71 +44,100 @@ def recurrent_cache(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: li
 
 def recurrent_linear(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: list[Tensor],
                      params: list[Tensor], spec: MethodSpec, scale: float) -> tuple[Tensor, list[Tensor]]:
-    """Linear methods, one token at a time through the constant-size state."""
-    batch, heads, t, dk = q.shape
-    kv_heads = k.shape[1]
-    groups = heads // kv_heads
+    """Linear methods, one token at a time through the constant-size state (`token_step`)."""
     acc = accumulation_dtype(q.dtype)
     named = named_params(spec, params, acc)
     parts = acc_parts(spec, state, acc)
-    pos = start_position(parts, batch, q.device)
-    size, half = spec.group_size, spec.conv_kernel // 2
-    slots = torch.arange(size, device=q.device)
-    gamma = torch.exp(F.logsigmoid(named["decay"]))[None, :] if spec.decay else None  # [1, Hkv]
+    pos = start_position(parts, q.shape[0], q.device)
     outs = []
-    for i in range(t):
-        real = key_mask[:, i]
-        rf = real.to(acc)[:, None, None]  # [B, 1, 1]
-        qi = q[:, :, i].to(acc).reshape(batch, kv_heads, groups, 1, dk)
-        ki = k[:, :, i].to(acc)  # [B, Hkv, dk]
-        vi = v[:, :, i].to(acc)
-        here = pos[:, None]
-        fq = features(qi, spec, named, here, scale)[:, :, :, 0]  # [B, Hkv, g, F]
-        num = qi.new_zeros(batch, kv_heads, groups, v.shape[-1])
-        den = qi.new_zeros(batch, kv_heads, groups)
-        out = torch.zeros_like(num)
-        if spec.global_branch == "inclusive":
-            s_next, z_next = _inclusive_next(spec, named, parts, ki, vi, real, here, scale, gamma)
-            num = num + fq @ s_next
-            if z_next is not None:
-                den = den + (fq @ z_next[..., None])[..., 0]
-            _keep_real(parts, real, s_next, z_next)
-        if spec.global_branch == "grouped":
-            alpha = named["alpha"]
-            num = num + alpha * (fq @ parts["state"])
-            if "normalizer" in parts:
-                den = den + alpha * (fq @ parts["normalizer"][..., None])[..., 0]
-        if spec.uses_groups:
-            write = _write_group(parts, ki, vi, real, pos, slots)
-            valid = ((slots < (pos % size)[:, None]) | write)[:, None, None, :]  # [B, 1, 1, G]
-            fb = None  # phi of the buffer's keys, once per token
-            if spec.local in ("relu2", "yoso") or spec.global_branch == "grouped":
-                fb = buffer_features(spec, named, parts, pos, scale, slots)
-            if spec.local in ("relu2", "yoso"):
-                w = torch.where(valid, local_kernel(fq @ fb.transpose(-1, -2), spec), 0.0)
-                num = num + w @ parts["group_values"]
-                den = den + w.sum(-1)
-            if spec.local == "softmax":
-                scores = (qi[:, :, :, 0] @ parts["group_keys"].transpose(-1, -2)) * scale
-                scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)  # bf16 under autocast
-                probs = torch.softmax(scores, -1) * valid.any(-1, True)
-                out = out + probs @ parts["group_values"]
-        if spec.global_branch != "none" or spec.local in ("relu2", "yoso"):
-            out = out + (num / den.clamp_min(DENOMINATOR_EPS)[..., None] if spec.normalizer == "denominator" else num)
-        if spec.conv != "none":
-            taps = named["conv_weight"].reshape(kv_heads, groups, -1)
-            out = out + taps[:, :, :half] @ parts["conv"]
-            out = out + taps[None, :, :, half, None] * (rf * vi)[:, :, None, :]
-            _shift_conv(parts, vi, real)
-        if spec.uses_groups:
-            complete = real & (pos % size == size - 1)
-            if _any(complete):  # most tokens complete nothing
-                fold_completed_group(spec, parts, complete, fb)
-        pos = pos + real.to(torch.int64)
-        outs.append(out.reshape(batch, heads, -1))
+    for i in range(q.shape[2]):
+        outs.append(token_step(spec, named, parts, q[:, :, i], k[:, :, i], v[:, :, i], key_mask[:, i], pos, scale))
+        pos = pos + key_mask[:, i].to(torch.int64)
     if spec.uses_positions:
         parts["position"] = pos
     return torch.stack(outs, 2).to(q.dtype), pack_state(spec, parts)
+
+
+def first_token(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, state: list[Tensor],
+                params: list[Tensor], spec: MethodSpec, scale: float) -> tuple[Tensor, list[Tensor]]:
+    """`recurrent_linear` on the call's first token alone (out [B, H, 1, dv], the state after it), for any T and
+    in tensor ops only: the form the ONNX export runs at a decode step (`backends.onnx_step`)."""
+    acc = accumulation_dtype(q.dtype)
+    parts = acc_parts(spec, state, acc)
+    pos = start_position(parts, q.shape[0], q.device)
+    real = torch.ones_like(pos, dtype=torch.bool) if key_mask is None else key_mask[:, 0].to(torch.bool)
+    out = token_step(spec, named_params(spec, params, acc), parts, q[:, :, 0], k[:, :, 0], v[:, :, 0], real, pos,
+                     scale)
+    if spec.uses_positions:
+        parts["position"] = pos + real.to(torch.int64)
+    return out[:, :, None].to(q.dtype), pack_state(spec, parts)
+
+
+def token_step(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor], q: Tensor, k: Tensor,
+               v: Tensor, real: Tensor, pos: Tensor, scale: float) -> Tensor:
+    """One token of a linear method: q [B, H, dk], k [B, Hkv, dk], v [B, Hkv, dv] at positions pos [B], `real` [B]
+    bool; returns its output [B, H, dv] (accumulation dtype) and absorbs the real rows' tokens into `parts` (S, z,
+    group buffer, conv window; not the position counter). Tensor ops only, no branch on values but the fold's
+    guard (`_any`), so a trace of one call is right for any values: the ONNX export's decode step is this."""
+    batch, heads, dk = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    acc = accumulation_dtype(q.dtype)
+    size, half = spec.group_size, spec.conv_kernel // 2
+    slots = torch.arange(size, device=q.device)
+    rf = real.to(acc)[:, None, None]  # [B, 1, 1]
+    qi = q.to(acc).reshape(batch, kv_heads, groups, 1, dk)
+    ki, vi = k.to(acc), v.to(acc)
+    here = pos[:, None]
+    fq = features(qi, spec, named, here, scale)[:, :, :, 0]  # [B, Hkv, g, F]
+    num: Tensor | None = None  # kernel-weighted values (global and kernel-local branches)
+    den: Tensor | None = None  # their weights' sum
+    out: Tensor | None = None  # softmax-local output (normalized on its own) and the conv
+    if spec.global_branch == "inclusive":
+        gamma = torch.exp(F.logsigmoid(named["decay"]))[None, :] if spec.decay else None  # [1, Hkv]
+        s_next, z_next = _inclusive_next(spec, named, parts, ki, vi, real, here, scale, gamma)
+        num = fq @ s_next
+        if z_next is not None:
+            den = (fq @ z_next[..., None])[..., 0]
+        _keep_real(parts, real, s_next, z_next)
+    if spec.global_branch == "grouped":
+        alpha = named["alpha"]
+        num = alpha * (fq @ parts["state"])
+        if "normalizer" in parts:
+            den = alpha * (fq @ parts["normalizer"][..., None])[..., 0]
+    fb = None  # phi of the buffer's keys, once per token
+    if spec.uses_groups:
+        write = _write_group(parts, ki, vi, real, pos, slots)
+        valid = ((slots < (pos % size)[:, None]) | write)[:, None, None, :]  # [B, 1, 1, G]
+        if spec.local in ("relu2", "yoso") or spec.global_branch == "grouped":
+            fb = buffer_features(spec, named, parts, pos, scale, slots)
+        if spec.local in ("relu2", "yoso"):
+            w = torch.where(valid, local_kernel(fq @ fb.transpose(-1, -2), spec), 0.0)
+            num = _plus(num, w @ parts["group_values"])
+            den = _plus(den, w.sum(-1))
+        if spec.local == "softmax":
+            scores = (qi[:, :, :, 0] @ parts["group_keys"].transpose(-1, -2)) * scale
+            scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)  # bf16 under autocast
+            out = (torch.softmax(scores, -1) * valid.any(-1, True)) @ parts["group_values"]
+    if num is not None:
+        if spec.normalizer == "denominator":
+            num = num / den.clamp_min(DENOMINATOR_EPS)[..., None]
+        out = _plus(out, num)
+    if spec.conv != "none":
+        taps = named["conv_weight"].reshape(kv_heads, groups, -1)
+        out = _plus(out, taps[:, :, :half] @ parts["conv"])
+        out = out + taps[None, :, :, half, None] * (rf * vi)[:, :, None, :]
+        _shift_conv(parts, vi, real)
+    if spec.uses_groups:
+        complete = real & (pos % size == size - 1)
+        if _any(complete):  # most tokens complete nothing
+            fold_completed_group(spec, parts, complete, fb)
+    return out.reshape(batch, heads, -1)
+
+
+def _plus(total: Tensor | None, term: Tensor) -> Tensor:
+    """`total + term`, or `term` when there is no total yet."""
+    return term if total is None else total + term
 
 
 def absorb_linear(k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor], spec: MethodSpec,

@@ -1,0 +1,140 @@
+"""SmolLM2-135M under onnxruntime with and without the decode step's own site form (`export_onnx(decode_step=...)`),
+side by side in one run: decode step, prefill, and the logits.
+
+Both exports come from the same linearized model (`lincompile.pretrained.linearized`, the shipped weights when
+there are some) and run on onnxruntime's CPU provider with the same thread count:
+  parallel     every call through each site's parallel form (`decode_step=False`);
+  step         one-token calls through the recurrent form, kept in the main graph, behind an `If` (the default);
+  step+chunks  the same with calls longer than 64 tokens in chunks inside the graph (`chunk_size=64`), whose
+               `If` a decode step no longer reaches.
+Measured:
+  prefill   `--context` held-out tokens through `lincompile.runtime.prefill` in calls of `--prefill-chunk`, and
+            one call of `--prefill-chunk` tokens: best of 3 each (a call of several tokens also runs the step form,
+            on its first token, which this prices);
+  decode    the median greedy single-token step after that prompt, the exports taking turns step by step for
+            `--rounds` steps each; how many greedy tokens agree, and the first step's largest logit difference;
+  nodes     how many nodes a one-token call runs: the main graph's once onnxruntime has optimized it (an `If`
+            counts one; the branch it does not take runs none, the Identity branch it takes is not counted).
+
+Writes bench/results/onnx_decode_step_<machine>.json; prints the table and the command.
+    python bench/onnx_decode_step.py --threads 1        # about 7 minutes
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lincompile.cli.args import positive_int
+from lincompile.runtime.timing import best_time, linear_session, open_ort, time_steps, write_bench_result
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FORMS = {"parallel": {"decode_step": False}, "step": {}, "step+chunks": {"chunk_size": 64}}  # -> export_onnx
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def decode_nodes(directory: Path, threads: int) -> int:
+    """Nodes in the main graph of the export in `directory` after onnxruntime's optimizations."""
+    import onnx
+    import onnxruntime as ort
+
+    from lincompile.backends.onnx import MODEL_FILE
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level = threads, 3
+    options.optimized_model_filepath = str(directory / "optimized.onnx")
+    ort.InferenceSession(str(directory / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    nodes = len(onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node)
+    for written in directory.glob("optimized.onnx*"):
+        written.unlink()
+    return nodes
+
+
+def run(args: argparse.Namespace, scratch: Path) -> dict:
+    from lincompile.assets import load_model
+    from lincompile.backends.onnx import export_onnx
+    from lincompile.pretrained import linearized
+    from lincompile.runtime.prefill import prefill
+    from lincompile.train.data import heldout_blocks
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model("smollm2-135m", attn_implementation="sdpa")
+    prompt = heldout_blocks(tokenizer, args.context, 1)
+    linear = linearized(model, args.method, weights="auto")
+    runners, rows = {}, {}
+    for form, options in FORMS.items():
+        start = time.perf_counter()
+        export_onnx(linear, scratch / form, **options)
+        rows[form] = {"export_s": time.perf_counter() - start, "decode_nodes": decode_nodes(scratch / form, 1)}
+        _log(f"export ({form}) took {rows[form]['export_s']:.0f} s; a decode step runs {rows[form]['decode_nodes']} "
+             "nodes")
+        runners[form] = open_ort(scratch / form, args.threads)
+    sessions, first_step = {}, {}
+    for form, runner in runners.items():
+        rows[form]["prefill_call_s"], _ = best_time(lambda: runner(prompt[:, :args.prefill_chunk]), 3)
+        rows[form]["prefill_s"], filled = best_time(
+            lambda: prefill(runner, prompt, chunk_size=args.prefill_chunk), 3)
+        first_step[form] = linear_session(runner, filled.logits, filled.state, filled.next_position_ids)()
+        sessions[form] = linear_session(runner, filled.logits, filled.state, filled.next_position_ids)
+    timings = time_steps(sessions, warmup=2, rounds=args.rounds, steps=1)  # the forms take turns step by step
+    for form, rate in timings.tokens_per_s().items():
+        rows[form]["decode_ms"] = 1e3 / rate
+    for form in FORMS:
+        agree = sum(a == b for a, b in zip(timings.tokens["parallel"], timings.tokens[form]))
+        rows[form]["greedy_steps_agreeing"] = f"{agree} of {len(timings.tokens['parallel'])}"
+        rows[form]["first_step_max_abs_logit_diff"] = (first_step[form] - first_step["parallel"]).abs().max().item()
+    return {"forms": rows, "context": int(prompt.shape[1]), "prefill_chunk": args.prefill_chunk}
+
+
+def print_table(result: dict) -> None:
+    rows = result["forms"]
+    base = rows["parallel"]
+    chunk, context = result["prefill_chunk"], result["context"]
+    print(f"{'':>24}" + "".join(f"  {form:>18}" for form in rows))
+    lines = [("decode ms", "decode_ms", True), (f"prefill s, {chunk} tokens", "prefill_call_s", False),
+             (f"prefill s, {context} tokens", "prefill_s", False)]
+    for label, key, faster in lines:
+        cells = [f"{row[key]:.3f}" + ("" if row is base else f" ({base[key] / row[key]:.2f}x)" if faster
+                                       else f" ({row[key] / base[key]:.2f}x)") for row in rows.values()]
+        print(f"{label:>24}" + "".join(f"  {cell:>18}" for cell in cells))
+    print(f"{'nodes a decode step runs':>24}" + "".join(f"  {row['decode_nodes']:>18}" for row in rows.values()))
+    print(f"(decode: ratio = times faster than parallel; prefill: ratio = times parallel's time; the {context}-token "
+          f"prompt in calls of {chunk})")
+    for form, row in rows.items():
+        if row is not base:
+            print(f"{form}: greedy steps agreeing with parallel {row['greedy_steps_agreeing']}; first step's logits "
+                  f"differ by at most {row['first_step_max_abs_logit_diff']:.1e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", default="augmented")
+    parser.add_argument("--context", type=positive_int, default=512, help="prompt tokens before decoding")
+    parser.add_argument("--prefill-chunk", type=positive_int, default=128, help="prompt tokens per call")
+    parser.add_argument("--rounds", type=positive_int, default=150,
+                        help="decode: timed steps per form, the forms taking turns")
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
+                        help="onnxruntime intra-op threads")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    argv = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+    with tempfile.TemporaryDirectory(prefix="lincompile-bench-") as scratch:
+        result = run(args, Path(scratch))
+    result["method"] = args.method
+    path = write_bench_result(result, args.out, "onnx_decode_step", args.threads, argv)
+    print()
+    print_table(result)
+    print(f"\nwrote {path}")
+    print(f"reproduce: {result['command']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""What a Hugging Face user types that the runners must refuse or honour: keywords the graph does not take, ids
+onnxruntime would wrap or cast, the model's own end-of-sequence id, states crossing runtimes, misplaced
+arguments."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lincompile
+from lincompile.assets import AssetError, load_model
+from lincompile.backends import onnx as lo
+from lincompile.backends.ort import OrtModel
+from lincompile.testing.tiny import perturb_new_parameters, tiny_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny augmented llama and its ONNX export."""
+    linear = perturb_new_parameters(lincompile.optimize(tiny_model("llama"), "augmented"))
+    out = lo.export_onnx(linear, tmp_path_factory.mktemp("checks") / "onnx")
+    return linear, OrtModel.from_dir(out, providers=["CPUExecutionProvider"]), out
+
+
+IDS = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_keywords_the_graph_does_not_take_are_refused(models):
+    linear, _, _ = models
+    state = linear(IDS[:, :6]).past_state
+    with pytest.raises(TypeError, match="past_state="):
+        linear(IDS[:, 6:], past_key_values=state)  # Hugging Face's name: ignoring it would drop the state
+    with pytest.raises(TypeError, match="no loss is computed"):
+        linear(IDS, labels=IDS)
+    with pytest.raises(TypeError, match="attention_maks"):
+        linear(IDS, attention_maks=torch.ones_like(IDS))
+
+
+def test_onnxruntime_refuses_ids_it_would_wrap_or_cast(models):
+    _, ort, _ = models
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        ort(torch.tensor([[5, -1]]))  # Gather would read the last row
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        ort.generate(torch.tensor([[5, 10_000]]), 2)
+    with pytest.raises(TypeError, match="integer token ids"):
+        ort(IDS.float() + 0.5)
+    with pytest.raises(ValueError, match="non-empty"):
+        ort(IDS[:, :0])
+    assert torch.equal(ort(IDS.tolist()).logits, ort(IDS).logits)  # nested lists are ids too
+
+
+def test_generate_stops_at_the_models_eos_unless_told_otherwise(models):
+    """Without eos_token_id, both runtimes stop at the config's end-of-sequence id (as Hugging Face's generate
+    does); eos_token_id=None generates past it."""
+    linear, ort, _ = models
+    free = linear.generate(IDS, 30, eos_token_id=None)[0, IDS.shape[1]:]
+    eos = int(free[3])  # pretend the model's eos is the 4th token it generates
+    linear.hf_config.eos_token_id = eos
+    ort.meta["eos_token_id"] = eos
+    try:
+        for runner in (linear, ort):
+            out = runner.generate(IDS, 30)[0, IDS.shape[1]:]
+            first = free.tolist().index(eos)
+            assert out.tolist()[:first + 1] == free.tolist()[:first + 1] and len(out) == first + 1
+            assert torch.equal(runner.generate(IDS, 30, eos_token_id=None)[0, IDS.shape[1]:], free)
+    finally:
+        linear.hf_config.eos_token_id = ort.meta["eos_token_id"] = None
+
+
+def test_states_cross_runtimes_and_keep_their_counters(models):
+    linear, ort, _ = models
+    expected = linear(IDS).logits[:, 6:]
+    from_ort = ort(IDS[:, :6]).past_state
+    assert torch.allclose(linear(IDS[:, 6:], past_state=from_ort).logits, expected, atol=1e-5)
+    assert from_ort.nbytes() == linear(IDS[:, :6]).past_state.nbytes() and from_ort.clone().shapes()
+    half = linear(IDS[:, :6]).past_state.to(dtype=torch.float64)
+    assert {t.dtype for t in half.tensors.values()} == {torch.float64, torch.int64}  # the position counters stay
+
+
+def test_an_onnxruntime_model_drafts_for_either_runtime(models):
+    linear, ort, _ = models
+    greedy = linear.generate(IDS, 10, eos_token_id=None)
+    assert torch.equal(linear.generate(IDS, 10, eos_token_id=None, draft=ort, num_draft_tokens=3), greedy)
+    assert torch.equal(ort.generate(IDS, 10, eos_token_id=None, draft=ort, num_draft_tokens=3), greedy)
+
+
+def test_misplaced_arguments_name_the_fix(models, tmp_path):
+    linear, ort, onnx_dir = models
+    with pytest.raises(TypeError, match="tokenizer="):
+        lo.export_onnx(linear, tmp_path / "a", object())  # a tokenizer in opset's place
+    with pytest.raises(TypeError, match="lincompile.optimize"):
+        lo.export_onnx(tiny_model("llama"), tmp_path / "b")
+    with pytest.raises(AssetError, match="OrtModel.from_dir"):
+        load_model(str(onnx_dir))
+    with pytest.raises(FileNotFoundError, match="OrtModel.from_dir"):
+        lincompile.load(onnx_dir)
+    for bad in (0, -1, 1.5, True):
+        ort.prefill_chunk_size = bad
+        with pytest.raises(ValueError, match="prefill_chunk_size must be an integer >= 1"):
+            ort.generate(IDS, 2)
+    ort.prefill_chunk_size = 128
+    assert torch.equal(linear.generate(IDS, 3, temperature=0.0), linear.generate(IDS, 3))  # greedy ignores it
+
+
+def test_terms_a_linear_method_drops_are_warned_about():
+    """T5's relative-position bias has no linear form: optimize says so, not only in the report."""
+    with pytest.warns(UserWarning, match="have no linear form and are dropped"):
+        linear = lincompile.optimize(tiny_model("t5"), "augmented")
+    assert any(" dropped by " in note for result in linear.report.passes for note in result.notes)
+
+
+def test_a_state_of_another_size_is_refused_by_name(models):
+    """A state with this model's parts, one of them of another size per row (a state of another method or model
+    size): refused before any op runs, in both runtimes."""
+    linear, ort, _ = models
+    state = linear(IDS[:, :4]).past_state
+    name = next(iter(state.tensors))
+    bad = dict(state.tensors, **{name: state.tensors[name][..., :1]})
+    for runner in (linear, ort):
+        with pytest.raises(ValueError, match=f"past_state part {name} is"):
+            runner(IDS[:, 4:], past_state=type(state)(bad, state.length))
+
+
+def test_directories_missing_a_file_say_so(models, tmp_path):
+    import shutil
+
+    linear, _, onnx_dir = models
+    copy = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, copy)
+    (copy / lo.MODEL_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="damaged or copied in part"):
+        OrtModel.from_dir(copy)
+    saved = tmp_path / "saved"
+    linear.save_pretrained(str(saved))
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="without model.safetensors"):
+        lincompile.load(saved)

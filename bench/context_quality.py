@@ -9,6 +9,7 @@ trained tensors; a `lincompile.pretrained.ship` directory or a training checkpoi
 Writes bench/results/context_quality_<machine>.json; prints the table and the command.
     python bench/context_quality.py                                   # the shipped weights, 8 x 1024 tokens
     python bench/context_quality.py --weights default runs/x/checkpoints/step-00000120
+    python bench/context_quality.py --block-size 4096 --blocks 2 --tag 4096
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lincompile.cli.args import positive_int
-from lincompile.runtime.timing import write_bench_result
+from lincompile.runtime.timing import report_bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -43,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=positive_int, default=8)
     parser.add_argument("--buckets", type=positive_int, default=4)
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
+    parser.add_argument("--tag", default="", help="suffix of the result file's stem (context_quality_TAG_...)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    argv = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
     from lincompile.assets import load_model
     from lincompile.pretrained import linearized
     from lincompile.train.data import heldout_blocks
@@ -61,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {"method": args.method, "block_size": args.block_size, "blocks": int(blocks.shape[0]),
               "buckets": [f"{round(i * width) + 1}-{round((i + 1) * width)}" for i in range(args.buckets)],
               "ppl": rows}
-    path = write_bench_result(result, args.out, "context_quality", args.threads, argv)
+    stem = f"context_quality_{args.tag}" if args.tag else "context_quality"
+    return report_bench(result, args.out, stem, args.threads, argv, print_table)
+
+
+def print_table(result: dict) -> None:
     print(f"{'positions':>32}" + "".join(f"  {b:>10}" for b in result["buckets"]))
-    for name, values in rows.items():
+    for name, values in result["ppl"].items():
         print(f"{name:>32}" + "".join(f"  {v:>10.1f}" for v in values))
-    print(f"\nwrote {path}\nreproduce: {result['command']}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from lincompile.cli.args import positive_int
-from lincompile.runtime.timing import best_time, linear_session, open_ort, time_steps, write_bench_result
+from lincompile.runtime.timing import best_time, linear_session, open_ort, report_bench, time_steps
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMS = {"parallel": {"decode_step": False}, "step": {}, "step+chunks": {"chunk_size": 64}}  # -> export_onnx
@@ -124,16 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="onnxruntime intra-op threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    argv = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
     with tempfile.TemporaryDirectory(prefix="lincompile-bench-") as scratch:
         result = run(args, Path(scratch))
     result["method"] = args.method
-    path = write_bench_result(result, args.out, "onnx_decode_step", args.threads, argv)
-    print()
-    print_table(result)
-    print(f"\nwrote {path}")
-    print(f"reproduce: {result['command']}")
-    return 0
+    return report_bench(result, args.out, "onnx_decode_step", args.threads, argv, print_table)
 
 
 if __name__ == "__main__":

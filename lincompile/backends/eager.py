@@ -82,7 +82,7 @@ class LinearizedModel(torch.nn.Module):
         derived = LinearizedModel(graph, self.input_names if input_names is None else input_names, self.output_names,
                                   self.sites, self.rewritten, self.config, self.hf_config, self.max_positions,
                                   self.position_padding, self.limit_reason)
-        derived.source_class = self.source_class
+        derived.source_class, derived.source_model = self.source_class, self.source_model
         return derived
 
     @property

@@ -17,8 +17,9 @@ Speed: tracing the reference is nearly all of the work and every site of a model
 by default (`split_sites=True`) each distinct site signature is exported once and spliced into the graph per
 site (`onnx_sites`; SmolLM2 in `lincompile demo`: 84-98 s instead of 333 s, the same outputs bit for bit).
 
-Options beyond the default graph: `chunk_size` runs long calls of causal linear sites in chunks inside the graph
-(`onnx_chunks`), `quantize="int8"` stores the linear layers' weights in 8 bits (`onnx_quantize`).
+By default one-token calls of causal linear sites run their recurrent form (`onnx_step`; `decode_step=False` leaves
+it out). Options beyond the default graph: `chunk_size` runs long calls of causal linear sites in chunks inside the
+graph (`onnx_chunks`), `quantize="int8"` stores the linear layers' weights in 8 bits (`onnx_quantize`).
 
 Invariant: the target directory is either the complete previous content or the complete new export
 (model.onnx, lincompile_onnx.json, lincompile_params.safetensors, tokenizer files), never a mix; on failure
@@ -41,7 +42,7 @@ import torch
 from torch import Tensor, fx
 
 from lincompile.atomic import atomic_directory
-from lincompile.backends import onnx_sites, onnx_step
+from lincompile.backends import onnx_chunks, onnx_sites, onnx_step
 from lincompile.backends.eager import LinearizedModel
 from lincompile.backends.onnx_einsum import lower_einsums
 from lincompile.backends.onnx_quantize import SCHEMES, check_scheme, quantize_weights
@@ -381,6 +382,23 @@ def export_template(template: onnx_sites.Template, where: str, batch: Any, seq: 
     return exported.model_proto
 
 
+def _step_template(template: onnx_sites.Template, where: str, batch: Any, seq: Any, opset: int,
+                   optimize: bool) -> Any:
+    """`template`'s decode step form, or None (with a warning) when it does not export or splice: its sites then
+    run one-token calls through the general form, as with decode_step=False."""
+    try:
+        proto = export_template(template, where, batch, seq, opset, optimize, step=True)
+    except OnnxLoweringError as error:
+        warnings.warn(f"export_onnx: no decode step form for {where} ({_first_lines(error, 1)}); its one-token calls "
+                      "run the general form", stacklevel=4)
+        return None
+    if any(True for node in proto.graph.node for _ in onnx_chunks.subgraphs(node)):
+        warnings.warn(f"export_onnx: the decode step form of {where} holds a subgraph, which the splicer cannot "
+                      "copy; its one-token calls run the general form", stacklevel=4)
+        return None
+    return proto
+
+
 def _export_split(model: LinearizedModel, opset: int | None, optimize: bool, chunk_size: int | None,
                   decode_step: bool) -> tuple[Any, int, dict[str, int]]:
     """The ONNX proto of `model.graph` with each distinct attention site exported once and spliced per site
@@ -409,7 +427,7 @@ def _export_split(model: LinearizedModel, opset: int | None, optimize: bool, chu
         where = _describe(sites[next(cut.site for cut in parts.cuts if cut.template == index)])
         templates.append(export_template(template, where, named["batch"], named["seq"], version, optimize))
         takes_step = decode_step and onnx_step.takes_step(template.spec, template.causal)
-        steps.append(export_template(template, where, named["batch"], named["seq"], version, optimize, step=True)
+        steps.append(_step_template(template, where, named["batch"], named["seq"], version, optimize)
                      if takes_step else None)
     params = {p: operator.attrgetter(p)(model.graph) for cut in parts.cuts for p in cut.params}
     onnx_sites.splice(proto, templates, parts, params, len(model.input_names), len(model.output_names),

@@ -12,9 +12,11 @@ registry sends causal calls over `registry.CHUNK` tokens to `reference.chunked`)
 
 Masked tokens take no position and change no state, so the padding changes nothing but its own (dropped)
 outputs, and the result is `reference.chunked(..., C)`. A template whose site has no key mask is exported with
-one and fed all-True (the same numbers as none). The head stays in the main graph, so that a decode step runs
-no subgraph nodes (both forms inside an `If` was slower still in an unscripted trial, session 20); the `If`
-itself costs each decode step time (7% on SmolLM2, `bench/onnx_prefill.py`), which is why chunking is opt-in.
+one and fed all-True (the same numbers as none). Without the decode step's own form (`decode_step=False`) the head
+stays in the main graph, so that a decode step runs no subgraph nodes (both forms inside an `If` was slower still
+in an unscripted trial, session 20), and the `If` costs each decode step time (7% on SmolLM2 in session 20,
+`bench/onnx_prefill.py`). With it (`onnx_step`, the default) all of this is the general branch that one-token
+calls do not take.
 Subgraphs read the main graph's values (the site's arguments, its parameters) by name; `implicit_inputs` lists
 such reads for sorting and pruning.
 """

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,12 @@ def _original_of_saved(directory: Path) -> tuple[torch.nn.Module, Any, torch.nn.
                          "model with save_pretrained(dir, tokenizer))")
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     if linear.source_model is not None:
-        return linear, tokenizer, load_model(linear.source_model)[0].eval(), linear.source_model
+        try:
+            return linear, tokenizer, load_model(linear.source_model)[0].eval(), linear.source_model
+        except Exception as error:  # moved, or another machine: the saved weights are the next best original
+            warnings.warn(f"{directory / SAVE_FILE} names {linear.source_model!r} as the model training started "
+                          f"from, which does not load here ({str(error).splitlines()[0]}); comparing with the saved "
+                          "weights under softmax attention instead", stacklevel=2)
     original = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
     weights = load_file(directory / "model.safetensors")
     missing, _ = original.load_state_dict(weights, strict=False)

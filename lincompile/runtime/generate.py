@@ -48,6 +48,10 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
     max_new_tokens = _new_tokens(max_new_tokens, max_length, torch.as_tensor(input_ids).shape[-1])
     if attention_mask is None and torch.as_tensor(input_ids).dim() == 2:
         attention_mask = padding_mask(torch.as_tensor(input_ids), pad_token_id, eos_token_id)
+        if attention_mask is not None and draft is not None:
+            raise ValueError(f"input_ids holds the pad id {pad_token_id}, which marks padding here (as in Hugging "
+                             "Face's generate), and speculative decoding takes one unpadded sequence: drop the "
+                             "padding, or pass pad_token_id=None to read that id as a token")
     if draft is not None:
         from lincompile.runtime.speculative import speculative_generate
 

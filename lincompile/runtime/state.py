@@ -36,10 +36,13 @@ class RecurrentState:
         """A copy in torch tensors (also of an `OrtModel`'s state, which then feeds either runtime)."""
         return RecurrentState({k: v.clone() for k, v in self._torch().items()}, self.length)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "RecurrentState":
+    def to(self, device: torch.device | str | torch.dtype | None = None,
+           dtype: torch.dtype | None = None) -> "RecurrentState":
         """The state on `device`, its floating parts in `dtype` (integer parts, the position counters, keep
-        theirs); a linear method's state accumulates in fp32 whatever the model's dtype, so a lower `dtype`
-        only loses precision."""
+        theirs); `state.to(torch.float16)` works as for a tensor. A linear method's state accumulates in fp32
+        whatever the model's dtype, so a lower `dtype` only loses precision."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
         return RecurrentState({k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
                                for k, v in self._torch().items()}, self.length)
 

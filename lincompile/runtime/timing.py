@@ -215,3 +215,17 @@ def write_bench_result(result: dict[str, Any], out_dir: Path, stem: str, threads
     path = out_dir / f"{stem}_{machine}.json"
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     return path
+
+
+def report_bench(result: dict[str, Any], out_dir: Path, stem: str, threads: int, argv: list[str] | None,
+                 table: Callable[[dict[str, Any]], None]) -> int:
+    """Write `result` (`write_bench_result`; `argv` None: this process's own) and print its `table`, where it went
+    and the command that reproduces it; returns the exit status 0."""
+    import sys
+
+    path = write_bench_result(result, out_dir, stem, threads, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    print()
+    table(result)
+    print(f"\nwrote {path}")
+    print(f"reproduce: {result['command']}")
+    return 0

@@ -54,6 +54,7 @@ def test_generate_stops_at_the_models_eos_unless_told_otherwise(models):
     linear, ort, _ = models
     free = linear.generate(IDS, 30, eos_token_id=None)[0, IDS.shape[1]:]
     eos = int(free[3])  # pretend the model's eos is the 4th token it generates
+    saved = linear.hf_config.eos_token_id, ort.meta["eos_token_id"]
     linear.hf_config.eos_token_id = eos
     ort.meta["eos_token_id"] = eos
     try:
@@ -63,7 +64,7 @@ def test_generate_stops_at_the_models_eos_unless_told_otherwise(models):
             assert out.tolist()[:first + 1] == free.tolist()[:first + 1] and len(out) == first + 1
             assert torch.equal(runner.generate(IDS, 30, eos_token_id=None)[0, IDS.shape[1]:], free)
     finally:
-        linear.hf_config.eos_token_id = ort.meta["eos_token_id"] = None
+        linear.hf_config.eos_token_id, ort.meta["eos_token_id"] = saved
 
 
 def test_states_cross_runtimes_and_keep_their_counters(models):
@@ -72,8 +73,8 @@ def test_states_cross_runtimes_and_keep_their_counters(models):
     from_ort = ort(IDS[:, :6]).past_state
     assert torch.allclose(linear(IDS[:, 6:], past_state=from_ort).logits, expected, atol=1e-5)
     assert from_ort.nbytes() == linear(IDS[:, :6]).past_state.nbytes() and from_ort.clone().shapes()
-    half = linear(IDS[:, :6]).past_state.to(dtype=torch.float64)
-    assert {t.dtype for t in half.tensors.values()} == {torch.float64, torch.int64}  # the position counters stay
+    for wider in (linear(IDS[:, :6]).past_state.to(dtype=torch.float64), from_ort.to(torch.float64)):
+        assert {t.dtype for t in wider.tensors.values()} == {torch.float64, torch.int64}  # the counters stay
 
 
 def test_an_onnxruntime_model_drafts_for_either_runtime(models):
@@ -134,3 +135,12 @@ def test_directories_missing_a_file_say_so(models, tmp_path):
     (saved / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="without model.safetensors"):
         lincompile.load(saved)
+
+
+def test_a_pad_id_in_a_prompt_is_padding_and_speculative_decoding_says_so(models):
+    linear, _, _ = models
+    prompt = torch.tensor([[5, 6, 0, 7, 9, 11]])  # the tiny llama's pad id is 0
+    with pytest.raises(ValueError, match="holds the pad id 0"):
+        linear.generate(prompt, 4, draft="prompt-lookup")
+    assert torch.equal(linear.generate(prompt, 4, pad_token_id=None, eos_token_id=None, draft="prompt-lookup"),
+                       linear.generate(prompt, 4, pad_token_id=None, eos_token_id=None))

@@ -149,3 +149,16 @@ def test_a_softmax_model_has_no_step_form(tmp_path):
     softmax = lincompile.optimize(tiny_model("llama"), "softmax")
     meta = json.loads((lo.export_onnx(softmax, tmp_path / "out") / lo.META_FILE).read_text())
     assert meta["decode_step_sites"] == 0
+
+
+def test_a_step_form_that_does_not_export_is_dropped_alone(tmp_path, monkeypatch):
+    """The step form is an optimization: when it cannot be traced, sites keep their split export without it."""
+    def untraceable(*args, **kwargs):
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(lo, "_step_decomposition", untraceable)
+    model = lincompile.optimize(tiny_model("llama"), "linear-elu")
+    with pytest.warns(UserWarning, match="no decode step form"):
+        out = lo.export_onnx(model, tmp_path / "out")
+    meta = json.loads((out / lo.META_FILE).read_text())
+    assert (meta["sites_spliced"], meta["decode_step_sites"]) == (2, 0)

@@ -1,5 +1,5 @@
-"""bench/onnx_prefill.py and bench/onnx_quantize.py end to end on the real model with small budgets: SmolLM2
-exported with chunks inside the graph and with 8-bit weights, against its plain export."""
+"""The ONNX and quality benches end to end on the real model with small budgets: SmolLM2 exported with chunks
+inside the graph, with 8-bit weights and with and without the decode step form; perplexity by position."""
 import json
 import subprocess
 import sys
@@ -36,3 +36,22 @@ def test_8_bit_smollm2_keeps_its_perplexity(tmp_path):
     forms = result["forms"]
     assert forms["int8"]["ppl"] / forms["float"]["ppl"] < 1.02
     assert forms["int8"]["megabytes"] / forms["float"]["megabytes"] < 0.6
+
+
+@pytest.mark.slow
+def test_the_decode_step_form_halves_the_nodes_and_keeps_the_tokens(tmp_path):
+    result = _run("onnx_decode_step.py", tmp_path, "--context", "70", "--prefill-chunk", "64", "--rounds", "3")
+    forms = result["forms"]
+    assert forms["step"]["decode_nodes"] < 0.6 * forms["parallel"]["decode_nodes"]
+    assert forms["step+chunks"]["decode_nodes"] == forms["step"]["decode_nodes"]
+    for form in ("step", "step+chunks"):
+        assert forms[form]["greedy_steps_agreeing"] == "3 of 3"
+        assert forms[form]["first_step_max_abs_logit_diff"] < 1e-3
+
+
+@pytest.mark.slow
+def test_the_shipped_model_scores_close_to_the_original_at_every_position(tmp_path):
+    result = _run("context_quality.py", tmp_path, "--block-size", "512", "--blocks", "2", "--buckets", "2")
+    original, shipped = result["ppl"]["original"], result["ppl"]["augmented (default)"]
+    assert result["buckets"] == ["1-256", "257-511"]
+    assert all(ours < 1.6 * theirs for ours, theirs in zip(shipped, original)), (shipped, original)

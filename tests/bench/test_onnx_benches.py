@@ -45,7 +45,8 @@ def test_the_decode_step_form_halves_the_nodes_and_keeps_the_tokens(tmp_path):
     assert forms["step"]["decode_nodes"] < 0.6 * forms["parallel"]["decode_nodes"]
     assert forms["step+chunks"]["decode_nodes"] == forms["step"]["decode_nodes"]
     for form in ("step", "step+chunks"):
-        assert forms[form]["greedy_steps_agreeing"] == "3 of 3"
+        agree, _, steps = forms[form]["greedy_steps_agreeing"].partition(" of ")
+        assert agree == steps and int(steps) >= 3
         assert forms[form]["first_step_max_abs_logit_diff"] < 1e-3
 
 

@@ -159,7 +159,10 @@ class LinearizedModel(torch.nn.Module):
 
     def _check_keywords(self, extra: dict[str, object]) -> None:
         """Refuse keywords that are not graph inputs (an ignored one would change nothing, silently)."""
-        known = [n for n in self.input_names if n not in self.state_inputs]
+        if not extra:  # the common call, every decode step: nothing to check
+            return
+        state = set(self.state_inputs)
+        known = [n for n in self.input_names if n not in state]
         unknown = [name for name in extra if name not in known]
         if not unknown:
             return

@@ -58,6 +58,8 @@ class OrtModel:
     def __init__(self, session: Any, meta: dict[str, Any], directory: Path) -> None:
         self.session = session
         self.meta = meta
+        #: each state part's shape per row (a str for a dim that grows), what `check_state` holds a state to
+        self._state_shapes = {name: tuple(info["shape"][1:]) for name, info in meta["state"].items()}
         self.directory = directory
         self.input_names: list[str] = [i.name for i in session.get_inputs()]
         self.output_names: list[str] = [o.name for o in session.get_outputs()]
@@ -159,8 +161,7 @@ class OrtModel:
         if past_state is not None and not self.meta.get("supports_state", True):
             raise ValueError("this model has attention sites without a recurrent state; call it without past_state")
         if past_state is not None:
-            check_state(past_state, self.state_names, batch,
-                        {name: tuple(info["shape"][1:]) for name, info in self.meta["state"].items()})
+            check_state(past_state, self.state_names, batch, self._state_shapes)
         state = past_state if past_state is not None else self.initial_state(batch)
         check_positions(self, state.length + tokens)
         mask = None if attention_mask is None else _numpy(attention_mask, np.dtype(np.int64))

@@ -14,12 +14,12 @@ from lincompile.backends import onnx as lo
 from lincompile.backends import onnx_chunks, onnx_sites
 from lincompile.backends.ort import OrtModel
 from lincompile.kernels.linear_attention import reference
-from lincompile.methods.params import random_params
-from lincompile.methods.spec import get_method
 from lincompile.testing.kernels import rel, state_rel
 from lincompile.testing.tiny import perturb_new_parameters, tiny_model
 
-B, H, HKV, D, CHUNK = 2, 4, 2, 16, 8
+from .conftest import B, D, H, HKV, renamed, site_template
+
+CHUNK = 8
 #: every state part and weighting: groups + conv + position counter, normalizer, decay, learned features,
 #: the local branch alone, position-dependent features
 METHODS = ["augmented", "linear-elu", "retnet", "hedgehog", "local", "cosformer"]
@@ -29,13 +29,7 @@ def _site_session(method: str, with_mask: bool):
     """An onnxruntime session of one spliced site (chunked every CHUNK tokens) and its spec and params."""
     import onnxruntime as ort
 
-    spec = get_method(method)
-    params = random_params(spec, H, HKV, D, D, seed=1)
-    state = reference.init_state(spec, B, HKV, D, D)
-    gen = torch.Generator().manual_seed(0)
-    examples = [torch.rand(B, heads, 5, D, generator=gen) for heads in (H, HKV, HKV)] + [torch.ones(B, 5).bool()]
-    template = onnx_sites.Template(spec.to_json(), D ** -0.5, True, True, len(state), len(params),
-                                   tuple(examples + state + params), CHUNK)
+    template, spec, params, state = site_template(method, CHUNK)
     proto = lo.export_template(template, "test site", torch.export.Dim("batch"), torch.export.Dim("seq"), None)
     names = [i.name for i in proto.graph.input]
     rename = {name: f"param{i}" for i, name in enumerate(names[4 + len(state):])}
@@ -47,25 +41,17 @@ def _site_session(method: str, with_mask: bool):
     results = ["out"] + [f"new{j}" for j in range(len(state))]
     nodes += onnx_chunks.chunked_site(proto.graph, args, rename, results, "site/", CHUNK)
 
-    inputs = [_renamed(proto.graph.input[i], name) for i, name in enumerate(["q", "k", "v", "mask"][:3 + with_mask])]
-    inputs += [_renamed(proto.graph.input[4 + j], f"state{j}") for j in range(len(state))]
-    outputs = [_renamed(o, name) for o, name in zip(proto.graph.output, results)]
+    inputs = [renamed(proto.graph.input[i], name) for i, name in enumerate(["q", "k", "v", "mask"][:3 + with_mask])]
+    inputs += [renamed(proto.graph.input[4 + j], f"state{j}") for j in range(len(state))]
+    outputs = [renamed(o, name) for o, name in zip(proto.graph.output, results)]
     inits = [numpy_helper.from_array(p.numpy(), f"param{i}") for i, p in enumerate(params)]
-    inits += [_renamed(init, f"t/{init.name}") for init in proto.graph.initializer]
+    inits += [renamed(init, f"t/{init.name}") for init in proto.graph.initializer]
     model = helper.make_model(helper.make_graph(nodes, "site", inputs, outputs, initializer=inits),
                               opset_imports=proto.opset_import)
     onnx.checker.check_model(model, full_check=True)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), spec, params
-
-
-def _renamed(proto, name):
-    """A copy of an ONNX value info or initializer under `name`."""
-    copied = type(proto)()
-    copied.CopyFrom(proto)
-    copied.name = name
-    return copied
 
 
 @pytest.mark.parametrize("method", METHODS)

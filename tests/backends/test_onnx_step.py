@@ -11,24 +11,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lincompile
 from lincompile.backends import onnx as lo
-from lincompile.backends import onnx_chunks, onnx_sites, onnx_step
+from lincompile.backends import onnx_chunks, onnx_step
 from lincompile.backends.ort import OrtModel
 from lincompile.kernels.linear_attention import reference
-from lincompile.methods.params import random_params
 from lincompile.methods.spec import get_method
 from lincompile.testing.kernels import rel, state_rel
 from lincompile.testing.tiny import perturb_new_parameters, tiny_model
 
-B, H, HKV, D = 2, 4, 2, 16
+from .conftest import B, D, H, HKV, renamed, site_template
 #: groups + conv + position counter, normalizer, decay, learned features, the local branch alone, positions
 METHODS = ["augmented", "linear-elu", "retnet", "hedgehog", "local", "cosformer"]
-
-
-def _renamed(proto, name):
-    copied = type(proto)()
-    copied.CopyFrom(proto)
-    copied.name = name
-    return copied
 
 
 def _site_session(method: str):
@@ -36,13 +28,7 @@ def _site_session(method: str):
     only its length read, q, k, v, mask and the state), the spec and the params."""
     import onnxruntime as ort
 
-    spec = get_method(method)
-    params = random_params(spec, H, HKV, D, D, seed=1)
-    state = reference.init_state(spec, B, HKV, D, D)
-    gen = torch.Generator().manual_seed(0)
-    examples = [torch.rand(B, heads, 5, D, generator=gen) for heads in (H, HKV, HKV)] + [torch.ones(B, 5).bool()]
-    template = onnx_sites.Template(spec.to_json(), D ** -0.5, True, True, len(state), len(params),
-                                   tuple(examples + state + params))
+    template, spec, params, state = site_template(method)
     dims = torch.export.Dim("batch"), torch.export.Dim("seq")
     protos = [lo.export_template(template, "test site", *dims, None, step=s) for s in (False, True)]
     general, step = (proto.graph for proto in protos)
@@ -59,11 +45,11 @@ def _site_session(method: str):
     nodes += onnx_step.step_site(step, onnx_chunks.copy_nodes(general.node, rename, "site/"), inner, args,
                                  step_rename, results, "site/", condition)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
-    inputs += [_renamed(general.input[i], name) for i, name in enumerate(args)]
-    outputs = [_renamed(o, name) for o, name in zip(general.output, results)]
+    inputs += [renamed(general.input[i], name) for i, name in enumerate(args)]
+    outputs = [renamed(o, name) for o, name in zip(general.output, results)]
     inits = [numpy_helper.from_array(p.numpy(), f"param{i}") for i, p in enumerate(params)]
-    inits += [_renamed(init, f"t/{init.name}") for init in general.initializer]
-    inits += [_renamed(init, f"s/{init.name}") for init in step.initializer]
+    inits += [renamed(init, f"t/{init.name}") for init in general.initializer]
+    inits += [renamed(init, f"s/{init.name}") for init in step.initializer]
     model = helper.make_model(helper.make_graph(nodes, "site", inputs, outputs, initializer=inits),
                               opset_imports=protos[0].opset_import)
     onnx.checker.check_model(model, full_check=True)

@@ -150,6 +150,14 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _pass_list(text: str) -> list[str]:
+    """--passes: at least one pass name (an empty list would silently run the default pipeline)."""
+    names = _csv(text)
+    if not names:
+        raise argparse.ArgumentTypeError(f"names no pass: {text!r}; list them comma-separated (`{PROG} passes`)")
+    return names
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in _csv(text))
@@ -313,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="site indices to convert (default: all); the others become exact softmax")
     p.add_argument("--strict", action="store_true", help="fail if an attention-like softmax matched no pattern")
     p.add_argument("--verify", action="store_true", help="report the max logit difference after every pass")
-    p.add_argument("--passes", type=_csv, default=None, metavar="A,B,...",
+    p.add_argument("--passes", type=_pass_list, default=None, metavar="A,B,...",
                    help=f"pipeline to run instead of the default ({','.join(DEFAULT_PIPELINE)})")
     p.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="skip this pass (repeatable, or a comma-separated list)")

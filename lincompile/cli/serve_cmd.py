@@ -26,6 +26,10 @@ PROG = "lincompile"
 DRAFTS = "none, prompt-lookup, ngram:DIR, medusa:DIR or model:DIR"
 
 
+_SOFTMAX_MODEL = ("{model} is a softmax model: add --method METHOD (augmented: the paper's method, with shipped trained "
+                  "weights for smollm2-135m) or pass a saved linearized directory")
+
+
 def _log(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
@@ -34,15 +38,20 @@ def _linearized(args: argparse.Namespace) -> tuple[Any, Any]:
     """(LinearizedModel, tokenizer or None) from MODEL_OR_DIR, --method and --weights."""
     from lincompile.backends.eager import LinearizedModel
 
-    saved = (Path(args.model).expanduser() / SAVE_FILE).is_file()
+    from lincompile.assets import EMBEDDED_MODELS
+
+    path = Path(args.model).expanduser()
+    saved = (path / SAVE_FILE).is_file()
     if saved and (args.method or args.weights != "auto"):
         raise ValueError(f"{args.model} is a saved linearized model, with its method and trained tensors; drop "
                          "--method and --weights")
+    if (not saved and not args.method and args.weights == "auto"  # (load_target names --weights without --method)
+            and (args.model in EMBEDDED_MODELS or (path / "config.json").is_file())):
+        raise ValueError(_SOFTMAX_MODEL.format(model=args.model))  # before it loads
     _log(f"loading {args.model} ...")
     model, tokenizer = load_target(args.model, args.method, args.weights)
     if not isinstance(model, LinearizedModel):
-        raise ValueError(f"{args.model} is a softmax model: add --method METHOD (augmented: the paper's method, with "
-                         "shipped trained weights for smollm2-135m) or pass a saved linearized directory")
+        raise ValueError(_SOFTMAX_MODEL.format(model=args.model))
     if args.method and getattr(model, "recipe", None) is None and model.config.spec.kind != "softmax":  # exact
         _log(f"warning: {args.method} is untrained here (no shipped or given weights): expect poor text; train one "
              "with `lincompile train` and pass it as MODEL_OR_DIR")
@@ -164,6 +173,34 @@ def _prompt_ids(args: argparse.Namespace, text: str, tokenizer: Any) -> torch.Te
     return tokenizer(text, return_tensors="pt").input_ids
 
 
+class _Clock:
+    """A streamer that notes when the first new token arrives (the prompt's prefill is done then) and passes
+    everything on to `inner` (or nowhere). Set `start` before generating."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.start, self.first_token, self._puts = inner, 0.0, 0.0, 0
+
+    def put(self, ids: torch.Tensor) -> None:
+        self._puts += 1
+        if self._puts == 2:  # the first put is the prompt
+            self.first_token = time.perf_counter()
+        if self.inner is not None:
+            self.inner.put(ids)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    """Refuse sampling options given without --sample (greedy decoding would ignore them)."""
+    given = [name for name, value, default in (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, None),
+                                               ("--top-p", args.top_p, None)) if value != default]
+    if given and not args.sample:
+        raise ValueError(f"{', '.join(given)} only apply when sampling: add --sample (without it, decoding is greedy "
+                         "and would ignore them)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate --max-new-tokens tokens after --prompt, streamed to stdout, then one line of statistics."""
     from transformers import TextStreamer
@@ -171,6 +208,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lincompile.runtime.generate import generate
     from lincompile.runtime.speculative import speculative_generate
 
+    _check_sampling(args)
     kind = draft_kind(args.draft)[0]  # a misspelt --draft fails before the model loads
     loaded_first = kind in ("ngram", "model")  # needing no target, so a bad DIR fails before the model loads too
     draft = parse_draft(args.draft, None, "torch") if loaded_first else None
@@ -183,22 +221,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not loaded_first:
         draft = parse_draft(args.draft, model, runtime)
     ids = _prompt_ids(args, text, tokenizer)
-    streamer = None if args.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = _Clock(None if args.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
     sampling = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                 "repetition_penalty": args.repetition_penalty,
                 "eos_token_id": None if args.ignore_eos else tokenizer.eos_token_id,
                 "generator": torch.Generator().manual_seed(args.seed), "streamer": streamer}
-    start = time.perf_counter()
+    streamer.start = time.perf_counter()
     if draft is None:
         out = generate(model, ids, args.max_new_tokens, **sampling)
     else:
         out, stats = speculative_generate(model, ids, args.max_new_tokens, draft, args.num_draft_tokens,
                                           adaptive=args.adaptive, **sampling)
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
     new = out[0, ids.shape[1]:]
+    first = streamer.first_token - streamer.start
     summary = {"runtime": runtime, "draft": args.draft, "prompt_tokens": int(ids.shape[1]),
-               "new_tokens": int(new.numel()), "seconds": round(seconds, 3),
-               "tokens_per_s": round(new.numel() / seconds, 2)}
+               "new_tokens": int(new.numel()), "seconds": round(end - streamer.start, 3),
+               "first_token_s": round(first, 3),
+               "tokens_per_s": round((new.numel() - 1) / (end - streamer.first_token), 2) if new.numel() > 1 else None}
     if draft is not None:  # new tokens / target calls after the prefill, as bench/speculative.py counts them
         summary["tokens_per_call"] = round(stats.tokens_per_call, 2)
     if args.json:
@@ -250,8 +290,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p = command_parser(
         sub, "generate", cmd_generate, "generate text with a linearized model (PyTorch or onnxruntime)",
-        "Streams the continuation of --prompt to stdout, then prints tokens/s (and, with a draft, tokens per\n"
-        "target call) to stderr. MODEL_OR_DIR may be an ONNX export (`lincompile export`), which then runs in\n"
+        "Streams the continuation of --prompt to stdout, then prints to stderr the time to the first new token\n"
+        "(the prompt's prefill), the decode rate after it in tokens/s and, with a draft, tokens per target call. MODEL_OR_DIR may be an ONNX export (`lincompile export`), which then runs in\n"
         "onnxruntime. --draft turns on speculative decoding: greedy output stays the same token for token;\n"
         "sampling keeps the target's distribution. Stops at the tokenizer's end-of-sequence token unless\n"
         "--ignore-eos.",
@@ -271,7 +311,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--temperature", type=positive_float, default=1.0, help="with --sample (> 0, default 1.0)")
     p.add_argument("--top-k", type=positive_int, default=None, help="with --sample: keep the k likeliest tokens")
     p.add_argument("--top-p", type=probability, default=None, help="with --sample: nucleus sampling, in (0, 1]")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already in the "
+    p.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="> 1 discourages tokens already in the "
                    "text, greedy or sampled (Hugging Face's; default 1.0: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")

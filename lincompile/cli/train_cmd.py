@@ -51,6 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"lincompile train: no checkpoint in {out / 'checkpoints'} to resume; training from the start",
               file=sys.stderr)
     parallel = Distributed.from_env(args.device)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not at the first checkpoint
     try:
         model, tokenizer = load_model(args.model, attn_implementation=args.attn_impl)
@@ -74,6 +75,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         atomic_write_text(out / "history.json", json.dumps(
             {"train_config": config.to_dict(), "init": args.init, "history": result.history,
              "evals": result.evals}, indent=2))
+    except KeyboardInterrupt:
+        _drop_if_empty(out, created)
+        latest = latest_checkpoint(out / "checkpoints")
+        print("lincompile train: interrupted; " + (
+            f"the newest checkpoint is {latest}: run the same command with --resume to continue from it"
+            if latest is not None else "no checkpoint was written yet"), file=sys.stderr)
+        return 130
+    except BaseException:
+        _drop_if_empty(out, created)
+        raise
     finally:
         parallel.close()
     summary = {"final": final, "checkpoint": str(result.checkpoint) if result.checkpoint else None,
@@ -86,6 +97,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         for key, value in summary.items():
             print(f"{key:<14} {value:.4g}" if isinstance(value, float) else f"{key:<14} {value}")
     return 0
+
+
+def _drop_if_empty(out: Path, created: bool) -> None:
+    """Remove --out when this run created it and wrote nothing there (a run that failed to start)."""
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _check_out(out: Path, args: argparse.Namespace) -> None:

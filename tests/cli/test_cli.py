@@ -331,3 +331,10 @@ def test_a_pipeline_without_detection_cannot_linearize(capsys):
     for extra in (["--passes", "linearize"], ["--disable", "detect_attention"]):
         assert main(["optimize", "smollm2-135m", "--method", "augmented", *extra]) == 1
         assert "pass linearize needs detect_attention" in capsys.readouterr().err
+
+
+def test_an_empty_pass_list_is_refused_when_parsed(capsys):
+    """`--passes ,` names no pass; it is refused rather than read as "the default pipeline"."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["optimize", "smollm2-135m", "--method", "augmented", "--passes", " , "])
+    assert exit_info.value.code == 2 and "argument --passes: names no pass" in capsys.readouterr().err

@@ -64,7 +64,8 @@ def test_generate_is_plain_greedy_with_every_draft(dirs, capsys):
 
 
 def test_generate_takes_a_repetition_penalty(dirs, capsys):
-    """`--repetition-penalty` is `generate`'s, with or without a draft; a penalty that is not > 0 is one error."""
+    """`--repetition-penalty` is `generate`'s, with or without a draft; a penalty that is not > 0 is refused when
+    parsed."""
     linear = lincompile.load(dirs / "lin")
     tokenizer = char_tokenizer()
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -74,8 +75,9 @@ def test_generate_takes_a_repetition_penalty(dirs, capsys):
     args = ["--prompt", PROMPT, "--max-new-tokens", "24", "--ignore-eos", "--repetition-penalty", "1.5"]
     assert _generate(capsys, str(dirs / "lin"), *args)["text"] == expected
     assert _generate(capsys, str(dirs / "lin"), *args, "--draft", "prompt-lookup")["text"] == expected
-    assert main(["generate", str(dirs / "lin"), "--prompt", PROMPT, "--repetition-penalty", "0"]) == 1
-    assert "repetition_penalty must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(dirs / "lin"), "--prompt", PROMPT, "--repetition-penalty", "0"])
+    assert exit_info.value.code == 2 and "argument --repetition-penalty: must be > 0" in capsys.readouterr().err
 
 
 def test_generate_streams_text_and_reads_stdin(dirs, capsys, monkeypatch):
@@ -87,7 +89,20 @@ def test_generate_streams_text_and_reads_stdin(dirs, capsys, monkeypatch):
     code = main(["generate", str(dirs / "lin"), "--prompt", PROMPT, "--max-new-tokens", "12", "--ignore-eos"])
     out, err = capsys.readouterr()
     assert code == 0 and out.strip() == json_text.strip()
-    assert "tokens per s" in err and "new tokens 12" in err
+    assert "tokens per s" in err and "new tokens 12" in err and "first token s" in err
+
+
+def test_generate_times_the_prefill_apart_from_the_decode(dirs, capsys):
+    """`first_token_s` covers the prompt's prefill; `tokens_per_s` the tokens after the first, over the time after
+    it, so the two add up to `seconds` (to rounding)."""
+    for draft in ("none", "prompt-lookup"):
+        out = _generate(capsys, str(dirs / "lin"), "--prompt", PROMPT, "--max-new-tokens", "9", "--ignore-eos",
+                        "--draft", draft)
+        decode = out["seconds"] - out["first_token_s"]
+        assert 0 < out["first_token_s"] < out["seconds"], draft
+        assert out["tokens_per_s"] == pytest.approx(8 / decode, rel=0.05, abs=0.5), draft
+    one = _generate(capsys, str(dirs / "lin"), "--prompt", PROMPT, "--max-new-tokens", "1", "--ignore-eos")
+    assert one["new_tokens"] == 1 and one["tokens_per_s"] is None  # no decode step was taken
 
 
 def test_export_then_generate_in_onnxruntime(dirs, capsys):
@@ -174,6 +189,27 @@ def test_generate_numbers_are_checked_when_parsed(dirs, capsys, option):
         main(["generate", str(dirs / "lin"), "--prompt", "x", option, "0"])
     assert exit_info.value.code == 2
     assert f"argument {option}" in (err := capsys.readouterr().err) and "must be >= 1, got 0" in err
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--temperature", "0.7"], ["--temperature only apply when sampling", "add --sample"]),
+    (["--top-k", "5", "--top-p", "0.9"], ["--top-k, --top-p only apply", "add --sample"]),
+])
+def test_sampling_options_without_sample_are_refused_before_loading(capsys, argv, fragments):
+    assert main(["generate", "/no/such/model", "--prompt", "x", *argv]) == 1
+    err = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_a_softmax_model_without_method_is_refused_before_loading(dirs, capsys, monkeypatch):
+    def load_target(*args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("lincompile.cli.serve_cmd.load_target", load_target)
+    for model in (str(dirs / "hf"), "smollm2-135m"):
+        assert main(["generate", model, "--prompt", "x"]) == 1
+        assert f"{model} is a softmax model: add --method" in capsys.readouterr().err
 
 
 def test_a_prompt_that_is_not_utf8_is_refused_before_loading(capsys):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lincompile
+from lincompile.assets import AssetError
 from lincompile.cli.train_cmd import add_train_arguments, cmd_train
 from lincompile.testing.tiny import char_tokenizer, tiny_model
 from lincompile.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -224,4 +225,36 @@ def test_training_errors_say_what_to_do(tmp_path):
         _run([str(model_dir), "--method", "augmented", "--data", str(corpus), "--out", str(tmp_path / "b"),
               "--lora-targets", "nothing", "--stage1-steps", "1", "--stage2-steps", "1", "--batch-size", "2",
               "--block-size", "16", "--eval-blocks", "0", "--no-progress"])
-    assert not (tmp_path / "b" / "checkpoints").exists()  # refused before stage 1 ran
+    assert not (tmp_path / "b").exists()  # refused before stage 1 ran, and the empty --out it made is gone
+    with pytest.raises(AssetError, match="not an existing directory"):
+        _run([str(tmp_path / "nothing-here"), "--method", "augmented", "--out", str(tmp_path / "c" / "run")])
+    assert not (tmp_path / "c" / "run").exists()
+
+
+def test_an_interrupted_run_names_the_checkpoint_to_resume(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during training: exit code 130 and the newest checkpoint named with --resume (it was written
+    before the interrupt)."""
+    import lincompile.cli.train_cmd as train_cmd
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 6)
+    argv = [str(model_dir), "--method", "augmented", "--data", str(corpus), "--out", str(tmp_path / "run"),
+            "--stage1-steps", "0", "--stage2-steps", "4", "--batch-size", "2", "--block-size", "16",
+            "--eval-blocks", "0", "--checkpoint-every", "1", "--no-progress"]
+    real = train_cmd.train
+
+    def interrupted(*args, **kwargs):
+        config = args[2]
+        real(*args[:2], config.__class__(**{**config.__dict__, "stage2_steps": 2}), *args[3:], **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cmd, "train", interrupted)
+    assert _run(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the newest checkpoint is" in err and "step-00000002" in err and "--resume" in err
+    monkeypatch.setattr(train_cmd, "train", real)
+    assert _run(argv + ["--resume"]) == 0
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints")).step == 4

@@ -26,8 +26,8 @@ PROG = "lincompile"
 DRAFTS = "none, prompt-lookup, ngram:DIR, medusa:DIR or model:DIR"
 
 
-_SOFTMAX_MODEL = ("{model} is a softmax model: add --method METHOD (augmented: the paper's method, with shipped trained "
-                  "weights for smollm2-135m) or pass a saved linearized directory")
+_SOFTMAX_MODEL = ("{model} is a softmax model: add --method METHOD (augmented: the paper's method, with shipped "
+                  "trained weights for smollm2-135m) or pass a saved linearized directory")
 
 
 def _log(message: str) -> None:
@@ -291,10 +291,10 @@ def add_parsers(sub: Any) -> None:
     p = command_parser(
         sub, "generate", cmd_generate, "generate text with a linearized model (PyTorch or onnxruntime)",
         "Streams the continuation of --prompt to stdout, then prints to stderr the time to the first new token\n"
-        "(the prompt's prefill), the decode rate after it in tokens/s and, with a draft, tokens per target call. MODEL_OR_DIR may be an ONNX export (`lincompile export`), which then runs in\n"
-        "onnxruntime. --draft turns on speculative decoding: greedy output stays the same token for token;\n"
-        "sampling keeps the target's distribution. Stops at the tokenizer's end-of-sequence token unless\n"
-        "--ignore-eos.",
+        "(the prompt's prefill), the decode rate after it in tokens/s and, with a draft, tokens per target call.\n"
+        "MODEL_OR_DIR may be an ONNX export (`lincompile export`), which then runs in onnxruntime. --draft\n"
+        "turns on speculative decoding: greedy output stays the same token for token; sampling keeps the\n"
+        "target's distribution. Stops at the tokenizer's end-of-sequence token unless --ignore-eos.",
         [f"{PROG} generate smollm2-135m --method augmented --prompt 'ROMEO. ' --max-new-tokens 48",
          f"{PROG} generate out/smol-onnx --prompt 'ROMEO. ' --draft ngram:runs/ngram --num-draft-tokens 8",
          f"echo 'To be, or not' | {PROG} generate smollm2-135m --method augmented --prompt - --json"])
@@ -311,8 +311,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--temperature", type=positive_float, default=1.0, help="with --sample (> 0, default 1.0)")
     p.add_argument("--top-k", type=positive_int, default=None, help="with --sample: keep the k likeliest tokens")
     p.add_argument("--top-p", type=probability, default=None, help="with --sample: nucleus sampling, in (0, 1]")
-    p.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="> 1 discourages tokens already in the "
-                   "text, greedy or sampled (Hugging Face's; default 1.0: off)")
+    p.add_argument("--repetition-penalty", type=positive_float, default=1.0,
+                   help="> 1 discourages tokens already in the text, greedy or sampled (Hugging Face's; default 1.0: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch and onnxruntime (default: "

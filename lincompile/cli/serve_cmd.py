@@ -312,7 +312,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--top-k", type=positive_int, default=None, help="with --sample: keep the k likeliest tokens")
     p.add_argument("--top-p", type=probability, default=None, help="with --sample: nucleus sampling, in (0, 1]")
     p.add_argument("--repetition-penalty", type=positive_float, default=1.0,
-                   help="> 1 discourages tokens already in the text, greedy or sampled (Hugging Face's; default 1.0: off)")
+                   help="> 1 discourages tokens already in the text, greedy or sampled (Hugging Face's; default "
+                        "1.0: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch and onnxruntime (default: "

@@ -36,9 +36,8 @@ def _log(message: str) -> None:
 
 def _linearized(args: argparse.Namespace) -> tuple[Any, Any]:
     """(LinearizedModel, tokenizer or None) from MODEL_OR_DIR, --method and --weights."""
-    from lincompile.backends.eager import LinearizedModel
-
     from lincompile.assets import EMBEDDED_MODELS
+    from lincompile.backends.eager import LinearizedModel
 
     path = Path(args.model).expanduser()
     saved = (path / SAVE_FILE).is_file()

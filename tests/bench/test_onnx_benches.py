@@ -51,8 +51,10 @@ def test_the_decode_step_form_halves_the_nodes_and_keeps_the_tokens(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_shipped_model_scores_close_to_the_original_at_every_position(tmp_path):
-    result = _run("context_quality.py", tmp_path, "--block-size", "512", "--blocks", "2", "--buckets", "2")
+def test_the_shipped_model_holds_up_to_4k_tokens(tmp_path):
+    """Within 3x the original's perplexity in every quarter of a 4096-token block (the shipped run 5: 1.7-2.1x
+    here; run 3, trained on blocks of 1024, was 800x and more past 2K tokens)."""
+    result = _run("context_quality.py", tmp_path, "--block-size", "4096", "--blocks", "1", "--buckets", "4")
     original, shipped = result["ppl"]["original"], result["ppl"]["augmented (default)"]
-    assert result["buckets"] == ["1-256", "257-511"]
-    assert all(ours < 1.6 * theirs for ours, theirs in zip(shipped, original)), (shipped, original)
+    assert result["buckets"] == ["1-1024", "1025-2048", "2049-3071", "3072-4095"]
+    assert all(ours < 3 * theirs for ours, theirs in zip(shipped, original)), (shipped, original)

@@ -14,6 +14,7 @@ decode cost of softmax attention depends on the cache's length, not on what the 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,8 +222,6 @@ def report_bench(result: dict[str, Any], out_dir: Path, stem: str, threads: int,
                  table: Callable[[dict[str, Any]], None]) -> int:
     """Write `result` (`write_bench_result`; `argv` None: this process's own) and print its `table`, where it went
     and the command that reproduces it; returns the exit status 0."""
-    import sys
-
     path = write_bench_result(result, out_dir, stem, threads, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     print()
     table(result)

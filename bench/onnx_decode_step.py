@@ -1,16 +1,19 @@
 """SmolLM2-135M under onnxruntime with and without the decode step's own site form (`export_onnx(decode_step=...)`),
-side by side in one run: decode step, prefill, and the logits.
+side by side in one run: decode step, a speculative verify call, prefill, and the logits.
 
 Both exports come from the same linearized model (`lincompile.pretrained.linearized`, the shipped weights when
 there are some) and run on onnxruntime's CPU provider with the same thread count:
   parallel     every call through each site's parallel form (`decode_step=False`);
-  step         one-token calls through the recurrent form, kept in the main graph, behind an `If` (the default);
+  step         one-token calls through the recurrent form, other calls through the parallel one, the two forms
+               in the branches of one `If` per site (the default);
   step+chunks  the same with calls longer than 64 tokens in chunks inside the graph (`chunk_size=64`), whose
                `If` a decode step no longer reaches.
 Measured:
   prefill   `--context` held-out tokens through `lincompile.runtime.prefill` in calls of `--prefill-chunk`, and
-            one call of `--prefill-chunk` tokens: best of 3 each (a call of several tokens also runs the step form,
-            on its first token, which this prices);
+            one call of `--prefill-chunk` tokens: best of 3 each (what a call of several tokens pays for running
+            its nodes inside a branch);
+  verify    the median call of `--verify` tokens after that prompt (a speculative verify of `--verify` - 1
+            drafts), the exports taking turns call by call for `--rounds` / 5 calls each;
   decode    the median greedy single-token step after that prompt, the exports taking turns step by step for
             `--rounds` steps each; how many greedy tokens agree, and the first step's largest logit difference;
   nodes     how many nodes a one-token call runs: the main graph's once onnxruntime has optimized it (an `If`
@@ -22,10 +25,12 @@ Writes bench/results/onnx_decode_step_<machine>.json; prints the table and the c
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,6 +62,17 @@ def decode_nodes(directory: Path, threads: int) -> int:
     return nodes
 
 
+def time_calls(runners: dict[str, Any], states: dict[str, Any], ids: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Median seconds of one call of `ids` from each form's state (left as it was), the forms taking turns."""
+    times: dict[str, list[float]] = {form: [] for form in runners}
+    for _ in range(rounds):
+        for form, runner in runners.items():
+            start = time.perf_counter()
+            runner(ids, past_state=states[form])
+            times[form].append(time.perf_counter() - start)
+    return {form: statistics.median(values) for form, values in times.items()}
+
+
 def run(args: argparse.Namespace, scratch: Path) -> dict:
     from lincompile.assets import load_model
     from lincompile.backends.onnx import export_onnx
@@ -76,21 +92,26 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
         _log(f"export ({form}) took {rows[form]['export_s']:.0f} s; a decode step runs {rows[form]['decode_nodes']} "
              "nodes")
         runners[form] = open_ort(scratch / form, args.threads)
-    sessions, first_step = {}, {}
+    sessions, first_step, prompt_states = {}, {}, {}
     for form, runner in runners.items():
         rows[form]["prefill_call_s"], _ = best_time(lambda: runner(prompt[:, :args.prefill_chunk]), 3)
         rows[form]["prefill_s"], filled = best_time(
             lambda: prefill(runner, prompt, chunk_size=args.prefill_chunk), 3)
         first_step[form] = linear_session(runner, filled.logits, filled.state, filled.next_position_ids)()
         sessions[form] = linear_session(runner, filled.logits, filled.state, filled.next_position_ids)
+        prompt_states[form] = filled.state
+    verify = time_calls(runners, prompt_states,
+                        prompt[:, :args.verify], max(args.rounds // 5, 3))
     timings = time_steps(sessions, warmup=2, rounds=args.rounds, steps=1)  # the forms take turns step by step
     for form, rate in timings.tokens_per_s().items():
         rows[form]["decode_ms"] = 1e3 / rate
+        rows[form]["verify_ms"] = 1e3 * verify[form]
     for form in FORMS:
         agree = sum(a == b for a, b in zip(timings.tokens["parallel"], timings.tokens[form]))
         rows[form]["greedy_steps_agreeing"] = f"{agree} of {len(timings.tokens['parallel'])}"
         rows[form]["first_step_max_abs_logit_diff"] = (first_step[form] - first_step["parallel"]).abs().max().item()
-    return {"forms": rows, "context": int(prompt.shape[1]), "prefill_chunk": args.prefill_chunk}
+    return {"forms": rows, "context": int(prompt.shape[1]), "prefill_chunk": args.prefill_chunk,
+            "verify_tokens": args.verify}
 
 
 def print_table(result: dict) -> None:
@@ -98,15 +119,16 @@ def print_table(result: dict) -> None:
     base = rows["parallel"]
     chunk, context = result["prefill_chunk"], result["context"]
     print(f"{'':>24}" + "".join(f"  {form:>18}" for form in rows))
-    lines = [("decode ms", "decode_ms", True), (f"prefill s, {chunk} tokens", "prefill_call_s", False),
+    lines = [("decode ms", "decode_ms", True), (f"verify ms, {result['verify_tokens']} tokens", "verify_ms", True),
+             (f"prefill s, {chunk} tokens", "prefill_call_s", False),
              (f"prefill s, {context} tokens", "prefill_s", False)]
     for label, key, faster in lines:
         cells = [f"{row[key]:.3f}" + ("" if row is base else f" ({base[key] / row[key]:.2f}x)" if faster
                                        else f" ({row[key] / base[key]:.2f}x)") for row in rows.values()]
         print(f"{label:>24}" + "".join(f"  {cell:>18}" for cell in cells))
     print(f"{'nodes a decode step runs':>24}" + "".join(f"  {row['decode_nodes']:>18}" for row in rows.values()))
-    print(f"(decode: ratio = times faster than parallel; prefill: ratio = times parallel's time; the {context}-token "
-          f"prompt in calls of {chunk})")
+    print(f"(decode, verify: ratio = times faster than parallel; prefill: ratio = times parallel's time; the "
+          f"{context}-token prompt in calls of {chunk})")
     for form, row in rows.items():
         if row is not base:
             print(f"{form}: greedy steps agreeing with parallel {row['greedy_steps_agreeing']}; first step's logits "
@@ -118,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="augmented")
     parser.add_argument("--context", type=positive_int, default=512, help="prompt tokens before decoding")
     parser.add_argument("--prefill-chunk", type=positive_int, default=128, help="prompt tokens per call")
+    parser.add_argument("--verify", type=positive_int, default=9,
+                        help="tokens per verify call (drafts + 1; bench/speculative.py's k = 8 verifies 9)")
     parser.add_argument("--rounds", type=positive_int, default=150,
-                        help="decode: timed steps per form, the forms taking turns")
+                        help="decode: timed steps per form, the forms taking turns (verify: a fifth as many calls)")
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
                         help="onnxruntime intra-op threads")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -80,6 +80,34 @@ def copy_nodes(nodes: Iterable[Any], rename: dict[str, str], prefix: str) -> lis
     return copies
 
 
+def hoist_static(nodes: list[Any], data: list[str], results: list[str],
+                 sizes: dict[str, str]) -> tuple[list[Any], list[Any]]:
+    """`nodes` (in order) split into those that read no value of the outer names `data`, which go to the enclosing
+    graph, and the rest. A `Shape` of a name in `sizes` goes too, reading the value named there instead: one of the
+    same shape at every call there (for a site, the same input of the first site of the same template). Outside
+    a branch onnxruntime folds what parameters alone determine, and computes each size once for all the sites
+    that read it, not once per site; in a branch it does neither (SmolLM2's branches held 50 nodes more than the
+    same site in the main graph). A node holding a subgraph or producing one of `results` stays."""
+    outer_data = set(data)
+    dynamic: set[str] = set()
+    pending = {out for node in nodes for out in node.output}  # made by nodes not yet placed: `nodes` out of order
+    hoisted, kept = [], []
+    for node in nodes:
+        reads = [name for name in node.input if name]
+        sized = node.op_type == "Shape" and reads[0] in sizes
+        if (any(True for _ in subgraphs(node)) or any(out in results for out in node.output)
+                or any(name in dynamic or name in pending for name in reads)
+                or not sized and any(name in outer_data for name in reads)):
+            dynamic.update(node.output)
+            kept.append(node)
+        else:
+            if sized:
+                node.input[0] = sizes[reads[0]]
+            hoisted.append(node)
+        pending.difference_update(node.output)
+    return hoisted, kept
+
+
 def _typed(value: Any, name: str) -> Any:
     """A copy of the value info `value` (type and shape) under `name`."""
     copied = copy.deepcopy(value)
@@ -186,10 +214,12 @@ def _rest_in_chunks(template: Any, args: list[str], rename: dict[str, str], head
 
     body_prefix = f"{prefix}chunk/"
     by_name = {i.name: i for i in [*template.input, *template.output]}
-    body = helper.make_graph(
-        copy_nodes(template.node, rename, body_prefix), "chunk",
-        [_typed(by_name[n], body_prefix + n) for n in inputs[4:4 + num_state] + inputs[:4]],
-        [_typed(by_name[n], body_prefix + n) for n in outputs[1:] + outputs[:1]])
+    body_inputs, body_outputs = inputs[4:4 + num_state] + inputs[:4], outputs[1:] + outputs[:1]
+    once, per_chunk = hoist_static(copy_nodes(template.node, rename, body_prefix),
+                                   [body_prefix + n for n in body_inputs], [body_prefix + n for n in body_outputs], {})
+    emit.nodes.extend(once)  # what the parameters alone determine: once per call, not once per chunk
+    body = helper.make_graph(per_chunk, "chunk", [_typed(by_name[n], body_prefix + n) for n in body_inputs],
+                             [_typed(by_name[n], body_prefix + n) for n in body_outputs])
     final = [f"{prefix}{o}" for o in outputs[1:]]
     stacked = f"{prefix}outs"
     emit.nodes.append(helper.make_node("Scan", head_state + scanned, final + [stacked], name=f"{prefix}scan",

@@ -242,6 +242,7 @@ def splice(outer: Any, templates: list[Any], split_: Split, params: dict[str, Te
     if any(steps[cut.template] is not None for cut in split_.cuts):
         condition_nodes, condition = onnx_step.one_token(dim_sources["seq"][0], "lc_step/")
         nodes.extend(condition_nodes)
+    first_args: dict[int, list[str]] = {}  # per template, its first site's arguments
     for cut in split_.cuts:
         template = templates[cut.template].graph
         prefix = f"lc{cut.site}/"
@@ -272,11 +273,22 @@ def splice(outer: Any, templates: list[Any], split_: Split, params: dict[str, Te
             continue
         step_names = {init.name: f"lc_s{cut.template}/{init.name}" for init in step.graph.initializer}
         step_names.update({name: rename[name] for name in inputs[len(cut.args):]})  # the site's parameters
+        sizes = _same_sizes(template, args, first_args.setdefault(cut.template, args))
         nodes.extend(onnx_step.step_site(step.graph, site_nodes, general, args, step_names, results, prefix,
-                                         condition))
+                                         condition, sizes))
     del graph.node[:]
     graph.node.extend(_toposort(nodes, {i.name for i in graph.input} | {i.name for i in graph.initializer}))
     onnx_chunks.drop_unused_initializers(graph)
+
+
+def _same_sizes(template: Any, args: list[str], first: list[str]) -> dict[str, str]:
+    """`args` of a site mapped to `first`, the same template's first site's: those whose inputs have no symbolic
+    dims but the call's (`q`'s batch and sequence), so that the two have the same shape at every call."""
+    def symbols(value: Any) -> set[str]:
+        return {dim.dim_param for dim in value.type.tensor_type.shape.dim if dim.dim_param}
+
+    call = symbols(template.input[0])
+    return {arg: other for arg, other, value in zip(args, first, template.input) if arg and symbols(value) <= call}
 
 
 def _initializer(tensor: Tensor, name: str) -> Any:

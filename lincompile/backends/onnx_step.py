@@ -6,14 +6,15 @@ every node costs microseconds whatever its size, so those nodes cost far more th
 step form is the same site traced from the recurrent reference on the call's first token (`first_token`: about 70
 nodes there). A site with it runs
 
-  step:  the step template's nodes in the main graph, on the call's first token (whatever the call's length);
+  the nodes of either form that read no values of the site's inputs, only sizes (`onnx_chunks.hoist_static`);
   If(T == 1)
-    then: the step's output and state (Identity);
-    else: the site's general nodes (the parallel template, or `onnx_chunks`' head and chunks).
+    then: the rest of the step template's nodes;
+    else: the rest of the site's general nodes (the parallel template, or `onnx_chunks`' head and chunks).
 
-The step stays in the main graph because onnxruntime runs a subgraph's nodes more slowly (`If` branches holding
-both forms were slower than this layout in an unscripted trial, session 21). A call of more tokens pays for the
-unused step and for running its general nodes inside a branch; `bench/onnx_decode_step.py` measures both sides.
+Each call runs one form. Session 21 kept the whole step in the main graph, run on every call's first token,
+for fear that branch nodes run more slowly. They do, but only because onnxruntime neither folds the parameters'
+arithmetic nor shares the size arithmetic among sites inside a branch, which hoisting leaves it in the main
+graph to do. `bench/onnx_decode_step.py` measures the layouts against the export without the step form.
 The recurrent and parallel references are forms of the same math (tests/kernels check them against each other on
 every causal linear method), so the graph's numbers do not depend on which form ran, up to fp32 rounding.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lincompile.backends.onnx_chunks import Nodes, copy_nodes
+from lincompile.backends.onnx_chunks import Nodes, copy_nodes, hoist_static
 from lincompile.methods.spec import MethodSpec
 
 
@@ -39,28 +40,26 @@ def one_token(input_ids: str, prefix: str) -> tuple[list[Any], str]:
 
 
 def step_site(step: Any, general: list[Any], general_results: list[str], args: list[str], rename: dict[str, str],
-              results: list[str], prefix: str, condition: str) -> list[Any]:
-    """Nodes for one site: the `step` template (a graph: inputs q, k, v[, key_mask], *state, *params; outputs
-    out, *new_state) over the outer values `args` in the main graph, then `If(condition)` choosing its outputs or
-    those of `general` (nodes producing `general_results`, in the same order). `rename` maps the step template's
-    parameter and initializer names to outer names; `results` names the site's outputs."""
+              results: list[str], prefix: str, condition: str, sizes: dict[str, str]) -> list[Any]:
+    """The nodes of one site: what `hoist_static` moves out of its branches, then `If(condition)`. Its
+    then-branch runs the `step` template (a graph: inputs q, k, v[, key_mask], *state, *params; outputs out,
+    *new_state) over the outer values `args`, its else-branch the nodes `general` producing `general_results`
+    (in the same order). `rename` maps the step template's parameter and initializer names to outer names;
+    `results` names the site's outputs; `sizes` is `hoist_static`'s."""
     from onnx import helper
 
-    inputs = [i.name for i in step.input]
-    outputs = [o.name for o in step.output]
     step_prefix = f"{prefix}step/"
-    names = dict(rename, **dict(zip(inputs, args)))
-    names.update({o: f"{step_prefix}{o}" for o in outputs})
-    nodes = copy_nodes(step.node, names, step_prefix)
-    chosen = Nodes(f"{prefix}step_out/")
-    for o in outputs:
-        chosen("Identity", [names[o]], o)
-    typed = [helper.make_tensor_value_info(chosen.prefix + o.name, o.type.tensor_type.elem_type, None)
-             for o in step.output]
-    then_graph = helper.make_graph(chosen.nodes, "step", [], typed)
-    else_graph = helper.make_graph(general, "general", [], [
-        helper.make_tensor_value_info(name, o.type.tensor_type.elem_type, None)
-        for name, o in zip(general_results, step.output)])
-    nodes.append(helper.make_node("If", [condition], results, name=f"{prefix}step_if", then_branch=then_graph,
-                                  else_branch=else_graph))
-    return nodes
+    names = dict(rename, **dict(zip((i.name for i in step.input), args)))
+    names.update({o.name: f"{step_prefix}{o.name}" for o in step.output})
+
+    def branch(nodes: list[Any], name: str, outputs: list[str]) -> Any:
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(
+            result, o.type.tensor_type.elem_type, None) for result, o in zip(outputs, step.output)])
+
+    step_results = [names[o.name] for o in step.output]
+    hoisted, step_nodes = hoist_static(copy_nodes(step.node, names, step_prefix), args, step_results, sizes)
+    hoisted_general, general = hoist_static(general, args, general_results, sizes)
+    return hoisted + hoisted_general + [helper.make_node(
+        "If", [condition], results, name=f"{prefix}step_if", then_branch=branch(step_nodes, "step", step_results),
+        else_branch=branch(general, "general", general_results))]
+

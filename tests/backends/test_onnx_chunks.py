@@ -7,7 +7,7 @@ import json
 import onnx
 import pytest
 import torch
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 import lincompile
 from lincompile.backends import onnx as lo
@@ -169,3 +169,23 @@ def test_a_chunk_size_that_chunks_nothing_is_reported(tmp_path):
     linear = lincompile.optimize(tiny_model("llama"), "linear-elu")
     with pytest.warns(UserWarning, match="chunks nothing: split_sites=False"):
         lo.export_onnx(linear, tmp_path / "whole", chunk_size=16, split_sites=False)
+
+
+def test_hoist_static_moves_what_reads_only_sizes_and_parameters():
+    """Out of a branch go a Shape of a site input (reading the same-shaped input named in `sizes`) and arithmetic
+    on parameters; what reads a site value, a Shape of a branch value or of an input not in `sizes`, a node with a
+    subgraph and a node making a branch result stay, in order."""
+    branch = helper.make_graph([helper.make_node("Identity", ["q"], ["inner"])], "b", [],
+                               [helper.make_tensor_value_info("inner", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Shape", ["q"], ["size"], name="size"),
+             helper.make_node("ReduceL2", ["param"], ["norm"], name="norm"),
+             helper.make_node("Mul", ["q", "norm"], ["scaled"], name="scaled"),
+             helper.make_node("Shape", ["scaled"], ["scaled_size"], name="scaled_size"),
+             helper.make_node("Shape", ["k"], ["k_size"], name="k_size"),
+             helper.make_node("Reshape", ["scaled", "size"], ["out"], name="out"),
+             helper.make_node("Identity", ["norm"], ["result"], name="result"),
+             helper.make_node("If", ["cond"], ["chosen"], name="chosen", then_branch=branch, else_branch=branch)]
+    hoisted, kept = onnx_chunks.hoist_static(nodes, ["q", "k"], ["out", "result"], {"q": "first_q"})
+    assert [n.name for n in hoisted] == ["size", "norm"]
+    assert [n.name for n in kept] == ["scaled", "scaled_size", "k_size", "out", "result", "chosen"]
+    assert list(hoisted[0].input) == ["first_q"]

@@ -43,7 +43,7 @@ def _site_session(method: str):
     nodes, condition = onnx_step.one_token("input_ids", "step_cond/")
     step_rename = dict(params_rename, **{init.name: f"s/{init.name}" for init in step.initializer})
     nodes += onnx_step.step_site(step, onnx_chunks.copy_nodes(general.node, rename, "site/"), inner, args,
-                                 step_rename, results, "site/", condition)
+                                 step_rename, results, "site/", condition, {arg: arg for arg in args})
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
     inputs += [renamed(general.input[i], name) for i, name in enumerate(args)]
     outputs = [renamed(o, name) for o, name in zip(general.output, results)]
@@ -148,3 +148,4 @@ def test_a_step_form_that_does_not_export_is_dropped_alone(tmp_path, monkeypatch
         out = lo.export_onnx(model, tmp_path / "out")
     meta = json.loads((out / lo.META_FILE).read_text())
     assert (meta["sites_spliced"], meta["decode_step_sites"]) == (2, 0)
+

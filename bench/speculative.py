@@ -8,6 +8,7 @@ Every speculative output is also compared with the plain greedy output (they mus
     python bench/speculative.py --draft-model DIR --medusa DIR --runtime ort
     python bench/speculative.py --runtime ort --ngram DIR --ks 4,8,12   # DIR from `lincompile build-ngram`
     python bench/speculative.py --runtime ort --ngram DIR1 DIR2 --ks 4,8 # two tables side by side
+    python bench/speculative.py --runtime ort --onnx-dir A B --ngram DIR  # two exports side by side
     python bench/speculative.py --prompts 20 --new-tokens 64 --ks 4 --weights none --draft-model layers:4 --medusa zero
     python bench/speculative.py --quick                 # 2 prompts x 16 tokens, k in 2,4
 """
@@ -40,8 +41,9 @@ def _prompts(tokenizer: Any, count: int, length: int) -> list[torch.Tensor]:
     return [blocks[i:i + 1] for i in range(blocks.shape[0])]
 
 
-def _target(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """(the model to decode with: torch or onnxruntime, the torch LinearizedModel, the tokenizer)."""
+def _targets(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
+    """(the models to decode with by name: the torch model, or an onnxruntime session per export, named by its
+    directory when there are several; the torch LinearizedModel; the tokenizer)."""
     from lincompile.assets import load_model
     from lincompile.pretrained import linearized
 
@@ -52,14 +54,20 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         from lincompile.backends.onnx import META_FILE
         from lincompile.runtime.timing import open_ort
 
-        if args.onnx_dir is None:  # a fresh export (~0.6 GB), removed when the bench exits
+        if not args.onnx_dir:  # a fresh export (~0.6 GB), removed when the bench exits
             scratch = tempfile.mkdtemp(prefix="lincompile-bench-")
             atexit.register(shutil.rmtree, scratch, True)
-        out = args.onnx_dir or Path(scratch) / "onnx"
-        if not (out / META_FILE).is_file():  # an export given with --onnx-dir is reused
-            linear.export_onnx(str(out), tokenizer=tokenizer)
-        return open_ort(out, args.threads, cpu_only=False), linear, tokenizer
-    return linear, linear, tokenizer
+        directories = args.onnx_dir or [Path(scratch) / "onnx"]
+        names = [directory.name if len(directories) > 1 else "ort" for directory in directories]
+        if len(set(names)) < len(names):
+            raise SystemExit("--onnx-dir: two exports in directories of the same name; rename one")
+        targets = {}
+        for name, directory in zip(names, directories):
+            if not (directory / META_FILE).is_file():  # an export given with --onnx-dir is reused
+                linear.export_onnx(str(directory), tokenizer=tokenizer)
+            targets[name] = open_ort(directory, args.threads, cpu_only=False)
+        return targets, linear, tokenizer
+    return {"torch": linear}, linear, tokenizer
 
 
 def _drafts(args: argparse.Namespace, linear: Any) -> dict[str, Any]:
@@ -104,57 +112,70 @@ def _plain(target: Any, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Te
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Prompt by prompt, plain decoding then every (draft, k) on that prompt: a change in the machine's load
-    during the run weighs on every column alike, so the ratios stay side by side."""
+    """Prompt by prompt and target by target, plain decoding then every (draft, k) on that prompt: a change in
+    the machine's load during the run weighs on every column alike, so the ratios stay side by side. Each row's
+    speedup is against plain decoding of its own target."""
     from lincompile.runtime.speculative import speculative_generate
 
     torch.set_num_threads(args.threads)
-    target, linear, tokenizer = _target(args)
+    targets, linear, tokenizer = _targets(args)
     prompts = _prompts(tokenizer, args.prompts, args.prompt_tokens)
     drafts = _drafts(args, linear)
-    configs = [(name, k) for name in drafts for k in args.ks]
-    _plain(target, prompts[0], 4)  # warm-up
-    plain_seconds, plain_tokens = 0.0, 0
+    configs = [(target, name, k) for target in targets for name in drafts for k in args.ks]
+    for target in targets.values():
+        _plain(target, prompts[0], 4)  # warm-up
+    plain = {target: [0.0, 0] for target in targets}  # seconds, tokens
     totals = {c: {"seconds": 0.0, "calls": 0, "accepted": 0, "produced": 0, "identical": True} for c in configs}
     for number, prompt in enumerate(prompts, 1):
         print(f"prompt {number}/{len(prompts)}", file=sys.stderr, flush=True)
-        reference, seconds = _plain(target, prompt, args.new_tokens)
-        plain_seconds += seconds
-        plain_tokens += reference.shape[1] - prompt.shape[1]
-        for name, k in configs:
-            out, stats = speculative_generate(target, prompt, args.new_tokens, drafts[name], k)
-            total = totals[(name, k)]
+        references = {}
+        for target, model in targets.items():
+            references[target], seconds = _plain(model, prompt, args.new_tokens)
+            plain[target][0] += seconds
+            plain[target][1] += references[target].shape[1] - prompt.shape[1]
+        for target, name, k in configs:
+            out, stats = speculative_generate(targets[target], prompt, args.new_tokens, drafts[name], k)
+            total = totals[(target, name, k)]
             total["seconds"] += stats.seconds
             total["calls"] += stats.target_calls
             total["accepted"] += stats.accepted
             total["produced"] += stats.new_tokens
-            total["identical"] &= torch.equal(out, reference)
-    plain_rate = plain_tokens / plain_seconds
+            total["identical"] &= torch.equal(out, references[target])
+    plain_rates = {target: tokens / seconds for target, (seconds, tokens) in plain.items()}
     rows = []
-    for (name, k), total in totals.items():
+    for (target, name, k), total in totals.items():
         rate = total["produced"] / total["seconds"]
         calls = max(total["calls"], 1)
-        rows.append({"draft": name, "k": k, "accepted_per_call": total["accepted"] / calls,
+        rows.append({"target": target, "draft": name, "k": k, "accepted_per_call": total["accepted"] / calls,
                      "tokens_per_call": total["produced"] / calls, "calls_per_token": calls / max(total["produced"], 1),
-                     "tokens_per_s": rate, "speedup": rate / plain_rate, "identical_to_greedy": total["identical"]})
+                     "tokens_per_s": rate, "speedup": rate / plain_rates[target],
+                     "identical_to_greedy": total["identical"]})
     return {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "runtime": args.runtime,
             "method": args.method, "weights": args.weights, "prompts": len(prompts),
-            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "plain_tokens_per_s": plain_rate,
+            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+            "plain_tokens_per_s": next(iter(plain_rates.values())), "plain_tokens_per_s_by_target": plain_rates,
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
             "rows": rows}
 
 
+def _label(result: dict[str, Any], row: dict[str, Any]) -> str:
+    """The row's draft, after its target's name when the run had several targets."""
+    return f"{row['target']}: {row['draft']}" if len(result["plain_tokens_per_s_by_target"]) > 1 else row["draft"]
+
+
 def _table(result: dict[str, Any]) -> str:
-    width = max([len("draft")] + [len(r["draft"]) for r in result["rows"]])
-    lines = [f"plain greedy decoding: {result['plain_tokens_per_s']:.1f} tok/s ({result['runtime']}, "
-             f"{result['method']}, weights {result['weights']}, {result['prompts']} prompts x "
-             f"{result['new_tokens']} new tokens)",
+    width = max([len("draft")] + [len(_label(result, r)) for r in result["rows"]])
+    plain = ", ".join(f"{rate:.1f} tok/s" + (f" ({target})" if len(result["plain_tokens_per_s_by_target"]) > 1
+                                             else "")
+                      for target, rate in result["plain_tokens_per_s_by_target"].items())
+    lines = [f"plain greedy decoding: {plain} ({result['runtime']}, {result['method']}, weights "
+             f"{result['weights']}, {result['prompts']} prompts x {result['new_tokens']} new tokens)",
              f"{'draft':>{width}} {'k':>3} {'accepted/call':>14} {'tokens/call':>12} {'tok/s':>8} {'speedup':>8} "
              f"{'identical':>9}",
              "(accepted/call: drafted tokens kept per target call; tokens/call: new tokens / target calls, the "
-             "target's own tokens included)"]
+             "target's own tokens included; speedup: against plain decoding of the same target)"]
     for r in result["rows"]:
-        lines.append(f"{r['draft']:>{width}} {r['k']:>3} {r['accepted_per_call']:>14.2f} "
+        lines.append(f"{_label(result, r):>{width}} {r['k']:>3} {r['accepted_per_call']:>14.2f} "
                      f"{r['tokens_per_call']:>12.2f} {r['tokens_per_s']:>8.1f} {r['speedup']:>7.2f}x "
                      f"{str(r['identical_to_greedy']):>9}")
     return "\n".join(lines)
@@ -167,13 +188,14 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in dict.fromkeys(r["draft"] for r in result["rows"]):
-        rows = [r for r in result["rows"] if r["draft"] == name]
+    for name in dict.fromkeys(_label(result, r) for r in result["rows"]):
+        rows = [r for r in result["rows"] if _label(result, r) == name]
         left.plot([r["k"] for r in rows], [r["accepted_per_call"] for r in rows], marker="o", label=name)
         right.plot([r["k"] for r in rows], [r["speedup"] for r in rows], marker="o", label=name)
     left.set(xlabel="drafted tokens k", ylabel="accepted drafts per target call", title="acceptance")
     right.axhline(1.0, color="gray", linestyle=":")
-    right.set(xlabel="drafted tokens k", ylabel="tokens/s vs plain decoding", title="wall-clock speedup")
+    right.set(xlabel="drafted tokens k", ylabel="tokens/s vs plain decoding of the same target",
+              title="wall-clock speedup")
     left.legend()
     fig.suptitle(f"speculative decoding, {result['method']} SmolLM2 ({result['runtime']})")
     fig.tight_layout()
@@ -201,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=positive_int, default=64)
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="2 prompts x 16 new tokens, k in 2,4")
-    parser.add_argument("--onnx-dir", type=Path, default=None,
-                        help="with --runtime ort: reuse the export in this directory, or export there (default: a "
-                             "new temporary directory)")
+    parser.add_argument("--onnx-dir", type=Path, nargs="+", default=None,
+                        help="with --runtime ort: reuse the export in each directory, or export there (default: a "
+                             "new temporary directory); several are decoded side by side, prompt by prompt")
     parser.add_argument("--tag", default="",
                         help="suffix of the result files (speculative_<runtime>[_<tag>][_quick])")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))

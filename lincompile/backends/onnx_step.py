@@ -62,4 +62,3 @@ def step_site(step: Any, general: list[Any], general_results: list[str], args: l
     return hoisted + hoisted_general + [helper.make_node(
         "If", [condition], results, name=f"{prefix}step_if", then_branch=branch(step_nodes, "step", step_results),
         else_branch=branch(general, "general", general_results))]
-

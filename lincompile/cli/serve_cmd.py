@@ -284,9 +284,9 @@ def add_parsers(sub: Any) -> None:
                         "bench/onnx_quantize.py for perplexity and speed). Default: float weights, standard ONNX")
     p.add_argument("--no-decode-step", dest="decode_step", action="store_false",
                    help="run one-token calls through each site's parallel form too. Default: causal linear sites "
-                        "run a decode step through their recurrent form, half the nodes (a faster decode step, a "
-                        "little more time per multi-token call; see bench/onnx_decode_step.py). Speculative "
-                        "decoding (--draft) ran faster without it: its verify calls take the slower path")
+                        "run a decode step through their recurrent form (on SmolLM2 a quarter as many nodes): a "
+                        "faster decode step, and multi-token calls (prefill, speculative verify) as fast as "
+                        "without it (see bench/onnx_decode_step.py)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p = command_parser(
         sub, "generate", cmd_generate, "generate text with a linearized model (PyTorch or onnxruntime)",

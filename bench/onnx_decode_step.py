@@ -100,8 +100,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
         first_step[form] = linear_session(runner, filled.logits, filled.state, filled.next_position_ids)()
         sessions[form] = linear_session(runner, filled.logits, filled.state, filled.next_position_ids)
         prompt_states[form] = filled.state
-    verify = time_calls(runners, prompt_states,
-                        prompt[:, :args.verify], max(args.rounds // 5, 3))
+    verify = time_calls(runners, prompt_states, prompt[:, :args.verify], max(args.rounds // 5, 3))
     timings = time_steps(sessions, warmup=2, rounds=args.rounds, steps=1)  # the forms take turns step by step
     for form, rate in timings.tokens_per_s().items():
         rows[form]["decode_ms"] = 1e3 / rate
@@ -148,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="onnxruntime intra-op threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.verify > args.context:
+        parser.error(f"--verify {args.verify} is longer than --context {args.context}, which it is taken from")
     with tempfile.TemporaryDirectory(prefix="lincompile-bench-") as scratch:
         result = run(args, Path(scratch))
     result["method"] = args.method

@@ -16,7 +16,9 @@ one and fed all-True (the same numbers as none). Without the decode step's own f
 stays in the main graph, so that a decode step runs no subgraph nodes (both forms inside an `If` was slower still
 in an unscripted trial, session 20), and the `If` costs each decode step time (7% on SmolLM2 in session 20,
 `bench/onnx_prefill.py`). With it (`onnx_step`, the default) all of this is the general branch that one-token
-calls do not take.
+calls do not take, and the head moves into the `If`'s then-branch: the else-branch runs the template over the
+whole call (at most C tokens), so that its sizes and parameter arithmetic can be hoisted to the main graph
+(`hoist_static`), as for a site without chunks.
 Subgraphs read the main graph's values (the site's arguments, its parameters) by name; `implicit_inputs` lists
 such reads for sorting and pruning.
 """
@@ -147,33 +149,48 @@ def all_true_mask(q: str, prefix: str) -> tuple[list[Any], str]:
 
 
 def chunked_site(template: Any, args: list[str], rename: dict[str, str], results: list[str], prefix: str,
-                 chunk: int) -> list[Any]:
+                 chunk: int, sizes: dict[str, str] | None = None) -> list[Any]:
     """Nodes running `template` (a graph: inputs q, k, v, key_mask, *state, *params; outputs out, *new_state)
     over the outer values `args` (q, k, v, key_mask, *state): its first `chunk` tokens in one piece, any rest in
     chunks of `chunk`. `rename` maps the template's parameter and initializer names to outer names; `results`
-    names the outputs (out, *new_state)."""
+    names the outputs (out, *new_state). With `sizes` (a site whose decode step has its own form, so that all of
+    this runs inside a branch already) the head runs in the `If`'s long branch, and calls of up to `chunk` tokens
+    run the template over the whole call in the short one, whose size and parameter arithmetic `hoist_static`
+    (with `sizes`) moves out, as for a site without chunks."""
     from onnx import helper
 
     inputs = [i.name for i in template.input]
     outputs = [o.name for o in template.output]
     num_state = len(outputs) - 1
     q = args[0]
+    consts = Nodes(prefix)
+    zero, size = consts.const("zero", [0]), consts.const("chunk", [chunk])
+    axes = [consts.const("axis2", [2])] * 3 + [consts.const("axis1", [1])]  # the token axis of q, k, v, key_mask
     emit = Nodes(prefix)
-    zero, size = emit.const("zero", [0]), emit.const("chunk", [chunk])
-    axes = [emit.const("axis2", [2])] * 3 + [emit.const("axis1", [1])]  # the token axis of q, k, v, key_mask
     head = {name: emit("Slice", [value, zero, size, axis], f"head/{name}")
             for name, value, axis in zip(inputs[:4], args[:4], axes)}
     head.update(zip(inputs[4:4 + num_state], args[4:4 + num_state]))
     head.update({o: f"{prefix}head/{o}" for o in outputs})
-    nodes = emit.nodes + copy_nodes(template.node, dict(rename, **head), f"{prefix}head/")
+    head_nodes = emit.nodes + copy_nodes(template.node, dict(rename, **head), f"{prefix}head/")
     head_out, head_state = head[outputs[0]], [head[o] for o in outputs[1:]]
-
-    short = Nodes(f"{prefix}short/")
-    for name, value in zip(outputs, [head_out, *head_state]):
-        short("Identity", [value], name)
-    else_graph = helper.make_graph(short.nodes, "short", [],
-                                   [_typed(o, short.prefix + o.name) for o in template.output])
-    then_graph = _rest_in_chunks(template, args, rename, head_out, head_state, f"{prefix}rest/", size, axes, chunk)
+    rest = _rest_in_chunks(template, args, rename, head_out, head_state, f"{prefix}rest/", size, axes, chunk)
+    if sizes is None:
+        nodes = consts.nodes + head_nodes
+        short = Nodes(f"{prefix}short/")
+        for name, value in zip(outputs, [head_out, *head_state]):
+            short("Identity", [value], name)
+        else_graph = helper.make_graph(short.nodes, "short", [],
+                                       [_typed(o, short.prefix + o.name) for o in template.output])
+        then_graph = rest
+    else:
+        whole = dict(rename, **dict(zip(inputs, args)))
+        whole.update({o: f"{prefix}short/{o}" for o in outputs})
+        hoisted, short_nodes = hoist_static(copy_nodes(template.node, whole, f"{prefix}short/"), args,
+                                            [whole[o] for o in outputs], sizes)
+        nodes = consts.nodes + hoisted
+        else_graph = helper.make_graph(short_nodes, "short", [],
+                                       [_typed(o, whole[o.name]) for o in template.output])
+        then_graph = helper.make_graph(head_nodes + list(rest.node), "long", [], list(rest.output))
     tail = Nodes(prefix)
     longer = tail("Greater", [tail("Shape", [q], "seq", start=2, end=3), size], "longer")
     tail.nodes.append(helper.make_node("If", [longer], results, name=f"{prefix}if", then_branch=then_graph,

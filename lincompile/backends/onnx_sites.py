@@ -262,8 +262,9 @@ def splice(outer: Any, templates: list[Any], split_: Split, params: dict[str, Te
         if chunk is not None and not args[3]:
             mask_nodes, args[3] = onnx_chunks.all_true_mask(args[0], f"{prefix}all_true/")
             nodes.extend(mask_nodes)
+        sizes = _same_sizes(template, args, first_args.setdefault(cut.template, args)) if step else None
         if chunk is not None:
-            site_nodes = onnx_chunks.chunked_site(template, args, dict(rename), general, prefix, chunk)
+            site_nodes = onnx_chunks.chunked_site(template, args, dict(rename), general, prefix, chunk, sizes)
         else:
             names = dict(rename, **dict(zip(inputs, args)))
             names.update(zip((o.name for o in template.output), general))
@@ -273,7 +274,6 @@ def splice(outer: Any, templates: list[Any], split_: Split, params: dict[str, Te
             continue
         step_names = {init.name: f"lc_s{cut.template}/{init.name}" for init in step.graph.initializer}
         step_names.update({name: rename[name] for name in inputs[len(cut.args):]})  # the site's parameters
-        sizes = _same_sizes(template, args, first_args.setdefault(cut.template, args))
         nodes.extend(onnx_step.step_site(step.graph, site_nodes, general, args, step_names, results, prefix,
                                          condition, sizes))
     del graph.node[:]

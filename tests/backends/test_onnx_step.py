@@ -110,8 +110,9 @@ def exports(tmp_path_factory):
 
 
 def test_an_export_with_the_step_form_matches_torch_and_the_export_without(exports):
-    """A left-padded prefill, then decode steps across a group's end: the same logits as torch and as the export
-    without the step form; with chunks in the graph too."""
+    """A left-padded prefill, then decode steps and a 3-token call across a group's end: the same logits as torch
+    and as the export without the step form; with chunks in the graph too (the 3-token call takes the branch
+    for calls no longer than a chunk)."""
     model, step, plain, chunked = exports
     metas = [json.loads((d / lo.META_FILE).read_text()) for d in (step, plain, chunked)]
     assert [m["decode_step_sites"] for m in metas] == [2, 0, 2]
@@ -125,8 +126,9 @@ def test_an_export_with_the_step_form_matches_torch_and_the_export_without(expor
     for runner in runners:
         out = runner(ids[:, :60], mask[:, :60])
         logits = [out.logits]
-        for t in range(60, 72):  # the first 64-token group ends at token 63 (row 0) and 66 (row 1)
-            out = runner(ids[:, t:t + 1], mask[:, t:t + 1], past_state=out.past_state)
+        # the first 64-token group ends at token 63 (row 0) and 66 (row 1); a 3-token call, under the chunk size
+        for start, end in [(60, 61), (61, 64)] + [(t, t + 1) for t in range(64, 72)]:
+            out = runner(ids[:, start:end], mask[:, start:end], past_state=out.past_state)
             logits.append(out.logits)
         assert torch.allclose(torch.cat(logits, 1), expected, atol=1e-5)
 

@@ -9,7 +9,7 @@ nodes there). A site with it runs
   the nodes of either form that read no values of the site's inputs, only sizes (`onnx_chunks.hoist_static`);
   If(T == 1)
     then: the rest of the step template's nodes;
-    else: the rest of the site's general nodes (the parallel template, or `onnx_chunks`' head and chunks).
+    else: the rest of the site's general nodes (the parallel template, or `onnx_chunks`' If(T > C)).
 
 Each call runs one form. Session 21 kept the whole step in the main graph, run on every call's first token,
 for fear that branch nodes run more slowly. They do, but only because onnxruntime neither folds the parameters'

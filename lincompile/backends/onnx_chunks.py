@@ -88,8 +88,8 @@ def hoist_static(nodes: list[Any], data: list[str], results: list[str],
     graph, and the rest. A `Shape` of a name in `sizes` goes too, reading the value named there instead: one of the
     same shape at every call there (for a site, the same input of the first site of the same template). Outside
     a branch onnxruntime folds what parameters alone determine, and computes each size once for all the sites
-    that read it, not once per site; in a branch it does neither (SmolLM2's branches held 60 nodes more than the
-    same site in the main graph). A node holding a subgraph or producing one of `results` stays."""
+    that read it, not once per site; in a branch it does neither (`bench/onnx_decode_step.py` measures what that
+    costs a multi-token call). A node holding a subgraph or producing one of `results` stays."""
     outer_data = set(data)
     dynamic: set[str] = set()
     pending = {out for node in nodes for out in node.output}  # made by nodes not yet placed: `nodes` out of order

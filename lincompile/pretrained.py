@@ -34,11 +34,12 @@ def available() -> list[str]:
 
 
 def linearized(model: torch.nn.Module, method: str = "augmented", weights: str | Path = "default",
-               model_name: str = "smollm2-135m", **optimize_kwargs: Any) -> Any:
+               model_name: str = "smollm2-135m", global_cap: int | None = None, **optimize_kwargs: Any) -> Any:
     """`model` linearized with `method`, its trained tensors loaded from `weights` and LoRA merged (into new
     tensors: `model` itself is left unchanged). `weights`: "default" (the shipped one for `model_name`), a
     directory written by `ship` or a training checkpoint, "none" (untrained), or "auto" (the shipped one when
-    there is one, else none).
+    there is one, else none). `global_cap`: the grouped global branch's `MethodSpec.global_cap`; None takes the
+    recipe's (`recipe.json`'s "global_cap", chosen for the trained tensors), else the method's own.
     The result's `recipe` is the loaded recipe.json, or None when untrained."""
     from lincompile.api import optimize
     from lincompile.train.lora import apply_lora, merge_lora
@@ -46,11 +47,12 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
     if str(weights) == "auto":
         weights = "default" if f"{model_name}-{method}" in available() else "none"
     if str(weights) == "none":
-        linear = optimize(model, method, **optimize_kwargs)
+        linear = optimize(model, _capped(LinearizeConfig(method=method), global_cap).method, **optimize_kwargs)
         linear.recipe = None
         return linear
     tensors, recipe = trained_tensors(weights, model_name, method)
-    config = LinearizeConfig.from_dict(recipe["linearize"])
+    config = _capped(LinearizeConfig.from_dict(recipe["linearize"]),
+                     recipe.get("global_cap") if global_cap is None else global_cap)
     layers = optimize_kwargs.pop("layers", None)
     if layers is not None and tuple(layers) != config.layers:
         raise ValueError(f"{weights} was trained with layers={config.layers} (None: every site); its tensors do not "
@@ -75,6 +77,13 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
         merge_lora(linear.graph)
     linear.recipe = recipe
     return linear
+
+
+def _capped(config: LinearizeConfig, global_cap: int | None) -> LinearizeConfig:
+    """`config` with its method's global_cap set to `global_cap` (None: as it is)."""
+    if global_cap is None or config.spec.global_cap == global_cap:
+        return config
+    return dataclasses.replace(config, method=dataclasses.replace(config.spec, global_cap=global_cap))
 
 
 def trained_tensors(weights: str | Path, model_name: str, method: str) -> tuple[dict[str, Tensor], dict[str, Any]]:

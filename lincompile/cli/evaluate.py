@@ -16,7 +16,7 @@ import torch
 from lincompile.api import SAVE_FILE
 from lincompile.api import load as load_linearized
 from lincompile.assets import load_model
-from lincompile.cli.args import positive_int
+from lincompile.cli.args import nonnegative_int, positive_int
 from lincompile.pretrained import linearized
 from lincompile.train.data import heldout_blocks
 from lincompile.train.eval import perplexity
@@ -62,6 +62,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"{path} is a saved linearized model, which has its method: drop --method {args.method}")
     if not args.method and args.weights != "auto":
         raise ValueError(f"--weights {args.weights} chooses the trained tensors of --method, which was not given")
+    if not args.method and args.global_cap is not None:
+        raise ValueError(f"--global-cap {args.global_cap} sets a cap of --method, which was not given")
     if args.softmax_finetuned and not Path(args.softmax_finetuned).expanduser().is_dir():
         raise ValueError(f"--softmax-finetuned {args.softmax_finetuned} is not a directory")
     progress = not args.no_progress
@@ -74,11 +76,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer; perplexity needs one to tokenize the corpus")
         method = args.method
-        linear = linearized(original, method, args.weights, args.model) if method else None
+        linear = linearized(original, method, args.weights, args.model, args.global_cap) if method else None
         weights = None if linear is None else "none" if linear.recipe is None else \
             "default" if args.weights == "auto" else str(args.weights)
     blocks = heldout_blocks(tokenizer, args.block_size, args.max_blocks, data=args.data)
     result: dict[str, object] = {"model": args.model, "original": original_is, "method": method, "weights": weights,
+                                 **({"global_cap": linear.config.spec.global_cap} if linear is not None
+                                    and linear.config.spec.global_branch == "grouped" else {}),
                                  "tokens": blocks[:, 1:].numel(),
                                  "block_size": args.block_size, "blocks": int(blocks.shape[0])}
     base = perplexity(original, blocks, args.batch_size, progress=progress, desc="original")
@@ -112,6 +116,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "untrained), 'default' (shipped, required), 'none' (untrained), a directory "
                              "written by lincompile.pretrained.ship, or a training checkpoint "
                              "OUT/checkpoints/step-N")
+    parser.add_argument("--global-cap", type=nonnegative_int, default=None, metavar="N",
+                        help="with --method: bound the grouped global branch's sum as if it summed at most N "
+                             "tokens (0: the paper's unbounded sum; default: the trained weights' recipe's, see "
+                             "README 'Long contexts')")
     parser.add_argument("--data", default="default", help="'default' (held-out Shakespeare) or a .txt file/dir")
     parser.add_argument("--block-size", type=positive_int, default=256,
                         help="tokens per evaluation block (default 256)")

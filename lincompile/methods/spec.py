@@ -50,6 +50,10 @@ class MethodSpec(JsonConfig):
     logit softcapping; 0: none). sinks: exact softmax only, one learned logit per query head joins every row's
     softmax denominator and weighs no value (GPT-OSS's attention sinks; the op's `sinks` parameter [H]).
     `linearize` sets softcap and sinks per site from the graph, as it does the scale.
+    global_cap: grouped global branch only (0: off, the paper's form). The branch sums k v^T over every
+    completed group, so its size grows with the context; a query at position p scales it by
+    min(1, global_cap / n), n = group_size * (p // group_size) the tokens it sums. Past global_cap tokens the
+    sum acts as a mean times global_cap, the size that contexts of global_cap tokens gave it in training.
     """
 
     name: str
@@ -66,6 +70,7 @@ class MethodSpec(JsonConfig):
     horizon: int = 4096
     softcap: float = 0.0
     sinks: bool = False
+    global_cap: int = 0
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -91,6 +96,10 @@ class MethodSpec(JsonConfig):
             self._fail("softcap", "applies to kind='softmax' only (a linear method has no scores to cap)")
         if not isinstance(self.sinks, bool):
             self._fail("sinks", "must be a bool")
+        if not isinstance(self.global_cap, int) or isinstance(self.global_cap, bool) or self.global_cap < 0:
+            self._fail("global_cap", "must be an integer >= 0 (0: no cap)")
+        if self.global_cap and (self.kind != "linear" or self.global_branch != "grouped"):
+            self._fail("global_cap", "applies to global_branch='grouped' only (the sum the cap bounds)")
         if self.sinks and self.kind != "softmax":
             self._fail("sinks", "applies to kind='softmax' only (a linear method has no softmax denominator)")
         self._check_combination()

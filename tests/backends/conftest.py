@@ -1,6 +1,8 @@
 """Shared pieces of the ONNX site tests: one site template of fresh shapes and the proto renaming they splice with."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from lincompile.backends import onnx_sites
@@ -11,7 +13,11 @@ from lincompile.methods.spec import MethodSpec, get_method
 B, H, HKV, D = 2, 4, 2, 16
 
 
-def site_template(method: str, chunk: int | None = None
+#: the paper's method with small groups and a global cap, so short inputs cross many groups and reach the cap
+CAPPED = dataclasses.replace(get_method("augmented"), name="augmented-capped", group_size=4, global_cap=6)
+
+
+def site_template(method: str | MethodSpec, chunk: int | None = None
                   ) -> tuple[onnx_sites.Template, MethodSpec, list[torch.Tensor], list[torch.Tensor]]:
     """(a causal site template with a key mask, GQA H:HKV and head dim D; its spec, random params, initial state)."""
     spec = get_method(method)

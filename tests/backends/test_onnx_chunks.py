@@ -14,18 +14,19 @@ from lincompile.backends import onnx as lo
 from lincompile.backends import onnx_chunks, onnx_sites
 from lincompile.backends.ort import OrtModel
 from lincompile.kernels.linear_attention import reference
+from lincompile.methods.spec import MethodSpec
 from lincompile.testing.kernels import rel, state_rel
 from lincompile.testing.tiny import perturb_new_parameters, tiny_model
 
-from .conftest import B, D, H, HKV, renamed, site_template
+from .conftest import CAPPED, B, D, H, HKV, renamed, site_template
 
 CHUNK = 8
 #: every state part and weighting: groups + conv + position counter, normalizer, decay, learned features,
-#: the local branch alone, position-dependent features
-METHODS = ["augmented", "linear-elu", "retnet", "hedgehog", "local", "cosformer"]
+#: the local branch alone, position-dependent features, the global cap
+METHODS = ["augmented", "linear-elu", "retnet", "hedgehog", "local", "cosformer", CAPPED]
 
 
-def _site_session(method: str, with_mask: bool):
+def _site_session(method: str | MethodSpec, with_mask: bool):
     """An onnxruntime session of one spliced site (chunked every CHUNK tokens) and its spec and params."""
     import onnxruntime as ort
 
@@ -54,7 +55,7 @@ def _site_session(method: str, with_mask: bool):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), spec, params
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: getattr(m, "name", m))
 def test_a_chunked_site_matches_the_reference(method):
     """Fresh random inputs, GQA, B > 1 with a left-padded row, a non-initial state, T from 1 (decode) through the
     chunk size to past it by a remainder; the output and every state part against the reference (the chunked

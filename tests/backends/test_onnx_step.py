@@ -14,16 +14,17 @@ from lincompile.backends import onnx as lo
 from lincompile.backends import onnx_chunks, onnx_step
 from lincompile.backends.ort import OrtModel
 from lincompile.kernels.linear_attention import reference
-from lincompile.methods.spec import get_method
+from lincompile.methods.spec import MethodSpec, get_method
 from lincompile.testing.kernels import rel, state_rel
 from lincompile.testing.tiny import perturb_new_parameters, tiny_model
 
-from .conftest import B, D, H, HKV, renamed, site_template
-#: groups + conv + position counter, normalizer, decay, learned features, the local branch alone, positions
-METHODS = ["augmented", "linear-elu", "retnet", "hedgehog", "local", "cosformer"]
+from .conftest import CAPPED, B, D, H, HKV, renamed, site_template
+#: groups + conv + position counter, normalizer, decay, learned features, the local branch alone, positions,
+#: the global cap
+METHODS = ["augmented", "linear-elu", "retnet", "hedgehog", "local", "cosformer", CAPPED]
 
 
-def _site_session(method: str):
+def _site_session(method: str | MethodSpec):
     """An onnxruntime session of one site spliced as `onnx_sites.splice` does with a step form (inputs input_ids,
     only its length read, q, k, v, mask and the state), the spec and the params."""
     import onnxruntime as ort
@@ -58,7 +59,7 @@ def _site_session(method: str):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), spec, params
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: getattr(m, "name", m))
 def test_a_site_with_a_step_form_matches_the_reference(method):
     """Fresh random inputs, GQA, B = 2 with the rows at different positions (row 1 left-padded by 2), then 60
     one-token calls (row 0 completes its 64-token group), one with a padding row, a 3-token call (row 1 completes

@@ -19,6 +19,8 @@ EXTRA = {spec.name: spec for spec in (
     MethodSpec("test-quadratic-yoso", kind="quadratic", feature_map="l2", normalizer="denominator", local="yoso",
                global_branch="none"),
     MethodSpec("test-softmax-sinks", kind="softmax", global_branch="none", sinks=True),
+    MethodSpec("test-capped-augmented", feature_map="l2", local="relu2", global_branch="grouped", conv="causal",
+               global_cap=6),
 )}
 CAUSAL = [name for name in methods() if get_method(name).causal_safe] + list(EXTRA)
 

@@ -15,9 +15,11 @@ def _expand(x, heads):
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
-def test_augmented_is_the_papers_formula(case, small_spec):
-    """o_t = sum_{i in group(t), i<=t} relu(q^.k^)^2 v_i + alpha q^ S_completed + sum_lag w[K//2-lag] v_(t-lag)."""
-    spec = small_spec("augmented", group=4, kernel=5)
+@pytest.mark.parametrize("cap", [0, 6])
+def test_augmented_is_the_papers_formula(cap, case, small_spec):
+    """o_t = sum_{i in group(t), i<=t} relu(q^.k^)^2 v_i + alpha q^ S_completed + sum_lag w[K//2-lag] v_(t-lag);
+    with global_cap, alpha * min(1, cap / n) where S_completed sums n tokens."""
+    spec = dataclasses.replace(small_spec("augmented", group=4, kernel=5), global_cap=cap)
     c = case(spec, 11, seed=7, padding=False)
     c.params[0] = torch.tensor(0.7, dtype=torch.float64)  # alpha
     out, _ = reference.attention(c.q, c.k, c.v, None, None, [], c.params, spec, c.scale, True)
@@ -29,7 +31,8 @@ def test_augmented_is_the_papers_formula(case, small_spec):
         scores = torch.einsum("bhd,bhsd->bhs", q[:, :, t], k[:, :, start:t + 1])
         expected[:, :, t] += torch.einsum("bhs,bhsd->bhd", F.relu(scores) ** 2, v[:, :, start:t + 1])
         state = torch.einsum("bhsd,bhse->bhde", k[:, :, :start], v[:, :, :start])
-        expected[:, :, t] += alpha * torch.einsum("bhd,bhde->bhe", q[:, :, t], state)
+        weight = alpha * min(1.0, cap / start) if cap and start else alpha
+        expected[:, :, t] += weight * torch.einsum("bhd,bhde->bhe", q[:, :, t], state)
         for lag in range(min(2, t) + 1):
             expected[:, :, t] += taps[None, :, 2 - lag, None] * v[:, :, t - lag]
     assert torch.allclose(out, expected, atol=1e-12)

@@ -71,6 +71,7 @@ def test_feature_dims():
     ("kind", "rnn"), ("feature_map", "gelu"), ("normalizer", "rms"), ("local", "relu3"), ("global_branch", "all"),
     ("conv", "mask"), ("group_size", 0), ("conv_kernel", 4), ("conv_kernel", 2.5), ("num_features", -1),
     ("horizon", True), ("decay", 1), ("description", None), ("softcap", -1.0), ("softcap", True),
+    ("global_cap", -1), ("global_cap", True), ("global_cap", 512.0),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"\b{field}="):
@@ -87,6 +88,7 @@ def test_bad_values_name_the_field(field, value):
     (dict(local="yoso", feature_map="elu1"), "feature_map"),
     (dict(decay=True, global_branch="grouped"), "decay"),
     (dict(softcap=50.0), "softcap"),
+    (dict(global_cap=512), "global_cap"),  # the default global branch is inclusive
 ])
 def test_bad_combinations_name_the_field(fields, named):
     with pytest.raises(ValueError, match=rf"\b{named}="):

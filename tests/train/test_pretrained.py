@@ -6,7 +6,7 @@ import torch
 
 import lincompile
 from lincompile.pretrained import RECIPE_FILE, TENSORS_FILE, linearized, ship
-from lincompile.testing.tiny import tiny_model
+from lincompile.testing.tiny import perturb_new_parameters, tiny_model
 from lincompile.train.lora import apply_lora
 
 
@@ -53,3 +53,34 @@ def test_linearized_honours_strict(shipped, monkeypatch, one_thread):
     monkeypatch.setattr(lincompile.api, "optimize", lambda *a, **k: seen.append(k["config"]) or real(*a, **k))
     linearized(tiny_model("llama", seed=0), "augmented", weights=shipped, strict=True)
     assert seen[0].strict
+
+
+def test_global_cap_comes_from_the_recipe_or_the_argument(shipped, tmp_path, one_thread):
+    """The recipe's "global_cap" reaches every site's spec and `global_cap=` overrides it (0: the paper's sum)."""
+    capped = tmp_path / "capped"
+    capped.mkdir()
+    (capped / TENSORS_FILE).write_bytes((shipped / TENSORS_FILE).read_bytes())
+    recipe = json.loads((shipped / RECIPE_FILE).read_text())
+    (capped / RECIPE_FILE).write_text(json.dumps({**recipe, "global_cap": 64}))
+    for weights, cap, expected in ((shipped, None, 0), (capped, None, 64), (capped, 0, 0), (shipped, 96, 96)):
+        model = linearized(tiny_model("llama", seed=0), "augmented", weights=weights, global_cap=cap)
+        assert {r.spec.global_cap for r in model.rewritten} == {expected}, (weights, cap)
+    with pytest.raises(ValueError, match="global_cap=64 applies to global_branch='grouped' only"):
+        linearized(tiny_model("llama", seed=0), "linear-elu", weights="none", global_cap=64)
+
+
+def test_a_global_cap_changes_only_what_reads_more_than_it(tmp_path):
+    """Cap 64 with groups of 64 tokens: outputs equal up to position 127 (the branch sums at most 64 tokens
+    there), different from 128 on (it sums 128). A saved capped model loads with its cap."""
+    ids = torch.randint(3, 128, (1, 160), generator=torch.Generator().manual_seed(6))
+    logits = []
+    for cap in (0, 64):
+        model = perturb_new_parameters(linearized(tiny_model("llama", seed=0), "augmented", "none", global_cap=cap))
+        with torch.no_grad():
+            logits.append(model(ids).logits[0])
+    diff = (logits[0] - logits[1]).abs().amax(-1)
+    assert diff[:128].max() == 0 and diff[128:].min() > 1e-4
+    again = lincompile.load(model.save_pretrained(str(tmp_path / "capped")))
+    assert again.config.spec.global_cap == 64
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits[0], logits[1])

@@ -110,6 +110,10 @@ def test_eval_scores_shipped_weights_like_the_saved_model(tmp_path, capsys):
     assert saved["original"] == str(model_dir.resolve()) and saved["ppl_original"] == untrained["ppl_original"]
     assert abs(untrained["ppl"] - from_shipped["ppl"]) > 1e-3 * from_shipped["ppl"]
     assert from_shipped["ratio"] == pytest.approx(from_shipped["ppl"] / from_shipped["ppl_original"])
+    assert from_shipped["global_cap"] == 0  # blocks of 16 tokens: a cap changes nothing here (tests/train/...
+    capped = _eval([str(model_dir), "--method", "augmented", "--weights", str(shipped), "--global-cap", "64"] + data,
+                   capsys)  # ...test_pretrained.py checks what it changes)
+    assert capped["global_cap"] == 64 and capped["ppl"] == from_shipped["ppl"]
 
 
 def test_train_init_continues_a_shipped_linearization(tmp_path):
@@ -195,6 +199,7 @@ def test_eval_refuses_options_that_would_be_ignored(tmp_path):
     add_eval_arguments(parser)
     for argv, match in (([saved, "--method", "augmented"], "drop --method augmented"),
                         (["smollm2-135m", "--weights", "none"], "--method, which was not given"),
+                        (["smollm2-135m", "--global-cap", "512"], "--method, which was not given"),
                         (["smollm2-135m", "--softmax-finetuned", str(tmp_path / "nope")], "is not a directory")):
         with pytest.raises(ValueError, match=match):
             cmd_eval(parser.parse_args(argv))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from lincompile.kernels.linear_attention.reference_linear import acc_parts
+from lincompile.kernels.linear_attention.reference_linear import acc_parts, grouped_alpha
 from lincompile.kernels.linear_attention.reference_recurrent import buffer_features, fold_completed_group
 from lincompile.kernels.linear_attention.state import accumulation_dtype, pack_state
 from lincompile.methods.feature_maps import DENOMINATOR_EPS, features, local_kernel
@@ -63,9 +63,11 @@ def step(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tens
     if spec.global_branch == "inclusive":
         num, den = _inclusive(spec, named, parts, fq, ki, vi, here, scale)
     if spec.global_branch == "grouped":
-        num = named["alpha"] * (fq @ parts["state"])
+        alpha = grouped_alpha(spec, named["alpha"], pos)
+        alpha = alpha[:, None, None] if alpha.dim() else alpha  # [B, 1, 1]
+        num = alpha[..., None] * (fq @ parts["state"])
         if "normalizer" in parts:
-            den = named["alpha"] * (fq @ parts["normalizer"][..., None])[..., 0]
+            den = alpha * (fq @ parts["normalizer"][..., None])[..., 0]
     if spec.uses_groups and bool((pos == pos[0]).all()):
         num, den, out = _group(spec, named, parts, qi, fq, ki, vi, int(pos[0]), num, den, scale)
     elif spec.uses_groups:

@@ -81,6 +81,16 @@ def state_context(spec: MethodSpec, parts: dict[str, Tensor], r0: Tensor, k: Ten
                    torch.cat([b[3].expand(batch, -1) for b in blocks], 1), flag(4), flag(5), flag(6))
 
 
+def grouped_alpha(spec: MethodSpec, alpha: Tensor, pos: Tensor) -> Tensor:
+    """The grouped global branch's weight for queries at positions `pos`: alpha (a scalar) when global_cap is 0,
+    else alpha * min(1, global_cap / n) with n = group_size * (pos // group_size) the tokens it sums (pos's
+    shape)."""
+    if not spec.global_cap:
+        return alpha
+    summed = (pos // spec.group_size * spec.group_size).to(alpha.dtype)
+    return alpha * (spec.global_cap / summed.clamp_min(1)).clamp_max(1)
+
+
 def _per_head(mask: Tensor) -> Tensor:
     """[B, T, N] -> [B, 1, 1, T, N], broadcasting over KV heads and their query heads."""
     return mask[:, None, None]
@@ -149,10 +159,11 @@ def _kernel_terms(spec: MethodSpec, params: dict[str, Tensor], qg: Tensor, q_pos
             if has_z:
                 den_state = torch.einsum("bhgtf,bhf->bhgt", fq, parts["normalizer"]) * carry
     if spec.global_branch == "grouped":
-        alpha = params["alpha"]
-        weight = weight + alpha * torch.where(_per_head(seen & ctx.kernel & ~same_group), dots, 0.0)
+        alpha = grouped_alpha(spec, params["alpha"], q_pos)
+        alpha = alpha[:, None, None, :] if alpha.dim() else alpha  # [B, 1, 1, T]
+        weight = weight + alpha[..., None] * torch.where(_per_head(seen & ctx.kernel & ~same_group), dots, 0.0)
         if parts is not None:
-            num_state = alpha * torch.einsum("bhgtf,bhfe->bhgte", fq, parts["state"])
+            num_state = alpha[..., None] * torch.einsum("bhgtf,bhfe->bhgte", fq, parts["state"])
             if has_z:
                 den_state = alpha * torch.einsum("bhgtf,bhf->bhgt", fq, parts["normalizer"])
     if spec.local in ("relu2", "yoso"):
@@ -249,6 +260,9 @@ def bidirectional_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, p
 
     Positions are plain token indices; the grouped branch reads every other group, local its own group.
     """
+    if spec.global_cap:
+        raise ValueError(f"method {spec.name!r}: global_cap={spec.global_cap} bounds a causal sum over earlier "
+                         "groups; a bidirectional site reads every other group: use global_cap=0 there")
     acc = accumulation_dtype(q.dtype)
     named = named_params(spec, params, acc)
     batch, t, s = q.shape[0], q.shape[2], k.shape[2]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from lincompile.kernels.linear_attention.reference_linear import acc_parts, start_position
+from lincompile.kernels.linear_attention.reference_linear import acc_parts, grouped_alpha, start_position
 from lincompile.kernels.linear_attention.reference_softmax import cache_weights
 from lincompile.kernels.linear_attention.state import accumulation_dtype, pack_state
 from lincompile.methods.feature_maps import DENOMINATOR_EPS, features, local_kernel
@@ -101,8 +101,9 @@ def token_step(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tens
             den = (fq @ z_next[..., None])[..., 0]
         _keep_real(parts, real, s_next, z_next)
     if spec.global_branch == "grouped":
-        alpha = named["alpha"]
-        num = alpha * (fq @ parts["state"])
+        alpha = grouped_alpha(spec, named["alpha"], pos)
+        alpha = alpha[:, None, None] if alpha.dim() else alpha  # [B, 1, 1]
+        num = alpha[..., None] * (fq @ parts["state"])
         if "normalizer" in parts:
             den = alpha * (fq @ parts["normalizer"][..., None])[..., 0]
     fb = None  # phi of the buffer's keys, once per token

@@ -143,7 +143,7 @@ class _Gen:
             elif self.glob == "inclusive":
                 s("w += tl.where(vis & fresh[None, :], a, 0.0)")
             if self.glob == "grouped":
-                s("w += alpha * tl.where(vis & kern[None, :] & (same == 0), a, 0.0)")
+                s(f"w += {self.row_gain('qpos')} * tl.where(vis & kern[None, :] & (same == 0), a, 0.0)")
             if self.local == "relu2":
                 s("r = tl.maximum(a, 0.0)", "w += tl.where(vis & kern[None, :] & same, r * r, 0.0)")
             s(f"num += {self.dot('w', 'vt')}")
@@ -177,13 +177,13 @@ class _Gen:
         """Combine the accumulators with the state's phi(q) S term into the output tile."""
         s = self.src
         accs = self.acc_names()
-        s("@triton.jit", f"def _finish(fq, S, z, alpha, {accs}):")
+        s("@triton.jit", f"def _finish(fq, qpos, S, z, alpha, {accs}):")
         s.level += 1
         if self.glob != "none":
-            gain = "alpha * " if self.glob == "grouped" else ""
-            s(f"num += {gain}{self.dot('fq', 'S')}")
+            grouped = self.glob == "grouped"
+            s(f"num += {self.row_gain('qpos') + ' * ' if grouped else ''}{self.dot('fq', 'S')}")
             if self.norm:
-                s(f"den += {gain}_rsum(fq * z[None, :], 1)")
+                s(f"den += {self.gain('qpos') + ' * ' if grouped else ''}_rsum(fq * z[None, :], 1)")
         if self.kernel_terms:
             s("out = num / tl.maximum(den, EPS)[:, None]" if self.norm else "out = num")
         else:
@@ -249,7 +249,7 @@ class _Gen:
         accs = self.acc_names()
         if self.kernel_terms or self.local == "softmax":
             s(f"{accs} = _kernel_tile(fq, qr, qpos, vis, fk, kr, kpos, vt, kern, new, alpha, scale, {accs})")
-        s(f"out = _finish({self.carried('fq', 'tl.maximum(p, r0)')}, S, z, alpha, {accs})")
+        s(f"out = _finish({self.carried('fq', 'tl.maximum(p, r0)')}, qpos, S, z, alpha, {accs})")
         if self.conv:
             s("cv = tl.full([BC, BV], 0.0, tl.float32)",
               "for m in tl.static_range(NPREV + 1):")
@@ -315,6 +315,17 @@ class _Gen:
         if self.p.spec.decay:
             return "alpha = tl.load(alpha_ptr + hk)  # log gamma of this KV head"
         return "alpha = tl.load(alpha_ptr)" if self.glob == "grouped" else "alpha = 1.0"
+
+    def gain(self, pos: str) -> str:
+        """The grouped branch's weight at position(s) `pos`: alpha, times min(1, CAP / n) under a global cap (n the
+        tokens of the groups before pos's)."""
+        if not self.p.spec.global_cap:
+            return "alpha"
+        return f"(alpha * tl.minimum(1.0, CAP / tl.maximum(({pos} // G * G).to(tl.float32), 1.0)))"
+
+    def row_gain(self, pos: str) -> str:
+        """`gain` of a vector of query positions, shaped to scale their rows."""
+        return f"{self.gain(pos)}[:, None]" if self.p.spec.global_cap else "alpha"
 
     def carried(self, fq: str, start: str) -> str:
         """phi(q) as it meets the state: times gamma^(qpos - start + 1) under decay (start: the position after the
@@ -468,7 +479,7 @@ class _Gen:
               f"                      alpha, scale, {accs})")
         if self.kernel_terms or self.local == "softmax":
             s(f"{accs} = _kernel_tile(fq, qr, qpos, anc, fk, kr, qpos, vt, ok, ok, alpha, scale, {accs})")
-        s(f"out = _finish({self.carried('fq', 'r0')}, S, z, alpha, {accs})")
+        s(f"out = _finish({self.carried('fq', 'r0')}, qpos, S, z, alpha, {accs})")
         if self.conv:
             s("wr = tl.arange(0, BW)",
               "wpos = r0 - HALF + wr",
@@ -513,7 +524,7 @@ class _Gen:
             if self.norm:
                 s("z_kept = z", f"z = {keep}z + _rsum(fk, 0)")
         if self.glob != "none":
-            gain = "alpha * " if self.glob == "grouped" else ""
+            gain = f"{self.gain('r0')} * " if self.glob == "grouped" else ""
             s(f"num += {gain}_rsum(tl.trans(fq) * S, 0)[None, :]")
             if self.norm:
                 s(f"den += {gain}_rsum(fq * z[None, :], 1)")

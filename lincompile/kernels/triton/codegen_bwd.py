@@ -39,8 +39,11 @@ class _BwdGen(_Gen):
         super().__init__(plan)
         self.interpret = interpret
         self.decay = plan.spec.decay
-        # What phi(q) S is multiplied by: alpha (grouped), 1 (inclusive), gamma^(t - p + 1) (decay), per row.
-        self.gain = ("carry[:, None]", "carry") if self.decay else ("alpha", "alpha")
+        self.capped = plan.spec.global_cap > 0
+        # What phi(q) S is multiplied by: alpha (grouped; ga = alpha * cg under a global cap, per chunk), 1
+        # (inclusive), gamma^(t - p + 1) (decay), per row.
+        self.state_gain = "ga" if self.capped else "alpha"
+        self.row_gains = ("carry[:, None]", "carry") if self.decay else (self.state_gain, self.state_gain)
 
     def dot(self, a: str, b: str) -> str:
         """fp32 plans: IEEE fp32 products. bf16 / fp16 plans: bf16 operands (the range of fp32, so gradients
@@ -133,6 +136,12 @@ class _BwdGen(_Gen):
                      "keep = tl.exp(alpha * (last - p + 1).to(tl.float32))",
                      "dec = tl.where(ok, tl.exp(alpha * (last - pos).to(tl.float32)), 0.0)")
 
+    def cap_factors(self) -> None:
+        """Under a global cap, per chunk (one group, at p): cg = min(1, CAP / p), the cap's factor on what the
+        chunk's queries read of S (the p tokens before it), and ga = alpha * cg."""
+        if self.capped:
+            self.src("cg = tl.minimum(1.0, CAP / tl.maximum(p * 1.0, 1.0))", "ga = alpha * cg")
+
     def weights(self) -> None:
         """In-chunk kernel weights W: the inclusive branch's dots and the relu2 local branch (r = relu(A))."""
         s = self.src
@@ -199,7 +208,8 @@ class _BwdGen(_Gen):
           " sqrt_scale)",
           "dfq = tl.full([BC, BF], 0.0, tl.float32)")
         self.decay_factors()
-        g2, g1 = self.gain
+        self.cap_factors()
+        g2, g1 = self.row_gains
         if terms:
             s("num = tl.full([BC, BV], 0.0, tl.float32)")
             if self.norm:
@@ -227,7 +237,8 @@ class _BwdGen(_Gen):
                 if self.norm:
                     s(f"dfq += {g2} * dden[:, None] * z[None, :]")
             if self.glob == "grouped":
-                s("dal += _rsum(gs * dnum, 1)" + (" + dden * gz" if self.norm else ""))
+                dal = "_rsum(gs * dnum, 1)" + (" + dden * gz" if self.norm else "")
+                s(f"dal += cg * ({dal})" if self.capped else f"dal += {dal}")
             if self.decay:  # d log gamma = sum_t t (dnum.num + dden den) - sum_s s (phi(k_s).dphi(k_s)) (+ the state's)
                 s("dal += pos.to(tl.float32) * (_rsum(dnum * num, 1)" + (" + dden * den)" if self.norm else ")"))
             if self.glob == "inclusive" or self.local == "relu2":
@@ -295,6 +306,7 @@ class _BwdGen(_Gen):
           "dfk = tl.full([BC, BF], 0.0, tl.float32)",
           "dvv = tl.full([BC, BV], 0.0, tl.float32)")
         self.decay_factors()
+        self.cap_factors()
         if terms:
             s("dnum = tl.load(dnum_ptr + hb * T * DV + pos[:, None] * DV + cv_[None, :],"
               " mask=ok[:, None] & cmv[None, :], other=0.0)")
@@ -378,9 +390,9 @@ class _BwdGen(_Gen):
             if self.norm:
                 s("dz = keep * dz + _rsum(fq * (carry * dden)[:, None], 0)")
         elif self.glob != "none":
-            s(f"dS += alpha * {self.dot('tl.trans(fq)', 'dnum')}")
+            s(f"dS += {self.state_gain} * {self.dot('tl.trans(fq)', 'dnum')}")
             if self.norm:
-                s("dz += alpha * _rsum(fq * dden[:, None], 0)")
+                s(f"dz += {self.state_gain} * _rsum(fq * dden[:, None], 0)")
         s.level -= 1
         if self.conv:
             s("tl.store(dw_ptr + hb * KC + HALF - lags, dtap, mask=lags <= HALF)")

@@ -39,10 +39,10 @@ def bwd_dq_chunks(gen: _BwdGen) -> None:
     gen.dq_chunk()
     if gen.glob != "none":
         s("cell = hb * NC + c",
-          f"tl.store(rs_ptr + cell * F * DV + cf[:, None] * DV + cv_[None, :], alpha * "
+          f"tl.store(rs_ptr + cell * F * DV + cf[:, None] * DV + cv_[None, :], {gen.state_gain} * "
           f"{gen.dot('tl.trans(fq)', 'dnum')}, mask=cmf[:, None] & cmv[None, :])")
         if gen.norm:
-            s("tl.store(rz_ptr + cell * F + cf, alpha * _rsum(fq * dden[:, None], 0), mask=cmf)")
+            s(f"tl.store(rz_ptr + cell * F + cf, {gen.state_gain} * _rsum(fq * dden[:, None], 0), mask=cmf)")
     if gen.glob == "grouped":
         s("tl.store(dal_ptr + hb * NC + c, _rsum(dal, 0))")
     gen.store_feature_grads()

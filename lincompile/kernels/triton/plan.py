@@ -70,4 +70,4 @@ class Plan:
                 "C": chunk, "BC": block(chunk), "G": self.spec.group_size,
                 "BG": block(self.spec.group_size), "HALF": self.half,
                 "BW": block(self.half), "KC": self.spec.conv_kernel,
-                "NPREV": -(-self.half // chunk) if self.spec.conv != "none" else 0}
+                "NPREV": -(-self.half // chunk) if self.spec.conv != "none" else 0, "CAP": self.spec.global_cap}

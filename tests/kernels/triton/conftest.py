@@ -19,10 +19,13 @@ from lincompile.testing.kernels import guard_launches, rel, state_rel
 
 BATCH, HEADS, KV_HEADS, DK, DV = 2, 4, 2, 8, 6
 SCALE = 0.35
-#: Registered methods the generator covers, plus a softmax-local spec no registered method uses.
+#: Registered methods the generator covers, plus specs no registered method uses: a softmax local branch, and
+#: augmented with a global cap (reached from position 8 with spec_of's groups of 4).
 SUPPORTED = [name for name in methods() if unsupported_reason(get_method(name)) is None]
 EXTRA = {"test-softmax-local": MethodSpec("test-softmax-local", feature_map="elu1", local="softmax",
-                                          global_branch="grouped", conv="causal")}
+                                          global_branch="grouped", conv="causal"),
+         "test-capped-augmented": MethodSpec("test-capped-augmented", feature_map="l2", local="relu2",
+                                             global_branch="grouped", conv="causal", global_cap=6)}
 GENERATED = SUPPORTED + list(EXTRA)
 
 

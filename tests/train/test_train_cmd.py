@@ -110,9 +110,10 @@ def test_eval_scores_shipped_weights_like_the_saved_model(tmp_path, capsys):
     assert saved["original"] == str(model_dir.resolve()) and saved["ppl_original"] == untrained["ppl_original"]
     assert abs(untrained["ppl"] - from_shipped["ppl"]) > 1e-3 * from_shipped["ppl"]
     assert from_shipped["ratio"] == pytest.approx(from_shipped["ppl"] / from_shipped["ppl_original"])
-    assert from_shipped["global_cap"] == 0  # blocks of 16 tokens: a cap changes nothing here (tests/train/...
+    # blocks of 16 tokens: a cap changes nothing here (test_pretrained.py checks what it changes)
+    assert from_shipped["global_cap"] == 0
     capped = _eval([str(model_dir), "--method", "augmented", "--weights", str(shipped), "--global-cap", "64"] + data,
-                   capsys)  # ...test_pretrained.py checks what it changes)
+                   capsys)
     assert capped["global_cap"] == 64 and capped["ppl"] == from_shipped["ppl"]
 
 

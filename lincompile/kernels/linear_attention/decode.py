@@ -63,8 +63,7 @@ def step(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tens
     if spec.global_branch == "inclusive":
         num, den = _inclusive(spec, named, parts, fq, ki, vi, here, scale)
     if spec.global_branch == "grouped":
-        alpha = grouped_alpha(spec, named["alpha"], pos)
-        alpha = alpha[:, None, None] if alpha.dim() else alpha  # [B, 1, 1]
+        alpha = grouped_alpha(spec, named["alpha"], pos)  # [B, 1, 1] or a scalar
         num = alpha[..., None] * (fq @ parts["state"])
         if "normalizer" in parts:
             den = alpha * (fq @ parts["normalizer"][..., None])[..., 0]

@@ -82,13 +82,14 @@ def state_context(spec: MethodSpec, parts: dict[str, Tensor], r0: Tensor, k: Ten
 
 
 def grouped_alpha(spec: MethodSpec, alpha: Tensor, pos: Tensor) -> Tensor:
-    """The grouped global branch's weight for queries at positions `pos`: alpha (a scalar) when global_cap is 0,
-    else alpha * min(1, global_cap / n) with n = group_size * (pos // group_size) the tokens it sums (pos's
-    shape)."""
+    """The grouped global branch's weight for queries at positions `pos` ([B] or [B, T]): alpha (a scalar) when
+    global_cap is 0, else alpha * min(1, global_cap / n) with n = group_size * (pos // group_size) the tokens it
+    sums, shaped [B, 1, 1] or [B, 1, 1, T] to broadcast over KV heads and their query heads."""
     if not spec.global_cap:
         return alpha
     summed = (pos // spec.group_size * spec.group_size).to(alpha.dtype)
-    return alpha * (spec.global_cap / summed.clamp_min(1)).clamp_max(1)
+    gain = alpha * (spec.global_cap / summed.clamp_min(1)).clamp_max(1)
+    return gain.reshape(pos.shape[0], 1, 1, *pos.shape[1:])
 
 
 def _per_head(mask: Tensor) -> Tensor:
@@ -159,8 +160,7 @@ def _kernel_terms(spec: MethodSpec, params: dict[str, Tensor], qg: Tensor, q_pos
             if has_z:
                 den_state = torch.einsum("bhgtf,bhf->bhgt", fq, parts["normalizer"]) * carry
     if spec.global_branch == "grouped":
-        alpha = grouped_alpha(spec, params["alpha"], q_pos)
-        alpha = alpha[:, None, None, :] if alpha.dim() else alpha  # [B, 1, 1, T]
+        alpha = grouped_alpha(spec, params["alpha"], q_pos)  # [B, 1, 1, T] or a scalar
         weight = weight + alpha[..., None] * torch.where(_per_head(seen & ctx.kernel & ~same_group), dots, 0.0)
         if parts is not None:
             num_state = alpha[..., None] * torch.einsum("bhgtf,bhfe->bhgte", fq, parts["state"])

@@ -101,8 +101,7 @@ def token_step(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tens
             den = (fq @ z_next[..., None])[..., 0]
         _keep_real(parts, real, s_next, z_next)
     if spec.global_branch == "grouped":
-        alpha = grouped_alpha(spec, named["alpha"], pos)
-        alpha = alpha[:, None, None] if alpha.dim() else alpha  # [B, 1, 1]
+        alpha = grouped_alpha(spec, named["alpha"], pos)  # [B, 1, 1] or a scalar
         num = alpha[..., None] * (fq @ parts["state"])
         if "normalizer" in parts:
             den = alpha * (fq @ parts["normalizer"][..., None])[..., 0]

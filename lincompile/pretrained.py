@@ -18,6 +18,7 @@ from torch import Tensor
 
 from lincompile.atomic import atomic_directory
 from lincompile.config import LinearizeConfig
+from lincompile.methods.spec import get_method
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TENSORS_FILE = "trained.safetensors"
@@ -47,12 +48,11 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
     if str(weights) == "auto":
         weights = "default" if f"{model_name}-{method}" in available() else "none"
     if str(weights) == "none":
-        linear = optimize(model, _capped(LinearizeConfig(method=method), global_cap).method, **optimize_kwargs)
+        linear = optimize(model, with_global_cap(LinearizeConfig(method=method), global_cap).method, **optimize_kwargs)
         linear.recipe = None
         return linear
     tensors, recipe = trained_tensors(weights, model_name, method)
-    config = _capped(LinearizeConfig.from_dict(recipe["linearize"]),
-                     recipe.get("global_cap") if global_cap is None else global_cap)
+    config = recipe_config(recipe, global_cap)
     layers = optimize_kwargs.pop("layers", None)
     if layers is not None and tuple(layers) != config.layers:
         raise ValueError(f"{weights} was trained with layers={config.layers} (None: every site); its tensors do not "
@@ -79,11 +79,26 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
     return linear
 
 
-def _capped(config: LinearizeConfig, global_cap: int | None) -> LinearizeConfig:
+def with_global_cap(config: LinearizeConfig, global_cap: int | None) -> LinearizeConfig:
     """`config` with its method's global_cap set to `global_cap` (None: as it is)."""
     if global_cap is None or config.spec.global_cap == global_cap:
         return config
     return dataclasses.replace(config, method=dataclasses.replace(config.spec, global_cap=global_cap))
+
+
+def recipe_config(recipe: dict[str, Any], global_cap: int | None = None) -> LinearizeConfig:
+    """The LinearizeConfig that reads a recipe's tensors: its `linearize`, with `global_cap` (None: the recipe's
+    "global_cap" when it has one, else the cap it was trained with)."""
+    return with_global_cap(LinearizeConfig.from_dict(recipe["linearize"]),
+                           recipe.get("global_cap") if global_cap is None else global_cap)
+
+
+def same_tensor_layout(a: LinearizeConfig, b: LinearizeConfig) -> bool:
+    """Whether tensors trained under `a` fit `b`: the same config up to the global cap, which scales a sum and
+    adds no tensor."""
+    def uncapped(config: LinearizeConfig) -> dict[str, Any]:
+        return dataclasses.replace(config, method=dataclasses.replace(config.spec, global_cap=0)).to_dict()
+    return uncapped(a) == uncapped(b)
 
 
 def trained_tensors(weights: str | Path, model_name: str, method: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -111,8 +126,9 @@ def trained_tensors(weights: str | Path, model_name: str, method: str) -> tuple[
         raise FileNotFoundError(f"no trained linearization at {path} (shipped: {', '.join(available()) or 'none'}); "
                                 "train one with `lincompile train` and `lincompile.pretrained.ship`, or use "
                                 "weights='none' (--weights none) for an untrained one")
-    if recipe["linearize"]["method"] != method:
-        raise ValueError(f"{path} holds a {recipe['linearize']['method']} linearization, not {method}")
+    theirs = LinearizeConfig.from_dict(recipe["linearize"]).spec.name  # a name, or a spec (trained with a cap)
+    if theirs != get_method(method).name:
+        raise ValueError(f"{path} holds a {theirs} linearization, not {method}")
     return tensors, recipe
 
 

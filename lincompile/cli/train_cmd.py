@@ -57,10 +57,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, attn_implementation=args.attn_impl)
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer; training needs one to tokenize the corpus")
-        linear = optimize(model, args.method)
+        init, linearize = _init_tensors(args, config) if args.init else (None, linearize_config(args))
+        linear = optimize(model, config=linearize)
         if config.lora_rank and config.stage2_steps:
             lora_matches(linear.graph, config.lora_targets)  # stage 2 adds them: a bad --lora-targets fails now
-        init = _init_tensors(args, linear.config.to_dict(), config) if args.init else None
         blocks = token_blocks(tokenizer, load_texts("train", args.data), config.block_size, args.max_train_blocks)
         held = (heldout_blocks(tokenizer, config.block_size, config.eval_blocks, data=args.data)
                 if config.eval_blocks else None)
@@ -89,6 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         parallel.close()
     summary = {"final": final, "checkpoint": str(result.checkpoint) if result.checkpoint else None,
                "steps": len(result.history), "train_blocks": int(blocks.shape[0]), "lora_merged": merged,
+               "global_cap": linear.config.spec.global_cap,
                "loss": result.history[-1]["loss"] if result.history else None,
                "ppl": result.evals[-1]["ppl"] if result.evals else None, "world_size": parallel.world}
     if args.json:
@@ -116,26 +117,42 @@ def _check_out(out: Path, args: argparse.Namespace) -> None:
     check_not_inside(out / "final", args.model, args.init)
 
 
-def _init_tensors(args: argparse.Namespace, linearize: dict, config: TrainConfig) -> dict:
-    """The tensors `--init` names, checked against this run: the same LinearizeConfig and LoRA layout."""
-    from lincompile.pretrained import lora_layout, trained_tensors
+def linearize_config(args: argparse.Namespace, global_cap: int | None = None) -> LinearizeConfig:
+    """The LinearizeConfig of a run: --method with --global-cap (None: `global_cap`, else the method's own)."""
+    from lincompile.pretrained import with_global_cap
+
+    return with_global_cap(LinearizeConfig(method=args.method),
+                           global_cap if args.global_cap is None else args.global_cap)
+
+
+def _init_tensors(args: argparse.Namespace, config: TrainConfig) -> tuple[dict, LinearizeConfig]:
+    """The tensors `--init` names, checked against this run (the same LinearizeConfig up to the global cap, and
+    the same LoRA layout), and the run's LinearizeConfig: without --global-cap, the cap `--init`'s tensors are
+    read with."""
+    from lincompile.pretrained import lora_layout, recipe_config, same_tensor_layout, trained_tensors
 
     tensors, recipe = trained_tensors(args.init, args.model, args.method)
-    theirs_config = LinearizeConfig.from_dict(recipe["linearize"]).to_dict()  # defaults filled in
-    if theirs_config != linearize:
-        raise ValueError(f"--init {args.init} was linearized with {theirs_config}, this run with {linearize}")
+    theirs = recipe_config(recipe)
+    linearize = linearize_config(args, theirs.spec.global_cap)
+    if not same_tensor_layout(theirs, linearize):
+        raise ValueError(f"--init {args.init} was linearized with {theirs.to_dict()}, this run with "
+                         f"{linearize.to_dict()}")
     theirs, ours = recipe.get("lora"), lora_layout(config.to_dict())
     layout = ("targets", "rank", "alpha")
     if theirs and (not ours or any(theirs[k] != ours[k] for k in layout)):
         raise ValueError(f"--init {args.init} holds LoRA adapters {({k: theirs[k] for k in layout})}; train with "
                          "the same --lora-rank, --lora-alpha and --lora-targets to continue them")
-    return tensors
+    return tensors, linearize
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     d = _DEFAULTS
     parser.add_argument("model", metavar="MODEL", help="embedded model name or a local Hugging Face directory")
     parser.add_argument("--method", required=True, help=f"attention method (one of: {', '.join(methods())})")
+    parser.add_argument("--global-cap", type=nonnegative_int, default=None, metavar="N",
+                        help="train with the grouped global branch scaled by min(1, N / n), n the tokens it sums "
+                             "(MethodSpec.global_cap; 0: the paper's unbounded sum). Default: the cap --init's "
+                             "tensors are read with, else the method's own (0)")
     parser.add_argument("--data", default="default", help="'default' (Shakespeare train split) or a .txt file/dir")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (checkpoints, final model)")
     parser.add_argument("--attn-impl", choices=("sdpa", "eager"), default=None,

@@ -144,6 +144,70 @@ def test_train_init_continues_a_shipped_linearization(tmp_path):
                             "--no-progress"])
 
 
+def test_train_with_a_global_cap_reads_it_from_the_start_and_keeps_it(tmp_path, capsys):
+    """`--global-cap N` trains with the cap; without it, a run from `--init` takes the cap its tensors are read
+    with (the recipe's "global_cap", or the cap they were trained with), and its first held-out score is what
+    those tensors score with that cap. Blocks of 192 tokens with groups of 64: the cap changes positions 128 on."""
+    from safetensors.torch import load_file, save_file
+
+    from lincompile.pretrained import RECIPE_FILE, TENSORS_FILE, linearized, ship
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama", seed=0).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 40)
+    common = [str(model_dir), "--method", "augmented", "--data", str(corpus), "--batch-size", "2",
+              "--block-size", "192", "--warmup-steps", "0", "--eval-blocks", "2", "--lora-rank", "4", "--lr", "1e-2",
+              "--no-progress", "--json"]
+
+    def run(name: str, *extra: str) -> tuple[dict, dict]:
+        assert _run(common + ["--out", str(tmp_path / name), *extra]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        return summary, json.loads((tmp_path / name / "history.json").read_text())
+
+    summary, _ = run("first", "--stage1-steps", "2", "--stage2-steps", "3")
+    assert summary["global_cap"] == 0
+    shipped = ship(latest_checkpoint(tmp_path / "first" / "checkpoints"), tmp_path / "shipped", {"command": "t"})
+    capped = tmp_path / "capped"  # tensors read with a cap (as the shipped SmolLM2 ones are); alpha 1, so it counts
+    capped.mkdir()
+    tensors = load_file(shipped / TENSORS_FILE)
+    save_file({n: torch.ones_like(t) if n.endswith(".alpha") else t for n, t in tensors.items()},
+              capped / TENSORS_FILE)
+    recipe = json.loads((shipped / RECIPE_FILE).read_text())
+    (capped / RECIPE_FILE).write_text(json.dumps({**recipe, "global_cap": 64}))
+
+    after = ["--stage1-steps", "0", "--stage2-steps", "1"]
+    summary, uncapped = run("uncapped", "--init", str(capped), "--global-cap", "0", *after)
+    assert summary["global_cap"] == 0
+    summary, with_cap = run("with-cap", "--init", str(capped), *after)
+    assert summary["global_cap"] == 64
+    scores = [(r["evals"][0]["ppl"], r["history"][0]["loss"]) for r in (uncapped, with_cap)]
+    assert all(abs(a - b) > 1e-3 * abs(a) for a, b in zip(*scores)), scores  # the cap is read from the start
+    start = linearized(tiny_model("llama", seed=0), "augmented", weights=capped)
+    assert {r.spec.global_cap for r in start.rewritten} == {64}
+
+    checkpoint = latest_checkpoint(tmp_path / "with-cap" / "checkpoints")
+    assert lincompile.load(tmp_path / "with-cap" / "final").config.spec.global_cap == 64
+    model = linearized(tiny_model("llama", seed=0), "augmented", weights=checkpoint)
+    assert {r.spec.global_cap for r in model.rewritten} == {64}
+    summary, again = run("again", "--init", str(checkpoint), *after)  # trained with the cap: continues with it
+    assert summary["global_cap"] == 64
+    assert again["evals"][0]["ppl"] == pytest.approx(with_cap["evals"][-1]["ppl"], rel=1e-6)
+    summary, explicit = run("explicit", "--global-cap", "32", *after)
+    assert summary["global_cap"] == 32
+
+    layered = tmp_path / "layered"  # tensors of another layout than this run's
+    layered.mkdir()
+    (layered / TENSORS_FILE).write_bytes((shipped / TENSORS_FILE).read_bytes())
+    (layered / RECIPE_FILE).write_text(json.dumps({**recipe, "linearize": {**recipe["linearize"], "layers": [0]}}))
+    with pytest.raises(ValueError, match=r"was linearized with .*'layers': \[0\].* this run with .*'layers': None"):
+        run("from-layered", "--init", str(layered), *after)
+    with pytest.raises(ValueError, match="global_cap=64 applies to global_branch='grouped' only"):
+        _run(common[:2] + ["linear-elu"] + common[3:] + ["--out", str(tmp_path / "elu"), "--global-cap", "64"])
+    assert not (tmp_path / "elu").exists()
+
+
 def test_eval_reads_a_saved_model_whose_embeddings_are_tied(tmp_path, capsys):
     """SmolLM2 ties its input and output embeddings: the saved graph holds that tensor under one name."""
     import transformers

@@ -132,10 +132,10 @@ def _init_tensors(args: argparse.Namespace, config: TrainConfig) -> tuple[dict, 
     from lincompile.pretrained import lora_layout, recipe_config, same_tensor_layout, trained_tensors
 
     tensors, recipe = trained_tensors(args.init, args.model, args.method)
-    theirs = recipe_config(recipe)
-    linearize = linearize_config(args, theirs.spec.global_cap)
-    if not same_tensor_layout(theirs, linearize):
-        raise ValueError(f"--init {args.init} was linearized with {theirs.to_dict()}, this run with "
+    their_config = recipe_config(recipe)
+    linearize = linearize_config(args, their_config.spec.global_cap)
+    if not same_tensor_layout(their_config, linearize):
+        raise ValueError(f"--init {args.init} was linearized with {their_config.to_dict()}, this run with "
                          f"{linearize.to_dict()}")
     theirs, ours = recipe.get("lora"), lora_layout(config.to_dict())
     layout = ("targets", "rank", "alpha")

@@ -1,5 +1,6 @@
 """The ONNX and quality benches end to end on the real model with small budgets: SmolLM2 exported with chunks
-inside the graph, with 8-bit weights and with and without the decode step form; perplexity by position."""
+inside the graph, with 8-bit weights and with and without the decode step form; perplexity by position;
+continuations of long prompts."""
 import json
 import subprocess
 import sys
@@ -65,6 +66,17 @@ def test_the_shipped_model_holds_up_to_8k_tokens_with_its_global_cap(tmp_path):
     assert result["buckets"] == ["1-2048", "2049-4096", "4097-6143", "6144-8191"]
     assert all(ours < 3 * theirs for ours, theirs in zip(capped, original)), (capped, original)
     assert summed[3] > 10 * original[3], (summed, original)
+
+
+@pytest.mark.slow
+def test_the_long_prompt_bench_continues_prefixes_of_one_held_out_block(tmp_path):
+    result = _run("long_prompts.py", tmp_path, "--prompt-tokens", "200", "300", "--new-tokens", "6",
+                  "--global-cap", "64", "0")
+    assert list(result["continuations"]) == ["original", "augmented (default, global_cap=64)",
+                                             "augmented (default, global_cap=0)"]
+    assert all(len(texts) == 2 and all(texts) for texts in result["continuations"].values())
+    assert len(result["prompt_ends"]) == 2 and result["prompt_ends"][0] != result["prompt_ends"][1]
+    assert "long_prompts.py" in result["command"]
 
 
 @pytest.mark.slow

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     from lincompile.assets import load_model
-    from lincompile.pretrained import linearized
+    from lincompile.pretrained import side_by_side
     from lincompile.train.data import heldout_blocks, load_texts, token_blocks
 
     torch.set_num_threads(args.threads)
@@ -69,11 +69,8 @@ def main(argv: list[str] | None = None) -> int:
               token_blocks(tokenizer, load_texts("train"), args.block_size, args.blocks))
     rows, overall = {}, {}
     rows["original"], overall["original"] = bucket_perplexity(model, blocks, args.buckets)
-    for weights in args.weights:
-        for cap in args.global_cap:
-            linear = linearized(model, args.method, weights, global_cap=cap)
-            name = f"{args.method} ({weights}, global_cap={cap})" if cap is not None else f"{args.method} ({weights})"
-            rows[name], overall[name] = bucket_perplexity(linear, blocks, args.buckets)
+    for name, linear in side_by_side(model, args.method, args.weights, args.global_cap):
+        rows[name], overall[name] = bucket_perplexity(linear, blocks, args.buckets)
     width = (blocks.shape[1] - 1) / args.buckets
     result = {"method": args.method, "split": args.split, "block_size": args.block_size,
               "blocks": int(blocks.shape[0]),

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     from lincompile.assets import load_model
-    from lincompile.pretrained import linearized
+    from lincompile.pretrained import side_by_side
     from lincompile.runtime.generate import generate
     from lincompile.train.data import heldout_blocks
 
@@ -59,11 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = {"original": continuations(lambda ids: model.generate(ids, attention_mask=torch.ones_like(ids),
                                                                  pad_token_id=tokenizer.eos_token_id, **greedy))}
-    for weights in args.weights:
-        for cap in args.global_cap:
-            linear = linearized(model, args.method, weights, global_cap=cap)
-            name = f"{args.method} ({weights}, global_cap={cap})" if cap is not None else f"{args.method} ({weights})"
-            rows[name] = continuations(functools.partial(generate, linear, **greedy))
+    for name, linear in side_by_side(model, args.method, args.weights, args.global_cap):
+        rows[name] = continuations(functools.partial(generate, linear, **greedy))
     result = {"method": args.method, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "repetition_penalty": args.repetition_penalty,
               "prompt_ends": [tokenizer.decode(block[max(0, n - 24):n]) for n in args.prompt_tokens],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,16 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
         merge_lora(linear.graph)
     linear.recipe = recipe
     return linear
+
+
+def side_by_side(model: torch.nn.Module, method: str, weights: list[str], global_caps: list[int | None],
+                 ) -> Iterator[tuple[str, Any]]:
+    """(name, `linearized` model) for each of `weights` read with each of `global_caps` (None: the recipe's), one
+    at a time, named "augmented (default, global_cap=64)" ("augmented (default)" for None)."""
+    for weight in weights:
+        for cap in global_caps:
+            yield (f"{method} ({weight}" + (f", global_cap={cap})" if cap is not None else ")"),
+                   linearized(model, method, weight, global_cap=cap))
 
 
 def with_global_cap(config: LinearizeConfig, global_cap: int | None) -> LinearizeConfig:

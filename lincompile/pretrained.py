@@ -80,8 +80,8 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
     return linear
 
 
-def side_by_side(model: torch.nn.Module, method: str, weights: list[str], global_caps: list[int | None],
-                 ) -> Iterator[tuple[str, Any]]:
+def side_by_side(model: torch.nn.Module, method: str, weights: list[str],
+                 global_caps: list[int | None]) -> Iterator[tuple[str, Any]]:
     """(name, `linearized` model) for each of `weights` read with each of `global_caps` (None: the recipe's), one
     at a time, named "augmented (default, global_cap=64)" ("augmented (default)" for None)."""
     for weight in weights:

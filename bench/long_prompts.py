@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("smollm2-135m", attn_implementation="sdpa")
     block = heldout_blocks(tokenizer, max(args.prompt_tokens), 1)[0]
-    greedy = {"max_new_tokens": args.new_tokens, "do_sample": False, "repetition_penalty": args.repetition_penalty}
+    greedy = {"max_new_tokens": args.new_tokens, "do_sample": False, "repetition_penalty": args.repetition_penalty,
+              "eos_token_id": tokenizer.eos_token_id}  # both stop where the tokenizer's end of text comes
 
-    def continuations(decode: object) -> list[str]:
+    def continuations(decode: Callable[[torch.Tensor], torch.Tensor]) -> list[str]:
         texts = []
         for n in args.prompt_tokens:
             with torch.no_grad():

@@ -19,7 +19,7 @@ from lincompile.api import SAVE_FILE
 from lincompile.atomic import check_not_inside, check_replaceable
 from lincompile.cli.args import nonnegative_float, nonnegative_int, positive_float, positive_int
 from lincompile.runtime.medusa import CONFIG_FILE as MEDUSA_CONFIG
-from lincompile.runtime.ngram import TABLE_FILE
+from lincompile.runtime.ngram import DEFAULT_ORDER, TABLE_FILE
 from lincompile.train.draft_model import DistillConfig
 
 __all__ = ["add_parsers", "cmd_build_ngram", "cmd_make_draft", "cmd_train_medusa", "command_parser", "load_target"]
@@ -142,10 +142,10 @@ def cmd_build_ngram(args: argparse.Namespace) -> int:
     table = build_ngram_table(features.ids, features.greedy, int(target.lm_head_weight.shape[0]),
                               {"target": args.model, "method": args.method,
                                "weights": args.weights if args.method else None, "tokens": int(blocks.numel()),
-                               "data": args.data})
+                               "data": args.data}, order=args.order)
     path = table.save(args.out)
-    _print({"out": str(path), "tokens": int(blocks.numel()), "unigram_contexts": len(table.unigram),
-            "bigram_contexts": len(table.bigram), "trigram_contexts": len(table.trigram)}, args.json)
+    _print({"out": str(path), "tokens": int(blocks.numel()), "order": args.order,
+            "contexts_by_order": table.counts_by_order()}, args.json)
     return 0
 
 
@@ -240,12 +240,13 @@ def add_parsers(sub: Any) -> None:
     _common(p, _DISTILL.block_size, "blocks per step", _DISTILL.batch_size)
     p = command_parser(
         sub, "build-ngram", cmd_build_ngram, "build an n-gram draft table from the target's own predictions",
-        "Runs the target once over --tokens training tokens and keeps, for every 1-, 2- and 3-token context\n"
-        "seen, the token it predicted most often next (the longest seen context wins). At decode time the\n"
-        "table fills up a prompt-lookup chain to k tokens (no draft model runs): pass\n"
-        "lincompile.runtime.ngram.NgramTable.load(OUT) as generate(draft=...). Greedy output stays identical\n"
-        "to plain decoding; the table only changes how many drafts are accepted. Writes OUT/ngram.json\n"
-        "atomically.",
+        "Runs the target once over --tokens training tokens and keeps, for every context of 1 to --order\n"
+        "tokens seen, the token it predicted most often next and how often (the longest seen context wins).\n"
+        "At decode time the draft takes each token from prompt lookup (a 3- or 4-token match earlier in the\n"
+        "context) or else from the table, and stops where the chain gets unlikely (no draft model runs): use\n"
+        "--draft ngram:OUT, or pass lincompile.runtime.ngram.NgramTable.load(OUT) as generate(draft=...).\n"
+        "Greedy output stays identical to plain decoding; the table only changes how many drafts are\n"
+        "accepted. Writes OUT/ngram.json atomically.",
         [f"{PROG} build-ngram smollm2-135m --method augmented --out out/ngram --tokens 131072",
          f"{PROG} build-ngram runs/aug1/final --out runs/aug1/ngram"])
     p.add_argument("model", metavar="MODEL_OR_DIR", help="a saved linearized directory (its model is the target), "
@@ -259,5 +260,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--data", default="default", help="'default' (Shakespeare train split) or a .txt file/dir")
     p.add_argument("--block-size", type=positive_int, default=256, help="tokens per block (default 256)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="blocks per target forward (default 4)")
+    p.add_argument("--order", type=positive_int, default=DEFAULT_ORDER,
+                   help=f"longest context in tokens (default {DEFAULT_ORDER})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")

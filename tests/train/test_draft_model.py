@@ -195,10 +195,11 @@ def test_build_ngram_command(tiny_dir, capsys):
     _run("build-ngram", str(tiny_dir / "tiny"), "--out", str(out), "--tokens", "256", "--block-size", "32",
          "--data", str(tiny_dir / "corpus.txt"))
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["tokens"] == 256 and summary["bigram_contexts"] >= summary["unigram_contexts"] > 0
+    by_order = {int(n): count for n, count in summary["contexts_by_order"].items()}
+    assert summary["tokens"] == 256 and summary["order"] == 3 and by_order[2] >= by_order[1] > 0
     table = NgramTable.load(out)
-    assert table.vocab_size == 128 and len(table.unigram) == summary["unigram_contexts"]
-    assert len(table.trigram) == summary["trigram_contexts"] > 0
+    assert table.vocab_size == 128 and table.counts_by_order() == by_order and table.order == 3
+    assert sum(seen for c, (_, _, seen) in table.contexts.items() if len(c) == 1) == 256  # every position counted once
     assert table.metadata["tokens"] == 256
 
 

@@ -1,0 +1,44 @@
+"""Replaying a draft against the plain greedy output gives the counts speculative decoding gets with the target."""
+import pytest
+import torch
+
+import lincompile
+from lincompile.runtime.ngram import build_ngram_table
+from lincompile.runtime.replay import ReplayStats, replay_draft
+from lincompile.runtime.speculative import speculative_generate
+from lincompile.testing.tiny import tiny_model
+
+
+def test_replay_counts_what_speculative_decoding_does():
+    torch.manual_seed(0)
+    target = lincompile.optimize(tiny_model("llama"), "augmented")
+    g = torch.Generator().manual_seed(1)
+    corpus = torch.randint(3, 128, (4, 32), generator=g)
+    table = build_ngram_table(corpus, target(corpus).logits.argmax(-1), 128)
+    prompts = [torch.randint(3, 128, (1, 6), generator=g) for _ in range(3)]
+    plain = [target.generate(prompt, 20, eos_token_id=None) for prompt in prompts]
+    for draft in ("prompt-lookup", table):
+        for k in (1, 3, 6):
+            accepted, drafted, new_tokens = [], 0, 0
+            for prompt, reference in zip(prompts, plain):
+                out, stats = speculative_generate(target, prompt, 20, draft, k)
+                assert torch.equal(out, reference)
+                accepted += stats.accepted_per_call
+                drafted += stats.drafted
+                new_tokens += stats.new_tokens
+            replay = replay_draft(draft, plain, 6, k)
+            assert list(replay.accepted) == accepted and sum(replay.drafted) == drafted
+            assert replay.new_tokens == new_tokens == 60 and replay.calls == len(accepted)
+    assert sum(replay_draft(table, plain, 6, 6).accepted) > 0  # the comparison saw drafts kept
+
+
+def test_modelled_speedup_weighs_each_call_by_its_width():
+    stats = ReplayStats(drafted=(2, 0, 3), accepted=(2, 0, 1), new_tokens=7)
+    assert stats.calls == 3 and stats.tokens_per_call == pytest.approx(7 / 3)
+    assert stats.drafted_per_call == pytest.approx(5 / 3)
+    # plain: 7 width-1 calls; speculative: the prompt's last token, then widths 3, 1, 4
+    assert stats.modelled_speedup([1.0, 1.5, 2.0, 2.5]) == pytest.approx(7 / (1 + 2.0 + 1.0 + 2.5))
+    with pytest.raises(ValueError, match="widths up to 3"):
+        stats.modelled_speedup([1.0, 1.5, 2.0])
+    with pytest.raises(ValueError, match="no continuation"):
+        replay_draft("prompt-lookup", [torch.arange(6)], 6, 2)

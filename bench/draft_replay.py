@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if min(len(s) for s in sequences) < args.prompt_tokens + widest:
         raise SystemExit(f"a continuation ended before {widest} tokens: time the calls with fewer --ks")
     seconds = _call_seconds(target, sequences[0], args.prompt_tokens, widest, args.rounds)
-    drafts = {"prompt-lookup": lambda: PromptLookupDraft()}
+    drafts: dict[str, Any] = {"prompt-lookup": PromptLookupDraft}
     for match in args.min_match:
         for confidence in args.min_confidence:
             drafts[f"ngram min_match={match} min_confidence={confidence:g}"] = (

@@ -1,17 +1,14 @@
 """The n-gram draft: the table keeps the target's most frequent greedy prediction per context with its counts,
 round-trips through its file; the draft mixes prompt lookup and the table token by token and stops where the chain
-gets unlikely, and speculative decoding with it stays the plain greedy output."""
+gets unlikely. Speculative decoding with it (plain greedy output, and the counts a replay gives): test_replay.py."""
 import json
 
 import pytest
 import torch
 
-import lincompile
 from lincompile.runtime.drafts import DraftContext, make_draft
 from lincompile.runtime.ngram import TABLE_FILE, NgramDraft, NgramTable, Prediction, build_ngram_table
 from lincompile.runtime.sampling import SamplingConfig
-from lincompile.runtime.speculative import speculative_generate
-from lincompile.testing.tiny import tiny_model
 
 
 def test_table_keeps_the_most_frequent_prediction_with_its_counts():
@@ -124,22 +121,6 @@ def test_a_draft_kept_across_calls_proposes_what_a_fresh_one_does():
         assert _propose(kept, text[:length], 6) == _propose(NgramDraft(table, min_confidence=0), text[:length], 6)
     other = [5, 5, 5, 1, 2, 3, 1, 2]
     assert _propose(kept, other, 3) == _propose(NgramDraft(table, min_confidence=0), other, 3)
-
-
-def test_speculative_output_with_the_table_is_plain_greedy():
-    torch.manual_seed(0)
-    target = lincompile.optimize(tiny_model("llama"), "augmented")
-    g = torch.Generator().manual_seed(0)
-    corpus = torch.randint(3, 128, (4, 32), generator=g)
-    table = build_ngram_table(corpus, target(corpus).logits.argmax(-1), 128)
-    for seed in range(2):
-        prompt = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(seed))
-        plain = target.generate(prompt, 24, eos_token_id=None)
-        out, stats = speculative_generate(target, prompt, 24, table, 4)
-        assert torch.equal(out, plain)
-        assert stats.drafted > 0
-    with pytest.raises(ValueError, match="vocabulary has 64 tokens"):
-        speculative_generate(target, prompt, 4, NgramTable(64, {}), 4)
 
 
 def test_a_damaged_table_file_is_named(tmp_path):

@@ -1,9 +1,10 @@
-"""Replaying a draft against the plain greedy output gives the counts speculative decoding gets with the target."""
+"""Replaying a draft against the plain greedy output gives the counts speculative decoding gets with the target
+(whose output, with every draft, is the plain greedy output)."""
 import pytest
 import torch
 
 import lincompile
-from lincompile.runtime.ngram import build_ngram_table
+from lincompile.runtime.ngram import NgramTable, build_ngram_table
 from lincompile.runtime.replay import ReplayStats, replay_draft
 from lincompile.runtime.speculative import speculative_generate
 from lincompile.testing.tiny import tiny_model
@@ -30,6 +31,8 @@ def test_replay_counts_what_speculative_decoding_does():
             assert list(replay.accepted) == accepted and sum(replay.drafted) == drafted
             assert replay.new_tokens == new_tokens == 60 and replay.calls == len(accepted)
     assert sum(replay_draft(table, plain, 6, 6).accepted) > 0  # the comparison saw drafts kept
+    with pytest.raises(ValueError, match="vocabulary has 64 tokens"):
+        speculative_generate(target, prompts[0], 4, NgramTable(64, {}), 4)
 
 
 def test_modelled_speedup_weighs_each_call_by_its_width():

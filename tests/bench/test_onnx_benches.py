@@ -1,6 +1,6 @@
 """The ONNX and quality benches end to end on the real model with small budgets: SmolLM2 exported with chunks
 inside the graph, with 8-bit weights and with and without the decode step form; perplexity by position;
-continuations of long prompts."""
+continuations of long prompts; speculative decoding and the replay of draft settings."""
 import json
 import subprocess
 import sys
@@ -99,3 +99,34 @@ def test_the_speculative_bench_decodes_exports_side_by_side(tmp_path):
     assert len(rows) == 2 * 2 and all(r["identical_to_greedy"] for r in rows.values())
     for (target, draft, k), row in rows.items():
         assert row["tokens_per_call"] == rows[("a", draft, k)]["tokens_per_call"]
+
+
+@pytest.mark.slow
+def test_the_draft_replay_bench_ranks_settings_on_training_prompts_past_the_table(tmp_path):
+    """The bench exports the shipped model when the directory has no export, times every call width up to the
+    largest k + 1, and ranks each draft setting by its modelled speedup; a cut chain drafts no more than an uncut
+    one."""
+    import torch
+
+    from lincompile.assets import load_model
+    from lincompile.pretrained import linearized
+    from lincompile.runtime.ngram import build_ngram_table
+    from lincompile.train.data import load_texts, token_blocks
+
+    model, tokenizer = load_model("smollm2-135m")
+    target = linearized(model, "augmented", weights="auto")
+    blocks = token_blocks(tokenizer, load_texts("train"), 64, 2)
+    with torch.no_grad():
+        greedy = target(blocks).logits.argmax(-1)
+    build_ngram_table(blocks, greedy, model.config.vocab_size, {"tokens": 128}).save(tmp_path / "ngram")
+    result = _run("draft_replay.py", tmp_path / "out", "--onnx-dir", str(tmp_path / "onnx"), "--ngram",
+                  str(tmp_path / "ngram"), "--prompts", "2", "--new-tokens", "12", "--ks", "2,4", "--min-match", "3",
+                  "--min-confidence", "0,0.5", "--rounds", "1")
+    assert result["split"] == "train" and result["table_tokens"] == 128 and len(result["call_ms_by_width"]) == 5
+    rows = {(r["draft"], r["k"]): r for r in result["rows"]}
+    assert len(rows) == 3 * 2 and all(r["tokens_per_call"] >= 1 for r in rows.values())
+    speedups = [r["modelled_speedup"] for r in result["rows"]]
+    assert speedups == sorted(speedups, reverse=True)
+    for k in (2, 4):
+        cut, uncut = (rows[(f"ngram min_match=3 min_confidence={c}", k)] for c in ("0.5", "0"))
+        assert cut["drafted_per_call"] <= uncut["drafted_per_call"] <= k

@@ -49,13 +49,16 @@ def _target(onnx_dir: Path, threads: int) -> Any:
     return open_ort(onnx_dir, threads)
 
 
-def _prompts(tokenizer: Any, args: argparse.Namespace, table_tokens: int) -> torch.Tensor:
+def _prompts(tokenizer: Any, args: argparse.Namespace, table_tokens: int, data: str) -> torch.Tensor:
     """`--prompts` blocks of the held-out split (bench/speculative.py's), or spread over the training split past
-    the table's first `table_tokens` tokens."""
+    the first `table_tokens` tokens the table was built from (`data`: it must be the default split)."""
     from lincompile.train.data import heldout_blocks, load_texts, token_blocks
 
     if args.split == "heldout":
         return heldout_blocks(tokenizer, args.prompt_tokens, args.prompts)
+    if data != "default":
+        raise SystemExit(f"the table was built from {data!r}, not the default training split: its prompts may not lie "
+                         "past the table's text; use --split heldout")
     blocks = token_blocks(tokenizer, load_texts("train"), args.prompt_tokens)
     first = -(-table_tokens // args.prompt_tokens)
     if blocks.shape[0] - first < args.prompts:
@@ -90,7 +93,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     table = NgramTable.load(args.ngram)
     target = _target(args.onnx_dir, args.threads)
-    prompts = _prompts(target.tokenizer, args, int(table.metadata.get("tokens", 0)))
+    prompts = _prompts(target.tokenizer, args, int(table.metadata.get("tokens", 0)),
+                       str(table.metadata.get("data", "default")))
     sequences = []
     for number in range(prompts.shape[0]):
         print(f"greedy continuation {number + 1}/{prompts.shape[0]}", file=sys.stderr, flush=True)

@@ -186,7 +186,8 @@ class MedusaDraft:
 
 def make_draft(draft: Any, target: Any) -> Draft:
     """`draft=` of generate: "prompt-lookup", "medusa" (heads attached to the target as `target.medusa`), a
-    MedusaHeads object, an NgramTable (prompt lookup filled from the table), a draft model, or a ready Draft."""
+    MedusaHeads object, an NgramTable (an `NgramDraft`: prompt lookup and the table), a draft model, or a ready
+    Draft."""
     from lincompile.runtime.ngram import NgramDraft, NgramTable
 
     if isinstance(draft, NgramTable):

@@ -8,8 +8,9 @@ the target's argmax at each position (`lincompile build-ngram` runs the target).
 
 `NgramDraft` drafts one token at a time: the token that followed the latest earlier occurrence of the chain's
 last `min_match` to `max_match` tokens in the context (prompt lookup), else the table's. Each token has a
-confidence (a lookup token `lookup_confidence`; a table token count / (seen + 1)); the chain stops when the
-product falls below `min_confidence`, since every drafted token costs verify time. Greedy verification keeps the
+confidence (a lookup token `lookup_confidence`; a table token count / (seen + 1), 1 with a version-1 table, which
+has no counts); the chain stops before the token that takes the product below `min_confidence` (the first token is
+always drafted), since every drafted token costs verify time. Greedy verification keeps the
 output identical to plain decoding whatever the draft says; the draft only decides how much is accepted.
 """
 from __future__ import annotations
@@ -75,10 +76,6 @@ class NgramTable:
                 return Prediction(*hit)
         return None
 
-    def next_token(self, context: Sequence[int]) -> int | None:
-        hit = self.predict(context)
-        return None if hit is None else hit.token
-
     def save(self, directory: str | Path) -> Path:
         """Write DIR/ngram.json atomically (a directory of this kind, or a new or empty one: see
         `lincompile.atomic.atomic_directory`). A row is [*context, token, count, seen]."""
@@ -101,23 +98,27 @@ class NgramTable:
             raise ValueError(f"{path} is damaged ({error}): build the table again with `lincompile build-ngram`"
                              ) from None
         version = payload.get("version") if isinstance(payload, dict) else None
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT or version not in (1, FORMAT_VERSION):
+        if (not isinstance(payload, dict) or payload.get("format") != FORMAT or type(version) is not int
+                or version not in (1, FORMAT_VERSION)):
             raise ValueError(f"{path} is not a {FORMAT} v1 or v{FORMAT_VERSION} file (format "
                              f"{payload.get('format') if isinstance(payload, dict) else None!r}, version {version!r})")
-        if version == 1:
-            rows = [[*row, 0, 0] for key in ("unigram", "bigram", "trigram") for row in payload.get(key, [])]
-        else:
-            rows = payload["contexts"]
-        vocab = int(payload["vocab_size"])
-        if not all(isinstance(row, list) and len(row) >= 4 and all(type(v) is int for v in row) for row in rows):
-            raise ValueError(f"{path} has a row that is not a context, token and counts (integers): the file is "
-                             "damaged; build it again with `lincompile build-ngram`")
+        damaged = "the file is damaged; build it again with `lincompile build-ngram`"
+        lists = [payload.get(key, []) for key in ("unigram", "bigram", "trigram")] if version == 1 else [
+            payload.get("contexts")]
+        vocab, metadata = payload.get("vocab_size"), payload.get("metadata", {})
+        if type(vocab) is not int or vocab < 1 or not isinstance(metadata, dict) or not all(
+                isinstance(rows, list) and all(isinstance(row, list) for row in rows) for rows in lists):
+            raise ValueError(f"{path} lacks a vocab_size, metadata or list of rows of the {FORMAT} v{version} layout: "
+                             f"{damaged}")
+        rows = [[*row, 0, 0] for rows in lists for row in rows] if version == 1 else lists[0]
+        if not all(len(row) >= 4 and all(type(v) is int for v in row) and 0 <= row[-2] <= row[-1] for row in rows):
+            raise ValueError(f"{path} has a row that is not a context, token and counts (integers, 0 <= count <= "
+                             f"seen): {damaged}")
         contexts = {tuple(row[:-3]): tuple(row[-3:]) for row in rows}
         tokens = [t for context, hit in contexts.items() for t in (*context, hit[0])]
         if tokens and not 0 <= min(tokens) <= max(tokens) < vocab:
-            raise ValueError(f"{path} holds token ids outside its vocabulary of {vocab}: the file is damaged; "
-                             "build it again with `lincompile build-ngram`")
-        return cls(vocab, contexts, dict(payload.get("metadata", {})))
+            raise ValueError(f"{path} holds token ids outside its vocabulary of {vocab}: {damaged}")
+        return cls(vocab, contexts, dict(metadata))
 
 
 def build_ngram_table(ids: Tensor, greedy: Tensor, vocab_size: int, metadata: dict[str, Any] | None = None,

@@ -3,7 +3,10 @@
 Greedy verification keeps exactly the drafted tokens that match the target's greedy continuation, up to the first
 mismatch, and the target's own token after them. So, given the plain greedy output of a prompt, the target calls
 of speculative greedy decoding, and what each drafted and kept, follow from the draft alone: `replay_draft` gives
-the same counts as `speculative_generate` with that draft (a test holds it to that). With the measured time of a
+the same calls, drafted tokens and new tokens as `speculative_generate` with that draft, and the same accepted
+tokens but on a sequence's last call, where the replay counts only up to the end of the plain output (the decoder
+also counts drafts that match past `max_new_tokens` or an end of text, which it then cuts). A test holds it to
+that. Proposals the decoder cuts at the model's last position are not replayed. With the measured time of a
 target call per width, `ReplayStats.modelled_speedup` turns the counts into a speed estimate, so draft settings
 can be compared by the hundred in seconds; a measured speed is bench/speculative.py's.
 """

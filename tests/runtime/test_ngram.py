@@ -17,13 +17,13 @@ def test_table_keeps_the_most_frequent_prediction_with_its_counts():
     table = build_ngram_table(ids, greedy, 10, order=3)
     assert table.contexts[(2,)] == Prediction(6, 2, 4)  # 2 -> 6 twice, 2 -> 8 twice: the first seen wins
     assert table.contexts[(1, 2)] == Prediction(6, 2, 2) and table.contexts[(5, 2)] == Prediction(8, 1, 1)
-    assert table.next_token([5, 2]) == 8  # the two-token context wins over the one-token one
-    assert table.next_token([9, 2]) == 6  # unseen pair: the last token alone
-    assert table.next_token([4]) is None and table.next_token([]) is None and table.predict([4]) is None
+    assert table.predict([5, 2]).token == 8  # the two-token context wins over the one-token one
+    assert table.predict([9, 2]).token == 6  # unseen pair: the last token alone
+    assert table.predict([4]) is None and table.predict([]) is None
     assert (3, 1) in table.contexts and (2, 5) not in table.contexts  # contexts never cross a block boundary
     assert {c: token for c, (token, _, _) in table.contexts.items() if len(c) == 3} == {
         (1, 2, 3): 0, (2, 3, 1): 4, (3, 1, 2): 6, (5, 2, 7): 0, (2, 7, 2): 8, (7, 2, 9): 0}
-    assert table.next_token([2, 7, 2]) == 8 and table.next_token([9, 5, 2]) == 8  # seen and unseen triple
+    assert table.predict([2, 7, 2]).token == 8 and table.predict([9, 5, 2]).token == 8  # seen and unseen triple
     assert table.order == 3 and table.counts_by_order() == {1: 6, 2: 7, 3: 6}
     assert build_ngram_table(ids, greedy, 10) == table  # order 3 by default
     assert build_ngram_table(ids, greedy, 10, order=4).counts_by_order() == {1: 6, 2: 7, 3: 6, 4: 4}
@@ -38,9 +38,9 @@ def test_confidence_is_count_over_seen_plus_one():
 
 def test_longest_seen_context_wins():
     table = _table({(3,): 1, (2, 3): 4, (1, 2, 3): 5})
-    assert table.next_token([1, 2, 3]) == 5
-    assert table.next_token([0, 2, 3]) == 4  # unseen triple: the pair
-    assert table.next_token([0, 0, 3]) == 1  # unseen pair too: the last token
+    assert table.predict([1, 2, 3]).token == 5
+    assert table.predict([0, 2, 3]).token == 4  # unseen triple: the pair
+    assert table.predict([0, 0, 3]).token == 1  # unseen pair too: the last token
 
 
 def test_table_round_trips_and_refuses_other_files(tmp_path):
@@ -59,10 +59,19 @@ def test_table_round_trips_and_refuses_other_files(tmp_path):
     path.write_text(json.dumps({**v1, "trigram": [[1, 2, 9, 3]]}))
     with pytest.raises(ValueError, match="outside its vocabulary of 5"):
         NgramTable.load(out)
-    for row in ([1, 2], [1, 2, "3", 4]):
-        path.write_text(json.dumps({"format": "lincompile-ngram", "version": 2, "vocab_size": 5, "contexts": [row]}))
+    v2 = {"format": "lincompile-ngram", "version": 2, "vocab_size": 5}
+    for row in ([1, 2], [1, 2, "3", 4], [1, 2, True, 4], [1, 2, 3, -1], [1, 2, 3, 2]):
+        path.write_text(json.dumps({**v2, "contexts": [row]}))
         with pytest.raises(ValueError, match="not a context, token and counts"):
             NgramTable.load(out)
+    for damaged in ({**v2, "contexts": 3}, {**v2, "contexts": None}, v2, {**v2, "contexts": [], "metadata": None},
+                    {**v2, "contexts": [], "vocab_size": "x"}, {**v1, "unigram": [1, 2]}):
+        path.write_text(json.dumps(damaged))
+        with pytest.raises(ValueError, match="lacks a vocab_size, metadata or list of rows"):
+            NgramTable.load(out)
+    path.write_text(json.dumps({**v2, "version": True, "contexts": []}))
+    with pytest.raises(ValueError, match="not a lincompile-ngram"):
+        NgramTable.load(out)
     path.write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="not a lincompile-ngram"):
         NgramTable.load(out)

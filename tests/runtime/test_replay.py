@@ -31,6 +31,15 @@ def test_replay_counts_what_speculative_decoding_does():
             assert list(replay.accepted) == accepted and sum(replay.drafted) == drafted
             assert replay.new_tokens == new_tokens == 60 and replay.calls == len(accepted)
     assert sum(replay_draft(table, plain, 6, 6).accepted) > 0  # the comparison saw drafts kept
+    repeated = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])  # prompt lookup drafts past a short max_new_tokens
+    for new in (2, 3, 5):
+        reference = target.generate(repeated, new, eos_token_id=None)
+        out, stats = speculative_generate(target, repeated, new, "prompt-lookup", 6)
+        replay = replay_draft("prompt-lookup", [reference], 10, 6)
+        assert torch.equal(out, reference) and replay.new_tokens == stats.new_tokens == new
+        assert replay.calls == stats.target_calls and sum(replay.drafted) == stats.drafted
+        assert list(replay.accepted[:-1]) == stats.accepted_per_call[:-1]
+        assert replay.accepted[-1] <= stats.accepted_per_call[-1]  # the replay stops at the plain output's end
     with pytest.raises(ValueError, match="vocabulary has 64 tokens"):
         speculative_generate(target, prompts[0], 4, NgramTable(64, {}), 4)
 

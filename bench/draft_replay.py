@@ -15,22 +15,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lincompile.cli.args import positive_int, positive_int_list
+from lincompile.cli.args import nonnegative_float, positive_int, positive_int_list
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if any(not 0 <= v <= 1 for v in values):
+def _confidences(text: str) -> list[float]:
+    """Comma-separated numbers in [0, 1]."""
+    values = [nonnegative_float(item.strip()) for item in text.split(",")]
+    if any(v > 1 for v in values):
         raise argparse.ArgumentTypeError(f"confidences lie in [0, 1], got {text!r}")
     return values
 
@@ -70,8 +69,6 @@ def _prompts(tokenizer: Any, args: argparse.Namespace, table_tokens: int, data: 
 def _call_seconds(target: Any, sequence: torch.Tensor, prompt: int, widths: int, rounds: int) -> list[float]:
     """The target's best time for a call of width w = 1..widths from the state after `prompt` tokens, over `rounds`
     rounds that each time every width once (so a change in the machine's load weighs on all widths alike)."""
-    import time
-
     state = target(sequence[None, :prompt]).past_state
     seconds = [float("inf")] * widths
     for _ in range(rounds):
@@ -146,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=positive_int, default=64)
     parser.add_argument("--ks", type=positive_int_list, default="4,6,8,12")
     parser.add_argument("--min-match", type=positive_int_list, default="2,3,4")
-    parser.add_argument("--min-confidence", type=_floats, default="0,0.02,0.05,0.1,0.2")
+    parser.add_argument("--min-confidence", type=_confidences, default="0,0.02,0.05,0.1,0.2")
     parser.add_argument("--rounds", type=positive_int, default=10,
                         help="timed calls per width, one per round (the best counts)")
     parser.add_argument("--threads", type=positive_int, default=1)

@@ -7,13 +7,14 @@ is committed to the state from the drafts' keys and values (`runtime.verify.comm
 target's distribution at the path's end gives the next pending token.
 
 Acceptance: greedy keeps the longest path whose tokens equal the target's argmax, so the output is the plain
-greedy output token for token. Sampling follows Leviathan et al. / Chen et al.: keep draft i with
+greedy output token for token (for an export with 8-bit weights only up to near-ties: `_warn_if_quantized`). Sampling follows Leviathan et al. / Chen et al.: keep draft i with
 probability min(1, p_i(d)/q_i(d)); at the first rejection draw from normalize(max(0, p_i - q_i)); if all are
 kept draw a bonus token from p_{n+1}. Every emitted token is then distributed as the target would sample it.
 """
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +104,7 @@ class SpeculativeDecoder:
                  prefill_chunk_size: ChunkSize = "auto") -> None:
         check_num_draft_tokens(num_draft_tokens)
         require_decodable(target, "speculative decoding")
+        _warn_if_quantized(target)
         self.target = target
         self.max_positions = position_limit(target)
         self.draft = make_draft(draft, target)
@@ -180,6 +182,20 @@ class SpeculativeDecoder:
         if self.adaptive:
             self.k = min(self.max_k, self.k + 1) if len(path) == n and n else max(1, min(self.k, len(path) + 1))
         return emitted
+
+
+def _warn_if_quantized(target: Any) -> None:
+    """Warn that an export with 8-bit weights (`OrtModel.meta["quantize"]`) loses the identity with plain greedy
+    decoding: a verify call (several tokens) and a one-token call round differently in float (≤ 1e-4 in the
+    logits), and onnxruntime's 8-bit activation blocks turn such last-bit differences into changes as large as the
+    quantization error (about 1 logit on SmolLM2), so a near-tie can go the other way."""
+    quantize = (getattr(target, "meta", None) or {}).get("quantize")
+    if quantize:
+        warnings.warn(f"speculative decoding of an export with {quantize['bits']}-bit weights: its verify calls and "
+                      "one-token calls round differently and 8-bit activations magnify that, so the output can "
+                      "differ from plain greedy decoding where the top tokens are close (each token is still this "
+                      "model's prediction; bench/speculative.py counts the differing sequences); a float export "
+                      "keeps the outputs identical", stacklevel=5)
 
 
 def _penalized(logits: Tensor, committed: Tensor, ids: Tensor, parents: Tensor, penalty: float) -> Tensor:

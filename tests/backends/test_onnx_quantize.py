@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
 import numpy as np
 import onnx
@@ -15,6 +16,7 @@ import lincompile
 from lincompile.backends import onnx as lo
 from lincompile.backends import onnx_quantize
 from lincompile.backends.ort import OrtModel
+from lincompile.runtime.speculative import speculative_generate
 from lincompile.testing.tiny import perturb_new_parameters, tiny_model
 
 
@@ -101,3 +103,19 @@ def test_8_bit_weights_combine_with_chunks_in_the_graph(tmp_path):
         expected = model(ids).logits
     got = OrtModel.from_dir(out, providers=["CPUExecutionProvider"])(ids).logits
     assert ((got - expected).norm() / expected.norm()).item() <= 3e-2
+
+
+def test_speculative_decoding_warns_for_8_bit_weights_only(exports):
+    """An int8 export's verify calls and one-token calls round differently and its 8-bit activations magnify that,
+    so speculative decoding says its output can differ from plain greedy decoding; a float export's stays silent
+    and gives plain greedy decoding's output."""
+    _, quantized, floating = exports
+    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(2))
+    with pytest.warns(UserWarning, match="8-bit weights: its verify calls and one-token calls round differently"):
+        speculative_generate(OrtModel.from_dir(quantized, providers=["CPUExecutionProvider"]), ids, 6,
+                             "prompt-lookup", 3)
+    runner = OrtModel.from_dir(floating, providers=["CPUExecutionProvider"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, _ = speculative_generate(runner, ids, 6, "prompt-lookup", 3)
+    assert torch.equal(out, runner.generate(ids, 6, eos_token_id=None))

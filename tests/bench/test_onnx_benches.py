@@ -83,8 +83,8 @@ def test_the_long_prompt_bench_continues_prefixes_of_one_held_out_block(tmp_path
 
 @pytest.mark.slow
 def test_the_speculative_bench_decodes_exports_side_by_side(tmp_path):
-    """One export under two names: each target's rows identical to its own greedy output, with the same
-    acceptance (the same model), and a plain rate per target."""
+    """One export under two names: each target's rows identical to its own greedy output (every sequence counted),
+    with the same acceptance (the same model), a plain rate per target and each row's rate against the first's."""
     from lincompile.assets import load_model
     from lincompile.pretrained import linearized
 
@@ -97,8 +97,10 @@ def test_the_speculative_bench_decodes_exports_side_by_side(tmp_path):
     assert set(result["plain_tokens_per_s_by_target"]) == {"a", "b"}
     rows = {(r["target"], r["draft"], r["k"]): r for r in result["rows"]}
     assert len(rows) == 2 * 2 and all(r["identical_to_greedy"] for r in rows.values())
+    assert all(r["identical_sequences"] == result["prompts"] == 2 for r in rows.values())
     for (target, draft, k), row in rows.items():
         assert row["tokens_per_call"] == rows[("a", draft, k)]["tokens_per_call"]
+        assert row["speedup_vs_first_target"] == pytest.approx(row["tokens_per_s"] / result["plain_tokens_per_s"])
 
 
 @pytest.mark.slow

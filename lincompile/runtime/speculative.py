@@ -7,9 +7,10 @@ is committed to the state from the drafts' keys and values (`runtime.verify.comm
 target's distribution at the path's end gives the next pending token.
 
 Acceptance: greedy keeps the longest path whose tokens equal the target's argmax, so the output is the plain
-greedy output token for token (for an export with 8-bit weights only up to near-ties: `_warn_if_quantized`). Sampling follows Leviathan et al. / Chen et al.: keep draft i with
-probability min(1, p_i(d)/q_i(d)); at the first rejection draw from normalize(max(0, p_i - q_i)); if all are
-kept draw a bonus token from p_{n+1}. Every emitted token is then distributed as the target would sample it.
+greedy output token for token (for an export with 8-bit weights only up to near-ties: `_warn_if_quantized`).
+Sampling follows Leviathan et al. / Chen et al.: keep draft i with probability min(1, p_i(d)/q_i(d)); at the
+first rejection draw from normalize(max(0, p_i - q_i)); if all are kept draw a bonus token from p_{n+1}. Every
+emitted token is then distributed as the target would sample it.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 export writes a linearized model as ONNX with recurrent-state inputs and outputs (atomically; what
 `lincompile.OrtModel.from_dir` reads). generate writes text with a linearized model: in PyTorch, or in
 onnxruntime when MODEL_OR_DIR is such an export, optionally with speculative decoding. Greedy output is the
-same token for token with any draft; a draft only changes how many target calls it takes.
+same token for token with any draft (but for near-ties with 8-bit weights); a draft only changes how many target
+calls it takes.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ __all__ = ["add_parsers", "cmd_export", "cmd_generate", "parse_draft"]
 
 PROG = "lincompile"
 DRAFTS = "none, prompt-lookup, ngram:DIR, medusa:DIR or model:DIR"
+#: Drafted tokens per target call when --num-draft-tokens is not given, by draft kind: 8 for the drafts that run no
+#: model (the fastest k for both on onnxruntime, bench/results/speculative_ort_int8.json), 4 for Medusa heads and a
+#: draft model (the k their benchmarks ran).
+DEFAULT_DRAFT_TOKENS = {"prompt-lookup": 8, "ngram": 8, "medusa": 4, "model": 4}
 
 
 _SOFTMAX_MODEL = ("{model} is a softmax model: add --method METHOD (augmented: the paper's method, with shipped "
@@ -229,8 +234,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if draft is None:
         out = generate(model, ids, args.max_new_tokens, **sampling)
     else:
-        out, stats = speculative_generate(model, ids, args.max_new_tokens, draft, args.num_draft_tokens,
-                                          adaptive=args.adaptive, **sampling)
+        k = args.num_draft_tokens or DEFAULT_DRAFT_TOKENS[kind]
+        out, stats = speculative_generate(model, ids, args.max_new_tokens, draft, k, adaptive=args.adaptive,
+                                          **sampling)
     end = time.perf_counter()
     new = out[0, ids.shape[1]:]
     first = streamer.first_token - streamer.start
@@ -239,6 +245,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                "first_token_s": round(first, 3),
                "tokens_per_s": round((new.numel() - 1) / (end - streamer.first_token), 2) if new.numel() > 1 else None}
     if draft is not None:  # new tokens / target calls after the prefill, as bench/speculative.py counts them
+        summary["num_draft_tokens"] = k
         summary["tokens_per_call"] = round(stats.tokens_per_call, 2)
     if args.json:
         print(json.dumps({"text": tokenizer.decode(new, skip_special_tokens=True), **summary}))
@@ -293,10 +300,11 @@ def add_parsers(sub: Any) -> None:
         "Streams the continuation of --prompt to stdout, then prints to stderr the time to the first new token\n"
         "(the prompt's prefill), the decode rate after it in tokens/s and, with a draft, tokens per target call.\n"
         "MODEL_OR_DIR may be an ONNX export (`lincompile export`), which then runs in onnxruntime. --draft\n"
-        "turns on speculative decoding: greedy output stays the same token for token; sampling keeps the\n"
-        "target's distribution. Stops at the tokenizer's end-of-sequence token unless --ignore-eos.",
+        "turns on speculative decoding: greedy output stays the same token for token (an export with 8-bit\n"
+        "weights can differ at near-ties); sampling keeps the target's distribution. Stops at the tokenizer's\n"
+        "end-of-sequence token unless --ignore-eos.",
         [f"{PROG} generate smollm2-135m --method augmented --prompt 'ROMEO. ' --max-new-tokens 48",
-         f"{PROG} generate out/smol-onnx --prompt 'ROMEO. ' --draft ngram:runs/ngram --num-draft-tokens 8",
+         f"{PROG} generate out/smol-onnx --prompt 'ROMEO. ' --draft ngram:runs/ngram",
          f"echo 'To be, or not' | {PROG} generate smollm2-135m --method augmented --prompt - --json"])
     _model_arguments(p, onnx=True)
     p.add_argument("--prompt", required=True, help="the text to continue ('-': read it from standard input)")
@@ -304,8 +312,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--draft", default="none", help=f"speculative draft: {DRAFTS} (an n-gram table from build-ngram, "
                    "heads from train-medusa, a draft model from make-draft; default none)")
-    p.add_argument("--num-draft-tokens", "-k", type=positive_int, default=4,
-                   help="drafted tokens per target call (default 4)")
+    p.add_argument("--num-draft-tokens", "-k", type=positive_int, default=None,
+                   help="drafted tokens per target call (default: 8 with prompt-lookup and ngram drafts, 4 with "
+                   "medusa and model drafts)")
     p.add_argument("--adaptive", action="store_true", help="adapt the number of drafted tokens to the acceptance")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="with --sample (> 0, default 1.0)")

@@ -3,6 +3,7 @@ same with every draft and in onnxruntime, and bad input is one clear error line.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 
 import pytest
@@ -54,10 +55,12 @@ def test_generate_is_plain_greedy_with_every_draft(dirs, capsys):
     plain = _generate(capsys, str(dirs / "lin"), "--prompt", PROMPT, "--max-new-tokens", "24", "--ignore-eos")
     assert plain["text"] == expected and plain["new_tokens"] == 24 and plain["runtime"] == "torch"
     assert "tokens_per_call" not in plain  # only speculative decoding reports it
-    for draft in ("prompt-lookup", f"ngram:{dirs / 'ngram'}", f"medusa:{dirs / 'medusa'}", f"model:{dirs / 'lin'}"):
+    drafts = {"prompt-lookup": 8, f"ngram:{dirs / 'ngram'}": 8, f"medusa:{dirs / 'medusa'}": 4,
+              f"model:{dirs / 'lin'}": 4}  # each kind's k when -k is not given
+    for (draft, default_k), k in itertools.product(drafts.items(), (["-k", "3"], [])):
         out = _generate(capsys, str(dirs / "lin"), "--prompt", PROMPT, "--max-new-tokens", "24", "--ignore-eos",
-                        "--draft", draft, "-k", "3")
-        assert out["text"] == expected, draft
+                        "--draft", draft, *k)
+        assert out["text"] == expected and out["num_draft_tokens"] == (3 if k else default_k), (draft, k)
     same_model = _generate(capsys, str(dirs / "lin"), "--prompt", PROMPT, "--max-new-tokens", "24", "--ignore-eos",
                            "--draft", f"model:{dirs / 'lin'}", "-k", "3")
     assert same_model["tokens_per_call"] > 3.5  # the target drafting for itself: (nearly) every draft is accepted

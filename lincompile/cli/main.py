@@ -10,6 +10,7 @@ import json
 import sys
 import time
 import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, TextIO
@@ -359,11 +360,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(python_form: Callable[..., None]) -> Callable[..., None]:
+    """A `warnings.showwarning` printing lincompile's own warnings (raised in the package) as one line,
+    `lincompile: warning: ...`, as errors are; other libraries' keep `python_form`."""
+    package = Path(__file__).resolve().parent.parent
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None,
+             line: str | None = None) -> None:
+        if not Path(filename).resolve().is_relative_to(package):
+            python_form(message, category, filename, lineno, file, line)
+            return
+        print(f"{PROG}: warning: {message}", file=sys.stderr if file is None else file, flush=True)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lincompile` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            if not args.debug:  # --debug keeps Python's form (file, line and source)
+                warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            return args.func(args)
     except KeyboardInterrupt:
         _log("interrupted")
         return 130

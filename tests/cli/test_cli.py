@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from xml.dom import minidom
 
@@ -338,3 +339,24 @@ def test_an_empty_pass_list_is_refused_when_parsed(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["optimize", "smollm2-135m", "--method", "augmented", "--passes", " , "])
     assert exit_info.value.code == 2 and "argument --passes: names no pass" in capsys.readouterr().err
+
+
+def test_lincompiles_warnings_print_as_one_line_and_other_libraries_keep_theirs(capsys, monkeypatch, tmp_path):
+    """A warning raised in the package prints as `lincompile: warning: ...` (one line, as errors do); one raised
+    elsewhere is left to Python's form; --debug leaves both to it."""
+    import lincompile.cli.main as cli
+
+    def command(args):
+        warnings.warn_explicit("ours", UserWarning, cli.__file__, 1)
+        warnings.warn_explicit("theirs", UserWarning, str(tmp_path / "lib.py"), 7)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_inspect", command)
+    with pytest.warns(UserWarning) as passed_on:
+        code, out, err = run(capsys, "inspect", str(tmp_path))
+    assert code == 0 and out == "" and "lincompile: warning: ours\n" in err and "warning: theirs" not in err
+    assert [str(w.message) for w in passed_on] == ["theirs"]
+    with pytest.warns(UserWarning) as passed_on:
+        code, _, err = run(capsys, "--debug", "inspect", str(tmp_path))
+    assert code == 0 and "lincompile: warning" not in err
+    assert [str(w.message) for w in passed_on] == ["ours", "theirs"]

@@ -288,6 +288,21 @@ def _looks_like_path(name: str) -> bool:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
+@contextlib.contextmanager
+def _no_weight_loading_bar() -> Iterator[None]:
+    """transformers' per-tensor "Loading weights" bar off: a local load takes well under a second, and the bar
+    would sit between lincompile's own progress lines."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(name_or_path: str, *, attn_implementation: str | None = None,
                dtype: torch.dtype = torch.float32,
                cache_dir: str | Path | None = None) -> tuple[Any, Any]:
@@ -319,7 +334,8 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
             raise AssetError(f"{path} {what}: pass a Hugging Face model directory (config.json and weights), a saved "
                              f"linearized model, an ONNX export written by lincompile, or one of: {names}")
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+            with _no_weight_loading_bar():
+                model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
             has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer else None
         except Exception as exc:

@@ -9,7 +9,6 @@ with --json); errors are one line (`lincompile: error: ...`), as for every subco
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +17,7 @@ from torch import nn
 from lincompile.api import SAVE_FILE
 from lincompile.atomic import check_not_inside, check_replaceable
 from lincompile.cli.args import nonnegative_float, nonnegative_int, positive_float, positive_int
+from lincompile.cli.summary import print_summary
 from lincompile.runtime.medusa import CONFIG_FILE as MEDUSA_CONFIG
 from lincompile.runtime.ngram import DEFAULT_ORDER, TABLE_FILE
 from lincompile.train.draft_model import DistillConfig
@@ -54,12 +54,12 @@ def load_target(name: str, method: str | None, weights: str = "auto") -> tuple[n
     return (linearized(model, method, weights, model_name=name) if method else model), tokenizer
 
 
-def _print(summary: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(summary))
-        return
-    for key, value in summary.items():
-        print(f"{key:<16} {value:.4g}" if isinstance(value, float) else f"{key:<16} {value}")
+def weights_label(model: Any, weights: str) -> str:
+    """Which trained tensors a linearized `load_target(name, method, weights)` model holds: 'saved model' (a
+    linearized directory's own), 'none' (untrained), 'default' (the shipped ones) or the `weights` path."""
+    if not hasattr(model, "recipe"):  # set by lincompile.pretrained.linearized, not by lincompile.load
+        return "saved model"
+    return "none" if model.recipe is None else "default" if weights == "auto" else str(weights)
 
 
 def _frozen_target(args: argparse.Namespace, purpose: str) -> tuple[Any, Any]:
@@ -100,7 +100,7 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
                           metadata={"target": args.model, "method": args.method,
                                     "weights": args.weights if args.method else None})
     final = result.evals[-1] if result.evals else {}
-    _print({"out": str(result.saved), "heads": args.heads, "steps": args.steps,
+    print_summary({"out": str(result.saved), "heads": args.heads, "steps": args.steps,
             "train_tokens": int(blocks.numel()), "labels": args.labels,
             "loss": result.history[-1]["loss"] if result.history else None,
             "accuracy": final.get("accuracy"), "top5": final.get("top5"),
@@ -121,7 +121,7 @@ def cmd_make_draft(args: argparse.Namespace) -> int:
     result = make_draft(args.model, args.layers, args.method, args.out, config=config, data=args.data,
                         eval_blocks=args.eval_blocks, teacher=teacher, progress=not args.no_progress)
     first, last = (result.evals[0], result.evals[-1]) if result.evals else ({}, {})
-    _print({"out": str(result.saved), "layers": args.layers, "method": result.draft.config.spec.name,
+    print_summary({"out": str(result.saved), "layers": args.layers, "method": result.draft.config.spec.name,
             "steps": len(result.history), "kl": result.history[-1]["kl"] if result.history else None,
             "top1_before": first.get("top1"), "top1_after": last.get("top1"),
             "heldout_kl_after": last.get("kl")}, args.json)
@@ -144,7 +144,7 @@ def cmd_build_ngram(args: argparse.Namespace) -> int:
                                "weights": args.weights if args.method else None, "tokens": int(blocks.numel()),
                                "data": args.data}, order=args.order)
     path = table.save(args.out)
-    _print({"out": str(path), "tokens": int(blocks.numel()), "order": args.order,
+    print_summary({"out": str(path), "tokens": int(blocks.numel()), "order": args.order,
             "contexts_by_order": table.counts_by_order()}, args.json)
     return 0
 

@@ -6,7 +6,6 @@ linearization on that text.
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ from lincompile.api import SAVE_FILE
 from lincompile.api import load as load_linearized
 from lincompile.assets import load_model
 from lincompile.cli.args import nonnegative_int, positive_int
+from lincompile.cli.draft_cmd import weights_label
+from lincompile.cli.summary import print_summary
 from lincompile.pretrained import linearized
 from lincompile.train.data import heldout_blocks
 from lincompile.train.eval import perplexity
@@ -70,15 +71,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     original_is = args.model
     if saved:
         linear, tokenizer, original, original_is = _original_of_saved(path)
-        method, weights = linear.config.spec.name, "saved model"
+        method, weights = linear.config.spec.name, weights_label(linear, args.weights)
     else:
         original, tokenizer = load_model(args.model)
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer; perplexity needs one to tokenize the corpus")
         method = args.method
         linear = linearized(original, method, args.weights, args.model, args.global_cap) if method else None
-        weights = None if linear is None else "none" if linear.recipe is None else \
-            "default" if args.weights == "auto" else str(args.weights)
+        weights = None if linear is None else weights_label(linear, args.weights)
     blocks = heldout_blocks(tokenizer, args.block_size, args.max_blocks, data=args.data)
     result: dict[str, object] = {"model": args.model, "original": original_is, "method": method, "weights": weights,
                                  **({"global_cap": linear.config.spec.global_cap} if linear is not None
@@ -98,11 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                      desc="softmax fine-tuned").ppl
         if "ppl" in result:
             result["ratio_to_finetuned"] = result["ppl"] / result["ppl_softmax_finetuned"]
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    for key, value in result.items():
-        print(f"{key:<22} {value:.4g}" if isinstance(value, float) else f"{key:<22} {value}")
+    print_summary(result, args.json)
     return 0
 
 

@@ -19,7 +19,8 @@ import torch
 
 from lincompile.api import SAVE_FILE
 from lincompile.cli.args import opset_type, positive_float, positive_int, probability
-from lincompile.cli.draft_cmd import command_parser, load_target
+from lincompile.cli.draft_cmd import command_parser, load_target, weights_label
+from lincompile.cli.summary import format_value, print_summary
 
 __all__ = ["add_parsers", "cmd_export", "cmd_generate", "parse_draft"]
 
@@ -80,15 +81,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_onnx(model, args.out, opset=args.opset, tokenizer=tokenizer, optimize=args.optimize,
                       chunk_size=args.chunk_size, quantize=args.quantize, decode_step=args.decode_step)
     meta = json.loads((out / META_FILE).read_text())
-    summary = {"out": str(out), "method": model.config.spec.name, "tokenizer": tokenizer is not None,
+    summary = {"out": str(out), "method": model.config.spec.name, "weights": weights_label(model, args.weights),
+               "tokenizer": tokenizer is not None,
                "chunk_size": meta["chunk_size"], "decode_step": meta["decode_step_sites"] > 0,
                "quantize": (meta["quantize"] or {}).get("scheme"),
                "seconds": round(time.perf_counter() - start, 1), "megabytes": round(_export_size(out) / 2**20, 1)}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        for key, value in summary.items():
-            print(f"{key:<10} {value}")
+    print_summary(summary, args.json)
+    if not args.json:
         if tokenizer is not None:
             print(f"run it: {PROG} generate {out} --prompt 'To be, or not to be'")
         else:
@@ -201,8 +200,15 @@ def _check_sampling(args: argparse.Namespace) -> None:
     given = [name for name, value, default in (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, None),
                                                ("--top-p", args.top_p, None)) if value != default]
     if given and not args.sample:
-        raise ValueError(f"{', '.join(given)} only apply when sampling: add --sample (without it, decoding is greedy "
-                         "and would ignore them)")
+        one = len(given) == 1
+        raise ValueError(f"{', '.join(given)} only {'applies' if one else 'apply'} when sampling: add --sample "
+                         f"(without it, decoding is greedy and would ignore {'it' if one else 'them'})")
+
+
+#: generate's statistics in the stderr line, where the --json key alone would not say the unit
+_STATS_TEXT = {"seconds": "{} s in all", "first_token_s": "first token after {} s",
+               "tokens_per_s": "{} tokens/s after it", "num_draft_tokens": "k {}",
+               "tokens_per_call": "{} tokens per target call"}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -250,7 +256,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"text": tokenizer.decode(new, skip_special_tokens=True), **summary}))
     else:
-        _log(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary.items()))
+        _log(", ".join(_STATS_TEXT.get(key, key.replace("_", " ") + " {}").format(format_value(value))
+                       for key, value in summary.items()))
     return 0
 
 

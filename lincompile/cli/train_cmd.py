@@ -16,6 +16,7 @@ from lincompile.api import SAVE_FILE, optimize
 from lincompile.assets import load_model
 from lincompile.atomic import atomic_write_text, check_not_inside, check_replaceable
 from lincompile.cli.args import nonnegative_float, nonnegative_int, positive_float, positive_int
+from lincompile.cli.summary import print_summary
 from lincompile.config import LinearizeConfig
 from lincompile.methods.spec import methods
 from lincompile.train.checkpoint import latest_checkpoint
@@ -92,11 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                "global_cap": linear.config.spec.global_cap,
                "loss": result.history[-1]["loss"] if result.history else None,
                "ppl": result.evals[-1]["ppl"] if result.evals else None, "world_size": parallel.world}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        for key, value in summary.items():
-            print(f"{key:<14} {value:.4g}" if isinstance(value, float) else f"{key:<14} {value}")
+    print_summary(summary, args.json)
     return 0
 
 

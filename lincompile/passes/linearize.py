@@ -22,7 +22,6 @@ import torch
 from torch import fx
 
 from lincompile.capture.check import attention_op
-from lincompile.capture.normalize import eliminate_dead_code
 from lincompile.methods.params import init_params
 from lincompile.methods.spec import MethodSpec, get_method
 from lincompile.passes.base import Pass, PassContext, register_pass
@@ -290,7 +289,6 @@ class Linearize(Pass):
             ctx.rewritten.append(_rewrite(ctx, site, spec, output, self.seed, windows, allow_state))
         if self.stateful and any(r.state_inputs for r in ctx.rewritten):
             _add_hidden_output(ctx, output, windows)
-        eliminate_dead_code(ctx.gm)
         notes.insert(0, f"rewrote {len(ctx.rewritten)} of {len(ctx.sites)} sites")
         return notes
 

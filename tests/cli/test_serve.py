@@ -92,7 +92,7 @@ def test_generate_streams_text_and_reads_stdin(dirs, capsys, monkeypatch):
     code = main(["generate", str(dirs / "lin"), "--prompt", PROMPT, "--max-new-tokens", "12", "--ignore-eos"])
     out, err = capsys.readouterr()
     assert code == 0 and out.strip() == json_text.strip()
-    assert "tokens per s" in err and "new tokens 12" in err and "first token s" in err
+    assert "tokens/s after it" in err and "new tokens 12" in err and "first token after " in err
 
 
 def test_generate_times_the_prefill_apart_from_the_decode(dirs, capsys):
@@ -196,8 +196,8 @@ def test_generate_numbers_are_checked_when_parsed(dirs, capsys, option):
 
 
 @pytest.mark.parametrize("argv, fragments", [
-    (["--temperature", "0.7"], ["--temperature only apply when sampling", "add --sample"]),
-    (["--top-k", "5", "--top-p", "0.9"], ["--top-k, --top-p only apply", "add --sample"]),
+    (["--temperature", "0.7"], ["--temperature only applies when sampling", "add --sample", "ignore it)"]),
+    (["--top-k", "5", "--top-p", "0.9"], ["--top-k, --top-p only apply when", "add --sample", "ignore them)"]),
 ])
 def test_sampling_options_without_sample_are_refused_before_loading(capsys, argv, fragments):
     assert main(["generate", "/no/such/model", "--prompt", "x", *argv]) == 1

@@ -210,3 +210,21 @@ def test_casting_after_optimize_is_refused_with_the_fix():
     linear.half()
     with pytest.raises(ValueError, match="captured in torch.float32 .* cast the Hugging Face model first"):
         linear(torch.randint(3, 128, (1, 4)))
+
+
+def test_cleanup_removes_the_old_attention_cores_linearize_leaves_dead():
+    """`linearize` rewires each site's output and leaves the softmax core unread; `cleanup` removes it (the pass
+    would otherwise run in the default pipeline for nothing)."""
+    from lincompile.api import run_pipeline
+    from lincompile.config import LinearizeConfig
+
+    def softmax_cores(gm):
+        return [n for n in gm.graph.nodes if n.op == "call_function" and "scaled_dot_product" in str(n.target)]
+
+    config = LinearizeConfig(method="augmented")
+    names = ("normalize", "detect_attention", "linearize")
+    rewritten, _ = run_pipeline(tiny_model("llama", attn_implementation="sdpa"), config, names=names)
+    cleaned, report = run_pipeline(tiny_model("llama", attn_implementation="sdpa"), config,
+                                   names=names + ("cleanup",))
+    assert len(softmax_cores(rewritten.gm)) == 2 and not softmax_cores(cleaned.gm)
+    assert report.passes[-1].notes[0].startswith("removed ") and report.passes[-1].notes[0] != "removed 0 dead nodes"

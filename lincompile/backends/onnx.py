@@ -330,6 +330,8 @@ def _metadata(model: LinearizedModel, ir_model: Any, tokenizer: object | None, o
         "supports_state": model.supports_state, "max_positions": model.max_positions,
         "position_padding": model.position_padding, "limit_reason": model.limit_reason,
         "methods": specs, "sites": sites, "linearize": model.config.to_dict(),
+        # whether trained tensors were loaded (`lincompile.pretrained.linearized` records it); null: not known
+        "trained": model.recipe is not None if hasattr(model, "recipe") else None,
         "vocab_size": getattr(hf, "vocab_size", None), "eos_token_id": getattr(hf, "eos_token_id", None),
         "pad_token_id": getattr(hf, "pad_token_id", None), "model_type": getattr(hf, "model_type", None),
         "tokenizer": None if tokenizer is None else {"class": type(tokenizer).__name__, "dir": "."},

@@ -109,6 +109,9 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, str]:
             raise ValueError(f"{path} is an ONNX export, linearized and trained when it was exported; drop --method "
                              "and --weights")
         model = open_ort(path, torch.get_num_threads(), cpu_only=False)
+        if model.meta.get("trained") is False and any(m["kind"] != "softmax" for m in model.meta["methods"].values()):
+            _log(f"warning: {path} was exported untrained: expect poor text; export a trained model (--method with "
+                 f"shipped weights, or a `{PROG} train` output)")
         if model.tokenizer is None:
             raise ValueError(f"{path} was exported without a tokenizer, so text cannot be encoded for it: export "
                              f"again from a model directory that holds its tokenizer (`{PROG} export` copies it), or "

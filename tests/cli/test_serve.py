@@ -115,12 +115,15 @@ def test_export_then_generate_in_onnxruntime(dirs, capsys):
     assert code == 0, err
     summary = json.loads(out)
     assert summary["method"] == "augmented" and summary["tokenizer"] and summary["megabytes"] > 0
-    assert summary["decode_step"]
+    assert summary["decode_step"] and summary["weights"] == "saved model"
     assert (dirs / "onnx" / "model.onnx").is_file() and not list(dirs.glob("*.tmp*"))
     args = ["--prompt", PROMPT, "--max-new-tokens", "16", "--ignore-eos"]
     torch_text = _generate(capsys, str(dirs / "lin"), *args)["text"]
-    ort = _generate(capsys, str(dirs / "onnx"), *args, "--draft", "prompt-lookup")
-    assert ort["runtime"] == "onnxruntime" and ort["text"] == torch_text
+    code = main(["generate", str(dirs / "onnx"), *args, "--draft", "prompt-lookup", "--json"])
+    out, err = capsys.readouterr()
+    ort = json.loads(out)
+    assert code == 0 and ort["runtime"] == "onnxruntime" and ort["text"] == torch_text
+    assert "untrained" not in err  # trained or not is unknown for a saved model: no warning
     assert main(["generate", str(dirs / "onnx"), "--method", "augmented", *args]) == 1
     assert "is an ONNX export" in capsys.readouterr().err
     assert main(["generate", str(dirs / "onnx"), *args, "--draft", f"medusa:{dirs / 'medusa'}"]) == 1
@@ -166,6 +169,19 @@ def test_generate_linearizes_a_hugging_face_model(dirs, capsys):
     out, err = capsys.readouterr()
     assert code == 0 and json.loads(out)["new_tokens"] == 5
     assert "linear-elu is untrained here" in err
+
+
+def test_an_untrained_export_says_so_when_it_generates(dirs, capsys):
+    """The export records whether trained tensors were loaded; generating from an untrained one warns, as the
+    torch path does (exact softmax excepted)."""
+    for method in ("linear-elu", "softmax"):
+        out = dirs / f"untrained-{method}"
+        assert main(["export", str(dirs / "hf"), "--method", method, "--out", str(out), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["weights"] == "none"
+        assert json.loads((out / "lincompile_onnx.json").read_text())["trained"] is False
+        code = main(["generate", str(out), "--prompt", PROMPT, "--max-new-tokens", "2", "--ignore-eos", "--json"])
+        err = capsys.readouterr().err
+        assert code == 0 and ("was exported untrained" in err) == (method != "softmax"), (method, err)
 
 
 @pytest.mark.parametrize("argv, fragments", [

@@ -172,18 +172,19 @@ def _table(result: dict[str, Any]) -> str:
     width = max([len("draft")] + [len(_label(result, r)) for r in result["rows"]])
     targets = list(result["plain_tokens_per_s_by_target"])
     several = len(targets) > 1
+    versus_width = max(len(targets[0]) + 3, 8)  # the column's header, "vs NAME", or a ratio as wide as "speedup"
     plain = ", ".join(f"{rate:.1f} tok/s" + (f" ({target})" if several else "")
                       for target, rate in result["plain_tokens_per_s_by_target"].items())
     lines = [f"plain greedy decoding: {plain} ({result['runtime']}, {result['method']}, weights "
              f"{result['weights']}, {result['prompts']} prompts x {result['new_tokens']} new tokens)",
              f"{'draft':>{width}} {'k':>3} {'accepted/call':>14} {'tokens/call':>12} {'tok/s':>8} {'speedup':>8} "
-             + (f"{'vs ' + targets[0]:>{len(targets[0]) + 4}} " if several else "") + f"{'identical':>9}",
+             + (f"{'vs ' + targets[0]:>{versus_width}} " if several else "") + f"{'identical':>9}",
              "(accepted/call: drafted tokens kept per target call; tokens/call: new tokens / target calls, the "
              "target's own tokens included; speedup: against plain decoding of the same target"
              + (f"; vs {targets[0]}: against plain decoding of {targets[0]}" if several else "")
              + "; identical: outputs equal to the target's plain greedy output)"]
     for r in result["rows"]:
-        versus = f"{r['speedup_vs_first_target']:>{len(targets[0]) + 3}.2f}x " if several else ""
+        versus = f"{r['speedup_vs_first_target']:>{versus_width - 1}.2f}x " if several else ""
         lines.append(f"{_label(result, r):>{width}} {r['k']:>3} {r['accepted_per_call']:>14.2f} "
                      f"{r['tokens_per_call']:>12.2f} {r['tokens_per_s']:>8.1f} {r['speedup']:>7.2f}x {versus}"
                      f"{str(r['identical_sequences']) + '/' + str(result['prompts']):>9}")

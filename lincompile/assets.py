@@ -291,15 +291,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 @contextlib.contextmanager
 def _no_weight_loading_bar() -> Iterator[None]:
     """transformers' per-tensor "Loading weights" bar off: a local load takes well under a second, and the bar
-    would sit between lincompile's own progress lines."""
+    would sit between lincompile's own progress lines. Only when progress bars are on as by default (transformers'
+    and huggingface_hub's); they are on again after, error or not. Settings of the caller's own are left alone."""
+    from huggingface_hub.utils import are_progress_bars_disabled
     from transformers.utils import logging as hf_logging
 
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    toggle = hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+    if toggle:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if enabled:
+        if toggle:
             hf_logging.enable_progress_bar()
 
 
@@ -346,7 +349,8 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
     else:
         try:  # hub id: the local HF cache first, then the network if it is reachable
             try:
-                model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True, **kwargs)
+                with _no_weight_loading_bar():
+                    model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True, **kwargs)
                 tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
             except (OSError, ValueError):
                 if not _hub_reachable():

@@ -35,6 +35,12 @@ def available() -> list[str]:
     return sorted(p.name for p in WEIGHTS_DIR.glob("*") if (p / RECIPE_FILE).is_file())
 
 
+def trained(model: Any) -> bool | None:
+    """Whether `linearized` loaded trained tensors into `model` (its `recipe`); None when not known: a model from
+    `lincompile.optimize` or `lincompile.load` records no recipe."""
+    return model.recipe is not None if hasattr(model, "recipe") else None
+
+
 def linearized(model: torch.nn.Module, method: str = "augmented", weights: str | Path = "default",
                model_name: str = "smollm2-135m", global_cap: int | None = None, **optimize_kwargs: Any) -> Any:
     """`model` linearized with `method`, its trained tensors loaded from `weights` and LoRA merged (into new

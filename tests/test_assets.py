@@ -228,3 +228,22 @@ def test_a_directory_that_is_no_model_says_what_is_expected(tmp_path):
     with pytest.raises(assets.AssetError, match="has no config.json: pass a Hugging Face model directory"):
         assets.load_model(str(tmp_path))
 
+
+
+def test_the_weight_loading_bar_is_off_only_during_a_load_and_a_callers_setting_stays():
+    """Bars on as by default: off inside, on again after, also after an error; bars the caller turned off stay
+    off (the context does not turn them on)."""
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    with pytest.raises(RuntimeError), assets._no_weight_loading_bar():
+        assert not hf_logging.is_progress_bar_enabled()
+        raise RuntimeError("a load that fails")
+    assert hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with assets._no_weight_loading_bar():
+            pass
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

@@ -47,9 +47,11 @@ from lincompile.backends.eager import LinearizedModel
 from lincompile.backends.onnx_einsum import lower_einsums
 from lincompile.backends.onnx_quantize import SCHEMES, check_scheme, quantize_weights
 from lincompile.capture.export import export_dynamic
+from lincompile.diagnostics import LincompileWarning
 from lincompile.kernels.linear_attention import reference
 from lincompile.kernels.linear_attention.reference_recurrent import first_token
 from lincompile.methods.spec import MethodSpec
+from lincompile.pretrained import trained
 
 MODEL_FILE = "model.onnx"
 META_FILE = "lincompile_onnx.json"
@@ -330,8 +332,7 @@ def _metadata(model: LinearizedModel, ir_model: Any, tokenizer: object | None, o
         "supports_state": model.supports_state, "max_positions": model.max_positions,
         "position_padding": model.position_padding, "limit_reason": model.limit_reason,
         "methods": specs, "sites": sites, "linearize": model.config.to_dict(),
-        # whether trained tensors were loaded (`lincompile.pretrained.linearized` records it); null: not known
-        "trained": model.recipe is not None if hasattr(model, "recipe") else None,
+        "trained": trained(model),  # whether trained tensors were loaded; null: not known
         "vocab_size": getattr(hf, "vocab_size", None), "eos_token_id": getattr(hf, "eos_token_id", None),
         "pad_token_id": getattr(hf, "pad_token_id", None), "model_type": getattr(hf, "model_type", None),
         "tokenizer": None if tokenizer is None else {"class": type(tokenizer).__name__, "dir": "."},
@@ -392,11 +393,11 @@ def _step_template(template: onnx_sites.Template, where: str, batch: Any, seq: A
         proto = export_template(template, where, batch, seq, opset, optimize, step=True)
     except OnnxLoweringError as error:
         warnings.warn(f"export_onnx: no decode step form for {where} ({_first_lines(error, 1)}); its one-token calls "
-                      "run the general form", stacklevel=4)
+                      "run the general form", LincompileWarning, stacklevel=4)
         return None
     if any(True for node in proto.graph.node for _ in onnx_chunks.subgraphs(node)):
         warnings.warn(f"export_onnx: the decode step form of {where} holds a subgraph, which the splicer cannot "
-                      "copy; its one-token calls run the general form", stacklevel=4)
+                      "copy; its one-token calls run the general form", LincompileWarning, stacklevel=4)
         return None
     return proto
 
@@ -454,7 +455,8 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
             proto, version, counts = _export_split(model, opset, optimize, chunk_size, decode_step)
         except (onnx_sites.SpliceError, OnnxLoweringError) as error:  # the whole graph computes the same ops
             warnings.warn(f"export_onnx: exporting each attention site once failed ({_first_lines(error, 2)}); "
-                          "tracing the whole graph instead (same ops, slower; calls run in one piece)", stacklevel=3)
+                          "tracing the whole graph instead (same ops, slower; calls run in one piece)",
+                          LincompileWarning, stacklevel=3)
             proto, fell_back = None, True
     if proto is None:
         example = _example_inputs(model)
@@ -483,7 +485,7 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
         why = ("split_sites=False traces the whole graph, which takes each call in one piece" if not split_sites
                else "the export traced the whole graph (see the warning above)" if fell_back
                else "the model has no causal linear attention site (softmax sites keep a KV cache)")
-        warnings.warn(f"export_onnx: chunk_size={chunk_size} chunks nothing: {why}", stacklevel=3)
+        warnings.warn(f"export_onnx: chunk_size={chunk_size} chunks nothing: {why}", LincompileWarning, stacklevel=3)
     meta["chunked_sites"] = chunked
     meta["chunk_size"] = chunk_size if chunked else None
     meta["decode_step_sites"] = counts["step"]

@@ -18,6 +18,7 @@ from lincompile.api import SAVE_FILE
 from lincompile.atomic import check_not_inside, check_replaceable
 from lincompile.cli.args import nonnegative_float, nonnegative_int, positive_float, positive_int
 from lincompile.cli.summary import print_summary
+from lincompile.pretrained import trained
 from lincompile.runtime.medusa import CONFIG_FILE as MEDUSA_CONFIG
 from lincompile.runtime.ngram import DEFAULT_ORDER, TABLE_FILE
 from lincompile.train.draft_model import DistillConfig
@@ -57,9 +58,9 @@ def load_target(name: str, method: str | None, weights: str = "auto") -> tuple[n
 def weights_label(model: Any, weights: str) -> str:
     """Which trained tensors a linearized `load_target(name, method, weights)` model holds: 'saved model' (a
     linearized directory's own), 'none' (untrained), 'default' (the shipped ones) or the `weights` path."""
-    if not hasattr(model, "recipe"):  # set by lincompile.pretrained.linearized, not by lincompile.load
-        return "saved model"
-    return "none" if model.recipe is None else "default" if weights == "auto" else str(weights)
+    loaded = trained(model)
+    return "saved model" if loaded is None else "default" if loaded and weights == "auto" else \
+        str(weights) if loaded else "none"
 
 
 def _frozen_target(args: argparse.Namespace, purpose: str) -> tuple[Any, Any]:
@@ -101,10 +102,10 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
                                     "weights": args.weights if args.method else None})
     final = result.evals[-1] if result.evals else {}
     print_summary({"out": str(result.saved), "heads": args.heads, "steps": args.steps,
-            "train_tokens": int(blocks.numel()), "labels": args.labels,
-            "loss": result.history[-1]["loss"] if result.history else None,
-            "accuracy": final.get("accuracy"), "top5": final.get("top5"),
-            "chain_tokens": final.get("chain_tokens")}, args.json)
+                   "train_tokens": int(blocks.numel()), "labels": args.labels,
+                   "loss": result.history[-1]["loss"] if result.history else None,
+                   "accuracy": final.get("accuracy"), "top5": final.get("top5"),
+                   "chain_tokens": final.get("chain_tokens")}, args.json)
     return 0
 
 
@@ -122,9 +123,9 @@ def cmd_make_draft(args: argparse.Namespace) -> int:
                         eval_blocks=args.eval_blocks, teacher=teacher, progress=not args.no_progress)
     first, last = (result.evals[0], result.evals[-1]) if result.evals else ({}, {})
     print_summary({"out": str(result.saved), "layers": args.layers, "method": result.draft.config.spec.name,
-            "steps": len(result.history), "kl": result.history[-1]["kl"] if result.history else None,
-            "top1_before": first.get("top1"), "top1_after": last.get("top1"),
-            "heldout_kl_after": last.get("kl")}, args.json)
+                   "steps": len(result.history), "kl": result.history[-1]["kl"] if result.history else None,
+                   "top1_before": first.get("top1"), "top1_after": last.get("top1"),
+                   "heldout_kl_after": last.get("kl")}, args.json)
     return 0
 
 
@@ -145,7 +146,7 @@ def cmd_build_ngram(args: argparse.Namespace) -> int:
                                "data": args.data}, order=args.order)
     path = table.save(args.out)
     print_summary({"out": str(path), "tokens": int(blocks.numel()), "order": args.order,
-            "contexts_by_order": table.counts_by_order()}, args.json)
+                   "contexts_by_order": table.counts_by_order()}, args.json)
     return 0
 
 
@@ -156,7 +157,8 @@ def command_parser(sub: Any, name: str, func: Callable[[argparse.Namespace], int
     parser = sub.add_parser(name, help=summary, description=f"{summary}\n\n{description}",
                             epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on error")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on error, and warnings in Python's form")
     parser.set_defaults(func=func)
     return parser
 
@@ -245,8 +247,8 @@ def add_parsers(sub: Any) -> None:
         "At decode time the draft takes each token from prompt lookup (a 3- or 4-token match earlier in the\n"
         "context) or else from the table, and stops where the chain gets unlikely (no draft model runs): use\n"
         "--draft ngram:OUT, or pass lincompile.runtime.ngram.NgramTable.load(OUT) as generate(draft=...).\n"
-        "Greedy output stays identical to plain decoding; the table only changes how many drafts are\n"
-        "accepted. Writes OUT/ngram.json atomically.",
+        "Greedy output stays identical to plain decoding (but for near-ties with 8-bit weights); the table\n"
+        "only changes how many drafts are accepted. Writes OUT/ngram.json atomically.",
         [f"{PROG} build-ngram smollm2-135m --method augmented --out out/ngram --tokens 131072",
          f"{PROG} build-ngram runs/aug1/final --out runs/aug1/ngram"])
     p.add_argument("model", metavar="MODEL_OR_DIR", help="a saved linearized directory (its model is the target), "

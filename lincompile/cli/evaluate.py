@@ -18,6 +18,7 @@ from lincompile.assets import load_model
 from lincompile.cli.args import nonnegative_int, positive_int
 from lincompile.cli.draft_cmd import weights_label
 from lincompile.cli.summary import print_summary
+from lincompile.diagnostics import LincompileWarning
 from lincompile.pretrained import linearized
 from lincompile.train.data import heldout_blocks
 from lincompile.train.eval import perplexity
@@ -43,7 +44,7 @@ def _original_of_saved(directory: Path) -> tuple[torch.nn.Module, Any, torch.nn.
         except Exception as error:  # moved, or another machine: the saved weights are the next best original
             warnings.warn(f"{directory / SAVE_FILE} names {linear.source_model!r} as the model training started "
                           f"from, which does not load here ({str(error).splitlines()[0]}); comparing with the saved "
-                          "weights under softmax attention instead", stacklevel=2)
+                          "weights under softmax attention instead", LincompileWarning, stacklevel=2)
     original = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
     weights = load_file(directory / "model.safetensors")
     missing, _ = original.load_state_dict(weights, strict=False)

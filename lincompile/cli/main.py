@@ -1,6 +1,7 @@
 """The `lincompile` command line: list methods and passes, inspect attention sites, run the pass pipeline.
 
-Errors print one line (`lincompile: error: ...`) and exit 1; `--debug` shows the traceback too.
+Errors print one line (`lincompile: error: ...`) and exit 1, and lincompile's warnings start with
+`lincompile: warning:`; `--debug` shows the traceback too, and warnings in Python's form.
 Progress of slow steps (model load, torch.export capture) goes to stderr.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lincompile.cli.demo import add_demo_arguments, cmd_demo
 from lincompile.cli.evaluate import add_eval_arguments, cmd_eval
 from lincompile.cli.train_cmd import add_train_arguments, cmd_train
 from lincompile.config import LinearizeConfig
+from lincompile.diagnostics import LincompileWarning
 from lincompile.kernels.linear_attention.reference import init_state
 from lincompile.methods.leakage import leakage_report
 from lincompile.methods.spec import get_method, methods
@@ -276,7 +278,8 @@ def _subcommand(sub: Any, name: str, func: Callable[[argparse.Namespace], int], 
                 description: str, example: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=summary, description=f"{summary}\n\n{description}",
                             epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on error")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on error, and warnings in Python's form")
     parser.set_defaults(func=func)
     return parser
 
@@ -293,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog=PROG, description="Turn softmax-attention transformers into "
                                      "linear-attention models with torch.export graph passes.")
-    parser.add_argument("--debug", action="store_true", default=False, help="show tracebacks on error")
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="show tracebacks on error, and warnings in Python's form")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _subcommand(sub, "methods", cmd_methods, "list the registered attention methods",
                 "Each method is a MethodSpec usable as `optimize --method NAME`.", f"{PROG} methods")
@@ -361,13 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line_warnings(python_form: Callable[..., None]) -> Callable[..., None]:
-    """A `warnings.showwarning` printing lincompile's own warnings (raised in the package) as one line,
-    `lincompile: warning: ...`, as errors are; other libraries' keep `python_form`."""
-    package = Path(__file__).resolve().parent.parent
+    """A `warnings.showwarning` printing lincompile's own warnings (`LincompileWarning`) as `lincompile: warning:
+    ...`, as errors are; other libraries' keep `python_form`."""
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None,
              line: str | None = None) -> None:
-        if not Path(filename).resolve().is_relative_to(package):
+        if not issubclass(category, LincompileWarning):
             python_form(message, category, filename, lineno, file, line)
             return
         print(f"{PROG}: warning: {message}", file=sys.stderr if file is None else file, flush=True)

@@ -223,6 +223,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     _check_sampling(args)
     kind = draft_kind(args.draft)[0]  # a misspelt --draft fails before the model loads
+    if kind == "none" and (args.num_draft_tokens is not None or args.adaptive):
+        raise ValueError("--num-draft-tokens and --adaptive set up speculative decoding, which --draft turns on: add "
+                         "--draft (prompt-lookup needs no files)")
     loaded_first = kind in ("ngram", "model")  # needing no target, so a bad DIR fails before the model loads too
     draft = parse_draft(args.draft, None, "torch") if loaded_first else None
     text = _prompt_text(args)

@@ -40,7 +40,7 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
     `prefill_chunk_size`, else 512) beyond fp reordering.
     With `draft` ("prompt-lookup", "medusa", MedusaHeads, an NgramTable or a draft model), speculative decoding
     (`lincompile.runtime.speculative`, one sequence): the same tokens as greedy decoding, the same
-    distribution as sampling.
+    distribution as sampling (an ONNX export with 8-bit weights only up to its rounding: a warning says so).
     """
     if num_beams != 1:
         raise ValueError(f"num_beams={num_beams}: lincompile decodes greedily or by sampling, without beam search; "

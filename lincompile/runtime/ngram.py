@@ -11,7 +11,8 @@ last `min_match` to `max_match` tokens in the context (prompt lookup), else the 
 confidence (a lookup token `lookup_confidence`; a table token count / (seen + 1), 1 with a version-1 table, which
 has no counts); the chain stops before the token that takes the product below `min_confidence` (the first token is
 always drafted), since every drafted token costs verify time. Greedy verification keeps the
-output identical to plain decoding whatever the draft says; the draft only decides how much is accepted.
+output identical to plain decoding whatever the draft says (but for near-ties with 8-bit weights); the draft only
+decides how much is accepted.
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lincompile.diagnostics import LincompileWarning
 from lincompile.passes.linearize import HIDDEN_OUTPUT, VERIFY_WINDOW
 from lincompile.runtime.drafts import DraftContext, Proposal, make_draft, vocab_size
 from lincompile.runtime.prefill import ChunkSize, prefill
@@ -186,17 +187,19 @@ class SpeculativeDecoder:
 
 
 def _warn_if_quantized(target: Any) -> None:
-    """Warn that an export with 8-bit weights (`OrtModel.meta["quantize"]`) loses the identity with plain greedy
+    """Warn that an export with 8-bit weights (`OrtModel.meta["quantize"]`) loses the identity with plain
     decoding: a verify call (several tokens) and a one-token call round differently in float (≤ 1e-4 in the
     logits), and onnxruntime's 8-bit activation blocks turn such last-bit differences into changes as large as the
-    quantization error (about 1 logit on SmolLM2), so a near-tie can go the other way."""
+    quantization error (about 1 logit on SmolLM2), so a near-tie can go the other way when greedy, and sampling
+    draws from the verify calls' distribution, not quite the one-token calls'."""
     quantize = (getattr(target, "meta", None) or {}).get("quantize")
     if quantize:
         warnings.warn(f"speculative decoding of an export with {quantize['bits']}-bit weights: its verify calls and "
-                      "one-token calls round differently and 8-bit activations magnify that, so the output can "
-                      "differ from plain greedy decoding where the top tokens are close (each token is still this "
-                      "model's prediction; bench/speculative.py counts the differing sequences); a float export "
-                      "keeps the outputs identical", stacklevel=5)
+                      "one-token calls round differently and 8-bit activations magnify that (to about the "
+                      "quantization error), so greedy output can differ from plain greedy decoding where the top "
+                      "tokens are close, and sampling follows the verify calls' logits; each token is still this "
+                      "model's prediction (bench/speculative.py counts the differing sequences). A float export "
+                      "keeps both exact", LincompileWarning, stacklevel=5)
 
 
 def _penalized(logits: Tensor, committed: Tensor, ids: Tensor, parents: Tensor, penalty: float) -> Tensor:

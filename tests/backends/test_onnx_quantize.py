@@ -16,6 +16,7 @@ import lincompile
 from lincompile.backends import onnx as lo
 from lincompile.backends import onnx_quantize
 from lincompile.backends.ort import OrtModel
+from lincompile.diagnostics import LincompileWarning
 from lincompile.runtime.speculative import speculative_generate
 from lincompile.testing.tiny import perturb_new_parameters, tiny_model
 
@@ -111,7 +112,7 @@ def test_speculative_decoding_warns_for_8_bit_weights_only(exports):
     and gives plain greedy decoding's output."""
     _, quantized, floating = exports
     ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(2))
-    with pytest.warns(UserWarning, match="8-bit weights: its verify calls and one-token calls round differently"):
+    with pytest.warns(LincompileWarning, match="8-bit weights: its verify calls and one-token calls round differently"):
         speculative_generate(OrtModel.from_dir(quantized, providers=["CPUExecutionProvider"]), ids, 6,
                              "prompt-lookup", 3)
     runner = OrtModel.from_dir(floating, providers=["CPUExecutionProvider"])

@@ -11,6 +11,7 @@ from xml.dom import minidom
 import pytest
 
 from lincompile.cli.main import _site_row, build_parser, main, verify_sample
+from lincompile.diagnostics import LincompileWarning
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.pipeline import DEFAULT_PIPELINE
 from lincompile.testing.tiny import expected_sites, tiny_model
@@ -342,13 +343,13 @@ def test_an_empty_pass_list_is_refused_when_parsed(capsys):
 
 
 def test_lincompiles_warnings_print_as_one_line_and_other_libraries_keep_theirs(capsys, monkeypatch, tmp_path):
-    """A warning raised in the package prints as `lincompile: warning: ...` (one line, as errors do); one raised
-    elsewhere is left to Python's form; --debug leaves both to it."""
+    """A `LincompileWarning` prints as `lincompile: warning: ...`, as errors do; any other category is left to
+    Python's form, wherever it was raised; --debug leaves both to it."""
     import lincompile.cli.main as cli
 
     def command(args):
-        warnings.warn_explicit("ours", UserWarning, cli.__file__, 1)
-        warnings.warn_explicit("theirs", UserWarning, str(tmp_path / "lib.py"), 7)
+        warnings.warn_explicit("ours", LincompileWarning, str(tmp_path / "script.py"), 1)
+        warnings.warn_explicit("theirs", UserWarning, cli.__file__, 7)
         return 0
 
     monkeypatch.setattr(cli, "cmd_inspect", command)

@@ -211,6 +211,12 @@ def test_generate_numbers_are_checked_when_parsed(dirs, capsys, option):
     assert f"argument {option}" in (err := capsys.readouterr().err) and "must be >= 1, got 0" in err
 
 
+def test_draft_options_without_a_draft_are_refused_before_loading(capsys):
+    for option in (["-k", "8"], ["--adaptive"]):
+        assert main(["generate", "/no/such/model", "--prompt", "x", *option]) == 1
+        assert "which --draft turns on: add --draft" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, fragments", [
     (["--temperature", "0.7"], ["--temperature only applies when sampling", "add --sample", "ignore it)"]),
     (["--top-k", "5", "--top-p", "0.9"], ["--top-k, --top-p only apply when", "add --sample", "ignore them)"]),

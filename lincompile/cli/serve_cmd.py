@@ -21,6 +21,7 @@ from lincompile.api import SAVE_FILE
 from lincompile.cli.args import opset_type, positive_float, positive_int, probability
 from lincompile.cli.draft_cmd import command_parser, load_target, weights_label
 from lincompile.cli.summary import format_value, print_summary
+from lincompile.pretrained import trained
 
 __all__ = ["add_parsers", "cmd_export", "cmd_generate", "parse_draft"]
 
@@ -57,7 +58,7 @@ def _linearized(args: argparse.Namespace) -> tuple[Any, Any]:
     model, tokenizer = load_target(args.model, args.method, args.weights)
     if not isinstance(model, LinearizedModel):
         raise ValueError(_SOFTMAX_MODEL.format(model=args.model))
-    if args.method and getattr(model, "recipe", None) is None and model.config.spec.kind != "softmax":  # exact
+    if trained(model) is False and model.config.spec.kind != "softmax":  # exact softmax needs no training
         _log(f"warning: {args.method} is untrained here (no shipped or given weights): expect poor text; train one "
              "with `lincompile train` and pass it as MODEL_OR_DIR")
     return model, tokenizer

@@ -1,13 +1,17 @@
-"""SmolLM2-135M under onnxruntime with and without the decode step's own site form (`export_onnx(decode_step=...)`),
-side by side in one run: decode step, a speculative verify call, prefill, and the logits.
+"""SmolLM2-135M under onnxruntime in several export layouts side by side in one run (with and without the decode
+step's own site form, `export_onnx(decode_step=...)`, or the graph simplification, `simplify=...`): decode step,
+a speculative verify call, prefill, and the logits.
 
-Both exports come from the same linearized model (`lincompile.pretrained.linearized`, the shipped weights when
-there are some) and run on onnxruntime's CPU provider with the same thread count:
+Every export comes from the same linearized model (`lincompile.pretrained.linearized`, the shipped weights when
+there are some) and runs on onnxruntime's CPU provider with the same thread count (`--forms`, default the first
+three; ratios are against `--baseline`, default the first form):
   parallel     every call through each site's parallel form (`decode_step=False`);
   step         one-token calls through the recurrent form, other calls through the parallel one, the two forms
-               in the branches of one `If` per site (the default);
+               in the branches of one `If` per site (the default export);
   step+chunks  the same with calls longer than 64 tokens in chunks inside the graph (`chunk_size=64`), whose
-               `If` a decode step no longer reaches.
+               `If` a decode step no longer reaches;
+  unsimplified `step` as torch.onnx wrote it (`simplify=False`): no shared constants or repeated nodes.
+`--quantize int8` exports every form with 8-bit weights.
 Measured:
   prefill   `--context` held-out tokens through `lincompile.runtime.prefill` in calls of `--prefill-chunk`, and
             one call of `--prefill-chunk` tokens: best of 3 each (what a call of several tokens pays for running
@@ -19,8 +23,9 @@ Measured:
   nodes     how many nodes a one-token call runs: the main graph's once onnxruntime has optimized it (an `If`
             counts one; the branch it does not take runs none, the Identity branch it takes is not counted).
 
-Writes bench/results/onnx_decode_step_<machine>.json; prints the table and the command.
+Writes bench/results/onnx_decode_step[_<tag>]_<machine>.json; prints the table and the command.
     python bench/onnx_decode_step.py --threads 1        # about 7 minutes
+    python bench/onnx_decode_step.py --threads 1 --forms unsimplified step --tag simplify
 """
 from __future__ import annotations
 
@@ -38,7 +43,8 @@ from lincompile.cli.args import positive_int
 from lincompile.runtime.timing import best_time, linear_session, open_ort, report_bench, time_steps
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FORMS = {"parallel": {"decode_step": False}, "step": {}, "step+chunks": {"chunk_size": 64}}  # -> export_onnx
+FORMS = {"parallel": {"decode_step": False}, "step": {}, "step+chunks": {"chunk_size": 64},
+         "unsimplified": {"simplify": False}}  # -> export_onnx
 
 
 def _log(message: str) -> None:
@@ -85,9 +91,9 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
     prompt = heldout_blocks(tokenizer, args.context, 1)
     linear = linearized(model, args.method, weights="auto")
     runners, rows = {}, {}
-    for form, options in FORMS.items():
+    for form in args.forms:
         start = time.perf_counter()
-        export_onnx(linear, scratch / form, **options)
+        export_onnx(linear, scratch / form, quantize=args.quantize, **FORMS[form])
         rows[form] = {"export_s": time.perf_counter() - start, "decode_nodes": decode_nodes(scratch / form, 1)}
         _log(f"export ({form}) took {rows[form]['export_s']:.0f} s; a decode step runs {rows[form]['decode_nodes']} "
              "nodes")
@@ -105,17 +111,19 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
     for form, rate in timings.tokens_per_s().items():
         rows[form]["decode_ms"] = 1e3 / rate
         rows[form]["verify_ms"] = 1e3 * verify[form]
-    for form in FORMS:
-        agree = sum(a == b for a, b in zip(timings.tokens["parallel"], timings.tokens[form]))
-        rows[form]["greedy_steps_agreeing"] = f"{agree} of {len(timings.tokens['parallel'])}"
-        rows[form]["first_step_max_abs_logit_diff"] = (first_step[form] - first_step["parallel"]).abs().max().item()
-    return {"forms": rows, "context": int(prompt.shape[1]), "prefill_chunk": args.prefill_chunk,
-            "verify_tokens": args.verify}
+    base = args.baseline
+    for form in args.forms:
+        agree = sum(a == b for a, b in zip(timings.tokens[base], timings.tokens[form]))
+        rows[form]["greedy_steps_agreeing"] = f"{agree} of {len(timings.tokens[base])}"
+        rows[form]["first_step_max_abs_logit_diff"] = (first_step[form] - first_step[base]).abs().max().item()
+    return {"forms": rows, "baseline": base, "quantize": args.quantize, "context": int(prompt.shape[1]),
+            "prefill_chunk": args.prefill_chunk, "verify_tokens": args.verify}
 
 
 def print_table(result: dict) -> None:
     rows = result["forms"]
-    base = rows["parallel"]
+    name = result.get("baseline", "parallel")  # files written before --baseline compared with parallel
+    base = rows[name]
     chunk, context = result["prefill_chunk"], result["context"]
     print(f"{'':>24}" + "".join(f"  {form:>18}" for form in rows))
     lines = [("decode ms", "decode_ms", True), (f"verify ms, {result['verify_tokens']} tokens", "verify_ms", True),
@@ -126,11 +134,12 @@ def print_table(result: dict) -> None:
                                        else f" ({row[key] / base[key]:.2f}x)") for row in rows.values()]
         print(f"{label:>24}" + "".join(f"  {cell:>18}" for cell in cells))
     print(f"{'nodes a decode step runs':>24}" + "".join(f"  {row['decode_nodes']:>18}" for row in rows.values()))
-    print(f"(decode, verify: ratio = times faster than parallel; prefill: ratio = times parallel's time; the "
-          f"{context}-token prompt in calls of {chunk})")
+    print(f"(decode, verify: ratio = times faster than {name}; prefill: ratio = times {name}'s time; the "
+          f"{context}-token prompt in calls of {chunk}" + (f"; {result['quantize']} weights" if result.get("quantize")
+                                                           else "") + ")")
     for form, row in rows.items():
         if row is not base:
-            print(f"{form}: greedy steps agreeing with parallel {row['greedy_steps_agreeing']}; first step's logits "
+            print(f"{form}: greedy steps agreeing with {name} {row['greedy_steps_agreeing']}; first step's logits "
                   f"differ by at most {row['first_step_max_abs_logit_diff']:.1e}")
 
 
@@ -145,14 +154,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="decode: timed steps per form, the forms taking turns (verify: a fifth as many calls)")
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
                         help="onnxruntime intra-op threads")
+    parser.add_argument("--forms", nargs="+", choices=list(FORMS), default=["parallel", "step", "step+chunks"],
+                        help="the export layouts to compare (default: parallel step step+chunks)")
+    parser.add_argument("--baseline", choices=list(FORMS), default=None,
+                        help="the form the ratios are against (default: the first of --forms)")
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="export every form with 8-bit weights")
+    parser.add_argument("--tag", default="", help="suffix of the result file (onnx_decode_step[_<tag>]_<machine>)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.verify > args.context:
         parser.error(f"--verify {args.verify} is longer than --context {args.context}, which it is taken from")
+    if len(set(args.forms)) != len(args.forms):
+        parser.error("--forms names a form twice")
+    args.baseline = args.baseline or args.forms[0]
+    if args.baseline not in args.forms:
+        parser.error(f"--baseline {args.baseline} is not one of --forms {' '.join(args.forms)}")
     with tempfile.TemporaryDirectory(prefix="lincompile-bench-") as scratch:
         result = run(args, Path(scratch))
     result["method"] = args.method
-    return report_bench(result, args.out, "onnx_decode_step", args.threads, argv, print_table)
+    stem = "onnx_decode_step" + (f"_{args.tag}" if args.tag else "")
+    return report_bench(result, args.out, stem, args.threads, argv, print_table)
 
 
 if __name__ == "__main__":

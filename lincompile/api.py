@@ -4,7 +4,6 @@ from __future__ import annotations
 import inspect as pyinspect
 import json
 import operator
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,7 +14,7 @@ from lincompile.atomic import atomic_directory
 from lincompile.backends.eager import LinearizedModel
 from lincompile.capture.export import CapturedGraph, capture
 from lincompile.config import LinearizeConfig
-from lincompile.diagnostics import LincompileWarning
+from lincompile.diagnostics import warn
 from lincompile.methods.spec import MethodSpec, get_method
 from lincompile.passes.base import PassContext, PassManager, PassResult, Verifier
 from lincompile.passes.detect_attention import WINDOW_PROBE, AttentionSite, UnmatchedSoftmax
@@ -156,14 +155,14 @@ def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, 
         message = "attention-like softmax not recognized:\n  " + "\n  ".join(str(u) for u in report.unmatched)
         if config.strict:
             raise UnrecognizedAttentionError(message)
-        warnings.warn(message + "\nthese nodes were left unchanged", LincompileWarning, stacklevel=2)
+        warn(message + "\nthese nodes were left unchanged")
     _warn_unprobed_window(model, ctx)
     dropped = [note for result in report.passes for note in result.notes if " dropped by " in note]
     if dropped:
-        warnings.warn(f"{len(dropped)} attention terms have no linear form and are dropped (training can recover "
-                      "part of what they did; layers= keeps chosen sites exact):\n  " + "\n  ".join(dropped[:4])
-                      + (f"\n  ... {len(dropped) - 4} more in the returned model's .report" if len(dropped) > 4
-                         else ""), LincompileWarning, stacklevel=2)
+        warn(f"{len(dropped)} attention terms have no linear form and are dropped (training can recover "
+             "part of what they did; layers= keeps chosen sites exact):\n  " + "\n  ".join(dropped[:4])
+             + (f"\n  ... {len(dropped) - 4} more in the returned model's .report" if len(dropped) > 4
+                else ""))
     limit, reason = position_tables(model) or (None, None)
     linearized = LinearizedModel(ctx.gm, ctx.captured.input_names, ctx.captured.output_names, ctx.sites,
                                  ctx.rewritten, config, getattr(model, "config", None), limit,
@@ -183,9 +182,9 @@ def _warn_unprobed_window(model: torch.nn.Module, ctx: PassContext) -> None:
     if isinstance(declared, int) and exact and (declared >= WINDOW_PROBE or not found):
         why = (f"longer than lincompile's mask probe ({WINDOW_PROBE - 1} keys)" if declared >= WINDOW_PROBE
                else "but detection found no window in the masks")
-        warnings.warn(f"the model's config declares sliding_window={declared}, {why}; {len(exact)} causal sites "
-                      "kept exact softmax attend to every past token, so past that many tokens they may differ "
-                      "from the original", LincompileWarning, stacklevel=3)
+        warn(f"the model's config declares sliding_window={declared}, {why}; {len(exact)} causal sites "
+             "kept exact softmax attend to every past token, so past that many tokens they may differ "
+             "from the original")
 
 
 def save(model: LinearizedModel, directory: str | Path, tokenizer: object | None = None) -> Path:
@@ -228,8 +227,8 @@ def _rebuild(hf_config: object, name: str | None, meta_file: Path) -> torch.nn.M
     if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
         return cls(hf_config)
     if name:
-        warnings.warn(f"{meta_file}: saved from {name}, which transformers does not provide; rebuilding it with "
-                      "its Auto class", LincompileWarning, stacklevel=3)
+        warn(f"{meta_file}: saved from {name}, which transformers does not provide; rebuilding it with "
+             "its Auto class")
     try:
         return AutoModelForCausalLM.from_config(hf_config)
     except ValueError:

@@ -45,9 +45,10 @@ from lincompile.atomic import atomic_directory
 from lincompile.backends import onnx_chunks, onnx_sites, onnx_step
 from lincompile.backends.eager import LinearizedModel
 from lincompile.backends.onnx_einsum import lower_einsums
+from lincompile.backends.onnx_simplify import simplify as simplify_graph
 from lincompile.backends.onnx_quantize import SCHEMES, check_scheme, quantize_weights
 from lincompile.capture.export import export_dynamic
-from lincompile.diagnostics import LincompileWarning
+from lincompile.diagnostics import warn
 from lincompile.kernels.linear_attention import reference
 from lincompile.kernels.linear_attention.reference_recurrent import first_token
 from lincompile.methods.spec import MethodSpec
@@ -392,12 +393,12 @@ def _step_template(template: onnx_sites.Template, where: str, batch: Any, seq: A
     try:
         proto = export_template(template, where, batch, seq, opset, optimize, step=True)
     except OnnxLoweringError as error:
-        warnings.warn(f"export_onnx: no decode step form for {where} ({_first_lines(error, 1)}); its one-token calls "
-                      "run the general form", LincompileWarning, stacklevel=4)
+        warn(f"export_onnx: no decode step form for {where} ({_first_lines(error, 1)}); its one-token calls "
+             "run the general form")
         return None
     if any(True for node in proto.graph.node for _ in onnx_chunks.subgraphs(node)):
-        warnings.warn(f"export_onnx: the decode step form of {where} holds a subgraph, which the splicer cannot "
-                      "copy; its one-token calls run the general form", LincompileWarning, stacklevel=4)
+        warn(f"export_onnx: the decode step form of {where} holds a subgraph, which the splicer cannot "
+             "copy; its one-token calls run the general form")
         return None
     return proto
 
@@ -443,7 +444,7 @@ def _export_split(model: LinearizedModel, opset: int | None, optimize: bool, chu
 
 def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer: object | None,
            optimize: bool, split_sites: bool, chunk_size: int | None, quantize: str | None,
-           decode_step: bool) -> None:
+           decode_step: bool, simplify: bool) -> None:
     """Export into `directory` (a fresh temp dir): model.onnx, the JSON, the tokenizer; then check."""
     import onnx
     import onnx_ir as ir
@@ -454,9 +455,8 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
         try:
             proto, version, counts = _export_split(model, opset, optimize, chunk_size, decode_step)
         except (onnx_sites.SpliceError, OnnxLoweringError) as error:  # the whole graph computes the same ops
-            warnings.warn(f"export_onnx: exporting each attention site once failed ({_first_lines(error, 2)}); "
-                          "tracing the whole graph instead (same ops, slower; calls run in one piece)",
-                          LincompileWarning, stacklevel=3)
+            warn(f"export_onnx: exporting each attention site once failed ({_first_lines(error, 2)}); "
+                 "tracing the whole graph instead (same ops, slower; calls run in one piece)")
             proto, fell_back = None, True
     if proto is None:
         example = _example_inputs(model)
@@ -471,6 +471,7 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
                                 "its default")
     path = directory / MODEL_FILE
     lowered, left = lower_einsums(proto)
+    simplified = simplify_graph(proto) if simplify else None
     quantized = 0
     if quantize is not None:
         proto, quantized = quantize_weights(proto, quantize)
@@ -479,13 +480,14 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
     onnx.checker.check_model(str(path))  # path form: works with external data too
     meta = _metadata(model, ir.serde.deserialize_model(proto), tokenizer, version)
     meta["einsum"] = {"lowered_to_matmul": lowered, "left": left}
+    meta["simplified"] = simplified
     meta["sites_spliced"] = counts["spliced"]
     chunked = counts["chunked"]
     if chunk_size is not None and not chunked:
         why = ("split_sites=False traces the whole graph, which takes each call in one piece" if not split_sites
                else "the export traced the whole graph (see the warning above)" if fell_back
                else "the model has no causal linear attention site (softmax sites keep a KV cache)")
-        warnings.warn(f"export_onnx: chunk_size={chunk_size} chunks nothing: {why}", LincompileWarning, stacklevel=3)
+        warn(f"export_onnx: chunk_size={chunk_size} chunks nothing: {why}")
     meta["chunked_sites"] = chunked
     meta["chunk_size"] = chunk_size if chunked else None
     meta["decode_step_sites"] = counts["step"]
@@ -515,7 +517,8 @@ def check_export_options(opset: int | None, chunk_size: int | None, quantize: st
 
 def export_onnx(model: LinearizedModel, out_dir: str | os.PathLike[str], opset: int | None = None,
                 tokenizer: object | None = None, *, optimize: bool = False, split_sites: bool = True,
-                chunk_size: int | None = None, quantize: str | None = None, decode_step: bool = True) -> Path:
+                chunk_size: int | None = None, quantize: str | None = None, decode_step: bool = True,
+                simplify: bool = True) -> Path:
     """Export `model` to `out_dir`/model.onnx + lincompile_onnx.json (+ tokenizer files); returns `out_dir`.
 
     `opset`: default-domain opset (>= 18; None = torch.onnx's default). `optimize`: also run the onnxscript
@@ -533,6 +536,9 @@ def export_onnx(model: LinearizedModel, out_dir: str | os.PathLike[str], opset: 
     `decode_step`: with `split_sites`, causal linear sites run one-token calls through their recurrent form, half
     the nodes of the parallel one (`onnx_step`; the default): a faster decode step, a little more work per call
     of more tokens (see `bench/onnx_decode_step.py`); False: every call through the parallel form.
+    `simplify`: share repeated constants and nodes and drop no-op slices and reshape/unsqueeze chains
+    (`onnx_simplify`: exact, the same outputs bit for bit; onnxruntime does not do it inside the sites' `If`
+    branches), counted in the JSON's `simplified`; False: the graph as torch.onnx wrote it.
 
     Atomic: built in a temp dir beside `out_dir`, checked with `onnx.checker`, then renamed over it.
     Raises `OnnxLoweringError` naming the node/op that could not be lowered; then nothing is written.
@@ -543,5 +549,5 @@ def export_onnx(model: LinearizedModel, out_dir: str | os.PathLike[str], opset: 
     check_export_options(opset, chunk_size, quantize)
     target = Path(out_dir)
     with atomic_directory(target, META_FILE) as tmp:
-        _write(model, tmp, opset, tokenizer, optimize, split_sites, chunk_size, quantize, decode_step)
+        _write(model, tmp, opset, tokenizer, optimize, split_sites, chunk_size, quantize, decode_step, simplify)
     return target

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -50,7 +49,7 @@ except ImportError:  # torch 2.11, the GPU image's (bench/gpu_session.sh runs th
 from lincompile.capture.check import attention_op
 from lincompile.capture.export import CapturedGraph
 from lincompile.config import LinearizeConfig
-from lincompile.diagnostics import LincompileWarning
+from lincompile.diagnostics import warn
 from lincompile.passes.base import Pass, PassContext, PassManager, PassResult
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.linearize import Linearize
@@ -184,7 +183,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any],
         message = "attention-like softmax not recognized:\n  " + "\n  ".join(str(u) for u in ctx.unmatched)
         if config.strict:
             raise UnrecognizedAttentionError(message)
-        warnings.warn(message + "\nthese nodes were left unchanged", LincompileWarning, stacklevel=2)
+        warn(message + "\nthese nodes were left unchanged")
     return ctx.gm, ctx.sites, results
 
 

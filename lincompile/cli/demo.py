@@ -55,15 +55,16 @@ class DemoOptions:
     steps: int = 16
     eval_blocks: int = 4
     draft: str = "prompt-lookup"
-    num_draft_tokens: int = 4
+    num_draft_tokens: int | None = None  # None: the draft's own default
     new_tokens: int = 32
 
     def command(self) -> str:
         """The `lincompile demo` command line that runs these options."""
         return (f"lincompile demo --out {shlex.quote(str(self.out))} --method {self.method} --weights {self.weights} "
                 f"--context {self.context} --long-context {self.long_context} --steps {self.steps} "
-                f"--eval-blocks {self.eval_blocks} --draft {self.draft} --num-draft-tokens {self.num_draft_tokens} "
-                f"--new-tokens {self.new_tokens}")
+                f"--eval-blocks {self.eval_blocks} --draft {self.draft} "
+                + (f"--num-draft-tokens {self.num_draft_tokens} " if self.num_draft_tokens else "")
+                + f"--new-tokens {self.new_tokens}")
 
 
 def _log(message: str) -> None:
@@ -126,7 +127,8 @@ def _draft(opts: DemoOptions) -> Any:
     if draft_kind(opts.draft)[0] in ("none", "medusa"):
         raise ValueError(f"--draft {opts.draft}: the demo times speculative decoding against plain decoding of a "
                          "fresh linearization; use prompt-lookup, ngram:DIR or model:DIR")
-    check_num_draft_tokens(opts.num_draft_tokens)
+    if opts.num_draft_tokens is not None:
+        check_num_draft_tokens(opts.num_draft_tokens)
     return parse_draft(opts.draft, None, "torch")
 
 
@@ -141,7 +143,8 @@ def _generate(linear: Any, tokenizer: Any, prompt: torch.Tensor, opts: DemoOptio
     plain_rate = opts.new_tokens / (time.perf_counter() - start)
     out, stats = speculative_generate(linear, prompt, opts.new_tokens, draft, opts.num_draft_tokens)
     return {"prompt": tokenizer.decode(prompt[0]), "continuation": tokenizer.decode(out[0, prompt.shape[1]:]),
-            "accepted_drafts_per_call": stats.mean_accepted, "tokens_per_call": stats.tokens_per_call,
+            "num_draft_tokens": stats.num_draft_tokens, "accepted_drafts_per_call": stats.mean_accepted,
+            "tokens_per_call": stats.tokens_per_call,
             "speculative_tokens_per_s": stats.new_tokens / stats.seconds, "plain_tokens_per_s": plain_rate,
             "speculative_identical_to_greedy": bool(torch.equal(out, plain))}
 
@@ -253,7 +256,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     del hf
     clock.lap("decode_long")
 
-    _log(f"generating {opts.new_tokens} tokens: speculative ({opts.draft}, k={opts.num_draft_tokens}) and plain")
+    k = f"k={opts.num_draft_tokens}" if opts.num_draft_tokens else "its default k"
+    _log(f"generating {opts.new_tokens} tokens: speculative ({opts.draft}, {k}) and plain")
     generation = _generate(linear, tokenizer, heldout_blocks(tokenizer, PROMPT_TOKENS, 1), opts, draft)
     clock.lap("generate")
     result: dict[str, Any] = {
@@ -265,7 +269,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         "tokens_per_s": {str(opts.context): speed_short, str(opts.long_context): speed_long},
         "lincompile_engines_agree": {str(opts.context): agree_short, str(opts.long_context): agree_long},
         "compile_error": compile_error, "hf_long_context_cache": "random keys/values", "draft": opts.draft,
-        "num_draft_tokens": opts.num_draft_tokens, "state_bytes": long.state.nbytes(),
+        "state_bytes": long.state.nbytes(),
         "kv_cache_bytes": {str(opts.context): kv_short, str(opts.long_context): kv_long},
         **generation, "seconds": clock.seconds, "options": {k: str(v) for k, v in asdict(opts).items()},
         "command": opts.command(), "plot": str(opts.out / "decode.png"),
@@ -356,6 +360,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="speculative draft: prompt-lookup (default), ngram:DIR (lincompile build-ngram) or "
                              "model:DIR (lincompile make-draft)")
     parser.add_argument("--num-draft-tokens", type=positive_int, default=defaults.num_draft_tokens,
-                        help="drafted tokens per target call (default 4)")
+                        help="drafted tokens per target call (default: the draft's, 8 for prompt-lookup and ngram, "
+                             "4 for model)")
     parser.add_argument("--new-tokens", type=positive_int, default=defaults.new_tokens,
                         help="tokens generated after the held-out prompt (default 32)")

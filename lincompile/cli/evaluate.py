@@ -6,7 +6,6 @@ linearization on that text.
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from lincompile.assets import load_model
 from lincompile.cli.args import nonnegative_int, positive_int
 from lincompile.cli.draft_cmd import weights_label
 from lincompile.cli.summary import print_summary
-from lincompile.diagnostics import LincompileWarning
+from lincompile.diagnostics import warn
 from lincompile.pretrained import linearized
 from lincompile.train.data import heldout_blocks
 from lincompile.train.eval import perplexity
@@ -42,9 +41,9 @@ def _original_of_saved(directory: Path) -> tuple[torch.nn.Module, Any, torch.nn.
         try:
             return linear, tokenizer, load_model(linear.source_model)[0].eval(), linear.source_model
         except Exception as error:  # moved, or another machine: the saved weights are the next best original
-            warnings.warn(f"{directory / SAVE_FILE} names {linear.source_model!r} as the model training started "
-                          f"from, which does not load here ({str(error).splitlines()[0]}); comparing with the saved "
-                          "weights under softmax attention instead", LincompileWarning, stacklevel=2)
+            warn(f"{directory / SAVE_FILE} names {linear.source_model!r} as the model training started "
+                 f"from, which does not load here ({str(error).splitlines()[0]}); comparing with the saved "
+                 "weights under softmax attention instead")
     original = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
     weights = load_file(directory / "model.safetensors")
     missing, _ = original.load_state_dict(weights, strict=False)

@@ -27,7 +27,7 @@ from lincompile.cli.demo import add_demo_arguments, cmd_demo
 from lincompile.cli.evaluate import add_eval_arguments, cmd_eval
 from lincompile.cli.train_cmd import add_train_arguments, cmd_train
 from lincompile.config import LinearizeConfig
-from lincompile.diagnostics import LincompileWarning
+from lincompile.diagnostics import LincompileWarning, warn
 from lincompile.kernels.linear_attention.reference import init_state
 from lincompile.methods.leakage import leakage_report
 from lincompile.methods.spec import get_method, methods
@@ -187,7 +187,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if unmatched and config.strict:
         raise UnrecognizedAttentionError("attention-like softmax not recognized: " + "; ".join(unmatched))
     for u in unmatched:
-        _log(f"warning: attention-like softmax not recognized, left unchanged: {u}")
+        warn(f"attention-like softmax not recognized, left unchanged: {u}")
     final = report.passes[-1] if report.passes else None
     if args.json:
         print(json.dumps({"model": args.model, "method": get_method(config.method).name, **report.to_dict(),

@@ -21,16 +21,13 @@ from lincompile.api import SAVE_FILE
 from lincompile.cli.args import opset_type, positive_float, positive_int, probability
 from lincompile.cli.draft_cmd import command_parser, load_target, weights_label
 from lincompile.cli.summary import format_value, print_summary
+from lincompile.diagnostics import warn
 from lincompile.pretrained import trained
 
 __all__ = ["add_parsers", "cmd_export", "cmd_generate", "parse_draft"]
 
 PROG = "lincompile"
 DRAFTS = "none, prompt-lookup, ngram:DIR, medusa:DIR or model:DIR"
-#: Drafted tokens per target call when --num-draft-tokens is not given, by draft kind: 8 for the drafts that run no
-#: model (the fastest k for both on onnxruntime, bench/results/speculative_ort_int8.json), 4 for Medusa heads and a
-#: draft model (the k their benchmarks ran).
-DEFAULT_DRAFT_TOKENS = {"prompt-lookup": 8, "ngram": 8, "medusa": 4, "model": 4}
 
 
 _SOFTMAX_MODEL = ("{model} is a softmax model: add --method METHOD (augmented: the paper's method, with shipped "
@@ -59,8 +56,8 @@ def _linearized(args: argparse.Namespace) -> tuple[Any, Any]:
     if not isinstance(model, LinearizedModel):
         raise ValueError(_SOFTMAX_MODEL.format(model=args.model))
     if trained(model) is False and model.config.spec.kind != "softmax":  # exact softmax needs no training
-        _log(f"warning: {args.method} is untrained here (no shipped or given weights): expect poor text; train one "
-             "with `lincompile train` and pass it as MODEL_OR_DIR")
+        warn(f"{args.method} is untrained here (no shipped or given weights): expect poor text; train one with "
+             "`lincompile train` and pass it as MODEL_OR_DIR")
     return model, tokenizer
 
 
@@ -80,7 +77,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     _log(f"exporting to ONNX in {args.out} (SmolLM2-135M takes about a minute on 2 CPU cores) ...")
     start = time.perf_counter()
     out = export_onnx(model, args.out, opset=args.opset, tokenizer=tokenizer, optimize=args.optimize,
-                      chunk_size=args.chunk_size, quantize=args.quantize, decode_step=args.decode_step)
+                      chunk_size=args.chunk_size, quantize=args.quantize, decode_step=args.decode_step,
+                      simplify=args.simplify)
     meta = json.loads((out / META_FILE).read_text())
     summary = {"out": str(out), "method": model.config.spec.name, "weights": weights_label(model, args.weights),
                "tokenizer": tokenizer is not None,
@@ -111,8 +109,8 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, str]:
                              "and --weights")
         model = open_ort(path, torch.get_num_threads(), cpu_only=False)
         if model.meta.get("trained") is False and any(m["kind"] != "softmax" for m in model.meta["methods"].values()):
-            _log(f"warning: {path} was exported untrained: expect poor text; export a trained model (--method with "
-                 f"shipped weights, or a `{PROG} train` output)")
+            warn(f"{path} was exported untrained: expect poor text; export a trained model (--method with shipped "
+                 f"weights, or a `{PROG} train` output)")
         if model.tokenizer is None:
             raise ValueError(f"{path} was exported without a tokenizer, so text cannot be encoded for it: export "
                              f"again from a model directory that holds its tokenizer (`{PROG} export` copies it), or "
@@ -247,9 +245,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if draft is None:
         out = generate(model, ids, args.max_new_tokens, **sampling)
     else:
-        k = args.num_draft_tokens or DEFAULT_DRAFT_TOKENS[kind]
-        out, stats = speculative_generate(model, ids, args.max_new_tokens, draft, k, adaptive=args.adaptive,
-                                          **sampling)
+        out, stats = speculative_generate(model, ids, args.max_new_tokens, draft, args.num_draft_tokens,
+                                          adaptive=args.adaptive, **sampling)
     end = time.perf_counter()
     new = out[0, ids.shape[1]:]
     first = streamer.first_token - streamer.start
@@ -258,7 +255,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                "first_token_s": round(first, 3),
                "tokens_per_s": round((new.numel() - 1) / (end - streamer.first_token), 2) if new.numel() > 1 else None}
     if draft is not None:  # new tokens / target calls after the prefill, as bench/speculative.py counts them
-        summary["num_draft_tokens"] = k
+        summary["num_draft_tokens"] = stats.num_draft_tokens
         summary["tokens_per_call"] = round(stats.tokens_per_call, 2)
     if args.json:
         print(json.dumps({"text": tokenizer.decode(new, skip_special_tokens=True), **summary}))
@@ -308,6 +305,10 @@ def add_parsers(sub: Any) -> None:
                         "run a decode step through their recurrent form (on SmolLM2 a quarter as many nodes): a "
                         "faster decode step, and multi-token calls (prefill, speculative verify) as fast as "
                         "without it (see bench/onnx_decode_step.py)")
+    p.add_argument("--no-simplify", dest="simplify", action="store_false",
+                   help="keep the graph as torch.onnx wrote it. Default: share repeated constants and nodes and drop "
+                        "no-op slices and unsqueeze/reshape chains, which onnxruntime leaves inside the sites' If "
+                        "branches (exact: the same outputs bit for bit; see bench/onnx_decode_step.py)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p = command_parser(
         sub, "generate", cmd_generate, "generate text with a linearized model (PyTorch or onnxruntime)",

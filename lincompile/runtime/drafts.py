@@ -5,6 +5,9 @@ proposes up to k tokens after them: a chain, or a tree (`parents`, -1 = child of
 `q` it also gives the distribution each token was drawn from, which speculative sampling needs; without it
 the proposal is deterministic (q is one-hot on the proposed token). After verification the runtime calls
 `accepted(n)`: the first n proposed tokens were kept (a tree reports its accepted path instead).
+Each draft kind names the k it drafts when the caller gives none (`default_num_draft_tokens`): for prompt lookup
+and the n-gram table the fastest k measured with the shipped model, in PyTorch and onnxruntime alike (README,
+speculative decoding).
 """
 from __future__ import annotations
 
@@ -39,8 +42,12 @@ class DraftContext:
     hidden: Tensor | None
 
 
+DEFAULT_NUM_DRAFT_TOKENS = 4  # for a draft that names no k of its own
+
+
 class Draft(Protocol):
     name: str
+    default_num_draft_tokens: int
 
     def propose(self, context: DraftContext, k: int, sampling: SamplingConfig,
                 generator: torch.Generator | None) -> Proposal: ...
@@ -53,6 +60,7 @@ class PromptLookupDraft:
     `max_ngram` down to `min_ngram`) and propose the tokens that followed it. No model; deterministic."""
 
     name = "prompt-lookup"
+    default_num_draft_tokens = 8  # bench/speculative.py: faster than 4 on both runtimes, about as fast as 12
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:
@@ -88,6 +96,7 @@ class ModelDraft:
     snapshot per drafted token makes rollback free) or a Hugging Face model (its KV cache is cropped)."""
 
     name = "model"
+    default_num_draft_tokens = DEFAULT_NUM_DRAFT_TOKENS  # measured at k = 4 only (bench/results/speculative_*)
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -158,6 +167,7 @@ class MedusaDraft:
     drawn from head i (its distribution is q). Needs the target's `hidden_states` output."""
 
     name = "medusa"
+    default_num_draft_tokens = DEFAULT_NUM_DRAFT_TOKENS  # k = 2 and 4 both slower than plain on this CPU
 
     def __init__(self, heads: Any, tree: bool = True) -> None:
         self.heads = heads

@@ -27,7 +27,7 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              max_length: int | None = None, num_beams: int = 1, streamer: object | None = None,
              generator: torch.Generator | None = None, prefill_chunk_size: ChunkSize = "auto",
-             draft: object = None, num_draft_tokens: int = 4, adaptive: bool = False) -> torch.Tensor:
+             draft: object = None, num_draft_tokens: int | None = None, adaptive: bool = False) -> torch.Tensor:
     """Prompt + up to `max_new_tokens` tokens, [batch, prompt + new]; finished rows repeat `pad_token_id`, else eos
     (the first id when `eos_token_id` lists several, any of which ends a row). A padded batch must be
     left-padded. As in Hugging Face's `generate`: `max_length` counts the prompt too and applies when
@@ -40,7 +40,8 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
     `prefill_chunk_size`, else 512) beyond fp reordering.
     With `draft` ("prompt-lookup", "medusa", MedusaHeads, an NgramTable or a draft model), speculative decoding
     (`lincompile.runtime.speculative`, one sequence): the same tokens as greedy decoding, the same
-    distribution as sampling (an ONNX export with 8-bit weights only up to its rounding: a warning says so).
+    distribution as sampling (an ONNX export with 8-bit weights only up to its rounding: a warning says so);
+    `num_draft_tokens` per target call, by default the draft's own (`speculative_generate`).
     """
     if num_beams != 1:
         raise ValueError(f"num_beams={num_beams}: lincompile decodes greedily or by sampling, without beam search; "

@@ -15,16 +15,15 @@ emitted token is then distributed as the target would sample it.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lincompile.diagnostics import LincompileWarning
+from lincompile.diagnostics import warn
 from lincompile.passes.linearize import HIDDEN_OUTPUT, VERIFY_WINDOW
-from lincompile.runtime.drafts import DraftContext, Proposal, make_draft, vocab_size
+from lincompile.runtime.drafts import DEFAULT_NUM_DRAFT_TOKENS, DraftContext, Proposal, make_draft, vocab_size
 from lincompile.runtime.prefill import ChunkSize, prefill
 from lincompile.runtime.sampling import SamplingConfig, eos_ids, penalize, probabilities, sample
 from lincompile.runtime.state import (RecurrentState, check_new_tokens, first_position, position_limit,
@@ -37,6 +36,7 @@ class SpeculativeStats:
     """Counts of one generation: target calls (prefill excluded), drafted and accepted draft tokens."""
 
     target_calls: int = 0
+    num_draft_tokens: int = 0  # the k asked for (the draft's default when none was given)
     drafted: int = 0
     accepted: int = 0
     new_tokens: int = 0
@@ -101,15 +101,19 @@ class SpeculativeDecoder:
     """One sequence (batch 1) decoded speculatively. `prefill(ids)`, then `step()` until done; `tokens` holds
     every committed token (the last is pending) and `state` the target state of all but the last."""
 
-    def __init__(self, target: Any, draft: Any, num_draft_tokens: int = 4, sampling: SamplingConfig | None = None,
-                 generator: torch.Generator | None = None, adaptive: bool = False,
-                 prefill_chunk_size: ChunkSize = "auto") -> None:
-        check_num_draft_tokens(num_draft_tokens)
+    def __init__(self, target: Any, draft: Any, num_draft_tokens: int | None = None,
+                 sampling: SamplingConfig | None = None, generator: torch.Generator | None = None,
+                 adaptive: bool = False, prefill_chunk_size: ChunkSize = "auto") -> None:
+        if num_draft_tokens is not None:
+            check_num_draft_tokens(num_draft_tokens)  # before any work
         require_decodable(target, "speculative decoding")
+        self.draft = make_draft(draft, target)
+        if num_draft_tokens is None:
+            num_draft_tokens = getattr(self.draft, "default_num_draft_tokens", DEFAULT_NUM_DRAFT_TOKENS)
+            check_num_draft_tokens(num_draft_tokens)
         _warn_if_quantized(target)
         self.target = target
         self.max_positions = position_limit(target)
-        self.draft = make_draft(draft, target)
         self.k = num_draft_tokens
         self.max_k = num_draft_tokens
         self.adaptive = adaptive
@@ -117,7 +121,7 @@ class SpeculativeDecoder:
         self.sampling = sampling or SamplingConfig()
         self.generator = generator
         self.sites = commit_sites(target)
-        self.stats = SpeculativeStats()
+        self.stats = SpeculativeStats(num_draft_tokens=num_draft_tokens)
         self.tokens = torch.zeros(0, dtype=torch.long)
         self.state: RecurrentState | None = None
         self.hidden: Tensor | None = None
@@ -194,12 +198,12 @@ def _warn_if_quantized(target: Any) -> None:
     draws from the verify calls' distribution, not quite the one-token calls'."""
     quantize = (getattr(target, "meta", None) or {}).get("quantize")
     if quantize:
-        warnings.warn(f"speculative decoding of an export with {quantize['bits']}-bit weights: its verify calls and "
-                      "one-token calls round differently and 8-bit activations magnify that (to about the "
-                      "quantization error), so greedy output can differ from plain greedy decoding where the top "
-                      "tokens are close, and sampling follows the verify calls' logits; each token is still this "
-                      "model's prediction (bench/speculative.py counts the differing sequences). A float export "
-                      "keeps both exact", LincompileWarning, stacklevel=5)
+        warn(f"speculative decoding of an export with {quantize['bits']}-bit weights: its verify calls and "
+             "one-token calls round differently and 8-bit activations magnify that (to about the "
+             "quantization error), so greedy output can differ from plain greedy decoding where the top "
+             "tokens are close, and sampling follows the verify calls' logits; each token is still this "
+             "model's prediction (bench/speculative.py counts the differing sequences). A float export "
+             "keeps both exact")
 
 
 def _penalized(logits: Tensor, committed: Tensor, ids: Tensor, parents: Tensor, penalty: float) -> Tensor:
@@ -241,7 +245,8 @@ def _check_one_sequence(input_ids: Tensor) -> None:
 
 
 @torch.no_grad()
-def speculative_generate(model: Any, input_ids: Tensor, max_new_tokens: int, draft: Any, num_draft_tokens: int = 4,
+def speculative_generate(model: Any, input_ids: Tensor, max_new_tokens: int, draft: Any,
+                         num_draft_tokens: int | None = None,
                          *, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                          top_p: float | None = None, repetition_penalty: float = 1.0,
                          eos_token_id: int | None = None, streamer: Any = None,
@@ -249,7 +254,8 @@ def speculative_generate(model: Any, input_ids: Tensor, max_new_tokens: int, dra
                          attention_mask: Tensor | None = None,
                          prefill_chunk_size: ChunkSize = "auto") -> tuple[Tensor, SpeculativeStats]:
     """Prompt + up to `max_new_tokens` tokens [1, prompt + new], and the acceptance statistics. `eos_token_id`:
-    one id or several (any ends the sequence)."""
+    one id or several (any ends the sequence). `num_draft_tokens` (k): None drafts the draft's own default
+    (8 for prompt lookup and the n-gram table, 4 for Medusa heads and draft models)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     input_ids = torch.as_tensor(input_ids)

@@ -108,13 +108,17 @@ def test_8_bit_weights_combine_with_chunks_in_the_graph(tmp_path):
 
 def test_speculative_decoding_warns_for_8_bit_weights_only(exports):
     """An int8 export's verify calls and one-token calls round differently and its 8-bit activations magnify that,
-    so speculative decoding says its output can differ from plain greedy decoding; a float export's stays silent
-    and gives plain greedy decoding's output."""
+    so speculative decoding says its output can differ from plain greedy decoding (at the caller's line, however
+    it was called); a float export's stays silent and gives plain greedy decoding's output."""
     _, quantized, floating = exports
     ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(2))
-    with pytest.warns(LincompileWarning, match="8-bit weights: its verify calls and one-token calls round differently"):
-        speculative_generate(OrtModel.from_dir(quantized, providers=["CPUExecutionProvider"]), ids, 6,
-                             "prompt-lookup", 3)
+    target = OrtModel.from_dir(quantized, providers=["CPUExecutionProvider"])
+    match = "8-bit weights: its verify calls and one-token calls round differently"
+    with pytest.warns(LincompileWarning, match=match) as direct:
+        speculative_generate(target, ids, 6, "prompt-lookup", 3)
+    with pytest.warns(LincompileWarning, match=match) as through_generate:
+        target.generate(ids, 6, draft="prompt-lookup", num_draft_tokens=3)
+    assert [w.filename for w in (*direct, *through_generate)] == [__file__] * 2  # the caller's line, not lincompile's
     runner = OrtModel.from_dir(floating, providers=["CPUExecutionProvider"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")

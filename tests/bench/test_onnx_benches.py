@@ -41,8 +41,15 @@ def test_8_bit_smollm2_keeps_its_perplexity(tmp_path):
 
 @pytest.mark.slow
 def test_the_decode_step_form_halves_the_nodes_and_keeps_the_tokens(tmp_path):
-    result = _run("onnx_decode_step.py", tmp_path, "--context", "70", "--prefill-chunk", "64", "--rounds", "3")
+    """The step form runs far fewer nodes and keeps the greedy tokens; simplifying removes nodes without changing
+    a bit (the same logit differences from parallel)."""
+    result = _run("onnx_decode_step.py", tmp_path, "--context", "70", "--prefill-chunk", "64", "--rounds", "3",
+                  "--forms", "parallel", "step", "step+chunks", "unsimplified")
     forms = result["forms"]
+    assert result["baseline"] == "parallel"
+    assert forms["unsimplified"]["decode_nodes"] > 1.1 * forms["step"]["decode_nodes"]
+    assert forms["unsimplified"]["greedy_steps_agreeing"] == forms["step"]["greedy_steps_agreeing"]
+    assert forms["unsimplified"]["first_step_max_abs_logit_diff"] == forms["step"]["first_step_max_abs_logit_diff"]
     for form in ("step", "step+chunks"):
         assert forms[form]["decode_nodes"] < 0.6 * forms["parallel"]["decode_nodes"]
         agree, _, steps = forms[form]["greedy_steps_agreeing"].partition(" of ")

@@ -82,8 +82,9 @@ class CubedScoresAttention(torch.nn.Module):
 def test_unrecognized_attention_is_reported_and_strict_raises():
     model = CubedScoresAttention().eval()
     inputs = {"input_ids": torch.randint(0, 50, (2, 6))}
-    with pytest.warns(UserWarning, match="softmax"):
+    with pytest.warns(lincompile.LincompileWarning, match="softmax") as caught:
         linear = lincompile.optimize(model, "softmax", inputs=inputs)
+    assert caught[0].filename == __file__  # the caller's line, not lincompile's
     assert len(linear.report.unmatched) == 1
     assert "softmax" in linear.report.unmatched[0].node
     with pytest.raises(UnrecognizedAttentionError, match="score chain"):

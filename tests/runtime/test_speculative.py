@@ -7,7 +7,7 @@ import torch
 
 import lincompile
 from lincompile.methods.spec import get_method
-from lincompile.runtime.drafts import Proposal, PromptLookupDraft
+from lincompile.runtime.drafts import DEFAULT_NUM_DRAFT_TOKENS, Proposal, PromptLookupDraft
 from lincompile.runtime.sampling import SamplingConfig, probabilities
 from lincompile.runtime.speculative import SpeculativeDecoder, accept_greedy, accept_sampled, speculative_generate
 from lincompile.testing.tiny import tiny_model
@@ -216,6 +216,29 @@ def test_prompt_lookup_proposes_what_followed_the_last_ngram():
     proposal = draft.propose(DraftContext(tokens, None), 3, SamplingConfig(), None)
     assert proposal.tokens.tolist() == [8, 9, 1]
     assert len(draft.propose(DraftContext(torch.tensor([1, 2, 3]), None), 3, SamplingConfig(), None)) == 0
+
+
+class RepeatLast:
+    """A draft of its own kind, naming no default k: proposes the last token k times."""
+
+    name = "repeat-last"
+
+    def propose(self, context, k, sampling, generator):
+        return Proposal(context.tokens[-1:].repeat(k))
+
+    def accepted(self, path):
+        pass
+
+
+def test_k_defaults_to_the_drafts_own(target):
+    """Without num_draft_tokens each draft drafts its own default k (prompt lookup 8), a draft naming none 4;
+    a given k wins. The stats record the k asked for."""
+    prompt = _prompts(1)[0]
+    assert PromptLookupDraft.default_num_draft_tokens == 8 and DEFAULT_NUM_DRAFT_TOKENS == 4
+    for draft, k, expected in (("prompt-lookup", None, 8), ("prompt-lookup", 3, 3), (RepeatLast(), None, 4)):
+        _, stats = speculative_generate(target, prompt, 12, draft, k)
+        assert stats.num_draft_tokens == expected, draft
+    assert stats.drafted == 4 * stats.target_calls  # RepeatLast proposes k tokens on every call
 
 
 def test_bad_arguments_get_clear_errors(target, draft_model):

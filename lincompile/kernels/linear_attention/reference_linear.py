@@ -87,9 +87,15 @@ def grouped_alpha(spec: MethodSpec, alpha: Tensor, pos: Tensor) -> Tensor:
     sums, shaped [B, 1, 1] or [B, 1, 1, T] to broadcast over KV heads and their query heads."""
     if not spec.global_cap:
         return alpha
-    summed = (pos // spec.group_size * spec.group_size).to(alpha.dtype)
+    summed = group_start(pos, spec.group_size).to(alpha.dtype)
     gain = alpha * (spec.global_cap / summed.clamp_min(1)).clamp_max(1)
     return gain.reshape(pos.shape[0], 1, 1, *pos.shape[1:])
+
+
+def group_start(pos: Tensor, size: int) -> Tensor:
+    """The first position of each integer position's group, pos // size * size, written pos - pos % size: the
+    same integers (both floor), two ONNX ops where a floor division takes seven."""
+    return pos - pos % size
 
 
 def _per_head(mask: Tensor) -> Tensor:
@@ -118,7 +124,7 @@ def mix(spec: MethodSpec, params: dict[str, Tensor], q: Tensor, q_pos: Tensor, c
     groups = heads // kv_heads
     qg = q.to(ctx.v.dtype).reshape(batch, kv_heads, groups, t, dk)
     seen = visible & ctx.real[:, None, :]
-    same_group = (q_pos[:, :, None] // spec.group_size) == (ctx.pos[:, None, :] // spec.group_size)
+    same_group = group_start(q_pos, spec.group_size)[:, :, None] == group_start(ctx.pos, spec.group_size)[:, None, :]
     out = qg.new_zeros(batch, kv_heads, groups, t, dv)
     if spec.global_branch != "none" or spec.local in ("relu2", "yoso"):
         out = out + _kernel_terms(spec, params, qg, q_pos, ctx, seen, same_group, parts, r0, scale)
@@ -203,7 +209,7 @@ def fold(spec: MethodSpec, params: dict[str, Tensor], ctx: Context, parts: dict[
         if spec.global_branch == "inclusive":
             taken = real & ctx.fresh
         else:  # tokens of completed groups, including the old buffer's once its group completes
-            taken = real & ctx.kernel & (ctx.pos < (end // spec.group_size * spec.group_size)[:, None])
+            taken = real & ctx.kernel & (ctx.pos < group_start(end, spec.group_size)[:, None])
         weight = taken[:, None, :].to(fk.dtype).expand(-1, fk.shape[1], -1)  # [B, Hkv, N]
         if spec.decay:
             log_gamma = _log_gamma(params)[None, :, None]
@@ -214,7 +220,7 @@ def fold(spec: MethodSpec, params: dict[str, Tensor], ctx: Context, parts: dict[
         if "normalizer" in parts:
             new["normalizer"] = carry * parts["normalizer"] + torch.einsum("bhn,bhnf->bhf", weight, fk)
     if spec.uses_groups:
-        base = end // spec.group_size * spec.group_size
+        base = group_start(end, spec.group_size)
         onehot = _slots(ctx.pos - base[:, None], real & ctx.kernel, spec.group_size, ctx.v.dtype)
         new["group_keys"] = torch.einsum("bnj,bhnd->bhjd", onehot, ctx.k)
         new["group_values"] = torch.einsum("bnj,bhnd->bhjd", onehot, ctx.v)

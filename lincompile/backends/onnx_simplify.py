@@ -9,23 +9,26 @@ At a decode step each node costs microseconds whatever its size. The rewrites, i
   or an enclosing graph's, defined earlier) is replaced by it;
 - repeated nodes: a deterministic node of the default domain with the same op, inputs and attributes as an
   earlier node of its graph is replaced by that node's outputs;
-- a Slice with starts 0, steps 1 and ends past any length (>= 2**31 - 1): its input, used directly;
+- a Slice with starts 0, steps 1 and ends at INT64 max (what torch.onnx writes for `:`): its input, used directly;
 - Unsqueeze(Unsqueeze(x, a), b), the inner one used once: one Unsqueeze with the merged axes (constant,
   non-negative axes);
 - Reshape(Reshape(x, s), t), the inner one used once, t a constant without 0 (0 copies an input dim): Reshape(x, t).
 
 Invariant: every value a node or a graph output reads is the same tensor as before (same shape, dtype and
-numbers); graph inputs and outputs (of the model or a branch) keep their names and producers.
+numbers); graph inputs and outputs (of the model or a branch) keep their names and producers. A name that is
+defined more than once in the model (a branch or loop body reusing a name, which ONNX scoping allows) is never
+renamed nor read in place of another, since renames are by name; nor is an initializer that a graph input can
+override.
 tests/backends/test_onnx_simplify.py runs each rewrite against onnxruntime.
 """
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-LONGEST = 2**31 - 1  # an end at or past this is past the end of any axis onnxruntime can hold
+LONGEST = np.iinfo(np.int64).max  # a Slice end this large is past the end of any axis (torch.onnx writes it)
 SHARED_ELEMENTS = 64  # constants up to this size are shared
 _SAME_VALUES = ("Reshape", "Squeeze", "Unsqueeze", "Identity")  # ops that keep a tensor's values in order
 _INTEGER = {6: np.int32, 7: np.int64}  # TensorProto.INT32, INT64
@@ -38,14 +41,14 @@ def simplify(model: Any) -> dict[str, int]:
     graphs = list(_graphs(model.graph))
     uses = Counter(name for graph in graphs for node in graph.node for name in node.input)
     uses.update(o.name for graph in graphs for o in graph.output)
-    fixed = {v.name for graph in graphs for v in (*graph.input, *graph.output)}
+    defined = Counter(name for graph in graphs for name in (*(v.name for v in graph.input),
+                                                            *(t.name for t in graph.initializer),
+                                                            *(o for node in graph.node for o in node.output)))
+    twice = {name for name, count in defined.items() if count > 1} | {""}
+    fixed = twice | {v.name for graph in graphs for v in (*graph.input, *graph.output)}
     counts = dict.fromkeys(("shared_constant", "repeated_node", "noop_slice", "unsqueeze_chain", "reshape_chain"), 0)
-    renamed: dict[str, str] = {}
-    _Walk(model.graph, {}, {}, uses, fixed, renamed, counts).run()
-    for graph in graphs:
-        for node in graph.node:
-            for i, name in enumerate(node.input):
-                node.input[i] = _resolve(renamed, name)
+    # consumers come after producers (in enclosing graphs too), so each node's inputs are renamed when it is visited
+    _Walk(model.graph, {}, {}, uses, _Names(fixed, twice), {}, counts).run()
     return counts
 
 
@@ -86,8 +89,16 @@ def _small(array: np.ndarray) -> np.ndarray | None:
     return array if array.size <= SHARED_ELEMENTS and array.dtype != object else None
 
 
-def _key(array: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
-    return array.dtype.str, array.shape, array.tobytes()
+def _key(array: np.ndarray) -> tuple[str, str, tuple[int, ...], bytes]:
+    return array.dtype.name, array.dtype.str, array.shape, array.tobytes()  # names tell int4 from float8 ("<V1")
+
+
+class _Names(NamedTuple):
+    """`fixed`: names never renamed (graph inputs and outputs, and `twice`); `twice`: names defined more than once
+    in the model (a branch or loop body may reuse a name), which never stand in for another name either."""
+
+    fixed: set[str]
+    twice: set[str]
 
 
 class _Walk:
@@ -95,9 +106,10 @@ class _Walk:
     `shared` (value key -> name) hold what the graph can read so far, the enclosing graphs' included."""
 
     def __init__(self, graph: Any, constants: dict[str, np.ndarray], shared: dict[Any, str], uses: Counter[str],
-                 fixed: set[str], renamed: dict[str, str], counts: dict[str, int]) -> None:
+                 names: _Names, renamed: dict[str, str], counts: dict[str, int]) -> None:
         self.graph, self.constants, self.shared = graph, dict(constants), dict(shared)
-        self.uses, self.fixed, self.renamed, self.counts = uses, fixed, renamed, counts
+        self.uses, self.names, self.renamed, self.counts = uses, names, renamed, counts
+        self.fixed = names.fixed
         self.producer: dict[str, int] = {}  # name -> index of its node (node wrappers' ids are not stable)
         self.seen: dict[Any, int] = {}  # a node's op, inputs and attributes -> index of the latest such node
         self.dropped: set[int] = set()
@@ -107,7 +119,7 @@ class _Walk:
 
         kept = []
         for tensor in self.graph.initializer:
-            array = numpy_helper.to_array(tensor) if _few(tensor) else None
+            array = _small(numpy_helper.to_array(tensor)) if _few(tensor) else None
             if array is not None and not self._share(tensor.name, array):
                 continue
             kept.append(tensor)
@@ -122,12 +134,14 @@ class _Walk:
 
     def _share(self, name: str, array: np.ndarray) -> bool:
         """Record a constant's value; False when an equal one is readable already (`name` then reads it)."""
+        if name in self.fixed:  # a graph input may override it; a name defined twice is not one value; an output
+            return True  # keeps its name
         key = _key(array)
-        if key in self.shared and name not in self.fixed:
+        if key in self.shared:
             self._rename(name, self.shared[key])
             self.counts["shared_constant"] += 1
             return False
-        self.shared.setdefault(key, name)
+        self.shared[key] = name
         if array.dtype in (np.int32, np.int64) and array.ndim <= 1:
             self.constants[name] = array.reshape(-1)
         return True
@@ -156,7 +170,8 @@ class _Walk:
             if value is not None and not self._share(node.output[0], value):
                 self._drop(index)
                 return
-        if node.op_type == "Slice" and node.output[0] not in self.fixed and _noop_slice(node, self._const):
+        if (node.op_type == "Slice" and node.output[0] not in self.fixed and node.input[0] not in self.names.twice
+                and _noop_slice(node, self._const)):
             self._rename(node.output[0], node.input[0])
             self._drop(index)
             self.counts["noop_slice"] += 1
@@ -167,21 +182,30 @@ class _Walk:
             key = (node.op_type, tuple(node.input), len(node.output),
                    tuple(sorted(a.SerializeToString() for a in node.attribute)))
             earlier = self.seen.get(key)
-            if earlier is not None and earlier not in self.dropped and not self.fixed.intersection(node.output):
+            if earlier is not None and earlier not in self.dropped and self._same_outputs(node, earlier):
                 for old, new in zip(node.output, self.graph.node[earlier].output):
-                    self._rename(old, new)
+                    if old:
+                        self._rename(old, new)
                 self._drop(index)
                 self.counts["repeated_node"] += 1
                 return
-            self.seen[key] = index
+            if not self.names.twice.intersection(filter(None, node.output)):
+                self.seen[key] = index
         for sub in subgraphs:
-            _Walk(sub, self.constants, self.shared, self.uses, self.fixed, self.renamed, self.counts).run()
+            _Walk(sub, self.constants, self.shared, self.uses, self.names, self.renamed, self.counts).run()
         if node.op_type in _SAME_VALUES and node.input and self._const(node.input[0]) is not None:
             self.constants[node.output[0]] = self._const(node.input[0])
         elif node.op_type == "Cast" and self._const(node.input[0]) is not None and node.attribute[0].i in _INTEGER:
             self.constants[node.output[0]] = self._const(node.input[0]).astype(_INTEGER[node.attribute[0].i])
         for name in node.output:
             self.producer[name] = index
+
+    def _same_outputs(self, node: Any, earlier: int) -> bool:
+        """Whether `node`'s outputs can read the earlier node's: none fixed, and each present where the earlier
+        node's is (an optional output left out has no value to stand in for)."""
+        outputs = self.graph.node[earlier].output
+        return (not self.fixed.intersection(filter(None, node.output))
+                and all(bool(new) or not old for old, new in zip(node.output, outputs)))
 
     def _merge_chain(self, node: Any) -> None:
         """Fold the node's producer into it: Unsqueeze(Unsqueeze) and Reshape(Reshape), the inner used once."""
@@ -218,6 +242,8 @@ def _few(tensor: Any) -> bool:
 
 def _noop_slice(node: Any, const: Any) -> bool:
     """Whether a Slice (inputs data, starts, ends[, axes[, steps]]) copies its input whole."""
+    if len(node.input) < 3:  # opset < 10 keeps the bounds in attributes
+        return False
     starts, ends = const(node.input[1]), const(node.input[2])
     steps = const(node.input[4]) if len(node.input) > 4 and node.input[4] else np.ones(1, dtype=np.int64)
     if starts is None or ends is None or steps is None:

@@ -113,7 +113,7 @@ def test_a_slice_of_a_whole_axis_goes_and_random_nodes_stay():
              helper.make_node("Sub", ["r1", "r2"], ["d"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [2, 3])],
                               [helper.make_tensor_value_info(name, 1, [2, 3]) for name in ("y", "d")],
-                              [_const("zero", [0]), _const("longest", [2**31 - 1])])
+                              [_const("zero", [0]), _const("longest", [2**63 - 1])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     x = np.array([[-1, 2, -3], [4, -5, 6]], dtype=np.float32)
     assert simplify(model)["noop_slice"] == 1 and [n.op_type for n in model.graph.node].count("RandomUniformLike") == 2
@@ -159,3 +159,67 @@ def _graphs(graph: onnx.GraphProto):
         for attribute in node.attribute:
             if attribute.HasField("g"):
                 yield from _graphs(attribute.g)
+
+
+def _same_after_simplify(model: onnx.ModelProto, *feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    """Simplify `model` and check every output against the original's on each of `feeds`; returns the counts."""
+    before = [_run(model, f) for f in feeds]
+    counts = simplify(model)
+    for old, f in zip(before, feeds):
+        for a, b in zip(old, _run(model, f), strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), (f, a, b)
+    return counts
+
+
+def _vi(name: str, dtype: int, shape: list[int]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def test_a_name_defined_twice_and_an_overridable_initializer_are_left_alone():
+    """ONNX lets sibling branches each define `c` (here 64 and 5, beside an outer 64), and a graph input override
+    an initializer of its name: renames by name must not reach either."""
+    branches = {side: helper.make_graph([helper.make_node("Constant", [], ["c"], value=_const("v", value)),
+                                         helper.make_node("Mod", ["n", "c"], [f"{side}_out"])],
+                                        side, [], [_vi(f"{side}_out", 7, [2])])
+                for side, value in (("then", 64), ("else", 5))}
+    nodes = [helper.make_node("Mod", ["n", "k64"], ["m"]),
+             helper.make_node("If", ["flag"], ["y"], then_branch=branches["then"], else_branch=branches["else"])]
+    graph = helper.make_graph(nodes, "g", [_vi("n", 7, [2]), _vi("flag", TensorProto.BOOL, [])],
+                              [_vi("y", 7, [2]), _vi("m", 7, [2])], [_const("k64", 64)])
+    n = np.array([70, 130], dtype=np.int64)
+    _same_after_simplify(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+                         {"n": n, "flag": np.array(False)}, {"n": n, "flag": np.array(True)})
+    graph = helper.make_graph([helper.make_node("Constant", [], ["c"], value=_const("v", 64)),
+                               helper.make_node("Mod", ["n", "c"], ["y"])],
+                              "g", [_vi("k", 7, []), _vi("n", 7, [2])], [_vi("y", 7, [2])], [_const("k", 64)])
+    counts = _same_after_simplify(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+                                  {"n": n, "k": np.array(3, dtype=np.int64)}, {"n": n})
+    assert counts["shared_constant"] == 0
+
+
+@pytest.mark.parametrize("first_mean", ["", "mean"])
+def test_repeated_nodes_with_optional_outputs_left_out(first_mean):
+    """A repeat whose optional output is left out reads the earlier node's; one that needs an output the earlier
+    node left out stays; an input left out ("") is never renamed."""
+    x, scale = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(3, np.float32)
+    nodes = [helper.make_node("LayerNormalization", ["x", "s"], ["y1", first_mean]),
+             helper.make_node("LayerNormalization", ["x", "s"], ["y2", ""]),
+             helper.make_node("LayerNormalization", ["x", "s"], ["y3", "mean3"]),
+             helper.make_node("Clip", ["y2", "", "top"], ["z"])]
+    outputs = [_vi("z", 1, [2, 3]), _vi("y1", 1, [2, 3]), _vi("y3", 1, [2, 3]), _vi("mean3", 1, [2, 1])]
+    graph = helper.make_graph(nodes, "g", [_vi("x", 1, [2, 3])], outputs,
+                              [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(np.float32(0.5), "top")])
+    counts = _same_after_simplify(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), {"x": x})
+    assert counts["repeated_node"] == 1  # y2 reads y1 either way; y3 (an output) and mean3 stay
+
+
+def test_constants_of_different_types_with_the_same_bytes_stay_apart():
+    """int4 -1 and uint4 15 (and two float8 types) hold the same byte, under numpy's one void dtype."""
+    for kinds, values in (((TensorProto.INT4, TensorProto.UINT4), (-1, 15)),
+                          ((TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ), (1.0, 0.5))):
+        tensors = [helper.make_tensor(name, kind, [1], [value])
+                   for name, kind, value in zip("ab", kinds, values)]
+        nodes = [helper.make_node("Cast", [name], [f"y{name}"], to=TensorProto.FLOAT) for name in "ab"]
+        graph = helper.make_graph(nodes, "g", [], [_vi("ya", 1, [1]), _vi("yb", 1, [1])], tensors)
+        counts = _same_after_simplify(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), {})
+        assert counts["shared_constant"] == 0

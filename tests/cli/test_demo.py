@@ -67,11 +67,12 @@ def test_demo_prints_the_table_and_writes_its_outputs(tmp_path, capsys):
     assert f"lincompile augmented ({result['weights_label']})" in header
     for row in ("held-out perplexity (255 tokens)", "decode tok/s @ 64: onnxruntime",
                 "decode tok/s @ 256: torch.compile", "decode memory per sequence @ 256",
-                "speculative (prompt-lookup, k=4): tokens per call"):
+                "speculative (prompt-lookup, k=8): tokens per call"):  # prompt lookup's own default k
         assert row in out, row
     assert out.rstrip().splitlines()[-1] == f"reproduce: lincompile demo {shlex.join(args[:2])} --method augmented " \
         "--weights auto --context 64 --long-context 256 --steps 2 --eval-blocks 1 --draft prompt-lookup " \
-        "--num-draft-tokens 4 --new-tokens 12"
+        "--new-tokens 12"
+    assert result["num_draft_tokens"] == 8
     assert f"held-out prompt:\n{result['prompt']}" in out and result["prompt"].startswith("HAMLET")
     assert result["continuation"].strip() and result["continuation"] in out
 

@@ -43,12 +43,13 @@ def simplify(model: Any) -> dict[str, int]:
     uses.update(o.name for graph in graphs for o in graph.output)
     defined = Counter(name for graph in graphs for name in (*(v.name for v in graph.input),
                                                             *(t.name for t in graph.initializer),
+                                                            *(t.values.name for t in graph.sparse_initializer),
                                                             *(o for node in graph.node for o in node.output)))
     twice = {name for name, count in defined.items() if count > 1} | {""}
     fixed = twice | {v.name for graph in graphs for v in (*graph.input, *graph.output)}
     counts = dict.fromkeys(("shared_constant", "repeated_node", "noop_slice", "unsqueeze_chain", "reshape_chain"), 0)
     # consumers come after producers (in enclosing graphs too), so each node's inputs are renamed when it is visited
-    _Walk(model.graph, {}, {}, uses, _Names(fixed, twice), {}, counts).run()
+    _Walk(model.graph, {}, {}, uses, _Names(fixed, twice, set(defined) | set(uses)), {}, counts).run()
     return counts
 
 
@@ -82,7 +83,9 @@ def _constant_value(node: Any) -> np.ndarray | None:
              "value_float": lambda: np.array(attribute.f, dtype=np.float32),
              "value_floats": lambda: np.array(attribute.floats, dtype=np.float32),
              "value": lambda: numpy_helper.to_array(attribute.t)}.get(attribute.name)
-    return None if value is None else _small(value())
+    if value is None or (attribute.name == "value" and attribute.t.data_location != 0):  # external data: not read
+        return None
+    return _small(value())
 
 
 def _small(array: np.ndarray) -> np.ndarray | None:
@@ -95,10 +98,12 @@ def _key(array: np.ndarray) -> tuple[str, str, tuple[int, ...], bytes]:
 
 class _Names(NamedTuple):
     """`fixed`: names never renamed (graph inputs and outputs, and `twice`); `twice`: names defined more than once
-    in the model (a branch or loop body may reuse a name), which never stand in for another name either."""
+    in the model (a branch or loop body may reuse a name), which never stand in for another name nor carry a
+    known value; `taken`: every name in use, which a new name must avoid."""
 
     fixed: set[str]
     twice: set[str]
+    taken: set[str]
 
 
 class _Walk:
@@ -193,12 +198,23 @@ class _Walk:
                 self.seen[key] = index
         for sub in subgraphs:
             _Walk(sub, self.constants, self.shared, self.uses, self.names, self.renamed, self.counts).run()
-        if node.op_type in _SAME_VALUES and node.input and self._const(node.input[0]) is not None:
-            self.constants[node.output[0]] = self._const(node.input[0])
-        elif node.op_type == "Cast" and self._const(node.input[0]) is not None and node.attribute[0].i in _INTEGER:
-            self.constants[node.output[0]] = self._const(node.input[0]).astype(_INTEGER[node.attribute[0].i])
+        value = self._const(node.input[0]) if node.input and node.output[0] not in self.names.twice else None
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if value is not None and node.op_type in _SAME_VALUES:
+            self.constants[node.output[0]] = value
+        elif value is not None and node.op_type == "Cast" and to in _INTEGER:
+            self.constants[node.output[0]] = value.astype(_INTEGER[to])
         for name in node.output:
             self.producer[name] = index
+
+    def _new_name(self, base: str) -> str:
+        """`base`, or `base` with a suffix, not used anywhere in the model; recorded as used."""
+        name, suffix = base, 0
+        while name in self.names.taken:
+            suffix += 1
+            name = f"{base}_{suffix}"
+        self.names.taken.add(name)
+        return name
 
     def _same_outputs(self, node: Any, earlier: int) -> bool:
         """Whether `node`'s outputs can read the earlier node's: none fixed, and each present where the earlier
@@ -219,7 +235,7 @@ class _Walk:
             axes = _merged_axes(self._const(inner.input[1]), self._const(node.input[1]))
             if axes is None:
                 return
-            name = f"{node.output[0]}/axes"
+            name = self._new_name(f"{node.output[0]}/axes")
             self.graph.initializer.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), name))
             self.constants[name] = np.array(axes, dtype=np.int64)
             self.uses[name] += 1
@@ -254,7 +270,7 @@ def _noop_slice(node: Any, const: Any) -> bool:
 def _merged_axes(first: np.ndarray | None, second: np.ndarray | None) -> list[int] | None:
     """The axes of one Unsqueeze doing Unsqueeze(first) then Unsqueeze(second); None unless both are known and
     non-negative (a negative axis counts from a rank this does not know)."""
-    if first is None or second is None or (first < 0).any() or (second < 0).any():
+    if first is None or second is None or not first.size or not second.size or (first < 0).any() or (second < 0).any():
         return None
     later = sorted(int(a) for a in second)
     kept = [p for p in range(len(later) + int(first.max()) + 1) if p not in later]  # where the first's dims land

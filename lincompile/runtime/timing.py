@@ -164,19 +164,28 @@ def open_ort(onnx_dir: Path, threads: int, cpu_only: bool = True) -> Any:
 
 def time_steps(sessions: dict[str, Step], warmup: int, rounds: int, steps: int) -> Timings:
     """Run `warmup` untimed steps per session, then `rounds` rounds of `steps` timed steps per session, the
-    sessions interleaved within each round. Each session takes warmup + rounds * steps steps in all."""
+    sessions interleaved within each round, in reverse order every other round: taking turns in a fixed order, the
+    same onnxruntime export measured about 2% slower in the first place than in the second on this CPU (a one-off
+    check), so each session takes both places equally often. Each session takes warmup + rounds * steps steps in
+    all."""
     timings = Timings({name: [] for name in sessions}, {name: [] for name in sessions})
     for name, step in sessions.items():
         for _ in range(warmup):
             timings.tokens[name].append(int(step().argmax()))
-    for _ in range(rounds):
-        for name, step in sessions.items():
+    for turn in range(rounds):
+        for name, step in alternate(sessions, turn):
             for _ in range(steps):
                 start = time.perf_counter()
                 logits = step()
                 timings.steps[name].append(time.perf_counter() - start)
                 timings.tokens[name].append(int(logits.argmax()))
     return timings
+
+
+def alternate(items: dict[str, Any], turn: int) -> list[tuple[str, Any]]:
+    """`items`' pairs in order on even turns, reversed on odd ones (`time_steps`)."""
+    pairs = list(items.items())
+    return pairs if turn % 2 == 0 else pairs[::-1]
 
 
 def best_time(call: Callable[[], Any], repeats: int) -> tuple[float, Any]:

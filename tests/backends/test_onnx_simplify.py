@@ -223,3 +223,34 @@ def test_constants_of_different_types_with_the_same_bytes_stay_apart():
         graph = helper.make_graph(nodes, "g", [], [_vi("ya", 1, [1]), _vi("yb", 1, [1])], tensors)
         counts = _same_after_simplify(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), {})
         assert counts["shared_constant"] == 0
+
+
+def test_a_loop_body_input_hides_an_outer_constant_of_its_name():
+    """The body's input `s` (1 on every pass) is not the outer `s` = Identity(0): its Slice is no no-op."""
+    body = helper.make_graph([helper.make_node("Identity", ["cond"], ["cond_out"]),
+                              helper.make_node("Identity", ["s"], ["s_out"]),
+                              helper.make_node("Slice", ["x", "s", "end"], ["sliced"]),
+                              helper.make_node("Identity", ["sliced"], ["scan_out"])],
+                             "body", [_vi("i", 7, []), _vi("cond", TensorProto.BOOL, []), _vi("s", 7, [1])],
+                             [_vi("cond_out", TensorProto.BOOL, []), _vi("s_out", 7, [1]), _vi("scan_out", 7, [2])])
+    nodes = [helper.make_node("Identity", ["zero"], ["s"]),
+             helper.make_node("Loop", ["trip", "", "one"], ["s_final", "ys"], body=body)]
+    graph = helper.make_graph(nodes, "g", [_vi("x", 7, [3])], [_vi("ys", 7, [1, 2]), _vi("s", 7, [1])],
+                              [_const("zero", [0]), _const("end", [2**63 - 1]), _const("trip", 1), _const("one", [1])])
+    counts = _same_after_simplify(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+                                  {"x": np.array([10, 20, 30], dtype=np.int64)})
+    assert counts["noop_slice"] == 0
+
+
+def test_merged_unsqueeze_axes_get_a_name_of_their_own():
+    """The merged axes' new initializer must not take a name in use (here `u/axes`, what it would be called), nor
+    does an Unsqueeze without axes get merged."""
+    nodes = [helper.make_node("Unsqueeze", ["x", "zero"], ["a"]), helper.make_node("Unsqueeze", ["a", "zero"], ["u"]),
+             helper.make_node("Unsqueeze", ["x", "u/axes"], ["w"]), helper.make_node("Unsqueeze", ["x", "none"], ["v"]),
+             helper.make_node("Unsqueeze", ["v", "none"], ["vv"])]
+    graph = helper.make_graph(nodes, "g", [_vi("x", 7, [3])],
+                              [_vi("u", 7, [1, 1, 3]), _vi("w", 7, [3, 1]), _vi("vv", 7, [3])],
+                              [_const("zero", [0]), _const("u/axes", [1]), _const("none", [])])
+    counts = _same_after_simplify(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+                                  {"x": np.array([70, 130, 9], dtype=np.int64)})
+    assert counts["unsqueeze_chain"] == 1

@@ -77,7 +77,7 @@ def test_hf_random_cache_has_the_requested_length_and_decodes(hf):
     assert logits[0].shape == (1, hf.config.vocab_size) and all(bool(x.isfinite().all()) for x in logits)
 
 
-def test_time_steps_warms_up_then_interleaves_rounds():
+def test_time_steps_warms_up_then_interleaves_rounds_in_alternating_order():
     calls: list[str] = []
 
     def session(name: str):
@@ -87,7 +87,7 @@ def test_time_steps_warms_up_then_interleaves_rounds():
         return step
 
     timings = time_steps({"a": session("a"), "b": session("b")}, warmup=1, rounds=2, steps=2)
-    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"]
     assert {name: len(v) for name, v in timings.steps.items()} == {"a": 4, "b": 4}
     assert timings.tokens == {"a": [1] * 5, "b": [1] * 5}
     assert all(rate > 0 for rate in timings.tokens_per_s().values())

@@ -19,7 +19,8 @@ Measured:
   verify    the median call of `--verify` tokens after that prompt (a speculative verify of `--verify` - 1
             drafts), the exports taking turns call by call for `--rounds` / 5 calls each;
   decode    the median greedy single-token step after that prompt, the exports taking turns step by step for
-            `--rounds` steps each (in reverse order every other round, `time_steps`); how many greedy tokens agree, and the first step's largest logit difference;
+            `--rounds` steps each (in reverse order every other round, `time_steps`); how many greedy tokens
+            agree, and the first step's largest logit difference;
   nodes     how many nodes a one-token call runs: the main graph's once onnxruntime has optimized it (an `If`
             counts one; the branch it does not take runs none, the Identity branch it takes is not counted).
 

@@ -45,8 +45,8 @@ from lincompile.atomic import atomic_directory
 from lincompile.backends import onnx_chunks, onnx_sites, onnx_step
 from lincompile.backends.eager import LinearizedModel
 from lincompile.backends.onnx_einsum import lower_einsums
-from lincompile.backends.onnx_simplify import simplify as simplify_graph
 from lincompile.backends.onnx_quantize import SCHEMES, check_scheme, quantize_weights
+from lincompile.backends.onnx_simplify import simplify as simplify_graph
 from lincompile.capture.export import export_dynamic
 from lincompile.diagnostics import warn
 from lincompile.kernels.linear_attention import reference

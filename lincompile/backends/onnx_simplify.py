@@ -28,6 +28,8 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
+from lincompile.backends.onnx_chunks import subgraphs
+
 LONGEST = np.iinfo(np.int64).max  # a Slice end this large is past the end of any axis (torch.onnx writes it)
 SHARED_ELEMENTS = 64  # constants up to this size are shared
 _SAME_VALUES = ("Reshape", "Squeeze", "Unsqueeze", "Identity")  # ops that keep a tensor's values in order
@@ -57,12 +59,8 @@ def _graphs(graph: Any) -> Iterator[Any]:
     """`graph` and every subgraph in it, depth first."""
     yield graph
     for node in graph.node:
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             yield from _graphs(sub)
-
-
-def _subgraphs(node: Any) -> list[Any]:
-    return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
 
 
 def _resolve(renamed: dict[str, str], name: str) -> str:
@@ -72,7 +70,7 @@ def _resolve(renamed: dict[str, str], name: str) -> str:
 
 
 def _constant_value(node: Any) -> np.ndarray | None:
-    """The tensor a Constant node holds, when it is small enough to share."""
+    """The tensor a Constant node holds, when it is small enough to share (a tensor is read only then)."""
     from onnx import numpy_helper
 
     if len(node.attribute) != 1:
@@ -82,18 +80,16 @@ def _constant_value(node: Any) -> np.ndarray | None:
              "value_ints": lambda: np.array(attribute.ints, dtype=np.int64),
              "value_float": lambda: np.array(attribute.f, dtype=np.float32),
              "value_floats": lambda: np.array(attribute.floats, dtype=np.float32),
-             "value": lambda: numpy_helper.to_array(attribute.t)}.get(attribute.name)
-    if value is None or (attribute.name == "value" and attribute.t.data_location != 0):  # external data: not read
-        return None
-    return _small(value())
+             "value": lambda: numpy_helper.to_array(attribute.t) if _few(attribute.t) else None}.get(attribute.name)
+    return None if value is None else _small(value())
 
 
-def _small(array: np.ndarray) -> np.ndarray | None:
-    return array if array.size <= SHARED_ELEMENTS and array.dtype != object else None
+def _small(array: np.ndarray | None) -> np.ndarray | None:
+    return array if array is not None and array.size <= SHARED_ELEMENTS and array.dtype != object else None
 
 
-def _key(array: np.ndarray) -> tuple[str, str, tuple[int, ...], bytes]:
-    return array.dtype.name, array.dtype.str, array.shape, array.tobytes()  # names tell int4 from float8 ("<V1")
+def _key(array: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
+    return array.dtype.name, array.shape, array.tobytes()  # the name tells int4 from float8 (both "<V1")
 
 
 class _Names(NamedTuple):
@@ -114,7 +110,6 @@ class _Walk:
                  names: _Names, renamed: dict[str, str], counts: dict[str, int]) -> None:
         self.graph, self.constants, self.shared = graph, dict(constants), dict(shared)
         self.uses, self.names, self.renamed, self.counts = uses, names, renamed, counts
-        self.fixed = names.fixed
         self.producer: dict[str, int] = {}  # name -> index of its node (node wrappers' ids are not stable)
         self.seen: dict[Any, int] = {}  # a node's op, inputs and attributes -> index of the latest such node
         self.dropped: set[int] = set()
@@ -139,8 +134,8 @@ class _Walk:
 
     def _share(self, name: str, array: np.ndarray) -> bool:
         """Record a constant's value; False when an equal one is readable already (`name` then reads it)."""
-        if name in self.fixed:  # a graph input may override it; a name defined twice is not one value; an output
-            return True  # keeps its name
+        if name in self.names.fixed:  # a graph input may override it, a name defined twice is not one value, an
+            return True  # output keeps its name
         key = _key(array)
         if key in self.shared:
             self._rename(name, self.shared[key])
@@ -165,25 +160,25 @@ class _Walk:
 
     def _single_use(self, index: int) -> bool:
         name = self.graph.node[index].output[0]
-        return self.uses[name] == 1 and name not in self.fixed
+        return self.uses[name] == 1 and name not in self.names.fixed
 
     def _visit(self, index: int, node: Any) -> None:
         for i, name in enumerate(node.input):
             node.input[i] = _resolve(self.renamed, name)
-        if node.op_type == "Constant" and node.output[0] not in self.fixed:
+        if node.op_type == "Constant" and node.output[0] not in self.names.fixed:
             value = _constant_value(node)
             if value is not None and not self._share(node.output[0], value):
                 self._drop(index)
                 return
-        if (node.op_type == "Slice" and node.output[0] not in self.fixed and node.input[0] not in self.names.twice
-                and _noop_slice(node, self._const)):
+        if (node.op_type == "Slice" and node.output[0] not in self.names.fixed
+                and node.input[0] not in self.names.twice and _noop_slice(node, self._const)):
             self._rename(node.output[0], node.input[0])
             self._drop(index)
             self.counts["noop_slice"] += 1
             return
         self._merge_chain(node)
-        subgraphs = _subgraphs(node)
-        if not subgraphs and node.domain in ("", "ai.onnx") and node.op_type not in _RANDOM:
+        held = list(subgraphs(node))
+        if not held and node.domain in ("", "ai.onnx") and node.op_type not in _RANDOM:
             key = (node.op_type, tuple(node.input), len(node.output),
                    tuple(sorted(a.SerializeToString() for a in node.attribute)))
             earlier = self.seen.get(key)
@@ -196,7 +191,7 @@ class _Walk:
                 return
             if not self.names.twice.intersection(filter(None, node.output)):
                 self.seen[key] = index
-        for sub in subgraphs:
+        for sub in held:
             _Walk(sub, self.constants, self.shared, self.uses, self.names, self.renamed, self.counts).run()
         value = self._const(node.input[0]) if node.input and node.output[0] not in self.names.twice else None
         to = next((a.i for a in node.attribute if a.name == "to"), None)
@@ -220,7 +215,7 @@ class _Walk:
         """Whether `node`'s outputs can read the earlier node's: none fixed, and each present where the earlier
         node's is (an optional output left out has no value to stand in for)."""
         outputs = self.graph.node[earlier].output
-        return (not self.fixed.intersection(filter(None, node.output))
+        return (not self.names.fixed.intersection(filter(None, node.output))
                 and all(bool(new) or not old for old, new in zip(node.output, outputs)))
 
     def _merge_chain(self, node: Any) -> None:
@@ -252,7 +247,7 @@ class _Walk:
 
 
 def _few(tensor: Any) -> bool:
-    """Whether an initializer is small enough to share (and stored in the proto, not in external data)."""
+    """Whether a TensorProto is small enough to share (and stored in the proto, not in external data)."""
     return int(np.prod(tensor.dims, dtype=np.int64)) <= SHARED_ELEMENTS and tensor.data_location == 0
 
 

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lincompile
 from lincompile.backends import onnx as lo
-from lincompile.backends.onnx_simplify import _merged_axes, simplify
+from lincompile.backends.onnx_simplify import _graphs, _merged_axes, simplify
 from lincompile.backends.ort import OrtModel
 from lincompile.testing.tiny import perturb_new_parameters, tiny_model
 
@@ -30,8 +30,7 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
 
 def _count(graph: onnx.GraphProto, op: str) -> int:
     """Nodes of type `op` in `graph` and its subgraphs."""
-    return sum((node.op_type == op) + sum(_count(a.g, op) for a in node.attribute if a.HasField("g"))
-               for node in graph.node)
+    return sum(node.op_type == op for g in _graphs(graph) for node in g.node)
 
 
 def test_merged_axes_insert_the_same_dims_as_two_unsqueezes():
@@ -152,13 +151,6 @@ def test_a_simplified_export_computes_the_same_bits(exports):
     sizes = [sum(len(g.node) for g in _graphs(onnx.load(str(d / lo.MODEL_FILE)).graph)) for d in (simplified, plain)]
     assert sizes[0] < sizes[1]
 
-
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("g"):
-                yield from _graphs(attribute.g)
 
 
 def _same_after_simplify(model: onnx.ModelProto, *feeds: dict[str, np.ndarray]) -> dict[str, int]:

@@ -12,6 +12,7 @@ calls and one-token calls round differently, and 8-bit activations magnify that;
     python bench/speculative.py --runtime ort --ngram DIR1 DIR2 --ks 4,8 # two tables side by side
     python bench/speculative.py --runtime ort --onnx-dir A B --ngram DIR  # two exports side by side
     python bench/speculative.py --prompts 20 --new-tokens 64 --ks 4 --weights none --draft-model layers:4 --medusa zero
+    python bench/speculative.py --quantize int8 --ks 4,8  # torch: float and 8-bit linear layers side by side
     python bench/speculative.py --quick                 # 2 prompts x 16 tokens, k in 2,4
 """
 from __future__ import annotations
@@ -69,6 +70,8 @@ def _targets(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
                 linear.export_onnx(str(directory), tokenizer=tokenizer)
             targets[name] = open_ort(directory, args.threads, cpu_only=False)
         return targets, linear, tokenizer
+    if args.quantize:  # the float model and its quantized twin side by side
+        return {"torch": linear, f"torch-{args.quantize}": linear.quantize(args.quantize)}, linear, tokenizer
     return {"torch": linear}, linear, tokenizer
 
 
@@ -236,12 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx-dir", type=Path, nargs="+", default=None,
                         help="with --runtime ort: reuse the export in each directory, or export there (default: a "
                              "new temporary directory); several are decoded side by side, prompt by prompt")
+    parser.add_argument("--quantize", choices=("int8",), default=None,
+                        help="torch runtime: also decode with the model's 8-bit linear layers "
+                             "(LinearizedModel.quantize), side by side with the float model")
     parser.add_argument("--tag", default="",
                         help="suffix of the result files (speculative_<runtime>[_<tag>][_quick])")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     if args.quick:
         args.prompts, args.new_tokens, args.ks = 2, 16, [2, 4]
+    if args.quantize and args.runtime != "torch":
+        parser.error("--quantize applies to the torch runtime; for onnxruntime pass an export with 8-bit weights "
+                     "(lincompile export --quantize int8) in --onnx-dir")
     result = run(args)
     print(_table(result))
     print(f"command: {result['command']}")

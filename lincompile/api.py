@@ -193,6 +193,7 @@ def save(model: LinearizedModel, directory: str | Path, tokenizer: object | None
 
     if model.hf_config is None:
         raise ValueError("this model has no Hugging Face config to rebuild its architecture from")
+    model.require_float("save", "save the float model, and quantize it again after loading (the same numbers)")
     target = Path(directory)
     with atomic_directory(target, SAVE_FILE) as tmp:
         model.hf_config.save_pretrained(tmp)

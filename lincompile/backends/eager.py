@@ -65,6 +65,7 @@ class LinearizedModel(torch.nn.Module):
         if windows and (max_positions is None or min(windows) <= max_positions):
             self.max_positions, self.limit_reason = min(windows), SLIDING_WINDOW
         self.position_padding = position_padding
+        self.quantized: str | None = None  # the scheme of `quantize`'s 8-bit linear layers (None: float weights)
         # decodable through `past_state`: some site keeps a state, and no causal site lacks one (an encoder's
         # sites are all non-causal: it keeps nothing, and is called on whole sequences)
         kept = {r.index for r in rewritten if r.state_inputs}
@@ -83,6 +84,23 @@ class LinearizedModel(torch.nn.Module):
                                   self.sites, self.rewritten, self.config, self.hf_config, self.max_positions,
                                   self.position_padding, self.limit_reason)
         derived.source_class, derived.source_model = self.source_class, self.source_model
+        derived.quantized = self.quantized
+        return derived
+
+    def quantize(self, scheme: str = "int8", skip: tuple[str, ...] | list[str] = ()) -> "LinearizedModel":
+        """This model with 8-bit linear layers (a new model; this one is left unchanged and shares its other
+        tensors): int8 weights per output row, activations quantized per token, integer products on the CPU.
+        `skip`: fnmatch patterns of projections kept float ('lm_head', '*.down_proj'). For inference on the CPU;
+        see `lincompile.backends.eager_quantize`."""
+        from lincompile.backends.eager_quantize import quantize_graph
+
+        if self.quantized is not None:
+            raise ValueError(f"this model is already quantized ({self.quantized}); quantize its float original")
+        graph, count = quantize_graph(self.graph, scheme, tuple(skip))
+        if not count:
+            raise ValueError("this model has no float linear layer to quantize")
+        derived = self.with_graph(graph)
+        derived.quantized = scheme
         return derived
 
     @property
@@ -171,6 +189,12 @@ class LinearizedModel(torch.nn.Module):
         why = "; ".join(hints[name] for name in unknown if name in hints)
         raise TypeError(f"unexpected keyword argument(s) {unknown}: this model takes {known}, past_state and "
                         f"use_cache" + (f"; {why}" if why else ""))
+
+    def require_float(self, what: str, instead: str) -> None:
+        """Raise for `what` (a call that needs the float weights) on a quantized model, saying what to do."""
+        if self.quantized is not None:
+            raise ValueError(f"{what} needs float weights; this model's linear layers are {self.quantized} "
+                             f"(LinearizedModel.quantize): {instead}")
 
     def save_pretrained(self, directory: str, tokenizer: object | None = None) -> str:
         """Write this model atomically to `directory`; `lincompile.load(directory)` reads it back."""

@@ -547,6 +547,8 @@ def export_onnx(model: LinearizedModel, out_dir: str | os.PathLike[str], opset: 
         raise TypeError(f"export_onnx takes a linearized model, got {type(model).__name__}: run "
                         "lincompile.optimize(model, method) first (method='softmax' keeps exact attention)")
     check_export_options(opset, chunk_size, quantize)
+    model.require_float("export_onnx", "export the float model; export_onnx(..., quantize='int8') stores 8-bit "
+                        "weights for onnxruntime")
     target = Path(out_dir)
     with atomic_directory(target, META_FILE) as tmp:
         _write(model, tmp, opset, tokenizer, optimize, split_sites, chunk_size, quantize, decode_step, simplify)

@@ -65,6 +65,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--weights {args.weights} chooses the trained tensors of --method, which was not given")
     if not args.method and args.global_cap is not None:
         raise ValueError(f"--global-cap {args.global_cap} sets a cap of --method, which was not given")
+    if args.quantize and not (saved or args.method):
+        raise ValueError(f"--quantize {args.quantize} applies to the linearized model: add --method (or pass a saved "
+                         "linearized directory)")
     if args.softmax_finetuned and not Path(args.softmax_finetuned).expanduser().is_dir():
         raise ValueError(f"--softmax-finetuned {args.softmax_finetuned} is not a directory")
     progress = not args.no_progress
@@ -79,10 +82,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         method = args.method
         linear = linearized(original, method, args.weights, args.model, args.global_cap) if method else None
         weights = None if linear is None else weights_label(linear, args.weights)
+    if args.quantize:
+        linear = linear.quantize(args.quantize)
     blocks = heldout_blocks(tokenizer, args.block_size, args.max_blocks, data=args.data)
     result: dict[str, object] = {"model": args.model, "original": original_is, "method": method, "weights": weights,
                                  **({"global_cap": linear.config.spec.global_cap} if linear is not None
                                     and linear.config.spec.global_branch == "grouped" else {}),
+                                 **({"quantize": args.quantize} if args.quantize else {}),
                                  "tokens": blocks[:, 1:].numel(),
                                  "block_size": args.block_size, "blocks": int(blocks.shape[0])}
     base = perplexity(original, blocks, args.batch_size, progress=progress, desc="original")
@@ -116,6 +122,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --method: bound the grouped global branch's sum as if it summed at most N "
                              "tokens (0: the paper's unbounded sum; default: the trained weights' recipe's, see "
                              "README 'Long contexts')")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="score the linearized model with 8-bit linear layers (LinearizedModel.quantize; the "
+                             "original stays float)")
     parser.add_argument("--data", default="default", help="'default' (held-out Shakespeare) or a .txt file/dir")
     parser.add_argument("--block-size", type=positive_int, default=256,
                         help="tokens per evaluation block (default 256)")

@@ -107,6 +107,9 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, str]:
         if args.method or args.weights != "auto":
             raise ValueError(f"{path} is an ONNX export, linearized and trained when it was exported; drop --method "
                              "and --weights")
+        if args.quantize:
+            raise ValueError(f"{path} is an ONNX export, whose weights were fixed when it was exported; drop "
+                             f"--quantize (`{PROG} export --quantize int8` writes an export with 8-bit weights)")
         model = open_ort(path, torch.get_num_threads(), cpu_only=False)
         if model.meta.get("trained") is False and any(m["kind"] != "softmax" for m in model.meta["methods"].values()):
             warn(f"{path} was exported untrained: expect poor text; export a trained model (--method with shipped "
@@ -117,6 +120,8 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, str]:
                              "feed token ids to lincompile.OrtModel")
         return model, model.tokenizer, "onnxruntime"
     model, tokenizer = _linearized(args)
+    if args.quantize:
+        model = model.quantize(args.quantize)
     return model, tokenizer, "torch"
 
 
@@ -320,6 +325,7 @@ def add_parsers(sub: Any) -> None:
         "end-of-sequence token unless --ignore-eos.",
         [f"{PROG} generate smollm2-135m --method augmented --prompt 'ROMEO. ' --max-new-tokens 48",
          f"{PROG} generate out/smol-onnx --prompt 'ROMEO. ' --draft ngram:runs/ngram",
+         f"{PROG} generate smollm2-135m --method augmented --prompt 'ROMEO. ' --quantize int8 --draft prompt-lookup",
          f"echo 'To be, or not' | {PROG} generate smollm2-135m --method augmented --prompt - --json"])
     _model_arguments(p, onnx=True)
     p.add_argument("--prompt", required=True, help="the text to continue ('-': read it from standard input)")
@@ -340,6 +346,10 @@ def add_parsers(sub: Any) -> None:
                         "1.0: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="PyTorch runtime: run the linear layers in 8 bits on the CPU (LinearizedModel.quantize; "
+                        "int8 weights, activations per token; see bench/torch_quantize.py for perplexity and speed)."
+                        " Default: float weights")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch and onnxruntime (default: "
                    "torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text and statistics) instead")

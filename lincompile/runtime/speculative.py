@@ -7,7 +7,7 @@ is committed to the state from the drafts' keys and values (`runtime.verify.comm
 target's distribution at the path's end gives the next pending token.
 
 Acceptance: greedy keeps the longest path whose tokens equal the target's argmax, so the output is the plain
-greedy output token for token (for an export with 8-bit weights only up to near-ties: `_warn_if_quantized`).
+greedy output token for token (with 8-bit weights only up to near-ties: `_warn_if_quantized`).
 Sampling follows Leviathan et al. / Chen et al.: keep draft i with probability min(1, p_i(d)/q_i(d)); at the
 first rejection draw from normalize(max(0, p_i - q_i)); if all are kept draw a bonus token from p_{n+1}. Every
 emitted token is then distributed as the target would sample it.
@@ -191,19 +191,21 @@ class SpeculativeDecoder:
 
 
 def _warn_if_quantized(target: Any) -> None:
-    """Warn that an export with 8-bit weights (`OrtModel.meta["quantize"]`) loses the identity with plain
-    decoding: a verify call (several tokens) and a one-token call round differently in float (≤ 1e-4 in the
-    logits), and onnxruntime's 8-bit activation blocks turn such last-bit differences into changes as large as the
-    quantization error (about 1 logit on SmolLM2), so a near-tie can go the other way when greedy, and sampling
-    draws from the verify calls' distribution, not quite the one-token calls'."""
+    """Warn that a target with 8-bit weights (an export's `OrtModel.meta["quantize"]`, or a PyTorch model's
+    `quantized`) loses the identity with plain decoding: a verify call (several tokens) and a one-token call round
+    differently in float (≤ 1e-4 in the logits), and quantizing activations to 8 bits turns such last-bit
+    differences into changes as large as the quantization error (about 1 logit on SmolLM2), so a near-tie can go
+    the other way when greedy, and sampling draws from the verify calls' distribution, not quite the one-token
+    calls'."""
     quantize = (getattr(target, "meta", None) or {}).get("quantize")
-    if quantize:
-        warn(f"speculative decoding of an export with {quantize['bits']}-bit weights: its verify calls and "
+    bits = quantize["bits"] if quantize else 8 if getattr(target, "quantized", None) == "int8" else None
+    if bits:
+        warn(f"speculative decoding of a model with {bits}-bit weights: its verify calls and "
              "one-token calls round differently and 8-bit activations magnify that (to about the "
              "quantization error), so greedy output can differ from plain greedy decoding where the top "
              "tokens are close, and sampling follows the verify calls' logits; each token is still this "
-             "model's prediction (bench/speculative.py counts the differing sequences). A float export "
-             "keeps both exact")
+             "model's prediction (bench/speculative.py counts the differing sequences). Float weights "
+             "keep both exact")
 
 
 def _penalized(logits: Tensor, committed: Tensor, ids: Tensor, parents: Tensor, penalty: float) -> Tensor:

@@ -25,7 +25,7 @@ DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 _META = "lincompile_lora"  # node.meta key on the `add` node of each adapter: (holder name, scale)
 
 
-def _projection(node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
+def projection(node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
     """(input, weight get_attr, transposed) for a projection node, else None."""
     if node.op != "call_function":
         return None
@@ -48,7 +48,7 @@ def projection_paths(gm: fx.GraphModule) -> list[str]:
     """Module paths of every projection in graph order (what `targets` can name)."""
     out = []
     for node in gm.graph.nodes:
-        found = _projection(node)
+        found = projection(node)
         if found is not None:
             out.append(str(found[1].target)[: -len(".weight")])
     return out
@@ -58,7 +58,7 @@ def lora_matches(gm: fx.GraphModule, targets: tuple[str, ...]) -> list[tuple[fx.
     """The projections `targets` adapt, as (node, (input, weight, transposed)) in graph order; ValueError naming the
     graph's projections when there are none (checked before training: stage 2 adds the adapters)."""
     matched = [(node, found) for node in list(gm.graph.nodes)
-               if (found := _projection(node)) is not None
+               if (found := projection(node)) is not None
                and _matches(str(found[1].target)[: -len(".weight")], targets)]
     if not matched:
         names = sorted({p.rsplit(".", 1)[-1] for p in projection_paths(gm)})
@@ -131,7 +131,7 @@ def merge_lora(gm: fx.GraphModule) -> int:
         up = scaled.args[0]
         down, b_node = up.args
         a_node = down.args[1]
-        _, weight, transposed = _projection(base)
+        _, weight, transposed = projection(base)
         owner_name, _, attr = str(weight.target).rpartition(".")
         owner = gm.get_submodule(owner_name)
         w = getattr(owner, attr)

@@ -1,5 +1,6 @@
 """The ONNX and quality benches end to end on the real model with small budgets: SmolLM2 exported with chunks
-inside the graph, with 8-bit weights and with and without the decode step form; perplexity by position;
+inside the graph, with 8-bit weights and with and without the decode step form; 8-bit linear layers in PyTorch;
+perplexity by position;
 continuations of long prompts; speculative decoding and the replay of draft settings."""
 import json
 import subprocess
@@ -37,6 +38,17 @@ def test_8_bit_smollm2_keeps_its_perplexity(tmp_path):
     forms = result["forms"]
     assert forms["int8"]["ppl"] / forms["float"]["ppl"] < 1.02
     assert forms["int8"]["megabytes"] / forms["float"]["megabytes"] < 0.6
+
+
+@pytest.mark.slow
+def test_8_bit_linear_layers_in_pytorch_keep_the_perplexity_and_halve_the_weights(tmp_path):
+    result = _run("torch_quantize.py", tmp_path, "--max-blocks", "2", "--block-size", "64", "--rounds", "3",
+                  "--context", "24", "--prefill", "16", "--verify-rounds", "2")
+    forms = result["forms"]
+    assert 1 < forms["int8"]["ppl"] / forms["float"]["ppl"] < 1.1  # 1.02 on 16 blocks of 256 tokens
+    assert forms["int8"]["weights_mib"] / forms["float"]["weights_mib"] < 0.5
+    assert all(forms[name]["decode_ms"] > 0 for name in ("hf", "float", "int8"))
+    assert forms["int8"]["verify_ms"] > 0 and result["greedy_steps_agreeing"].endswith("of 5")
 
 
 @pytest.mark.slow

@@ -66,6 +66,17 @@ def test_generate_is_plain_greedy_with_every_draft(dirs, capsys):
     assert same_model["tokens_per_call"] > 3.5  # the target drafting for itself: (nearly) every draft is accepted
 
 
+def test_generate_quantized_is_the_quantized_models_greedy_text(dirs, capsys):
+    """--quantize int8 decodes with `LinearizedModel.quantize("int8")`, with or without a draft."""
+    tokenizer = char_tokenizer()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    quantized = lincompile.load(dirs / "lin").quantize("int8")
+    expected = tokenizer.decode(generate(quantized, ids, 24)[0, ids.shape[1]:], skip_special_tokens=True)
+    args = [str(dirs / "lin"), "--prompt", PROMPT, "--max-new-tokens", "24", "--ignore-eos", "--quantize", "int8"]
+    assert _generate(capsys, *args)["text"] == expected
+    assert _generate(capsys, *args, "--draft", "prompt-lookup")["text"] == expected
+
+
 def test_generate_takes_a_repetition_penalty(dirs, capsys):
     """`--repetition-penalty` is `generate`'s, with or without a draft; a penalty that is not > 0 is refused when
     parsed."""
@@ -126,6 +137,8 @@ def test_export_then_generate_in_onnxruntime(dirs, capsys):
     assert "untrained" not in err  # trained or not is unknown for a saved model: no warning
     assert main(["generate", str(dirs / "onnx"), "--method", "augmented", *args]) == 1
     assert "is an ONNX export" in capsys.readouterr().err
+    assert main(["generate", str(dirs / "onnx"), "--quantize", "int8", *args]) == 1
+    assert "drop --quantize (`lincompile export --quantize int8`" in capsys.readouterr().err
     assert main(["generate", str(dirs / "onnx"), *args, "--draft", f"medusa:{dirs / 'medusa'}"]) == 1
     assert "needs the PyTorch target" in capsys.readouterr().err
     (dirs / "notes").mkdir()

@@ -108,6 +108,9 @@ def test_eval_scores_shipped_weights_like_the_saved_model(tmp_path, capsys):
     assert from_shipped["ppl_original"] == pytest.approx(untrained["ppl_original"], rel=1e-6)
     # the saved model's LoRA is merged into its weights: its original is the model training started from
     assert saved["original"] == str(model_dir.resolve()) and saved["ppl_original"] == untrained["ppl_original"]
+    quantized = _eval([str(out / "final"), "--quantize", "int8"] + data, capsys)
+    assert quantized["quantize"] == "int8" and quantized["ppl_original"] == saved["ppl_original"]
+    assert quantized["ppl"] == pytest.approx(saved["ppl"], rel=0.05) and quantized["ppl"] != saved["ppl"]
     assert abs(untrained["ppl"] - from_shipped["ppl"]) > 1e-3 * from_shipped["ppl"]
     assert from_shipped["ratio"] == pytest.approx(from_shipped["ppl"] / from_shipped["ppl_original"])
     # blocks of 16 tokens: a cap changes nothing here (test_pretrained.py checks what it changes)
@@ -265,6 +268,7 @@ def test_eval_refuses_options_that_would_be_ignored(tmp_path):
     for argv, match in (([saved, "--method", "augmented"], "drop --method augmented"),
                         (["smollm2-135m", "--weights", "none"], "--method, which was not given"),
                         (["smollm2-135m", "--global-cap", "512"], "--method, which was not given"),
+                        (["smollm2-135m", "--quantize", "int8"], "applies to the linearized model: add --method"),
                         (["smollm2-135m", "--softmax-finetuned", str(tmp_path / "nope")], "is not a directory")):
         with pytest.raises(ValueError, match=match):
             cmd_eval(parser.parse_args(argv))

@@ -1,0 +1,120 @@
+"""8-bit linear layers for the PyTorch runtime (`LinearizedModel.quantize("int8")`), on the CPU.
+
+Every projection of the graph (a linear or addmm with a weight attribute: attention projections, MLP, LM head)
+becomes `lincompile.kernels.int8.linear.int8_linear`: int8 weights with a scale per output row, activations
+quantized to int8 per token at each call, integer products (`torch._int_mm`). Projections that read the same
+input (q/k/v, gate/up) become one product over their stacked weights, then a split: the same numbers, since
+every output column is computed on its own from the shared quantized input. What stays float: the attention sites
+(their parameters, the recurrent state, every product of activations), the norms, the embedding table, and the
+projections `skip` names. The float weights of rewritten projections are dropped (the embedding table an LM head
+is tied to stays, for the embedding).
+
+Each token's quantization reads that token alone and integer sums are exact, so the linear layers give a token
+the same output in a one-token step as in a multi-token call. `python bench/torch_quantize.py` measures
+perplexity and speed against the float model.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import operator
+from typing import Any
+
+import torch
+from torch import fx
+
+from lincompile.kernels.int8.linear import int8_linear
+from lincompile.kernels.int8.reference import quantize_weight
+from lincompile.train.lora import projection
+
+#: The schemes `quantize` takes.
+SCHEMES = ("int8",)
+#: Where the stacked int8 weights, their scales and biases live in the quantized graph module.
+INT8_PREFIX = "int8_linear_"
+
+aten = torch.ops.aten
+
+
+def _path(weight: fx.Node) -> str:
+    return str(weight.target).removesuffix(".weight")
+
+
+def _tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    return operator.attrgetter(str(node.target))(gm)
+
+
+def _bias(node: fx.Node) -> fx.Node | None:
+    """The bias attribute of a projection node (None: no bias); raises on a bias computed in the graph."""
+    bias = node.args[0] if node.target == aten.addmm.default else (node.args[2] if len(node.args) > 2 else None)
+    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        raise ValueError(f"{node.name}: a projection whose bias is computed in the graph cannot be quantized")
+    return bias
+
+
+def _projections(gm: fx.GraphModule, skip: tuple[str, ...]) -> dict[fx.Node, list[fx.Node]]:
+    """{input node: the projection nodes reading it, in graph order} for every float projection not skipped."""
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    used = set()
+    for node in gm.graph.nodes:
+        found = projection(node)
+        if found is None or node.kwargs or not _tensor(gm, found[1]).is_floating_point():
+            continue
+        x, weight, _ = found
+        matched = [p for p in skip if fnmatch.fnmatchcase(_path(weight), p)]
+        used.update(matched)
+        if not matched:
+            groups.setdefault(x, []).append(node)
+    unused = [p for p in skip if p not in used]
+    if unused:
+        names = [_path(found[1]) for n in gm.graph.nodes if (found := projection(n)) is not None]
+        raise ValueError(f"skip pattern(s) {unused} match no linear layer; the layers are named like "
+                         f"{names[:2] + names[-1:]} (fnmatch patterns, e.g. 'lm_head' or '*.down_proj')")
+    return groups
+
+
+def quantize_graph(gm: fx.GraphModule, scheme: str = "int8", skip: tuple[str, ...] = ()) -> tuple[fx.GraphModule, int]:
+    """(a new graph module with 8-bit projections, how many projections it quantized); `gm` is left unchanged and
+    the new module shares its other tensors. `skip`: fnmatch patterns of projection paths kept float."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; one of {list(SCHEMES)}")
+    graph = copy.deepcopy(gm.graph)
+    copied = dict(zip(gm.graph.nodes, graph.nodes))
+    groups = _projections(gm, tuple(skip))
+    new_attrs: dict[str, torch.Tensor] = {}
+    count = 0
+    for index, (x, nodes) in enumerate(groups.items()):
+        weights = [_tensor(gm, projection(n)[1]) for n in nodes]
+        pairs = [quantize_weight(w.detach().t() if projection(n)[2] else w.detach()) for n, w in zip(nodes, weights)]
+        sizes = [q.shape[0] for q, _ in pairs]
+        biases = [_bias(n) for n in nodes]
+        name = f"{INT8_PREFIX}{index}"
+        new_attrs[f"{name}_weight"] = torch.cat([q for q, _ in pairs])
+        new_attrs[f"{name}_scale"] = torch.cat([s for _, s in pairs])
+        if any(b is not None for b in biases):
+            new_attrs[f"{name}_bias"] = torch.cat([
+                _tensor(gm, b).detach().float() if b is not None else torch.zeros(size)
+                for b, size in zip(biases, sizes)])
+        first = copied[nodes[0]]
+        with graph.inserting_before(first):
+            args = [graph.get_attr(f"{name}_{part}") for part in ("weight", "scale")]
+            bias = graph.get_attr(f"{name}_bias") if f"{name}_bias" in new_attrs else None
+            fused = graph.call_function(int8_linear, (copied[x], *args, bias))
+            outs = [fused]
+            if len(nodes) > 1:
+                split = graph.call_function(torch.split, (fused, sizes, -1))
+                outs = [graph.call_function(operator.getitem, (split, i)) for i in range(len(nodes))]
+        for node, out in zip(nodes, outs):
+            out.meta = dict(copied[node].meta)
+            copied[node].replace_all_uses_with(out)
+            graph.erase_node(copied[node])
+        count += len(nodes)
+    graph.eliminate_dead_code()
+    root: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            target = str(node.target)
+            root[target] = new_attrs[target] if target in new_attrs else _tensor(gm, node)
+        elif node.op == "call_module":
+            root[str(node.target)] = gm.get_submodule(str(node.target))
+    quantized = fx.GraphModule(root, graph, class_name=type(gm).__name__)
+    return quantized, count

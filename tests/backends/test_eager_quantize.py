@@ -1,0 +1,106 @@
+"""`LinearizedModel.quantize("int8")` on tiny models: every projection 8-bit (same-input ones stacked), outputs
+within quantization error of the float model, every execution form agreeing, generation and speculative
+decoding through it, and clear refusals."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+import lincompile
+from lincompile.backends.eager_quantize import quantize_graph
+from lincompile.diagnostics import LincompileWarning
+from lincompile.kernels.int8.linear import int8_linear
+from lincompile.runtime.generate import generate
+from lincompile.runtime.speculative import speculative_generate
+from lincompile.testing.tiny import perturb_new_parameters, tiny_model
+
+aten = torch.ops.aten
+
+
+def _linear(family: str):
+    return perturb_new_parameters(lincompile.optimize(tiny_model(family), "augmented"))
+
+
+def _targets(model) -> collections.Counter:
+    return collections.Counter(n.target for n in model.graph.graph.nodes if n.op == "call_function")
+
+
+@pytest.mark.parametrize("family,stacked", [("llama", 9), ("gpt2", 9), ("opt", 9)])
+def test_every_projection_is_8_bit_and_close_to_float(family, stacked):
+    """Llama stacks q/k/v and gate/up (4 products a layer + the head), GPT-2 has them stacked already (addmm,
+    transposed weights), OPT stacks q/k/v (then out_proj, fc1, fc2)."""
+    linear = _linear(family)
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = linear(ids).logits
+    quantized = linear.quantize("int8")
+    targets = _targets(quantized)
+    assert targets[int8_linear] == stacked and not targets[aten.linear.default] and not targets[aten.addmm.default]
+    assert quantized.quantized == "int8" and linear.quantized is None
+    with torch.no_grad():
+        got = quantized(ids).logits
+        assert torch.equal(linear(ids).logits, before)  # the float model is left as it was
+    assert 0 < float((got - before).norm() / before.norm()) < 0.05
+    assert sum(p.numel() for p in quantized.graph.parameters()) < sum(p.numel() for p in linear.graph.parameters())
+
+
+def test_decode_steps_prefill_and_verify_agree():
+    """One call over the sequence, a prefill then one-token steps, and a multi-token call from a state: the
+    linear layers give each token the same output in any of them (row-wise scales, exact integer sums)."""
+    quantized = _linear("llama").quantize("int8")
+    ids = torch.randint(0, 128, (2, 75), generator=torch.Generator().manual_seed(1))  # crosses a group (G = 64)
+    with torch.no_grad():
+        whole = quantized(ids).logits
+        state = quantized(ids[:, :60]).past_state
+        steps = []
+        for i in range(60, 70):
+            out = quantized(ids[:, i:i + 1], past_state=state)
+            state, _ = out.past_state, steps.append(out.logits)
+        verify = quantized(ids[:, 70:], past_state=state).logits
+    torch.testing.assert_close(torch.cat(steps, 1), whole[:, 60:70], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(verify, whole[:, 70:], rtol=1e-5, atol=1e-5)
+
+
+def test_generation_and_speculative_decoding_run_quantized():
+    quantized = _linear("llama").quantize("int8")
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    plain = generate(quantized, ids, 16, eos_token_id=None)
+    with pytest.warns(LincompileWarning, match="8-bit weights: its verify calls and one-token calls round"):
+        fast, _ = speculative_generate(quantized, ids, 16, "prompt-lookup", 4, eos_token_id=None)
+    assert plain.shape == (1, 28) and torch.equal(fast, plain)  # no near-tie in this tiny model's 16 tokens
+
+
+def test_skip_keeps_named_projections_float():
+    linear = _linear("llama")
+    quantized = linear.quantize("int8", skip=["lm_head", "*.down_proj"])
+    targets = _targets(quantized)
+    assert targets[aten.linear.default] == 3 and targets[int8_linear] == 6  # head + 2 down float; qkv, o, gate/up 8-bit
+    with pytest.raises(ValueError, match=r"\['lm_hed'\] match no linear layer.*lm_head"):
+        linear.quantize("int8", skip=["lm_hed"])
+
+
+def test_refusals_name_what_to_do(tmp_path):
+    linear = _linear("llama")
+    quantized = linear.quantize("int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantized.quantize("int8")
+    with pytest.raises(ValueError, match="unknown quantization scheme 'int4'"):
+        linear.quantize("int4")
+    with pytest.raises(ValueError, match="save needs float weights.*quantize it again after loading"):
+        quantized.save_pretrained(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match="export_onnx needs float weights.*quantize='int8'"):
+        lincompile.export_onnx(quantized, tmp_path / "onnx")
+    assert not list(tmp_path.iterdir())  # nothing written
+    ids = torch.randint(0, 128, (1, 8))
+    with pytest.raises(RuntimeError, match="no gradient: train the float model"):
+        quantized(ids).logits.sum().backward()
+
+
+def test_quantize_graph_leaves_its_input_alone():
+    linear = _linear("gpt2")
+    nodes = [n.format_node() for n in linear.graph.graph.nodes]
+    graph, count = quantize_graph(linear.graph)
+    assert count == 9 and [n.format_node() for n in linear.graph.graph.nodes] == nodes
+    assert graph is not linear.graph

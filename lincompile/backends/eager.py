@@ -84,6 +84,7 @@ class LinearizedModel(torch.nn.Module):
                                   self.sites, self.rewritten, self.config, self.hf_config, self.max_positions,
                                   self.position_padding, self.limit_reason)
         derived.source_class, derived.source_model = self.source_class, self.source_model
+        derived.captured_dtype = self.captured_dtype  # the casts in `graph` were traced for it (a cast model refuses)
         derived.quantized = self.quantized
         return derived
 
@@ -98,7 +99,8 @@ class LinearizedModel(torch.nn.Module):
             raise ValueError(f"this model is already quantized ({self.quantized}); quantize its float original")
         graph, count = quantize_graph(self.graph, scheme, tuple(skip))
         if not count:
-            raise ValueError("this model has no float linear layer to quantize")
+            raise ValueError("this model has no float linear layer to quantize" + (f" once skip={list(skip)} is "
+                             "applied" if skip else ""))
         derived = self.with_graph(graph)
         derived.quantized = scheme
         return derived

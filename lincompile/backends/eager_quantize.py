@@ -52,17 +52,18 @@ def _bias(node: fx.Node) -> fx.Node | None:
 
 
 def _projections(gm: fx.GraphModule, skip: tuple[str, ...]) -> dict[fx.Node, list[fx.Node]]:
-    """{input node: the projection nodes reading it, in graph order} for every float projection not skipped."""
+    """{input node: the projection nodes reading it, in graph order} for every float projection not skipped and
+    with at least 2 inputs (`int8_linear`'s minimum)."""
     groups: dict[fx.Node, list[fx.Node]] = {}
     used = set()
     for node in gm.graph.nodes:
         found = projection(node)
         if found is None or node.kwargs or not _tensor(gm, found[1]).is_floating_point():
             continue
-        x, weight, _ = found
+        x, weight, transposed = found
         matched = [p for p in skip if fnmatch.fnmatchcase(_path(weight), p)]
         used.update(matched)
-        if not matched:
+        if not matched and _tensor(gm, weight).shape[0 if transposed else 1] >= 2:  # one input: kept float
             groups.setdefault(x, []).append(node)
     unused = [p for p in skip if p not in used]
     if unused:
@@ -81,6 +82,7 @@ def quantize_graph(gm: fx.GraphModule, scheme: str = "int8", skip: tuple[str, ..
     copied = dict(zip(gm.graph.nodes, graph.nodes))
     groups = _projections(gm, tuple(skip))
     new_attrs: dict[str, torch.Tensor] = {}
+    replaced: dict[fx.Node, fx.Node] = {}  # a rewritten projection's node -> what stands for its output now
     count = 0
     for index, (x, nodes) in enumerate(groups.items()):
         weights = [_tensor(gm, projection(n)[1]) for n in nodes]
@@ -92,23 +94,29 @@ def quantize_graph(gm: fx.GraphModule, scheme: str = "int8", skip: tuple[str, ..
         new_attrs[f"{name}_scale"] = torch.cat([s for _, s in pairs])
         if any(b is not None for b in biases):
             new_attrs[f"{name}_bias"] = torch.cat([
-                _tensor(gm, b).detach().float() if b is not None else torch.zeros(size)
+                _tensor(gm, b).detach().float() if b is not None else torch.zeros(size, device=pairs[0][1].device)
                 for b, size in zip(biases, sizes)])
         first = copied[nodes[0]]
         with graph.inserting_before(first):
             args = [graph.get_attr(f"{name}_{part}") for part in ("weight", "scale")]
             bias = graph.get_attr(f"{name}_bias") if f"{name}_bias" in new_attrs else None
-            fused = graph.call_function(int8_linear, (copied[x], *args, bias))
+            source = copied[x]
+            fused = graph.call_function(int8_linear, (replaced.get(source, source), *args, bias))
             outs = [fused]
             if len(nodes) > 1:
                 split = graph.call_function(torch.split, (fused, sizes, -1))
                 outs = [graph.call_function(operator.getitem, (split, i)) for i in range(len(nodes))]
         for node, out in zip(nodes, outs):
-            out.meta = dict(copied[node].meta)
-            copied[node].replace_all_uses_with(out)
-            graph.erase_node(copied[node])
+            old = copied[node]
+            out.meta = dict(old.meta)
+            old.replace_all_uses_with(out)
+            replaced[old] = out
+            attrs = [a for a in old.all_input_nodes if a.op == "get_attr"]
+            graph.erase_node(old)
+            for attr in attrs:  # the float weight and bias, unless something else reads them (a tied embedding)
+                if not attr.users:
+                    graph.erase_node(attr)
         count += len(nodes)
-    graph.eliminate_dead_code()
     root: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op == "get_attr":

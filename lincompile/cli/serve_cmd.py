@@ -230,6 +230,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if kind == "none" and (args.num_draft_tokens is not None or args.adaptive):
         raise ValueError("--num-draft-tokens and --adaptive set up speculative decoding, which --draft turns on: add "
                          "--draft (prompt-lookup needs no files)")
+    if args.quantize and kind == "medusa":
+        raise ValueError("--draft medusa reads the target's float LM head, which --quantize stores in 8 bits: drop "
+                         "--quantize, or quantize in Python with LinearizedModel.quantize(skip=['lm_head'])")
     loaded_first = kind in ("ngram", "model")  # needing no target, so a bad DIR fails before the model loads too
     draft = parse_draft(args.draft, None, "torch") if loaded_first else None
     text = _prompt_text(args)

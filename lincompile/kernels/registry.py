@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from lincompile.kernels.linear_attention import decode, reference
+from lincompile.kernels.linear_attention import chain, decode, reference
 from lincompile.kernels.triton import launch as triton_launch
 from lincompile.methods.spec import MethodSpec
 
@@ -67,6 +67,8 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: 
         return reference.recurrent(q, k, v, key_mask, state, params, spec, scale)
     if causal and q.shape[2] > CHUNK:
         return reference.chunked(q, k, v, key_mask, bias, state, params, spec, scale, causal, CHUNK)
+    if chain.applies(q, key_mask, state, spec, causal):
+        return chain.run(q, k, v, state, params, spec, scale)
     return reference.attention(q, k, v, key_mask, bias, state, params, spec, scale, causal)
 
 

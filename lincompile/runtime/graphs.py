@@ -20,6 +20,10 @@ def lm_head_weight(model: Any) -> Tensor:
     """The [vocab, hidden] weight of a `LinearizedModel`'s final LM-head linear (shared, not copied)."""
     output = next(n for n in model.graph.graph.nodes if n.op == "output")
     logits = output.args[0][0]
+    if getattr(model, "quantized", None) and getattr(logits, "target", None) != aten.linear.default:
+        raise ValueError(f"this model's LM head is {model.quantized} (LinearizedModel.quantize), and Medusa heads "
+                         "read its float weights: quantize with skip=['lm_head'] (the head's name), or keep the "
+                         "model float")
     if getattr(logits, "target", None) != aten.linear.default or logits.args[1].op != "get_attr":
         raise ValueError("this model's logits do not come from a linear LM head")
     return operator.attrgetter(logits.args[1].target)(model.graph)

@@ -13,6 +13,7 @@ from lincompile.backends.eager_quantize import quantize_graph
 from lincompile.diagnostics import LincompileWarning
 from lincompile.kernels.int8.linear import int8_linear
 from lincompile.runtime.generate import generate
+from lincompile.runtime.graphs import lm_head_weight
 from lincompile.runtime.speculative import speculative_generate
 from lincompile.testing.tiny import perturb_new_parameters, tiny_model
 
@@ -94,8 +95,34 @@ def test_refusals_name_what_to_do(tmp_path):
         lincompile.export_onnx(quantized, tmp_path / "onnx")
     assert not list(tmp_path.iterdir())  # nothing written
     ids = torch.randint(0, 128, (1, 8))
+    logits = quantized(ids).logits  # outside no_grad, as a plain call runs: the forward works
+    with torch.no_grad():
+        assert torch.equal(logits, quantized(ids).logits)
     with pytest.raises(RuntimeError, match="no gradient: train the float model"):
-        quantized(ids).logits.sum().backward()
+        logits.sum().backward()
+    with pytest.raises(ValueError, match=r"once skip=\['\*'\] is applied"):
+        linear.quantize("int8", skip=["*"])
+    with pytest.raises(ValueError, match="LM head is int8.*skip=\\['lm_head'\\]"):
+        lm_head_weight(quantized)
+    assert lm_head_weight(linear.quantize("int8", skip=["lm_head"])).shape == (128, 64)
+
+
+def test_a_projection_feeding_another_and_a_cast_model():
+    """OPT-350m's layout (`project_out` feeds `lm_head` directly): the second product reads the first's 8-bit
+    output. A model cast after capture is refused by its quantized twin too."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                       max_position_embeddings=128, word_embed_proj_dim=32, do_layer_norm_before=False)
+    linear = perturb_new_parameters(lincompile.optimize(OPTForCausalLM(config).eval(), "augmented"))
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = linear(ids).logits
+        got = linear.quantize("int8")(ids).logits
+    assert 0 < float((got - want).norm() / want.norm()) < 0.05
+    cast = _linear("llama").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="captured in torch.float32 and cast to torch.bfloat16"):
+        cast.quantize("int8")(ids)
 
 
 def test_quantize_graph_leaves_its_input_alone():

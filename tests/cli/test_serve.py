@@ -75,6 +75,8 @@ def test_generate_quantized_is_the_quantized_models_greedy_text(dirs, capsys):
     args = [str(dirs / "lin"), "--prompt", PROMPT, "--max-new-tokens", "24", "--ignore-eos", "--quantize", "int8"]
     assert _generate(capsys, *args)["text"] == expected
     assert _generate(capsys, *args, "--draft", "prompt-lookup")["text"] == expected
+    assert main(["generate", *args, "--draft", f"medusa:{dirs / 'medusa'}"]) == 1
+    assert "--draft medusa reads the target's float LM head" in capsys.readouterr().err
 
 
 def test_generate_takes_a_repetition_penalty(dirs, capsys):

@@ -80,12 +80,17 @@ def test_the_float_product_is_within_the_quantization_bound(seed):
     assert float(err.max()) > 0  # quantized, not float
 
 
-def test_refuses_gradients_and_other_devices():
+def test_runs_under_autograd_but_refuses_a_backward_and_other_devices():
+    """A forward that records gradients (a model whose other parameters train) gives the same numbers; a backward
+    through the 8-bit product raises instead of a silent zero gradient."""
     x, w, b = _inputs((2, 16), 8, 5)
     q, scale = quantize_weight(w)
+    out = int8_linear(x.requires_grad_(), q, scale, b)
+    assert out.requires_grad and torch.equal(out, int8_linear(x.detach(), q, scale, b))
     with pytest.raises(RuntimeError, match="no gradient: train the float model"):
-        int8_linear(x.requires_grad_(), q, scale, b)
-    with torch.no_grad():
-        int8_linear(x, q, scale, b)  # inference on a leaf that requires grad is fine
+        out.sum().backward()
     with pytest.raises(RuntimeError, match="run on the CPU"):
         int8_linear(torch.zeros(2, 16, device="meta"), q, scale, b)
+    one, one_scale = quantize_weight(torch.randn(4, 1))
+    with pytest.raises(ValueError, match="at least 2 inputs"):  # torch._int_mm sums wrongly over one input
+        int8_linear(torch.randn(3, 1), one, one_scale, None)

@@ -7,22 +7,45 @@ quantization error bound.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from lincompile.kernels.int8.reference import quantize_rows
 
+NO_GRADIENT = "8-bit linear layers have no gradient: train the float model, then quantize it"
+
 
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    """y [..., N] in x's dtype for x [..., K] (float, on the CPU) and a `quantize_weight` pair (w_q [N, K],
-    w_scale [N]). Inference only: x may not require grad (the integer product has no gradient)."""
+    """y [..., N] in x's dtype for x [..., K] (float, on the CPU, K >= 2) and a `quantize_weight` pair (w_q [N, K],
+    w_scale [N]). Inference only: a backward through it raises."""
     if x.device.type != "cpu":
         raise RuntimeError(f"8-bit linear layers run on the CPU (torch._int_mm), not on {x.device}: quantize a "
                            "model that runs on the CPU, or keep float weights on a GPU (bf16 there)")
-    if x.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError("8-bit linear layers have no gradient: train the float model, then quantize it")
+    if weight.shape[1] < 2:  # torch._int_mm sums wrongly over a single input (torch 2.13, CPU)
+        raise ValueError(f"an 8-bit linear layer needs at least 2 inputs, got {weight.shape[1]}: keep it float")
+    if x.requires_grad and torch.is_grad_enabled():  # a forward outside no_grad: fine, until a backward
+        return _Inference.apply(x, weight, scale, bias)
+    return _product(x, weight, scale, bias)
+
+
+def _product(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     xq, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
     out = torch._int_mm(xq, weight.t()).float() * scale * x_scale
     if bias is not None:
         out = out + bias
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _Inference(torch.autograd.Function):
+    """`_product` in a graph that records gradients: the forward as it is, a backward that raises (the integer
+    product has no gradient, and a silent zero would train the rest of the model wrongly)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+        return _product(x, weight, scale, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, ...]:
+        raise RuntimeError(NO_GRADIENT)

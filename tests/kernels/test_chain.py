@@ -1,0 +1,119 @@
+"""The fast form of a short causal call (`chain.run`: a speculative verify call, a prefill chunk) against the
+reference's parallel form, for every causal linear method: outputs and state, calls that fill a group partly,
+complete it or span a whole one, from the initial state or a later one, GQA; and when it applies."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lincompile.kernels import registry
+from lincompile.kernels.linear_attention import chain, reference
+from lincompile.kernels.linear_attention.reference import init_state
+from lincompile.methods.spec import get_method
+
+from .conftest import BATCH, CAUSAL, DK, DV, EXTRA, KV_HEADS, SCALE
+
+LINEAR = [name for name in CAUSAL if (EXTRA.get(name) or get_method(name)).kind == "linear"]
+
+
+def _call(c, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return c.q[:, :, start:end], c.k[:, :, start:end], c.v[:, :, start:end]
+
+
+@pytest.mark.parametrize("name", LINEAR)
+@torch.no_grad()
+def test_calls_equal_the_parallel_reference(name, case, small_spec, diff):
+    """Groups of 4, a 2-token conv window, fp64: from the initial state tokens 0-1 (part of a group), from there
+    2-3 (completing it), 4-7 (a whole group), then 9-10 after a reference token 8 (the middle of a group): every
+    output and the state after each call agree with `reference.attention` to rounding."""
+    spec = small_spec(name)
+    c = case(spec, 11, seed=5, padding=False)
+    fast, want = [], []
+    for start, end in ((0, 2), (2, 4), (4, 8), (8, 9), (9, 11)):
+        call = _call(c, start, end)
+        if end - start == 1:  # a one-token call: the reference for both
+            _, fast = _, want = reference.attention(*call, None, None, want, c.params, spec, c.scale, True)
+            continue
+        assert chain.applies(call[0], None, fast, spec, True), (start, end)
+        got, fast = chain.run(*call, fast, c.params, spec, c.scale)
+        out, want = reference.attention(*call, None, None, want or [], c.params, spec, c.scale, True)
+        assert got.dtype == out.dtype and diff([got], [out]) < 1e-12, (start, end)
+        assert diff(fast, want) < 1e-12, (start, end)
+        assert [s.dtype for s in fast] == [s.dtype for s in want]
+
+
+@pytest.mark.parametrize("name", ["augmented", "hedgehog", "retnet", "cosformer", "test-softmax-local"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_a_verify_call_at_the_paper_sizes(name, dtype, case):
+    """G = 64, K = 63: after a 55-token prefill, a 9-token call that completes the group (folded into S) and an
+    8-token one in the next group, as the reference computes them; fp32 within 1e-5, bf16 inputs (fp32 state)
+    within bf16 rounding."""
+    spec = EXTRA.get(name) or get_method(name)
+    c = case(spec, 72, seed=2, padding=False)
+    params = [p.float() for p in c.params]
+    q, k, v = (x.to(dtype) for x in (c.q, c.k, c.v))
+    _, fast = reference.attention(q[:, :, :55], k[:, :, :55], v[:, :, :55], None, None, [], params, spec, SCALE,
+                                  True)
+    want = fast
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for start, end in ((55, 64), (64, 72)):
+        call = (q[:, :, start:end], k[:, :, start:end], v[:, :, start:end])
+        assert chain.applies(call[0], None, fast, spec, True)
+        got, fast = chain.run(*call, fast, params, spec, SCALE)
+        out, want = reference.attention(*call, None, None, want, params, spec, SCALE, True)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), out.float(), rtol=tolerance, atol=tolerance)
+        for a, b in zip(fast, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_run_leaves_its_inputs_unchanged(case, small_spec):
+    spec = small_spec("augmented")
+    c = case(spec, 5, seed=1, padding=False)
+    _, state = reference.attention(*_call(c, 0, 1), None, None, [], c.params, spec, c.scale, True)
+    before = [s.clone() for s in state]
+    chain.run(*_call(c, 1, 3), state, c.params, spec, c.scale)  # writes slots 1-2
+    chain.run(*_call(c, 1, 4), state, c.params, spec, c.scale)  # completes the group: folds and clears
+    assert all(torch.equal(a, b) for a, b in zip(state, before, strict=True))
+
+
+@torch.no_grad()
+def test_applies_within_one_group_to_real_rows_in_step(case, small_spec):
+    spec = small_spec("augmented")
+    c = case(spec, 6, seed=0, padding=False)
+    q = c.q[:, :, :2]
+    state = init_state(spec, BATCH, KV_HEADS, DK, DV, dtype=torch.float64)
+    assert chain.applies(q, None, state, spec, True) and chain.applies(q, None, [], spec, True)
+    assert chain.applies(q, torch.ones(BATCH, 2, dtype=torch.bool), state, spec, True)
+    assert chain.applies(c.q[:, :, :4], None, state, spec, True)  # fills the group of 4
+    assert not chain.applies(c.q[:, :, :5], None, state, spec, True)  # crosses into the next group
+    later = state[:-1] + [torch.tensor([3, 3])]
+    assert not chain.applies(q, None, later, spec, True)  # slot 3 + 2 tokens: crosses
+    assert not chain.applies(q, None, state[:-1] + [torch.tensor([4, 5])], spec, True)  # rows at different positions
+    assert not chain.applies(q, torch.tensor([[True, True], [False, True]]), state, spec, True)  # a padding row
+    assert not chain.applies(c.q[:, :, :1], None, state, spec, True)  # one token: decode.step's
+    assert not chain.applies(q, None, state, spec, False)  # bidirectional
+    assert not chain.applies(q, None, [], get_method("softmax"), True)  # a KV cache
+    assert chain.applies(c.q[:, :, :6], None, [], small_spec("hedgehog"), True)  # no groups: any length
+    with torch.enable_grad():
+        assert not chain.applies(q, None, state, spec, True)  # autograd recomputes through the reference
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(s) for s in state]
+        assert not chain.applies(mode.from_tensor(q), None, fake, spec, True)  # tracing: no values to read
+
+
+@torch.no_grad()
+def test_recurrent_step_serves_short_calls_through_the_fast_form(case, small_spec, monkeypatch):
+    """The registry's `recurrent-step` takes `chain.run` for a short call within a group, the reference for one
+    that crosses a group boundary and for a padded one."""
+    spec = small_spec("augmented")
+    c = case(spec, 6, seed=0, padding=False)
+    calls = []
+    monkeypatch.setattr(chain, "run", lambda q, k, v, state, *rest: calls.append(q.shape[2]) or reference.attention(
+        q, k, v, None, None, state, *rest, True))
+    registry.recurrent_step(*_call(c, 0, 3), None, None, [], c.params, spec, SCALE, True)
+    registry.recurrent_step(*_call(c, 0, 6), None, None, [], c.params, spec, SCALE, True)
+    registry.recurrent_step(*_call(c, 0, 3), torch.tensor([[True] * 3, [False, True, True]]), None, [], c.params,
+                            spec, SCALE, True)
+    assert calls == [3]

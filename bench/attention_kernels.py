@@ -8,8 +8,9 @@ cache of T tokens) and, when installed, flash-linear-attention's chunk_linear_at
 for T in 1K..32K (triton.testing.do_bench medians); first, the decode step's memory bandwidth at `--decode-batch`
 rows against a device-to-device copy's.
 On CPU: the PyTorch reference forms (parallel = masked quadratic, chunked, each forward and forward+backward;
-recurrent and `decode.step` per decode token) against SDPA, so the scaling in T shows on any machine (medians of
---repeats runs after a warm-up).
+recurrent and `decode.step` per decode token; a 9-token verify call from the state after T tokens, parallel and
+`chain.run`) against SDPA (the verify call's 9 queries attend to the T cached keys), so the scaling in T shows
+on any machine (medians of --repeats runs after a warm-up).
 
 Writes bench/results/kernels_<device>.json (device, command, rows, rewritten after each T; `complete` says whether
 the run finished) and kernels_<device>.png (time against T); `--quick` names them kernels_<device>_quick.
@@ -34,12 +35,13 @@ import torch.nn.functional as F
 
 from lincompile.atomic import atomic_write_text
 from lincompile.cli.args import positive_int, positive_int_list
-from lincompile.kernels.linear_attention import decode, reference
+from lincompile.kernels.linear_attention import chain, decode, reference
 from lincompile.methods.params import random_params
 from lincompile.methods.spec import MethodSpec, get_method
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DECODE_STEPS = 16
+VERIFY_TOKENS = 9  # a verify call of k = 8 drafts and the token before them
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -98,6 +100,8 @@ def cpu_row(spec: MethodSpec, args: argparse.Namespace, t: int) -> dict[str, flo
     kv = (k.repeat_interleave(args.heads // args.kv_heads, 1), v.repeat_interleave(args.heads // args.kv_heads, 1))
     grads = [x.detach().requires_grad_() for x in (q, k, v)]
 
+    verify = [x[:, :, :VERIFY_TOKENS] for x in (q, k, v)]  # a speculative verify call from the state
+
     def steps() -> None:  # decode.step token by token (what the op runs for a decode call)
         after = state
         for i in range(DECODE_STEPS):
@@ -113,7 +117,12 @@ def cpu_row(spec: MethodSpec, args: argparse.Namespace, t: int) -> dict[str, flo
         "recurrent decode/token": (lambda: reference.recurrent(*step, None, state, params, spec, scale),
                                    DECODE_STEPS),
         "decode.step decode/token": (steps, DECODE_STEPS),
+        "sdpa verify/call": (lambda: _sdpa(q[:, :, -VERIFY_TOKENS:], *kv, causal=False), 1),
+        "parallel verify/call": (lambda: reference.attention(*verify, None, None, state, params, spec, scale, True),
+                                 1),
     }
+    if chain.applies(verify[0], None, state, spec, True):  # within one group (not across a boundary)
+        forms["chain verify/call"] = (lambda: chain.run(*verify, state, params, spec, scale), 1)
     if t <= args.parallel_max:
         forms["parallel prefill"] = (lambda: reference.attention(q, k, v, None, None, [], params, spec, scale,
                                                                  True), 1)
@@ -224,6 +233,7 @@ def _ratios(row: dict[str, float | str]) -> dict[str, float]:
                                           "parallel prefill")),
              "decode": ("sdpa decode", ("triton decode",)),
              "decode/token": ("sdpa decode/token", ("recurrent decode/token", "decode.step decode/token")),
+             "verify/call": ("sdpa verify/call", ("parallel verify/call", "chain verify/call")),
              "fwd+bwd": ("sdpa fwd+bwd", ("lincompile op fwd+bwd", "lincompile op fwd+bwd (walk)", "chunked fwd+bwd",
                                           "parallel fwd+bwd"))}
     out = {}
@@ -231,7 +241,7 @@ def _ratios(row: dict[str, float | str]) -> dict[str, float]:
         for key in ours:
             if isinstance(row.get(base), float) and isinstance(row.get(key), float):
                 label = " ".join(w for w in key.split() if w not in ("prefill", "decode", "decode/token", "fwd+bwd",
-                                                                     "op"))
+                                                                     "verify/call", "op"))
                 out[f"{name} sdpa/{label}"] = row[base] / row[key]
     return out
 

@@ -5,8 +5,9 @@ the lowest priority and supports everything, so every device always has an imple
 The generated Triton kernels (`lincompile.kernels.triton`) serve the specs they cover on CUDA, and on CPU under
 `LINCOMPILE_KERNELS=triton` with TRITON_INTERPRET=1. Elsewhere causal linear sites go through `recurrent-step`:
 single-token calls (decode) take the recurrent form, as `decode.step` where it applies (every row real: the same
-math in fewer ops) and as the reference's otherwise; calls of up to `CHUNK` tokens the parallel form, longer ones
-(prefill, training) the chunked form, linear in T.
+math in fewer ops) and as the reference's otherwise; calls of up to `CHUNK` tokens (a speculative verify) take
+`chain.run` where it applies (every row real, at one position, within one group) and the parallel form otherwise;
+longer ones (prefill, training) the chunked form, linear in T.
 `LINCOMPILE_KERNELS=reference` forces the parallel reference for every call.
 """
 from __future__ import annotations
@@ -59,8 +60,9 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: 
                    bias: torch.Tensor | None, state: list[torch.Tensor], params: list[torch.Tensor],
                    spec: MethodSpec, scale: float, causal: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One causal token: `decode.step` where it applies, else `reference.recurrent`; more than `CHUNK` causal
-    tokens: `reference.chunked`; anything else: `reference.attention` (the forms agree: tests/kernels/
-    test_registry.py and test_decode.py check it on every causal linear method)."""
+    tokens: `reference.chunked`; fewer: `chain.run` where it applies; anything else: `reference.attention` (the
+    forms agree: tests/kernels/test_registry.py, test_decode.py and test_chain.py check it on every causal linear
+    method)."""
     if causal and q.shape[2] == 1:
         if decode.applies(q, key_mask, state, spec, causal):
             return decode.step(q, k, v, state, params, spec, scale)

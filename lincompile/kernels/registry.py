@@ -69,7 +69,7 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: 
         return reference.recurrent(q, k, v, key_mask, state, params, spec, scale)
     if causal and q.shape[2] > CHUNK:
         return reference.chunked(q, k, v, key_mask, bias, state, params, spec, scale, causal, CHUNK)
-    if chain.applies(q, key_mask, state, spec, causal):
+    if k.shape[2] == q.shape[2] and chain.applies(q, key_mask, state, spec, causal):
         return chain.run(q, k, v, state, params, spec, scale)
     return reference.attention(q, k, v, key_mask, bias, state, params, spec, scale, causal)
 

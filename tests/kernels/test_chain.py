@@ -1,6 +1,8 @@
 """The fast form of a short causal call (`chain.run`: a speculative verify call, a prefill chunk) against the
 reference's parallel form, for every causal linear method: outputs and state, calls that fill a group partly,
 complete it or span a whole one, from the initial state or a later one, GQA; and when it applies."""
+import dataclasses
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -8,11 +10,32 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from lincompile.kernels import registry
 from lincompile.kernels.linear_attention import chain, reference
 from lincompile.kernels.linear_attention.reference import init_state
-from lincompile.methods.spec import get_method
+from lincompile.methods.params import param_names
+from lincompile.methods.spec import MethodSpec, get_method
 
 from .conftest import BATCH, CAUSAL, DK, DV, EXTRA, KV_HEADS, SCALE
 
-LINEAR = [name for name in CAUSAL if (EXTRA.get(name) or get_method(name)).kind == "linear"]
+#: Spec combinations the registered methods and conftest's EXTRA leave out: a normalized grouped branch with
+#: cosFormer's positions in the buffer's features, and a global cap.
+CHAIN_EXTRA = {spec.name: spec for spec in (
+    MethodSpec("test-cos-grouped", feature_map="cosformer", normalizer="denominator", local="relu2",
+               global_branch="grouped"),
+    dataclasses.replace(get_method("augmented"), name="test-capped", global_cap=5),
+)}
+LINEAR = [name for name in CAUSAL if (EXTRA.get(name) or get_method(name)).kind == "linear"] + list(CHAIN_EXTRA)
+
+
+def _spec(name: str, small_spec) -> MethodSpec:
+    return small_spec(CHAIN_EXTRA.get(name) or name)
+
+
+def _case(case, spec: MethodSpec, t: int, seed: int):
+    """`case` with alpha moved off 1 (random_params' value, under which a dropped alpha goes unseen)."""
+    c = case(spec, t, seed=seed, padding=False)
+    names = param_names(spec)
+    if "alpha" in names:
+        c.params[names.index("alpha")] = c.params[names.index("alpha")] * 0.7
+    return c
 
 
 def _call(c, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -25,8 +48,8 @@ def test_calls_equal_the_parallel_reference(name, case, small_spec, diff):
     """Groups of 4, a 2-token conv window, fp64: from the initial state tokens 0-1 (part of a group), from there
     2-3 (completing it), 4-7 (a whole group), then 9-10 after a reference token 8 (the middle of a group): every
     output and the state after each call agree with `reference.attention` to rounding."""
-    spec = small_spec(name)
-    c = case(spec, 11, seed=5, padding=False)
+    spec = _spec(name, small_spec)
+    c = _case(case, spec, 11, seed=5)
     fast, want = [], []
     for start, end in ((0, 2), (2, 4), (4, 8), (8, 9), (9, 11)):
         call = _call(c, start, end)
@@ -96,6 +119,11 @@ def test_applies_within_one_group_to_real_rows_in_step(case, small_spec):
     assert not chain.applies(q, None, state, spec, False)  # bidirectional
     assert not chain.applies(q, None, [], get_method("softmax"), True)  # a KV cache
     assert chain.applies(c.q[:, :, :6], None, [], small_spec("hedgehog"), True)  # no groups: any length
+    cos = small_spec("cosformer")
+    apart = init_state(cos, BATCH, KV_HEADS, DK, DV, dtype=torch.float64)[:-1] + [torch.tensor([3, 2])]
+    assert chain.applies(q, None, apart, cos, True)  # no groups: rows at different positions too
+    assert not chain.applies(q, torch.ones(BATCH, 1, dtype=torch.bool), state, spec, True)  # malformed mask
+    assert not chain.applies(q[:0], None, [], spec, True)  # an empty batch
     with torch.enable_grad():
         assert not chain.applies(q, None, state, spec, True)  # autograd recomputes through the reference
     with FakeTensorMode() as mode:
@@ -116,4 +144,7 @@ def test_recurrent_step_serves_short_calls_through_the_fast_form(case, small_spe
     registry.recurrent_step(*_call(c, 0, 6), None, None, [], c.params, spec, SCALE, True)
     registry.recurrent_step(*_call(c, 0, 3), torch.tensor([[True] * 3, [False, True, True]]), None, [], c.params,
                             spec, SCALE, True)
+    with pytest.raises(ValueError, match="as many new keys as queries"):  # the reference's error, not chain's
+        registry.recurrent_step(c.q[:, :, :3], c.k[:, :, :2], c.v[:, :, :2], None, None, [], c.params, spec,
+                                SCALE, True)
     assert calls == [3]

@@ -1,8 +1,8 @@
 """A short causal call of a linear method in few ops: the fast form of `reference.attention` for T tokens from a
-state (a speculative verify call, a prefill chunk), where every row is a real token at the same position and,
-for methods with group buffers, the call stays within one group (it may complete it).
+state (a speculative verify call, a prefill chunk), where every row is a real token and, for methods with group
+buffers, every row is at the same position and the call stays within one group (it may complete it).
 
-Then positions are numbers, not per-row tensors, and the branches need no position masks:
+Then group slots are numbers, not per-row tensors, and the branches need no position masks:
   - the grouped global branch reads S alone (no earlier group in the call) with one alpha for every query;
   - the local branch reads the buffer's filled slots then the new tokens, causally (one triangular mask);
   - the inclusive branch is phi(q) S plus a causal product over the new tokens (decayed by gamma^lag);
@@ -27,11 +27,14 @@ from lincompile.methods.spec import MethodSpec
 
 
 def applies(q: Tensor, key_mask: Tensor | None, state: list[Tensor], spec: MethodSpec, causal: bool) -> bool:
-    """Whether `run` serves this call: T >= 2 causal tokens of a causal linear method, every row real and at the
-    same position, within one group. Reads the mask and the position counter (syncs on a GPU); tracing tensors
-    have no values and a CUDA graph's capture may not read them, so there this is False, as under autograd
-    (the op's backward recomputes through the reference)."""
+    """Whether `run` serves this call: T >= 2 causal tokens of a causal linear method, every row real; for a
+    method with group buffers every row at the same position and the call within one group. Reads the mask and
+    the position counter (syncs on a GPU); tracing tensors have no values and a CUDA graph's capture may not read
+    them, so there this is False, as under autograd (the op's backward recomputes through the reference), and
+    for malformed calls (the reference says what is wrong)."""
     if not (causal and q.shape[2] > 1 and spec.kind == "linear" and spec.causal_safe) or torch.is_grad_enabled():
+        return False
+    if q.shape[0] == 0 or (key_mask is not None and key_mask.shape != (q.shape[0], q.shape[2])):
         return False
     if any(is_fake(t) for t in (q, *state)) or (key_mask is not None and is_fake(key_mask)):
         return False
@@ -39,12 +42,14 @@ def applies(q: Tensor, key_mask: Tensor | None, state: list[Tensor], spec: Metho
         return False
     if key_mask is not None and not bool(key_mask.all()):
         return False
+    if not spec.uses_groups:  # positions per row are fine (cosFormer's features read them row by row)
+        return True
     position = unpack_state(spec, state).get("position") if state else None
     if position is None:
-        return not spec.uses_groups or q.shape[2] <= spec.group_size
+        return q.shape[2] <= spec.group_size
     if not bool((position == position[0]).all()):
         return False
-    return not spec.uses_groups or int(position[0]) % spec.group_size + q.shape[2] <= spec.group_size
+    return int(position[0]) % spec.group_size + q.shape[2] <= spec.group_size
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor], spec: MethodSpec,
@@ -59,7 +64,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tenso
     named = named_params(spec, params, acc)
     state = state or init_state(spec, batch, kv_heads, dk, dv, q.device, q.dtype)
     parts = acc_parts(spec, state, acc)
-    start = start_position(parts, batch, q.device)  # [B], every row the same
+    start = start_position(parts, batch, q.device)  # [B]; every row the same with group buffers
     positions = start[:, None] + torch.arange(t, device=q.device)  # [B, T]
     qg = q.to(acc).reshape(batch, kv_heads, groups, t, dk)
     ki, vi = k.to(acc), v.to(acc)  # [B, Hkv, T, d]

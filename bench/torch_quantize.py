@@ -8,7 +8,7 @@ some), eager PyTorch, the same thread count:
               original's too;
   decode      the median greedy single-token step after a `--context`-token held-out prompt, the three engines
               taking turns step by step for `--rounds` steps each (how many greedy tokens agree is recorded);
-  verify      the median call of `--verify-tokens` tokens from that state (what a speculative-decoding
+  verify      the median call of `--verify` tokens from that state (what a speculative-decoding
               target call costs), the two linearized models taking turns;
   prefill     one call over the first `--prefill` tokens of the prompt, best of 3.
 
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> dict:
         for form, runner in runners.items():
             rows[form]["ppl"] = perplexity(runner, blocks, progress=False).ppl
             _log(f"{form}: perplexity {rows[form]['ppl']:.3f} (original {original_ppl:.3f})")
-        prompt = heldout_blocks(tokenizer, args.context + args.verify_tokens, 1)
+        prompt = heldout_blocks(tokenizer, args.context + args.verify, 1)
         context, drafts = prompt[:, :args.context], prompt[:, args.context:]
         sessions, states = {}, {}
         for form, runner in runners.items():
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
         rows[form]["verify_ms"] = 1e3 * statistics.median(verify_times.steps[form])
     agree = sum(a == b for a, b in zip(timings.tokens["float"], timings.tokens["int8"]))
     return {"forms": rows, "ppl_original": original_ppl, "tokens_scored": int(blocks[:, 1:].numel()),
-            "context": args.context, "prefill_tokens": args.prefill, "verify_tokens": args.verify_tokens,
+            "context": args.context, "prefill_tokens": args.prefill, "verify_tokens": args.verify,
             "greedy_steps_agreeing": f"{agree} of {len(timings.tokens['float'])}"}
 
 
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-blocks", type=positive_int, default=16)
     parser.add_argument("--context", type=positive_int, default=512, help="prompt tokens before the decode steps")
     parser.add_argument("--prefill", type=positive_int, default=128, help="prompt tokens per prefill call")
-    parser.add_argument("--verify-tokens", type=positive_int, default=9,
-                        help="tokens of a verify call (k = 8 drafts and the token before them)")
+    parser.add_argument("--verify", type=positive_int, default=9,
+                        help="tokens per verify call (drafts + 1; bench/speculative.py's k = 8 verifies 9)")
     parser.add_argument("--rounds", type=positive_int, default=150,
                         help="decode: timed steps per engine, the engines taking turns")
     parser.add_argument("--verify-rounds", type=positive_int, default=40, help="verify: timed calls per model")

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
+from lincompile.kernels.linear_attention.decode import combine
 from lincompile.kernels.linear_attention.reference_linear import acc_parts, grouped_alpha, start_position
 from lincompile.kernels.linear_attention.state import accumulation_dtype, init_state, pack_state, unpack_state
-from lincompile.methods.feature_maps import DENOMINATOR_EPS, features, local_kernel
+from lincompile.methods.feature_maps import features, local_kernel
 from lincompile.methods.params import named_params
 from lincompile.methods.spec import MethodSpec
 
@@ -82,10 +83,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tenso
             den = alpha * (fq @ parts["normalizer"][..., None])[..., 0]
     if spec.uses_groups:
         num, den, out = _group(spec, named, parts, qg.flatten(2, 3), fq, ki, vi, int(start[0]), num, den, scale)
-    if num is not None:
-        if spec.normalizer == "denominator":
-            num = num / den.clamp_min(DENOMINATOR_EPS)[..., None]
-        out = num if out is None else out + num
+    out = combine(spec, num, den, out)
     if spec.conv != "none":
         out = out + _conv(spec, named, parts, vi, kv_heads, groups)
     if spec.uses_positions:

@@ -71,15 +71,22 @@ def step(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tens
         num, den, out = _group(spec, named, parts, qi, fq, ki, vi, int(pos[0]), num, den, scale)
     elif spec.uses_groups:
         num, den, out = _group_rows(spec, named, parts, qi, fq, ki, vi, pos, num, den, scale)
-    if num is not None:
-        if spec.normalizer == "denominator":
-            num = num / den.clamp_min(DENOMINATOR_EPS)[..., None]
-        out = num if out is None else out + num
+    out = combine(spec, num, den, out)
     if spec.conv != "none":
         out = out + _conv(spec, named, parts, vi, kv_heads, groups)
     if spec.uses_positions:
         parts["position"] = pos + 1
     return out.reshape(batch, heads, 1, dv).to(q.dtype), pack_state(spec, parts)
+
+
+def combine(spec: MethodSpec, num: Tensor | None, den: Tensor | None, out: Tensor | None) -> Tensor | None:
+    """The kernel-weighted values `num` (over their weight sum `den` when normalized) plus the softmax-local output
+    `out`; either may be None (that branch is absent)."""
+    if num is None:
+        return out
+    if spec.normalizer == "denominator":
+        num = num / den.clamp_min(DENOMINATOR_EPS)[..., None]
+    return num if out is None else out + num
 
 
 def _inclusive(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor], fq: Tensor, ki: Tensor,

@@ -8,6 +8,7 @@ cache of T tokens) and, when installed, flash-linear-attention's chunk_linear_at
 for T in 1K..32K (triton.testing.do_bench medians); first, the decode step's memory bandwidth at `--decode-batch`
 rows against a device-to-device copy's.
 On CPU: the PyTorch reference forms (parallel = masked quadratic, chunked, each forward and forward+backward;
+"chain prefill" = what the op runs for a prefill at inference: chunks of 64 through `chain.run`;
 recurrent and `decode.step` per decode token; a 9-token verify call from the state after T tokens, parallel and
 `chain.run`) against SDPA (the verify call's 9 queries attend to the T cached keys), so the scaling in T shows
 on any machine (medians of --repeats runs after a warm-up).
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from lincompile.atomic import atomic_write_text
 from lincompile.cli.args import positive_int, positive_int_list
+from lincompile.kernels import registry
 from lincompile.kernels.linear_attention import chain, decode, reference
 from lincompile.methods.params import random_params
 from lincompile.methods.spec import MethodSpec, get_method
@@ -110,6 +112,7 @@ def cpu_row(spec: MethodSpec, args: argparse.Namespace, t: int) -> dict[str, flo
     forms: dict[str, tuple[Callable[[], object], int]] = {
         "sdpa prefill": (lambda: _sdpa(q, k, v), 1),
         "chunked prefill": (lambda: reference.chunked(q, k, v, None, None, [], params, spec, scale, True, 64), 1),
+        "chain prefill": (lambda: registry.recurrent_step(q, k, v, None, None, [], params, spec, scale, True), 1),
         "sdpa fwd+bwd": (_backward(lambda: _sdpa(*grads)), 1),
         "chunked fwd+bwd": (_backward(lambda: reference.chunked(*grads, None, None, [], params, spec, scale, True,
                                                                 64)[0]), 1),
@@ -230,7 +233,7 @@ def decode_bandwidth(spec: MethodSpec, args: argparse.Namespace) -> dict[str, fl
 def _ratios(row: dict[str, float | str]) -> dict[str, float]:
     """SDPA time / our time for each matching pair (> 1: ours is faster)."""
     pairs = {"prefill": ("sdpa prefill", ("triton prefill", "triton prefill (walk)", "chunked prefill",
-                                          "parallel prefill")),
+                                          "chain prefill", "parallel prefill")),
              "decode": ("sdpa decode", ("triton decode",)),
              "decode/token": ("sdpa decode/token", ("recurrent decode/token", "decode.step decode/token")),
              "verify/call": ("sdpa verify/call", ("parallel verify/call", "chain verify/call")),

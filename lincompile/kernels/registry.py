@@ -7,7 +7,9 @@ The generated Triton kernels (`lincompile.kernels.triton`) serve the specs they 
 single-token calls (decode) take the recurrent form, as `decode.step` where it applies (every row real: the same
 math in fewer ops) and as the reference's otherwise; calls of up to `CHUNK` tokens (a speculative verify) take
 `chain.run` where it applies (every row real, at one position, within one group) and the parallel form otherwise;
-longer ones (prefill, training) the chunked form, linear in T.
+longer ones (prefill, training) in chunks through the state, linear in T: at inference chunks cut at group
+boundaries, each through `chain.run` where it applies (a prefill of real rows in step); under autograd the
+reference's chunked form.
 `LINCOMPILE_KERNELS=reference` forces the parallel reference for every call.
 """
 from __future__ import annotations
@@ -16,8 +18,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from lincompile.kernels.linear_attention import chain, decode, reference
+from lincompile.kernels.linear_attention.state import unpack_state
 from lincompile.kernels.triton import launch as triton_launch
 from lincompile.methods.spec import MethodSpec
 
@@ -60,18 +64,45 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: 
                    bias: torch.Tensor | None, state: list[torch.Tensor], params: list[torch.Tensor],
                    spec: MethodSpec, scale: float, causal: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One causal token: `decode.step` where it applies, else `reference.recurrent`; more than `CHUNK` causal
-    tokens: `reference.chunked`; fewer: `chain.run` where it applies; anything else: `reference.attention` (the
-    forms agree: tests/kernels/test_registry.py, test_decode.py and test_chain.py check it on every causal linear
-    method)."""
+    tokens: `_chunks` (inference) or `reference.chunked` (under autograd or tracing); fewer: `chain.run` where it
+    applies; anything else: `reference.attention` (the forms agree: tests/kernels/test_registry.py,
+    test_decode.py and test_chain.py check it on every causal linear method)."""
     if causal and q.shape[2] == 1:
         if decode.applies(q, key_mask, state, spec, causal):
             return decode.step(q, k, v, state, params, spec, scale)
         return reference.recurrent(q, k, v, key_mask, state, params, spec, scale)
     if causal and q.shape[2] > CHUNK:
-        return reference.chunked(q, k, v, key_mask, bias, state, params, spec, scale, causal, CHUNK)
+        if torch.is_grad_enabled() or any(is_fake(t) for t in (q, *state)) or k.shape[2] != q.shape[2]:
+            return reference.chunked(q, k, v, key_mask, bias, state, params, spec, scale, causal, CHUNK)
+        return _chunks(q, k, v, key_mask, state, params, spec, scale)
     if k.shape[2] == q.shape[2] and chain.applies(q, key_mask, state, spec, causal):
         return chain.run(q, k, v, state, params, spec, scale)
     return reference.attention(q, k, v, key_mask, bias, state, params, spec, scale, causal)
+
+
+def _chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+            state: list[torch.Tensor], params: list[torch.Tensor], spec: MethodSpec,
+            scale: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A long causal call in chunks of at most `CHUNK` tokens through the state, each through `recurrent_step`
+    (so `chain.run` where it applies: a prefill of real rows in step). With group buffers the chunks are cut at
+    row 0's group boundaries, so that each can stay within one group. The chunks of `reference.chunked`, cut
+    elsewhere: the same numbers to rounding."""
+    start = 0
+    if spec.uses_groups and state:
+        position = unpack_state(spec, state).get("position")
+        start = 0 if position is None or not position.numel() else int(position[0])
+    outs, done, total = [], 0, q.shape[2]
+    while done < total:
+        size = min(CHUNK, total - done)
+        if spec.uses_groups:
+            size = min(size, spec.group_size - (start + done) % spec.group_size)
+        end = done + size
+        out, state = recurrent_step(q[:, :, done:end], k[:, :, done:end], v[:, :, done:end],
+                                    None if key_mask is None else key_mask[:, done:end], None, state, params, spec,
+                                    scale, True)
+        outs.append(out)
+        done = end
+    return torch.cat(outs, 2), state
 
 
 def _serves_recurrent_step(spec: MethodSpec, device: torch.device) -> bool:

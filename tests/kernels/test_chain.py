@@ -148,3 +148,33 @@ def test_recurrent_step_serves_short_calls_through_the_fast_form(case, small_spe
         registry.recurrent_step(c.q[:, :, :3], c.k[:, :, :2], c.v[:, :, :2], None, None, [], c.params, spec,
                                 SCALE, True)
     assert calls == [3]
+
+
+@pytest.mark.parametrize("name", ["augmented", "hedgehog", "retnet", "test-softmax-local", "test-cos-grouped"])
+@pytest.mark.parametrize("prefix", [0, 3])
+@torch.no_grad()
+def test_long_calls_go_in_group_aligned_chunks(name, prefix, case, small_spec, diff, monkeypatch):
+    """A call longer than CHUNK (6 here) after `prefix` tokens: chunks cut at the groups of 4 (methods without
+    groups: chunks of 6), through `chain.run`, equal to the parallel form over the whole call; a left-padded batch
+    takes the reference chunk by chunk, equal too."""
+    monkeypatch.setattr(registry, "CHUNK", 6)
+    spec = _spec(name, small_spec)
+    c = _case(case, spec, prefix + 23, seed=3)
+    state = []
+    if prefix:
+        _, state = reference.attention(*_call(c, 0, prefix), None, None, [], c.params, spec, SCALE, True)
+    sizes = []
+    run = chain.run
+    monkeypatch.setattr(chain, "run", lambda q, *rest: sizes.append(q.shape[2]) or run(q, *rest))
+    call = _call(c, prefix, prefix + 23)
+    got, new = registry.recurrent_step(*call, None, None, state, c.params, spec, SCALE, True)
+    out, want = reference.attention(*call, None, None, state, c.params, spec, SCALE, True)
+    assert diff([got], [out]) < 1e-12 and diff(new, want) < 1e-12
+    grouped = spec.uses_groups
+    # after the 3-token prefix, the group's last slot goes alone (through decode.step), then groups of 4
+    assert sizes == ([4] * 5 + [2] if prefix and grouped else [4] * 5 + [3] if grouped else [6, 6, 6, 5])
+    padded = torch.ones(BATCH, 23, dtype=torch.bool)
+    padded[1, :2] = False
+    got, new = registry.recurrent_step(*call, padded, None, state, c.params, spec, SCALE, True)
+    out, want = reference.attention(*call, padded, None, state, c.params, spec, SCALE, True)
+    assert diff([got], [out]) < 1e-12 and diff(new, want) < 1e-12

@@ -25,7 +25,7 @@ from torch import fx
 
 from lincompile.kernels.int8.linear import int8_linear
 from lincompile.kernels.int8.reference import quantize_weight
-from lincompile.train.lora import projection
+from lincompile.train.lora import projection, projection_paths
 
 #: The schemes `quantize` takes.
 SCHEMES = ("int8",)
@@ -67,7 +67,7 @@ def _projections(gm: fx.GraphModule, skip: tuple[str, ...]) -> dict[fx.Node, lis
             groups.setdefault(x, []).append(node)
     unused = [p for p in skip if p not in used]
     if unused:
-        names = [_path(found[1]) for n in gm.graph.nodes if (found := projection(n)) is not None]
+        names = projection_paths(gm)
         raise ValueError(f"skip pattern(s) {unused} match no linear layer; the layers are named like "
                          f"{names[:2] + names[-1:]} (fnmatch patterns, e.g. 'lm_head' or '*.down_proj')")
     return groups

@@ -85,8 +85,10 @@ def quantize_graph(gm: fx.GraphModule, scheme: str = "int8", skip: tuple[str, ..
     replaced: dict[fx.Node, fx.Node] = {}  # a rewritten projection's node -> what stands for its output now
     count = 0
     for index, (x, nodes) in enumerate(groups.items()):
-        weights = [_tensor(gm, projection(n)[1]) for n in nodes]
-        pairs = [quantize_weight(w.detach().t() if projection(n)[2] else w.detach()) for n, w in zip(nodes, weights)]
+        pairs = []  # (int8 weight [N, K], scale [N]) per projection; addmm stores its weight as [K, N]
+        for _, weight, transposed in map(projection, nodes):
+            w = _tensor(gm, weight).detach()
+            pairs.append(quantize_weight(w.t() if transposed else w))
         sizes = [q.shape[0] for q, _ in pairs]
         biases = [_bias(n) for n in nodes]
         name = f"{INT8_PREFIX}{index}"

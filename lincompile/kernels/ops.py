@@ -54,14 +54,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Te
               causal: bool) -> tuple[Tensor, list[Tensor]]:
     with torch.no_grad():  # autograd is the op's own (below); the implementation never records a graph
         out, new_state = _run(q, k, v, key_mask, bias, state, params, spec, scale, causal)
-    storages = {t.untyped_storage().data_ptr() for t in (q, k, v, key_mask, bias, *state, *params) if t is not None}
+    storages = {_storage(t) for t in (q, k, v, key_mask, bias, *state, *params) if t is not None}
     return _fresh(out, storages), [_fresh(s, storages) for s in new_state]
+
+
+def _storage(t: Tensor) -> int:
+    """The address of `t`'s storage (`t.untyped_storage().data_ptr()`, without building a storage object)."""
+    return t.data_ptr() - t.storage_offset() * t.element_size()
 
 
 def _fresh(t: Tensor, storages: set[int]) -> Tensor:
     """`t` contiguous and in storage of its own: a custom op's outputs may not alias its inputs (an
     implementation may hand back a state part it left unchanged, e.g. a decode step that folds no group)."""
-    if t.untyped_storage().data_ptr() in storages:
+    if _storage(t) in storages:
         return t.clone(memory_format=torch.contiguous_format)
     return t.contiguous()
 
@@ -142,7 +147,7 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], gr
     method = _spec(spec)
     impl = registry.select(method, q.device).backward.impl
     gq, gk, gv, gparams = impl(q, k, v, list(params), method, scale, grad_out, list(grad_state))
-    storages = {t.untyped_storage().data_ptr() for t in (q, k, v, grad_out, *params) if t is not None}
+    storages = {_storage(t) for t in (q, k, v, grad_out, *params) if t is not None}
     return _fresh(gq, storages), _fresh(gk, storages), _fresh(gv, storages), [_fresh(g, storages) for g in gparams]
 
 

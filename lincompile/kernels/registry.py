@@ -72,7 +72,7 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: 
             return decode.step(q, k, v, state, params, spec, scale)
         return reference.recurrent(q, k, v, key_mask, state, params, spec, scale)
     if causal and q.shape[2] > CHUNK:
-        if torch.is_grad_enabled() or any(is_fake(t) for t in (q, *state)) or k.shape[2] != q.shape[2]:
+        if torch.is_grad_enabled() or is_fake(q) or k.shape[2] != q.shape[2]:
             return reference.chunked(q, k, v, key_mask, bias, state, params, spec, scale, causal, CHUNK)
         return _chunks(q, k, v, key_mask, state, params, spec, scale)
     if k.shape[2] == q.shape[2] and chain.applies(q, key_mask, state, spec, causal):

@@ -34,14 +34,14 @@ def features(x: Tensor, spec: MethodSpec, params: dict[str, Tensor], positions: 
     if kind == "identity":
         return x * math.sqrt(scale)
     if kind == "l2":
-        return F.normalize(x, dim=-1)
+        return _unit(x)
     if kind == "elu1":
         return F.elu(x) + 1.0
     if kind == "relu":
         return F.relu(x)
     if kind == "angular":  # phi(q).phi(k) = 1/2 + cos(q, k)/pi, the linear part of 1 - angle/pi
         ones = torch.full_like(x[..., :1], math.sqrt(0.5))
-        return torch.cat([ones, F.normalize(x, dim=-1) / math.sqrt(math.pi)], dim=-1)
+        return torch.cat([ones, _unit(x) / math.sqrt(math.pi)], dim=-1)
     if kind == "performer":  # exp(w.x - |x|^2/2)/sqrt(m): E[phi(q).phi(k)] = exp(q.k), x scaled by sqrt(scale)
         xs = x * math.sqrt(scale)
         omega = params["performer_features"]  # [Hkv, m, d]
@@ -62,6 +62,12 @@ def features(x: Tensor, spec: MethodSpec, params: dict[str, Tensor], positions: 
         outer = (xs[..., :, None] * xs[..., None, :]).flatten(-2) / math.sqrt(2.0)
         return torch.cat([torch.ones_like(xs[..., :1]), xs, outer], dim=-1)
     raise ValueError(f"{spec.name}: unknown feature map {kind!r}")
+
+
+def _unit(x: Tensor) -> Tensor:
+    """x / max(|x|, 1e-12) over the last dim: F.normalize's ops (the same numbers and gradient) without its
+    Python wrappers, which cost a decode step more than the arithmetic."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def closed_form_dots(q: Tensor, k: Tensor, spec: MethodSpec, scale: float) -> Tensor | None:

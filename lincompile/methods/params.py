@@ -19,6 +19,7 @@ Hedgehog MLP / Performer feature set serves a KV head and all its query heads. C
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -53,6 +54,7 @@ def param_layout(spec: MethodSpec, heads: int, kv_heads: int, head_dim: int, v_h
     return layout
 
 
+@functools.lru_cache(maxsize=256)
 def param_names(spec: MethodSpec) -> tuple[str, ...]:
     """Parameter names in op order (shapes do not matter for the names)."""
     return tuple(name for name, _, _ in param_layout(spec, 1, 1, 1, 1))
@@ -134,4 +136,4 @@ def named_params(spec: MethodSpec, params: list[Tensor], dtype: torch.dtype) -> 
     names = param_names(spec)
     if len(params) != len(names):
         raise ValueError(f"{spec.name}: expected {len(names)} params {list(names)}, got {len(params)}")
-    return {name: p.to(dtype) for name, p in zip(names, params)}
+    return {name: p if p.dtype == dtype else p.to(dtype) for name, p in zip(names, params)}

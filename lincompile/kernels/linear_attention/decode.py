@@ -35,7 +35,7 @@ def applies(q: Tensor, key_mask: Tensor | None, state: list[Tensor], spec: Metho
     read them, so there this is False (as for a mask that is not [B, 1]: the reference checks and refuses it)."""
     if not (causal and q.shape[2] == 1 and spec.kind == "linear" and spec.causal_safe and state):
         return False
-    if any(is_fake(t) for t in (q, *state)) or (key_mask is not None and is_fake(key_mask)):
+    if is_fake(q):  # a call's tensors are all real or all tracing ones
         return False
     if q.is_cuda and torch.cuda.is_current_stream_capturing():  # a CUDA graph being captured may not read values
         return False
@@ -54,21 +54,24 @@ def step(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tens
     parts = acc_parts(spec, state, acc)
     pos = parts["position"] if "position" in parts else torch.zeros(batch, dtype=torch.int64, device=q.device)
     here = pos[:, None]
-    qi = q.to(acc).reshape(batch, kv_heads, groups, 1, dk)
-    ki, vi = k.to(acc), v.to(acc)  # [B, Hkv, 1, d]
+    qi = _to(q, acc).reshape(batch, kv_heads, groups, 1, dk)
+    ki, vi = _to(k, acc), _to(v, acc)  # [B, Hkv, 1, d]
     fq = features(qi, spec, named, here, scale)[:, :, :, 0]  # [B, Hkv, g, F]
     num: Tensor | None = None  # kernel-weighted values (global and kernel-local branches)
     den: Tensor | None = None  # their weights' sum (normalizer="denominator")
     out: Tensor | None = None  # softmax-local output (normalized on its own)
     if spec.global_branch == "inclusive":
         num, den = _inclusive(spec, named, parts, fq, ki, vi, here, scale)
+    position = None  # every row's, when they share it (a number, not a tensor); only group buffers read it
+    if spec.uses_groups and (batch == 1 or bool((pos == pos[0]).all())):
+        position = int(pos[0])
     if spec.global_branch == "grouped":
-        alpha = grouped_alpha(spec, named["alpha"], pos)  # [B, 1, 1] or a scalar
+        alpha = grouped_alpha(spec, named["alpha"], pos if position is None else position)  # [B, 1, 1] or a scalar
         num = alpha[..., None] * (fq @ parts["state"])
         if "normalizer" in parts:
             den = alpha * (fq @ parts["normalizer"][..., None])[..., 0]
-    if spec.uses_groups and bool((pos == pos[0]).all()):
-        num, den, out = _group(spec, named, parts, qi, fq, ki, vi, int(pos[0]), num, den, scale)
+    if spec.uses_groups and position is not None:
+        num, den, out = _group(spec, named, parts, qi, fq, ki, vi, position, num, den, scale)
     elif spec.uses_groups:
         num, den, out = _group_rows(spec, named, parts, qi, fq, ki, vi, pos, num, den, scale)
     out = combine(spec, num, den, out)
@@ -76,7 +79,12 @@ def step(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tens
         out = out + _conv(spec, named, parts, vi, kv_heads, groups)
     if spec.uses_positions:
         parts["position"] = pos + 1
-    return out.reshape(batch, heads, 1, dv).to(q.dtype), pack_state(spec, parts)
+    return _to(out.reshape(batch, heads, 1, dv), q.dtype), pack_state(spec, parts)
+
+
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """`t.to(dtype)`, skipping the call (a cost per op in a decode step) when `t` already has it."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def combine(spec: MethodSpec, num: Tensor | None, den: Tensor | None, out: Tensor | None) -> Tensor | None:
@@ -113,9 +121,8 @@ def _group(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor],
     into S (after the global branch read it) and clear the buffer; returns (num, den, softmax-local out)."""
     size = spec.group_size
     slot = position % size
-    group_keys, group_values = parts["group_keys"].clone(), parts["group_values"].clone()
-    group_keys[:, :, slot] = ki[:, :, 0]
-    group_values[:, :, slot] = vi[:, :, 0]
+    group_keys = parts["group_keys"].slice_scatter(ki, 2, slot, slot + 1)
+    group_values = parts["group_values"].slice_scatter(vi, 2, slot, slot + 1)
     keys, values = group_keys[:, :, :slot + 1], group_values[:, :, :slot + 1]
     complete = slot == size - 1
     fb = None
@@ -177,11 +184,10 @@ def _group_rows(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Ten
 
 def _conv(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor], vi: Tensor, kv_heads: int,
           groups: int) -> Tensor:
-    """The causal conv's output [B, Hkv, g, dv] (past taps over the window, the centre tap on the token); the
-    window moves on by the token."""
+    """The causal conv's output [B, Hkv, g, dv]: the past taps over the window and the centre tap on the token, as
+    one product; the window moves on by the token."""
     half = spec.conv_kernel // 2
-    taps = named["conv_weight"].reshape(kv_heads, groups, -1)
-    window = parts["conv"]
-    out = taps[:, :, :half] @ window + taps[None, :, :, half, None] * vi
-    parts["conv"] = torch.cat([window, vi], 2)[:, :, 1:]
-    return out
+    taps = named["conv_weight"].reshape(kv_heads, groups, -1)[:, :, :half + 1]
+    window = torch.cat([parts["conv"], vi], 2)  # [B, Hkv, K//2 + 1, dv]: the past taps' tokens, then the token
+    parts["conv"] = window[:, :, 1:]
+    return taps @ window

@@ -49,7 +49,8 @@ def start_position(parts: dict[str, Tensor], batch: int, device: torch.device) -
 
 def acc_parts(spec: MethodSpec, state: list[Tensor], acc: torch.dtype) -> dict[str, Tensor]:
     """The state as {part: tensor}, floating parts in the accumulation dtype."""
-    return {n: t.to(acc) if t.is_floating_point() else t for n, t in unpack_state(spec, state).items()}
+    return {n: t.to(acc) if t.is_floating_point() and t.dtype != acc else t
+            for n, t in unpack_state(spec, state).items()}
 
 
 def state_context(spec: MethodSpec, parts: dict[str, Tensor], r0: Tensor, k: Tensor, v: Tensor, pos: Tensor,
@@ -81,12 +82,15 @@ def state_context(spec: MethodSpec, parts: dict[str, Tensor], r0: Tensor, k: Ten
                    torch.cat([b[3].expand(batch, -1) for b in blocks], 1), flag(4), flag(5), flag(6))
 
 
-def grouped_alpha(spec: MethodSpec, alpha: Tensor, pos: Tensor) -> Tensor:
-    """The grouped global branch's weight for queries at positions `pos` ([B] or [B, T]): alpha (a scalar) when
-    global_cap is 0, else alpha * min(1, global_cap / n) with n = group_size * (pos // group_size) the tokens it
-    sums, shaped [B, 1, 1] or [B, 1, 1, T] to broadcast over KV heads and their query heads."""
+def grouped_alpha(spec: MethodSpec, alpha: Tensor, pos: Tensor | int) -> Tensor:
+    """The grouped global branch's weight for queries at positions `pos` ([B] or [B, T], or one int for every
+    row): alpha (a scalar) when global_cap is 0, else alpha * min(1, global_cap / n) with
+    n = group_size * (pos // group_size) the tokens it sums, shaped [B, 1, 1] or [B, 1, 1, T] to broadcast over KV
+    heads and their query heads (a scalar for an int; its factor rounds once, in Python, not in alpha's dtype)."""
     if not spec.global_cap:
         return alpha
+    if isinstance(pos, int):
+        return alpha * min(1.0, spec.global_cap / max(pos - pos % spec.group_size, 1))
     summed = group_start(pos, spec.group_size).to(alpha.dtype)
     gain = alpha * (spec.global_cap / summed.clamp_min(1)).clamp_max(1)
     return gain.reshape(pos.shape[0], 1, 1, *pos.shape[1:])

@@ -15,16 +15,20 @@ Engines (all fp32, batch 1, greedy, the same number of threads):
             17 min here. (`torch.compile(model, backend="lincompile")` compiles a full-sequence graph without
             state, so it has no decode step to time.)
   ort       `LinearizedModel.export_onnx` run by `OrtModel` (onnxruntime CPU, IO binding: the state stays in
-            ORT buffers between steps).
+            ORT buffers between steps);
+  int8      `linear.quantize("int8")`: eager with 8-bit linear layers (weights per output row, activations per
+            token, integer products). It decodes from the state the float model prefilled (a step's cost does
+            not depend on the state's values), so its tokens are timed, not compared: they may part from eager's
+            at near-ties (`bench/torch_quantize.py` measures its perplexity and prefill).
 
-For each context (ascending) the prompt (held-out Shakespeare) is extended in chunks of `--prefill-chunk`
-tokens: HF through its cache, lincompile once with `lincompile.runtime.prefill` (eager); every lincompile engine
-decodes from that same state. Then each engine takes `--warmup` steps, and `--rounds` rounds of `--steps` timed
-steps follow, the engines interleaved within each round so that load on a shared machine hits all of them
-alike; the reported latency is the median step. Before the next context the HF cache is cropped back and the
-prefill continues from the saved state, so each context is prefilled once. The lincompile engines decode the
-same tokens from the same state; the JSON records whether their greedy tokens agree and the first step's
-largest logit difference from eager.
+For each context (ascending) the prompt (held-out Shakespeare) is extended in chunks of `--prefill-chunk` tokens: HF
+through its cache, lincompile once with `lincompile.runtime.prefill` (eager, float); every lincompile engine decodes
+from that same state. Then each engine takes `--warmup` steps, and `--rounds` rounds of `--steps` timed steps
+follow, the engines interleaved within each round so that load on a shared machine hits all of them alike; the
+reported latency is the median step. Before the next context the HF cache is cropped back and the prefill continues
+from the saved state, so each context is prefilled once. The lincompile engines decode the same tokens from the same
+state; the JSON records whether their greedy tokens agree (int8's are timed only) and the first step's largest logit
+difference from eager.
 
 SmolLM2 was trained to 8192 positions; at 16K RoPE runs past that (the timings do not depend on it).
 The table's "prefill s" columns time extending the prompt from the previous context to this one (HF through
@@ -55,7 +59,7 @@ from lincompile.runtime.timing import (HFCache, Step, compiled_model, linear_ses
                                       time_steps)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ENGINES = ("hf", "eager", "compile", "ort")
+ENGINES = ("hf", "eager", "compile", "ort", "int8")
 CONTEXTS = (512, 2048, 8192, 16384)
 
 
@@ -106,6 +110,8 @@ def run(args: argparse.Namespace) -> dict:
         runners["compile"] = compiled_model(linear)
     if "ort" in args.engines:
         runners["ort"] = ort_model(linear, args.onnx_dir, args.threads)
+    if "int8" in args.engines:
+        runners["int8"] = linear.quantize("int8")
     hf = HFCache(model) if "hf" in args.engines else None
     rows, state, done = [], None, 0
     with torch.no_grad():
@@ -140,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
                 row[f"ms_{name}"] = 1e3 / rate
                 row[f"tok_s_{name}"] = rate
             if "eager" in linear_names:
-                others = [n for n in linear_names if n != "eager"]
+                others = [n for n in linear_names if n not in ("eager", "int8")]
                 row["greedy_tokens_agree"] = {n: timings.tokens[n] == timings.tokens["eager"] for n in others}
                 row["first_step_max_abs_logit_diff_vs_eager"] = first_step_difference(
                     {n: make(n) for n in linear_names})

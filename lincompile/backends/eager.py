@@ -6,7 +6,8 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 
 from typing import Any
 
@@ -19,6 +20,21 @@ from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT, RewrittenSite
 from lincompile.runtime.state import (SLIDING_WINDOW, RecurrentState, check_positions, check_state,
                                       default_positions)
+
+
+def _rebound(rewritten: list[RewrittenSite], graph: torch.nn.Module) -> list[RewrittenSite]:
+    """`rewritten` with each site's attention call looked up in `graph` by name (a copied or rewritten fx graph:
+    its own node, so that what reads the call reads `graph`); as it was where `graph` has no such call (a compiled
+    module, or a call given another target, as the tree verifier's)."""
+    if not isinstance(graph, fx.GraphModule):
+        return list(rewritten)
+    nodes = {node.name: node for node in graph.graph.nodes}
+    rebound = []
+    for r in rewritten:
+        node = None if r.node is None else nodes.get(r.node.name)
+        found = node is not None and node.target == r.node.target
+        rebound.append(replace(r, node=node) if found and node is not r.node else r)
+    return rebound
 
 
 @dataclass
@@ -81,29 +97,52 @@ class LinearizedModel(torch.nn.Module):
         """This model's interface (sites, config, position limits) around `graph`, a derived graph over the same
         weights (a compiled one, a tree verifier); `input_names` if it takes other inputs."""
         derived = LinearizedModel(graph, self.input_names if input_names is None else input_names, self.output_names,
-                                  self.sites, self.rewritten, self.config, self.hf_config, self.max_positions,
-                                  self.position_padding, self.limit_reason)
+                                  self.sites, _rebound(self.rewritten, graph), self.config, self.hf_config,
+                                  self.max_positions, self.position_padding, self.limit_reason)
         derived.source_class, derived.source_model = self.source_class, self.source_model
         derived.captured_dtype = self.captured_dtype  # the casts in `graph` were traced for it (a cast model refuses)
         derived.quantized = self.quantized
         return derived
 
-    def quantize(self, scheme: str = "int8", skip: tuple[str, ...] | list[str] = ()) -> "LinearizedModel":
+    def quantize(self, scheme: str = "int8", skip: str | tuple[str, ...] | list[str] = ()) -> "LinearizedModel":
         """This model with 8-bit linear layers (a new model; this one is left unchanged and shares its other
         tensors): int8 weights per output row, activations quantized per token, integer products on the CPU.
-        `skip`: fnmatch patterns of projections kept float ('lm_head', '*.down_proj'). For inference on the CPU;
-        see `lincompile.backends.eager_quantize`."""
+        `skip`: fnmatch patterns of projections kept float ('lm_head', '*.down_proj'; one string is one pattern).
+        For inference on the CPU (quantize before compiling); see `lincompile.backends.eager_quantize`. Greedy
+        text may differ at near-ties between a batched and a single run, or other prefill chunks: 8-bit
+        activations magnify the attention forms' last-bit differences."""
         from lincompile.backends.eager_quantize import quantize_graph
 
         if self.quantized is not None:
             raise ValueError(f"this model is already quantized ({self.quantized}); quantize its float original")
-        graph, count = quantize_graph(self.graph, scheme, tuple(skip))
+        if not isinstance(self.graph, fx.GraphModule):
+            raise ValueError(f"this model runs a {type(self.graph).__name__} (compiled), not an fx graph to rewrite: "
+                             "quantize the model first, then compile the quantized one")
+        skip = (skip,) if isinstance(skip, str) else tuple(skip)
+        graph, count = quantize_graph(self.graph, scheme, skip)
         if not count:
             raise ValueError("this model has no float linear layer to quantize" + (f" once skip={list(skip)} is "
                              "applied" if skip else ""))
         derived = self.with_graph(graph)
         derived.quantized = scheme
         return derived
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "LinearizedModel":
+        """An independent copy (graph and weights copied). The detection metadata (`sites`, `report`: read-only,
+        holding nodes of the traced graph, which cannot be copied) is shared; `rewritten` points into the copied
+        graph."""
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        shared = ("sites", "_site_by_index", "report", "rewritten")
+        for key, value in self.__dict__.items():
+            copied.__dict__[key] = value if key in shared else copy.deepcopy(value, memo)
+        copied.rewritten = _rebound(self.rewritten, copied.graph)
+        return copied
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("a LinearizedModel cannot be pickled (its metadata holds nodes of the traced graph): save it "
+                        "with model.save_pretrained(directory) and read it back with lincompile.load(directory); "
+                        "copy.deepcopy(model) copies it in memory")
 
     @property
     def device(self) -> torch.device:

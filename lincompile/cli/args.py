@@ -39,6 +39,17 @@ def probability(text: str) -> float:
     return value
 
 
+def draft_tokens(text: str) -> int:
+    """Drafted tokens per verify call (`-k`): 1 <= k < VERIFY_WINDOW, the most one verify call scores."""
+    from lincompile.passes.linearize import VERIFY_WINDOW
+
+    value = positive_int(text)
+    if value >= VERIFY_WINDOW:
+        raise argparse.ArgumentTypeError(f"must be < {VERIFY_WINDOW} (one verify call scores at most "
+                                         f"{VERIFY_WINDOW} tokens), got {text}")
+    return value
+
+
 def opset_type(text: str) -> int:
     """An ONNX opset the export can write: >= 18 (the lowering's minimum)."""
     from lincompile.backends.onnx import MIN_OPSET

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from lincompile.atomic import atomic_write_text, check_replaceable
-from lincompile.cli.args import positive_int
+from lincompile.cli.args import draft_tokens, positive_int
 
 MODEL = "smollm2-135m"
 EVAL_BLOCK = 256  # tokens per perplexity block, as `lincompile eval` scores by default
@@ -359,7 +359,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", default=defaults.draft,
                         help="speculative draft: prompt-lookup (default), ngram:DIR (lincompile build-ngram) or "
                              "model:DIR (lincompile make-draft)")
-    parser.add_argument("--num-draft-tokens", type=positive_int, default=defaults.num_draft_tokens,
+    parser.add_argument("--num-draft-tokens", type=draft_tokens, default=defaults.num_draft_tokens,
                         help="drafted tokens per target call (default: the draft's, 8 for prompt-lookup and ngram, "
                              "4 for model)")
     parser.add_argument("--new-tokens", type=positive_int, default=defaults.new_tokens,

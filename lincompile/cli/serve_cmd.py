@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lincompile.api import SAVE_FILE
-from lincompile.cli.args import opset_type, positive_float, positive_int, probability
+from lincompile.cli.args import draft_tokens, opset_type, positive_float, positive_int, probability
 from lincompile.cli.draft_cmd import command_parser, load_target, weights_label
 from lincompile.cli.summary import format_value, print_summary
 from lincompile.diagnostics import warn
@@ -336,7 +336,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--draft", default="none", help=f"speculative draft: {DRAFTS} (an n-gram table from build-ngram, "
                    "heads from train-medusa, a draft model from make-draft; default none)")
-    p.add_argument("--num-draft-tokens", "-k", type=positive_int, default=None,
+    p.add_argument("--num-draft-tokens", "-k", type=draft_tokens, default=None,
                    help="drafted tokens per target call (default: 8 with prompt-lookup and ngram drafts, 4 with "
                    "medusa and model drafts)")
     p.add_argument("--adaptive", action="store_true", help="adapt the number of drafted tokens to the acceptance")

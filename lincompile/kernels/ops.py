@@ -45,7 +45,7 @@ def _initial(state: list[Tensor]) -> bool:
         return False
     if any(t.is_cuda for t in state) and torch.cuda.is_current_stream_capturing():
         return False
-    return not any(bool(t.any()) for t in state)
+    return not any(bool(t.any()) for t in reversed(state))  # the position counter, the cheapest, first
 
 
 @torch.library.custom_op("lincompile::attention", mutates_args=())

@@ -298,6 +298,7 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
     started without it refuses one. Checkpoints also record hashes of `blocks` and the model's first weight: a
     resume on others is refused.
     """
+    linear.require_float("training", "train the float model, then quantize it")
     parallel = parallel or Distributed(device=linear.device)
     per_step = config.grad_accum * parallel.world
     if config.batch_size % per_step:

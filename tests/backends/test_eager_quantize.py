@@ -16,6 +16,7 @@ from lincompile.runtime.generate import generate
 from lincompile.runtime.graphs import lm_head_weight
 from lincompile.runtime.speculative import speculative_generate
 from lincompile.testing.tiny import perturb_new_parameters, tiny_model
+from lincompile.train.trainer import TrainConfig, train
 
 aten = torch.ops.aten
 
@@ -80,6 +81,7 @@ def test_skip_keeps_named_projections_float():
     assert targets[aten.linear.default] == 3 and targets[int8_linear] == 6  # head + 2 down float; qkv, o, gate/up 8-bit
     with pytest.raises(ValueError, match=r"\['lm_hed'\] match no linear layer.*lm_head"):
         linear.quantize("int8", skip=["lm_hed"])
+    assert _targets(linear.quantize("int8", skip="lm_head"))[aten.linear.default] == 1  # one pattern, not letters
 
 
 def test_refusals_name_what_to_do(tmp_path):
@@ -105,6 +107,20 @@ def test_refusals_name_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="LM head is int8.*skip=\\['lm_head'\\]"):
         lm_head_weight(quantized)
     assert lm_head_weight(linear.quantize("int8", skip=["lm_head"])).shape == (128, 64)
+    with pytest.raises(ValueError, match="OptimizedModule.*quantize the model first, then compile"):
+        linear.with_graph(torch.compile(linear.graph)).quantize("int8")
+    with pytest.raises(ValueError, match="training needs float weights.*train the float model, then quantize"):
+        train(quantized, torch.zeros(2, 16, dtype=torch.long), TrainConfig(block_size=16), tmp_path / "run")
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_quantized_model_reads_its_own_attention_calls():
+    """`rewritten` points into the quantized graph (what reads a site's call reads the model it is given)."""
+    linear = _linear("llama")
+    quantized = linear.quantize("int8")
+    nodes = set(quantized.graph.graph.nodes)
+    assert all(r.node in nodes for r in quantized.rewritten)
+    assert all(r.node in set(linear.graph.graph.nodes) for r in linear.rewritten)
 
 
 def test_a_projection_feeding_another_and_a_cast_model():

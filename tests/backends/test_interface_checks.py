@@ -144,3 +144,26 @@ def test_a_pad_id_in_a_prompt_is_padding_and_speculative_decoding_says_so(models
         linear.generate(prompt, 4, draft="prompt-lookup")
     assert torch.equal(linear.generate(prompt, 4, pad_token_id=None, eos_token_id=None, draft="prompt-lookup"),
                        linear.generate(prompt, 4, pad_token_id=None, eos_token_id=None))
+
+
+def test_a_model_deep_copies_and_refuses_pickling_with_the_way_to_save(models):
+    """`copy.deepcopy` gives an independent model whose sites read its own graph (speculative decoding commits
+    through them); pickling (`torch.save(model)`) is refused, naming save_pretrained / lincompile.load."""
+    import copy
+    import pickle
+
+    from lincompile.runtime.speculative import speculative_generate
+
+    linear, _, _ = models
+    copied = copy.deepcopy(linear)
+    with torch.no_grad():
+        assert torch.equal(copied(IDS).logits, linear(IDS).logits)
+        weight = next(copied.graph.parameters())
+        weight.add_(1.0)
+        assert not torch.equal(weight, next(linear.graph.parameters()))
+        weight.sub_(1.0)
+    assert all(r.node in set(copied.graph.graph.nodes) for r in copied.rewritten)
+    out, _ = speculative_generate(copied, IDS, 8, "prompt-lookup", 3)
+    assert torch.equal(out, linear.generate(IDS, 8, eos_token_id=None))
+    with pytest.raises(TypeError, match="cannot be pickled.*save_pretrained.*lincompile.load"):
+        pickle.dumps(linear)

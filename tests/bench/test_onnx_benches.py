@@ -1,6 +1,6 @@
 """The ONNX and quality benches end to end on the real model with small budgets: SmolLM2 exported with chunks
-inside the graph, with 8-bit weights and with and without the decode step form; 8-bit linear layers in PyTorch;
-perplexity by position;
+inside the graph, with 8-bit weights and with and without the decode step form; 8-bit linear layers in PyTorch
+(perplexity, decode against context, speculative decoding); perplexity by position;
 continuations of long prompts; speculative decoding and the replay of draft settings."""
 import json
 import subprocess
@@ -49,6 +49,30 @@ def test_8_bit_linear_layers_in_pytorch_keep_the_perplexity_and_halve_the_weight
     assert forms["int8"]["weights_mib"] / forms["float"]["weights_mib"] < 0.5
     assert all(forms[name]["decode_ms"] > 0 for name in ("hf", "float", "int8"))
     assert forms["int8"]["verify_ms"] > 0 and result["greedy_steps_agreeing"].endswith("of 5")
+
+
+@pytest.mark.slow
+def test_the_decode_bench_times_the_int8_model_beside_hf_and_eager(tmp_path):
+    """`bench/decode.py` with the engines that need no export or compile: a rate for each, int8 timed beside eager
+    (its tokens not compared) and its first step's logits near eager's; the plot written beside the JSON."""
+    result = _run("decode.py", tmp_path, "--quick", "--engines", "hf", "eager", "int8")
+    (row,) = result["rows"]
+    assert all(row[f"tok_s_{name}"] > 0 for name in ("hf", "eager", "int8"))
+    assert row["greedy_tokens_agree"] == {}
+    assert 0 < row["first_step_max_abs_logit_diff_vs_eager"]["int8"] < 2.0
+    assert (tmp_path / "decode_quick.png").is_file()
+
+
+@pytest.mark.slow
+def test_the_speculative_bench_runs_the_int8_twin_beside_the_float_model(tmp_path):
+    """`--quantize int8`: the float model and its 8-bit twin as two targets, each with its own plain rate; the
+    float target's rows equal its greedy output (the int8 one's may part at near-ties, so they are counted)."""
+    result = _run("speculative.py", tmp_path, "--quantize", "int8", "--quick")
+    assert set(result["plain_tokens_per_s_by_target"]) == {"torch", "torch-int8"}
+    rows = result["rows"]
+    assert {(r["target"], r["k"]) for r in rows} == {(t, k) for t in ("torch", "torch-int8") for k in (2, 4)}
+    assert all(r["identical_to_greedy"] for r in rows if r["target"] == "torch")
+    assert all(r["tokens_per_call"] >= 1 and r["speedup_vs_first_target"] > 0 for r in rows)
 
 
 @pytest.mark.slow

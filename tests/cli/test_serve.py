@@ -226,6 +226,14 @@ def test_generate_numbers_are_checked_when_parsed(dirs, capsys, option):
     assert f"argument {option}" in (err := capsys.readouterr().err) and "must be >= 1, got 0" in err
 
 
+def test_a_draft_longer_than_a_verify_call_scores_is_refused_when_parsed(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "/no/such/model", "--prompt", "x", "--draft", "prompt-lookup", "-k", "64"])
+    assert exit_info.value.code == 2
+    assert "argument --num-draft-tokens/-k: must be < 64 (one verify call scores at most 64 tokens)" in (
+        capsys.readouterr().err)
+
+
 def test_draft_options_without_a_draft_are_refused_before_loading(capsys):
     for option in (["-k", "8"], ["--adaptive"]):
         assert main(["generate", "/no/such/model", "--prompt", "x", *option]) == 1

@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from lincompile.kernels.linear_attention.decode import combine
 from lincompile.kernels.linear_attention.reference_linear import acc_parts, grouped_alpha, start_position
-from lincompile.kernels.linear_attention.state import accumulation_dtype, init_state, pack_state, unpack_state
+from lincompile.kernels.linear_attention.state import accumulation_dtype, cast, init_state, pack_state, unpack_state
 from lincompile.methods.feature_maps import features, local_kernel
 from lincompile.methods.params import named_params
 from lincompile.methods.spec import MethodSpec
@@ -67,8 +67,8 @@ def run(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tenso
     parts = acc_parts(spec, state, acc)
     start = start_position(parts, batch, q.device)  # [B]; every row the same with group buffers
     positions = start[:, None] + torch.arange(t, device=q.device)  # [B, T]
-    qg = q.to(acc).reshape(batch, kv_heads, groups, t, dk)
-    ki, vi = k.to(acc), v.to(acc)  # [B, Hkv, T, d]
+    qg = cast(q, acc).reshape(batch, kv_heads, groups, t, dk)
+    ki, vi = cast(k, acc), cast(v, acc)  # [B, Hkv, T, d]
     fq = features(qg, spec, named, positions, scale).flatten(2, 3)  # [B, Hkv, g * T, F]
     causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril().repeat(groups, 1)  # [g * T, T]
     num: Tensor | None = None  # kernel-weighted values (global and kernel-local branches)
@@ -77,8 +77,8 @@ def run(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tenso
     if spec.global_branch == "inclusive":
         num, den = _inclusive(spec, named, parts, fq, ki, vi, positions, causal, groups, scale)
     if spec.global_branch == "grouped":
-        alpha = grouped_alpha(spec, named["alpha"], start)  # [B, 1, 1] or a scalar: one group, one alpha
-        num = (alpha[..., None] if alpha.dim() else alpha) * (fq @ parts["state"])
+        alpha = grouped_alpha(spec, named["alpha"], int(start[0]))  # a scalar: every row in one group
+        num = alpha * (fq @ parts["state"])
         if "normalizer" in parts:
             den = alpha * (fq @ parts["normalizer"][..., None])[..., 0]
     if spec.uses_groups:
@@ -88,7 +88,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tenso
         out = out + _conv(spec, named, parts, vi, kv_heads, groups)
     if spec.uses_positions:
         parts["position"] = start + t
-    return out.reshape(batch, heads, t, dv).to(q.dtype), pack_state(spec, parts)
+    return cast(out.reshape(batch, heads, t, dv), q.dtype), pack_state(spec, parts)
 
 
 def _inclusive(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor], fq: Tensor, ki: Tensor,
@@ -158,8 +158,8 @@ def _group(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor],
         parts["group_keys"] = torch.zeros_like(parts["group_keys"])
         parts["group_values"] = torch.zeros_like(parts["group_values"])
     else:
-        for name, new in (("group_keys", ki), ("group_values", vi)):
-            parts[name] = parts[name].clone()
+        for name, new in (("group_keys", ki), ("group_values", vi)):  # clone, not slice_scatter: that copies
+            parts[name] = parts[name].clone()  # the whole storage of a view (a commit's states share one)
             parts[name][:, :, slot:slot + t] = new
     return num, den, out
 

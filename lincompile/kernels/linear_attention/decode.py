@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from lincompile.kernels.linear_attention.reference_linear import acc_parts, grouped_alpha
 from lincompile.kernels.linear_attention.reference_recurrent import buffer_features, fold_completed_group
-from lincompile.kernels.linear_attention.state import accumulation_dtype, pack_state
+from lincompile.kernels.linear_attention.state import accumulation_dtype, cast, pack_state
 from lincompile.methods.feature_maps import DENOMINATOR_EPS, features, local_kernel
 from lincompile.methods.params import named_params
 from lincompile.methods.spec import MethodSpec
@@ -54,8 +54,8 @@ def step(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tens
     parts = acc_parts(spec, state, acc)
     pos = parts["position"] if "position" in parts else torch.zeros(batch, dtype=torch.int64, device=q.device)
     here = pos[:, None]
-    qi = _to(q, acc).reshape(batch, kv_heads, groups, 1, dk)
-    ki, vi = _to(k, acc), _to(v, acc)  # [B, Hkv, 1, d]
+    qi = cast(q, acc).reshape(batch, kv_heads, groups, 1, dk)
+    ki, vi = cast(k, acc), cast(v, acc)  # [B, Hkv, 1, d]
     fq = features(qi, spec, named, here, scale)[:, :, :, 0]  # [B, Hkv, g, F]
     num: Tensor | None = None  # kernel-weighted values (global and kernel-local branches)
     den: Tensor | None = None  # their weights' sum (normalizer="denominator")
@@ -79,12 +79,7 @@ def step(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tens
         out = out + _conv(spec, named, parts, vi, kv_heads, groups)
     if spec.uses_positions:
         parts["position"] = pos + 1
-    return _to(out.reshape(batch, heads, 1, dv), q.dtype), pack_state(spec, parts)
-
-
-def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """`t.to(dtype)`, skipping the call (a cost per op in a decode step) when `t` already has it."""
-    return t if t.dtype == dtype else t.to(dtype)
+    return cast(out.reshape(batch, heads, 1, dv), q.dtype), pack_state(spec, parts)
 
 
 def combine(spec: MethodSpec, num: Tensor | None, den: Tensor | None, out: Tensor | None) -> Tensor | None:
@@ -121,8 +116,9 @@ def _group(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor],
     into S (after the global branch read it) and clear the buffer; returns (num, den, softmax-local out)."""
     size = spec.group_size
     slot = position % size
-    group_keys = parts["group_keys"].slice_scatter(ki, 2, slot, slot + 1)
-    group_values = parts["group_values"].slice_scatter(vi, 2, slot, slot + 1)
+    group_keys, group_values = parts["group_keys"].clone(), parts["group_values"].clone()
+    group_keys[:, :, slot] = ki[:, :, 0]
+    group_values[:, :, slot] = vi[:, :, 0]
     keys, values = group_keys[:, :, :slot + 1], group_values[:, :, :slot + 1]
     complete = slot == size - 1
     fb = None

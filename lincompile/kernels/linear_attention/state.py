@@ -31,6 +31,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """`t.to(dtype)`, without the call when `t` already has it (each call costs a decode step time)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def init_state(spec: MethodSpec, batch: int, kv_heads: int, dk: int, dv: int,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[Tensor]:
     """The state before any token: an empty KV cache (model dtype) or zeros (accumulation dtype)."""

@@ -1,6 +1,6 @@
 """Decode tokens/s of SmolLM2-135M at long contexts: the HF original against lincompile, side by side in one run.
 
-Engines (all fp32, batch 1, greedy, the same number of threads):
+Engines (fp32 but int8's linear layers, batch 1, greedy, the same number of threads):
   hf        the Hugging Face model with its KV cache (the default DynamicCache, which grows by concatenation,
             so each step also copies the cache; SDPA attention);
   eager     the linearized model users get (`lincompile.pretrained.linearized(model, method, weights="auto")`:

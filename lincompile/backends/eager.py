@@ -136,13 +136,14 @@ class LinearizedModel(torch.nn.Module):
         shared = ("sites", "_site_by_index", "report", "rewritten")
         for key, value in self.__dict__.items():
             copied.__dict__[key] = value if key in shared else copy.deepcopy(value, memo)
+        copied.__dict__.pop("_compiled_call_impl", None)  # `model.compile()`'s wrapper calls the original model
         copied.rewritten = _rebound(self.rewritten, copied.graph)
         return copied
 
     def __getstate__(self) -> dict[str, Any]:
-        raise TypeError("a LinearizedModel cannot be pickled (its metadata holds nodes of the traced graph): save it "
-                        "with model.save_pretrained(directory) and read it back with lincompile.load(directory); "
-                        "copy.deepcopy(model) copies it in memory")
+        raise TypeError("a LinearizedModel cannot be pickled or shallow-copied (its metadata holds nodes of the "
+                        "traced graph): save it with model.save_pretrained(directory) and read it back with "
+                        "lincompile.load(directory); copy.deepcopy(model) copies it in memory")
 
     @property
     def device(self) -> torch.device:

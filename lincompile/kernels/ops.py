@@ -45,7 +45,7 @@ def _initial(state: list[Tensor]) -> bool:
         return False
     if any(t.is_cuda for t in state) and torch.cuda.is_current_stream_capturing():
         return False
-    return not any(bool(t.any()) for t in reversed(state))  # the position counter, the cheapest, first
+    return not any(bool(t.any()) for t in reversed(state))  # the last part first: a small one (position counter)
 
 
 @torch.library.custom_op("lincompile::attention", mutates_args=())
@@ -59,7 +59,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Te
 
 
 def _storage(t: Tensor) -> int:
-    """The address of `t`'s storage (`t.untyped_storage().data_ptr()`, without building a storage object)."""
+    """The address of `t`'s storage, `t.untyped_storage().data_ptr()`: computed from the tensor's own pointer
+    (building a storage object costs more) but for an empty tensor, whose pointer is null."""
+    if not t.numel():
+        return t.untyped_storage().data_ptr()
     return t.data_ptr() - t.storage_offset() * t.element_size()
 
 

@@ -155,15 +155,17 @@ def test_a_model_deep_copies_and_refuses_pickling_with_the_way_to_save(models):
     from lincompile.runtime.speculative import speculative_generate
 
     linear, _, _ = models
-    copied = copy.deepcopy(linear)
+    copied, other = copy.deepcopy(linear), copy.deepcopy(linear)
     with torch.no_grad():
         assert torch.equal(copied(IDS).logits, linear(IDS).logits)
-        weight = next(copied.graph.parameters())
-        weight.add_(1.0)
-        assert not torch.equal(weight, next(linear.graph.parameters()))
-        weight.sub_(1.0)
+        next(other.graph.parameters()).add_(1.0)
+        assert not torch.equal(other(IDS).logits, linear(IDS).logits)
+        assert torch.equal(copied(IDS).logits, linear(IDS).logits)  # copies share no weights
     assert all(r.node in set(copied.graph.graph.nodes) for r in copied.rewritten)
     out, _ = speculative_generate(copied, IDS, 8, "prompt-lookup", 3)
     assert torch.equal(out, linear.generate(IDS, 8, eos_token_id=None))
     with pytest.raises(TypeError, match="cannot be pickled.*save_pretrained.*lincompile.load"):
         pickle.dumps(linear)
+    linear.compile()  # a copy runs its own graph, not the original's compiled call
+    assert copy.deepcopy(linear)._compiled_call_impl is None
+    del linear._compiled_call_impl

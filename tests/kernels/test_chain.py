@@ -178,3 +178,26 @@ def test_long_calls_go_in_group_aligned_chunks(name, prefix, case, small_spec, d
     got, new = registry.recurrent_step(*call, padded, None, state, c.params, spec, SCALE, True)
     out, want = reference.attention(*call, padded, None, state, c.params, spec, SCALE, True)
     assert diff([got], [out]) < 1e-12 and diff(new, want) < 1e-12
+
+
+@torch.no_grad()
+def test_calls_on_views_of_stacked_states_copy_only_their_own_parts():
+    """After a speculative commit every site's state part is a view of one tensor stacked over the sites: a decode
+    step and a verify call copy their own parts only (`slice_scatter` copied a view's whole storage: 30 sites'
+    worth per call on SmolLM2)."""
+    from lincompile.methods.params import random_params
+
+    spec, sites, heads, kv_heads, d = get_method("augmented"), 8, 4, 2, 16
+    params = random_params(spec, heads, kv_heads, d, d)
+    stacked = [torch.cat([t + i for i in range(sites)]) if t.is_floating_point() else torch.cat([t + 5] * sites)
+               for t in init_state(spec, 1, kv_heads, d, d)]
+    state = [part.split(1)[3] for part in stacked]  # site 3's parts: views into the stack, position 5
+    largest = max(part.numel() for part in state)
+    gen = torch.Generator().manual_seed(0)
+    for t in (1, 6):
+        q, k, v = (torch.randn(1, h, t, d, generator=gen) for h in (heads, kv_heads, kv_heads))
+        with torch.profiler.profile(record_shapes=True) as prof:
+            registry.recurrent_step(q, k, v, None, None, state, params, spec, 0.25, True)
+        copies = [e for e in prof.events() if e.name in ("aten::copy_", "aten::clone") and e.input_shapes
+                  and e.input_shapes[0] and torch.Size(e.input_shapes[0]).numel() > largest]
+        assert not copies, [(e.name, e.input_shapes[0]) for e in copies]

@@ -178,3 +178,19 @@ def test_first_token_is_the_recurrent_form_on_the_first_token(name, case, small_
         assert diff([got], [out]) == 0 and diff(new, want) == 0
     padded = [s[1:] for s in new]  # row 1 was padding: its state is the one before the call
     assert diff(padded, [s[1:] for s in state]) == 0
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1.2e-7), (torch.float64, 1e-15)])
+def test_the_global_weight_from_a_position_number_equals_the_tensor_path(dtype, tolerance):
+    """`grouped_alpha` for one position given as an int (decode.step and chain.run, every row there) against the
+    tensor path, at every group's start and middle below and past the cap: within alpha's rounding."""
+    import dataclasses
+
+    from lincompile.kernels.linear_attention.reference_linear import grouped_alpha
+
+    spec = dataclasses.replace(get_method("augmented"), group_size=4, global_cap=6)
+    alpha = torch.tensor(0.7, dtype=dtype)
+    for position in range(40):
+        want = grouped_alpha(spec, alpha, torch.tensor([position]))
+        got = grouped_alpha(spec, alpha, position)
+        assert got.dim() == 0 and abs(float(got) - float(want)) <= tolerance * float(want), position

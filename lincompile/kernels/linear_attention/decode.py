@@ -62,7 +62,7 @@ def step(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tens
     out: Tensor | None = None  # softmax-local output (normalized on its own)
     if spec.global_branch == "inclusive":
         num, den = _inclusive(spec, named, parts, fq, ki, vi, here, scale)
-    position = None  # every row's, when they share it (a number, not a tensor); only group buffers read it
+    position = None  # every row's, when they share it (a number, not a tensor): for group buffers and alpha
     if spec.uses_groups and (batch == 1 or bool((pos == pos[0]).all())):
         position = int(pos[0])
     if spec.global_branch == "grouped":

@@ -86,7 +86,8 @@ def grouped_alpha(spec: MethodSpec, alpha: Tensor, pos: Tensor | int) -> Tensor:
     """The grouped global branch's weight for queries at positions `pos` ([B] or [B, T], or one int for every
     row): alpha (a scalar) when global_cap is 0, else alpha * min(1, global_cap / n) with
     n = group_size * (pos // group_size) the tokens it sums, shaped [B, 1, 1] or [B, 1, 1, T] to broadcast over KV
-    heads and their query heads (a scalar for an int; its factor rounds once, in Python, not in alpha's dtype)."""
+    heads and their query heads (a scalar for an int: its factor is computed in Python's float64, so it may
+    differ from the tensor path's, computed in alpha's dtype, in the last bit)."""
     if not spec.global_cap:
         return alpha
     if isinstance(pos, int):

@@ -32,7 +32,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """`t.to(dtype)`, without the call when `t` already has it (each call costs a decode step time)."""
+    """`t.to(dtype)`, without the call when `t` already has it (a decode step makes many such calls, each a cost)."""
     return t if t.dtype == dtype else t.to(dtype)
 
 

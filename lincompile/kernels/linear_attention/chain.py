@@ -70,12 +70,11 @@ def run(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tenso
     qg = cast(q, acc).reshape(batch, kv_heads, groups, t, dk)
     ki, vi = cast(k, acc), cast(v, acc)  # [B, Hkv, T, d]
     fq = features(qg, spec, named, positions, scale).flatten(2, 3)  # [B, Hkv, g * T, F]
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril().repeat(groups, 1)  # [g * T, T]
     num: Tensor | None = None  # kernel-weighted values (global and kernel-local branches)
     den: Tensor | None = None  # their weights' sum (normalizer="denominator")
     out: Tensor | None = None  # softmax-local output (normalized on its own)
     if spec.global_branch == "inclusive":
-        num, den = _inclusive(spec, named, parts, fq, ki, vi, positions, causal, groups, scale)
+        num, den = _inclusive(spec, named, parts, fq, ki, vi, positions, groups, scale)
     if spec.global_branch == "grouped":
         alpha = grouped_alpha(spec, named["alpha"], int(start[0]))  # a scalar: every row in one group
         num = alpha * (fq @ parts["state"])
@@ -92,12 +91,13 @@ def run(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tenso
 
 
 def _inclusive(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor], fq: Tensor, ki: Tensor,
-               vi: Tensor, positions: Tensor, causal: Tensor, groups: int,
+               vi: Tensor, positions: Tensor, groups: int,
                scale: float) -> tuple[Tensor, Tensor | None]:
     """phi(q) S_i (and phi(q) z_i) with S_i the state once tokens 0..i are absorbed (decayed by gamma per token);
     S and z absorb every token."""
     t = ki.shape[2]
     fk = features(ki[:, :, None], spec, named, positions, scale)[:, :, 0]  # [B, Hkv, T, F]
+    causal = torch.ones(t, t, dtype=torch.bool, device=ki.device).tril().repeat(groups, 1)  # [g * T, T]
     weight = torch.where(causal, fq @ fk.transpose(-1, -2), 0.0)  # [B, Hkv, g * T, T]
     s, z = parts["state"], parts.get("normalizer")
     carry = None  # what phi(q) S is multiplied by: gamma^(i + 1), [1, Hkv, g * T, 1]
@@ -169,9 +169,10 @@ def _conv(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tensor], 
     """The causal conv's output [B, Hkv, g * T, dv]: query i reads the window and tokens 0..i through tap
     (c - i) of its head's filter at context index c (window first); the window moves on by the call's tokens."""
     half, t = spec.conv_kernel // 2, vi.shape[2]
-    taps = named["conv_weight"].reshape(kv_heads, groups, -1)
+    taps = named["conv_weight"].reshape(kv_heads, groups, -1)[:, :, :half + 1]
     context = torch.cat([parts["conv"], vi], 2)  # [B, Hkv, half + T, dv]
-    tap = torch.arange(half + t, device=vi.device)[None, :] - torch.arange(t, device=vi.device)[:, None]
-    band = torch.where((tap >= 0) & (tap <= half), taps[:, :, tap.clamp(0, half)], 0.0)  # [Hkv, g, T, half + T]
+    # row i of the band is the taps shifted right by i: windows of the taps padded with T - 1 zeros on each
+    # side, last window first (copies of the taps and zeros, no arithmetic)
+    band = F.pad(taps, (t - 1, t - 1)).unfold(-1, half + t, 1).flip(-2)  # [Hkv, g, T, half + T]
     parts["conv"] = context[:, :, t:]
     return band.flatten(1, 2) @ context

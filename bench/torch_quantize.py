@@ -3,7 +3,9 @@ the Hugging Face original with its KV cache, side by side in one run: held-out p
 speculative-decoding verify call, a one-call prefill and the weights' size.
 
 Both linearized models are the same `lincompile.pretrained.linearized` model (the shipped weights when there are
-some), eager PyTorch, the same thread count:
+some), eager PyTorch, the same thread count; the 8-bit one calibrated on `--calibration-blocks` blocks of 256
+tokens of the training split (its projections' inputs smoothed, as `lincompile generate/eval --quantize` do;
+0: not smoothed):
   perplexity  the held-out blocks `lincompile eval` scores (`--max-blocks` x `--block-size` tokens), the
               original's too;
   decode      the median greedy single-token step after a `--context`-token held-out prompt, the three engines
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from lincompile.cli.args import positive_int
+from lincompile.cli.args import nonnegative_int, positive_int
 from lincompile.runtime.timing import (HFCache, best_time, linear_session, report_bench, time_steps)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -46,14 +48,15 @@ def run(args: argparse.Namespace) -> dict:
     from lincompile.assets import load_model
     from lincompile.pretrained import linearized
     from lincompile.runtime.prefill import prefill
-    from lincompile.train.data import heldout_blocks
+    from lincompile.train.data import calibration_blocks, heldout_blocks
     from lincompile.train.eval import perplexity
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("smollm2-135m", attn_implementation="sdpa")
     blocks = heldout_blocks(tokenizer, args.block_size, args.max_blocks)
     float_model = linearized(model, args.method, weights="auto")
-    runners = {"float": float_model, "int8": float_model.quantize("int8")}
+    calibration = calibration_blocks(tokenizer, args.calibration_blocks) if args.calibration_blocks else None
+    runners = {"float": float_model, "int8": float_model.quantize("int8", calibration=calibration)}
     rows: dict[str, dict] = {form: {"weights_mib": weight_megabytes(runner)} for form, runner in runners.items()}
     with torch.no_grad():
         original_ppl = perplexity(model, blocks, progress=False).ppl
@@ -116,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=positive_int, default=150,
                         help="decode: timed steps per engine, the engines taking turns")
     parser.add_argument("--verify-rounds", type=positive_int, default=40, help="verify: timed calls per model")
+    parser.add_argument("--calibration-blocks", type=nonnegative_int, default=8,
+                        help="training-split blocks of 256 tokens the int8 model is calibrated on (0: none)")
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     result = run(args)
-    result.update({"method": args.method, "block_size": args.block_size, "blocks": args.max_blocks})
+    result.update({"method": args.method, "block_size": args.block_size, "blocks": args.max_blocks,
+                   "calibration_blocks": args.calibration_blocks})
     return report_bench(result, args.out, "torch_quantize", args.threads, argv, print_table)
 
 

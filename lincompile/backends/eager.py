@@ -104,14 +104,17 @@ class LinearizedModel(torch.nn.Module):
         derived.quantized = self.quantized
         return derived
 
-    def quantize(self, scheme: str = "int8", skip: str | tuple[str, ...] | list[str] = ()) -> "LinearizedModel":
+    def quantize(self, scheme: str = "int8", skip: str | tuple[str, ...] | list[str] = (),
+                 calibration: torch.Tensor | None = None) -> "LinearizedModel":
         """This model with 8-bit linear layers (a new model; this one is left unchanged and shares its other
         tensors): int8 weights per output row, activations quantized per token, integer products on the CPU.
         `skip`: fnmatch patterns of projections kept float ('lm_head', '*.down_proj'; one string is one pattern).
-        For inference on the CPU (quantize before compiling); see `lincompile.backends.eager_quantize`. Greedy
-        text may differ at near-ties between a batched and a single run, or other prefill chunks: 8-bit
-        activations magnify the attention forms' last-bit differences."""
-        from lincompile.backends.eager_quantize import quantize_graph
+        `calibration`: token blocks [N, T] of representative text (`lincompile.train.data.token_blocks`; 8 of 256
+        tokens do): each projection's input is smoothed by its ranges over them (SmoothQuant), which halves
+        SmolLM2's perplexity cost. For inference on the CPU (quantize before compiling); see
+        `lincompile.backends.eager_quantize`. Greedy text may differ at near-ties between a batched and a single
+        run, or other prefill chunks: 8-bit activations magnify the attention forms' last-bit differences."""
+        from lincompile.backends.eager_quantize import activation_ranges, quantize_graph
 
         if self.quantized is not None:
             raise ValueError(f"this model is already quantized ({self.quantized}); quantize its float original")
@@ -119,7 +122,16 @@ class LinearizedModel(torch.nn.Module):
             raise ValueError(f"this model runs a {type(self.graph).__name__} (compiled), not an fx graph to rewrite: "
                              "quantize the model first, then compile the quantized one")
         skip = (skip,) if isinstance(skip, str) else tuple(skip)
-        graph, count = quantize_graph(self.graph, scheme, skip)
+        ranges = None
+        if calibration is not None:
+            if (not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or not calibration.numel()
+                    or calibration.is_floating_point()):
+                raise ValueError("calibration must be token ids [blocks, tokens] (an integer tensor, e.g. "
+                                 "lincompile.train.data.token_blocks(tokenizer, texts, 256, 8)), got "
+                                 f"{getattr(calibration, 'dtype', type(calibration).__name__)} "
+                                 f"{tuple(getattr(calibration, 'shape', ()))}")
+            ranges = activation_ranges(self, calibration, skip)
+        graph, count = quantize_graph(self.graph, scheme, skip, ranges)
         if not count:
             raise ValueError("this model has no float linear layer to quantize" + (f" once skip={list(skip)} is "
                              "applied" if skip else ""))

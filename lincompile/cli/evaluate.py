@@ -19,7 +19,7 @@ from lincompile.cli.draft_cmd import weights_label
 from lincompile.cli.summary import print_summary
 from lincompile.diagnostics import warn
 from lincompile.pretrained import linearized
-from lincompile.train.data import heldout_blocks
+from lincompile.train.data import calibration_blocks, heldout_blocks
 from lincompile.train.eval import perplexity
 
 
@@ -83,7 +83,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         linear = linearized(original, method, args.weights, args.model, args.global_cap) if method else None
         weights = None if linear is None else weights_label(linear, args.weights)
     if args.quantize:
-        linear = linear.quantize(args.quantize)
+        calibration = None if not args.calibration_blocks else calibration_blocks(tokenizer, args.calibration_blocks,
+                                                                                  args.data)
+        linear = linear.quantize(args.quantize, calibration=calibration)
     blocks = heldout_blocks(tokenizer, args.block_size, args.max_blocks, data=args.data)
     result: dict[str, object] = {"model": args.model, "original": original_is, "method": method, "weights": weights,
                                  **({"global_cap": linear.config.spec.global_cap} if linear is not None
@@ -125,6 +127,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="score the linearized model with 8-bit linear layers (LinearizedModel.quantize; the "
                              "original stays float)")
+    parser.add_argument("--calibration-blocks", type=nonnegative_int, default=8,
+                        help="with --quantize: smooth each layer's input by its ranges over this many 256-token "
+                             "blocks of the training split of --data (SmoothQuant; 0: none; default 8)")
     parser.add_argument("--data", default="default", help="'default' (held-out Shakespeare) or a .txt file/dir")
     parser.add_argument("--block-size", type=positive_int, default=256,
                         help="tokens per evaluation block (default 256)")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lincompile.api import SAVE_FILE
-from lincompile.cli.args import draft_tokens, opset_type, positive_float, positive_int, probability
+from lincompile.cli.args import draft_tokens, nonnegative_int, opset_type, positive_float, positive_int, probability
 from lincompile.cli.draft_cmd import command_parser, load_target, weights_label
 from lincompile.cli.summary import format_value, print_summary
 from lincompile.diagnostics import warn
@@ -121,7 +121,10 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, str]:
         return model, model.tokenizer, "onnxruntime"
     model, tokenizer = _linearized(args)
     if args.quantize:
-        model = model.quantize(args.quantize)
+        from lincompile.train.data import calibration_blocks
+
+        calibration = calibration_blocks(tokenizer, args.calibration_blocks) if args.calibration_blocks else None
+        model = model.quantize(args.quantize, calibration=calibration)
     return model, tokenizer, "torch"
 
 
@@ -353,6 +356,9 @@ def add_parsers(sub: Any) -> None:
                    help="PyTorch runtime: run the linear layers in 8 bits on the CPU (LinearizedModel.quantize; "
                         "int8 weights, activations per token; see bench/torch_quantize.py for perplexity and speed)."
                         " Default: float weights")
+    p.add_argument("--calibration-blocks", type=nonnegative_int, default=8,
+                   help="with --quantize: smooth each layer's input by its ranges over this many 256-token blocks "
+                        "of the default corpus's training split (SmoothQuant; 0: none; default 8)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch and onnxruntime (default: "
                    "torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text and statistics) instead")

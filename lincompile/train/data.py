@@ -159,6 +159,16 @@ def token_blocks(tokenizer: Any, texts: Iterable[str], block_size: int,
     return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
+#: Tokens per block of `calibration_blocks`.
+CALIBRATION_BLOCK = 256
+
+
+def calibration_blocks(tokenizer: Any, count: int, data: str | Path = "default") -> torch.Tensor:
+    """The first `count` blocks of CALIBRATION_BLOCK tokens of the training split of `data`: text to calibrate 8-bit
+    activations on (`LinearizedModel.quantize(calibration=...)`), never the held-out text they are scored on."""
+    return token_blocks(tokenizer, load_texts("train", data), CALIBRATION_BLOCK, count)
+
+
 def heldout_blocks(tokenizer: Any, block_size: int = 256, max_blocks: int | None = None,
                    data: str | Path = "default", cache_dir: str | Path | None = None) -> torch.Tensor:
     """``token_blocks`` of the held-out split of ``data`` (the evaluation set)."""

@@ -147,3 +147,32 @@ def test_quantize_graph_leaves_its_input_alone():
     graph, count = quantize_graph(linear.graph)
     assert count == 9 and [n.format_node() for n in linear.graph.graph.nodes] == nodes
     assert graph is not linear.graph
+
+
+def test_calibration_smooths_outlier_channels_without_changing_the_float_function():
+    """A Llama whose attention inputs carry an outlier channel (one norm weight scaled up 30x, the projections'
+    columns down as much: the same float function): per-token 8-bit activations lose the other channels, and
+    calibrated smoothing (SmoothQuant) moves the outlier into the weights and wins much of that error back."""
+    from lincompile.backends.eager_quantize import activation_ranges
+
+    hf = tiny_model("llama")
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.input_layernorm.weight[5] *= 30.0
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.weight[:, 5] /= 30.0
+    linear = perturb_new_parameters(lincompile.optimize(hf, "augmented"))
+    gen = torch.Generator().manual_seed(4)
+    calibration, ids = torch.randint(0, 128, (4, 32), generator=gen), torch.randint(0, 128, (2, 24), generator=gen)
+    ranges = activation_ranges(linear, calibration)
+    inputs = 2 * 4 + 1  # per layer the inputs of q/k/v, o, gate/up and down, then the head's
+    assert len(ranges) == inputs and all(r.dim() == 1 and bool((r >= 0).all()) for r in ranges.values())
+    with torch.no_grad():
+        want = linear(ids).logits
+        plain = linear.quantize("int8")(ids).logits
+        smoothed = linear.quantize("int8", calibration=calibration)(ids).logits
+    error = {name: float((got - want).norm() / want.norm()) for name, got in (("plain", plain), ("smooth", smoothed))}
+    assert error["smooth"] < 0.5 * error["plain"], error
+    assert _targets(linear.quantize("int8", calibration=calibration))[torch.mul] == inputs  # one smoothing each
+    with pytest.raises(ValueError, match=r"calibration must be token ids \[blocks, tokens\]"):
+        linear.quantize("int8", calibration=torch.rand(2, 8))

@@ -67,14 +67,22 @@ def test_generate_is_plain_greedy_with_every_draft(dirs, capsys):
 
 
 def test_generate_quantized_is_the_quantized_models_greedy_text(dirs, capsys):
-    """--quantize int8 decodes with `LinearizedModel.quantize("int8")`, with or without a draft."""
+    """--quantize int8 decodes with `LinearizedModel.quantize("int8")` calibrated on 8 blocks of the corpus's
+    training split (`--calibration-blocks`; 0: none), with or without a draft."""
+    from lincompile.train.data import calibration_blocks
+
     tokenizer = char_tokenizer()
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    quantized = lincompile.load(dirs / "lin").quantize("int8")
-    expected = tokenizer.decode(generate(quantized, ids, 24)[0, ids.shape[1]:], skip_special_tokens=True)
+
+    def text(**options) -> str:
+        quantized = lincompile.load(dirs / "lin").quantize("int8", **options)
+        return tokenizer.decode(generate(quantized, ids, 24)[0, ids.shape[1]:], skip_special_tokens=True)
+
+    expected = text(calibration=calibration_blocks(tokenizer, 8))
     args = [str(dirs / "lin"), "--prompt", PROMPT, "--max-new-tokens", "24", "--ignore-eos", "--quantize", "int8"]
     assert _generate(capsys, *args)["text"] == expected
     assert _generate(capsys, *args, "--draft", "prompt-lookup")["text"] == expected
+    assert _generate(capsys, *args, "--calibration-blocks", "0")["text"] == text()
     assert main(["generate", *args, "--draft", f"medusa:{dirs / 'medusa'}"]) == 1
     assert "--draft medusa reads the target's float LM head" in capsys.readouterr().err
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lincompile.cli.args import nonnegative_int, positive_int
+from lincompile.train.data import CALIBRATION_BLOCKS
 from lincompile.runtime.timing import (HFCache, best_time, linear_session, report_bench, time_steps)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=positive_int, default=150,
                         help="decode: timed steps per engine, the engines taking turns")
     parser.add_argument("--verify-rounds", type=positive_int, default=40, help="verify: timed calls per model")
-    parser.add_argument("--calibration-blocks", type=nonnegative_int, default=8,
+    parser.add_argument("--calibration-blocks", type=nonnegative_int, default=CALIBRATION_BLOCKS,
                         help="training-split blocks of 256 tokens the int8 model is calibrated on (0: none)")
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -40,8 +40,10 @@ INT8_PREFIX = "int8_linear_"
 #: SmoothQuant's migration strength a (0: activations as they are; 1: all of their range moved into the weights).
 #: On SmolLM2 0.7 cost the least perplexity of 0.5, 0.7 and 0.85 (a one-off comparison on the held-out blocks).
 SMOOTHING = 0.7
-#: The smallest range a smoothing factor is computed from (a channel never active, a weight column of zeros).
+#: Ranges at or below this (a channel never active in calibration, a weight column of zeros) keep their channel
+#: unsmoothed (s = 1); factors stay within [1 / SMOOTHING_BOUND, SMOOTHING_BOUND], so 1/s fits in fp16.
 RANGE_FLOOR = 1e-5
+SMOOTHING_BOUND = 1e4
 
 aten = torch.ops.aten
 
@@ -100,7 +102,8 @@ class _Observer(torch.nn.Module):
 
 def activation_ranges(model: Any, blocks: torch.Tensor, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """{projection input node name: the largest |x| per input channel} of `model` (a float `LinearizedModel`) over
-    token blocks [N, T], one forward each (for `quantize_graph`'s smoothing)."""
+    token blocks [N, T], one forward each without a mask (every token counts, padding ids too), for
+    `quantize_graph`'s smoothing. `model` is left unchanged (the observers sit in a copy of its graph)."""
     gm = model.graph
     graph = copy.deepcopy(gm.graph)
     copied = dict(zip(gm.graph.nodes, graph.nodes))
@@ -122,10 +125,13 @@ def activation_ranges(model: Any, blocks: torch.Tensor, skip: tuple[str, ...] = 
 
 
 def _smoothing(ranges: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    """s [K] = max|x|^a / max|w|^(1-a) per input channel, over the stacked weights [N, K] of one input."""
+    """s [K] = max|x|^a / max|w|^(1-a) per input channel, over the stacked weights [N, K] of one input (1 where
+    either range is at the floor), within [1 / SMOOTHING_BOUND, SMOOTHING_BOUND]."""
     columns = torch.cat([w.float().abs() for w in weights]).amax(0)
-    return (ranges.clamp_min(RANGE_FLOOR) ** SMOOTHING / columns.clamp_min(RANGE_FLOOR) ** (1 - SMOOTHING)
-            ).clamp_min(RANGE_FLOOR)
+    ranges = ranges.to(columns.device)
+    s = ranges.clamp_min(RANGE_FLOOR) ** SMOOTHING / columns.clamp_min(RANGE_FLOOR) ** (1 - SMOOTHING)
+    s = torch.where((ranges > RANGE_FLOOR) & (columns > RANGE_FLOOR), s, 1.0)
+    return s.clamp(1 / SMOOTHING_BOUND, SMOOTHING_BOUND)
 
 
 def quantize_graph(gm: fx.GraphModule, scheme: str = "int8", skip: tuple[str, ...] = (),
@@ -148,9 +154,10 @@ def quantize_graph(gm: fx.GraphModule, scheme: str = "int8", skip: tuple[str, ..
             weights.append(w.t() if transposed else w)
         name = f"{INT8_PREFIX}{index}"
         smooth = None if ranges is None or x.name not in ranges else _smoothing(ranges[x.name], weights)
-        if smooth is not None:  # the input's dtype is the weights' (the model's)
-            new_attrs[f"{name}_smooth"] = (1 / smooth).to(weights[0].dtype)
-            weights = [w.float() * smooth for w in weights]
+        if smooth is not None:  # 1/s in the input's dtype (the weights'); the weights take exactly its inverse
+            inverse = (1 / smooth).to(weights[0].dtype)
+            new_attrs[f"{name}_smooth"] = inverse
+            weights = [w.float() / inverse.float() for w in weights]
         pairs = [quantize_weight(w) for w in weights]  # (int8 weight [N, K], scale [N])
         sizes = [q.shape[0] for q, _ in pairs]
         biases = [_bias(n) for n in nodes]

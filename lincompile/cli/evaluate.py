@@ -19,7 +19,7 @@ from lincompile.cli.draft_cmd import weights_label
 from lincompile.cli.summary import print_summary
 from lincompile.diagnostics import warn
 from lincompile.pretrained import linearized
-from lincompile.train.data import calibration_blocks, heldout_blocks
+from lincompile.train.data import CALIBRATION_BLOCKS, calibration_blocks, heldout_blocks
 from lincompile.train.eval import perplexity
 
 
@@ -65,6 +65,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--weights {args.weights} chooses the trained tensors of --method, which was not given")
     if not args.method and args.global_cap is not None:
         raise ValueError(f"--global-cap {args.global_cap} sets a cap of --method, which was not given")
+    if args.calibration_blocks is not None and not args.quantize:
+        raise ValueError(f"--calibration-blocks {args.calibration_blocks} calibrates --quantize, which was not given")
     if args.quantize and not (saved or args.method):
         raise ValueError(f"--quantize {args.quantize} applies to the linearized model: add --method (or pass a saved "
                          "linearized directory)")
@@ -83,14 +85,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         linear = linearized(original, method, args.weights, args.model, args.global_cap) if method else None
         weights = None if linear is None else weights_label(linear, args.weights)
     if args.quantize:
-        calibration = None if not args.calibration_blocks else calibration_blocks(tokenizer, args.calibration_blocks,
-                                                                                  args.data)
+        count = CALIBRATION_BLOCKS if args.calibration_blocks is None else args.calibration_blocks
+        calibration = calibration_blocks(tokenizer, count, args.data) if count else None
         linear = linear.quantize(args.quantize, calibration=calibration)
     blocks = heldout_blocks(tokenizer, args.block_size, args.max_blocks, data=args.data)
     result: dict[str, object] = {"model": args.model, "original": original_is, "method": method, "weights": weights,
                                  **({"global_cap": linear.config.spec.global_cap} if linear is not None
                                     and linear.config.spec.global_branch == "grouped" else {}),
-                                 **({"quantize": args.quantize} if args.quantize else {}),
+                                 **({"quantize": args.quantize, "calibration_blocks": count} if args.quantize
+                                    else {}),
                                  "tokens": blocks[:, 1:].numel(),
                                  "block_size": args.block_size, "blocks": int(blocks.shape[0])}
     base = perplexity(original, blocks, args.batch_size, progress=progress, desc="original")
@@ -127,9 +130,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="score the linearized model with 8-bit linear layers (LinearizedModel.quantize; the "
                              "original stays float)")
-    parser.add_argument("--calibration-blocks", type=nonnegative_int, default=8,
+    parser.add_argument("--calibration-blocks", type=nonnegative_int, default=None,
                         help="with --quantize: smooth each layer's input by its ranges over this many 256-token "
-                             "blocks of the training split of --data (SmoothQuant; 0: none; default 8)")
+                             f"blocks of the training split of --data (SmoothQuant; 0: none; default "
+                             f"{CALIBRATION_BLOCKS})")
     parser.add_argument("--data", default="default", help="'default' (held-out Shakespeare) or a .txt file/dir")
     parser.add_argument("--block-size", type=positive_int, default=256,
                         help="tokens per evaluation block (default 256)")

@@ -23,6 +23,7 @@ from lincompile.cli.draft_cmd import command_parser, load_target, weights_label
 from lincompile.cli.summary import format_value, print_summary
 from lincompile.diagnostics import warn
 from lincompile.pretrained import trained
+from lincompile.train.data import CALIBRATION_BLOCKS
 
 __all__ = ["add_parsers", "cmd_export", "cmd_generate", "parse_draft"]
 
@@ -123,8 +124,8 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, str]:
     if args.quantize:
         from lincompile.train.data import calibration_blocks
 
-        calibration = calibration_blocks(tokenizer, args.calibration_blocks) if args.calibration_blocks else None
-        model = model.quantize(args.quantize, calibration=calibration)
+        count = CALIBRATION_BLOCKS if args.calibration_blocks is None else args.calibration_blocks
+        model = model.quantize(args.quantize, calibration=calibration_blocks(tokenizer, count) if count else None)
     return model, tokenizer, "torch"
 
 
@@ -233,6 +234,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if kind == "none" and (args.num_draft_tokens is not None or args.adaptive):
         raise ValueError("--num-draft-tokens and --adaptive set up speculative decoding, which --draft turns on: add "
                          "--draft (prompt-lookup needs no files)")
+    if args.calibration_blocks is not None and not args.quantize:
+        raise ValueError(f"--calibration-blocks {args.calibration_blocks} calibrates --quantize, which was not given")
     if args.quantize and kind == "medusa":
         raise ValueError("--draft medusa reads the target's float LM head, which --quantize stores in 8 bits: drop "
                          "--quantize, or quantize in Python with LinearizedModel.quantize(skip=['lm_head'])")
@@ -356,9 +359,10 @@ def add_parsers(sub: Any) -> None:
                    help="PyTorch runtime: run the linear layers in 8 bits on the CPU (LinearizedModel.quantize; "
                         "int8 weights, activations per token; see bench/torch_quantize.py for perplexity and speed)."
                         " Default: float weights")
-    p.add_argument("--calibration-blocks", type=nonnegative_int, default=8,
+    p.add_argument("--calibration-blocks", type=nonnegative_int, default=None,
                    help="with --quantize: smooth each layer's input by its ranges over this many 256-token blocks "
-                        "of the default corpus's training split (SmoothQuant; 0: none; default 8)")
+                        f"of the default corpus's training split (Shakespeare; SmoothQuant; 0: none; default "
+                        f"{CALIBRATION_BLOCKS})")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch and onnxruntime (default: "
                    "torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text and statistics) instead")

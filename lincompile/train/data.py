@@ -159,14 +159,20 @@ def token_blocks(tokenizer: Any, texts: Iterable[str], block_size: int,
     return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
-#: Tokens per block of `calibration_blocks`.
+#: Tokens per block of `calibration_blocks`, and how many blocks the CLI's --quantize calibrates on by default.
 CALIBRATION_BLOCK = 256
+CALIBRATION_BLOCKS = 8
 
 
 def calibration_blocks(tokenizer: Any, count: int, data: str | Path = "default") -> torch.Tensor:
     """The first `count` blocks of CALIBRATION_BLOCK tokens of the training split of `data`: text to calibrate 8-bit
     activations on (`LinearizedModel.quantize(calibration=...)`), never the held-out text they are scored on."""
-    return token_blocks(tokenizer, load_texts("train", data), CALIBRATION_BLOCK, count)
+    try:
+        return token_blocks(tokenizer, load_texts("train", data), CALIBRATION_BLOCK, count)
+    except ValueError as exc:
+        raise ValueError(f"calibrating 8-bit activations reads blocks of {CALIBRATION_BLOCK} tokens of the training "
+                         f"split of {data}: {exc}; calibrate on other text, or quantize without calibration "
+                         "(--calibration-blocks 0)") from None
 
 
 def heldout_blocks(tokenizer: Any, block_size: int = 256, max_blocks: int | None = None,

@@ -164,15 +164,33 @@ def test_calibration_smooths_outlier_channels_without_changing_the_float_functio
     linear = perturb_new_parameters(lincompile.optimize(hf, "augmented"))
     gen = torch.Generator().manual_seed(4)
     calibration, ids = torch.randint(0, 128, (4, 32), generator=gen), torch.randint(0, 128, (2, 24), generator=gen)
-    ranges = activation_ranges(linear, calibration)
-    inputs = 2 * 4 + 1  # per layer the inputs of q/k/v, o, gate/up and down, then the head's
-    assert len(ranges) == inputs and all(r.dim() == 1 and bool((r >= 0).all()) for r in ranges.values())
+    nodes = [n.format_node() for n in linear.graph.graph.nodes]
     with torch.no_grad():
         want = linear(ids).logits
+    ranges = activation_ranges(linear, calibration)
+    inputs = 2 * 4 + 1  # per layer the inputs of q/k/v, o, gate/up and down, then the head's
+    assert len(ranges) == inputs and all(r.dim() == 1 and r.shape[0] in (64, 128) for r in ranges.values())
+    assert [n.format_node() for n in linear.graph.graph.nodes] == nodes  # the observers sat in a copy
+    with torch.no_grad():
+        assert torch.equal(linear(ids).logits, want)
         plain = linear.quantize("int8")(ids).logits
         smoothed = linear.quantize("int8", calibration=calibration)(ids).logits
     error = {name: float((got - want).norm() / want.norm()) for name, got in (("plain", plain), ("smooth", smoothed))}
     assert error["smooth"] < 0.5 * error["plain"], error
     assert _targets(linear.quantize("int8", calibration=calibration))[torch.mul] == inputs  # one smoothing each
-    with pytest.raises(ValueError, match=r"calibration must be token ids \[blocks, tokens\]"):
-        linear.quantize("int8", calibration=torch.rand(2, 8))
+    for bad in (torch.rand(2, 8), torch.ones(2, 8, dtype=torch.bool), torch.ones(8, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"calibration must be token ids \[blocks, tokens\]"):
+            linear.quantize("int8", calibration=bad)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_calibrated_smoothing_keeps_transposed_and_chained_projections_right(family):
+    """GPT-2's addmm (weights stored [in, out], smoothed along their rows) and OPT's stacked q/k/v: calibrated int8
+    stays within 8-bit error of the float model."""
+    linear = _linear(family)
+    gen = torch.Generator().manual_seed(5)
+    calibration, ids = torch.randint(0, 128, (3, 24), generator=gen), torch.randint(0, 128, (2, 20), generator=gen)
+    with torch.no_grad():
+        want = linear(ids).logits
+        got = linear.quantize("int8", calibration=calibration)(ids).logits
+    assert 0 < float((got - want).norm() / want.norm()) < 0.05

@@ -78,11 +78,14 @@ def test_generate_quantized_is_the_quantized_models_greedy_text(dirs, capsys):
         quantized = lincompile.load(dirs / "lin").quantize("int8", **options)
         return tokenizer.decode(generate(quantized, ids, 24)[0, ids.shape[1]:], skip_special_tokens=True)
 
-    expected = text(calibration=calibration_blocks(tokenizer, 8))
+    expected, plain = text(calibration=calibration_blocks(tokenizer, 8)), text()
+    assert expected != plain  # so the checks below tell a calibrated model from a plain one
     args = [str(dirs / "lin"), "--prompt", PROMPT, "--max-new-tokens", "24", "--ignore-eos", "--quantize", "int8"]
     assert _generate(capsys, *args)["text"] == expected
     assert _generate(capsys, *args, "--draft", "prompt-lookup")["text"] == expected
-    assert _generate(capsys, *args, "--calibration-blocks", "0")["text"] == text()
+    assert _generate(capsys, *args, "--calibration-blocks", "0")["text"] == plain
+    assert main(["generate", *args[:-2], "--calibration-blocks", "4"]) == 1
+    assert "--calibration-blocks 4 calibrates --quantize, which was not given" in capsys.readouterr().err
     assert main(["generate", *args, "--draft", f"medusa:{dirs / 'medusa'}"]) == 1
     assert "--draft medusa reads the target's float LM head" in capsys.readouterr().err
 

@@ -194,6 +194,12 @@ def save(model: LinearizedModel, directory: str | Path, tokenizer: object | None
     if model.hf_config is None:
         raise ValueError("this model has no Hugging Face config to rebuild its architecture from")
     model.require_float("save", "save the float model, and quantize it again after loading (the same numbers)")
+    from lincompile.train.lora import LORA_MODULE
+
+    if any(name.startswith(LORA_MODULE + ".") for name, _ in model.graph.named_parameters()):
+        raise ValueError("this model holds unmerged LoRA adapters (training leaves them in the graph), which load "
+                         "cannot rebuild: fold them in first with lincompile.train.lora.merge_lora(model.graph), "
+                         "as `lincompile train` does before it saves")
     target = Path(directory)
     with atomic_directory(target, SAVE_FILE) as tmp:
         model.hf_config.save_pretrained(tmp)

@@ -140,7 +140,8 @@ def trained_tensors(weights: str | Path, model_name: str, method: str) -> tuple[
         raise FileNotFoundError(f"{path} is (in) a `lincompile train` run, whose trained tensors are its checkpoints: "
                                 f"pass one, e.g. {run / 'checkpoints' / 'step-N'} (the newest is the run's end)")
     else:
-        raise FileNotFoundError(f"no trained linearization at {path} (shipped: {', '.join(available()) or 'none'}); "
+        where = (f"shipped for {model_name} with {method}" if str(weights) == "default" else f"at {path}")
+        raise FileNotFoundError(f"no trained linearization {where} (shipped: {', '.join(available()) or 'none'}); "
                                 "train one with `lincompile train` and `lincompile.pretrained.ship`, or use "
                                 "weights='none' (--weights none) for an untrained one")
     theirs = LinearizeConfig.from_dict(recipe["linearize"]).spec.name  # a name, or a spec (trained with a cap)

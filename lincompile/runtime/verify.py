@@ -79,6 +79,10 @@ def _ort_sites(model: Any) -> list[CommitSite]:
         spec = MethodSpec.from_dict(meta["methods"][s["method"]])
         if spec.kind == "softmax":  # "methods" is keyed by name; cap and sinks are the site's (older exports: none)
             spec = replace(spec, softcap=s.get("softcap", 0.0), sinks=s.get("sinks") is not None)
+        missing = [name for name in s.get("params", []) if name not in tensors]
+        if missing:
+            raise ValueError(f"{model.directory}: {PARAMS_FILE} lacks {missing[:2]}, which committing a speculative "
+                             "step reads: the export was damaged or copied in part; export it again")
         params = tuple(tensors[name] for name in s.get("params", []))
         sites.append(CommitSite(s["index"], spec, params, float(s["scale"]), tuple(s["state_inputs"])))
     return sites

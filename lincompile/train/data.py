@@ -182,4 +182,4 @@ def heldout_blocks(tokenizer: Any, block_size: int = 256, max_blocks: int | None
         return token_blocks(tokenizer, load_texts("heldout", data, cache_dir), block_size, max_blocks)
     except ShortCorpusError as exc:
         raise ShortCorpusError(f"the held-out split of {data}: {exc}; use a smaller block size, more text, or no "
-                               "held-out evaluation (--eval-blocks 0)") from None
+                               "held-out evaluation (train: --eval-blocks 0)") from None

@@ -135,6 +135,28 @@ def test_directories_missing_a_file_say_so(models, tmp_path):
     (saved / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="without model.safetensors"):
         lincompile.load(saved)
+    shutil.copytree(onnx_dir, tmp_path / "no-params")
+    (tmp_path / "no-params" / "lincompile_params.safetensors").unlink()
+    with pytest.raises(ValueError, match="lincompile_params.safetensors lacks .*damaged or copied in part"):
+        OrtModel.from_dir(tmp_path / "no-params").generate(IDS, 4, draft="prompt-lookup")
+
+
+def test_a_model_with_unmerged_lora_adapters_is_not_saved_half_loadable(tmp_path):
+    """Training leaves LoRA adapters in the graph; `load` rebuilds the graph without them, so saving refuses until
+    they are merged (what `lincompile train` does), and then saves a model that loads to the same logits."""
+    import copy
+
+    from lincompile.train.lora import apply_lora, merge_lora
+
+    linear = copy.deepcopy(perturb_new_parameters(lincompile.optimize(tiny_model("llama"), "augmented")))
+    apply_lora(linear.graph)
+    with pytest.raises(ValueError, match=r"unmerged LoRA adapters.*merge_lora\(model.graph\)"):
+        linear.save_pretrained(str(tmp_path / "saved"))
+    assert not (tmp_path / "saved").exists()
+    merge_lora(linear.graph)
+    linear.save_pretrained(str(tmp_path / "saved"))
+    with torch.no_grad():
+        assert torch.allclose(lincompile.load(tmp_path / "saved")(IDS).logits, linear(IDS).logits, atol=1e-5)
 
 
 def test_a_pad_id_in_a_prompt_is_padding_and_speculative_decoding_says_so(models):

@@ -114,22 +114,21 @@ class LinearizedModel(torch.nn.Module):
         (SmoothQuant), which halves SmolLM2's perplexity cost. For inference on the CPU (quantize before compiling); see
         `lincompile.backends.eager_quantize`. Greedy text may differ at near-ties between a batched and a single
         run, or other prefill chunks: 8-bit activations magnify the attention forms' last-bit differences."""
-        from lincompile.backends.eager_quantize import SCHEMES, activation_ranges, quantize_graph
+        from lincompile.backends.eager_quantize import activation_ranges, check_scheme, quantize_graph
 
         if self.quantized is not None:
             raise ValueError(f"this model is already quantized ({self.quantized}); quantize its float original")
         if not isinstance(self.graph, fx.GraphModule):
             raise ValueError(f"this model runs a {type(self.graph).__name__} (compiled), not an fx graph to rewrite: "
                              "quantize the model first, then compile the quantized one")
-        if scheme not in SCHEMES:
-            raise ValueError(f"unknown quantization scheme {scheme!r}; one of {list(SCHEMES)}")
+        check_scheme(scheme)  # before calibration's forwards
         skip = (skip,) if isinstance(skip, str) else tuple(skip)
         ranges = None
         if calibration is not None:
             if (not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or not calibration.numel()
                     or calibration.dtype not in (torch.int32, torch.int64)):
                 raise ValueError("calibration must be token ids [blocks, tokens] (an integer tensor, e.g. "
-                                 "lincompile.train.data.token_blocks(tokenizer, texts, 256, 8)), got "
+                                 "lincompile.train.data.calibration_blocks(tokenizer, 8)), got "
                                  f"{getattr(calibration, 'dtype', type(calibration).__name__)} "
                                  f"{tuple(getattr(calibration, 'shape', ()))}")
             ranges = activation_ranges(self, calibration, skip)

@@ -137,13 +137,17 @@ def _smoothing(ranges: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tenso
     return s.clamp(1 / SMOOTHING_BOUND, SMOOTHING_BOUND)
 
 
+def check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; one of {list(SCHEMES)}")
+
+
 def quantize_graph(gm: fx.GraphModule, scheme: str = "int8", skip: tuple[str, ...] = (),
                    ranges: dict[str, torch.Tensor] | None = None) -> tuple[fx.GraphModule, int]:
     """(a new graph module with 8-bit projections, how many projections it quantized); `gm` is left unchanged and
     the new module shares its other tensors. `skip`: fnmatch patterns of projection paths kept float. `ranges`
     (`activation_ranges` of the model): smooth each projection input found there."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown quantization scheme {scheme!r}; one of {list(SCHEMES)}")
+    check_scheme(scheme)
     graph = copy.deepcopy(gm.graph)
     copied = dict(zip(gm.graph.nodes, graph.nodes))
     groups = _projections(gm, tuple(skip))

@@ -55,6 +55,30 @@ def _original_of_saved(directory: Path) -> tuple[torch.nn.Module, Any, torch.nn.
     return linear, tokenizer, original.eval(), "the saved weights with softmax attention"
 
 
+def check_calibration(args: argparse.Namespace) -> None:
+    """Refuse --calibration-blocks without --quantize (it would change nothing), before any model loads."""
+    if args.calibration_blocks is not None and not args.quantize:
+        raise ValueError(f"--calibration-blocks {args.calibration_blocks} calibrates --quantize, which was not given")
+
+
+def calibration_count(args: argparse.Namespace) -> int:
+    """The training blocks --quantize calibrates on: --calibration-blocks, or CALIBRATION_BLOCKS when not given."""
+    return CALIBRATION_BLOCKS if args.calibration_blocks is None else args.calibration_blocks
+
+
+def quantize_calibrated(model: Any, args: argparse.Namespace, tokenizer: Any, data: str = "default") -> Any:
+    """`model` with --quantize's 8-bit linear layers, calibrated on `calibration_count` blocks of the training
+    split of `data` (none: not smoothed)."""
+    count = calibration_count(args)
+    return model.quantize(args.quantize, calibration=calibration_blocks(tokenizer, count, data) if count else None)
+
+
+def add_calibration_argument(parser: argparse.ArgumentParser, corpus: str) -> None:
+    parser.add_argument("--calibration-blocks", type=nonnegative_int, default=None,
+                        help="with --quantize: smooth each layer's input by its ranges over this many 256-token "
+                             f"blocks of {corpus} (SmoothQuant; 0: none; default {CALIBRATION_BLOCKS})")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Print perplexity of the linearized and the original model (and a fine-tuned softmax reference)."""
     path = Path(args.model).expanduser()
@@ -65,8 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--weights {args.weights} chooses the trained tensors of --method, which was not given")
     if not args.method and args.global_cap is not None:
         raise ValueError(f"--global-cap {args.global_cap} sets a cap of --method, which was not given")
-    if args.calibration_blocks is not None and not args.quantize:
-        raise ValueError(f"--calibration-blocks {args.calibration_blocks} calibrates --quantize, which was not given")
+    check_calibration(args)
     if args.quantize and not (saved or args.method):
         raise ValueError(f"--quantize {args.quantize} applies to the linearized model: add --method (or pass a saved "
                          "linearized directory)")
@@ -85,15 +108,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         linear = linearized(original, method, args.weights, args.model, args.global_cap) if method else None
         weights = None if linear is None else weights_label(linear, args.weights)
     if args.quantize:
-        count = CALIBRATION_BLOCKS if args.calibration_blocks is None else args.calibration_blocks
-        calibration = calibration_blocks(tokenizer, count, args.data) if count else None
-        linear = linear.quantize(args.quantize, calibration=calibration)
+        linear = quantize_calibrated(linear, args, tokenizer, args.data)
     blocks = heldout_blocks(tokenizer, args.block_size, args.max_blocks, data=args.data)
     result: dict[str, object] = {"model": args.model, "original": original_is, "method": method, "weights": weights,
                                  **({"global_cap": linear.config.spec.global_cap} if linear is not None
                                     and linear.config.spec.global_branch == "grouped" else {}),
-                                 **({"quantize": args.quantize, "calibration_blocks": count} if args.quantize
-                                    else {}),
+                                 **({"quantize": args.quantize, "calibration_blocks": calibration_count(args)}
+                                    if args.quantize else {}),
                                  "tokens": blocks[:, 1:].numel(),
                                  "block_size": args.block_size, "blocks": int(blocks.shape[0])}
     base = perplexity(original, blocks, args.batch_size, progress=progress, desc="original")
@@ -130,10 +151,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="score the linearized model with 8-bit linear layers (LinearizedModel.quantize; the "
                              "original stays float)")
-    parser.add_argument("--calibration-blocks", type=nonnegative_int, default=None,
-                        help="with --quantize: smooth each layer's input by its ranges over this many 256-token "
-                             f"blocks of the training split of --data (SmoothQuant; 0: none; default "
-                             f"{CALIBRATION_BLOCKS})")
+    add_calibration_argument(parser, "the training split of --data")
     parser.add_argument("--data", default="default", help="'default' (held-out Shakespeare) or a .txt file/dir")
     parser.add_argument("--block-size", type=positive_int, default=256,
                         help="tokens per evaluation block (default 256)")

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from lincompile.api import SAVE_FILE
-from lincompile.cli.args import draft_tokens, nonnegative_int, opset_type, positive_float, positive_int, probability
+from lincompile.cli.args import draft_tokens, opset_type, positive_float, positive_int, probability
 from lincompile.cli.draft_cmd import command_parser, load_target, weights_label
+from lincompile.cli.evaluate import add_calibration_argument, check_calibration, quantize_calibrated
 from lincompile.cli.summary import format_value, print_summary
 from lincompile.diagnostics import warn
 from lincompile.pretrained import trained
-from lincompile.train.data import CALIBRATION_BLOCKS
 
 __all__ = ["add_parsers", "cmd_export", "cmd_generate", "parse_draft"]
 
@@ -122,10 +122,7 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any, str]:
         return model, model.tokenizer, "onnxruntime"
     model, tokenizer = _linearized(args)
     if args.quantize:
-        from lincompile.train.data import calibration_blocks
-
-        count = CALIBRATION_BLOCKS if args.calibration_blocks is None else args.calibration_blocks
-        model = model.quantize(args.quantize, calibration=calibration_blocks(tokenizer, count) if count else None)
+        model = quantize_calibrated(model, args, tokenizer)
     return model, tokenizer, "torch"
 
 
@@ -234,8 +231,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if kind == "none" and (args.num_draft_tokens is not None or args.adaptive):
         raise ValueError("--num-draft-tokens and --adaptive set up speculative decoding, which --draft turns on: add "
                          "--draft (prompt-lookup needs no files)")
-    if args.calibration_blocks is not None and not args.quantize:
-        raise ValueError(f"--calibration-blocks {args.calibration_blocks} calibrates --quantize, which was not given")
+    check_calibration(args)
     if args.quantize and kind == "medusa":
         raise ValueError("--draft medusa reads the target's float LM head, which --quantize stores in 8 bits: drop "
                          "--quantize, or quantize in Python with LinearizedModel.quantize(skip=['lm_head'])")
@@ -359,10 +355,7 @@ def add_parsers(sub: Any) -> None:
                    help="PyTorch runtime: run the linear layers in 8 bits on the CPU (LinearizedModel.quantize; "
                         "int8 weights, activations per token; see bench/torch_quantize.py for perplexity and speed)."
                         " Default: float weights")
-    p.add_argument("--calibration-blocks", type=nonnegative_int, default=None,
-                   help="with --quantize: smooth each layer's input by its ranges over this many 256-token blocks "
-                        f"of the default corpus's training split (Shakespeare; SmoothQuant; 0: none; default "
-                        f"{CALIBRATION_BLOCKS})")
+    add_calibration_argument(p, "the default corpus's (Shakespeare's) training split")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch and onnxruntime (default: "
                    "torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text and statistics) instead")

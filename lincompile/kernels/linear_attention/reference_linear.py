@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lincompile.kernels.linear_attention.state import accumulation_dtype, pack_state, unpack_state
+from lincompile.kernels.linear_attention.state import accumulation_dtype, cast, pack_state, unpack_state
 from lincompile.methods.feature_maps import DENOMINATOR_EPS, closed_form_dots, features, local_kernel
 from lincompile.methods.params import named_params
 from lincompile.methods.spec import MethodSpec
@@ -49,8 +49,7 @@ def start_position(parts: dict[str, Tensor], batch: int, device: torch.device) -
 
 def acc_parts(spec: MethodSpec, state: list[Tensor], acc: torch.dtype) -> dict[str, Tensor]:
     """The state as {part: tensor}, floating parts in the accumulation dtype."""
-    return {n: t.to(acc) if t.is_floating_point() and t.dtype != acc else t
-            for n, t in unpack_state(spec, state).items()}
+    return {n: cast(t, acc) if t.is_floating_point() else t for n, t in unpack_state(spec, state).items()}
 
 
 def state_context(spec: MethodSpec, parts: dict[str, Tensor], r0: Tensor, k: Tensor, v: Tensor, pos: Tensor,

@@ -19,6 +19,7 @@ from lincompile.methods.spec import MethodSpec, get_method
 from lincompile.passes.base import PassContext, PassManager, PassResult, Verifier
 from lincompile.passes.detect_attention import WINDOW_PROBE, AttentionSite, UnmatchedSoftmax
 from lincompile.passes.pipeline import DEFAULT_PIPELINE, build_pipeline
+from lincompile.pretrained import with_global_cap
 from lincompile.runtime.state import position_padding, position_tables
 
 SAVE_FORMAT = "lincompile-linearized"
@@ -242,8 +243,12 @@ def _rebuild(hf_config: object, name: str | None, meta_file: Path) -> torch.nn.M
         return AutoModel.from_config(hf_config)
 
 
-def load(directory: str | Path) -> LinearizedModel:
-    """Load what `save` wrote: rebuild the architecture offline, re-run the pipeline, load the weights."""
+def load(directory: str | Path, *, dtype: torch.dtype | None = None, global_cap: int | None = None) -> LinearizedModel:
+    """Load what `save` wrote: rebuild the architecture offline, re-run the pipeline, load the weights.
+
+    `dtype`: capture and run in this dtype (None: the one it was saved in); the saved weights are cast to it
+    (bfloat16 -> float32 is exact). `global_cap`: the grouped global branch's `MethodSpec.global_cap` (a scale on a
+    sum, no tensor of its own; None: the saved one)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -265,11 +270,13 @@ def load(directory: str | Path) -> LinearizedModel:
     if lost:
         raise FileNotFoundError(f"{path} is a saved lincompile model without {' and '.join(lost)}: it was "
                                 "damaged or copied in part; save it again with save_pretrained")
-    config = LinearizeConfig.from_dict(meta["linearize"])
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}")
+    config = with_global_cap(LinearizeConfig.from_dict(meta["linearize"]), global_cap)
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     source = _rebuild(hf_config, meta.get("source_class"), meta_file)
-    if "dtype" in meta:  # saves made before the dtype was recorded keep what from_config builds
-        source = source.to(getattr(torch, meta["dtype"]))
+    if dtype is not None or "dtype" in meta:  # saves made before the dtype was recorded keep from_config's
+        source = source.to(dtype or getattr(torch, meta["dtype"]))
     model = optimize(source.eval(), config=config)
     missing, unexpected = model.graph.load_state_dict(load_file(path / "model.safetensors"), strict=False)
     if unexpected or missing:

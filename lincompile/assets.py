@@ -306,6 +306,24 @@ def _no_weight_loading_bar() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _check_causal_lm(source: str | Path, **kwargs: Any) -> None:
+    """Refuse a checkpoint that is not a causal LM (by its config's architectures, else its model type) before
+    AutoModelForCausalLM fails at length on it or loads an encoder under a fresh, random LM head."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    architectures = list(getattr(config, "architectures", None) or [])
+    names = set(causal.values())
+    if any(a in names or a.endswith("ForCausalLM") for a in architectures) or (
+            not architectures and config.model_type in causal):
+        return
+    held = f"{', '.join(architectures)} (model type {config.model_type})" if architectures else config.model_type
+    raise AssetError(f"{source} holds {held}, which is not a causal language model: load_model and the CLI take "
+                     "causal LMs only; load it with transformers (e.g. AutoModel.from_pretrained) and linearize it "
+                     "with lincompile.optimize(model)")
+
+
 def load_model(name_or_path: str, *, attn_implementation: str | None = None,
                dtype: torch.dtype = torch.float32,
                cache_dir: str | Path | None = None) -> tuple[Any, Any]:
@@ -336,6 +354,7 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
                     "(`lincompile export` writes one)" if (path / "model.onnx").is_file() else "has no config.json")
             raise AssetError(f"{path} {what}: pass a Hugging Face model directory (config.json and weights), a saved "
                              f"linearized model, an ONNX export written by lincompile, or one of: {names}")
+        _check_causal_lm(path, local_files_only=True)
         try:
             with _no_weight_loading_bar():
                 model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
@@ -349,6 +368,7 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
     else:
         try:  # hub id: the local HF cache first, then the network if it is reachable
             try:
+                _check_causal_lm(name_or_path, local_files_only=True)
                 with _no_weight_loading_bar():
                     model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True, **kwargs)
                 tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
@@ -356,8 +376,11 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
                 if not _hub_reachable():
                     raise OSError("the Hugging Face hub is unreachable and the model is not in "
                                   "the local HF cache")
+                _check_causal_lm(name_or_path)
                 model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
                 tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except AssetError:
+            raise
         except Exception as exc:
             raise AssetError(
                 f"cannot load model {name_or_path!r}: unknown name, or the Hugging Face hub is "

@@ -247,3 +247,28 @@ def test_the_weight_loading_bar_is_off_only_during_a_load_and_a_callers_setting_
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.enable_progress_bar()
+
+
+@pytest.mark.parametrize("family,held", [("bert", r"BertModel \(model type bert\)"),
+                                         ("t5", r"T5ForConditionalGeneration \(model type t5\)")])
+def test_a_model_that_is_no_causal_lm_is_refused_in_one_line(family, held, tmp_path):
+    """AutoModelForCausalLM would load an encoder under a fresh LM head, and fail at length on T5."""
+    from lincompile.testing.tiny import tiny_model
+
+    tiny_model(family).save_pretrained(tmp_path / family)
+    with pytest.raises(AssetError, match=f"holds {held}, which is not a causal language model.*lincompile.optimize"
+                       ) as err:
+        assets.load_model(str(tmp_path / family))
+    assert "\n" not in str(err.value)
+
+
+def test_a_config_without_architectures_is_judged_by_its_model_type(tmp_path):
+    from lincompile.testing.tiny import tiny_model
+
+    for family in ("t5", "gpt2"):
+        tiny_model(family).save_pretrained(tmp_path / family)
+        config = tmp_path / family / "config.json"
+        config.write_text(config.read_text().replace('"architectures"', '"unused"'))
+    with pytest.raises(AssetError, match="holds t5, which is not a causal language model"):
+        assets.load_model(str(tmp_path / "t5"))
+    assert type(assets.load_model(str(tmp_path / "gpt2"))[0]).__name__ == "GPT2LMHeadModel"

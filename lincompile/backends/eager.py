@@ -190,7 +190,7 @@ class LinearizedModel(torch.nn.Module):
         if dtype != self.captured_dtype:
             raise ValueError(f"this model was captured in {self.captured_dtype} and cast to {dtype} since; its graph "
                              f"keeps the {self.captured_dtype} casts it was traced with: cast the Hugging Face model "
-                             "first, then optimize it")
+                             "first, then optimize it (a saved model: lincompile.load(dir, dtype=...))")
         self._check_keywords(extra)
         if input_ids.dim() != 2 or 0 in input_ids.shape:
             raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got shape "

@@ -123,14 +123,20 @@ class _Positional(torch.nn.Module):
         return tuple(self.net(*inputs))
 
 
+def check_interface(model: LinearizedModel) -> None:
+    """Refuse a graph with inputs beyond the decoder-only interface and its state (an encoder-decoder's)."""
+    extra = [n for n in model.input_names if n not in INTERFACE_INPUTS and n not in model.state_inputs]
+    if extra:
+        raise OnnxLoweringError(f"export_onnx handles decoder-only graphs with inputs {INTERFACE_INPUTS} plus "
+                                f"state; this graph also takes {extra}: run it in PyTorch (the LinearizedModel, "
+                                "or model.compile())")
+
+
 def _example_inputs(model: LinearizedModel) -> tuple[tuple[Tensor, ...], tuple[dict[int, Any], ...]]:
     """Example inputs and dynamic shapes: batch/seq on the interface, `past_seq` where the initial state is empty."""
     from torch.export import Dim
 
-    extra = [n for n in model.input_names if n not in INTERFACE_INPUTS and n not in model.state_inputs]
-    if extra:
-        raise OnnxLoweringError(f"export_onnx handles decoder-only graphs with inputs {INTERFACE_INPUTS} plus "
-                                f"state; this graph also takes {extra}")
+    check_interface(model)
     batch, seq, past = Dim("batch", min=1), Dim("seq", min=1), Dim("past_seq", min=0)
     gen = torch.Generator().manual_seed(0)
     vocab = int(getattr(model.hf_config, "vocab_size", 2) or 2)
@@ -549,6 +555,11 @@ def export_onnx(model: LinearizedModel, out_dir: str | os.PathLike[str], opset: 
     check_export_options(opset, chunk_size, quantize)
     model.require_float("export_onnx", "export the float model; export_onnx(..., quantize='int8') stores 8-bit "
                         "weights for onnxruntime")
+    check_interface(model)
+    if model.captured_dtype == torch.bfloat16:
+        warn("export_onnx: this model runs in bfloat16, which onnxruntime's CPU provider has no kernels for: the "
+             "export needs a provider that has them (such as CUDA); for a CPU export, optimize the float32 (or "
+             "float16) model")
     target = Path(out_dir)
     with atomic_directory(target, META_FILE) as tmp:
         _write(model, tmp, opset, tokenizer, optimize, split_sites, chunk_size, quantize, decode_step, simplify)

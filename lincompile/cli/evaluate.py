@@ -23,16 +23,18 @@ from lincompile.train.data import CALIBRATION_BLOCKS, calibration_blocks, heldou
 from lincompile.train.eval import perplexity
 
 
-def _original_of_saved(directory: Path) -> tuple[torch.nn.Module, Any, torch.nn.Module, str]:
-    """(linearized, tokenizer, original, what the original is) for a directory written by `save_pretrained`: the
-    model training started from when the save records it (`source_model`; the saved weights have been trained
-    since), else the saved weights with softmax attention."""
+def _original_of_saved(directory: Path, global_cap: int | None
+                       ) -> tuple[torch.nn.Module, Any, torch.nn.Module, str]:
+    """(linearized, tokenizer, original, what the original is) for a directory written by `save_pretrained`, the
+    linearized model read with `global_cap` (None: its own): the original is the model training started from when
+    the save records it (`source_model`; the saved weights have been trained since), else the saved weights with
+    softmax attention."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from lincompile.assets import TOKENIZER_FILES
 
-    linear = load_linearized(directory)
+    linear = load_linearized(directory, global_cap=global_cap)
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(f"{directory} holds no tokenizer; perplexity needs one to tokenize the corpus (save the "
                          "model with save_pretrained(dir, tokenizer))")
@@ -87,7 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"{path} is a saved linearized model, which has its method: drop --method {args.method}")
     if not args.method and args.weights != "auto":
         raise ValueError(f"--weights {args.weights} chooses the trained tensors of --method, which was not given")
-    if not args.method and args.global_cap is not None:
+    if not (args.method or saved) and args.global_cap is not None:
         raise ValueError(f"--global-cap {args.global_cap} sets a cap of --method, which was not given")
     check_calibration(args)
     if args.quantize and not (saved or args.method):
@@ -98,7 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     original_is = args.model
     if saved:
-        linear, tokenizer, original, original_is = _original_of_saved(path)
+        linear, tokenizer, original, original_is = _original_of_saved(path, args.global_cap)
         method, weights = linear.config.spec.name, weights_label(linear, args.weights)
     else:
         original, tokenizer = load_model(args.model)
@@ -145,9 +147,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "written by lincompile.pretrained.ship, or a training checkpoint "
                              "OUT/checkpoints/step-N")
     parser.add_argument("--global-cap", type=nonnegative_int, default=None, metavar="N",
-                        help="with --method: bound the grouped global branch's sum as if it summed at most N "
-                             "tokens (0: the paper's unbounded sum; default: the trained weights' recipe's, see "
-                             "README 'Long contexts')")
+                        help="with --method or a saved directory: bound the grouped global branch's sum as if it "
+                             "summed at most N tokens (0: the paper's unbounded sum; default: the trained weights' "
+                             "recipe's, or the saved model's; see README 'Long contexts')")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="score the linearized model with 8-bit linear layers (LinearizedModel.quantize; the "
                              "original stays float)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import onnx
 import pytest
@@ -10,6 +11,7 @@ import torch
 import lincompile
 from lincompile.backends import onnx as lo
 from lincompile.backends.ort import OrtModel
+from lincompile.diagnostics import LincompileWarning
 from lincompile.runtime.verify import PARAMS_FILE
 from lincompile.testing.tiny import perturb_new_parameters, tiny_model
 
@@ -205,10 +207,21 @@ def test_rejects_an_opset_it_cannot_write(tmp_path, opset):
 
 def test_bf16_exports_and_the_cpu_runner_says_what_to_do(tmp_path):
     model = lincompile.optimize(tiny_model("llama").to(torch.bfloat16), "augmented")
-    lo.export_onnx(model, tmp_path / "bf16")
+    with pytest.warns(LincompileWarning, match="CPU provider has no kernels for.*optimize the float32"):
+        lo.export_onnx(model, tmp_path / "bf16")
     onnx.checker.check_model(str(tmp_path / "bf16" / lo.MODEL_FILE))
     with pytest.raises(ValueError, match="no kernels for this bfloat16 export.*float32 or float16"):
         OrtModel.from_dir(tmp_path / "bf16", providers=["CPUExecutionProvider"])
+
+
+def test_an_encoder_decoder_is_refused_before_any_tracing(tmp_path):
+    model = lincompile.optimize(tiny_model("t5"), "linear-elu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LincompileWarning)
+        with pytest.raises(lo.OnnxLoweringError, match=r"decoder-only .* also takes \['decoder_input_ids', "
+                           r"'decoder_attention_mask'\]: run it in PyTorch"):
+            lo.export_onnx(model, tmp_path / "t5")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

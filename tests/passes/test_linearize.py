@@ -177,13 +177,25 @@ def test_models_without_a_recurrent_state_refuse_past_state_and_generate(family)
         linear.generate(ids, 2)
 
 
-def test_bf16_model_saves_and_loads_in_bf16(tmp_path):
+def test_bf16_model_saves_and_loads_in_bf16_or_in_the_dtype_asked_for(tmp_path):
     linear = lincompile.optimize(tiny_model("llama").to(torch.bfloat16), "augmented")
     loaded = lincompile.load(linear.save_pretrained(str(tmp_path / "bf16")))
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     ids = torch.randint(3, 128, (1, 9))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, linear(ids).logits)
+    with pytest.raises(ValueError, match=r"cast to torch.float32 since.*lincompile.load\(dir, dtype=...\)"):
+        loaded.float()(ids)
+    widened = lincompile.load(tmp_path / "bf16", dtype=torch.float32)
+    assert widened.captured_dtype == torch.float32
+    ours = linear.graph.state_dict()
+    assert all(torch.equal(ours[name].float(), tensor) for name, tensor in widened.graph.state_dict().items())
+    fp32 = lincompile.optimize(tiny_model("llama").to(torch.bfloat16).float(), "augmented")
+    fp32.graph.load_state_dict(widened.graph.state_dict())
+    with torch.no_grad():
+        assert torch.equal(widened(ids).logits, fp32(ids).logits)
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        lincompile.load(tmp_path / "bf16", dtype="float32")
 
 
 def test_config_and_contradicting_arguments_are_refused():

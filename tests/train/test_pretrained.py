@@ -71,7 +71,7 @@ def test_global_cap_comes_from_the_recipe_or_the_argument(shipped, tmp_path, one
 
 def test_a_global_cap_changes_only_what_reads_more_than_it(tmp_path):
     """Cap 64 with groups of 64 tokens: outputs equal up to position 127 (the branch sums at most 64 tokens
-    there), different from 128 on (it sums 128). A saved capped model loads with its cap."""
+    there), different from 128 on (it sums 128). A saved capped model loads with its cap, or with another one."""
     ids = torch.randint(3, 128, (1, 160), generator=torch.Generator().manual_seed(6))
     logits = []
     for cap in (0, 64):
@@ -82,5 +82,8 @@ def test_a_global_cap_changes_only_what_reads_more_than_it(tmp_path):
     assert diff[:128].max() == 0 and diff[128:].min() > 1e-4
     again = lincompile.load(model.save_pretrained(str(tmp_path / "capped")))
     assert again.config.spec.global_cap == 64
+    uncapped = lincompile.load(tmp_path / "capped", global_cap=0)
+    assert uncapped.config.spec.global_cap == 0
     with torch.no_grad():
         assert torch.equal(again(ids).logits[0], logits[1])
+        assert torch.equal(uncapped(ids).logits[0], logits[0])

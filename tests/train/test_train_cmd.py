@@ -118,6 +118,8 @@ def test_eval_scores_shipped_weights_like_the_saved_model(tmp_path, capsys):
     capped = _eval([str(model_dir), "--method", "augmented", "--weights", str(shipped), "--global-cap", "64"] + data,
                    capsys)
     assert capped["global_cap"] == 64 and capped["ppl"] == from_shipped["ppl"]
+    saved_capped = _eval([str(out / "final"), "--global-cap", "64"] + data, capsys)
+    assert saved["global_cap"] == 0 and saved_capped["global_cap"] == 64 and saved_capped["ppl"] == saved["ppl"]
 
 
 def test_train_init_continues_a_shipped_linearization(tmp_path):
@@ -268,6 +270,7 @@ def test_eval_refuses_options_that_would_be_ignored(tmp_path):
     for argv, match in (([saved, "--method", "augmented"], "drop --method augmented"),
                         (["smollm2-135m", "--weights", "none"], "--method, which was not given"),
                         (["smollm2-135m", "--global-cap", "512"], "--method, which was not given"),
+                        ([saved, "--global-cap", "64"], "global_cap=64 applies to global_branch='grouped' only"),
                         (["smollm2-135m", "--quantize", "int8"], "applies to the linearized model: add --method"),
                         (["smollm2-135m", "--softmax-finetuned", str(tmp_path / "nope")], "is not a directory")):
         with pytest.raises(ValueError, match=match):

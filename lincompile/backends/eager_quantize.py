@@ -17,7 +17,10 @@ With calibration (`activation_ranges`: the largest |x| per input channel of ever
 text) the inputs are smoothed first (SmoothQuant): per input channel s = max|x|^a / max|w|^(1-a) (a =
 `SMOOTHING`), the weights' columns multiplied by s before they are quantized and the input divided by s (one
 product per stacked projection) before its tokens are: x/s . (w s) = x . w, with the activations' outlier
-channels moved into the weights, whose scales are per row.
+channels moved into the weights, whose scales are per row. Where the input is made by a product the division can
+join (`_fold`: a norm's weight, a LayerNorm's weight and bias, or a projection's output rows, such as Llama's
+up_proj before down_proj), those tensors are divided instead and the call has no extra product; elsewhere (the
+attention output before o_proj, GPT-2's GELU) the graph multiplies the input by 1/s.
 """
 from __future__ import annotations
 
@@ -137,6 +140,50 @@ def _smoothing(ranges: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tenso
     return s.clamp(1 / SMOOTHING_BOUND, SMOOTHING_BOUND)
 
 
+#: Ops through which a product per input channel (the last dim) passes unchanged when the last dim is kept.
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _attr_of(gm: fx.GraphModule, node: Any, size: int) -> fx.Node | None:
+    """`node` when it is the graph's only read of a [size] tensor attribute, and this read has one user."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr" and len(node.users) == 1):
+        return None
+    if sum(n.op == "get_attr" and n.target == node.target for n in gm.graph.nodes) != 1:
+        return None
+    return node if tuple(_tensor(gm, node).shape) == (size,) else None
+
+
+def _fold(gm: fx.GraphModule, x: fx.Node, size: int, own: list[fx.Node], quantized: set[fx.Node]
+          ) -> tuple[list[fx.Node], fx.Node | None] | None:
+    """Where input `x` of the projections `own` (with `size` input channels) can take a product per channel
+    exactly: (tensor attributes to multiply, none), or ([], a quantized projection whose output rows to multiply);
+    None: nowhere (the graph multiplies `x`). Walks up through reshapes that keep the last dim; every node on the
+    way, `x` included, must feed only this path (and `x` only `own`), so nothing else sees the product."""
+    node, readers = x, set(own)
+    while True:
+        if set(node.users) != readers:
+            return None
+        if node.op != "call_function":
+            return None
+        if node.target in _RESHAPES and isinstance(node.args[0], fx.Node) \
+                and node.args[0].meta.get("val") is not None and node.args[0].meta["val"].shape[-1] == size:
+            node, readers = node.args[0], {node}
+            continue
+        break
+    if node.target == aten.mul.Tensor and len(node.args) == 2:
+        for a, b in (node.args, node.args[::-1]):
+            attr = _attr_of(gm, a, size)
+            if attr is not None and isinstance(b, fx.Node):
+                return [attr], None
+            if isinstance(b, fx.Node) and b in quantized and set(b.users) == {node}:
+                return [], b
+    if node.target == aten.layer_norm.default and len(node.args) >= 4:
+        attrs = [_attr_of(gm, a, size) for a in node.args[2:4]]
+        if all(attrs):
+            return attrs, None
+    return None
+
+
 def check_scheme(scheme: str) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; one of {list(SCHEMES)}")
@@ -153,33 +200,46 @@ def quantize_graph(gm: fx.GraphModule, scheme: str = "int8", skip: tuple[str, ..
     groups = _projections(gm, tuple(skip))
     new_attrs: dict[str, torch.Tensor] = {}
     replaced: dict[fx.Node, fx.Node] = {}  # a rewritten projection's node -> what stands for its output now
+    weights: dict[fx.Node, torch.Tensor] = {}  # [N, K] per projection; addmm stores its weight as [K, N]
+    for node in (n for nodes in groups.values() for n in nodes):
+        _, weight, transposed = projection(node)
+        weights[node] = _tensor(gm, weight).detach().t() if transposed else _tensor(gm, weight).detach()
+    rows: dict[fx.Node, torch.Tensor] = {}  # a projection's output rows times these (folded smoothing)
+    inverses: dict[fx.Node, torch.Tensor] = {}  # a group's input times these (smoothing not folded)
+    for x, nodes in groups.items():  # 1/s in the input's dtype (the weights'); the weights take exactly its inverse
+        if ranges is None or x.name not in ranges:
+            continue
+        inverse = (1 / _smoothing(ranges[x.name], [weights[n] for n in nodes])).to(weights[nodes[0]].dtype)
+        fold = _fold(gm, x, inverse.shape[0], nodes, set(weights))
+        if fold is None:
+            inverses[x] = inverse
+        elif fold[1] is not None:
+            rows[fold[1]] = inverse.float()
+        for attr in fold[0] if fold else ():
+            tensor = _tensor(gm, attr).detach()
+            new_attrs[str(attr.target)] = (tensor.float() * inverse.float()).to(tensor.dtype)
+        for node in nodes:
+            weights[node] = weights[node].float() / inverse.float()
     count = 0
     for index, (x, nodes) in enumerate(groups.items()):
-        weights = []  # [N, K] per projection; addmm stores its weight as [K, N]
-        for _, weight, transposed in map(projection, nodes):
-            w = _tensor(gm, weight).detach()
-            weights.append(w.t() if transposed else w)
         name = f"{INT8_PREFIX}{index}"
-        smooth = None if ranges is None or x.name not in ranges else _smoothing(ranges[x.name], weights)
-        if smooth is not None:  # 1/s in the input's dtype (the weights'); the weights take exactly its inverse
-            inverse = (1 / smooth).to(weights[0].dtype)
-            new_attrs[f"{name}_smooth"] = inverse
-            weights = [w.float() / inverse.float() for w in weights]
-        pairs = [quantize_weight(w) for w in weights]  # (int8 weight [N, K], scale [N])
-        sizes = [q.shape[0] for q, _ in pairs]
+        pairs = [quantize_weight(weights[n] * rows[n][:, None] if n in rows else weights[n]) for n in nodes]
+        sizes = [q.shape[0] for q, _ in pairs]  # (int8 weight [N, K], scale [N]) per projection
         biases = [_bias(n) for n in nodes]
         new_attrs[f"{name}_weight"] = torch.cat([q for q, _ in pairs])
         new_attrs[f"{name}_scale"] = torch.cat([s for _, s in pairs])
         if any(b is not None for b in biases):
             new_attrs[f"{name}_bias"] = torch.cat([
-                _tensor(gm, b).detach().float() if b is not None else torch.zeros(size, device=pairs[0][1].device)
-                for b, size in zip(biases, sizes)])
+                (_tensor(gm, b).detach().float() * rows.get(n, 1.0)) if b is not None
+                else torch.zeros(size, device=pairs[0][1].device) for n, b, size in zip(nodes, biases, sizes)])
+        if x in inverses:
+            new_attrs[f"{name}_smooth"] = inverses[x]
         first = copied[nodes[0]]
         with graph.inserting_before(first):
             args = [graph.get_attr(f"{name}_{part}") for part in ("weight", "scale")]
             bias = graph.get_attr(f"{name}_bias") if f"{name}_bias" in new_attrs else None
             source = replaced.get(copied[x], copied[x])
-            if smooth is not None:
+            if x in inverses:
                 source = graph.call_function(torch.mul, (source, graph.get_attr(f"{name}_smooth")))
             fused = graph.call_function(int8_linear, (source, *args, bias))
             outs = [fused]

@@ -4,6 +4,7 @@ decoding through it, and clear refusals."""
 from __future__ import annotations
 
 import collections
+import operator
 
 import pytest
 import torch
@@ -177,10 +178,36 @@ def test_calibration_smooths_outlier_channels_without_changing_the_float_functio
         smoothed = linear.quantize("int8", calibration=calibration)(ids).logits
     error = {name: float((got - want).norm() / want.norm()) for name, got in (("plain", plain), ("smooth", smoothed))}
     assert error["smooth"] < 0.5 * error["plain"], error
-    assert _targets(linear.quantize("int8", calibration=calibration))[torch.mul] == inputs  # one smoothing each
+    # 1/s joins the norms' weights (q/k/v, gate/up) and up_proj's rows (down); o_proj's input (the attention's
+    # output) and the head's (the final norm's output is also the graph's hidden_states) are multiplied by it
+    quantized = linear.quantize("int8", calibration=calibration)
+    assert _targets(quantized)[torch.mul] == len(hf.model.layers) + 1
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not torch.equal(operator.attrgetter(norm)(quantized.graph), operator.attrgetter(norm)(linear.graph))
+    with torch.no_grad():
+        assert torch.equal(linear(ids).logits, want)
     for bad in (torch.rand(2, 8), torch.ones(2, 8, dtype=torch.bool), torch.ones(8, dtype=torch.long)):
         with pytest.raises(ValueError, match=r"calibration must be token ids \[blocks, tokens\]"):
             linear.quantize("int8", calibration=bad)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_folded_smoothing_computes_what_the_multiplied_input_does(family, monkeypatch):
+    """Folding 1/s into a norm's weight, a LayerNorm's weight and bias or up_proj's rows changes where rounding
+    happens, nothing more: the same outputs as multiplying every input, to 8-bit rounding at a few boundaries."""
+    from lincompile.backends import eager_quantize
+
+    linear = _linear(family)
+    gen = torch.Generator().manual_seed(7)
+    calibration, ids = torch.randint(0, 128, (3, 24), generator=gen), torch.randint(0, 128, (2, 20), generator=gen)
+    with torch.no_grad():
+        folded = linear.quantize("int8", calibration=calibration)
+        got = folded(ids).logits
+        monkeypatch.setattr(eager_quantize, "_fold", lambda *args: None)
+        multiplied = linear.quantize("int8", calibration=calibration)
+        want = multiplied(ids).logits
+    assert _targets(folded)[torch.mul] < _targets(multiplied)[torch.mul]
+    assert float((got - want).norm() / want.norm()) < 1e-4  # (8-bit error: about 1e-2)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt"])

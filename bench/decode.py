@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     result = run(args)
     result.update({"command": command, "machine": machine_tag(), "processor": platform.processor(),
+                   "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                    "threads": args.threads, "torch": torch.__version__, "method": args.method,
                    "prefill_chunk": args.prefill_chunk,
                    "timed_steps_per_engine": args.rounds * args.steps, "quick": args.quick})

@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 from lincompile.config import LinearizeConfig
+from lincompile.diagnostics import warn
 from lincompile.kernels.linear_attention.reference import init_state
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT, RewrittenSite
@@ -115,6 +116,7 @@ class LinearizedModel(torch.nn.Module):
         `lincompile.backends.eager_quantize`. Greedy text may differ at near-ties between a batched and a single
         run, or other prefill chunks: 8-bit activations magnify the attention forms' last-bit differences."""
         from lincompile.backends.eager_quantize import activation_ranges, check_scheme, quantize_graph
+        from lincompile.kernels.int8.linear import int8_speedup
 
         if self.quantized is not None:
             raise ValueError(f"this model is already quantized ({self.quantized}); quantize its float original")
@@ -136,6 +138,11 @@ class LinearizedModel(torch.nn.Module):
         if not count:
             raise ValueError("this model has no float linear layer to quantize" + (f" once skip={list(skip)} is "
                              "applied" if skip else ""))
+        speedup = int8_speedup()
+        if speedup < 1:
+            warn(f"torch._int_mm multiplies {1 / speedup:.0f}x slower than float32 on this CPU (torch reports "
+                 f"{torch.backends.cpu.get_cpu_capability()}; oneDNN's int8 kernels need AVX512 VNNI or AMX): the "
+                 "8-bit model computes right but runs slower than the float one here; keep the float model")
         derived = self.with_graph(graph)
         derived.quantized = scheme
         return derived

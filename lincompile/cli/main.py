@@ -335,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after each pass print the node targets it added (+) and removed (-)")
     p.add_argument("--dump-dir", type=Path, default=None, metavar="DIR",
                    help="write the graph code before the first pass and after each pass into DIR, plus DOT and SVG "
-                        "pictures of every attention site before and after rewriting (DIR/sites)")
+                        "pictures of every attention site before and after rewriting (DIR/sites); DIR must be new, "
+                        "empty or a previous dump's (holding lincompile_dump.json)")
     p.add_argument("--fuel", type=nonnegative_int, default=None, metavar="N",
                    help="rewrite at most N sites (for bisecting)")
     p = _subcommand(sub, "eval", cmd_eval, "held-out perplexity of a linearized model and of the original",

@@ -6,6 +6,7 @@ graph before/after, stop after a pass, skip disabled passes, and verify numerics
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -121,6 +122,9 @@ class PassManager:
         results = []
         if self.dump_dir is not None:
             _clear_dump(self.dump_dir)
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            (self.dump_dir / DUMP_FILE).write_text(json.dumps({"passes": [p.name for p in self.passes],
+                                                               "disabled": sorted(self.disabled)}, indent=1))
             self._dump(ctx, 0, "captured")
         for index, p in enumerate(self.passes, start=1):
             if p.name in self.disabled:
@@ -153,15 +157,23 @@ class PassManager:
         (self.dump_dir / f"{index:02d}_{name}.py").write_text(ctx.gm.code)
 
 
+#: The file a dump directory holds (the pipeline it ran): what lets the next dump replace the directory.
+DUMP_FILE = "lincompile_dump.json"
+
+
 def check_dump_dir(directory: Path) -> list[Path]:
-    """What a previous dump left in `directory` (`NN_<pass>.py` files and `sites/`); FileExistsError when it is a
-    file or holds anything else (the user's)."""
+    """What a previous dump left in `directory` (`NN_<pass>.py` files, `sites/` and `DUMP_FILE`, which a dump
+    writes first); FileExistsError when it is a file, or not empty without `DUMP_FILE` (a user's directory, whose
+    `sites/` or `01_x.py` a dump must not take for its own), or holding anything a dump does not write."""
     if not directory.exists():
         return []
     if not directory.is_dir():
         raise FileExistsError(f"dump directory {directory} is a file; pass a new or empty directory")
     entries = list(directory.iterdir())
-    foreign = [e.name for e in entries if not (e.name == "sites" and e.is_dir())
+    if entries and not (directory / DUMP_FILE).is_file():
+        raise FileExistsError(f"dump directory {directory} is not empty and holds no {DUMP_FILE}, so it is not a "
+                              "previous dump: pass a new or empty directory, or a previous dump's")
+    foreign = [e.name for e in entries if not (e.name == "sites" and e.is_dir()) and e.name != DUMP_FILE
                and not (e.is_file() and re.fullmatch(r"\d\d_\w+\.py", e.name))]
     if foreign:
         raise FileExistsError(f"dump directory {directory} holds {sorted(foreign)[:3]}, which a dump does not write; "

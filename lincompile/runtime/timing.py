@@ -199,11 +199,12 @@ def best_time(call: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 
 def machine_tag() -> str:
-    """`<arch>-<cores>cpu`: the suffix benchmark result files carry."""
+    """`<arch>-<cores>cpu-<vector ISA torch uses>` (e.g. x86_64-2cpu-avx2): the suffix benchmark result files carry.
+    Files from before session 31 lack the ISA; they were measured on AVX512 CPUs."""
     import os
     import platform
 
-    return f"{platform.machine()}-{os.cpu_count()}cpu"
+    return f"{platform.machine()}-{os.cpu_count()}cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
 
 
 def write_bench_result(result: dict[str, Any], out_dir: Path, stem: str, threads: int, argv: list[str]) -> Path:
@@ -219,7 +220,8 @@ def write_bench_result(result: dict[str, Any], out_dir: Path, stem: str, threads
 
     machine = machine_tag()
     result.update({"command": "python " + " ".join(shlex.quote(a) for a in argv), "machine": machine,
-                   "processor": platform.processor(), "threads": threads, "torch": torch.__version__,
+                   "processor": platform.processor(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                   "threads": threads, "torch": torch.__version__,
                    "onnxruntime": onnxruntime.__version__})
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}_{machine}.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import operator
+import warnings
 
 import pytest
 import torch
@@ -221,3 +222,20 @@ def test_calibrated_smoothing_keeps_transposed_and_chained_projections_right(fam
         want = linear(ids).logits
         got = linear.quantize("int8", calibration=calibration)(ids).logits
     assert 0 < float((got - want).norm() / want.norm()) < 0.05
+
+
+@pytest.mark.parametrize("speedup,warned", [(0.05, True), (2.5, False)])
+def test_a_cpu_without_fast_int8_products_is_warned_about(speedup, warned, monkeypatch):
+    """torch._int_mm has fast kernels only on some CPUs (AVX512 VNNI, AMX); on others (AVX2) it is 6-40x slower
+    than float32: quantize says so instead of silently slowing the model down."""
+    from lincompile.kernels.int8 import linear as int8
+
+    assert int8.int8_speedup() > 0
+    monkeypatch.setattr(int8, "int8_speedup", lambda: speedup)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _linear("llama").quantize("int8")
+    slow = [w for w in seen if issubclass(w.category, LincompileWarning) and "torch._int_mm" in str(w.message)]
+    assert len(slow) == warned
+    if warned:
+        assert "20x slower than float32 on this CPU" in str(slow[0].message)

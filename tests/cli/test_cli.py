@@ -12,6 +12,7 @@ import pytest
 
 from lincompile.cli.main import _site_row, build_parser, main, verify_sample
 from lincompile.diagnostics import LincompileWarning
+from lincompile.passes.base import DUMP_FILE
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.pipeline import DEFAULT_PIPELINE
 from lincompile.testing.tiny import expected_sites, tiny_model
@@ -171,7 +172,9 @@ def test_text_output_print_between_and_dump_dir(capsys, tiny_dir, tmp_path: Path
     assert any(line.split()[:2] == ["+2", "lincompile.attention.default"] for line in lines)
     assert "sites_found=2 sites_rewritten=2 unmatched=0" in out and "final max_abs_diff=" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "00_captured.py", "01_normalize.py", "02_detect_attention.py", "03_linearize.py", "04_cleanup.py", "sites"]
+        "00_captured.py", "01_normalize.py", "02_detect_attention.py", "03_linearize.py", "04_cleanup.py",
+        DUMP_FILE, "sites"]
+    assert json.loads((tmp_path / DUMP_FILE).read_text())["passes"] == list(DEFAULT_PIPELINE)
     pictures = sorted(p.name for p in (tmp_path / "sites").iterdir())
     assert pictures == [f"site_{i}_{when}.{ext}" for i in (0, 1) for when in ("after", "before")
                         for ext in ("dot", "svg")]
@@ -200,6 +203,14 @@ def test_a_second_dump_replaces_the_first_and_a_users_directory_is_refused(capsy
     code, _, err = run(capsys, "optimize", tiny_dir, "--method", "local", "--dump-dir", str(dump))
     assert code == 1 and (dump / "notes.txt").read_text() == "mine" and "loading" not in err
     assert_one_line_error(err, "which a dump does not write")
+    users = tmp_path / "users"
+    (users / "sites" / "mine").mkdir(parents=True)
+    (users / "sites" / "mine" / "notes.txt").write_text("mine")
+    (users / "01_setup.py").write_text("print(1)")  # names a dump writes, in a directory no dump made
+    code, _, err = run(capsys, "optimize", tiny_dir, "--method", "local", "--dump-dir", str(users))
+    assert code == 1 and "loading" not in err
+    assert_one_line_error(err, f"holds no {DUMP_FILE}, so it is not a previous dump")
+    assert (users / "sites" / "mine" / "notes.txt").read_text() == "mine" and (users / "01_setup.py").is_file()
 
 
 def test_a_disabled_stop_after_pass_ends_the_pipeline(capsys, tiny_dir):

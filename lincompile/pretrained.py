@@ -143,7 +143,7 @@ def trained_tensors(weights: str | Path, model_name: str, method: str) -> tuple[
         where = (f"shipped for {model_name} with {method}" if str(weights) == "default" else f"at {path}")
         raise FileNotFoundError(f"no trained linearization {where} (shipped: {', '.join(available()) or 'none'}); "
                                 "train one with `lincompile train` and `lincompile.pretrained.ship`, or use "
-                                "weights='none' (--weights none) for an untrained one")
+                                "weights='none' (--weights none; `lincompile train`: no --init) for an untrained one")
     theirs = LinearizeConfig.from_dict(recipe["linearize"]).spec.name  # a name, or a spec (trained with a cap)
     if theirs != get_method(method).name:
         raise ValueError(f"{path} holds a {theirs} linearization, not {method}")

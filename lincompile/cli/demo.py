@@ -194,7 +194,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     from lincompile.pretrained import linearized
     from lincompile.runtime.prefill import prefill
     from lincompile.runtime.timing import HFCache, compiled_model, linear_session, open_ort
-    from lincompile.train.data import heldout_blocks
+    from lincompile.runtime.drafts import make_draft, vocab_size
+    from lincompile.runtime.speculative import check_draft_vocab
+    from lincompile.train.data import ShortCorpusError, heldout_blocks
     from lincompile.train.eval import perplexity
 
     if not 0 < opts.context < opts.long_context:
@@ -202,10 +204,19 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     draft = _draft(opts)
     check_replaceable(opts.out, DEMO_FILE)  # a directory of the user's own files is not written into
     opts.out.mkdir(parents=True, exist_ok=True)
+    # marks the directory as the demo's from the start, so a run that fails or is stopped never blocks the next
+    atomic_write_text(opts.out / DEMO_FILE, json.dumps({"complete": False, "command": opts.command()}) + "\n")
     threads = torch.get_num_threads()
     clock = _Stopwatch()
     _log(f"loading {MODEL} (first run: download + dequantize, ~1 min)")
     model, tokenizer = load_model(MODEL)
+    check_draft_vocab(make_draft(draft, model), vocab_size(model))
+    try:  # the held-out text every later step reads, checked before the long work
+        ids = heldout_blocks(tokenizer, opts.long_context, 1)
+        blocks = heldout_blocks(tokenizer, EVAL_BLOCK, opts.eval_blocks)
+    except ShortCorpusError as exc:
+        raise ShortCorpusError(f"{exc} (the demo's blocks: one of --long-context {opts.long_context} tokens, "
+                               f"--eval-blocks {opts.eval_blocks} of {EVAL_BLOCK})") from None
     clock.lap("load")
     _log("inspecting: capture with torch.export, detect the attention sites")
     captured = capture_model(model)
@@ -215,7 +226,6 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     linear = linearized(model, opts.method, opts.weights, MODEL, captured=captured, strict=True)
     weights_label = _weights_label(opts.weights, linear.recipe)
     clock.lap("linearize")
-    blocks = heldout_blocks(tokenizer, EVAL_BLOCK, opts.eval_blocks)
     ppl_original = perplexity(model, blocks, desc="original").ppl
     ppl_linear = perplexity(linear, blocks, desc=opts.method).ppl
     clock.lap("perplexity")
@@ -224,7 +234,6 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     clock.lap("onnx_export")
     engines = {"eager": linear, "compile": compiled_model(linear), "ort": open_ort(onnx_dir, threads)}
 
-    ids = heldout_blocks(tokenizer, opts.long_context, 1)
     _log(f"prefilling {opts.context} held-out tokens (both models)")
     hf = HFCache(model)
     hf.extend(ids[:, :opts.context], PREFILL_CHUNK)
@@ -261,7 +270,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     generation = _generate(linear, tokenizer, heldout_blocks(tokenizer, PROMPT_TOKENS, 1), opts, draft)
     clock.lap("generate")
     result: dict[str, Any] = {
-        "model": MODEL, "method": opts.method, "weights": opts.weights, "weights_label": weights_label,
+        "complete": True, "model": MODEL, "method": opts.method, "weights": opts.weights, "weights_label": weights_label,
         "trained": linear.recipe is not None, "inspect": inspected, "linearized_sites": len(linear.sites),
         "heldout_tokens": int(blocks[:, 1:].numel()), "ppl_original": ppl_original, "ppl_linearized": ppl_linear,
         "threads": threads, "context": opts.context, "long_context": opts.long_context,

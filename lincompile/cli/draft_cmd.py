@@ -93,8 +93,8 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
     vocab, hidden = target.lm_head_weight.shape
     config = MedusaConfig(num_heads=args.heads, hidden_size=hidden, vocab_size=vocab, num_layers=args.head_layers)
     blocks = token_blocks(tokenizer, load_texts("train", args.data), args.block_size, args.tokens // args.block_size)
-    held = (heldout_blocks(tokenizer, args.block_size, max(1, args.heldout_tokens // args.block_size), data=args.data)
-            if args.heldout_tokens else None)
+    held = (heldout_blocks(tokenizer, args.block_size, max(1, args.heldout_tokens // args.block_size), data=args.data,
+                           skip="--heldout-tokens 0") if args.heldout_tokens else None)
     result = train_medusa(target, blocks, config, args.steps, args.lr, args.batch_size, args.out, heldout=held,
                           labels=args.labels, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
                           seed=args.seed, feature_batch=args.feature_batch, progress=not args.no_progress,

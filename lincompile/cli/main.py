@@ -161,11 +161,15 @@ def _pass_list(text: str) -> list[str]:
     return names
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _site_list(text: str) -> tuple[int, ...]:
+    """--layers: at least one site index (an empty list would silently keep every site exact softmax)."""
     try:
-        return tuple(int(part) for part in _csv(text))
+        sites = tuple(int(part) for part in _csv(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sites:
+        raise argparse.ArgumentTypeError(f"names no site: {text!r}; omit --layers to convert every site")
+    return sites
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
@@ -322,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                     f"{PROG} optimize smollm2-135m --method softmax --verify --stop-after linearize")
     _model_args(p)
     p.add_argument("--method", required=True, help=f"attention method (one of: {', '.join(methods())})")
-    p.add_argument("--layers", type=_int_list, default=None, metavar="I,J,...",
+    p.add_argument("--layers", type=_site_list, default=None, metavar="I,J,...",
                    help="site indices to convert (default: all); the others become exact softmax")
     p.add_argument("--strict", action="store_true", help="fail if an attention-like softmax matched no pattern")
     p.add_argument("--verify", action="store_true", help="report the max logit difference after every pass")

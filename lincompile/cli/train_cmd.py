@@ -63,8 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if config.lora_rank and config.stage2_steps:
             lora_matches(linear.graph, config.lora_targets)  # stage 2 adds them: a bad --lora-targets fails now
         blocks = token_blocks(tokenizer, load_texts("train", args.data), config.block_size, args.max_train_blocks)
-        held = (heldout_blocks(tokenizer, config.block_size, config.eval_blocks, data=args.data)
-                if config.eval_blocks else None)
+        held = (heldout_blocks(tokenizer, config.block_size, config.eval_blocks, data=args.data,
+                               skip="--eval-blocks 0") if config.eval_blocks else None)
         result = train(linear, blocks, config, out, eval_blocks=held, resume=args.resume, parallel=parallel,
                        progress=not args.no_progress, init=init)
         if not parallel.is_main:

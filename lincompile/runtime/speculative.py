@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lincompile.diagnostics import warn
 from lincompile.passes.linearize import HIDDEN_OUTPUT, VERIFY_WINDOW
-from lincompile.runtime.drafts import DEFAULT_NUM_DRAFT_TOKENS, DraftContext, Proposal, make_draft, vocab_size
+from lincompile.runtime.drafts import DEFAULT_NUM_DRAFT_TOKENS, Draft, DraftContext, Proposal, make_draft, vocab_size
 from lincompile.runtime.prefill import ChunkSize, prefill
 from lincompile.runtime.sampling import SamplingConfig, eos_ids, penalize, probabilities, sample
 from lincompile.runtime.state import (RecurrentState, check_new_tokens, first_position, position_limit,
@@ -126,13 +126,6 @@ class SpeculativeDecoder:
         self.state: RecurrentState | None = None
         self.hidden: Tensor | None = None
 
-    def _check_vocab(self, target_vocab: int) -> None:
-        heads = getattr(self.draft, "heads", None)
-        draft_vocab = (getattr(getattr(heads, "config", None), "vocab_size", None) if heads is not None
-                       else getattr(self.draft, "vocab_size", None))
-        if draft_vocab is not None and target_vocab != draft_vocab:
-            raise ValueError(f"the draft's vocabulary has {draft_vocab} tokens, the target's {target_vocab}: a draft "
-                             "must share the target's tokenizer")
 
     def prefill(self, input_ids: Tensor) -> int:
         """Absorb the prompt [1, L]; returns the first new token (now pending)."""
@@ -144,7 +137,7 @@ class SpeculativeDecoder:
         self.state = out.past_state
         self.stats.target_calls = 0
         logits = out.logits[0, -1]
-        self._check_vocab(vocab_size(self.target) or int(logits.shape[-1]))
+        check_draft_vocab(self.draft, vocab_size(self.target) or int(logits.shape[-1]))
         logits = penalize(logits.float(), input_ids[0].to(logits.device), self.sampling.repetition_penalty)
         token = int(sample(logits[None], self.sampling, self.generator)[0])
         self.hidden = out.extras[HIDDEN_OUTPUT][0, -1] if HIDDEN_OUTPUT in out.extras else None
@@ -188,6 +181,16 @@ class SpeculativeDecoder:
         if self.adaptive:
             self.k = min(self.max_k, self.k + 1) if len(path) == n and n else max(1, min(self.k, len(path) + 1))
         return emitted
+
+
+def check_draft_vocab(draft: Draft, target_vocab: int) -> None:
+    """Refuse a draft (`make_draft`'s) that scores another vocabulary than the target's `target_vocab` tokens."""
+    heads = getattr(draft, "heads", None)
+    draft_vocab = (getattr(getattr(heads, "config", None), "vocab_size", None) if heads is not None
+                   else getattr(draft, "vocab_size", None))
+    if draft_vocab is not None and target_vocab != draft_vocab:
+        raise ValueError(f"the draft's vocabulary has {draft_vocab} tokens, the target's {target_vocab}: a draft "
+                         "must share the target's tokenizer")
 
 
 def _warn_if_quantized(target: Any) -> None:

@@ -176,10 +176,12 @@ def calibration_blocks(tokenizer: Any, count: int, data: str | Path = "default")
 
 
 def heldout_blocks(tokenizer: Any, block_size: int = 256, max_blocks: int | None = None,
-                   data: str | Path = "default", cache_dir: str | Path | None = None) -> torch.Tensor:
-    """``token_blocks`` of the held-out split of ``data`` (the evaluation set)."""
+                   data: str | Path = "default", cache_dir: str | Path | None = None,
+                   skip: str | None = None) -> torch.Tensor:
+    """``token_blocks`` of the held-out split of ``data`` (the evaluation set). `skip`: how the caller runs
+    without held-out evaluation (an option such as "--eval-blocks 0"), named when the split is too short."""
     try:
         return token_blocks(tokenizer, load_texts("heldout", data, cache_dir), block_size, max_blocks)
     except ShortCorpusError as exc:
-        raise ShortCorpusError(f"the held-out split of {data}: {exc}; use a smaller block size, more text, or no "
-                               "held-out evaluation (train: --eval-blocks 0)") from None
+        raise ShortCorpusError(f"the held-out split of {data}: {exc}; use a smaller block size or more text"
+                               + (f", or no held-out evaluation ({skip})" if skip else "")) from None

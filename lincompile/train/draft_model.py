@@ -259,7 +259,8 @@ def make_draft(model_name_or_dir: str, num_layers: int, method: str | None = Non
             blocks = token_blocks(tokenizer, load_texts("train", data), config.block_size,
                                   config.steps * config.batch_size)
         if heldout is None and eval_blocks:
-            heldout = heldout_blocks(tokenizer, config.block_size, eval_blocks, data=data)
+            heldout = heldout_blocks(tokenizer, config.block_size, eval_blocks, data=data,
+                                     skip="eval_blocks=0; make-draft: --eval-blocks 0")
     history: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     if config.steps:

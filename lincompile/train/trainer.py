@@ -34,7 +34,7 @@ from lincompile.train.attention_transfer import TransferObjective, attention_par
 from lincompile.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from lincompile.train.eval import perplexity
 from lincompile.train.finetune import FinetuneObjective, frozen_teacher, stage2_parameters
-from lincompile.train.lora import DEFAULT_TARGETS, apply_lora
+from lincompile.train.lora import DEFAULT_TARGETS, LORA_MODULE, apply_lora
 
 TRAIN_CONFIG_VERSION = 1
 #: Fields that may differ between a checkpoint and the run that resumes it (they do not change past steps).
@@ -331,6 +331,7 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
         # only what it lacks stays pending (LoRA after stage 1)
         rest = _copy_by_name(linear, _resume_init(checkpoint, init), "init", final=False)
         pending = {name: value for name, value in rest.items() if name not in checkpoint.tensors}
+    _check_init(pending, config)
     last_stage = 2 if config.stage2_steps else 1
     saved: Path | None = found
     bar = tqdm(total=config.total_steps, initial=step, disable=not (progress and parallel.is_main), desc=desc)
@@ -439,6 +440,19 @@ def _save(root: Path, step: int, linear: LinearizedModel, stage: _Stage, config:
              "init": init, "fingerprint": fingerprint}
     return save_checkpoint(root, step, tensors, stage.optimizer.state_dict(), linear.config.to_dict(),
                            config.to_dict(), state, config.keep_checkpoints)
+
+
+def _check_init(pending: dict[str, Tensor], config: TrainConfig) -> None:
+    """Refuse `init` tensors no step of this run would start from: none trains, or adapters without a stage 2."""
+    if pending and not config.total_steps:
+        raise ValueError("init sets tensors for training to continue from, and this run trains 0 steps: use them as "
+                         "they are with --weights in eval, generate or export (Python: "
+                         "lincompile.pretrained.linearized(model, method, weights=...))")
+    adapters = sorted(name for name in pending if name.startswith(LORA_MODULE + "."))
+    if adapters and not config.stage2_steps:
+        raise ValueError(f"init holds LoRA adapters ({adapters[0]}, ...), which stage 2 adds, and this run has no "
+                         "stage 2 (stage2_steps=0, --stage2-steps 0): give it stage-2 steps, or start from tensors "
+                         "without adapters")
 
 
 @torch.no_grad()

@@ -346,11 +346,13 @@ def test_a_pipeline_without_detection_cannot_linearize(capsys):
         assert "pass linearize needs detect_attention" in capsys.readouterr().err
 
 
-def test_an_empty_pass_list_is_refused_when_parsed(capsys):
-    """`--passes ,` names no pass; it is refused rather than read as "the default pipeline"."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(["optimize", "smollm2-135m", "--method", "augmented", "--passes", " , "])
-    assert exit_info.value.code == 2 and "argument --passes: names no pass" in capsys.readouterr().err
+@pytest.mark.parametrize("option,refusal", [("--passes", "names no pass"), ("--layers", "names no site")])
+def test_an_empty_pass_or_site_list_is_refused_when_parsed(capsys, option, refusal):
+    """`--passes ,` is not "the default pipeline", and `--layers ""` (an unset shell variable) not "no site"."""
+    for empty in (" , ", ""):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["optimize", "smollm2-135m", "--method", "augmented", option, empty])
+        assert exit_info.value.code == 2 and f"argument {option}: {refusal}" in capsys.readouterr().err
 
 
 def test_lincompiles_warnings_print_as_one_line_and_other_libraries_keep_theirs(capsys, monkeypatch, tmp_path):

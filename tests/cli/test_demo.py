@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from lincompile.cli.demo import DemoOptions, options_from_args, run_demo
 from lincompile.cli.main import build_parser, main
@@ -46,6 +47,24 @@ def test_a_directory_of_the_users_own_files_is_refused_before_any_work(tmp_path)
     assert [p.name for p in mine.iterdir()] == ["decode.png"]
 
 
+@pytest.mark.slow
+def test_checks_after_the_model_loads_come_before_the_long_work_and_a_failed_run_blocks_no_other(tmp_path):
+    """A draft of another vocabulary and a --long-context longer than the held-out text fail right after the
+    model loads (not after the export); the directory a failed run leaves is the demo's, so the next run takes it."""
+    from lincompile.runtime.ngram import build_ngram_table
+    from lincompile.train.data import ShortCorpusError
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    build_ngram_table(ids, ids, 128).save(tmp_path / "ngram")
+    out = tmp_path / "demo"
+    with pytest.raises(ValueError, match="the draft's vocabulary has 128 tokens, the target's 49152"):
+        run_demo(DemoOptions(out, draft=f"ngram:{tmp_path / 'ngram'}"))
+    assert json.loads((out / "demo.json").read_text())["complete"] is False and not (out / "onnx").exists()
+    with pytest.raises(ShortCorpusError, match=r"fewer than one block of 2000000.*--long-context 2000000 tokens"):
+        run_demo(DemoOptions(out, long_context=2_000_000))
+    assert sorted(p.name for p in out.iterdir()) == ["demo.json"]
+
+
 def test_numeric_options_are_checked_when_parsed(capsys):
     for option in ("--steps", "--num-draft-tokens", "--new-tokens", "--eval-blocks"):
         with pytest.raises(SystemExit):
@@ -61,7 +80,7 @@ def test_demo_prints_the_table_and_writes_its_outputs(tmp_path, capsys):
     assert main(["demo", *args]) == 0
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "demo.json").read_text())
-    assert result["trained"] is trained
+    assert result["complete"] and result["trained"] is trained
     assert result["weights_label"] == ("trained: shipped weights" if trained else "untrained")
     header = next(line for line in out.splitlines() if "original (HF + KV cache)" in line)
     assert f"lincompile augmented ({result['weights_label']})" in header

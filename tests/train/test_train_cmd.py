@@ -147,6 +147,12 @@ def test_train_init_continues_a_shipped_linearization(tmp_path):
     with pytest.raises(ValueError, match="holds LoRA adapters .* same --lora-rank"):
         _run(common[:-3] + ["--lora-rank", "2", "--out", str(tmp_path / "third"), "--init", str(shipped),
                             "--no-progress"])
+    for steps, refusal in ((["0", "0"], "this run trains 0 steps: use them as they are with --weights"),
+                           (["2", "0"], r"LoRA adapters \(lincompile_lora.*which stage 2 adds.*--stage2-steps 0")):
+        with pytest.raises(ValueError, match=refusal):
+            _run(common + ["--out", str(tmp_path / "fourth"), "--init", str(shipped), "--stage1-steps", steps[0],
+                           "--stage2-steps", steps[1]])
+        assert not (tmp_path / "fourth" / "final").exists()
 
 
 def test_train_with_a_global_cap_reads_it_from_the_start_and_keeps_it(tmp_path, capsys):
@@ -288,7 +294,9 @@ def test_training_errors_say_what_to_do(tmp_path):
             Distributed.from_env("cuda")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
-    with pytest.raises(ValueError, match="held-out split .*--eval-blocks 0"):
+    with pytest.raises(ValueError, match=r"held-out split .*more text, or no held-out evaluation \(--eval-blocks 0\)"):
+        heldout_blocks(char_tokenizer(), 256, data=str(corpus), skip="--eval-blocks 0")
+    with pytest.raises(ValueError, match="held-out split .*use a smaller block size or more text$"):
         heldout_blocks(char_tokenizer(), 256, data=str(corpus))
     model_dir = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(model_dir)

@@ -270,7 +270,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     generation = _generate(linear, tokenizer, heldout_blocks(tokenizer, PROMPT_TOKENS, 1), opts, draft)
     clock.lap("generate")
     result: dict[str, Any] = {
-        "complete": True, "model": MODEL, "method": opts.method, "weights": opts.weights, "weights_label": weights_label,
+        "complete": True, "model": MODEL, "method": opts.method, "weights": opts.weights,
+        "weights_label": weights_label,
         "trained": linear.recipe is not None, "inspect": inspected, "linearized_sites": len(linear.sites),
         "heldout_tokens": int(blocks[:, 1:].numel()), "ppl_original": ppl_original, "ppl_linearized": ppl_linear,
         "threads": threads, "context": opts.context, "long_context": opts.long_context,

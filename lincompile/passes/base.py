@@ -59,6 +59,7 @@ class Pass:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()  # passes that must run before this one (what it reads from the context)
+    not_after: ClassVar[tuple[str, ...]] = ()  # passes that must not run before it (they rewrite what it reads)
 
     def run(self, ctx: PassContext) -> list[str]:
         """Transform `ctx` in place; return short notes for the report."""
@@ -115,6 +116,10 @@ class PassManager:
             if p.name not in self.disabled and missing:
                 raise ValueError(f"pass {p.name} needs {', '.join(missing)} to run before it (it works on what that "
                                  f"finds); the pipeline is {names}, disabled {sorted(self.disabled)}")
+            late = [prior for prior in p.not_after if prior in ran]
+            if p.name not in self.disabled and late:
+                raise ValueError(f"pass {p.name} cannot run after {', '.join(late)}, which rewrote the attention it "
+                                 f"reads; the pipeline is {names}, disabled {sorted(self.disabled)}")
             if p.name not in self.disabled:
                 ran.add(p.name)
 

@@ -320,6 +320,7 @@ def find_sites(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], inpu
 class DetectAttention(Pass):
     name = "detect_attention"
     description = "find every softmax attention (sdpa op or eager matmul-softmax chain) and record its site"
+    not_after = ("linearize",)
 
     def run(self, ctx: PassContext) -> list[str]:
         cap = ctx.captured

@@ -236,6 +236,7 @@ class Linearize(Pass):
     name = "linearize"
     description = "replace each attention site by one lincompile::attention op (chosen method; softmax for the rest)"
     requires = ("detect_attention",)
+    not_after = ("linearize",)
 
     def __init__(self, method: str | MethodSpec = "softmax", layers: tuple[int, ...] | None = None,
                  fuel: int | None = None, seed: int = 0, stateful: bool = True) -> None:

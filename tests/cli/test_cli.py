@@ -346,6 +346,18 @@ def test_a_pipeline_without_detection_cannot_linearize(capsys):
         assert "pass linearize needs detect_attention" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("passes,late", [("normalize,detect_attention,linearize,cleanup,detect_attention",
+                                          "pass detect_attention cannot run after linearize"),
+                                         ("normalize,detect_attention,linearize,linearize,cleanup",
+                                          "pass linearize cannot run after linearize")])
+def test_detection_or_rewriting_after_rewriting_is_refused_before_loading(capsys, passes, late):
+    """They read softmax attention, which linearize has replaced (they failed with a KeyError, or a duplicate
+    argument in generated code)."""
+    assert main(["optimize", "smollm2-135m", "--method", "augmented", "--passes", passes]) == 1
+    err = capsys.readouterr().err
+    assert late in err and "loading" not in err
+
+
 @pytest.mark.parametrize("option,refusal", [("--passes", "names no pass"), ("--layers", "names no site")])
 def test_an_empty_pass_or_site_list_is_refused_when_parsed(capsys, option, refusal):
     """`--passes ,` is not "the default pipeline", and `--layers ""` (an unset shell variable) not "no site"."""

@@ -142,7 +142,9 @@ class LinearizedModel(torch.nn.Module):
         if speedup < 1:
             warn(f"torch._int_mm multiplies {1 / speedup:.0f}x slower than float32 on this CPU (torch reports "
                  f"{torch.backends.cpu.get_cpu_capability()}; oneDNN's int8 kernels need AVX512 VNNI or AMX): the "
-                 "8-bit model computes right but runs slower than the float one here; keep the float model")
+                 "8-bit model computes right but runs slower than the float one here: keep the float model, or "
+                 "for 8-bit weights on this CPU export to ONNX (export_onnx(..., quantize='int8'), onnxruntime's "
+                 "own kernels)")
         derived = self.with_graph(graph)
         derived.quantized = scheme
         return derived

@@ -354,12 +354,14 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
                     "(`lincompile export` writes one)" if (path / "model.onnx").is_file() else "has no config.json")
             raise AssetError(f"{path} {what}: pass a Hugging Face model directory (config.json and weights), a saved "
                              f"linearized model, an ONNX export written by lincompile, or one of: {names}")
-        _check_causal_lm(path, local_files_only=True)
         try:
+            _check_causal_lm(path, local_files_only=True)
             with _no_weight_loading_bar():
                 model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
             has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer else None
+        except AssetError:
+            raise
         except Exception as exc:
             raise AssetError(f"cannot load a causal LM from directory {path}: {exc}") from exc
     elif _looks_like_path(name_or_path) or local.exists():

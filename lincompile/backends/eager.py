@@ -116,7 +116,7 @@ class LinearizedModel(torch.nn.Module):
         `lincompile.backends.eager_quantize`. Greedy text may differ at near-ties between a batched and a single
         run, or other prefill chunks: 8-bit activations magnify the attention forms' last-bit differences."""
         from lincompile.backends.eager_quantize import activation_ranges, check_scheme, quantize_graph
-        from lincompile.kernels.int8.linear import int8_speedup
+        from lincompile.kernels.int8.linear import SLOW_INT8, int8_speedup
 
         if self.quantized is not None:
             raise ValueError(f"this model is already quantized ({self.quantized}); quantize its float original")
@@ -139,9 +139,10 @@ class LinearizedModel(torch.nn.Module):
             raise ValueError("this model has no float linear layer to quantize" + (f" once skip={list(skip)} is "
                              "applied" if skip else ""))
         speedup = int8_speedup()
-        if speedup < 1:
-            warn(f"torch._int_mm multiplies {1 / speedup:.0f}x slower than float32 on this CPU (torch reports "
-                 f"{torch.backends.cpu.get_cpu_capability()}; oneDNN's int8 kernels need AVX512 VNNI or AMX): the "
+        if speedup < SLOW_INT8:
+            warn(f"torch._int_mm runs at {speedup:.2f}x a float32 matmul's speed on this CPU (torch reports "
+                 f"{torch.backends.cpu.get_cpu_capability()}; on x86 oneDNN's fast int8 kernels need AVX512 VNNI "
+                 "or AMX): the "
                  "8-bit model computes right but runs slower than the float one here: keep the float model, or "
                  "for 8-bit weights on this CPU export to ONNX (export_onnx(..., quantize='int8'), onnxruntime's "
                  "own kernels)")

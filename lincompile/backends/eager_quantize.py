@@ -153,6 +153,12 @@ def _attr_of(gm: fx.GraphModule, node: Any, size: int) -> fx.Node | None:
     return node if tuple(_tensor(gm, node).shape) == (size,) else None
 
 
+def _outputs(gm: fx.GraphModule, node: fx.Node) -> int:
+    """How many outputs projection `node` has (addmm stores its weight as [K, N])."""
+    _, weight, transposed = projection(node)
+    return _tensor(gm, weight).shape[1 if transposed else 0]
+
+
 def _fold(gm: fx.GraphModule, x: fx.Node, size: int, own: list[fx.Node], quantized: set[fx.Node]
           ) -> tuple[list[fx.Node], fx.Node | None] | None:
     """Where input `x` of the projections `own` (with `size` input channels) can take a product per channel
@@ -175,7 +181,7 @@ def _fold(gm: fx.GraphModule, x: fx.Node, size: int, own: list[fx.Node], quantiz
             attr = _attr_of(gm, a, size)
             if attr is not None and isinstance(b, fx.Node):
                 return [attr], None
-            if isinstance(b, fx.Node) and b in quantized and set(b.users) == {node}:
+            if isinstance(b, fx.Node) and b in quantized and set(b.users) == {node} and _outputs(gm, b) == size:
                 return [], b
     if node.target == aten.layer_norm.default and len(node.args) >= 4:
         attrs = [_attr_of(gm, a, size) for a in node.args[2:4]]

@@ -119,6 +119,19 @@ def _decode(hf: Any, engines: dict[str, Any], start: Any, steps: int) -> tuple[d
     return timings.tokens_per_s(), all(tokens == linear[0] for tokens in linear)
 
 
+def _mark_incomplete(opts: DemoOptions) -> None:
+    """Write DEMO_FILE before any work, so a run that fails or is stopped leaves a directory the next run takes:
+    an earlier run's results flagged `"complete": false` (its outputs may be replaced in part), else this run's
+    command alone."""
+    path = opts.out / DEMO_FILE
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        earlier = None
+    record = earlier if isinstance(earlier, dict) else {"command": opts.command()}
+    atomic_write_text(path, json.dumps({**record, "complete": False}, indent=2) + "\n")
+
+
 def _draft(opts: DemoOptions) -> Any:
     """The draft `--draft` names, loaded before any long work (a bad one fails now, not after the export)."""
     from lincompile.cli.serve_cmd import draft_kind, parse_draft
@@ -204,8 +217,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     draft = _draft(opts)
     check_replaceable(opts.out, DEMO_FILE)  # a directory of the user's own files is not written into
     opts.out.mkdir(parents=True, exist_ok=True)
-    # marks the directory as the demo's from the start, so a run that fails or is stopped never blocks the next
-    atomic_write_text(opts.out / DEMO_FILE, json.dumps({"complete": False, "command": opts.command()}) + "\n")
+    _mark_incomplete(opts)
     threads = torch.get_num_threads()
     clock = _Stopwatch()
     _log(f"loading {MODEL} (first run: download + dequantize, ~1 min)")
@@ -215,8 +227,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         ids = heldout_blocks(tokenizer, opts.long_context, 1)
         blocks = heldout_blocks(tokenizer, EVAL_BLOCK, opts.eval_blocks)
     except ShortCorpusError as exc:
-        raise ShortCorpusError(f"{exc} (the demo's blocks: one of --long-context {opts.long_context} tokens, "
-                               f"--eval-blocks {opts.eval_blocks} of {EVAL_BLOCK})") from None
+        raise ShortCorpusError(f"{exc} (the demo reads one block of --long-context {opts.long_context} tokens and "
+                               f"--eval-blocks {opts.eval_blocks} of {EVAL_BLOCK}: lower them)") from None
     clock.lap("load")
     _log("inspecting: capture with torch.export, detect the attention sites")
     captured = capture_model(model)

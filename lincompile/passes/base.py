@@ -176,8 +176,9 @@ def check_dump_dir(directory: Path) -> list[Path]:
         raise FileExistsError(f"dump directory {directory} is a file; pass a new or empty directory")
     entries = list(directory.iterdir())
     if entries and not (directory / DUMP_FILE).is_file():
-        raise FileExistsError(f"dump directory {directory} is not empty and holds no {DUMP_FILE}, so it is not a "
-                              "previous dump: pass a new or empty directory, or a previous dump's")
+        raise FileExistsError(f"dump directory {directory} is not empty and holds no {DUMP_FILE} (every dump "
+                              "writes it; delete a dump from an older lincompile by hand): pass a new or "
+                              "empty directory, or a previous dump's")
     foreign = [e.name for e in entries if not (e.name == "sites" and e.is_dir()) and e.name != DUMP_FILE
                and not (e.is_file() and re.fullmatch(r"\d\d_\w+\.py", e.name))]
     if foreign:

@@ -126,7 +126,6 @@ class SpeculativeDecoder:
         self.state: RecurrentState | None = None
         self.hidden: Tensor | None = None
 
-
     def prefill(self, input_ids: Tensor) -> int:
         """Absorb the prompt [1, L]; returns the first new token (now pending)."""
         _check_one_sequence(input_ids)

@@ -200,7 +200,7 @@ def best_time(call: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 def machine_tag() -> str:
     """`<arch>-<cores>cpu-<vector ISA torch uses>` (e.g. x86_64-2cpu-avx2): the suffix benchmark result files carry.
-    Files from before session 31 lack the ISA; they were measured on AVX512 CPUs."""
+    Files from before session 31 lack the ISA (session 30's machine had AVX512)."""
     import os
     import platform
 

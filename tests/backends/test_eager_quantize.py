@@ -195,10 +195,20 @@ def test_calibration_smooths_outlier_channels_without_changing_the_float_functio
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_folded_smoothing_computes_what_the_multiplied_input_does(family, monkeypatch):
     """Folding 1/s into a norm's weight, a LayerNorm's weight and bias or up_proj's rows changes where rounding
-    happens, nothing more: the same outputs as multiplying every input, to 8-bit rounding at a few boundaries."""
+    happens, nothing more: the same outputs as multiplying every input, to 8-bit rounding at a few boundaries.
+    The norms get random weights and biases first (a tiny model's are 1 and 0, which would hide a missing fold)."""
     from lincompile.backends import eager_quantize
 
-    linear = _linear(family)
+    hf = tiny_model(family)
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for module in hf.modules():
+            if "Norm" in type(module).__name__:
+                for name, value in (("weight", 1.0), ("bias", 0.0)):
+                    tensor = getattr(module, name, None)
+                    if isinstance(tensor, torch.Tensor):
+                        tensor.copy_(value + 0.5 * torch.randn(tensor.shape, generator=gen))
+    linear = perturb_new_parameters(lincompile.optimize(hf, "augmented"))
     gen = torch.Generator().manual_seed(7)
     calibration, ids = torch.randint(0, 128, (3, 24), generator=gen), torch.randint(0, 128, (2, 20), generator=gen)
     with torch.no_grad():
@@ -208,7 +218,7 @@ def test_folded_smoothing_computes_what_the_multiplied_input_does(family, monkey
         multiplied = linear.quantize("int8", calibration=calibration)
         want = multiplied(ids).logits
     assert _targets(folded)[torch.mul] < _targets(multiplied)[torch.mul]
-    assert float((got - want).norm() / want.norm()) < 1e-4  # (8-bit error: about 1e-2)
+    assert float((got - want).norm() / want.norm()) < 1e-3  # (8-bit error: about 1e-2)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt"])
@@ -224,10 +234,10 @@ def test_calibrated_smoothing_keeps_transposed_and_chained_projections_right(fam
     assert 0 < float((got - want).norm() / want.norm()) < 0.05
 
 
-@pytest.mark.parametrize("speedup,warned", [(0.05, True), (2.5, False)])
+@pytest.mark.parametrize("speedup,warned", [(0.05, True), (0.9, False), (2.5, False)])
 def test_a_cpu_without_fast_int8_products_is_warned_about(speedup, warned, monkeypatch):
-    """torch._int_mm has fast kernels only on some CPUs (AVX512 VNNI, AMX); on others (AVX2) it is 6-40x slower
-    than float32: quantize says so instead of silently slowing the model down."""
+    """torch._int_mm has fast kernels only on some CPUs (AVX512 VNNI, AMX); on others (AVX2) it runs at a few
+    hundredths of float32's speed: quantize says so instead of silently slowing the model down."""
     from lincompile.kernels.int8 import linear as int8
 
     assert int8.int8_speedup() > 0
@@ -238,4 +248,4 @@ def test_a_cpu_without_fast_int8_products_is_warned_about(speedup, warned, monke
     slow = [w for w in seen if issubclass(w.category, LincompileWarning) and "torch._int_mm" in str(w.message)]
     assert len(slow) == warned
     if warned:
-        assert "20x slower than float32 on this CPU" in str(slow[0].message)
+        assert "runs at 0.05x a float32 matmul's speed on this CPU" in str(slow[0].message)

@@ -209,7 +209,7 @@ def test_a_second_dump_replaces_the_first_and_a_users_directory_is_refused(capsy
     (users / "01_setup.py").write_text("print(1)")  # names a dump writes, in a directory no dump made
     code, _, err = run(capsys, "optimize", tiny_dir, "--method", "local", "--dump-dir", str(users))
     assert code == 1 and "loading" not in err
-    assert_one_line_error(err, f"holds no {DUMP_FILE}, so it is not a previous dump")
+    assert_one_line_error(err, f"is not empty and holds no {DUMP_FILE}")
     assert (users / "sites" / "mine" / "notes.txt").read_text() == "mine" and (users / "01_setup.py").is_file()
 
 

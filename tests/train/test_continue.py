@@ -74,9 +74,13 @@ def test_init_errors_name_the_problem(reference_run, worker, tmp_path):
         train(linear, blocks, worker.config(stage1_steps=0, stage2_steps=1, lora_rank=2), tmp_path / "a",
               progress=False, init=tensors)
     linear, blocks, _ = worker.build()
-    with pytest.raises(ValueError, match="match no parameter of this model"):
+    with pytest.raises(ValueError, match="holds LoRA adapters .*which stage 2 adds, and this run has no stage 2"):
         train(linear, blocks, worker.config(stage1_steps=1, stage2_steps=0), tmp_path / "b", progress=False,
               init=tensors)  # no stage 2: the LoRA tensors have nowhere to go
+    linear, blocks, _ = worker.build()
+    with pytest.raises(ValueError, match="this run trains 0 steps"):
+        train(linear, blocks, worker.config(stage1_steps=0, stage2_steps=0), tmp_path / "c", progress=False,
+              init=tensors)
     shipped = ship(reference.checkpoint, tmp_path / "shipped", {"command": "tests"})
     for source in (shipped, reference.checkpoint):
         loaded, recipe = trained_tensors(source, "tiny", worker.METHOD)

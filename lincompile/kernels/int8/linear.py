@@ -32,11 +32,17 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -
     return _product(x, weight, scale, bias)
 
 
+#: Below this `int8_speedup`, `quantize` warns that 8-bit linear layers are slower than float here (a margin
+#: under 1, so that timing noise near parity does not make the warning come and go).
+SLOW_INT8 = 0.8
+
+
 @functools.lru_cache(maxsize=None)
 def int8_speedup() -> float:
     """How many times faster `torch._int_mm` multiplies than a float32 matmul of the same shape on this CPU
     ([32, 512] x [512, 512], best of 5 each, measured once per process). Above 1 where oneDNN has int8 kernels
-    for the CPU (AVX512 VNNI, AMX); far below on others (an AVX2 CPU measured 0.04-0.17x in session 31)."""
+    for the CPU (AVX512 VNNI, AMX); far below on others (an AVX2 CPU measured 0.013-0.023 in session 31, varying
+    with load)."""
     a, b = torch.ones(32, 512, dtype=torch.int8), torch.ones(512, 512, dtype=torch.int8)
     af, bf = a.float(), b.float()
 

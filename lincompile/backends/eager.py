@@ -142,10 +142,9 @@ class LinearizedModel(torch.nn.Module):
         if speedup < SLOW_INT8:
             warn(f"torch._int_mm runs at {speedup:.2f}x a float32 matmul's speed on this CPU (torch reports "
                  f"{torch.backends.cpu.get_cpu_capability()}; on x86 oneDNN's fast int8 kernels need AVX512 VNNI "
-                 "or AMX): the "
-                 "8-bit model computes right but runs slower than the float one here: keep the float model, or "
-                 "for 8-bit weights on this CPU export to ONNX (export_onnx(..., quantize='int8'), onnxruntime's "
-                 "own kernels)")
+                 "or AMX): the 8-bit model computes right but runs slower than the float one here: keep the float "
+                 "model, or for 8-bit weights on this CPU export to ONNX (export_onnx(..., quantize='int8'), "
+                 "onnxruntime's own kernels)")
         derived = self.with_graph(graph)
         derived.quantized = scheme
         return derived

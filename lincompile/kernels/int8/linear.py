@@ -8,7 +8,6 @@ quantization error bound.
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any
 
 import torch
@@ -40,22 +39,15 @@ SLOW_INT8 = 0.8
 @functools.lru_cache(maxsize=None)
 def int8_speedup() -> float:
     """How many times faster `torch._int_mm` multiplies than a float32 matmul of the same shape on this CPU
-    ([32, 512] x [512, 512], best of 5 each, measured once per process). Above 1 where oneDNN has int8 kernels
+    ([32, 512] x [512, 512], best of 6 calls each, measured once per process). Above 1 where oneDNN has int8 kernels
     for the CPU (AVX512 VNNI, AMX); far below on others (an AVX2 CPU measured 0.013-0.023 in session 31, varying
     with load)."""
+    from lincompile.runtime.timing import best_time
+
     a, b = torch.ones(32, 512, dtype=torch.int8), torch.ones(512, 512, dtype=torch.int8)
     af, bf = a.float(), b.float()
-
-    def best(product: Any) -> float:
-        product()
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            product()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best(lambda: af @ bf) / best(lambda: torch._int_mm(a, b))
+    times = [best_time(product, 1 + 5)[0] for product in (lambda: af @ bf, lambda: torch._int_mm(a, b))]
+    return times[0] / times[1]
 
 
 def _product(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:

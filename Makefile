@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist); each gets an equal share of the cores. Whole files go to one process, so
+# module-scoped fixtures (a real-model ONNX export, say) are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: setup test test-fast demo clean
 
@@ -18,10 +21,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/lincompile demo

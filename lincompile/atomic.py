@@ -19,22 +19,38 @@ def replace_directory(source: Path, target: Path) -> None:
         os.replace(source, target)
         return
     old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     os.replace(target, old)
     try:
         os.replace(source, target)
     except BaseException:
         os.replace(old, target)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Delete a leftover of a crashed swap, whatever it is (a directory, a file, a link); gone already is fine."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def make_shareable(directory: Path) -> None:
-    """Ordinary permissions for a finished temp directory and what it holds (0755 directories, 0644 files):
-    mkdtemp makes the directory private, and some writers (safetensors) their files."""
-    directory.chmod(0o755)
+    """The permissions a plain `mkdir` or `open` would give a finished temp directory and what it holds (the
+    umask applied: 0755 directories, 0644 files under the usual 022): mkdtemp makes the directory private, and
+    some writers (safetensors) their files."""
+    mask = _umask()
+    directory.chmod(0o777 & ~mask)
     for path in directory.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def check_not_inside(target: str | os.PathLike[str], *sources: str | os.PathLike[str] | None) -> None:
@@ -69,7 +85,9 @@ def atomic_directory(target: str | os.PathLike[str], marker: str | None) -> Iter
     `marker` is a file every directory of this kind holds. An existing `target` that is a file, or a non-empty
     directory without `marker` (so not written by lincompile), is refused with FileExistsError before anything
     is written: replacing it would delete the user's files. None (private caches only) replaces anything."""
-    target = Path(os.path.abspath(target))  # "." or "out/.." has no name to put a sibling beside
+    # "." or "out/.." has no name to put a sibling beside; a link is followed, so that what it points to is
+    # replaced (replacing the link itself would leave the old files where the link pointed)
+    target = Path(os.path.realpath(target))
     if Path.cwd().is_relative_to(target):
         raise ValueError(f"{target} is the current directory or holds it; replacing it would pull it from under "
                          "this process: write to a new directory inside it, or elsewhere")
@@ -95,7 +113,7 @@ def atomic_write_text(target: str | os.PathLike[str], text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary shareable files
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; `open` would apply the umask
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -29,3 +29,19 @@ def test_optimize_on_cuda_matches_the_cpu(method, monkeypatch, tmp_path):
                          eval_every=0, checkpoint_every=0, keep_checkpoints=1, bf16=True)
     result = train(on_gpu, blocks, config, tmp_path, progress=False)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+
+
+def test_speculative_decoding_on_cuda_matches_plain_greedy(monkeypatch):
+    """The verify calls take their ids and positions on the model's device; the tokens come back there too."""
+    monkeypatch.setenv("LINCOMPILE_KERNELS", "reference")
+    target = lincompile.optimize(tiny_model("llama").cuda(), "augmented")
+    draft = lincompile.optimize(tiny_model("llama", num_layers=1).cuda(), "augmented")
+    prompt = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(0)).cuda()
+    plain = target.generate(prompt, 16, eos_token_id=None)
+    for candidate in ("prompt-lookup", draft):
+        out = target.generate(prompt, 16, draft=candidate, num_draft_tokens=3, eos_token_id=None)
+        assert out.device.type == "cuda" and torch.equal(out, plain)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    sampled = target.generate(prompt, 8, draft=draft, num_draft_tokens=3, do_sample=True, generator=generator,
+                              eos_token_id=None)
+    assert sampled.shape == (1, 16)

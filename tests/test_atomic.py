@@ -70,3 +70,46 @@ def test_directories_get_ordinary_permissions_whatever_their_writers_did(tmp_pat
             with atomic_directory(here, None):
                 pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+
+
+def test_permissions_follow_the_umask(tmp_path):
+    import os
+
+    from lincompile.atomic import atomic_directory
+
+    before = os.umask(0o077)  # a user who keeps their files private
+    try:
+        with atomic_directory(tmp_path / "private", None) as tmp:
+            (tmp / "model.onnx").write_text("x")
+        file = atomic_write_text(tmp_path / "result.json", "{}")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "private" / "model.onnx").stat().st_mode & 0o777 == 0o600
+    assert file.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_linked_target_replaces_what_the_link_points_to(tmp_path):
+    from lincompile.atomic import atomic_directory
+
+    real = tmp_path / "exports" / "v1"
+    real.mkdir(parents=True)
+    link = tmp_path / "current"
+    link.symlink_to(real)
+    for text in ("first", "second"):
+        with atomic_directory(link, "meta.json") as tmp:
+            (tmp / "meta.json").write_text(text)
+    assert link.is_symlink() and (link / "meta.json").read_text() == "second"
+    assert [p.name for p in real.iterdir()] == ["meta.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "exports"]
+    assert [p.name for p in real.parent.iterdir()] == ["v1"]  # no temp or .old sibling left
+
+
+def test_a_leftover_old_file_does_not_block_the_swap(tmp_path):
+    from lincompile.atomic import atomic_directory
+
+    (tmp_path / ".out.old").write_text("left by a crash")
+    for _ in range(2):
+        with atomic_directory(tmp_path / "out", "meta.json") as tmp:
+            (tmp / "meta.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

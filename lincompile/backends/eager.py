@@ -19,8 +19,8 @@ from lincompile.diagnostics import warn
 from lincompile.kernels.linear_attention.reference import init_state
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT, RewrittenSite
-from lincompile.runtime.state import (SLIDING_WINDOW, RecurrentState, check_positions, check_state,
-                                      default_positions)
+from lincompile.runtime.state import (SLIDING_WINDOW, RecurrentState, check_position_ids, check_positions,
+                                      check_state, default_positions)
 
 
 def _rebound(rewritten: list[RewrittenSite], graph: torch.nn.Module) -> list[RewrittenSite]:
@@ -225,6 +225,9 @@ class LinearizedModel(torch.nn.Module):
                              f"tokens), got {tuple(attention_mask.shape)}")
         if position_ids is None:
             position_ids = default_positions(input_ids, state.length, self.position_padding)
+        else:
+            check_position_ids(position_ids, batch, tokens)
+            position_ids = position_ids.expand(batch, tokens)
         values = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                   **extra, **state.tensors}
         missing = [n for n in self.input_names if n not in values]

@@ -15,7 +15,8 @@ the reference must be traceable, i.e. no Python branch on tensor values.
 
 Speed: tracing the reference is nearly all of the work and every site of a model traces the same code, so
 by default (`split_sites=True`) each distinct site signature is exported once and spliced into the graph per
-site (`onnx_sites`; SmolLM2 in `lincompile demo`: 84-98 s instead of 333 s, the same outputs bit for bit).
+site (`onnx_sites`; SmolLM2 in `lincompile demo`: 84-98 s instead of 333 s; with `decode_step=False` the same
+outputs bit for bit, with the decode step form the same up to fp32 rounding at one-token calls).
 
 By default one-token calls of causal linear sites run their recurrent form (`onnx_step`; `decode_step=False` leaves
 it out). Options beyond the default graph: `chunk_size` runs long calls of causal linear sites in chunks inside the
@@ -473,8 +474,8 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
         _rename_dims(program.model, _interface_dims(program.model, example[1]))
         proto = program.model_proto
     if opset is not None and version != opset:
-        raise OnnxLoweringError(f"asked for opset {opset}, torch.onnx wrote opset {version}; pass opset=None for "
-                                "its default")
+        raise OnnxLoweringError(f"asked for opset {opset}, torch.onnx wrote opset {version}; leave the opset out "
+                                "(opset=None, no --opset) for its default")
     path = directory / MODEL_FILE
     lowered, left = lower_einsums(proto)
     simplified = simplify_graph(proto) if simplify else None
@@ -492,7 +493,8 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
     if chunk_size is not None and not chunked:
         why = ("split_sites=False traces the whole graph, which takes each call in one piece" if not split_sites
                else "the export traced the whole graph (see the warning above)" if fell_back
-               else "the model has no causal linear attention site (softmax sites keep a KV cache)")
+               else "the model has no causal linear attention site that decodes causally (softmax sites keep a KV "
+               "cache; a centered conv looks ahead, so its calls cannot be cut)")
         warn(f"export_onnx: chunk_size={chunk_size} chunks nothing: {why}")
     meta["chunked_sites"] = chunked
     meta["chunk_size"] = chunk_size if chunked else None
@@ -533,15 +535,17 @@ def export_onnx(model: LinearizedModel, out_dir: str | os.PathLike[str], opset: 
     it per site (the default; same graph outputs, a fraction of the time); False traces the whole graph.
     `chunk_size`: with `split_sites`, causal linear sites run calls longer than this in chunks of it inside the
     graph (`onnx_chunks`; 64 is what the torch path takes): time and memory linear in a call's length, for
-    callers who send long prompts in one call, at the price of a slower decode step (an `If` per site; see
-    `bench/onnx_prefill.py`). None (the default): every call in one piece, quadratic in its length;
-    `OrtModel`'s prefill then feeds prompts in calls of 128 tokens.
+    callers who send long prompts in one call, at the price of a slightly slower decode step (an `If` per site:
+    2% on SmolLM2 beside the decode step form, 7% without it; `bench/onnx_decode_step.py`, `onnx_prefill.py`).
+    None (the default): every call in one piece, quadratic in its length; `OrtModel`'s prefill then feeds
+    prompts in calls of 128 tokens.
     `quantize`: "int8" stores every linear layer's weights in 8 bits (onnxruntime's MatMulNBits, blocks of 32,
     int8 compute; `onnx_quantize`): about half the file and a faster CPU decode, for onnxruntime only; None
     (the default): float weights, standard ONNX.
-    `decode_step`: with `split_sites`, causal linear sites run one-token calls through their recurrent form, half
-    the nodes of the parallel one (`onnx_step`; the default): a faster decode step, a little more work per call
-    of more tokens (see `bench/onnx_decode_step.py`); False: every call through the parallel form.
+    `decode_step`: with `split_sites`, causal linear sites run one-token calls through their recurrent form
+    (`onnx_step`; the default; on SmolLM2 a decode step then runs a quarter of the nodes): a faster decode step, a
+    little more work per call of more tokens (see `bench/onnx_decode_step.py`); False: every call through the
+    parallel form.
     `simplify`: share repeated constants and nodes and drop no-op slices and reshape/unsqueeze chains
     (`onnx_simplify`: exact, the same outputs bit for bit; onnxruntime does not do it inside the sites' `If`
     branches), counted in the JSON's `simplified`; False: the graph as torch.onnx wrote it.

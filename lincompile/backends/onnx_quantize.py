@@ -7,9 +7,10 @@ on the fly and multiplies in integers. What stays in float: the attention sites 
 recurrent state and every product of activations), the norms, the embedding table.
 
 torch.onnx writes a linear layer as MatMul(x, Transpose(W)) with W an initializer; `fold_transposed_weights`
-stores W^T instead, which is the form the quantizer reads. Only those MatMuls are quantized (named to the
-quantizer one by one), never a MatMul of two activations, and never one whose weight is a linearization
-parameter (`PARAMS_MODULE`, e.g. Hedgehog's feature map).
+stores W^T instead, which is the form the quantizer reads. It writes GPT-2's Conv1D (an `addmm`) as Gemm(x, W, b):
+that becomes MatMul(x, W) then Add(b). Only those MatMuls are quantized (named to the quantizer one by one), never
+a MatMul of two activations, and never one whose weight is a linearization parameter (`PARAMS_MODULE`, e.g.
+Hedgehog's feature map).
 
 The export then runs in onnxruntime only (the op is a contrib op), with `onnxruntime>=MIN_ORT`.
 `python bench/onnx_quantize.py` measures perplexity, decode speed and size against the float export.
@@ -30,17 +31,53 @@ SCHEMES: dict[str, dict[str, int]] = {"int8": {"bits": 8, "block_size": 32, "acc
 MIN_ORT = (1, 22)
 
 
+def _gemm_as_matmul(node: Any, initializers: dict[str, Any], index: int) -> list[Any] | None:
+    """[MatMul(x, W)] or [MatMul(x, W), Add(b)] computing `node`, a Gemm(x, W[, b]) with W a 2-D initializer (not a
+    linearization parameter), x not transposed and alpha = beta = 1 (what torch.onnx writes for `addmm`); None for
+    any other Gemm. The MatMul is named, for the quantizer; a transposed W is stored transposed back."""
+    from onnx import helper, numpy_helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    weight_name = node.input[1]
+    if (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0
+            or weight_name not in initializers or PARAMS_MODULE in weight_name):
+        return None
+    weight = numpy_helper.to_array(initializers[weight_name])
+    if weight.ndim != 2:
+        return None
+    if attrs.get("transB", 0):
+        weight_name = f"{weight_name}/folded"
+        initializers[weight_name] = numpy_helper.from_array(np.ascontiguousarray(weight.T), weight_name)
+    name = node.name or f"lc_linear_{index}"
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    product = f"{node.output[0]}/matmul" if bias else node.output[0]
+    nodes = [helper.make_node("MatMul", [node.input[0], weight_name], [product], name=name)]
+    if bias:
+        nodes.append(helper.make_node("Add", [product, bias], [node.output[0]], name=f"{name}/bias"))
+    return nodes
+
+
 def fold_transposed_weights(graph: Any) -> list[Any]:
-    """Rewrite MatMul(x, Transpose(W)) with W an initializer (not a linearization parameter) as MatMul(x, W^T) in
-    `graph` in place; returns those MatMul nodes (named, for the quantizer). Transposes left unused and
-    initializers nothing reads any more are dropped."""
+    """Rewrite MatMul(x, Transpose(W)) with W an initializer (not a linearization parameter) as MatMul(x, W^T),
+    and Gemm(x, W[, b]) as MatMul(x, W)[ + b] (`_gemm_as_matmul`), in `graph` in place; returns those MatMul
+    nodes (named, for the quantizer). Transposes left unused and initializers nothing reads any more are
+    dropped."""
     from onnx import numpy_helper
 
     producer = {out: node for node in graph.node for out in node.output}
     initializers = {init.name: init for init in graph.initializer}
+    known = set(initializers)
     folded: dict[str, str] = {}
     matmuls = []
+    rewritten = []
     for index, node in enumerate(graph.node):
+        if node.op_type == "Gemm":
+            nodes = _gemm_as_matmul(node, initializers, index)
+            if nodes is not None:
+                matmuls.append(nodes[0])
+            rewritten += nodes or [node]
+            continue
+        rewritten.append(node)
         transpose = producer.get(node.input[1]) if node.op_type == "MatMul" else None
         if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in initializers:
             continue
@@ -58,6 +95,9 @@ def fold_transposed_weights(graph: Any) -> list[Any]:
         if not node.name:
             node.name = f"lc_linear_{index}"
         matmuls.append(node)
+    graph.initializer.extend(init for name, init in initializers.items() if name not in known)
+    del graph.node[:]
+    graph.node.extend(rewritten)
     read = read_names(graph)
     kept = [n for n in graph.node if not (n.op_type == "Transpose" and n.output[0] in folded
                                           and n.output[0] not in read)]

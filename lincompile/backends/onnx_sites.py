@@ -139,7 +139,8 @@ def split(graph: fx.GraphModule, state_examples: dict[str, Tensor], placeholder_
         if not _cuttable(node):
             continue
         q, k, v, key_mask, _, state, params, spec, scale, causal = node.args
-        site_chunk = chunk if causal and MethodSpec.from_json(spec).kind == "linear" else None
+        method = MethodSpec.from_json(spec)  # a centered conv looks ahead: cutting its calls would cut that off
+        site_chunk = chunk if causal and method.kind == "linear" and method.causal_safe else None
         tensors = [q, k, v] + ([key_mask] if key_mask is not None else [])
         vals = [t.meta["val"] for t in tensors]
         examples = [_example(vals[0], [batch, vals[0].shape[1], seq, vals[0].shape[3]], gen),

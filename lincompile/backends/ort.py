@@ -21,7 +21,8 @@ import torch
 from lincompile.backends.onnx import FORMAT, FORMAT_VERSION, META_FILE
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT
 from lincompile.runtime.prefill import DEFAULT_CHUNK
-from lincompile.runtime.state import RecurrentState, check_positions, check_state, default_positions
+from lincompile.runtime.state import (RecurrentState, check_position_ids, check_positions, check_state,
+                                      default_positions)
 
 ArrayLike = Any  # torch.Tensor | np.ndarray | OrtValue
 #: Prefill tokens per call for an export whose sites take each call in one piece (`python bench/onnx_prefill.py`,
@@ -91,7 +92,8 @@ class OrtModel:
         path = Path(directory)
         meta_file = path / META_FILE
         if not meta_file.is_file():
-            raise FileNotFoundError(f"{path} has no {META_FILE}; write one with lincompile export_onnx")
+            raise FileNotFoundError(f"{path} has no {META_FILE}, so it is not an export of lincompile's: export a "
+                                    "model with `lincompile export` (Python: lincompile.export_onnx)")
         meta = json.loads(meta_file.read_text())
         if meta.get("format") != FORMAT or int(meta.get("version", 0)) > FORMAT_VERSION:
             raise ValueError(f"{meta_file}: format {meta.get('format')!r} v{meta.get('version')} is not readable "
@@ -164,7 +166,8 @@ class OrtModel:
             check_state(past_state, self.state_names, batch, self._state_shapes)
         state = past_state if past_state is not None else self.initial_state(batch)
         check_positions(self, state.length + tokens)
-        mask = None if attention_mask is None else _numpy(attention_mask, np.dtype(np.int64))
+        # nonzero keeps a token, as in torch (a cast to int64 would drop one marked 0.5)
+        mask = None if attention_mask is None else (_numpy(attention_mask, np.dtype(np.float64)) != 0).astype(np.int64)
         if mask is not None and state.length and mask.shape[1:] == (state.length + tokens,):
             mask = mask[:, state.length:]
         if mask is None:
@@ -174,6 +177,9 @@ class OrtModel:
                              f"tokens), got {mask.shape}")
         if position_ids is None:
             position_ids = default_positions(torch.from_numpy(ids), state.length, self.position_padding).numpy()
+        else:
+            check_position_ids(position_ids, batch, tokens)
+            position_ids = np.broadcast_to(_numpy(position_ids, np.dtype(np.int64)), (batch, tokens))
         values = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, **state.tensors}
         missing = [n for n in self.input_names if n not in values]
         if missing:

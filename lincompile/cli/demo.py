@@ -375,7 +375,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-context", type=positive_int, default=defaults.long_context,
                         help="prompt length of the second decode timing (default 8192)")
     parser.add_argument("--steps", type=positive_int, default=defaults.steps,
-                        help="decode steps timed per engine and context (default 16)")
+                        help="decode steps timed per engine and context, in two equal rounds (an odd count rounds up; "
+                             "default 16)")
     parser.add_argument("--eval-blocks", type=positive_int, default=defaults.eval_blocks,
                         help=f"held-out blocks of {EVAL_BLOCK} tokens for perplexity (default 4)")
     parser.add_argument("--draft", default=defaults.draft,

@@ -42,12 +42,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=f"example:\n  {PROG} kernels --print-source augmented --form chunked_fwd --head-dim 128")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on error")
     parser.add_argument("--print-source", metavar="METHOD", default=None, help="print a generated kernel's source")
-    parser.add_argument("--form", choices=tuple(KERNELS), default="chunked_fwd",
-                        help="which kernels to print (parallel_*: the chunk-parallel forms; *_bwd: the backward)")
-    parser.add_argument("--head-dim", type=positive_int, default=64,
+    parser.add_argument("--form", choices=tuple(KERNELS), default=None,
+                        help="which kernels to print (parallel_*: the chunk-parallel forms; *_bwd: the backward; "
+                             "default chunked_fwd)")
+    parser.add_argument("--head-dim", type=positive_int, default=None,
                         help="q/k head dim of the shape class (default 64)")
     parser.add_argument("--v-head-dim", type=positive_int, default=None, help="v head dim (default: --head-dim)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="input dtype of the shape class (default float32)")
     parser.add_argument("--json", action="store_true",
                         help="print the listing as one JSON list (with --print-source: one object with the source)")
@@ -101,12 +102,19 @@ def kernel_source(method: str, form: str, head_dim: int = 64, v_head_dim: int | 
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the listing or one kernel's source; 0 on success."""
+    """Print the listing or one kernel's source; 0 on success. The shape options choose the printed kernel, so
+    without --print-source they are refused rather than ignored."""
+    shape = {"--form": args.form, "--head-dim": args.head_dim, "--v-head-dim": args.v_head_dim, "--dtype": args.dtype}
+    if not args.print_source and any(value is not None for value in shape.values()):
+        given = ", ".join(flag for flag, value in shape.items() if value is not None)
+        raise ValueError(f"{given} choose the kernel --print-source prints: add --print-source METHOD, or drop "
+                         "them to list the methods")
     if args.print_source:
-        source = kernel_source(args.print_source, args.form, args.head_dim, args.v_head_dim, args.dtype)
+        form, head_dim, dtype = args.form or "chunked_fwd", args.head_dim or 64, args.dtype or "float32"
+        source = kernel_source(args.print_source, form, head_dim, args.v_head_dim, dtype)
         if args.json:
-            print(json.dumps({"method": args.print_source, "form": args.form, "head_dim": args.head_dim,
-                              "v_head_dim": args.v_head_dim or args.head_dim, "dtype": args.dtype, "source": source}))
+            print(json.dumps({"method": args.print_source, "form": form, "head_dim": head_dim,
+                              "v_head_dim": args.v_head_dim or head_dim, "dtype": dtype, "source": source}))
         else:
             print(source, end="")
         return 0

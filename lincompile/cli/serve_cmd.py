@@ -303,9 +303,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--chunk-size", type=positive_int, default=None, metavar="N",
                    help="run calls longer than N tokens in chunks of N inside the graph (64 is the torch path's): "
                         "time and memory linear in a call's length, for callers who send long prompts to the "
-                        "session in one call; the decode step gets slower (an If per site, see "
-                        "bench/onnx_prefill.py). Default: each call in one piece (lincompile's runners feed "
-                        "prompts in calls of 128 tokens then)")
+                        "session in one call; the decode step gets slightly slower (an If per site: 2%% on "
+                        "SmolLM2, see bench/onnx_decode_step.py). Default: each call in one piece (lincompile's "
+                        "runners feed prompts in calls of 128 tokens then)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: every linear layer's weights in 8 bits (onnxruntime's MatMulNBits, blocks of 32, "
                         "int8 compute): about half the size and a faster CPU decode, onnxruntime only (see "

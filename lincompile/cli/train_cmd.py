@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from lincompile.api import SAVE_FILE, optimize
 from lincompile.assets import load_model
@@ -27,15 +28,31 @@ from lincompile.train.trainer import LR_SCHEDULES, Distributed, TrainConfig, tra
 _DEFAULTS = TrainConfig()
 
 
+def _or(value: Any, default: Any) -> Any:
+    """`value` unless the option was not given (None)."""
+    return default if value is None else value
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig the command line describes (`--full` implies no LoRA)."""
+    """The TrainConfig the command line describes. `--full` trains every weight, so the options choosing what
+    else to train are refused beside it rather than ignored."""
+    lora = {"--lora-rank": args.lora_rank, "--lora-alpha": args.lora_alpha, "--lora-targets": args.lora_targets}
+    if args.full:
+        extra = [flag for flag, value in lora.items() if value is not None]
+        extra += [flag for flag, on in (("--train-norms", args.train_norms),
+                                        ("--train-embeddings", args.train_embeddings)) if on]
+        if extra:
+            raise ValueError(f"--full trains every weight, so {', '.join(extra)} would have no effect: drop them, "
+                             "or drop --full to train LoRA adapters")
+    targets = DEFAULT_TARGETS if args.lora_targets is None else args.lora_targets.split(",")
     return TrainConfig(
         stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, block_size=args.block_size, stage1_lr=args.stage1_lr, lr=args.lr,
         warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
-        lora_rank=0 if args.full else args.lora_rank, lora_alpha=args.lora_alpha,
-        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()), full=args.full,
+        lora_rank=0 if args.full else _or(args.lora_rank, _DEFAULTS.lora_rank),
+        lora_alpha=_or(args.lora_alpha, _DEFAULTS.lora_alpha),
+        lora_targets=tuple(t.strip() for t in targets if t.strip()), full=args.full,
         train_norms=args.train_norms, train_embeddings=args.train_embeddings, kl_weight=args.kl_weight,
         eval_every=args.eval_every, eval_blocks=args.eval_blocks, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, seed=args.seed, bf16=not args.no_bf16)
@@ -170,13 +187,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"AdamW weight decay (default {d.weight_decay})")
     parser.add_argument("--max-grad-norm", type=nonnegative_float, default=d.max_grad_norm,
                         help=f"gradient-norm clip (default {d.max_grad_norm}; 0 = off)")
-    parser.add_argument("--lora-rank", type=nonnegative_int, default=d.lora_rank,
+    parser.add_argument("--lora-rank", type=nonnegative_int, default=None,
                         help=f"LoRA rank (default {d.lora_rank}; "
                         "0 = no adapters: stage 2 trains the attention parameters and the flags below)")
-    parser.add_argument("--lora-alpha", type=positive_float, default=d.lora_alpha,
+    parser.add_argument("--lora-alpha", type=positive_float, default=None,
                         help=f"LoRA alpha (default {d.lora_alpha})")
-    parser.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS), metavar="A,B,...",
-                        help="projection module names to adapt (GPT-2: c_attn,attn.c_proj; OPT: add out_proj)")
+    parser.add_argument("--lora-targets", default=None, metavar="A,B,...",
+                        help=f"projection module names to adapt (default {','.join(DEFAULT_TARGETS)}; GPT-2: "
+                             "c_attn,attn.c_proj; OPT: add out_proj)")
     parser.add_argument("--full", action="store_true", help="full fine-tuning of every weight instead of LoRA")
     parser.add_argument("--train-norms", action="store_true", help="also train the norm weights in stage 2")
     parser.add_argument("--train-embeddings", action="store_true", help="also train the embeddings in stage 2")

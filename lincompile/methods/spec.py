@@ -85,6 +85,9 @@ class MethodSpec(JsonConfig):
                 self._fail(field, "must be an integer >= 1")
         if self.conv_kernel % 2 == 0:
             self._fail("conv_kernel", "must be odd (K//2 past taps, the current token, K//2 future taps)")
+        if self.conv != "none" and self.conv_kernel < 3:
+            self._fail("conv_kernel", "must be >= 3 with a conv (one tap only scales each channel of the current "
+                                      "token, and keeps no past tokens to carry in a state)")
         if not isinstance(self.decay, bool):
             self._fail("decay", "must be a bool")
         if not isinstance(self.description, str):

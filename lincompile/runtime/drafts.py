@@ -104,7 +104,7 @@ class ModelDraft:
         self._cache_keyword = None if self.linear else hf_cache_keyword(model)
         self.vocab_size = vocab_size(model)
         self.max_positions = position_limit(model)
-        self._fed = 0  # committed tokens the draft has absorbed: the first _fed of _tokens
+        self._fed = 0  # tokens the draft has absorbed: the first _fed of _tokens (last context + its drafts)
         self._tokens = torch.zeros(0, dtype=torch.long)
         self._state: Any = None
         self._snapshots: list[Any] = []
@@ -130,11 +130,11 @@ class ModelDraft:
         tokens = context.tokens
         if self.max_positions is not None:  # drafting k tokens feeds len(tokens) + k - 1 in all
             k = min(k, self.max_positions - len(tokens) + 1)
-            if k < 1:
-                return Proposal(torch.zeros(0, dtype=torch.long))  # past the draft's positions: plain decoding
+            if k < 1:  # past the draft's positions: plain decoding, nothing absorbed for `accepted` to keep
+                self._snapshots = []
+                return Proposal(torch.zeros(0, dtype=torch.long))
         if self._fed >= len(tokens) or not torch.equal(tokens[:self._fed], self._tokens[:self._fed]):
             self._fed, self._state = 0, None  # not a continuation of what was absorbed: start over
-        self._tokens = tokens
         logits, state = self._call(tokens[None, self._fed:], self._state)
         if self.vocab_size is None:
             self.vocab_size = int(logits.shape[-1])
@@ -149,9 +149,13 @@ class ModelDraft:
             if i + 1 < k:
                 logits, state = self._call(token.reshape(1, 1), state)
                 self._snapshots.append(state)
+        # `accepted` keeps a prefix of the drafts: the next context continues this one
+        self._tokens = torch.cat([tokens, torch.tensor(drafted, dtype=torch.long)])
         return Proposal(torch.tensor(drafted, dtype=torch.long), None, torch.stack(qs) if sampling.do_sample else None)
 
     def accepted(self, path: list[int]) -> None:
+        if not self._snapshots:  # the proposal was empty
+            return
         kept = min(len(path), len(self._snapshots) - 1)  # tokens of the proposal the draft has absorbed and keeps
         if self.linear:
             self._state = self._snapshots[kept]

@@ -61,6 +61,10 @@ def replay_draft(draft: Any, sequences: Sequence[Tensor], prompt_tokens: int, nu
     need the target: Medusa) over `sequences`, each a prompt of `prompt_tokens` tokens and the target's plain greedy
     continuation [L] or [1, L]. A draft object keeps its state across sequences, as in one serving process."""
     check_num_draft_tokens(num_draft_tokens)
+    if (isinstance(draft, str) and draft == "medusa") or type(draft).__name__ in ("MedusaHeads", "MedusaDraft"):
+        raise ValueError("Medusa heads draft from the target's hidden states, which a replay of recorded tokens "
+                         "does not have: measure them with speculative decoding of the target (bench/speculative.py "
+                         "--medusa DIR)")
     draft = make_draft(draft, None)
     sampling = SamplingConfig()
     drafted: list[int] = []

@@ -76,12 +76,13 @@ def accept_sampled(probs: Tensor, proposal: Proposal, generator: torch.Generator
     if proposal.parents is not None:
         raise ValueError("speculative sampling verifies chains; tree drafts are for greedy decoding")
     tokens = proposal.tokens.tolist()
+    device = generator.device if generator is not None else probs.device  # where `torch.rand` draws
     for i, token in enumerate(tokens):
         p = probs[i]
-        q = proposal.q[i] if proposal.q is not None else torch.nn.functional.one_hot(
-            torch.tensor(token), p.shape[-1]).to(p.dtype)
+        q = proposal.q[i].to(p.device) if proposal.q is not None else torch.nn.functional.one_hot(
+            torch.tensor(token, device=p.device), p.shape[-1]).to(p.dtype)
         ratio = (p[token] / q[token]).item() if q[token] > 0 else 0.0
-        if torch.rand((), generator=generator).item() < ratio:
+        if torch.rand((), generator=generator, device=device).item() < ratio:
             continue
         residual = (p - q).clamp_min(0)
         residual = residual if residual.sum() > 0 else p  # p == q up to rounding: rejection had probability 0
@@ -122,13 +123,15 @@ class SpeculativeDecoder:
         self.generator = generator
         self.sites = commit_sites(target)
         self.stats = SpeculativeStats(num_draft_tokens=num_draft_tokens)
-        self.tokens = torch.zeros(0, dtype=torch.long)
+        self.tokens = torch.zeros(0, dtype=torch.long)  # on the CPU; calls take theirs on `device`
+        self.device = torch.device("cpu")
         self.state: RecurrentState | None = None
         self.hidden: Tensor | None = None
 
     def prefill(self, input_ids: Tensor) -> int:
         """Absorb the prompt [1, L]; returns the first new token (now pending)."""
         _check_one_sequence(input_ids)
+        self.device = input_ids.device
         state = None
         if input_ids.shape[1] > 1:  # all but the last token in chunks; the last alone gives logits and hidden
             state = prefill(self.target, input_ids[:, :-1], chunk_size=self.prefill_chunk_size).state
@@ -154,13 +157,13 @@ class SpeculativeDecoder:
         chain = proposal.parents is None
         parents = (torch.arange(n + 1) - 1 if chain
                    else torch.cat([torch.tensor([-1]), torch.where(proposal.parents < 0, 0, proposal.parents + 1)]))
-        ids = torch.cat([self.tokens[-1:], proposal.tokens])[None]
-        positions = (self.state.length + first_position(self.target) + _depths(parents))[None]
+        ids = torch.cat([self.tokens[-1:], proposal.tokens.cpu()])[None].to(self.device)
+        positions = (self.state.length + first_position(self.target) + _depths(parents))[None].to(self.device)
         if chain:
             out = self.target(ids, past_state=self.state, position_ids=positions)
         else:
             out = tree_verifier(self.target)(ids, past_state=self.state, position_ids=positions,
-                                             **{PARENTS_INPUT: parents})
+                                             **{PARENTS_INPUT: parents.to(self.device)})
         logits = _penalized(out.logits[0].float(), self.tokens, ids[0], parents, self.sampling.repetition_penalty)
         if self.sampling.do_sample:
             path, token = accept_sampled(probabilities(logits, self.sampling), proposal, self.generator)
@@ -177,8 +180,8 @@ class SpeculativeDecoder:
         self.stats.drafted += n
         self.stats.accepted += len(path)
         self.stats.accepted_per_call.append(len(path))
-        if self.adaptive:
-            self.k = min(self.max_k, self.k + 1) if len(path) == n and n else max(1, min(self.k, len(path) + 1))
+        if self.adaptive and n:  # an empty proposal (nothing to look up) says nothing about acceptance
+            self.k = min(self.max_k, self.k + 1) if len(path) == n else max(1, min(self.k, len(path) + 1))
         return emitted
 
 
@@ -291,4 +294,4 @@ def speculative_generate(model: Any, input_ids: Tensor, max_new_tokens: int, dra
         streamer.end()
     decoder.stats.new_tokens = len(tokens) - prompt
     decoder.stats.seconds = time.perf_counter() - start
-    return torch.tensor(tokens, dtype=torch.long)[None], decoder.stats
+    return torch.tensor(tokens, dtype=torch.long, device=input_ids.device)[None], decoder.stats

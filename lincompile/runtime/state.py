@@ -66,6 +66,24 @@ def require_decodable(model: object, what: str) -> None:
                          "cannot continue): call it on whole sequences instead")
 
 
+def check_position_ids(position_ids: object, batch: int, tokens: int) -> None:
+    """Refuse position ids (a torch tensor or an array) a graph would read wrongly instead of failing: not whole
+    numbers (a cast truncates them), negative (a table's Gather wraps them around, RoPE turns backwards), or not
+    shaped [batch, tokens] or [1, tokens]."""
+    import numpy as np
+
+    values = (position_ids.detach().cpu().numpy() if isinstance(position_ids, torch.Tensor)
+              else np.asarray(position_ids))
+    if not np.issubdtype(values.dtype, np.integer):
+        raise TypeError(f"position_ids must hold integers, got dtype {values.dtype}")
+    if values.shape not in ((batch, tokens), (1, tokens)):
+        raise ValueError(f"position_ids must be [batch, tokens] = {(batch, tokens)} (or [1, tokens]), got "
+                         f"{values.shape}")
+    if values.min() < 0:
+        raise ValueError(f"position_ids holds negative positions (min {values.min()}); number tokens from 0 (left "
+                         "padding: leave position_ids out, or give pads any position >= 0)")
+
+
 def check_state(state: RecurrentState, names: list[str], batch: int,
                 shapes: dict[str, tuple[int | str, ...]] | None = None) -> None:
     """Refuse a `past_state` that is not this model's (other parts, or parts of other sizes per row: `shapes`, a
@@ -198,6 +216,9 @@ def check_new_tokens(model: object, prompt: int, max_new_tokens: int) -> None:
     """Refuse, before any work, a generation that would feed the model past its position limit (the last new
     token is never fed: prompt + max_new_tokens - 1 tokens are)."""
     limit = position_limit(model)
+    if limit is not None and prompt > limit:
+        raise ValueError(f"the prompt has {prompt} tokens, past the model's {limit} {limit_reason(model)}: shorten "
+                         f"it to at most {limit} tokens")
     if limit is not None and prompt + max_new_tokens - 1 > limit:
         raise ValueError(f"a prompt of {prompt} tokens plus max_new_tokens={max_new_tokens} passes the model's "
                          f"{limit} {limit_reason(model)}: use max_new_tokens <= {max(limit - prompt + 1, 0)}, or a "

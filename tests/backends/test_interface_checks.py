@@ -48,6 +48,25 @@ def test_onnxruntime_refuses_ids_it_would_wrap_or_cast(models):
     assert torch.equal(ort(IDS.tolist()).logits, ort(IDS).logits)  # nested lists are ids too
 
 
+def test_positions_and_masks_read_the_same_on_both_runtimes(models):
+    """Position ids a graph would wrap (negative) or truncate (floats) are refused on both runtimes; [1, tokens]
+    serves a batch; a mask keeps every token marked nonzero (onnxruntime's int64 input included)."""
+    linear, ort, _ = models
+    batch = IDS[:, :6].repeat(2, 1)
+    for model in (linear, ort):
+        with pytest.raises(ValueError, match="negative positions"):
+            model(IDS[:, :3], position_ids=torch.tensor([[-3, -2, -1]]))
+        with pytest.raises(TypeError, match="position_ids must hold integers"):
+            model(IDS[:, :3], position_ids=torch.tensor([[0.9, 1.9, 2.9]]))
+        with pytest.raises(ValueError, match=r"position_ids must be \[batch, tokens\] = \(2, 6\)"):
+            model(batch, position_ids=torch.arange(6)[None].repeat(3, 1))
+        shared = model(batch, position_ids=torch.arange(6)[None]).logits
+        assert torch.allclose(shared, model(batch).logits, atol=1e-6)
+    half = torch.full((1, 12), 0.5)
+    for model in (linear, ort):
+        assert torch.allclose(model(IDS, attention_mask=half).logits, model(IDS).logits, atol=1e-6)
+
+
 def test_generate_stops_at_the_models_eos_unless_told_otherwise(models):
     """Without eos_token_id, both runtimes stop at the config's end-of-sequence id (as Hugging Face's generate
     does); eos_token_id=None generates past it."""

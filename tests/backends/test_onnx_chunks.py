@@ -172,6 +172,19 @@ def test_a_chunk_size_that_chunks_nothing_is_reported(tmp_path):
         lo.export_onnx(linear, tmp_path / "whole", chunk_size=16, split_sites=False)
 
 
+def test_a_centered_conv_is_not_cut_into_chunks(tmp_path):
+    """A centered conv looks ahead (non-causal, so no state either): cutting its calls into chunks would cut the
+    look-ahead at every chunk's end, so the export takes them whole and gives the torch graph's logits."""
+    model = perturb_new_parameters(lincompile.optimize(tiny_model("llama"), "augmented-centered"))
+    with pytest.warns(UserWarning, match="chunks nothing: .*a centered conv looks ahead"):
+        out = lo.export_onnx(model, tmp_path / "export", chunk_size=4)
+    ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(ids).logits
+    got = OrtModel.from_dir(out, providers=["CPUExecutionProvider"])(ids).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 def test_hoist_static_moves_what_reads_only_sizes_and_parameters():
     """Out of a branch go a Shape of a site input (reading the same-shaped input named in `sizes`) and arithmetic
     on parameters; what reads a site value, a Shape of a branch value or of an input not in `sizes`, a node with a

@@ -43,6 +43,47 @@ def test_only_linear_weights_are_folded():
     assert "w" not in inits and np.array_equal(inits[folded[0].input[1]], weight.T)
 
 
+def test_gemms_with_a_weight_become_named_matmuls():
+    """Gemm(x, W, b) (GPT-2's Conv1D) becomes MatMul(x, W) + b, transB stored transposed back, the same numbers;
+    a Gemm scaled by alpha, or whose B is an activation, stays a Gemm."""
+    import onnxruntime as ort
+
+    gen = np.random.default_rng(1)
+    w, wt, b = (gen.standard_normal(s).astype(np.float32) for s in ((4, 6), (6, 4), (6,)))
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="conv1d"),
+             helper.make_node("Gemm", ["x", "wt"], ["z"], transB=1),
+             helper.make_node("Gemm", ["x", "w"], ["scaled"], alpha=0.5),
+             helper.make_node("Gemm", ["x", "x2"], ["u"], name="activations")]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in [("x", [2, 4]), ("x2", [4, 3])]]
+    graph = helper.make_graph(
+        nodes, "g", inputs,
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "z", "scaled", "u")],
+        [numpy_helper.from_array(v, n) for v, n in ((w, "w"), (wt, "wt"), (b, "b"))])
+    before = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    feed = {"x": gen.standard_normal((2, 4)).astype(np.float32), "x2": gen.standard_normal((4, 3)).astype(np.float32)}
+    expected = ort.InferenceSession(before.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    after = onnx.ModelProto()
+    after.CopyFrom(before)
+    folded = onnx_quantize.fold_transposed_weights(after.graph)
+    assert [n.name for n in folded] == ["conv1d", "lc_linear_1"]
+    assert [n.op_type for n in after.graph.node] == ["MatMul", "Add", "MatMul", "Gemm", "Gemm"]
+    got = ort.InferenceSession(after.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)
+
+
+def test_gpt2_conv1d_layers_are_quantized(tmp_path):
+    model = perturb_new_parameters(lincompile.optimize(tiny_model("gpt2"), "augmented"))
+    linears = sum(1 for n in model.graph.graph.nodes if str(n.target) in ("aten.linear.default", "aten.addmm.default"))
+    out = lo.export_onnx(model, tmp_path / "int8", quantize="int8")
+    assert json.loads((out / lo.META_FILE).read_text())["quantize"]["linear_layers"] == linears > 8
+    ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+    got = OrtModel.from_dir(out, providers=["CPUExecutionProvider"])(ids).logits
+    assert ((got - expected).norm() / expected.norm()).item() <= 3e-2
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """A tiny hedgehog llama (a learned feature map: a parameter MatMul inside each site) exported with float and

@@ -89,6 +89,7 @@ def test_bad_values_name_the_field(field, value):
     (dict(decay=True, global_branch="grouped"), "decay"),
     (dict(softcap=50.0), "softcap"),
     (dict(global_cap=512), "global_cap"),  # the default global branch is inclusive
+    (dict(conv="causal", conv_kernel=1), "conv_kernel"),  # a conv without past taps: no state to carry
 ])
 def test_bad_combinations_name_the_field(fields, named):
     with pytest.raises(ValueError, match=rf"\b{named}="):

@@ -231,6 +231,10 @@ def test_learned_positions_are_a_clear_limit(family):
         model.generate(ids[:, :120], max_new_tokens=10)
     with pytest.raises(ValueError, match=message):
         model.generate(ids[:, :120], max_new_tokens=10, draft="prompt-lookup")
+    too_long = torch.cat([ids, ids[:, :1]], 1)
+    for new_tokens in (0, 1):
+        with pytest.raises(ValueError, match="the prompt has 129 tokens, past the model's 128 .* at most 128 tokens"):
+            model.generate(too_long, max_new_tokens=new_tokens)
     # drafts that always propose 6 tokens: verify calls near the end are cut to the positions left (a draft with
     # its own table, GPT-2's, also stops drafting past it); the tokens are plain greedy decoding's
     for draft in (tiny_model("llama"), tiny_model("gpt2", seed=1)):

@@ -54,3 +54,8 @@ def test_modelled_speedup_weighs_each_call_by_its_width():
         stats.modelled_speedup([1.0, 1.5, 2.0])
     with pytest.raises(ValueError, match="no continuation"):
         replay_draft("prompt-lookup", [torch.arange(6)], 6, 2)
+    from lincompile.runtime.medusa import MedusaConfig, MedusaHeads
+
+    for medusa in ("medusa", MedusaHeads(MedusaConfig(num_heads=2, hidden_size=8, vocab_size=16), torch.zeros(16, 8))):
+        with pytest.raises(ValueError, match="Medusa heads draft from the target's hidden states"):
+            replay_draft(medusa, [torch.arange(12)], 6, 2)

@@ -273,6 +273,35 @@ def test_eos_stops_and_adaptive_k_keeps_the_output(target, draft_model):
     assert torch.equal(adaptive, plain)
 
 
+def test_adaptive_k_ignores_rounds_with_nothing_drafted(target):
+    """k shrinks after rejections and grows after full acceptance; a round with an empty proposal leaves it."""
+
+    prompt = _prompts(1)[0]
+    plain = target.generate(prompt, 20, eos_token_id=None)[0]
+
+    class Scripted:
+        """Round 1: two right tokens, then wrong ones; round 2: nothing."""
+
+        name = "scripted"
+
+        def propose(self, context, k, sampling, generator):
+            if len(context.tokens) > prompt.shape[1] + 1:
+                return Proposal(torch.zeros(0, dtype=torch.long))
+            start = len(context.tokens)
+            wrong = (int(plain[start + 2]) + 1) % 128
+            return Proposal(torch.cat([plain[start:start + 2], torch.full((k - 2,), wrong)]))
+
+        def accepted(self, path):
+            pass
+
+    decoder = SpeculativeDecoder(target, Scripted(), 6, adaptive=True)
+    decoder.prefill(prompt)
+    decoder.step()
+    assert decoder.k == 3  # two of six accepted: k = accepted + 1
+    decoder.step()
+    assert decoder.k == 3
+
+
 def test_speculative_generate_records_no_autograd_graph(monkeypatch):
     """The model's parameters require grad; a recorded graph would chain every state to the last (memory grows
     with each token)."""
@@ -286,3 +315,32 @@ def test_speculative_generate_records_no_autograd_graph(monkeypatch):
                         lambda self: seen.append(torch.is_grad_enabled()) or step(self))
     speculative_generate(linear, torch.randint(3, 128, (1, 6)), 8, "prompt-lookup", 2)
     assert seen and not any(seen)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_draft_model_continues_its_state_across_rounds(target, k):
+    """The target drafting for itself: every draft is accepted (so the draft's continued state is right), and after
+    the first round the draft absorbs only the tokens it has not seen (at most 2 per call: the last kept draft,
+    which it never fed, and the target's own token), not the whole context again."""
+    from lincompile.runtime.drafts import ModelDraft
+
+    draft = ModelDraft(target)
+    fed = []
+    call = draft._call
+    draft._call = lambda ids, state: (fed.append(ids.shape[1]), call(ids, state))[1]
+    prompt = _prompts(1)[0]
+    out, stats = speculative_generate(target, prompt, 20, draft, k)
+    assert torch.equal(out, target.generate(prompt, 20, eos_token_id=None))
+    assert stats.accepted == stats.drafted > 0
+    assert fed[0] == prompt.shape[1] + 1 and max(fed[1:]) <= 2, fed
+
+
+def test_a_draft_model_past_its_positions_proposes_nothing(target, monkeypatch):
+    from lincompile.runtime.drafts import ModelDraft
+    from lincompile.testing.tiny import tiny_model
+
+    draft = ModelDraft(tiny_model("llama", num_layers=1))
+    draft.max_positions = 4  # shorter than the prompt: every round decodes plainly
+    prompt = _prompts(1)[0]
+    out, stats = speculative_generate(target, prompt, 6, draft, 3)
+    assert torch.equal(out, target.generate(prompt, 6, eos_token_id=None)) and stats.drafted == 0

@@ -314,6 +314,10 @@ def test_training_errors_say_what_to_do(tmp_path):
     with pytest.raises(AssetError, match="not an existing directory"):
         _run([str(tmp_path / "nothing-here"), "--method", "augmented", "--out", str(tmp_path / "c" / "run")])
     assert not (tmp_path / "c" / "run").exists()
+    with pytest.raises(ValueError, match="--full trains every weight, so --lora-rank, --train-norms would have no"):
+        _run([str(model_dir), "--method", "augmented", "--out", str(tmp_path / "d"), "--full", "--lora-rank", "4",
+              "--train-norms"])
+    assert not (tmp_path / "d").exists()
 
 
 def test_an_interrupted_run_names_the_checkpoint_to_resume(tmp_path, capsys, monkeypatch):

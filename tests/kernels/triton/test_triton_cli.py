@@ -77,3 +77,8 @@ def test_impossible_head_dims_are_refused(option, capsys):
     with pytest.raises(SystemExit):
         _run(["--print-source", "augmented", option, "0"], capsys)
     assert "must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_shape_options_without_print_source_are_refused(capsys):
+    with pytest.raises(ValueError, match="--head-dim, --dtype choose the kernel --print-source prints"):
+        _run(["--head-dim", "128", "--dtype", "bfloat16"], capsys)

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import inspect as pyinspect
 import json
-import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import fx
 
 from lincompile.atomic import atomic_directory
 from lincompile.backends.eager import LinearizedModel
 from lincompile.capture.export import CapturedGraph, capture
-from lincompile.config import LinearizeConfig
+from lincompile.config import LinearizeConfig, site_indices
 from lincompile.diagnostics import warn
 from lincompile.methods.spec import MethodSpec, get_method
 from lincompile.passes.base import PassContext, PassManager, PassResult, Verifier
@@ -78,6 +78,9 @@ def _capture(model: torch.nn.Module, inputs: dict[str, object] | None,
              captured: CapturedGraph | None = None) -> CapturedGraph:
     if captured is None:
         return capture_model(model, inputs)
+    if inputs is not None:
+        raise ValueError("captured= was traced with the inputs given to capture_model, so inputs= would be ignored: "
+                         "pass inputs= to capture_model, or leave captured= out")
     own = {p.data_ptr() for p in model.parameters()}
     if not {p.data_ptr() for p in captured.gm.parameters()} <= own:
         raise ValueError("captured= holds another model's weights: capture this model with "
@@ -114,23 +117,13 @@ def run_pipeline(model: torch.nn.Module, config: LinearizeConfig, *, inputs: dic
     return ctx, CompileReport(ctx.sites, ctx.unmatched, results)
 
 
-def _layers(layers: object) -> tuple[int, ...]:
-    """`layers=` as site indices: an iterable of ints (a range, a list), not a string or a single int."""
-    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-        raise TypeError(f"layers must be an iterable of site indices (a list or a range), got {layers!r}")
-    try:
-        return tuple(operator.index(i) for i in layers)
-    except TypeError:
-        raise TypeError(f"layers must hold site indices (ints), got {list(layers)!r}") from None
-
-
 def _check_agrees(config: LinearizeConfig, method: str | MethodSpec | None, layers: object, strict: bool) -> None:
     """`config=` decides method, layers and strictness: also passing one of them that differs is an error."""
     clashes = []
     if method is not None and get_method(method) != config.spec:
         clashes.append(f"method={get_method(method).name!r} (config: {config.spec.name!r})")
-    if layers is not None and (config.layers is None or sorted(_layers(layers)) != sorted(config.layers)):
-        clashes.append(f"layers={_layers(layers)} (config: {config.layers})")
+    if layers is not None and (config.layers is None or sorted(site_indices(layers)) != sorted(config.layers)):
+        clashes.append(f"layers={site_indices(layers)} (config: {config.layers})")
     if strict and not config.strict:
         clashes.append("strict=True (config: strict=False)")
     if clashes:
@@ -148,7 +141,7 @@ def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, 
     """
     if config is None:
         config = LinearizeConfig(**({"method": method} if method is not None else {}),
-                                 layers=None if layers is None else _layers(layers), strict=strict)
+                                 layers=None if layers is None else site_indices(layers), strict=strict)
     else:
         _check_agrees(config, method, layers, strict)
     ctx, report = run_pipeline(model, config, inputs=inputs, captured=captured)
@@ -161,9 +154,9 @@ def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, 
     dropped = [note for result in report.passes for note in result.notes if " dropped by " in note]
     if dropped:
         warn(f"{len(dropped)} attention terms have no linear form and are dropped (training can recover "
-             "part of what they did; layers= keeps chosen sites exact):\n  " + "\n  ".join(dropped[:4])
-             + (f"\n  ... {len(dropped) - 4} more in the returned model's .report" if len(dropped) > 4
-                else ""))
+             "part of what they did; layers= converts only the sites it lists and keeps the rest exact):\n  "
+             + "\n  ".join(dropped[:4])
+             + (f"\n  ... {len(dropped) - 4} more in the returned model's .report" if len(dropped) > 4 else ""))
     limit, reason = position_tables(model) or (None, None)
     linearized = LinearizedModel(ctx.gm, ctx.captured.input_names, ctx.captured.output_names, ctx.sites,
                                  ctx.rewritten, config, getattr(model, "config", None), limit,
@@ -194,6 +187,9 @@ def save(model: LinearizedModel, directory: str | Path, tokenizer: object | None
 
     if model.hf_config is None:
         raise ValueError("this model has no Hugging Face config to rebuild its architecture from")
+    if not isinstance(model.graph, fx.GraphModule):
+        raise TypeError(f"this model runs a {type(model.graph).__name__} (torch.compile's wrapper, say), whose weight "
+                        "names load cannot map back: save the model it was made from")
     model.require_float("save", "save the float model, and quantize it again after loading (the same numbers)")
     from lincompile.train.lora import LORA_MODULE
 

@@ -1,12 +1,30 @@
 """Frozen configuration dataclasses; each round-trips through JSON and carries a format version."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 from lincompile.jsonconfig import JsonConfig
 from lincompile.methods.spec import MethodSpec, get_method
 
 CONFIG_VERSION = 1
+
+
+def site_indices(layers: object) -> tuple[int, ...]:
+    """`layers` as site indices: an iterable of ints (a range, a list), not a string, a single int or floats."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise TypeError(f"layers must be an iterable of site indices (a list or a range), got {layers!r}")
+    items = list(layers)
+    if any(isinstance(i, bool) for i in items):
+        raise TypeError(f"layers must hold site indices (ints), got {items!r}")
+    try:
+        return tuple(operator.index(i) for i in items)
+    except TypeError:
+        raise TypeError(f"layers must hold site indices (ints), got {items!r}") from None
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -31,9 +49,13 @@ class LinearizeConfig(JsonConfig):
             object.__setattr__(self, "method", MethodSpec.from_dict(self.method))
         get_method(self.method)  # validates the name early, with the list of known methods
         if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
-        if self.fuel is not None and self.fuel < 0:
-            raise ValueError("fuel must be >= 0")
+            object.__setattr__(self, "layers", site_indices(self.layers))
+        if self.fuel is not None and not (_integer(self.fuel) and self.fuel >= 0):
+            raise ValueError(f"fuel must be an integer >= 0 (or None), got {self.fuel!r}")
+        if not isinstance(self.strict, bool):
+            raise TypeError(f"strict must be True or False, got {self.strict!r}")
+        if not _integer(self.seed):
+            raise TypeError(f"seed must be an integer, got {self.seed!r}")
 
     @property
     def spec(self) -> MethodSpec:

@@ -29,7 +29,10 @@ class JsonConfig:
         unknown = sorted(set(data) - set(fields))
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(fields)}")
-        if "version" in fields and data.get("version", 0) > fields["version"].default:
+        version = data.get("version", 0)
+        if "version" in fields and (not isinstance(version, int) or isinstance(version, bool)):
+            raise ValueError(f"{cls.__name__} version must be an integer, got {version!r}")
+        if "version" in fields and version > fields["version"].default:
             raise ValueError(f"{cls.__name__} version {data['version']} is newer than this lincompile "
                              f"({fields['version'].default}); upgrade lincompile")
         return cls(**data)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,7 @@ def trained_tensors(weights: str | Path, model_name: str, method: str) -> tuple[
         recipe, tensors = json.loads((path / RECIPE_FILE).read_text()), load_file(path / TENSORS_FILE)
     elif (path / "state.json").is_file():
         checkpoint = load_checkpoint(path)
-        recipe = {"linearize": checkpoint.linearize, "lora": lora_layout(checkpoint.train_config),
+        recipe = {"linearize": checkpoint.linearize, "lora": lora_layout(checkpoint.train_config, checkpoint.tensors),
                   "step": checkpoint.step, "train_config": checkpoint.train_config}
         tensors = checkpoint.tensors
     elif (path / "checkpoints").is_dir() or (path.parent / "checkpoints").is_dir():
@@ -150,9 +150,14 @@ def trained_tensors(weights: str | Path, model_name: str, method: str) -> tuple[
     return tensors, recipe
 
 
-def lora_layout(train_config: dict[str, Any]) -> dict[str, Any] | None:
-    """The LoRA layout a training config gives its adapters (None without adapters)."""
+def lora_layout(train_config: dict[str, Any], tensors: Iterable[str] | None = None) -> dict[str, Any] | None:
+    """The LoRA layout a training config gives its adapters (None without adapters). With the names of the
+    `tensors` it saved: None too when they hold none (a checkpoint from before stage 2 added them)."""
+    from lincompile.train.lora import LORA_MODULE
+
     if not train_config.get("lora_rank") or train_config.get("full"):
+        return None
+    if tensors is not None and not any(name.startswith(LORA_MODULE + ".") for name in tensors):
         return None
     return {"targets": list(train_config["lora_targets"]), "rank": train_config["lora_rank"],
             "alpha": train_config["lora_alpha"], "seed": train_config["seed"]}
@@ -167,7 +172,7 @@ def ship(checkpoint_dir: str | Path, out_dir: str | Path, notes: dict[str, Any])
 
     checkpoint = load_checkpoint(checkpoint_dir)
     train = checkpoint.train_config
-    lora = lora_layout(train)
+    lora = lora_layout(train, checkpoint.tensors)
     tensors = {k: v.detach().float().contiguous() for k, v in checkpoint.tensors.items()}
     recipe = {"linearize": checkpoint.linearize, "lora": lora, "step": checkpoint.step, "train_config": train,
               **notes}

@@ -26,3 +26,15 @@ def test_a_newer_version_asks_for_an_upgrade(cls):
     data = {**cls().to_dict(), "version": 99}
     with pytest.raises(ValueError, match=f"{cls.__name__} version 99 is newer than this lincompile .*upgrade"):
         cls.from_dict(data)
+
+
+@pytest.mark.parametrize("field,value,error", [
+    ("layers", "13", TypeError), ("layers", [1.9], TypeError), ("layers", [True], TypeError), ("layers", 3, TypeError),
+    ("strict", "no", TypeError), ("fuel", 1.5, ValueError), ("fuel", True, ValueError), ("fuel", -1, ValueError),
+    ("seed", "x", TypeError), ("version", "2", ValueError),
+])
+def test_linearize_config_values_of_the_wrong_type_are_refused(field, value, error):
+    """A hand-edited lincompile.json, or a config built in Python, cannot turn "13" into sites 1 and 3 or "no" into
+    strict."""
+    with pytest.raises(error, match=field):
+        LinearizeConfig.from_dict({**LinearizeConfig().to_dict(), field: value})

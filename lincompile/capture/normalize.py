@@ -4,8 +4,9 @@ with heads merged into the batch (Bloom, XGLM) in its 4-D form (`merged_heads`),
 that leaves; split a permute that moves heads and transposes keys at once (OpenAI GPT's K) into those two.
 
 Invariant: the graph computes the same values afterwards, in the same memory layouts (only identities are removed:
-a `contiguous` or copy that changes strides stays, since a later `view` may need them); a merged-heads product may
-round its last bit differently (see `merged_heads`).
+a `contiguous` or copy that changes strides stays, since a later `view` may need them, and so does a copy that an
+in-place op writes, or whose source one writes); a merged-heads product may round its last bit differently (see
+`merged_heads`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ aten = torch.ops.aten
 _ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, torch._assert}
 _CASTS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default}
 _IDENTITIES = {aten.alias.default, aten.contiguous.default, aten.clone.default, aten.detach.default}
+#: Ops that return a new tensor even when it equals their input (the others above return the input itself then).
+_COPIES = {aten.clone.default, aten._to_copy.default}
 _DROPOUTS = {aten.dropout.default, aten.native_dropout.default, aten.feature_dropout.default}
 _IN_PLACE = {aten.add_.Tensor: aten.add.Tensor, aten.sub_.Tensor: aten.sub.Tensor, aten.mul_.Tensor: aten.mul.Tensor,
              aten.div_.Tensor: aten.div.Tensor, aten.masked_fill_.Scalar: aten.masked_fill.Scalar}
@@ -72,6 +75,32 @@ def _private_temporary(node: object, user: fx.Node) -> bool:
             and node.target not in _MAY_RETURN_SELF)
 
 
+def _is_view(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and bool(schema.returns) and schema.returns[0].alias_info is not None
+
+
+def _written(node: fx.Node) -> bool:
+    """Whether an op that mutates (any of its arguments) reads `node` or a tensor sharing its memory: a view of
+    it, or what it is a view of, transitively."""
+    seen: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        current = todo.pop()
+        if not isinstance(current, fx.Node) or current in seen:
+            continue
+        seen.add(current)
+        if current.op == "call_function" and _is_view(current) and current.args:
+            todo.append(current.args[0])
+        for user in current.users:
+            schema = getattr(user.target, "_schema", None)
+            if schema is not None and schema.is_mutable:
+                return True
+            if user.op == "call_function" and _is_view(user):
+                todo.append(user)
+    return False
+
+
 def _same_out_of_place(node: fx.Node) -> bool:
     """The out-of-place form of in-place `node` gives its result's dtype and shape (an in-place op keeps its
     input's; the out-of-place one may promote, e.g. fp16 += fp32, or broadcast)."""
@@ -107,7 +136,8 @@ def normalize(gm: fx.GraphModule) -> int:
             continue
         if target in _CASTS or target in _IDENTITIES:
             src = node.args[0]
-            if isinstance(src, fx.Node) and _same_tensor_type(_val(src), _val(node)):
+            if (isinstance(src, fx.Node) and _same_tensor_type(_val(src), _val(node))
+                    and not (target in _COPIES and (_written(node) or _written(src)))):
                 replacement = src
         elif target == aten.slice.Tensor and isinstance(node.args[0], fx.Node) and _full_slice(node):
             replacement = node.args[0]

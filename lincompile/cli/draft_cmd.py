@@ -37,15 +37,15 @@ def load_target(name: str, method: str | None, weights: str = "auto") -> tuple[n
     from lincompile.assets import load_model
     from lincompile.pretrained import linearized
 
-    if weights != "auto" and not method:  # checked before anything loads
+    path = Path(name).expanduser()
+    if weights != "auto" and (path / SAVE_FILE).is_file():  # checked before anything loads
+        raise ValueError(f"{path} is a saved linearized model with its own trained tensors; drop --weights")
+    if weights != "auto" and not method:
         raise ValueError("--weights picks the trained tensors of a --method linearization; add --method, or pass a "
                          "saved linearized directory as MODEL_OR_DIR")
-    path = Path(name).expanduser()
     if (path / SAVE_FILE).is_file():
         from transformers import AutoTokenizer
 
-        if weights != "auto":
-            raise ValueError(f"{path} is a saved linearized model with its own trained tensors; drop --weights")
         model = load(path)
         if method is not None and method != model.config.spec.name:
             raise ValueError(f"{path} is already linearized with {model.config.spec.name}; drop --method {method}")

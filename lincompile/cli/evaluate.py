@@ -87,6 +87,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     saved = (path / SAVE_FILE).is_file()
     if saved and args.method:
         raise ValueError(f"{path} is a saved linearized model, which has its method: drop --method {args.method}")
+    if saved and args.weights != "auto":
+        raise ValueError(f"{path} is a saved linearized model with its own trained tensors: drop --weights")
     if not args.method and args.weights != "auto":
         raise ValueError(f"--weights {args.weights} chooses the trained tensors of --method, which was not given")
     if not (args.method or saved) and args.global_cap is not None:

@@ -44,6 +44,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         if extra:
             raise ValueError(f"--full trains every weight, so {', '.join(extra)} would have no effect: drop them, "
                              "or drop --full to train LoRA adapters")
+    if args.lora_rank == 0 and (args.lora_alpha is not None or args.lora_targets is not None):
+        given = ", ".join(f for f, v in (("--lora-alpha", args.lora_alpha), ("--lora-targets", args.lora_targets))
+                          if v is not None)
+        raise ValueError(f"--lora-rank 0 trains no adapters, so {given} would have no effect: drop them, or give "
+                         "a rank > 0")
     targets = DEFAULT_TARGETS if args.lora_targets is None else args.lora_targets.split(",")
     return TrainConfig(
         stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, batch_size=args.batch_size,

@@ -81,6 +81,14 @@ def _discard(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _discard_checkpoint(path: Path) -> None:
+    """Delete a checkpoint so that no part of it stays under its `step-*` name: it is renamed to a temp name
+    first (what a crash leaves there, the next save removes)."""
+    aside = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-", dir=path.parent))
+    os.replace(path, aside / path.name)
+    _discard(aside)
+
+
 def _untied(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Contiguous CPU copies; safetensors refuses tensors that share storage (tied embeddings)."""
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
@@ -145,7 +153,7 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Tensor], opt
         _discard(tmp)
         raise
     for old in list_checkpoints(root)[:-keep]:
-        _discard(old)
+        _discard_checkpoint(old)
     for stale in root.glob(_TMP_PREFIX + "*"):
         _discard(stale)
     return target

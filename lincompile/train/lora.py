@@ -7,8 +7,9 @@ components of `<path>` equal to a target (`q_proj`, or `attn.c_proj` to skip GPT
     y = proj(x) + (alpha / r) * linear(linear(x, A), B)      A [r, in] ~ U(+-1/sqrt(in)), B [out, r] = 0
 
 with A, B parameters `lincompile_lora.<path with "." -> "_">.{A,B}`. Invariants: B = 0 at creation, so the graph
-computes exactly what it computed before; `merge_lora` adds (alpha / r) * B @ A to W in place (W is shared with
-the source Hugging Face model) and restores the original graph structure and state-dict keys.
+computes exactly what it computed before; `merge_lora` replaces W by a new parameter W + (alpha / r) * B @ A (the
+source Hugging Face model, which shares W, is left unchanged) and restores the original graph structure and
+state-dict keys.
 """
 from __future__ import annotations
 

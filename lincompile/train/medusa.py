@@ -131,8 +131,8 @@ def evaluate_heads(heads: MedusaHeads, features: Features, batch_tokens: int = 2
     right = torch.zeros(labels.shape, dtype=torch.bool)
     in_top5 = torch.zeros(labels.shape, dtype=torch.bool)
     for start in range(0, hidden.shape[0], batch_tokens):
-        logits = heads(hidden[start:start + batch_tokens].float())  # [b, K, V]
-        rows = labels[start:start + batch_tokens]
+        logits = heads(hidden[start:start + batch_tokens].to(heads.lm_head_weight.device, torch.float32)).cpu()
+        rows = labels[start:start + batch_tokens]  # logits [b, K, V]
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         right[start:start + rows.shape[0]] = top[..., 0] == rows
         in_top5[start:start + rows.shape[0]] = (top == rows.unsqueeze(-1)).any(-1)
@@ -185,7 +185,7 @@ def train_medusa(target: nn.Module | HiddenTarget, blocks: Tensor | Features, co
         source, blocks, feature_batch, progress=progress)
     held = heldout if heldout is None or isinstance(heldout, Features) else precompute_features(
         source, heldout, feature_batch, progress=progress)
-    heads = MedusaHeads(config, weight)
+    heads = MedusaHeads(config, weight).to(weight.device)  # the blocks where the target's lm_head is
     hidden = train_features.hidden.reshape(-1, config.hidden_size)
     targets = head_labels(train_features, config.num_heads, labels).reshape(-1, config.num_heads)
     usable = (targets != IGNORE).any(-1).nonzero().squeeze(-1)

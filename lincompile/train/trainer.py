@@ -331,7 +331,7 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
         # only what it lacks stays pending (LoRA after stage 1)
         rest = _copy_by_name(linear, _resume_init(checkpoint, init), "init", final=False)
         pending = {name: value for name, value in rest.items() if name not in checkpoint.tensors}
-    _check_init(pending, config)
+    _check_init(pending, config, linear)
     last_stage = 2 if config.stage2_steps else 1
     saved: Path | None = found
     bar = tqdm(total=config.total_steps, initial=step, disable=not (progress and parallel.is_main), desc=desc)
@@ -359,7 +359,7 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
             number = 1 if step < config.stage1_steps else 2
             if stage is None or stage.number != number:
                 stage = _setup_stage(number, linear, config, teacher)
-                bar.set_description(f"stage {number}")
+                bar.set_description(f"{desc} stage {number}")
                 if checkpoint is not None:
                     _restore(checkpoint, linear, stage)
                     checkpoint = None
@@ -442,8 +442,10 @@ def _save(root: Path, step: int, linear: LinearizedModel, stage: _Stage, config:
                            config.to_dict(), state, config.keep_checkpoints)
 
 
-def _check_init(pending: dict[str, Tensor], config: TrainConfig) -> None:
-    """Refuse `init` tensors no step of this run would start from: none trains, or adapters without a stage 2."""
+def _check_init(pending: dict[str, Tensor], config: TrainConfig, linear: LinearizedModel) -> None:
+    """Refuse `init` tensors no step of this run would start from: none trains, adapters without a stage 2, or
+    names that are neither a parameter nor an adapter (which stage 2 adds), before any step rather than at the
+    stage that would copy them."""
     if pending and not config.total_steps:
         raise ValueError("init sets tensors for training to continue from, and this run trains 0 steps: use them as "
                          "they are with --weights in eval, generate or export (Python: "
@@ -453,6 +455,11 @@ def _check_init(pending: dict[str, Tensor], config: TrainConfig) -> None:
         raise ValueError(f"init holds LoRA adapters ({adapters[0]}, ...), which stage 2 adds, and this run has no "
                          "stage 2 (stage2_steps=0, --stage2-steps 0): give it stage-2 steps, or start from tensors "
                          "without adapters")
+    params = dict(linear.graph.named_parameters())
+    unknown = sorted(name for name in pending if name not in params and not name.startswith(LORA_MODULE + "."))
+    if unknown:
+        raise ValueError(f"init: tensors {unknown[:4]} match no parameter of this model (another model, or another "
+                         "method?)")
 
 
 @torch.no_grad()

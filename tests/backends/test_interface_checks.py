@@ -178,6 +178,15 @@ def test_a_model_with_unmerged_lora_adapters_is_not_saved_half_loadable(tmp_path
         assert torch.allclose(lincompile.load(tmp_path / "saved")(IDS).logits, linear(IDS).logits, atol=1e-5)
 
 
+def test_a_compiled_model_is_not_saved_under_names_load_cannot_read(models, tmp_path):
+    from lincompile.runtime.timing import compiled_model
+
+    linear, _, _ = models
+    with pytest.raises(TypeError, match="save the model it was made from"):
+        compiled_model(linear).save_pretrained(str(tmp_path / "saved"))
+    assert not (tmp_path / "saved").exists()
+
+
 def test_a_pad_id_in_a_prompt_is_padding_and_speculative_decoding_says_so(models):
     linear, _, _ = models
     prompt = torch.tensor([[5, 6, 0, 7, 9, 11]])  # the tiny llama's pad id is 0

@@ -123,6 +123,39 @@ def test_normalize_keeps_layouts_and_makes_private_in_place_arithmetic_out_of_pl
     torch.testing.assert_close(gm(x, bias.clone()), expected, rtol=0, atol=0)
 
 
+class _WrittenCopies(torch.nn.Module):
+    """Copies an in-place op then writes: the copy itself (`y.mul_`), an element through a view (`y[:, 0] = 0`,
+    the Hugging Face idiom), or the source after copying it."""
+
+    def __init__(self, case: str):
+        super().__init__()
+        self.case = case
+
+    def forward(self, x):
+        h = x * 3.0
+        y = h.clone()
+        if self.case == "copy":
+            y.mul_(2.0)
+        elif self.case == "view of the copy":
+            y[:, 0] = 0.0
+        else:
+            h.add_(1.0)
+        return h + y
+
+
+@pytest.mark.parametrize("case", ["copy", "view of the copy", "source"])
+def test_a_copy_that_an_in_place_op_writes_stays(case):
+    from lincompile.capture.normalize import normalize
+
+    x = torch.randn(2, 5)
+    gm = torch.export.export(_WrittenCopies(case), (x,), strict=False).module()
+    expected = gm(x)
+    assert torch.ops.aten.clone.default in [n.target for n in gm.graph.nodes]
+    normalize(gm)
+    assert torch.ops.aten.clone.default in [n.target for n in gm.graph.nodes]
+    torch.testing.assert_close(gm(x), expected, rtol=0, atol=0)
+
+
 def test_in_place_arithmetic_that_would_promote_stays_in_place():
     """fp16 scores += an fp32 bias stays fp16 in place; out of place it would promote to fp32 (and the next fp16
     matmul would fail), so normalize leaves it."""

@@ -281,6 +281,34 @@ def test_multiplied_scores_that_are_no_mask_are_reported(variant, reason):
         lincompile.optimize(_Multiplied(variant), "softmax", strict=True)
 
 
+class _Filled(torch.nn.Module):
+    """Scores where a causal mask holds replaced by `fill` (masked_fill or where): -1e9 masks, 0 does not."""
+
+    def __init__(self, spelling: str, fill: float):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 16)
+        self.qkv = torch.nn.Linear(16, 48)
+        self.spelling, self.fill = spelling, fill
+
+    def forward(self, input_ids, attention_mask):
+        b, t = input_ids.shape
+        q, k, v = (x.view(b, t, 2, 8).transpose(1, 2) for x in self.qkv(self.embed(input_ids)).chunk(3, -1))
+        scores = q @ k.transpose(-1, -2) / 8 ** 0.5
+        future = torch.ones(t, t, dtype=torch.bool, device=scores.device).triu(1)
+        if self.spelling == "masked_fill":
+            scores = scores.masked_fill(future, self.fill)
+        else:
+            scores = torch.where(~future, scores, self.fill)
+        return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("spelling", ["masked_fill", "where"])
+def test_scores_filled_with_a_value_that_keeps_weight_are_no_mask(spelling):
+    assert [s.causal for s in lincompile.optimize(_Filled(spelling, -1e9), "softmax", strict=True).sites] == [True]
+    with pytest.raises(UnrecognizedAttentionError):
+        lincompile.optimize(_Filled(spelling, 0.0), "softmax", strict=True)
+
+
 def test_xglm_merged_heads_clamped_scores_and_sinusoidal_table():
     """XGLM merges heads for `bmm` scores and its softmax, clamps the masked scores at float32's minimum, and
     regrows its sinusoidal position table past its length in eager: its sites are found and exact, and the

@@ -4,7 +4,7 @@ import torch
 
 import lincompile
 from lincompile.testing.decoding import prefill_then_steps
-from lincompile.testing.tiny import FAMILIES, attn_implementations, tiny_model
+from lincompile.testing.tiny import FAMILIES, attn_implementations, example_inputs, tiny_model
 
 CASES = [(f, impl) for f in FAMILIES for impl in attn_implementations(f)]
 
@@ -215,6 +215,8 @@ def test_captured_graph_of_another_model_is_refused():
     assert lincompile.optimize(llama, "local", captured=captured).sites
     with pytest.raises(ValueError, match="another model's weights"):
         lincompile.optimize(gpt2, "local", captured=captured)
+    with pytest.raises(ValueError, match="inputs= would be ignored"):
+        lincompile.optimize(llama, "local", captured=captured, inputs=example_inputs("llama"))
 
 
 def test_casting_after_optimize_is_refused_with_the_fix():

@@ -124,3 +124,24 @@ def test_checkpoints_have_ordinary_permissions(tmp_path):
     path = save_checkpoint(tmp_path, 3, {"w": torch.zeros(2)}, {}, {}, {}, {})
     assert path.stat().st_mode & 0o777 == 0o755
     assert {p.stat().st_mode & 0o777 for p in path.iterdir()} == {0o644}
+
+
+def test_a_crash_while_pruning_leaves_no_partial_checkpoint(monkeypatch, tmp_path):
+    """An old checkpoint is renamed before it is deleted: killed during the delete, every `step-*` left is whole."""
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, step, {"w": torch.zeros(2)}, {}, {}, {}, {})
+
+    def killed(path):
+        for child in sorted(path.rglob("*"), reverse=True)[:1]:  # one file gone, then the process dies
+            child.unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "_discard", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 3, {"w": torch.zeros(2)}, {}, {}, {}, {})
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [ckpt.checkpoint_name(2), ckpt.checkpoint_name(3)]
+    for path in ckpt.list_checkpoints(tmp_path):
+        assert ckpt.load_checkpoint(path).tensors["w"].shape == (2,)
+    ckpt.save_checkpoint(tmp_path, 4, {"w": torch.zeros(2)}, {}, {}, {}, {})  # sweeps what the crash left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.checkpoint_name(3), ckpt.checkpoint_name(4)]

@@ -88,6 +88,21 @@ def test_init_errors_name_the_problem(reference_run, worker, tmp_path):
         assert all(torch.equal(loaded[n], tensors[n]) for n in tensors) and set(loaded) == set(tensors)
     with pytest.raises(ValueError, match="holds a augmented linearization, not linear-elu"):
         trained_tensors(reference.checkpoint, "tiny", "linear-elu")
+    linear, blocks, _ = worker.build()
+    with pytest.raises(ValueError, match=r"init: tensors \['model.layers.9.bogus'\] match no parameter"):
+        train(linear, blocks, worker.config(stage1_steps=2, stage2_steps=1), tmp_path / "d", progress=False,
+              init={**tensors, "model.layers.9.bogus": torch.zeros(3)})
+    assert not list((tmp_path / "d").rglob("step-*"))  # refused before stage 1 trained anything
+
+
+def test_a_checkpoint_from_before_stage_2_holds_no_adapters(worker, tmp_path):
+    """Its recipe says so, so a run without LoRA may start from it and a shipped copy loads without adapters."""
+    linear, blocks, _ = worker.build()
+    result = train(linear, blocks, worker.config(stage1_steps=2, stage2_steps=0), tmp_path / "run", progress=False)
+    tensors, recipe = trained_tensors(result.checkpoint, "tiny", worker.METHOD)
+    assert recipe["lora"] is None and tensors
+    shipped = ship(result.checkpoint, tmp_path / "shipped", {"command": "tests"})
+    assert trained_tensors(shipped, "tiny", worker.METHOD)[1]["lora"] is None
 
 
 @pytest.mark.parametrize("stage1,step", [(2, 1), (2, 3), (2, 4), (0, 1)])  # stage 1; stage 2; finished; no stage 1

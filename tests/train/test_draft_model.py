@@ -141,6 +141,8 @@ def test_train_medusa_command_on_a_linearized_directory(tiny_dir, lin_dir, capsy
     with pytest.raises(ValueError, match="its own trained tensors; drop --weights"):  # not silently ignored
         _run("train-medusa", str(lin_dir[0]), "--out", str(tiny_dir / "x"), "--method", "augmented", "--weights",
              "none")
+    with pytest.raises(ValueError, match="its own trained tensors; drop --weights"):  # not "add --method"
+        _run("train-medusa", str(lin_dir[0]), "--out", str(tiny_dir / "x"), "--weights", "none")
 
 
 def test_target_weights_reach_the_linearization(tiny_dir, tmp_path):

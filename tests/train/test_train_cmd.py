@@ -274,6 +274,7 @@ def test_eval_refuses_options_that_would_be_ignored(tmp_path):
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
     for argv, match in (([saved, "--method", "augmented"], "drop --method augmented"),
+                        ([saved, "--weights", "none"], "its own trained tensors: drop --weights"),
                         (["smollm2-135m", "--weights", "none"], "--method, which was not given"),
                         (["smollm2-135m", "--global-cap", "512"], "--method, which was not given"),
                         ([saved, "--global-cap", "64"], "global_cap=64 applies to global_branch='grouped' only"),
@@ -318,6 +319,9 @@ def test_training_errors_say_what_to_do(tmp_path):
         _run([str(model_dir), "--method", "augmented", "--out", str(tmp_path / "d"), "--full", "--lora-rank", "4",
               "--train-norms"])
     assert not (tmp_path / "d").exists()
+    with pytest.raises(ValueError, match="--lora-rank 0 trains no adapters, so --lora-targets would have no effect"):
+        _run([str(model_dir), "--method", "augmented", "--out", str(tmp_path / "d"), "--lora-rank", "0",
+              "--lora-targets", "q_proj"])
 
 
 def test_an_interrupted_run_names_the_checkpoint_to_resume(tmp_path, capsys, monkeypatch):

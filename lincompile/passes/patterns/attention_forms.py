@@ -161,19 +161,26 @@ def _walk_scores(node: object, scale: float, terms: list, path: list[fx.Node],
                 return found
             del path[marks[0]:], terms[marks[1]:], softcap[marks[2]:]
         return None
-    if target in (aten.where.self, aten.where.ScalarOther):
+    if target in (aten.where.self, aten.where.ScalarOther) and _masking(node.args[2]):
         found = _walk_scores(node.args[1], scale, terms, path, softcap)
         if found is not None:
             terms.append((node.args[0], "allow_bool", 1.0))
         return found
     if target in (aten.max.other, aten.maximum.default, aten.clamp_min.default) and _lowest(node.args[1], node):
         return _walk_scores(node.args[0], scale, terms, path, softcap)
-    if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+    if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) and _masking(node.args[2]):
         found = _walk_scores(node.args[0], scale, terms, path, softcap)
         if found is not None:
             terms.append((node.args[1], "deny_bool", 1.0))
         return found
     return None
+
+
+def _masking(fill: object) -> bool:
+    """Whether scores replaced by `fill` can be a mask: unless `fill` is a number above -1e4 (a fill of 0, say,
+    keeps weight exp(0) for the key; a tensor fill is taken for the mask value models write)."""
+    c = _scalar(fill)
+    return c is None or c <= -1e4
 
 
 def _kept_by_product(node: fx.Node) -> tuple[object, fx.Node, list[fx.Node]] | None:

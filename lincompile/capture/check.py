@@ -1,8 +1,7 @@
 """Graph invariants checked after every pass.
 
 - the graph lints (every use is defined before it, one output node);
-- every `lincompile::attention` call carries a valid `MethodSpec` and 4-D q/k/v;
-- the interface (placeholders, number of outputs) is what the pass manager expects.
+- every `lincompile::attention` call carries a valid `MethodSpec` and 4-D q/k/v.
 """
 from __future__ import annotations
 

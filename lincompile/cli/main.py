@@ -82,7 +82,7 @@ def initial_states(ctx: PassContext, batch: int, dtype: torch.dtype) -> dict[str
     for r in ctx.rewritten:
         if r.state_inputs:
             site = ctx.sites[r.index]
-            parts = init_state(get_method(r.method), batch, site.kv_heads, site.head_dim, site.v_head_dim,
+            parts = init_state(r.spec, batch, site.kv_heads, site.head_dim, site.v_head_dim,
                                dtype=dtype)
             states.update(zip(r.state_inputs, parts))
     return states
@@ -178,6 +178,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     names = tuple(args.passes) if args.passes else DEFAULT_PIPELINE
     disabled = frozenset(name for item in args.disable for name in _csv(item))
     PassManager(build_pipeline(config, names), disabled, args.stop_after)  # validate names before the slow load
+    reached = names[:names.index(args.stop_after) + 1] if args.stop_after in names else names
+    if "linearize" not in reached or "linearize" in disabled:
+        ignored = [flag for flag, value in (("--layers", args.layers), ("--fuel", args.fuel)) if value is not None]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} choose what the linearize pass rewrites, and this run does not "
+                             "run it: drop them, or run linearize")
     if args.dump_dir is not None:
         check_dump_dir(args.dump_dir)  # and a user's directory
     model, tokenizer = load(args.model, args.attn_impl)

@@ -219,6 +219,13 @@ def test_a_disabled_stop_after_pass_ends_the_pipeline(capsys, tiny_dir):
     assert [p["name"] for p in result["passes"]] == ["normalize", "detect_attention"]
 
 
+def test_site_options_are_refused_where_linearize_does_not_run(capsys, tiny_dir):
+    for extra in (["--stop-after", "detect_attention"], ["--disable", "linearize"]):
+        code, _, err = run(capsys, "optimize", tiny_dir, "--method", "local", "--layers", "0", "--fuel", "1", *extra)
+        assert code == 1 and "loading" not in err
+        assert_one_line_error(err, "--layers, --fuel choose what the linearize pass rewrites")
+
+
 def test_unknown_method_fails_fast_with_one_line(capsys, tiny_dir):
     code, out, err = run(capsys, "optimize", tiny_dir, "--method", "nope")
     assert code == 1 and out == "" and "loading" not in err

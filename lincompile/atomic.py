@@ -38,6 +38,14 @@ def _remove(path: Path) -> None:
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (setting it twice would briefly give
+    other threads' files 022)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -106,8 +114,8 @@ def atomic_directory(target: str | os.PathLike[str], marker: str | None) -> Iter
 
 def atomic_write_text(target: str | os.PathLike[str], text: str) -> Path:
     """Write `text` to a unique temp sibling of `target`, then rename it into place (safe when several
-    processes write the same file: each rename is whole)."""
-    target = Path(target)
+    processes write the same file: each rename is whole). A link is followed: what it points to is replaced."""
+    target = Path(os.path.realpath(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:

@@ -23,8 +23,14 @@ def site_indices(layers: object) -> tuple[int, ...]:
         raise TypeError(f"layers must hold site indices (ints), got {items!r}") from None
 
 
-def _integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _whole(name: str, value: object) -> int:
+    """`value` as a Python int (numpy's too), refusing bools, floats and strings."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -50,12 +56,13 @@ class LinearizeConfig(JsonConfig):
         get_method(self.method)  # validates the name early, with the list of known methods
         if self.layers is not None:
             object.__setattr__(self, "layers", site_indices(self.layers))
-        if self.fuel is not None and not (_integer(self.fuel) and self.fuel >= 0):
-            raise ValueError(f"fuel must be an integer >= 0 (or None), got {self.fuel!r}")
+        if self.fuel is not None:
+            object.__setattr__(self, "fuel", _whole("fuel", self.fuel))
+            if self.fuel < 0:
+                raise ValueError(f"fuel must be >= 0 (or None), got {self.fuel}")
         if not isinstance(self.strict, bool):
             raise TypeError(f"strict must be True or False, got {self.strict!r}")
-        if not _integer(self.seed):
-            raise TypeError(f"seed must be an integer, got {self.seed!r}")
+        object.__setattr__(self, "seed", _whole("seed", self.seed))
 
     @property
     def spec(self) -> MethodSpec:

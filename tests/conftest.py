@@ -15,6 +15,14 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def usual_umask():
+    """umask 022, under which written files are 0644 and directories 0755 (what permission checks expect)."""
+    before = os.umask(0o022)
+    yield
+    os.umask(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the embedded SmolLM2-135M, fp32, sdpa attention."""

@@ -5,7 +5,7 @@ import pytest
 from lincompile.atomic import atomic_write_text
 
 
-def test_write_replaces_whole_and_leaves_no_temp(tmp_path):
+def test_write_replaces_whole_and_leaves_no_temp(usual_umask, tmp_path):
     target = tmp_path / "sub" / "result.json"
     assert atomic_write_text(target, "first") == target
     atomic_write_text(target, "second")
@@ -49,7 +49,7 @@ def test_directory_refuses_to_replace_what_lincompile_did_not_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "export", "file", "home"]  # no temp dirs left
 
 
-def test_directories_get_ordinary_permissions_whatever_their_writers_did(tmp_path, monkeypatch):
+def test_directories_get_ordinary_permissions_whatever_their_writers_did(usual_umask, tmp_path, monkeypatch):
     import os
 
     import torch
@@ -113,3 +113,13 @@ def test_a_leftover_old_file_does_not_block_the_swap(tmp_path):
         with atomic_directory(tmp_path / "out", "meta.json") as tmp:
             (tmp / "meta.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_linked_file_is_replaced_where_it_points(tmp_path):
+    real = tmp_path / "results" / "history.json"
+    real.parent.mkdir()
+    real.write_text("old")
+    link = tmp_path / "history.json"
+    link.symlink_to(real)
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"

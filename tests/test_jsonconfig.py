@@ -30,7 +30,7 @@ def test_a_newer_version_asks_for_an_upgrade(cls):
 
 @pytest.mark.parametrize("field,value,error", [
     ("layers", "13", TypeError), ("layers", [1.9], TypeError), ("layers", [True], TypeError), ("layers", 3, TypeError),
-    ("strict", "no", TypeError), ("fuel", 1.5, ValueError), ("fuel", True, ValueError), ("fuel", -1, ValueError),
+    ("strict", "no", TypeError), ("fuel", 1.5, TypeError), ("fuel", True, TypeError), ("fuel", -1, ValueError),
     ("seed", "x", TypeError), ("version", "2", ValueError),
 ])
 def test_linearize_config_values_of_the_wrong_type_are_refused(field, value, error):
@@ -38,3 +38,11 @@ def test_linearize_config_values_of_the_wrong_type_are_refused(field, value, err
     strict."""
     with pytest.raises(error, match=field):
         LinearizeConfig.from_dict({**LinearizeConfig().to_dict(), field: value})
+
+
+def test_numpy_integers_become_python_ones():
+    import numpy as np
+
+    config = LinearizeConfig(layers=np.arange(2), fuel=np.int64(1), seed=np.int32(3))
+    assert (config.layers, config.fuel, config.seed) == ((0, 1), 1, 3) and type(config.seed) is int
+    assert LinearizeConfig.from_json(config.to_json()) == config

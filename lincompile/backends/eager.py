@@ -226,8 +226,8 @@ class LinearizedModel(torch.nn.Module):
         if position_ids is None:
             position_ids = default_positions(input_ids, state.length, self.position_padding)
         else:
-            check_position_ids(position_ids, batch, tokens)
-            position_ids = position_ids.expand(batch, tokens)
+            check_position_ids(position_ids, batch, tokens, attention_mask)
+            position_ids = torch.as_tensor(position_ids, device=input_ids.device).expand(batch, tokens)
         values = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                   **extra, **state.tensors}
         missing = [n for n in self.input_names if n not in values]

@@ -80,6 +80,12 @@ def _is_view(node: fx.Node) -> bool:
     return schema is not None and bool(schema.returns) and schema.returns[0].alias_info is not None
 
 
+def _aliasing(node: fx.Node) -> bool:
+    """`node` may share memory with its first argument: a view op, or an item of a multi-output one (`split`,
+    `chunk`, `unbind` hand out their views through `getitem`; counted for every op, which only keeps more)."""
+    return node.op == "call_function" and (node.target is operator.getitem or _is_view(node))
+
+
 def _written(node: fx.Node) -> bool:
     """Whether an op that mutates (any of its arguments) reads `node` or a tensor sharing its memory: a view of
     it, or what it is a view of, transitively."""
@@ -90,13 +96,13 @@ def _written(node: fx.Node) -> bool:
         if not isinstance(current, fx.Node) or current in seen:
             continue
         seen.add(current)
-        if current.op == "call_function" and _is_view(current) and current.args:
+        if _aliasing(current) and current.args:
             todo.append(current.args[0])
         for user in current.users:
             schema = getattr(user.target, "_schema", None)
             if schema is not None and schema.is_mutable:
                 return True
-            if user.op == "call_function" and _is_view(user):
+            if _aliasing(user):
                 todo.append(user)
     return False
 
@@ -121,15 +127,16 @@ def normalize(gm: fx.GraphModule) -> int:
     """Canonicalize `gm` in place; returns how many nodes were removed or rewritten."""
     graph = gm.graph
     changed = 0
+    for node in list(graph.nodes):  # first, so that a copy only this arithmetic wrote is no longer written
+        if (node.op == "call_function" and node.target in _IN_PLACE and _private_temporary(node.args[0], node)
+                and _same_out_of_place(node)):
+            node.target = _IN_PLACE[node.target]
+            changed += 1
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
         target = node.target
         replacement = None
-        if target in _IN_PLACE and _private_temporary(node.args[0], node) and _same_out_of_place(node):
-            node.target = _IN_PLACE[target]
-            changed += 1
-            continue
         if target in _ASSERTS and not node.users:
             graph.erase_node(node)
             changed += 1

@@ -66,22 +66,37 @@ def require_decodable(model: object, what: str) -> None:
                          "cannot continue): call it on whole sequences instead")
 
 
-def check_position_ids(position_ids: object, batch: int, tokens: int) -> None:
+def check_position_ids(position_ids: object, batch: int, tokens: int, keep: object = None) -> None:
     """Refuse position ids (a torch tensor or an array) a graph would read wrongly instead of failing: not whole
-    numbers (a cast truncates them), negative (a table's Gather wraps them around, RoPE turns backwards), or not
-    shaped [batch, tokens] or [1, tokens]."""
+    numbers (a cast truncates them), not shaped [batch, tokens] or [1, tokens], or negative at a token the mask
+    `keep` (nonzero: kept; None: all) keeps (a table's Gather wraps them around, RoPE turns backwards; a masked
+    token's position reaches no kept token). Values are read on the CPU only: on a GPU that would cost a sync
+    per call."""
     import numpy as np
 
-    values = (position_ids.detach().cpu().numpy() if isinstance(position_ids, torch.Tensor)
-              else np.asarray(position_ids))
-    if not np.issubdtype(values.dtype, np.integer):
-        raise TypeError(f"position_ids must hold integers, got dtype {values.dtype}")
-    if values.shape not in ((batch, tokens), (1, tokens)):
-        raise ValueError(f"position_ids must be [batch, tokens] = {(batch, tokens)} (or [1, tokens]), got "
-                         f"{values.shape}")
-    if values.min() < 0:
-        raise ValueError(f"position_ids holds negative positions (min {values.min()}); number tokens from 0 (left "
-                         "padding: leave position_ids out, or give pads any position >= 0)")
+    if isinstance(position_ids, torch.Tensor):
+        if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
+            raise TypeError(f"position_ids must hold integers, got dtype {position_ids.dtype}")
+        if position_ids.device.type != "cpu":
+            values = None
+        else:
+            values = position_ids.detach().numpy()
+        shape = tuple(position_ids.shape)
+    else:
+        values = np.asarray(position_ids)
+        if not np.issubdtype(values.dtype, np.integer):
+            raise TypeError(f"position_ids must hold integers, got dtype {values.dtype}")
+        shape = values.shape
+    if shape not in ((batch, tokens), (1, tokens)):
+        raise ValueError(f"position_ids must be [batch, tokens] = {(batch, tokens)} (or [1, tokens]), got {shape}")
+    if values is None:
+        return
+    if keep is not None:
+        kept = keep.detach().cpu().numpy() if isinstance(keep, torch.Tensor) else np.asarray(keep)
+        values = np.broadcast_to(values, (batch, tokens))[kept != 0]
+    if values.size and values.min() < 0:
+        raise ValueError(f"position_ids holds negative positions at kept tokens (min {values.min()}); number "
+                         "tokens from 0 (a masked pad may have any position)")
 
 
 def check_state(state: RecurrentState, names: list[str], batch: int,

@@ -54,7 +54,7 @@ def test_positions_and_masks_read_the_same_on_both_runtimes(models):
     linear, ort, _ = models
     batch = IDS[:, :6].repeat(2, 1)
     for model in (linear, ort):
-        with pytest.raises(ValueError, match="negative positions"):
+        with pytest.raises(ValueError, match="negative positions at kept tokens"):
             model(IDS[:, :3], position_ids=torch.tensor([[-3, -2, -1]]))
         with pytest.raises(TypeError, match="position_ids must hold integers"):
             model(IDS[:, :3], position_ids=torch.tensor([[0.9, 1.9, 2.9]]))
@@ -65,6 +65,13 @@ def test_positions_and_masks_read_the_same_on_both_runtimes(models):
     half = torch.full((1, 12), 0.5)
     for model in (linear, ort):
         assert torch.allclose(model(IDS, attention_mask=half).logits, model(IDS).logits, atol=1e-6)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    counted = mask.cumsum(-1) - 1  # a common spelling: left pads get -1, which no kept token reads
+    for model in (linear, ort):
+        got = model(batch, attention_mask=mask, position_ids=counted).logits
+        want = model(batch, attention_mask=mask, position_ids=counted.clamp_min(0)).logits
+        assert torch.allclose(got[mask.bool()], want[mask.bool()], atol=1e-6)
 
 
 def test_generate_stops_at_the_models_eos_unless_told_otherwise(models):

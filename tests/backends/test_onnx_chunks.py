@@ -136,6 +136,15 @@ def test_a_chunked_export_matches_torch_and_the_export_without_chunks(exports):
         assert torch.allclose(a.logits, b.logits, atol=1e-5)
 
 
+def _assert_same_logits(model, export):
+    """The export's logits on a batch of 11 tokens (past the chunk size) are the torch graph's."""
+    ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(ids).logits
+    got = OrtModel.from_dir(export, providers=["CPUExecutionProvider"])(ids).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 def test_a_site_without_a_key_mask_exports_chunked(tmp_path):
     """Sites whose graph passes no key mask (every key real) get an all-True one in the export: the same logits
     as the torch graph on a call past the chunk size."""
@@ -145,11 +154,7 @@ def test_a_site_without_a_key_mask_exports_chunked(tmp_path):
             node.args = (*node.args[:3], None, *node.args[4:])
     model.graph.recompile()
     out = lo.export_onnx(model, tmp_path / "export", chunk_size=4)
-    ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        expected = model(ids).logits
-    got = OrtModel.from_dir(out, providers=["CPUExecutionProvider"])(ids).logits
-    assert torch.allclose(got, expected, atol=1e-5)
+    _assert_same_logits(model, out)
 
 
 @pytest.mark.parametrize("chunk_size", [0, 16.5, "64", True])
@@ -178,11 +183,7 @@ def test_a_centered_conv_is_not_cut_into_chunks(tmp_path):
     model = perturb_new_parameters(lincompile.optimize(tiny_model("llama"), "augmented-centered"))
     with pytest.warns(UserWarning, match="chunks nothing: .*a centered conv looks ahead"):
         out = lo.export_onnx(model, tmp_path / "export", chunk_size=4)
-    ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        expected = model(ids).logits
-    got = OrtModel.from_dir(out, providers=["CPUExecutionProvider"])(ids).logits
-    assert torch.allclose(got, expected, atol=1e-5)
+    _assert_same_logits(model, out)
 
 
 def test_hoist_static_moves_what_reads_only_sizes_and_parameters():

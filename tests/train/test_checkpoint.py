@@ -118,7 +118,7 @@ def test_resume_refuses_a_changed_config(tmp_path, worker):
               progress=False)
 
 
-def test_checkpoints_have_ordinary_permissions(tmp_path):
+def test_checkpoints_have_ordinary_permissions(usual_umask, tmp_path):
     from lincompile.train.checkpoint import save_checkpoint
 
     path = save_checkpoint(tmp_path, 3, {"w": torch.zeros(2)}, {}, {}, {}, {})

@@ -87,13 +87,18 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
     if args.heads + (args.labels == "corpus") >= args.block_size:
         raise ValueError(f"--heads {args.heads} leaves heads with no token to predict in a block of "
                          f"{args.block_size}: use fewer heads or a larger --block-size")
+    for flag, tokens in (("--tokens", args.tokens), ("--heldout-tokens", args.heldout_tokens)):
+        if 0 < tokens < args.block_size:
+            raise ValueError(f"{flag} {tokens} is less than one block of --block-size {args.block_size} (tokens are "
+                             f"taken in whole blocks): give at least {args.block_size}"
+                             + (", or 0 for none" if flag == "--heldout-tokens" else ""))
     check_replaceable(args.out, MEDUSA_CONFIG)
     check_not_inside(args.out, args.model)
     target, tokenizer = _frozen_target(args, "training the heads")
     vocab, hidden = target.lm_head_weight.shape
     config = MedusaConfig(num_heads=args.heads, hidden_size=hidden, vocab_size=vocab, num_layers=args.head_layers)
     blocks = token_blocks(tokenizer, load_texts("train", args.data), args.block_size, args.tokens // args.block_size)
-    held = (heldout_blocks(tokenizer, args.block_size, max(1, args.heldout_tokens // args.block_size), data=args.data,
+    held = (heldout_blocks(tokenizer, args.block_size, args.heldout_tokens // args.block_size, data=args.data,
                            skip="--heldout-tokens 0") if args.heldout_tokens else None)
     result = train_medusa(target, blocks, config, args.steps, args.lr, args.batch_size, args.out, heldout=held,
                           labels=args.labels, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
@@ -201,7 +206,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--tokens", type=positive_int, default=131072, help="training tokens the target is run over "
                    "(default 131072; hidden states kept in fp16: tokens x hidden x 2 bytes)")
     p.add_argument("--heldout-tokens", type=nonnegative_int, default=8192,
-                   help="held-out tokens for the accuracy metric (default 8192; 0 = none)")
+                   help="held-out tokens for the accuracy metric, in whole blocks (default 8192; 0 = none)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate, cosine decay (default 1e-3)")
     p.add_argument("--warmup-steps", type=nonnegative_int, default=20, help="linear warm-up steps (default 20)")
     p.add_argument("--labels", choices=("self", "corpus"), default="self",

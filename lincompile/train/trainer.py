@@ -86,6 +86,11 @@ class TrainConfig(JsonConfig):
                              f"({self.grad_accum})")
         if self.block_size < 2 or self.keep_checkpoints < 1 or self.kl_weight < 0:
             raise ValueError("need block_size >= 2, keep_checkpoints >= 1 and kl_weight >= 0")
+        if not (self.lr >= 0 and self.stage1_lr >= 0) or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError(f"need lr >= 0 and stage1_lr >= 0 (got {self.lr}, {self.stage1_lr}), weight_decay >= 0 "
+                             "and max_grad_norm >= 0 (0: no clipping)")
+        if self.eval_blocks < 0:
+            raise ValueError(f"eval_blocks must be >= 0, got {self.eval_blocks}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
         if self.full and self.lora_rank:

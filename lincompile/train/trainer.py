@@ -315,7 +315,7 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
     root = Path(out_dir) / "checkpoints"
     found = latest_checkpoint(root) if resume else None
     checkpoint = load_checkpoint(found) if found is not None else None
-    fingerprint = _fingerprint(linear, blocks)  # before any tensor is trained, restored or set from `init`
+    fingerprint = _fingerprint(linear, blocks, init)  # before any tensor is trained, restored or set from `init`
     if checkpoint is not None:
         _check_resumable(checkpoint, linear, config)
         _check_same_inputs(checkpoint, fingerprint)
@@ -334,7 +334,7 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
     if checkpoint is not None:
         # the run's starting point before any stage is set up; the checkpoint's tensors replace what it holds, so
         # only what it lacks stays pending (LoRA after stage 1)
-        rest = _copy_by_name(linear, _resume_init(checkpoint, init), "init", final=False)
+        rest = _copy_by_name(linear, _resume_init(checkpoint, init, fingerprint), "init", final=False)
         pending = {name: value for name, value in rest.items() if name not in checkpoint.tensors}
     _check_init(pending, config, linear)
     last_stage = 2 if config.stage2_steps else 1
@@ -402,9 +402,11 @@ def _trained_tensors(linear: LinearizedModel, stage: _Stage) -> dict[str, Tensor
     return {**attention_parameters(linear), **stage.params}
 
 
-def _resume_init(checkpoint: Checkpoint, init: dict[str, Tensor] | None) -> dict[str, Tensor]:
-    """The `init` a resumed run starts from: a run started from `init` must be resumed with the same names (its
-    checkpoints record them), one started without it without (older checkpoints recorded neither: ignored)."""
+def _resume_init(checkpoint: Checkpoint, init: dict[str, Tensor] | None,
+                 fingerprint: dict[str, str]) -> dict[str, Tensor]:
+    """The `init` a resumed run starts from: a run started from `init` must be resumed with the same tensors (its
+    checkpoints record their names and a digest of their values), one started without it without (older
+    checkpoints recorded neither, or no digest: not checked)."""
     names = checkpoint.state.get("init", [])
     if not names:
         if init and "init" in checkpoint.state:
@@ -414,17 +416,27 @@ def _resume_init(checkpoint: Checkpoint, init: dict[str, Tensor] | None) -> dict
         given = "none" if init is None else f"{len(init)} other tensors"
         raise ValueError(f"{checkpoint.path}: this run started from {len(names)} init tensors ({given} given now); "
                          "resume it with the same --init")
+    saved = checkpoint.state.get("fingerprint", {}).get("init")
+    if saved is not None and saved != fingerprint["init"]:
+        raise ValueError(f"{checkpoint.path}: this run started from init tensors of the same names but other values; "
+                         "resume it with the same --init")
     return dict(init)
 
 
-def _fingerprint(linear: LinearizedModel, blocks: Tensor) -> dict[str, str]:
-    """Hashes of what a resumed run must share with the run it continues: the training tokens, and the model's
-    first weight (the embeddings) as loaded."""
-    def digest(t: Tensor) -> str:
+def _fingerprint(linear: LinearizedModel, blocks: Tensor, init: dict[str, Tensor] | None) -> dict[str, str]:
+    """Hashes of what a resumed run must share with the run it continues: the training tokens, the model's first
+    weight (the embeddings) as loaded, and the `init` tensors (names and values)."""
+    def update(hasher: Any, t: Tensor) -> Any:
         data = t.detach().cpu().reshape(-1).contiguous().view(torch.uint8)  # the bytes, whatever the dtype
-        return hashlib.sha256(memoryview(data.numpy())).hexdigest()[:16]
+        hasher.update(memoryview(data.numpy()))
+        return hasher
 
-    return {"data": digest(blocks), "model": digest(next(linear.graph.parameters()))}
+    tensors = hashlib.sha256()
+    for name in sorted(init or {}):
+        update(tensors, init[name]).update(name.encode())
+    return {"data": update(hashlib.sha256(), blocks).hexdigest()[:16],
+            "model": update(hashlib.sha256(), next(linear.graph.parameters())).hexdigest()[:16],
+            "init": tensors.hexdigest()[:16]}
 
 
 def _check_same_inputs(checkpoint: Checkpoint, fingerprint: dict[str, str]) -> None:

@@ -122,6 +122,9 @@ def test_a_run_started_from_init_resumes_from_any_checkpoint_exactly(reference_r
     linear, blocks, _ = worker.build()
     with pytest.raises(ValueError, match="started from .* init tensors .*same --init"):
         train(linear, blocks, config, tmp_path / "part", resume=True, progress=False)
+    other = {name: value + 1 if name == min(init) else value for name, value in init.items()}
+    with pytest.raises(ValueError, match="same names but other values; resume it with the same --init"):
+        train(linear, blocks, config, tmp_path / "part", resume=True, progress=False, init=other)
     linear, blocks, _ = worker.build()
     train(linear, blocks, config, tmp_path / "part", resume=True, progress=False, init=init)
     resumed = dict(linear.graph.named_parameters())

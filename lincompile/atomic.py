@@ -61,10 +61,19 @@ def make_shareable(directory: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
+def _check_not_current(target: Path) -> None:
+    """Refuse replacing `target` (resolved) when it is the current directory or holds it."""
+    if Path.cwd().is_relative_to(target):
+        raise ValueError(f"{target} is the current directory or holds it; replacing it would pull it from under "
+                         "this process: write to a new directory inside it, or elsewhere")
+
+
 def check_not_inside(target: str | os.PathLike[str], *sources: str | os.PathLike[str] | None) -> None:
     """Refuse a `target` directory that is, or holds, one of the `sources` a command reads (writing it would replace
-    them); sources that are not existing paths (model names) are ignored."""
+    them), or the current directory; sources that are not existing paths (model names) are ignored. Commands that
+    replace `target` whole call it before long work."""
     where = Path(target).expanduser().resolve()  # through symlinks, to what would be replaced
+    _check_not_current(where)
     for source in sources:
         path = Path(source).expanduser() if source is not None else None
         if path is not None and path.exists() and path.resolve().is_relative_to(where):
@@ -96,9 +105,7 @@ def atomic_directory(target: str | os.PathLike[str], marker: str | None) -> Iter
     # "." or "out/.." has no name to put a sibling beside; a link is followed, so that what it points to is
     # replaced (replacing the link itself would leave the old files where the link pointed)
     target = Path(os.path.realpath(target))
-    if Path.cwd().is_relative_to(target):
-        raise ValueError(f"{target} is the current directory or holds it; replacing it would pull it from under "
-                         "this process: write to a new directory inside it, or elsewhere")
+    _check_not_current(target)
     if marker is not None:
         check_replaceable(target, marker)
     target.parent.mkdir(parents=True, exist_ok=True)

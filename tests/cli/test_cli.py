@@ -308,6 +308,11 @@ def test_export_checks_its_options_and_out_before_loading(capsys, tmp_path: Path
     assert code == 1
     assert_one_line_error(err, "not a directory of this kind that lincompile wrote")
     assert (mine / "notes.txt").read_text() == "mine"
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    code, _, err = run(capsys, "export", "smollm2-135m", "--method", "augmented", "--out", ".")
+    assert code == 1
+    assert_one_line_error(err, "is the current directory or holds it")
     for option, value in (("--opset", "10"), ("--chunk-size", "0"), ("--quantize", "int4")):
         with pytest.raises(SystemExit) as exit_info:
             main(["export", "smollm2-135m", "--method", "augmented", "--out", str(tmp_path / "new"), option, value])

@@ -102,7 +102,8 @@ def check_position_ids(position_ids: object, batch: int, tokens: int, keep: obje
 def check_state(state: RecurrentState, names: list[str], batch: int,
                 shapes: dict[str, tuple[int | str, ...]] | None = None) -> None:
     """Refuse a `past_state` that is not this model's (other parts, or parts of other sizes per row: `shapes`, a
-    str for a dim that may grow) or not this call's (another batch size)."""
+    str for a dim that grows: a KV cache's, which holds `state.length` tokens) or not this call's (another batch
+    size)."""
     have, want = set(state.tensors), set(names)
     if have != want:
         raise ValueError(f"past_state does not belong to this model (missing {sorted(want - have)[:3]}, unexpected "
@@ -117,6 +118,10 @@ def check_state(state: RecurrentState, names: list[str], batch: int,
                 isinstance(e, int) and e != got for e, got in zip(expected, shape[1:]))):
             raise ValueError(f"past_state part {name} is {list(shape[1:])} per row, this model's is "
                              f"{list(expected)}: a state of another model (method or size) cannot continue here")
+        grown = [got for e, got in zip(expected or (), shape[1:]) if isinstance(e, str) and got != state.length]
+        if grown:
+            raise ValueError(f"past_state part {name} holds {grown[0]} past tokens, and its length is {state.length}: "
+                             "pass the RecurrentState this model returned (its length numbers the next tokens)")
 
 
 #: Position tables by attribute name: GPT-2's and GPT-Neo's `wpe`, the BERT family's `position_embeddings`, OPT's

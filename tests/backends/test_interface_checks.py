@@ -147,6 +147,18 @@ def test_a_state_of_another_size_is_refused_by_name(models):
             runner(IDS[:, 4:], past_state=type(state)(bad, state.length))
 
 
+def test_a_kv_cache_state_must_keep_its_length():
+    """A state rebuilt without its length would number the next tokens from 0 (silently, under RoPE)."""
+    from lincompile.runtime.state import RecurrentState
+
+    model = lincompile.optimize(tiny_model("llama"), "softmax")
+    state = model(IDS[:, :4]).past_state
+    with pytest.raises(ValueError, match="holds 4 past tokens, and its length is 0"):
+        model(IDS[:, 4:], past_state=RecurrentState(state.tensors))
+    torch.testing.assert_close(model(IDS[:, 4:], past_state=state).logits, model(IDS).logits[:, 4:], rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_directories_missing_a_file_say_so(models, tmp_path):
     import shutil
 

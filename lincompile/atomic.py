@@ -121,7 +121,9 @@ def atomic_directory(target: str | os.PathLike[str], marker: str | None) -> Iter
 
 def atomic_write_text(target: str | os.PathLike[str], text: str) -> Path:
     """Write `text` to a unique temp sibling of `target`, then rename it into place (safe when several
-    processes write the same file: each rename is whole). A link is followed: what it points to is replaced."""
+    processes write the same file: each rename is whole). A link is followed: what it points to is replaced.
+    Returns `target` as given."""
+    given = Path(target)
     target = Path(os.path.realpath(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -133,4 +135,4 @@ def atomic_write_text(target: str | os.PathLike[str], text: str) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
+    return given

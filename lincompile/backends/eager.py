@@ -218,6 +218,7 @@ class LinearizedModel(torch.nn.Module):
         check_positions(self, state.length + tokens)
         if attention_mask is not None and attention_mask.shape[1] == state.length + tokens and state.length:
             attention_mask = attention_mask[:, state.length:]
+        given_mask = attention_mask
         if attention_mask is None:
             attention_mask = torch.ones(batch, tokens, dtype=torch.long, device=input_ids.device)
         if attention_mask.shape != (batch, tokens):
@@ -226,8 +227,10 @@ class LinearizedModel(torch.nn.Module):
         if position_ids is None:
             position_ids = default_positions(input_ids, state.length, self.position_padding)
         else:
-            check_position_ids(position_ids, batch, tokens, attention_mask)
+            check_position_ids(position_ids, batch, tokens, given_mask)
             position_ids = torch.as_tensor(position_ids, device=input_ids.device).expand(batch, tokens)
+            if given_mask is not None:  # nothing reads a masked token's position: keep it inside a learned table
+                position_ids = torch.where(given_mask.to(input_ids.device) != 0, position_ids, 0)
         values = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                   **extra, **state.tensors}
         missing = [n for n in self.input_names if n not in values]

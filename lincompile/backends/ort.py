@@ -179,7 +179,7 @@ class OrtModel:
             position_ids = default_positions(torch.from_numpy(ids), state.length, self.position_padding).numpy()
         else:
             check_position_ids(position_ids, batch, tokens, mask)
-            position_ids = np.broadcast_to(_numpy(position_ids, np.dtype(np.int64)), (batch, tokens))
+            position_ids = np.where(mask != 0, _numpy(position_ids, np.dtype(np.int64)), 0)  # as torch: see there
         values = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, **state.tensors}
         missing = [n for n in self.input_names if n not in values]
         if missing:

@@ -123,20 +123,30 @@ def _same_out_of_place(node: fx.Node) -> bool:
     return dtype == out_val.dtype and shape == out_val.shape
 
 
+def _out_of_place(node: fx.Node) -> bool:
+    """Make in-place arithmetic on a private temporary out-of-place when that gives the same result; whether it did."""
+    if (node.op == "call_function" and node.target in _IN_PLACE and _private_temporary(node.args[0], node)
+            and _same_out_of_place(node)):
+        node.target = _IN_PLACE[node.target]
+        return True
+    return False
+
+
 def normalize(gm: fx.GraphModule) -> int:
     """Canonicalize `gm` in place; returns how many nodes were removed or rewritten."""
     graph = gm.graph
     changed = 0
     for node in list(graph.nodes):  # first, so that a copy only this arithmetic wrote is no longer written
-        if (node.op == "call_function" and node.target in _IN_PLACE and _private_temporary(node.args[0], node)
-                and _same_out_of_place(node)):
-            node.target = _IN_PLACE[node.target]
+        if _out_of_place(node):
             changed += 1
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
         target = node.target
         replacement = None
+        if _out_of_place(node):  # again, now that no-op casts before it are gone (`s.float()` then `s += bias`)
+            changed += 1
+            continue
         if target in _ASSERTS and not node.users:
             graph.erase_node(node)
             changed += 1

@@ -69,9 +69,9 @@ def require_decodable(model: object, what: str) -> None:
 def check_position_ids(position_ids: object, batch: int, tokens: int, keep: object = None) -> None:
     """Refuse position ids (a torch tensor or an array) a graph would read wrongly instead of failing: not whole
     numbers (a cast truncates them), not shaped [batch, tokens] or [1, tokens], or negative at a token the mask
-    `keep` (nonzero: kept; None: all) keeps (a table's Gather wraps them around, RoPE turns backwards; a masked
-    token's position reaches no kept token). Values are read on the CPU only: on a GPU that would cost a sync
-    per call."""
+    `keep` (nonzero: kept; None: all) keeps (a learned table would be read out of range, RoPE would turn
+    backwards; a masked token's position reaches no kept token, and the runtimes set it to 0). The values of
+    position ids on a GPU are not read: that would cost a sync per call."""
     import numpy as np
 
     if isinstance(position_ids, torch.Tensor):

@@ -86,9 +86,11 @@ class TrainConfig(JsonConfig):
                              f"({self.grad_accum})")
         if self.block_size < 2 or self.keep_checkpoints < 1 or self.kl_weight < 0:
             raise ValueError("need block_size >= 2, keep_checkpoints >= 1 and kl_weight >= 0")
-        if not (self.lr >= 0 and self.stage1_lr >= 0) or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError(f"need lr >= 0 and stage1_lr >= 0 (got {self.lr}, {self.stage1_lr}), weight_decay >= 0 "
-                             "and max_grad_norm >= 0 (0: no clipping)")
+        negative = [name for name in ("lr", "stage1_lr", "weight_decay", "max_grad_norm")
+                    if not getattr(self, name) >= 0]  # NaN too
+        if negative:
+            raise ValueError(f"{negative} must be >= 0 (max_grad_norm 0: no clipping), got "
+                             f"{[getattr(self, name) for name in negative]}")
         if self.eval_blocks < 0:
             raise ValueError(f"eval_blocks must be >= 0, got {self.eval_blocks}")
         if self.lr_schedule not in LR_SCHEDULES:

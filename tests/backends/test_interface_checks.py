@@ -68,7 +68,8 @@ def test_positions_and_masks_read_the_same_on_both_runtimes(models):
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, :2] = 0
     counted = mask.cumsum(-1) - 1  # a common spelling: left pads get -1, which no kept token reads
-    for model in (linear, ort):
+    gpt2 = lincompile.optimize(tiny_model("gpt2"), "augmented")  # a learned table: -1 would be read out of range
+    for model in (linear, ort, gpt2):
         got = model(batch, attention_mask=mask, position_ids=counted).logits
         want = model(batch, attention_mask=mask, position_ids=counted.clamp_min(0)).logits
         assert torch.allclose(got[mask.bool()], want[mask.bool()], atol=1e-6)

@@ -159,6 +159,28 @@ def test_a_copy_that_an_in_place_op_writes_stays(case):
     torch.testing.assert_close(gm(x), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("between", ["float", "detach", "full slice"])
+def test_in_place_arithmetic_after_a_no_op_cast_goes_out_of_place(between):
+    """`scores.float()` (already fp32), `.detach()` or `[..., :]` before `scores += bias`: once that no-op goes, the
+    add is on a private temporary and becomes out-of-place, as without it."""
+    from lincompile.capture.normalize import normalize
+
+    class Scores(torch.nn.Module):
+        def forward(self, x, bias):
+            scores = x @ x.transpose(-1, -2)
+            scores = {"float": scores.float, "detach": scores.detach, "full slice": lambda: scores[..., :]}[between]()
+            scores += bias
+            return scores.softmax(-1) @ x
+
+    x, bias = torch.randn(2, 5, 4), torch.randn(2, 5, 5)
+    gm = torch.export.export(Scores(), (x, bias), strict=False).module()
+    expected = gm(x, bias)
+    normalize(gm)
+    targets = [n.target for n in gm.graph.nodes]
+    assert torch.ops.aten.add_.Tensor not in targets and torch.ops.aten.add.Tensor in targets
+    torch.testing.assert_close(gm(x, bias), expected, rtol=0, atol=0)
+
+
 def test_in_place_arithmetic_that_would_promote_stays_in_place():
     """fp16 scores += an fp32 bias stays fp16 in place; out of place it would promote to fp32 (and the next fp16
     matmul would fail), so normalize leaves it."""

@@ -87,11 +87,9 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
     if args.heads + (args.labels == "corpus") >= args.block_size:
         raise ValueError(f"--heads {args.heads} leaves heads with no token to predict in a block of "
                          f"{args.block_size}: use fewer heads or a larger --block-size")
-    for flag, tokens in (("--tokens", args.tokens), ("--heldout-tokens", args.heldout_tokens)):
-        if 0 < tokens < args.block_size:
-            raise ValueError(f"{flag} {tokens} is less than one block of --block-size {args.block_size} (tokens are "
-                             f"taken in whole blocks): give at least {args.block_size}"
-                             + (", or 0 for none" if flag == "--heldout-tokens" else ""))
+    if 0 < args.heldout_tokens < args.block_size:  # (--tokens: `_frozen_target` checks it)
+        raise ValueError(f"--heldout-tokens ({args.heldout_tokens}) must be at least one block (--block-size "
+                         f"{args.block_size}), or 0 for none")
     check_replaceable(args.out, MEDUSA_CONFIG)
     check_not_inside(args.out, args.model)
     target, tokenizer = _frozen_target(args, "training the heads")

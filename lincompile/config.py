@@ -15,10 +15,8 @@ def site_indices(layers: object) -> tuple[int, ...]:
     if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
         raise TypeError(f"layers must be an iterable of site indices (a list or a range), got {layers!r}")
     items = list(layers)
-    if any(isinstance(i, bool) for i in items):
-        raise TypeError(f"layers must hold site indices (ints), got {items!r}")
     try:
-        return tuple(operator.index(i) for i in items)
+        return tuple(_whole("a site index", i) for i in items)
     except TypeError:
         raise TypeError(f"layers must hold site indices (ints), got {items!r}") from None
 

@@ -60,3 +60,9 @@ def opset_type(text: str) -> int:
 def positive_int_list(text: str) -> list[int]:
     """Comma-separated ints >= 1 (`--lengths 1024,2048`)."""
     return [positive_int(item.strip()) for item in text.split(",")]
+
+
+def given_flags(options: dict[str, object]) -> str:
+    """The flags of `options` ({flag: parsed value}) the command line gave, comma-separated: a value other than
+    None (an option's "not given" default) or False (an unset store_true)."""
+    return ", ".join(flag for flag, value in options.items() if value is not None and value is not False)

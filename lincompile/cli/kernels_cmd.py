@@ -12,7 +12,7 @@ import ast
 import json
 from typing import Any
 
-from lincompile.cli.args import positive_int
+from lincompile.cli.args import given_flags, positive_int
 from lincompile.kernels.triton.codegen import generate
 from lincompile.kernels.triton.codegen_bwd import generate_backward
 from lincompile.kernels.triton.plan import DTYPES, Plan, block, unsupported_reason
@@ -104,9 +104,9 @@ def kernel_source(method: str, form: str, head_dim: int = 64, v_head_dim: int | 
 def run(args: argparse.Namespace) -> int:
     """Print the listing or one kernel's source; 0 on success. The shape options choose the printed kernel, so
     without --print-source they are refused rather than ignored."""
-    shape = {"--form": args.form, "--head-dim": args.head_dim, "--v-head-dim": args.v_head_dim, "--dtype": args.dtype}
-    if not args.print_source and any(value is not None for value in shape.values()):
-        given = ", ".join(flag for flag, value in shape.items() if value is not None)
+    given = given_flags({"--form": args.form, "--head-dim": args.head_dim, "--v-head-dim": args.v_head_dim,
+                         "--dtype": args.dtype})
+    if not args.print_source and given:
         raise ValueError(f"{given} choose the kernel --print-source prints: add --print-source METHOD, or drop "
                          "them to list the methods")
     if args.print_source:

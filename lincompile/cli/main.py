@@ -22,7 +22,7 @@ from lincompile.api import UnrecognizedAttentionError, example_inputs, run_pipel
 from lincompile.assets import EMBEDDED_MODELS, load_model
 from lincompile.capture.export import CapturedGraph
 from lincompile.cli import draft_cmd, kernels_cmd, serve_cmd
-from lincompile.cli.args import nonnegative_int
+from lincompile.cli.args import given_flags, nonnegative_int
 from lincompile.cli.demo import add_demo_arguments, cmd_demo
 from lincompile.cli.evaluate import add_eval_arguments, cmd_eval
 from lincompile.cli.train_cmd import add_train_arguments, cmd_train
@@ -180,9 +180,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     PassManager(build_pipeline(config, names), disabled, args.stop_after)  # validate names before the slow load
     reached = names[:names.index(args.stop_after) + 1] if args.stop_after in names else names
     if "linearize" not in reached or "linearize" in disabled:
-        ignored = [flag for flag, value in (("--layers", args.layers), ("--fuel", args.fuel)) if value is not None]
+        ignored = given_flags({"--layers": args.layers, "--fuel": args.fuel})
         if ignored:
-            raise ValueError(f"{', '.join(ignored)} choose what the linearize pass rewrites, and this run does not "
+            raise ValueError(f"{ignored} choose what the linearize pass rewrites, and this run does not "
                              "run it: drop them, or run linearize")
     if args.dump_dir is not None:
         check_dump_dir(args.dump_dir)  # and a user's directory

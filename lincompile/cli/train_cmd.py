@@ -16,7 +16,7 @@ from typing import Any
 from lincompile.api import SAVE_FILE, optimize
 from lincompile.assets import load_model
 from lincompile.atomic import atomic_write_text, check_not_inside, check_replaceable
-from lincompile.cli.args import nonnegative_float, nonnegative_int, positive_float, positive_int
+from lincompile.cli.args import given_flags, nonnegative_float, nonnegative_int, positive_float, positive_int
 from lincompile.cli.summary import print_summary
 from lincompile.config import LinearizeConfig
 from lincompile.methods.spec import methods
@@ -36,17 +36,14 @@ def _or(value: Any, default: Any) -> Any:
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the command line describes. `--full` trains every weight, so the options choosing what
     else to train are refused beside it rather than ignored."""
-    lora = {"--lora-rank": args.lora_rank, "--lora-alpha": args.lora_alpha, "--lora-targets": args.lora_targets}
-    if args.full:
-        extra = [flag for flag, value in lora.items() if value is not None]
-        extra += [flag for flag, on in (("--train-norms", args.train_norms),
-                                        ("--train-embeddings", args.train_embeddings)) if on]
-        if extra:
-            raise ValueError(f"--full trains every weight, so {', '.join(extra)} would have no effect: drop them, "
-                             "or drop --full to train LoRA adapters")
-    if args.lora_rank == 0 and (args.lora_alpha is not None or args.lora_targets is not None):
-        given = ", ".join(f for f, v in (("--lora-alpha", args.lora_alpha), ("--lora-targets", args.lora_targets))
-                          if v is not None)
+    adapters = {"--lora-alpha": args.lora_alpha, "--lora-targets": args.lora_targets}
+    extra = given_flags({"--lora-rank": args.lora_rank, **adapters, "--train-norms": args.train_norms,
+                         "--train-embeddings": args.train_embeddings})
+    if args.full and extra:
+        raise ValueError(f"--full trains every weight, so {extra} would have no effect: drop them, or drop --full "
+                         "to train LoRA adapters")
+    given = given_flags(adapters)
+    if args.lora_rank == 0 and given:
         raise ValueError(f"--lora-rank 0 trains no adapters, so {given} would have no effect: drop them, or give "
                          "a rank > 0")
     targets = DEFAULT_TARGETS if args.lora_targets is None else args.lora_targets.split(",")

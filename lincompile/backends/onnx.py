@@ -462,8 +462,9 @@ def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer
         try:
             proto, version, counts = _export_split(model, opset, optimize, chunk_size, decode_step)
         except (onnx_sites.SpliceError, OnnxLoweringError) as error:  # the whole graph computes the same ops
+            lost = ", and one-token calls skip the decode step's own form" if decode_step else ""
             warn(f"export_onnx: exporting each attention site once failed ({_first_lines(error, 2)}); "
-                 "tracing the whole graph instead (same ops, slower; calls run in one piece)")
+                 f"tracing the whole graph instead (same ops, slower; calls run in one piece{lost})")
             proto, fell_back = None, True
     if proto is None:
         example = _example_inputs(model)

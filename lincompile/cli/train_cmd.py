@@ -226,7 +226,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "OUT/checkpoints/step-N; its LoRA adapters continue (same --lora-* options); resume "
                              "such a run with the same --init")
     parser.add_argument("--seed", type=int, default=d.seed, help="data order and LoRA init (default 0)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available; "
+                             "under torchrun each process uses cuda:LOCAL_RANK)")
     parser.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on GPU (CPU never uses it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")

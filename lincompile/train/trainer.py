@@ -116,18 +116,23 @@ class Distributed:
     def from_env(cls, device: str | None = None) -> "Distributed":
         """Join the job torchrun describes (WORLD_SIZE > 1: nccl on GPU, gloo on CPU), else a single process.
 
-        `device` None picks CUDA when available (cuda:LOCAL_RANK under torchrun); "cpu" or "cuda[:N]" otherwise."""
+        `device` None picks CUDA when available (cuda:LOCAL_RANK under torchrun); "cpu" or "cuda[:N]" otherwise.
+        Under torchrun each process takes cuda:LOCAL_RANK, so a GPU index there is refused rather than ignored."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         if device is not None:
             try:
-                kind = torch.device(device).type
+                kind, index = torch.device(device).type, torch.device(device).index
             except RuntimeError:
-                kind = device
+                kind, index = device, None
             if kind not in ("cpu", "cuda"):
                 raise ValueError(f"device {device!r}: use cpu or cuda (cuda:N for one GPU)")
+            if world > 1 and index is not None:
+                raise ValueError(f"device {device!r}: under torchrun each process uses cuda:LOCAL_RANK; "
+                                 "pass --device cuda (no index), and choose GPUs with CUDA_VISIBLE_DEVICES")
             if kind == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"device {device!r}: this PyTorch sees no CUDA GPU; use cpu, or drop --device")
         use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if world <= 1:
             return cls(device=torch.device(device or ("cuda" if use_cuda else "cpu")))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         target = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")

@@ -284,12 +284,16 @@ def test_eval_refuses_options_that_would_be_ignored(tmp_path):
             cmd_eval(parser.parse_args(argv))
 
 
-def test_training_errors_say_what_to_do(tmp_path):
+def test_training_errors_say_what_to_do(tmp_path, monkeypatch):
     from lincompile.train.data import heldout_blocks
     from lincompile.train.trainer import Distributed
 
     with pytest.raises(ValueError, match="use cpu or cuda"):
         Distributed.from_env("gpu")
+    with monkeypatch.context() as env:
+        env.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ValueError, match=r"'cuda:1': under torchrun each process uses cuda:LOCAL_RANK"):
+            Distributed.from_env("cuda:1")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no CUDA GPU"):
             Distributed.from_env("cuda")

@@ -18,6 +18,7 @@ from lincompile.diagnostics import warn
 from lincompile.methods.spec import MethodSpec, get_method
 from lincompile.passes.base import PassContext, PassManager, PassResult, Verifier
 from lincompile.passes.detect_attention import WINDOW_PROBE, AttentionSite, UnmatchedSoftmax
+from lincompile.passes.linearize import warn_rewrite_notes
 from lincompile.passes.pipeline import DEFAULT_PIPELINE, build_pipeline
 from lincompile.pretrained import with_global_cap
 from lincompile.runtime.state import position_padding, position_tables
@@ -151,12 +152,7 @@ def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, 
             raise UnrecognizedAttentionError(message)
         warn(message + "\nthese nodes were left unchanged")
     _warn_unprobed_window(model, ctx)
-    dropped = [note for result in report.passes for note in result.notes if " dropped by " in note]
-    if dropped:
-        warn(f"{len(dropped)} attention terms have no linear form and are dropped (training can recover "
-             "part of what they did; layers= converts only the sites it lists and keeps the rest exact):\n  "
-             + "\n  ".join(dropped[:4])
-             + (f"\n  ... {len(dropped) - 4} more in the returned model's .report" if len(dropped) > 4 else ""))
+    warn_rewrite_notes(report.passes)
     limit, reason = position_tables(model) or (None, None)
     linearized = LinearizedModel(ctx.gm, ctx.captured.input_names, ctx.captured.output_names, ctx.sites,
                                  ctx.rewritten, config, getattr(model, "config", None), limit,

@@ -52,7 +52,7 @@ from lincompile.config import LinearizeConfig
 from lincompile.diagnostics import warn
 from lincompile.passes.base import Pass, PassContext, PassManager, PassResult
 from lincompile.passes.detect_attention import AttentionSite
-from lincompile.passes.linearize import Linearize
+from lincompile.passes.linearize import Linearize, warn_rewrite_notes
 from lincompile.passes.pipeline import DEFAULT_PIPELINE, build_pipeline
 
 BACKEND_NAME = "lincompile"
@@ -184,6 +184,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any],
         if config.strict:
             raise UnrecognizedAttentionError(message)
         warn(message + "\nthese nodes were left unchanged")
+    warn_rewrite_notes(results)
     return ctx.gm, ctx.sites, results
 
 

@@ -19,7 +19,7 @@ from torch import fx
 from lincompile.methods.spec import MethodSpec
 from lincompile.passes.base import Pass, PassContext, register_pass
 from lincompile.passes.pictures import between
-from lincompile.passes.patterns.attention_forms import PATTERNS, SOFTMAX_OPS
+from lincompile.passes.patterns.attention_forms import MASKED, PATTERNS, SOFTMAX_OPS
 from lincompile.passes.patterns.common import SiteMatch, depends_on, module_path, val
 
 aten = torch.ops.aten
@@ -58,9 +58,11 @@ class AttentionSite:
     match: SiteMatch | None = field(default=None, repr=False)
 
     def decodable(self, spec: MethodSpec) -> bool:
-        """Causal self-attention that `spec` can run through a recurrent state: without a custom bias, or with one
-        that `spec` drops (every method but exact softmax, which keeps the bias and so needs whole sequences)."""
-        return self.causal and not self.cross and (self.mask_kind != "custom" or spec.kind != "softmax")
+        """Causal self-attention that `spec` can run through a recurrent state: a causal-safe method (not the
+        centered conv, which reads later tokens), without a custom bias or with one that `spec` drops (every method
+        but exact softmax, which keeps the bias and so needs whole sequences)."""
+        return (self.causal and not self.cross and spec.causal_safe
+                and (self.mask_kind != "custom" or spec.kind != "softmax"))
 
     def to_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in (
@@ -106,7 +108,7 @@ def _allowed_and_bias(match: SiteMatch, values: dict, t: int, s: int) -> tuple[t
         value = values[node].cpu()  # the probe runs on the CPU whatever device the model is on
         if kind == "additive":
             scaled = value.float() * coefficient
-            keep = scaled > torch.finfo(value.dtype).min / 2 * abs(coefficient)
+            keep = scaled > MASKED
             has_bias = has_bias or bool((scaled[keep] != 0).any())
             allowed = allowed & keep
         elif kind == "allow_bool":
@@ -248,6 +250,21 @@ def _ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
     return seen
 
 
+def _token_inputs(node: fx.Node, tokens: set[fx.Node]) -> set[fx.Node]:
+    """The token inputs (`tokens`) whose values `node` is computed from (a size read from one does not count):
+    queries computed from tokens the keys are not (a decoder's over an encoder's) make cross-attention, whatever
+    the two lengths."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            if current.target is not aten.sym_size.int:
+                stack.extend(current.all_input_nodes)
+    return seen & tokens
+
+
 def _binary_masks(match: SiteMatch, values: dict, unmatched: list[UnmatchedSoftmax]) -> bool:
     """Whether every mask the scores are multiplied by ("allow_01" terms) holds only 0 and 1 in the example; if
     not, the site is reported unmatched (it is not a mask but a weighting) and False."""
@@ -300,11 +317,12 @@ def find_sites(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], inpu
         with torch.no_grad():
             recorder.run(*[example_inputs[n] for n in input_names])
     matches = [m for m in matches if _binary_masks(m, recorder.values, unmatched)]
+    tokens = {placeholders[n] for n in input_names if "input_ids" in n or "inputs_embeds" in n}
     sites = []
     for index, m in enumerate(matches):
         kind, causal, key_input, window = _classify(m, recorder.values, placeholders, example_inputs)
         qv, kv, vv = val(m.q), val(m.k), val(m.v)
-        cross = str(qv.shape[2]) != str(kv.shape[2])
+        cross = str(qv.shape[2]) != str(kv.shape[2]) or bool(_token_inputs(m.q, tokens) - _token_inputs(m.k, tokens))
         sites.append(AttentionSite(
             index=index, path=module_path(m.output), form=m.form, heads=int(qv.shape[1]),
             kv_heads=int(kv.shape[1]), head_dim=int(qv.shape[3]), v_head_dim=int(vv.shape[3]),

@@ -22,9 +22,10 @@ import torch
 from torch import fx
 
 from lincompile.capture.check import attention_op
+from lincompile.diagnostics import warn
 from lincompile.methods.params import init_params
 from lincompile.methods.spec import MethodSpec, get_method
-from lincompile.passes.base import Pass, PassContext, register_pass
+from lincompile.passes.base import Pass, PassContext, PassResult, register_pass
 from lincompile.passes.detect_attention import AttentionSite
 
 aten = torch.ops.aten
@@ -227,6 +228,21 @@ def _add_hidden_output(ctx: PassContext, output: fx.Node, windows: dict[str, fx.
     return True
 
 
+def warn_rewrite_notes(results: list[PassResult]) -> None:
+    """Warn about what the rewrite changed beyond attention's form: the terms it dropped (one warning for all),
+    and each causal site whose method reads later tokens."""
+    notes = [note for result in results for note in result.notes]
+    dropped = [note for note in notes if " dropped by " in note]
+    if dropped:
+        warn(f"{len(dropped)} attention terms are dropped by the rewrite (training can recover "
+             "part of what they did; layers= converts only the sites it lists and keeps the rest exact):\n  "
+             + "\n  ".join(dropped[:4])
+             + (f"\n  ... {len(dropped) - 4} more in the returned model's .report" if len(dropped) > 4 else ""))
+    for note in notes:
+        if " reads later tokens" in note:
+            warn(note)
+
+
 @register_pass
 class Linearize(Pass):
     """Options: method, which sites (`layers`, None = all), `fuel` (max sites to rewrite), `seed` (random
@@ -286,6 +302,12 @@ class Linearize(Pass):
                 raise UnsupportedSiteError(
                     f"site {site.index} ({site.path}) is causal, but {spec.name} projects along the sequence and "
                     "cannot be causal; use it on bidirectional (encoder) models, or pick another method")
+            if site.causal and not spec.causal_safe:
+                notes.append(f"site {site.index} ({site.path}) is causal, but {spec.name} reads later tokens: "
+                             "outputs see the future, and the site keeps no state (whole sequences only)")
+            if site.dropout_p:
+                notes.append(f"site {site.index} ({site.path}): its attention dropout (p={site.dropout_p:g}) is "
+                             f"dropped by {spec.name} (the op has no dropout; it acts in training only)")
             allow_state = self.stateful and (site.mask_kind != "custom" or not encoder_decoder)
             ctx.rewritten.append(_rewrite(ctx, site, spec, output, self.seed, windows, allow_state))
         if self.stateful and any(r.state_inputs for r in ctx.rewritten):

@@ -163,6 +163,18 @@ def test_strict_passes_when_every_site_is_recognized():
     assert tcb.reports()[-1].attention_ops == expected_sites("llama")
 
 
+def test_attention_dropout_in_training_is_dropped_aloud():
+    """The op has no dropout: a model trained through the backend with attention dropout loses it, with a warning
+    (even under exact softmax)."""
+    model = tiny_model("llama").train()
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    compiled = _compile(model, method="softmax", compiler="eager")
+    with pytest.warns(UserWarning, match=r"its attention dropout \(p=0.5\) is dropped by softmax"):
+        compiled(**example_inputs("llama"))
+    assert [s.dropout_p for s in tcb.reports()[-1].sites] == [0.5] * expected_sites("llama")
+
+
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
 def test_gradients_match_optimize(compiler):
     model, inputs = tiny_model("llama"), example_inputs("llama")

@@ -309,6 +309,51 @@ def test_scores_filled_with_a_value_that_keeps_weight_are_no_mask(spelling):
         lincompile.optimize(_Filled(spelling, 0.0), "softmax", strict=True)
 
 
+class _Added(torch.nn.Module):
+    """Scores plus an additive mask of `value` at future keys (and, with `padding`, BERT's `(1 - mask) * value` at
+    padding keys), spelled `add(scores, mask, alpha=alpha)` (or with the two swapped: the scores scaled by alpha)."""
+
+    def __init__(self, value: float, padding: bool = False, alpha: float = 1.0, swapped: bool = False):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 16)
+        self.qkv = torch.nn.Linear(16, 48)
+        self.value, self.padding, self.alpha, self.swapped = value, padding, alpha, swapped
+
+    def forward(self, input_ids, attention_mask):
+        b, t = input_ids.shape
+        q, k, v = (x.view(b, t, 2, 8).transpose(1, 2) for x in self.qkv(self.embed(input_ids)).chunk(3, -1))
+        scores = q @ k.transpose(-1, -2) / 8 ** 0.5
+        future = torch.ones(t, t, device=scores.device).triu(1)
+        mask = (future[None, None] + (1 - attention_mask[:, None, None, :].float()) if self.padding else future)
+        mask = mask * self.value / self.alpha
+        scores = torch.add(mask, scores, alpha=self.alpha) if self.swapped else torch.add(scores, mask, alpha=self.alpha)
+        return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("value", [-1e4, -1e9])
+def test_additive_masks_of_large_finite_values_are_masks(value):
+    """-1e4 and -1e9 weigh a key exactly 0 as the dtype's minimum does: a causal or padding mask, not a bias (a
+    bias would leave linear methods bidirectional and blind to padding)."""
+    sites = lincompile.optimize(_Added(value), "softmax", strict=True).sites
+    assert [(s.mask_kind, s.causal) for s in sites] == [("causal", True)]
+    sites = lincompile.optimize(_Added(value, padding=True), "softmax", strict=True).sites
+    assert [(s.mask_kind, s.causal, s.key_mask_input) for s in sites] == [("causal+padding", True, "attention_mask")]
+    assert [s.mask_kind for s in lincompile.optimize(_Added(-100.0), "softmax").sites] == ["custom"]
+
+
+@pytest.mark.parametrize("swapped", [False, True])
+def test_add_with_alpha_scales_the_right_term(swapped):
+    """`add(a, b, alpha=c)` is a + c b: exact softmax stays exact whichever term holds the scores."""
+    torch.manual_seed(0)
+    model = _Added(-0.7, alpha=3.0, swapped=swapped).eval()  # a bias of -0.7 per future key: kept by softmax
+    linear = lincompile.optimize(model, "softmax", strict=True)
+    ids = torch.randint(3, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(input_ids=ids, attention_mask=mask).logits,
+                                   model(ids, mask), rtol=1e-5, atol=1e-5)
+
+
 def test_xglm_merged_heads_clamped_scores_and_sinusoidal_table():
     """XGLM merges heads for `bmm` scores and its softmax, clamps the masked scores at float32's minimum, and
     regrows its sinusoidal position table past its length in eager: its sites are found and exact, and the

@@ -155,6 +155,30 @@ def test_method_parameters_are_trainable_and_saved(tmp_path):
         assert torch.equal(loaded(ids).logits, linear(ids).logits)
 
 
+def test_cross_attention_is_found_when_both_lengths_are_equal():
+    """Queries computed from tokens the keys are not (T5's decoder over its encoder) are cross-attention even when
+    the example's two lengths are equal; its decoder then keeps no state and takes other lengths."""
+    model = tiny_model("t5")
+    inputs = example_inputs("t5", seq=8)
+    inputs["decoder_input_ids"] = inputs["input_ids"].clone()
+    inputs["decoder_attention_mask"] = torch.ones_like(inputs["input_ids"])
+    linear = lincompile.optimize(model, "linear-elu", inputs=inputs)
+    assert [s.cross for s in linear.sites] == [False, False, False, True, False, True]
+    assert not any(r.state_inputs for r in linear.rewritten)
+    ids, dec = torch.randint(3, 128, (1, 8)), torch.randint(3, 128, (1, 5))
+    with torch.no_grad():
+        assert linear(ids, decoder_input_ids=dec, decoder_attention_mask=torch.ones_like(dec)).logits.shape[1] == 5
+
+
+def test_a_method_reading_later_tokens_warns_and_keeps_no_state():
+    """The centered conv (the leakage ablation) sees later tokens on a causal site: optimize says so, and the site
+    keeps no state, so the model runs whole sequences only (a state would give other numbers than the parallel
+    form)."""
+    with pytest.warns(UserWarning, match=r"is causal, but augmented-centered reads later tokens"):
+        linear = lincompile.optimize(tiny_model("llama"), "augmented-centered")
+    assert not linear.supports_state and not any(r.state_inputs for r in linear.rewritten)
+
+
 @pytest.mark.parametrize("family", ["bert", "t5"])
 def test_encoders_save_and_load_as_their_own_class(family, tmp_path):
     linear = lincompile.optimize(tiny_model(family), "linear-elu")

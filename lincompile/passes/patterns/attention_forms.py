@@ -26,6 +26,9 @@ aten = torch.ops.aten
 SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
 DROPOUT_OPS = {aten.dropout.default}
+#: A score at or below this (once scaled as the softmax sees it) masks its key: exp(-1e4) is 0 in fp32 and fp16.
+#: Models mask with -1e4 (BERT's `(1 - mask) * -10000`), -1e9 or the dtype's minimum.
+MASKED = -1e4
 SDPA_OPS = {aten.scaled_dot_product_attention.default}
 #: Fused attention ops we know but do not rewrite: found, reported as unmatched.
 OTHER_FUSED_ATTENTION = {
@@ -144,7 +147,8 @@ def _walk_scores(node: object, scale: float, terms: list, path: list[fx.Node],
     if target in (aten.div.Tensor, aten.div.Scalar):
         c = _scalar(node.args[1])
         return None if c is None or c == 0 else _walk_scores(node.args[0], scale / c, terms, path, softcap)
-    if target == aten.add.Tensor and (kept := _kept_by_product(node)) is not None:
+    alpha = node.kwargs.get("alpha", 1) if target == aten.add.Tensor else 1  # add(a, b, alpha=c) is a + c b
+    if target == aten.add.Tensor and alpha == 1 and (kept := _kept_by_product(node)) is not None:
         scores, mask, spelling = kept
         path.extend(spelling)
         found = _walk_scores(scores, scale, terms, path, softcap)
@@ -153,11 +157,12 @@ def _walk_scores(node: object, scale: float, terms: list, path: list[fx.Node],
         return found
     if target == aten.add.Tensor:
         marks = len(path), len(terms), len(softcap)
-        for a, b in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
-            found = _walk_scores(a, scale, terms, path, softcap)
+        for (a, a_scale), (b, b_scale) in (((node.args[0], scale), (node.args[1], scale * alpha)),
+                                           ((node.args[1], scale * alpha), (node.args[0], scale))):
+            found = _walk_scores(a, a_scale, terms, path, softcap)
             if found is not None:
                 if isinstance(b, fx.Node):
-                    terms.append((b, "additive", scale))
+                    terms.append((b, "additive", b_scale))
                 return found
             del path[marks[0]:], terms[marks[1]:], softcap[marks[2]:]
         return None
@@ -180,7 +185,7 @@ def _masking(fill: object) -> bool:
     """Whether scores replaced by `fill` can be a mask: unless `fill` is a number above -1e4 (a fill of 0, say,
     keeps weight exp(0) for the key; a tensor fill is taken for the mask value models write)."""
     c = _scalar(fill)
-    return c is None or c <= -1e4
+    return c is None or c <= MASKED
 
 
 def _kept_by_product(node: fx.Node) -> tuple[object, fx.Node, list[fx.Node]] | None:
@@ -191,7 +196,7 @@ def _kept_by_product(node: fx.Node) -> tuple[object, fx.Node, list[fx.Node]] | N
             continue
         for complement, c in ((partner.args[0], partner.args[1]), (partner.args[1], partner.args[0])):
             c = _scalar(c)
-            if c is None or c > -1e4 or not _is_call(complement, aten.rsub.Scalar):
+            if c is None or c > MASKED or not _is_call(complement, aten.rsub.Scalar):
                 continue
             if _scalar(complement.args[1]) != 1.0 or complement.kwargs.get("alpha", 1) != 1 or len(complement.args) > 2:
                 continue

@@ -16,6 +16,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from lincompile.kernels import registry
 from lincompile.kernels.linear_attention.reference import init_state
+from lincompile.kernels.linear_attention.state import accumulation_dtype, cast
 from lincompile.methods.params import param_trainable
 from lincompile.methods.spec import MethodSpec
 
@@ -30,12 +31,16 @@ def _run(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor 
     """The selected implementation's call. A multi-token call given the initial state explicitly (every part
     zero, as training feeds it) passes it as [], which implementations may exploit (the reference then skips
     the queries' product with S and z): the same numbers, since [] means exactly that state. Not when a part
-    requires grad (its gradient is wanted)."""
+    requires grad (its gradient is wanted). A causal linear call returns its state in the accumulation dtype."""
     method = _spec(spec)
     impl = registry.select(method, q.device).impl
-    if q.shape[2] > 1 and not any(t.requires_grad for t in state) and _initial(state):
-        state = []
-    return impl(q, k, v, key_mask, bias, list(state), list(params), method, scale, causal)
+    if q.shape[2] > 1 and not method.has_kv_cache and not any(t.requires_grad for t in state) and _initial(state):
+        state = []  # (a KV cache of zeros is not the empty one: it keeps its slots)
+    out, new_state = impl(q, k, v, key_mask, bias, list(state), list(params), method, scale, causal)
+    if causal and not method.has_kv_cache:  # the state the fake kernel promises, whatever dtype came in
+        acc = accumulation_dtype(q.dtype)
+        new_state = [cast(t, acc) if t.is_floating_point() else t for t in new_state]
+    return out, new_state
 
 
 def _initial(state: list[Tensor]) -> bool:
@@ -86,6 +91,9 @@ def _attention_fake(q, k, v, key_mask, bias, state, params, spec, scale, causal)
         new_state = [k.new_empty(k.shape[0], k.shape[1], total, k.shape[3]),
                      v.new_empty(v.shape[0], v.shape[1], total, v.shape[3]),
                      mask.new_empty(k.shape[0], total)]
+    elif causal:
+        acc = accumulation_dtype(q.dtype)
+        new_state = [s.new_empty(s.shape, dtype=acc if s.is_floating_point() else s.dtype) for s in state]
     else:
         new_state = [s.new_empty(s.shape) for s in state]
     return out, new_state
@@ -98,6 +106,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.num_params = len(params)
     ctx.rest = (key_mask, bias, list(state), spec, scale, causal)
     ctx.state_grad = [t.requires_grad for t in state]  # a past state computed with autograd (carried across calls)
+    ctx.bias_grad = bias is not None and bias.requires_grad  # a trainable bias (T5's relative positions)
 
 
 def _from_the_start(key_mask: Tensor | None, state: list[Tensor]) -> bool:
@@ -125,17 +134,19 @@ def _backward(ctx, grad_out, grad_state):
         return gq, gk, gv, None, None, [None] * len(state), gparams, None, None, None
     inputs = [t.detach().requires_grad_(t.requires_grad or t.is_floating_point()) for t in (q, k, v, *params)]
     state = [t.detach().requires_grad_() if wanted else t for t, wanted in zip(state, ctx.state_grad)]
+    bias = bias.detach().requires_grad_() if ctx.bias_grad else bias
     with torch.enable_grad():
         out, new_state = _run(inputs[0], inputs[1], inputs[2], key_mask, bias, state, inputs[3:], spec,
                               scale, causal)
         pairs = [(t, g) for t, g in zip([out, *new_state], [grad_out, *grad_state])
                  if g is not None and t.requires_grad]
-        leaves = inputs + [t for t, wanted in zip(state, ctx.state_grad) if wanted]
+        leaves = inputs + [t for t, wanted in zip(state, ctx.state_grad) if wanted] + ([bias] if ctx.bias_grad else [])
         grads = torch.autograd.grad([p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True)
     gq, gk, gv, *rest = grads
+    gbias = rest.pop() if ctx.bias_grad else None
     gparams, gstate = rest[:len(params)], iter(rest[len(params):])
-    return (gq, gk, gv, None, None, [next(gstate) if wanted else None for wanted in ctx.state_grad], list(gparams),
-            None, None, None)
+    return (gq, gk, gv, None, gbias, [next(gstate) if wanted else None for wanted in ctx.state_grad],
+            list(gparams), None, None, None)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -156,5 +167,5 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], gr
 
 @attention_backward.register_fake
 def _attention_backward_fake(q, k, v, params, grad_out, grad_state, spec, scale):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            [torch.empty_like(p) for p, t in zip(params, param_trainable(_spec(spec))) if t])
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),  # contiguous, as the op's are
+            [p.new_empty(p.shape) for p, t in zip(params, param_trainable(_spec(spec))) if t])

@@ -85,6 +85,43 @@ def test_opcheck():
         torch.library.opcheck(op.default, (q, k, v, mask, None, state, [], spec.to_json(), 0.35, True))
 
 
+def test_a_trainable_bias_gets_its_gradient():
+    """A softmax site's additive bias (T5's relative positions) that requires grad gets the reference's gradient;
+    opcheck's autograd checks cover it too."""
+    spec, q, k, v, _, _ = _inputs("softmax")
+    bias = torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    leaves = [t.requires_grad_(True) for t in (q, k, v, bias)]
+    out, _ = op(*leaves[:3], None, leaves[3], [], [], spec.to_json(), 0.35, False)
+    ref, _ = reference.attention(*leaves[:3], None, leaves[3], [], [], spec, 0.35, False)
+    for a, b in zip(torch.autograd.grad(out.square().sum(), leaves), torch.autograd.grad(ref.square().sum(), leaves)):
+        assert a is not None and torch.allclose(a, b, atol=1e-10)
+    torch.library.opcheck(op.default, (*leaves[:3], None, leaves[3], [], [], spec.to_json(), 0.35, False))
+
+
+@pytest.mark.parametrize("state_dtype,dtype", [(torch.float16, torch.float32), (torch.float32, torch.float64)])
+def test_a_causal_linear_state_comes_back_in_the_accumulation_dtype(state_dtype, dtype):
+    """Whatever dtype the state came in (a state cast to fp16, fp64 inputs with an fp32 state), the new state is
+    in the inputs' accumulation dtype, as the fake kernel says."""
+    spec, q, k, v, mask, _ = _inputs("linear-elu", dtype=dtype)
+    _, state = reference.attention(q, k, v, mask, None, [], [], spec, 0.35, True)
+    state = [t.to(state_dtype) if t.is_floating_point() else t for t in state]
+    _, new_state = op(q, k, v, mask, None, state, [], spec.to_json(), 0.35, True)
+    assert [t.dtype for t in new_state] == [dtype] * len(state)
+    torch.library.opcheck(op.default, (q, k, v, mask, None, state, [], spec.to_json(), 0.35, True),
+                          test_utils=("test_faketensor",))
+
+
+def test_a_kv_cache_of_zeros_keeps_its_slots():
+    """A preallocated KV cache (zeros, every slot masked) is no initial state: the new cache holds its slots."""
+    spec, q, k, v, mask, _ = _inputs("softmax")
+    cache = [torch.zeros(2, 2, 3, 8, dtype=torch.float64), torch.zeros(2, 2, 3, 8, dtype=torch.float64),
+             torch.zeros(2, 3, dtype=torch.bool)]
+    out, new_state = op(q, k, v, mask, None, cache, [], spec.to_json(), 0.35, True)
+    ref, ref_state = reference.attention(q, k, v, mask, None, cache, [], spec, 0.35, True)
+    assert [t.shape for t in new_state] == [t.shape for t in ref_state] == [(2, 2, 8, 8), (2, 2, 8, 8), (2, 8)]
+    assert torch.allclose(out, ref, atol=1e-12)
+
+
 def test_op_with_parameters_and_a_structured_state():
     """augmented: params (alpha, conv taps) get gradients; the int64 position part passes through."""
     import dataclasses

@@ -34,7 +34,9 @@ from torch import fx
 
 from lincompile.kernels.int8.linear import int8_linear
 from lincompile.kernels.int8.reference import quantize_weight
-from lincompile.train.lora import projection, projection_paths
+from lincompile.diagnostics import warn
+from lincompile.passes.linearize import PARAMS_MODULE
+from lincompile.train.lora import LORA_MODULE, projection, projection_paths
 
 #: The schemes `quantize` takes.
 SCHEMES = ("int8",)
@@ -271,4 +273,30 @@ def quantize_graph(gm: fx.GraphModule, scheme: str = "int8", skip: tuple[str, ..
         elif node.op == "call_module":
             root[str(node.target)] = gm.get_submodule(str(node.target))
     quantized = fx.GraphModule(root, graph, class_name=type(gm).__name__)
+    left = _float_matrices_left(gm, graph)
+    if left:
+        warn(f"quantize: {len(left)} weight matrices stay float, read by no linear layer quantize can rewrite "
+             f"(such as the stacked experts of a mixture-of-experts layer): {left[:3]}"
+             + (f" and {len(left) - 3} more" if len(left) > 3 else ""))
     return quantized, count
+
+
+def _float_matrices_left(gm: fx.GraphModule, graph: fx.Graph) -> list[str]:
+    """The floating parameters of >= 2 dims `graph` still reads other than as a projection's weight (skipped or
+    one-input ones), an embedding table, or an attention site's or adapter's own parameter."""
+    left = []
+    for node in graph.nodes:
+        target = str(node.target)
+        if node.op != "get_attr" or target.startswith((PARAMS_MODULE, LORA_MODULE)):
+            continue
+        try:
+            tensor = gm.get_parameter(target)
+        except AttributeError:  # a buffer (a rotary table, a mask)
+            continue
+        if tensor.dim() < 2 or not tensor.is_floating_point():
+            continue
+        if all(user.target == aten.embedding.default or (projection(user) or (None, None))[1] is node
+               for user in node.users):
+            continue
+        left.append(target)
+    return left

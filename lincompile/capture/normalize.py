@@ -1,7 +1,8 @@
 """Canonicalize a captured graph before matching: drop runtime asserts, no-op casts, p=0 dropout, full slices;
 make in-place arithmetic on a private temporary (MPNet's `scores += position_bias`) out-of-place; write attention
 with heads merged into the batch (Bloom, XGLM) in its 4-D form (`merged_heads`), and drop the view round trips
-that leaves; split a permute that moves heads and transposes keys at once (OpenAI GPT's K) into those two.
+that leaves; split a permute that moves heads and transposes keys at once (OpenAI GPT's K) into those two; write
+`x @ W.T` of a weight attribute W (Falcon's linear layers) as the linear layer it is.
 
 Invariant: the graph computes the same values afterwards, in the same memory layouts (only identities are removed:
 a `contiguous` or copy that changes strides stays, since a later `view` may need them, and so does a copy that an
@@ -132,6 +133,24 @@ def _out_of_place(node: fx.Node) -> bool:
     return False
 
 
+def _transposed_weight(node: object) -> fx.Node | None:
+    """W for `W.T` (`t`, `numpy_T`, `transpose(0, 1)`, `permute([1, 0])`) of a 2-D floating weight attribute W:
+    `matmul(x, W.T)` is `linear(x, W)`, which computes exactly that without a bias."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function"):
+        return None
+    args = list(node.args[1:])
+    if not (node.target in (aten.t.default, aten.numpy_T.default)
+            or (node.target == aten.transpose.int and sorted(a % 2 for a in args) == [0, 1])
+            or (node.target == aten.permute.default and [d % 2 for d in args[0]] == [1, 0])):
+        return None
+    weight = node.args[0]
+    value = _val(weight)
+    if (isinstance(weight, fx.Node) and weight.op == "get_attr" and isinstance(value, torch.Tensor)
+            and value.dim() == 2 and value.is_floating_point()):
+        return weight
+    return None
+
+
 def normalize(gm: fx.GraphModule) -> int:
     """Canonicalize `gm` in place; returns how many nodes were removed or rewritten."""
     graph = gm.graph
@@ -163,6 +182,9 @@ def normalize(gm: fx.GraphModule) -> int:
             with graph.inserting_before(node):  # keys split into heads and transposed at once (OpenAI GPT's)
                 heads = call_like(graph, node, aten.permute.default, node.args[0], [0, 2, 1, 3])
                 replacement = call_like(graph, node, aten.transpose.int, heads, 2, 3)
+        elif target == aten.matmul.default and (weight := _transposed_weight(node.args[1])) is not None:
+            with graph.inserting_before(node):  # Falcon's `x @ self.weight.T`: a linear layer, so found as one
+                replacement = call_like(graph, node, aten.linear.default, node.args[0], weight)
         elif target in _DROPOUTS and _dropout_p(node) == 0.0:
             src = node.args[0]
             if target == aten.native_dropout.default:

@@ -50,6 +50,21 @@ def test_every_projection_is_8_bit_and_close_to_float(family, stacked):
     assert sum(p.numel() for p in quantized.graph.parameters()) < sum(p.numel() for p in linear.graph.parameters())
 
 
+def test_weights_read_as_x_at_w_t_are_quantized_and_stacked_experts_are_named():
+    """Falcon writes its linear layers `x @ self.weight.T`: capture makes them linear layers, all 8-bit. A
+    mixture of experts' stacked expert weights have no linear layer: they stay float, and quantize names them."""
+    from lincompile.testing.families import family_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        falcon = lincompile.optimize(family_model("falcon", "eager"), "linear-elu").quantize("int8")
+    assert not [w for w in caught if "stay float" in str(w.message)]
+    assert not [n for n, p in falcon.graph.named_parameters() if p.dim() >= 2 and "word_embeddings" not in n]
+    mixtral = lincompile.optimize(family_model("mixtral", "eager"), "linear-elu")
+    with pytest.warns(LincompileWarning, match=r"4 weight matrices stay float.*'model.layers.0.mlp.experts"):
+        mixtral.quantize("int8")
+
+
 def test_decode_steps_prefill_and_verify_agree():
     """One call over the sequence, a prefill then one-token steps, and a multi-token call from a state: the
     linear layers give each token the same output in any of them (row-wise scales, exact integer sums)."""

@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     configs = [(target, name, k) for target in targets for name in drafts for k in args.ks]
     for target in targets.values():
         _plain(target, prompts[0], 4)  # warm-up
+    for target, name, k in configs:  # warm-up: each verify width's first call, a draft model's or heads' first use
+        speculative_generate(targets[target], prompts[0], k + 2, drafts[name], k)
     plain = {target: [0.0, 0] for target in targets}  # seconds, tokens
     totals = {c: {"seconds": 0.0, "calls": 0, "accepted": 0, "produced": 0, "identical": 0} for c in configs}
     for number, prompt in enumerate(prompts, 1):

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.prefill > args.context:
+        parser.error(f"--prefill {args.prefill} is longer than the --context {args.context} it is cut from")
     result = run(args)
     result.update({"method": args.method, "block_size": args.block_size, "blocks": args.max_blocks,
                    "calibration_blocks": args.calibration_blocks})

@@ -27,11 +27,12 @@ from lincompile.runtime.speculative import check_num_draft_tokens
 @dataclass(frozen=True)
 class ReplayStats:
     """Per target call (prefill excluded): drafted tokens and accepted ones; new_tokens as generation counts them
-    (the one prefill gives included)."""
+    (the one each sequence's prefill gives included), over `sequences` sequences."""
 
     drafted: tuple[int, ...]
     accepted: tuple[int, ...]
     new_tokens: int
+    sequences: int
 
     @property
     def calls(self) -> int:
@@ -52,7 +53,8 @@ class ReplayStats:
         if any(n + 1 > len(call_seconds) for n in self.drafted):
             raise ValueError(f"call_seconds covers widths up to {len(call_seconds)}; the replay drafted up to "
                              f"{max(self.drafted)} tokens per call (width {max(self.drafted) + 1})")
-        spent = sum(call_seconds[n] for n in self.drafted) + call_seconds[0]  # the prefill's last token: both pay it
+        # each sequence's prefill gives one new token, the cost of its last token's width-1 call on both sides
+        spent = sum(call_seconds[n] for n in self.drafted) + self.sequences * call_seconds[0]
         return (self.new_tokens * call_seconds[0]) / spent
 
 
@@ -88,4 +90,4 @@ def replay_draft(draft: Any, sequences: Sequence[Tensor], prompt_tokens: int, nu
             accepted.append(kept)
             committed += kept + 1
         new_tokens += len(tokens) - prompt_tokens
-    return ReplayStats(tuple(drafted), tuple(accepted), new_tokens)
+    return ReplayStats(tuple(drafted), tuple(accepted), new_tokens, len(sequences))

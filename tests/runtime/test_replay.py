@@ -45,11 +45,15 @@ def test_replay_counts_what_speculative_decoding_does():
 
 
 def test_modelled_speedup_weighs_each_call_by_its_width():
-    stats = ReplayStats(drafted=(2, 0, 3), accepted=(2, 0, 1), new_tokens=7)
+    stats = ReplayStats(drafted=(2, 0, 3), accepted=(2, 0, 1), new_tokens=7, sequences=1)
     assert stats.calls == 3 and stats.tokens_per_call == pytest.approx(7 / 3)
     assert stats.drafted_per_call == pytest.approx(5 / 3)
     # plain: 7 width-1 calls; speculative: the prompt's last token, then widths 3, 1, 4
     assert stats.modelled_speedup([1.0, 1.5, 2.0, 2.5]) == pytest.approx(7 / (1 + 2.0 + 1.0 + 2.5))
+    # a draft that never drafts is as fast as plain decoding, however many sequences (each prefill pays once)
+    unlucky = replay_draft("prompt-lookup", [torch.arange(20) + 100 * i for i in range(5)], 4, 4)
+    assert sum(unlucky.drafted) == 0 and unlucky.sequences == 5
+    assert unlucky.modelled_speedup([1.0, 1.5, 2.0, 2.5, 3.0]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="widths up to 3"):
         stats.modelled_speedup([1.0, 1.5, 2.0])
     with pytest.raises(ValueError, match="no continuation"):

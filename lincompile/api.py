@@ -15,6 +15,7 @@ from lincompile.backends.eager import LinearizedModel
 from lincompile.capture.export import CapturedGraph, capture
 from lincompile.config import LinearizeConfig, site_indices
 from lincompile.diagnostics import warn
+from lincompile.jsonconfig import read_json_object
 from lincompile.methods.spec import MethodSpec, get_method
 from lincompile.passes.base import PassContext, PassManager, PassResult, Verifier
 from lincompile.passes.detect_attention import WINDOW_PROBE, AttentionSite, UnmatchedSoftmax
@@ -255,7 +256,7 @@ def load(directory: str | Path, *, dtype: torch.dtype | None = None, global_cap:
                 if (path / "config.json").is_file() else "")
         raise FileNotFoundError(f"{path} is not a saved lincompile model (no {SAVE_FILE}); "
                                 + (what or "save one with LinearizedModel.save_pretrained(dir)"))
-    meta = json.loads(meta_file.read_text())
+    meta = read_json_object(meta_file, "save the model again with save_pretrained", ("linearize",))
     if meta.get("format") != SAVE_FORMAT:
         raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r}")
     lost = [name for name in ("config.json", "model.safetensors") if not (path / name).is_file()]

@@ -281,7 +281,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _looks_like_path(name: str) -> bool:
     """Hub ids are ``name`` or ``org/name``; anything path-shaped is treated as a local path."""
-    return name.startswith((".", "~", "/", os.sep)) or name.count("/") > 1 or "\\" in name
+    return (name.startswith((".", "~", "/", os.sep)) or name.endswith("/") or name.count("/") > 1
+            or "\\" in name)
 
 
 #: Files whose presence marks a directory as carrying a tokenizer.
@@ -387,7 +388,8 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
             raise AssetError(
                 f"cannot load model {name_or_path!r}: unknown name, or the Hugging Face hub is "
                 f"unreachable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}). "
-                f"Embedded models (work offline): {names}. Or pass a local model directory."
+                f"Embedded models (work offline): {names}. Or pass a local model directory"
+                + (f" (there is no directory {name_or_path} here)." if "/" in name_or_path else ".")
             ) from exc
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -83,12 +83,23 @@ def check_not_inside(target: str | os.PathLike[str], *sources: str | os.PathLike
 
 def check_replaceable(target: str | os.PathLike[str], marker: str) -> None:
     """Raise FileExistsError when `target` is a file, or a non-empty directory without `marker` (so not one of this
-    kind that lincompile wrote): replacing it would delete the user's files. Commands call it before long work."""
+    kind that lincompile wrote): replacing it would delete the user's files; and when it cannot be made, under a
+    file or a directory this process cannot write. Commands call it before long work."""
     target = Path(target)
     if not target.exists():
+        ancestor = Path(os.path.realpath(target)).parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise FileExistsError(f"{ancestor} is a file, so {target} cannot be made there; write elsewhere")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise PermissionError(f"{ancestor} is not writable, so {target} cannot be made there; write elsewhere")
         return
     if not target.is_dir():
         raise FileExistsError(f"{target} is a file; write to a new or empty directory")
+    parent = Path(os.path.realpath(target)).parent  # where the new one is made, then moved in
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{parent} is not writable, so {target} cannot be replaced; write elsewhere")
     if any(target.iterdir()) and not (target / marker).exists():
         raise FileExistsError(f"{target} is not empty and holds no {marker}, so it is not a directory of this kind "
                               "that lincompile wrote; replacing it would delete its files: write to a new or empty "
@@ -119,16 +130,16 @@ def atomic_directory(target: str | os.PathLike[str], marker: str | None) -> Iter
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_text(target: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to a unique temp sibling of `target`, then rename it into place (safe when several
-    processes write the same file: each rename is whole). A link is followed: what it points to is replaced.
-    Returns `target` as given."""
+def atomic_write_text(target: str | os.PathLike[str], text: str | bytes) -> Path:
+    """Write `text` (or bytes: a picture) to a unique temp sibling of `target`, then rename it into place (safe
+    when several processes write the same file: each rename is whole). A link is followed: what it points to is
+    replaced. Returns `target` as given."""
     given = Path(target)
     target = Path(os.path.realpath(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as handle:
             handle.write(text)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; `open` would apply the umask
         os.replace(tmp, target)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T", bound="JsonConfig")
@@ -25,6 +26,8 @@ class JsonConfig:
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        if not isinstance(data, dict):
+            raise ValueError(f"a {cls.__name__} is a JSON object of its fields, got {type(data).__name__} {data!r:.60}")
         fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - set(fields))
         if unknown:
@@ -40,3 +43,18 @@ class JsonConfig:
     @classmethod
     def from_json(cls: type[T], text: str) -> T:
         return cls.from_dict(json.loads(text))
+
+
+def read_json_object(path: Path, remedy: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON object in the file `path`, which must hold `keys`; ValueError naming the file and `remedy` (what to
+    do: write it again) when it is no such object (cut short, edited by hand, another file)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is damaged ({error}): {remedy}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is damaged (it holds a {type(data).__name__}, not a JSON object): {remedy}")
+    missing = [key for key in keys if key not in data]
+    if missing:
+        raise ValueError(f"{path} is damaged (it lacks {missing}): {remedy}")
+    return data

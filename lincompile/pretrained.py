@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lincompile.atomic import atomic_directory
 from lincompile.config import LinearizeConfig
+from lincompile.jsonconfig import read_json_object
 from lincompile.methods.spec import get_method
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -129,7 +130,8 @@ def trained_tensors(weights: str | Path, model_name: str, method: str) -> tuple[
 
     path = shipped_dir(model_name, method) if str(weights) == "default" else Path(weights).expanduser()
     if (path / RECIPE_FILE).is_file():
-        recipe, tensors = json.loads((path / RECIPE_FILE).read_text()), load_file(path / TENSORS_FILE)
+        recipe = read_json_object(path / RECIPE_FILE, "write it again with lincompile.pretrained.ship", ("linearize",))
+        tensors = load_file(path / TENSORS_FILE)
     elif (path / "state.json").is_file():
         checkpoint = load_checkpoint(path)
         recipe = {"linearize": checkpoint.linearize, "lora": lora_layout(checkpoint.train_config, checkpoint.tensors),

@@ -18,7 +18,7 @@ def test_failed_write_keeps_the_old_file(tmp_path):
     target = tmp_path / "result.json"
     atomic_write_text(target, "old")
     with pytest.raises(TypeError):
-        atomic_write_text(target, b"not text")  # fails inside the write
+        atomic_write_text(target, 12345)  # neither text nor bytes: fails inside the write
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
@@ -47,6 +47,25 @@ def test_directory_refuses_to_replace_what_lincompile_did_not_write(tmp_path):
         with atomic_directory(tmp_path / "file", "meta.json"):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "export", "file", "home"]  # no temp dirs left
+
+
+def test_a_target_that_cannot_be_made_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Under a file, or in a directory this process may not write: refused by the check commands run first."""
+    import os
+
+    from lincompile.atomic import check_replaceable
+
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(FileExistsError, match=r"file is a file, so .*file/sub/out cannot be made there"):
+        check_replaceable(tmp_path / "file" / "sub" / "out", "meta.json")
+    locked = tmp_path / "locked"
+    (locked / "old").mkdir(parents=True)
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).endswith("locked"))  # root may write anywhere
+    with pytest.raises(PermissionError, match="locked is not writable, so .*new/deeper cannot be made there"):
+        check_replaceable(locked / "new" / "deeper", "meta.json")
+    with pytest.raises(PermissionError, match="locked is not writable, so .*old cannot be replaced"):
+        check_replaceable(locked / "old", "meta.json")
+    check_replaceable(tmp_path / "new" / "deeper", "meta.json")
 
 
 def test_directories_get_ordinary_permissions_whatever_their_writers_did(usual_umask, tmp_path, monkeypatch):
@@ -123,3 +142,12 @@ def test_a_linked_file_is_replaced_where_it_points(tmp_path):
     link.symlink_to(real)
     atomic_write_text(link, "new")
     assert link.is_symlink() and real.read_text() == "new"
+
+
+def test_bytes_are_written_whole_too(tmp_path):
+    from lincompile.atomic import atomic_write_text
+
+    picture = tmp_path / "plot.png"
+    atomic_write_text(picture, b"\x89PNG old")
+    atomic_write_text(picture, b"\x89PNG new")
+    assert picture.read_bytes() == b"\x89PNG new" and [p.name for p in tmp_path.iterdir()] == ["plot.png"]

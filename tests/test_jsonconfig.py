@@ -46,3 +46,26 @@ def test_numpy_integers_become_python_ones():
     config = LinearizeConfig(layers=np.arange(2), fuel=np.int64(1), seed=np.int32(3))
     assert (config.layers, config.fuel, config.seed) == ((0, 1), 1, 3) and type(config.seed) is int
     assert LinearizeConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize("value", ["augmented", None, 5, [1]])
+def test_a_config_that_is_no_object_is_refused_by_name(value):
+    with pytest.raises(ValueError, match=f"LinearizeConfig is a JSON object of its fields, got {type(value).__name__}"):
+        LinearizeConfig.from_dict(value)
+
+
+def test_damaged_json_files_are_named_with_what_to_do(tmp_path):
+    import lincompile
+    from lincompile.jsonconfig import read_json_object
+    from lincompile.testing.tiny import tiny_model
+
+    path = tmp_path / "recipe.json"
+    for text, why in (("{oops", r"Expecting property name"), ("[1, 2]", "it holds a list, not a JSON object"),
+                      ("{}", r"it lacks \['linearize'\]")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"recipe.json is damaged \\({why}.*: write it again"):
+            read_json_object(path, "write it again", ("linearize",))
+    saved = lincompile.optimize(tiny_model("llama"), "linear-elu").save_pretrained(str(tmp_path / "saved"))
+    (tmp_path / "saved" / "lincompile.json").write_text('{"linearize": ')
+    with pytest.raises(ValueError, match="lincompile.json is damaged .*save the model again with save_pretrained"):
+        lincompile.load(saved)

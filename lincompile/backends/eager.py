@@ -19,8 +19,8 @@ from lincompile.diagnostics import warn
 from lincompile.kernels.linear_attention.reference import init_state
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT, RewrittenSite
-from lincompile.runtime.state import (SLIDING_WINDOW, RecurrentState, check_position_ids, check_positions,
-                                      check_state, default_positions)
+from lincompile.runtime.state import (SLIDING_WINDOW, RecurrentState, check_attention_mask, check_position_ids,
+                                      check_positions, check_state, default_positions)
 
 
 def _rebound(rewritten: list[RewrittenSite], graph: torch.nn.Module) -> list[RewrittenSite]:
@@ -207,6 +207,8 @@ class LinearizedModel(torch.nn.Module):
         batch, tokens = input_ids.shape
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be [batch, tokens], got shape {tuple(attention_mask.shape)}")
+        if attention_mask is not None:
+            check_attention_mask(attention_mask)
         if past_state is not None and not self.supports_state:
             raise ValueError("this model has attention sites without a recurrent state (not rewritten, or "
                              "non-causal/custom-bias); call it on the whole sequence without past_state")

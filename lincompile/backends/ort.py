@@ -10,7 +10,6 @@ arange(seq); `attention_mask` covers the new tokens (or past + new, then the new
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,10 +18,11 @@ import numpy as np
 import torch
 
 from lincompile.backends.onnx import FORMAT, FORMAT_VERSION, META_FILE
+from lincompile.jsonconfig import read_json_object
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT
 from lincompile.runtime.prefill import DEFAULT_CHUNK
-from lincompile.runtime.state import (RecurrentState, check_position_ids, check_positions, check_state,
-                                      default_positions)
+from lincompile.runtime.state import (RecurrentState, check_attention_mask, check_position_ids, check_positions,
+                                      check_state, default_positions)
 
 ArrayLike = Any  # torch.Tensor | np.ndarray | OrtValue
 #: Prefill tokens per call for an export whose sites take each call in one piece (`python bench/onnx_prefill.py`,
@@ -94,7 +94,7 @@ class OrtModel:
         if not meta_file.is_file():
             raise FileNotFoundError(f"{path} has no {META_FILE}, so it is not an export of lincompile's: export a "
                                     "model with `lincompile export` (Python: lincompile.export_onnx)")
-        meta = json.loads(meta_file.read_text())
+        meta = read_json_object(meta_file, "export the model again (`lincompile export`)")
         if meta.get("format") != FORMAT or int(meta.get("version", 0)) > FORMAT_VERSION:
             raise ValueError(f"{meta_file}: format {meta.get('format')!r} v{meta.get('version')} is not readable "
                              f"by this lincompile ({FORMAT} v{FORMAT_VERSION})")
@@ -167,7 +167,11 @@ class OrtModel:
         state = past_state if past_state is not None else self.initial_state(batch)
         check_positions(self, state.length + tokens)
         # nonzero keeps a token, as in torch (a cast to int64 would drop one marked 0.5)
-        mask = None if attention_mask is None else (_numpy(attention_mask, np.dtype(np.float64)) != 0).astype(np.int64)
+        mask = None
+        if attention_mask is not None:
+            mask = _numpy(attention_mask, np.dtype(np.float64))
+            check_attention_mask(mask)
+            mask = (mask != 0).astype(np.int64)
         if mask is not None and state.length and mask.shape[1:] == (state.length + tokens,):
             mask = mask[:, state.length:]
         if mask is None:

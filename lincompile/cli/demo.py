@@ -21,6 +21,7 @@ on the cache's length, so its speed is what a real prefill would give (its token
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import shlex
@@ -60,9 +61,10 @@ class DemoOptions:
 
     def command(self) -> str:
         """The `lincompile demo` command line that runs these options."""
-        return (f"lincompile demo --out {shlex.quote(str(self.out))} --method {self.method} --weights {self.weights} "
+        q = shlex.quote
+        return (f"lincompile demo --out {q(str(self.out))} --method {q(self.method)} --weights {q(self.weights)} "
                 f"--context {self.context} --long-context {self.long_context} --steps {self.steps} "
-                f"--eval-blocks {self.eval_blocks} --draft {self.draft} "
+                f"--eval-blocks {self.eval_blocks} --draft {q(self.draft)} "
                 + (f"--num-draft-tokens {self.num_draft_tokens} " if self.num_draft_tokens else "")
                 + f"--new-tokens {self.new_tokens}")
 
@@ -192,8 +194,10 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
         ax.set_xticks(contexts, [str(c) for c in contexts])
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    picture = io.BytesIO()
+    fig.savefig(picture, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_text(path, picture.getvalue())
 
 
 @torch.no_grad()

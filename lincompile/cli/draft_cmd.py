@@ -90,6 +90,9 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
     if 0 < args.heldout_tokens < args.block_size:  # (--tokens: `_frozen_target` checks it)
         raise ValueError(f"--heldout-tokens ({args.heldout_tokens}) must be at least one block (--block-size "
                          f"{args.block_size}), or 0 for none")
+    if args.heldout_tokens == 0 and args.eval_every is not None:
+        raise ValueError(f"--heldout-tokens 0 holds nothing out, so --eval-every {args.eval_every} would have no "
+                         "effect: drop it, or hold tokens out")
     check_replaceable(args.out, MEDUSA_CONFIG)
     check_not_inside(args.out, args.model)
     target, tokenizer = _frozen_target(args, "training the heads")
@@ -99,7 +102,7 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
     held = (heldout_blocks(tokenizer, args.block_size, args.heldout_tokens // args.block_size, data=args.data,
                            skip="--heldout-tokens 0") if args.heldout_tokens else None)
     result = train_medusa(target, blocks, config, args.steps, args.lr, args.batch_size, args.out, heldout=held,
-                          labels=args.labels, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
+                          labels=args.labels, warmup_steps=args.warmup_steps, eval_every=args.eval_every or 0,
                           seed=args.seed, feature_batch=args.feature_batch, progress=not args.no_progress,
                           metadata={"target": args.model, "method": args.method,
                                     "weights": args.weights if args.method else None})
@@ -209,7 +212,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--warmup-steps", type=nonnegative_int, default=20, help="linear warm-up steps (default 20)")
     p.add_argument("--labels", choices=("self", "corpus"), default="self",
                    help="self: the target's greedy predictions (default); corpus: the text's own tokens")
-    p.add_argument("--eval-every", type=nonnegative_int, default=0,
+    p.add_argument("--eval-every", type=nonnegative_int, default=None,
                    help="held-out accuracy every N steps (default 0: at the start and the end)")
     p.add_argument("--feature-batch", type=positive_int, default=4,
                    help="blocks per target forward when precomputing (default 4)")

@@ -97,8 +97,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.quantize and not (saved or args.method):
         raise ValueError(f"--quantize {args.quantize} applies to the linearized model: add --method (or pass a saved "
                          "linearized directory)")
-    if args.softmax_finetuned and not Path(args.softmax_finetuned).expanduser().is_dir():
-        raise ValueError(f"--softmax-finetuned {args.softmax_finetuned} is not a directory")
+    tuned = None
+    if args.softmax_finetuned:  # loaded first: a directory that is no model fails before any scoring
+        tuned_path = Path(args.softmax_finetuned).expanduser()  # a `lincompile train --method softmax` run's final/
+        if not tuned_path.is_dir():
+            raise ValueError(f"--softmax-finetuned {args.softmax_finetuned} is not a directory")
+        tuned = load_linearized(tuned_path) if (tuned_path / SAVE_FILE).is_file() else load_model(str(tuned_path))[0]
     progress = not args.no_progress
     original_is = args.model
     if saved:
@@ -127,9 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result["ppl"] = perplexity(linear, blocks, args.batch_size, progress=progress,
                                    desc=method or "linearized").ppl
         result["ratio"] = result["ppl"] / base.ppl
-    if args.softmax_finetuned:
-        tuned_path = Path(args.softmax_finetuned).expanduser()  # a `lincompile train --method softmax` run's final/
-        tuned = load_linearized(tuned_path) if (tuned_path / SAVE_FILE).is_file() else load_model(str(tuned_path))[0]
+    if tuned is not None:
         result["ppl_softmax_finetuned"] = perplexity(tuned, blocks, args.batch_size, progress=progress,
                                                      desc="softmax fine-tuned").ppl
         if "ppl" in result:

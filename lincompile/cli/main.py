@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -184,6 +185,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         if ignored:
             raise ValueError(f"{ignored} choose what the linearize pass rewrites, and this run does not "
                              "run it: drop them, or run linearize")
+    if args.strict and ("detect_attention" not in reached or "detect_attention" in disabled):
+        raise ValueError("--strict fails on attention the detect_attention pass does not recognize, and this run "
+                         "does not run it: drop --strict, or run detect_attention")
     if args.dump_dir is not None:
         check_dump_dir(args.dump_dir)  # and a user's directory
     model, tokenizer = load(args.model, args.attn_impl)
@@ -399,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _log("interrupted")
         return 130
+    except BrokenPipeError:  # the reader went away (`lincompile methods | head -1`): nothing left to say
+        try:  # so that the flush at exit does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout with no file (captured)
+            pass
+        return 141
     except Exception as exc:
         if args.debug:
             traceback.print_exc()

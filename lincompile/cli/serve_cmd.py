@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from lincompile.api import SAVE_FILE
-from lincompile.cli.args import draft_tokens, opset_type, positive_float, positive_int, probability
+from lincompile.cli.args import draft_tokens, given_flags, opset_type, positive_float, positive_int, probability
 from lincompile.cli.draft_cmd import command_parser, load_target, weights_label
 from lincompile.cli.evaluate import add_calibration_argument, check_calibration, quantize_calibrated
 from lincompile.cli.summary import format_value, print_summary
@@ -89,7 +90,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print_summary(summary, args.json)
     if not args.json:
         if tokenizer is not None:
-            print(f"run it: {PROG} generate {out} --prompt 'To be, or not to be'")
+            print(f"run it: {PROG} generate {shlex.quote(str(out))} --prompt 'To be, or not to be'")
         else:
             print(f"no tokenizer was found beside {args.model}, so `{PROG} generate` cannot read text for this "
                   "export: save the model's tokenizer in its directory and export again, or feed token ids to "
@@ -205,11 +206,11 @@ class _Clock:
 
 def _check_sampling(args: argparse.Namespace) -> None:
     """Refuse sampling options given without --sample (greedy decoding would ignore them)."""
-    given = [name for name, value, default in (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, None),
-                                               ("--top-p", args.top_p, None)) if value != default]
+    given = given_flags({"--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p,
+                         "--seed": args.seed})
     if given and not args.sample:
-        one = len(given) == 1
-        raise ValueError(f"{', '.join(given)} only {'applies' if one else 'apply'} when sampling: add --sample "
+        one = "," not in given
+        raise ValueError(f"{given} only {'applies' if one else 'apply'} when sampling: add --sample "
                          f"(without it, decoding is greedy and would ignore {'it' if one else 'them'})")
 
 
@@ -247,10 +248,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         draft = parse_draft(args.draft, model, runtime)
     ids = _prompt_ids(args, text, tokenizer)
     streamer = _Clock(None if args.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
-    sampling = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                "repetition_penalty": args.repetition_penalty,
+    sampling = {"do_sample": args.sample, "temperature": 1.0 if args.temperature is None else args.temperature,
+                "top_k": args.top_k, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
                 "eos_token_id": None if args.ignore_eos else tokenizer.eos_token_id,
-                "generator": torch.Generator().manual_seed(args.seed), "streamer": streamer}
+                "generator": torch.Generator().manual_seed(args.seed or 0), "streamer": streamer}
     streamer.start = time.perf_counter()
     if draft is None:
         out = generate(model, ids, args.max_new_tokens, **sampling)
@@ -343,13 +344,13 @@ def add_parsers(sub: Any) -> None:
                    "medusa and model drafts)")
     p.add_argument("--adaptive", action="store_true", help="adapt the number of drafted tokens to the acceptance")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="with --sample (> 0, default 1.0)")
+    p.add_argument("--temperature", type=positive_float, default=None, help="with --sample (> 0, default 1.0)")
     p.add_argument("--top-k", type=positive_int, default=None, help="with --sample: keep the k likeliest tokens")
     p.add_argument("--top-p", type=probability, default=None, help="with --sample: nucleus sampling, in (0, 1]")
     p.add_argument("--repetition-penalty", type=positive_float, default=1.0,
                    help="> 1 discourages tokens already in the text, greedy or sampled (Hugging Face's; default "
                         "1.0: off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="with --sample: the sampling seed (default 0)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="PyTorch runtime: run the linear layers in 8 bits on the CPU (LinearizedModel.quantize; "

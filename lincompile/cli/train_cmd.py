@@ -46,6 +46,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     if args.lora_rank == 0 and given:
         raise ValueError(f"--lora-rank 0 trains no adapters, so {given} would have no effect: drop them, or give "
                          "a rank > 0")
+    if args.eval_blocks == 0 and args.eval_every is not None:
+        raise ValueError(f"--eval-blocks 0 evaluates nothing, so --eval-every {args.eval_every} would have no effect: "
+                         "drop it, or give held-out blocks")
     targets = DEFAULT_TARGETS if args.lora_targets is None else args.lora_targets.split(",")
     return TrainConfig(
         stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, batch_size=args.batch_size,
@@ -56,7 +59,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         lora_alpha=_or(args.lora_alpha, _DEFAULTS.lora_alpha),
         lora_targets=tuple(t.strip() for t in targets if t.strip()), full=args.full,
         train_norms=args.train_norms, train_embeddings=args.train_embeddings, kl_weight=args.kl_weight,
-        eval_every=args.eval_every, eval_blocks=args.eval_blocks, checkpoint_every=args.checkpoint_every,
+        eval_every=_or(args.eval_every, _DEFAULTS.eval_every), eval_blocks=args.eval_blocks,
+        checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, seed=args.seed, bf16=not args.no_bf16)
 
 
@@ -210,7 +214,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens per block ({d.block_size})")
     parser.add_argument("--max-train-blocks", type=positive_int, default=None,
                         help="use only the first N training blocks")
-    parser.add_argument("--eval-every", type=nonnegative_int, default=d.eval_every,
+    parser.add_argument("--eval-every", type=nonnegative_int, default=None,
                         help=f"held-out perplexity every N steps (default {d.eval_every}; 0 = only at the end of "
                              "each stage)")
     parser.add_argument("--eval-blocks", type=nonnegative_int, default=d.eval_blocks,

@@ -66,6 +66,22 @@ def require_decodable(model: object, what: str) -> None:
                          "cannot continue): call it on whole sequences instead")
 
 
+def check_attention_mask(attention_mask: object) -> None:
+    """Refuse a mask (a torch tensor or an array; nonzero keeps a token) with negative values: an additive mask
+    (0 keeps, -inf drops) would be read the other way round. The values of a mask on a GPU are not read."""
+    import numpy as np
+
+    if isinstance(attention_mask, torch.Tensor):
+        if attention_mask.device.type != "cpu" or attention_mask.dtype == torch.bool:
+            return
+        values = attention_mask.detach().numpy()
+    else:
+        values = np.asarray(attention_mask)
+    if values.size and values.dtype != np.bool_ and values.min() < 0:
+        raise ValueError(f"attention_mask holds negative values (min {values.min()}), as an additive mask does: "
+                         "pass 1 for each token to keep and 0 for each to drop")
+
+
 def check_position_ids(position_ids: object, batch: int, tokens: int, keep: object = None) -> None:
     """Refuse position ids (a torch tensor or an array) a graph would read wrongly instead of failing: not whole
     numbers (a cast truncates them), not shaped [batch, tokens] or [1, tokens], or negative at a token the mask

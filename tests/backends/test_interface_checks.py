@@ -50,7 +50,8 @@ def test_onnxruntime_refuses_ids_it_would_wrap_or_cast(models):
 
 def test_positions_and_masks_read_the_same_on_both_runtimes(models):
     """Position ids a graph would wrap (negative) or truncate (floats) are refused on both runtimes; [1, tokens]
-    serves a batch; a mask keeps every token marked nonzero (onnxruntime's int64 input included)."""
+    serves a batch; a mask keeps every token marked nonzero (onnxruntime's int64 input included), and an additive
+    mask (negative values) is refused rather than read the other way round."""
     linear, ort, _ = models
     batch = IDS[:, :6].repeat(2, 1)
     for model in (linear, ort):
@@ -63,8 +64,11 @@ def test_positions_and_masks_read_the_same_on_both_runtimes(models):
         shared = model(batch, position_ids=torch.arange(6)[None]).logits
         assert torch.allclose(shared, model(batch).logits, atol=1e-6)
     half = torch.full((1, 12), 0.5)
+    additive = torch.zeros(1, 12).index_fill_(1, torch.tensor([0, 1]), float("-inf"))  # 0 keeps, -inf drops
     for model in (linear, ort):
         assert torch.allclose(model(IDS, attention_mask=half).logits, model(IDS).logits, atol=1e-6)
+        with pytest.raises(ValueError, match=r"attention_mask holds negative values \(min -inf\), as an additive"):
+            model(IDS, attention_mask=additive)
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, :2] = 0
     counted = mask.cumsum(-1) - 1  # a common spelling: left pads get -1, which no kept token reads
@@ -131,7 +135,7 @@ def test_misplaced_arguments_name_the_fix(models, tmp_path):
 
 def test_terms_a_linear_method_drops_are_warned_about():
     """T5's relative-position bias has no linear form: optimize says so, not only in the report."""
-    with pytest.warns(UserWarning, match="have no linear form and are dropped"):
+    with pytest.warns(UserWarning, match="attention terms are dropped by the rewrite"):
         linear = lincompile.optimize(tiny_model("t5"), "augmented")
     assert any(" dropped by " in note for result in linear.report.passes for note in result.notes)
 

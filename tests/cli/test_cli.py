@@ -76,6 +76,15 @@ def test_methods_lists_builtin_methods(capsys):
     assert "Katharopoulos" in lines["linear-elu"]
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`lincompile methods | head -1`: the closed pipe is no error message (exit 141, as a shell's SIGPIPE)."""
+    child = subprocess.Popen([sys.executable, "-m", "lincompile", "methods"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    child.stdout.close()  # before the child writes: it is still importing torch
+    assert child.wait(timeout=120) == 141
+    assert child.stderr.read() == b""
+
+
 def test_methods_lists_every_registered_method_once(capsys):
     import lincompile
 
@@ -224,6 +233,10 @@ def test_site_options_are_refused_where_linearize_does_not_run(capsys, tiny_dir)
         code, _, err = run(capsys, "optimize", tiny_dir, "--method", "local", "--layers", "0", "--fuel", "1", *extra)
         assert code == 1 and "loading" not in err
         assert_one_line_error(err, "--layers, --fuel choose what the linearize pass rewrites")
+    for extra in (["--stop-after", "normalize"], ["--disable", "detect_attention,linearize"]):
+        code, _, err = run(capsys, "optimize", tiny_dir, "--method", "local", "--strict", *extra)
+        assert code == 1 and "loading" not in err
+        assert_one_line_error(err, "--strict fails on attention the detect_attention pass does not recognize")
 
 
 def test_unknown_method_fails_fast_with_one_line(capsys, tiny_dir):

@@ -17,9 +17,10 @@ ENGINES = ("hf", "eager", "compile", "ort")
 
 
 def test_the_reproduce_command_parses_back_to_the_same_options():
-    opts = DemoOptions(Path("x/y"), "augmented", "none", 32, 128, 3, 2, "prompt-lookup", 2, 5)
-    args = build_parser().parse_args(shlex.split(opts.command())[1:])
-    assert options_from_args(args) == opts
+    for opts in (DemoOptions(Path("x/y"), "augmented", "none", 32, 128, 3, 2, "prompt-lookup", 2, 5),
+                 DemoOptions(Path("my out"), weights="my runs/ck pt", draft="ngram:my ngram")):  # spaces quoted
+        args = build_parser().parse_args(shlex.split(opts.command())[1:])
+        assert options_from_args(args) == opts
     assert options_from_args(build_parser().parse_args(["demo"])) == DemoOptions()
 
 

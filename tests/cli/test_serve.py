@@ -254,6 +254,7 @@ def test_draft_options_without_a_draft_are_refused_before_loading(capsys):
 @pytest.mark.parametrize("argv, fragments", [
     (["--temperature", "0.7"], ["--temperature only applies when sampling", "add --sample", "ignore it)"]),
     (["--top-k", "5", "--top-p", "0.9"], ["--top-k, --top-p only apply when", "add --sample", "ignore them)"]),
+    (["--temperature", "1.0", "--seed", "5"], ["--temperature, --seed only apply when", "ignore them)"]),
 ])
 def test_sampling_options_without_sample_are_refused_before_loading(capsys, argv, fragments):
     assert main(["generate", "/no/such/model", "--prompt", "x", *argv]) == 1

@@ -282,6 +282,8 @@ def test_eval_refuses_options_that_would_be_ignored(tmp_path):
                         (["smollm2-135m", "--softmax-finetuned", str(tmp_path / "nope")], "is not a directory")):
         with pytest.raises(ValueError, match=match):
             cmd_eval(parser.parse_args(argv))
+    with pytest.raises(RuntimeError, match="has no config.json"):  # before any scoring, and before loading SmolLM2
+        cmd_eval(parser.parse_args(["smollm2-135m", "--softmax-finetuned", str(tmp_path)]))
 
 
 def test_training_errors_say_what_to_do(tmp_path, monkeypatch):
@@ -355,3 +357,15 @@ def test_an_interrupted_run_names_the_checkpoint_to_resume(tmp_path, capsys, mon
     monkeypatch.setattr(train_cmd, "train", real)
     assert _run(argv + ["--resume"]) == 0
     assert load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints")).step == 4
+
+
+def test_an_evaluation_interval_without_held_out_data_is_refused(capsys, tmp_path):
+    from lincompile.cli.main import main
+
+    for argv, said in ((["train", "smollm2-135m", "--method", "augmented", "--eval-blocks", "0", "--eval-every", "5"],
+                        "--eval-blocks 0 evaluates nothing, so --eval-every 5 would have no effect"),
+                       (["train-medusa", "smollm2-135m", "--heldout-tokens", "0", "--eval-every", "5"],
+                        "--heldout-tokens 0 holds nothing out, so --eval-every 5 would have no effect")):
+        assert main([*argv, "--out", str(tmp_path / "out")]) == 1
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

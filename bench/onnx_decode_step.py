@@ -115,8 +115,9 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
         rows[form]["verify_ms"] = 1e3 * verify[form]
     base = args.baseline
     for form in args.forms:
-        agree = sum(a == b for a, b in zip(timings.tokens[base], timings.tokens[form]))
-        rows[form]["greedy_steps_agreeing"] = f"{agree} of {len(timings.tokens[base])}"
+        agree = timings.agreement(base, form)
+        rows[form]["greedy_steps_agreeing"] = f"{agree['same']} of {agree['steps']}"
+        rows[form]["greedy_tokens_same_until"] = agree["same_until"]
         rows[form]["first_step_max_abs_logit_diff"] = (first_step[form] - first_step[base]).abs().max().item()
     return {"forms": rows, "baseline": base, "quantize": args.quantize, "context": int(prompt.shape[1]),
             "prefill_chunk": args.prefill_chunk, "verify_tokens": args.verify}
@@ -141,7 +142,8 @@ def print_table(result: dict) -> None:
                                                            else "") + ")")
     for form, row in rows.items():
         if row is not base:
-            print(f"{form}: greedy steps agreeing with {name} {row['greedy_steps_agreeing']}; first step's logits "
+            print(f"{form}: greedy steps agreeing with {name} {row['greedy_steps_agreeing']} (the first "
+                  f"difference at step {row['greedy_tokens_same_until']}); first step's logits "
                   f"differ by at most {row['first_step_max_abs_logit_diff']:.1e}")
 
 

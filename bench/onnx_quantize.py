@@ -62,9 +62,10 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
     timings = time_steps(sessions, warmup=2, rounds=args.rounds, steps=1)  # the forms take turns step by step
     for form, rate in timings.tokens_per_s().items():
         rows[form]["decode_ms"] = 1e3 / rate
-    agree = sum(a == b for a, b in zip(timings.tokens["float"], timings.tokens["int8"]))
+    agree = timings.agreement("float", "int8")
     return {"forms": rows, "tokens_scored": int(blocks[:, 1:].numel()), "prefill_tokens": int(prompt.shape[1]),
-            "greedy_steps_agreeing": f"{agree} of {len(timings.tokens['float'])}"}
+            "greedy_steps_agreeing": f"{agree['same']} of {agree['steps']}",
+            "greedy_tokens_same_until": agree["same_until"]}
 
 
 def print_table(result: dict) -> None:

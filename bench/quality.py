@@ -68,10 +68,11 @@ def train_one(model: torch.nn.Module, captured: object, method: str, blocks: tor
               args: argparse.Namespace, work: Path) -> dict:
     """Linearize `captured` with `method`, train it with the shared budget, return its evaluations."""
     import lincompile
+    from lincompile.config import LinearizeConfig
     from lincompile.train.eval import perplexity
     from lincompile.train.trainer import TrainConfig, train
 
-    linear = lincompile.optimize(model, method, captured=captured)
+    linear = lincompile.optimize(model, config=LinearizeConfig(method=method, seed=args.seed), captured=captured)
     stage1 = args.stage1_steps if has_new_parameters(linear) else 0
     config = TrainConfig(stage1_steps=stage1, stage2_steps=args.stage2_steps + args.stage1_steps - stage1,
                          batch_size=args.batch_size, block_size=args.block_size, lr=args.lr,
@@ -237,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N steps")
     parser.add_argument("--eval-blocks", type=int, default=8, help="held-out blocks (default 8)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="data order, LoRA init and random features (Performer) (default 0)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--jobs", type=int, default=1,

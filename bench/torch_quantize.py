@@ -83,10 +83,11 @@ def run(args: argparse.Namespace) -> dict:
         (rows.setdefault(name, {}))["decode_ms"] = 1e3 / rate
     for form in FORMS:
         rows[form]["verify_ms"] = 1e3 * statistics.median(verify_times.steps[form])
-    agree = sum(a == b for a, b in zip(timings.tokens["float"], timings.tokens["int8"]))
+    agree = timings.agreement("float", "int8")
     return {"forms": rows, "ppl_original": original_ppl, "tokens_scored": int(blocks[:, 1:].numel()),
             "context": args.context, "prefill_tokens": args.prefill, "verify_tokens": args.verify,
-            "greedy_steps_agreeing": f"{agree} of {len(timings.tokens['float'])}"}
+            "greedy_steps_agreeing": f"{agree['same']} of {agree['steps']}",
+            "greedy_tokens_same_until": agree["same_until"]}
 
 
 def print_table(result: dict) -> None:
@@ -105,7 +106,8 @@ def print_table(result: dict) -> None:
           f"{base['prefill_s'] / quant['prefill_s']:.2f}x faster ({result['prefill_tokens']} tokens, one call)")
     print(f"{'weights MiB':>16}  {base['weights_mib']:>9.0f}  {quant['weights_mib']:>9.0f}  "
           f"{quant['weights_mib'] / base['weights_mib']:.2f}x")
-    print(f"greedy decode steps agreeing: {result['greedy_steps_agreeing']}")
+    print(f"greedy decode steps agreeing: {result['greedy_steps_agreeing']} (the first difference at step "
+          f"{result['greedy_tokens_same_until']})")
 
 
 def main(argv: list[str] | None = None) -> int:

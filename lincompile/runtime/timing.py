@@ -34,6 +34,14 @@ class Timings:
     steps: dict[str, list[float]] = field(default_factory=dict)
     tokens: dict[str, list[int]] = field(default_factory=dict)
 
+    def agreement(self, a: str, b: str) -> dict[str, int | None]:
+        """How sessions `a` and `b`'s greedy tokens compare: `same` steps gave the same token (after the first
+        difference the contexts differ, so later matches are partly chance), `same_until` the first step that
+        differs (None: none did), of `steps`."""
+        pairs = list(zip(self.tokens[a], self.tokens[b]))
+        return {"same": sum(x == y for x, y in pairs), "steps": len(pairs),
+                "same_until": next((i for i, (x, y) in enumerate(pairs) if x != y), None)}
+
     def tokens_per_s(self) -> dict[str, float]:
         """1 / median step latency, per session (the median resists the odd step delayed by other load)."""
         return {name: 1.0 / statistics.median(values) for name, values in self.steps.items()}

@@ -91,3 +91,11 @@ def test_time_steps_warms_up_then_interleaves_rounds_in_alternating_order():
     assert {name: len(v) for name, v in timings.steps.items()} == {"a": 4, "b": 4}
     assert timings.tokens == {"a": [1] * 5, "b": [1] * 5}
     assert all(rate > 0 for rate in timings.tokens_per_s().values())
+
+
+def test_agreement_counts_same_steps_and_finds_the_first_difference():
+    from lincompile.runtime.timing import Timings
+
+    timings = Timings(tokens={"a": [5, 6, 7, 8, 9], "b": [5, 6, 0, 8, 9], "c": [5, 6, 7, 8, 9]})
+    assert timings.agreement("a", "b") == {"same": 4, "steps": 5, "same_until": 2}
+    assert timings.agreement("a", "c") == {"same": 5, "steps": 5, "same_until": None}

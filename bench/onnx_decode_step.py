@@ -41,7 +41,8 @@ from typing import Any
 import torch
 
 from lincompile.cli.args import positive_int
-from lincompile.runtime.timing import alternate, best_time, linear_session, open_ort, report_bench, time_steps
+from lincompile.runtime.timing import (alternate, best_time, first_difference, linear_session, open_ort, report_bench,
+                                       time_steps)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMS = {"parallel": {"decode_step": False}, "step": {}, "step+chunks": {"chunk_size": 64},
@@ -142,8 +143,8 @@ def print_table(result: dict) -> None:
                                                            else "") + ")")
     for form, row in rows.items():
         if row is not base:
-            print(f"{form}: greedy steps agreeing with {name} {row['greedy_steps_agreeing']} (the first "
-                  f"difference at step {row['greedy_tokens_same_until']}); first step's logits "
+            print(f"{form}: greedy steps agreeing with {name} {row['greedy_steps_agreeing']} "
+                  f"({first_difference(row['greedy_tokens_same_until'])}); first step's logits "
                   f"differ by at most {row['first_step_max_abs_logit_diff']:.1e}")
 
 

@@ -29,7 +29,8 @@ import torch
 
 from lincompile.cli.args import nonnegative_int, positive_int
 from lincompile.train.data import CALIBRATION_BLOCKS
-from lincompile.runtime.timing import (HFCache, best_time, linear_session, report_bench, time_steps)
+from lincompile.runtime.timing import (HFCache, best_time, first_difference, linear_session, report_bench,
+                                       time_steps)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMS = ("float", "int8")
@@ -106,8 +107,8 @@ def print_table(result: dict) -> None:
           f"{base['prefill_s'] / quant['prefill_s']:.2f}x faster ({result['prefill_tokens']} tokens, one call)")
     print(f"{'weights MiB':>16}  {base['weights_mib']:>9.0f}  {quant['weights_mib']:>9.0f}  "
           f"{quant['weights_mib'] / base['weights_mib']:.2f}x")
-    print(f"greedy decode steps agreeing: {result['greedy_steps_agreeing']} (the first difference at step "
-          f"{result['greedy_tokens_same_until']})")
+    print(f"greedy decode steps agreeing: {result['greedy_steps_agreeing']} "
+          f"({first_difference(result['greedy_tokens_same_until'])})")
 
 
 def main(argv: list[str] | None = None) -> int:

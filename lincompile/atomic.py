@@ -81,10 +81,11 @@ def check_not_inside(target: str | os.PathLike[str], *sources: str | os.PathLike
                              "write to another directory")
 
 
-def check_replaceable(target: str | os.PathLike[str], marker: str) -> None:
+def check_replaceable(target: str | os.PathLike[str], marker: str, replaced: bool = True) -> None:
     """Raise FileExistsError when `target` is a file, or a non-empty directory without `marker` (so not one of this
     kind that lincompile wrote): replacing it would delete the user's files; and when it cannot be made, under a
-    file or a directory this process cannot write. Commands call it before long work."""
+    file or a directory this process cannot write, or (`replaced`: made beside it, then moved in; else written
+    inside) cannot be written. Commands call it before long work."""
     target = Path(target)
     if not target.exists():
         ancestor = Path(os.path.realpath(target)).parent
@@ -97,9 +98,10 @@ def check_replaceable(target: str | os.PathLike[str], marker: str) -> None:
         return
     if not target.is_dir():
         raise FileExistsError(f"{target} is a file; write to a new or empty directory")
-    parent = Path(os.path.realpath(target)).parent  # where the new one is made, then moved in
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{parent} is not writable, so {target} cannot be replaced; write elsewhere")
+    where = Path(os.path.realpath(target)).parent if replaced else target  # where the new files are made
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise PermissionError(f"{where} is not writable, so {target} cannot be "
+                              f"{'replaced' if replaced else 'written'}; write elsewhere")
     if any(target.iterdir()) and not (target / marker).exists():
         raise FileExistsError(f"{target} is not empty and holds no {marker}, so it is not a directory of this kind "
                               "that lincompile wrote; replacing it would delete its files: write to a new or empty "

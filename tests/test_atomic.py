@@ -65,6 +65,9 @@ def test_a_target_that_cannot_be_made_is_refused_before_any_work(tmp_path, monke
         check_replaceable(locked / "new" / "deeper", "meta.json")
     with pytest.raises(PermissionError, match="locked is not writable, so .*old cannot be replaced"):
         check_replaceable(locked / "old", "meta.json")
+    check_replaceable(locked / "old", "meta.json", replaced=False)  # written inside (the demo's): old is writable
+    with pytest.raises(PermissionError, match="locked is not writable, so .*locked cannot be written"):
+        check_replaceable(locked, "meta.json", replaced=False)
     check_replaceable(tmp_path / "new" / "deeper", "meta.json")
 
 

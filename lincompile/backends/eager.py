@@ -210,8 +210,9 @@ class LinearizedModel(torch.nn.Module):
         if attention_mask is not None:
             check_attention_mask(attention_mask)
         if past_state is not None and not self.supports_state:
-            raise ValueError("this model has attention sites without a recurrent state (not rewritten, or "
-                             "non-causal/custom-bias); call it on the whole sequence without past_state")
+            raise ValueError("this model has attention sites without a recurrent state (not rewritten, "
+                             "non-causal/custom-bias, or a method that reads later tokens); call it on the whole "
+                             "sequence without past_state")
         if past_state is not None:
             check_state(past_state, self.state_inputs, batch, self._state_shapes())
             if not all(isinstance(t, torch.Tensor) for t in past_state.tensors.values()):

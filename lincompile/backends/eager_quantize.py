@@ -275,15 +275,34 @@ def quantize_graph(gm: fx.GraphModule, scheme: str = "int8", skip: tuple[str, ..
     quantized = fx.GraphModule(root, graph, class_name=type(gm).__name__)
     left = _float_matrices_left(gm, graph)
     if left:
-        warn(f"quantize: {len(left)} weight matrices stay float, read by no linear layer quantize can rewrite "
-             f"(such as the stacked experts of a mixture-of-experts layer): {left[:3]}"
+        warn(f"quantize: {len(left)} weights stay float: matrix products read them, but no linear layer quantize "
+             f"can rewrite (such as the stacked experts of a mixture-of-experts layer): {left[:3]}"
              + (f" and {len(left) - 3} more" if len(left) > 3 else ""))
     return quantized, count
 
 
+#: Ops that only reshape, select or cast what they read: a weight passes through them to its product.
+_RESHAPING = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default, aten.view.default,
+              aten.reshape.default, aten._unsafe_view.default, aten.select.int, aten.index.Tensor, aten.slice.Tensor,
+              aten.unsqueeze.default, aten.expand.default, aten.contiguous.default, aten._to_copy.default,
+              aten.to.dtype}
+
+
+def _multiplied(node: fx.Node, depth: int = 4) -> bool:
+    """Whether a matrix product (an op named for mm, matmul, einsum or linear) reads `node`, directly or through
+    at most `depth` reshaping ops."""
+    for user in node.users:
+        if user.op == "call_function" and any(k in str(user.target) for k in ("mm", "matmul", "einsum", "linear")):
+            return True
+        if depth and user.target in _RESHAPING and _multiplied(user, depth - 1):
+            return True
+    return False
+
+
 def _float_matrices_left(gm: fx.GraphModule, graph: fx.Graph) -> list[str]:
-    """The floating parameters of >= 2 dims `graph` still reads other than as a projection's weight (skipped or
-    one-input ones), an embedding table, or an attention site's or adapter's own parameter."""
+    """The floating parameters of >= 2 dims that a matrix product in `graph` still reads other than as a
+    projection's weight (skipped or one-input ones): not an embedding table, an attention site's or an adapter's
+    own parameter, or one read by no product (a conv kernel, a bias added to queries)."""
     left = []
     for node in graph.nodes:
         target = str(node.target)
@@ -296,7 +315,7 @@ def _float_matrices_left(gm: fx.GraphModule, graph: fx.Graph) -> list[str]:
         if tensor.dim() < 2 or not tensor.is_floating_point():
             continue
         if all(user.target == aten.embedding.default or (projection(user) or (None, None))[1] is node
-               for user in node.users):
+               for user in node.users) or not _multiplied(node):
             continue
         left.append(target)
     return left

@@ -49,7 +49,8 @@ def default_providers() -> list[str]:
 
 def _numpy(value: ArrayLike, dtype: np.dtype) -> np.ndarray:
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()  # numpy has no bf16
     return np.ascontiguousarray(np.asarray(value), dtype=dtype)
 
 

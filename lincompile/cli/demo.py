@@ -219,7 +219,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     if not 0 < opts.context < opts.long_context:
         raise ValueError(f"need 0 < --context < --long-context, got {opts.context} and {opts.long_context}")
     draft = _draft(opts)
-    check_replaceable(opts.out, DEMO_FILE)  # a directory of the user's own files is not written into
+    check_replaceable(opts.out, DEMO_FILE, replaced=False)  # a directory of the user's own files is not written into
     opts.out.mkdir(parents=True, exist_ok=True)
     _mark_incomplete(opts)
     threads = torch.get_num_threads()

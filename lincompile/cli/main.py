@@ -403,17 +403,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _log("interrupted")
         return 130
-    except BrokenPipeError:  # the reader went away (`lincompile methods | head -1`): nothing left to say
-        try:  # so that the flush at exit does not fail again
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):  # a stdout with no file (captured)
-            pass
-        return 141
+    except BrokenPipeError as exc:
+        if not _stdout_closed():  # another pipe (a subprocess's, a socket): an error as any other
+            return _report(exc, args.debug)
+        return 141  # the reader went away (`lincompile methods | head -1`): nothing left to say
     except Exception as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return _report(exc, args.debug)
+
+
+def _report(exc: BaseException, debug: bool) -> int:
+    """Print the error (with its traceback under --debug); the exit code of a failed command."""
+    if debug:
+        traceback.print_exception(exc)
+    print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+    return 1
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on it); if so, stdout is pointed at
+    /dev/null so that the flush at exit does not fail again."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poller.poll(0)):
+            return False
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+        return True
+    except (OSError, ValueError, AttributeError):  # a stdout with no file (captured), or no poll here
+        return False
 
 
 if __name__ == "__main__":

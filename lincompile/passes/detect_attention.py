@@ -107,8 +107,8 @@ def _allowed_and_bias(match: SiteMatch, values: dict, t: int, s: int) -> tuple[t
     for node, kind, coefficient in match.mask_terms:
         value = values[node].cpu()  # the probe runs on the CPU whatever device the model is on
         if kind == "additive":
-            scaled = value.float() * coefficient
-            keep = scaled > MASKED
+            scaled = value.float() * coefficient  # (bf16 holds -1e4 as -9984: MASKED within the dtype's rounding)
+            keep = scaled > MASKED * (1 - torch.finfo(value.dtype).eps if value.is_floating_point() else 1)
             has_bias = has_bias or bool((scaled[keep] != 0).any())
             allowed = allowed & keep
         elif kind == "allow_bool":
@@ -253,7 +253,8 @@ def _ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
 def _token_inputs(node: fx.Node, tokens: set[fx.Node]) -> set[fx.Node]:
     """The token inputs (`tokens`) whose values `node` is computed from (a size read from one does not count):
     queries computed from tokens the keys are not (a decoder's over an encoder's) make cross-attention, whatever
-    the two lengths."""
+    the two lengths. (A decoder that makes its tokens from the encoder's inputs, as BART's does when given no
+    decoder_input_ids, is not told apart this way: capture such a model with decoder inputs.)"""
     seen: set[fx.Node] = set()
     stack = [node]
     while stack:

@@ -229,18 +229,20 @@ def _add_hidden_output(ctx: PassContext, output: fx.Node, windows: dict[str, fx.
 
 
 def warn_rewrite_notes(results: list[PassResult]) -> None:
-    """Warn about what the rewrite changed beyond attention's form: the terms it dropped (one warning for all),
-    and each causal site whose method reads later tokens."""
+    """Warn about what the rewrite changed beyond attention's form, one warning per kind naming the sites: terms
+    a method has no form for, attention dropout (no method has it), causal sites whose method reads later tokens."""
     notes = [note for result in results for note in result.notes]
-    dropped = [note for note in notes if " dropped by " in note]
-    if dropped:
-        warn(f"{len(dropped)} attention terms are dropped by the rewrite (training can recover "
-             "part of what they did; layers= converts only the sites it lists and keeps the rest exact):\n  "
-             + "\n  ".join(dropped[:4])
-             + (f"\n  ... {len(dropped) - 4} more in the returned model's .report" if len(dropped) > 4 else ""))
-    for note in notes:
-        if " reads later tokens" in note:
-            warn(note)
+    for phrase, what in (
+            (" dropped by ", "attention terms have no linear form and are dropped (training can recover part of "
+                             "what they did; layers= converts only the sites it lists and keeps the rest exact)"),
+            (" attention dropout ", "sites lose their attention dropout: the rewritten op has none (it acts in "
+                                    "training only)"),
+            (" reads later tokens", "causal sites run a method that reads later tokens: their outputs see the "
+                                    "future, and they keep no state (whole sequences only)")):
+        chosen = [note for note in notes if phrase in note]
+        if chosen:
+            warn(f"{len(chosen)} {what}:\n  " + "\n  ".join(chosen[:4])
+                 + (f"\n  ... {len(chosen) - 4} more in the returned model's .report" if len(chosen) > 4 else ""))
 
 
 @register_pass
@@ -303,11 +305,10 @@ class Linearize(Pass):
                     f"site {site.index} ({site.path}) is causal, but {spec.name} projects along the sequence and "
                     "cannot be causal; use it on bidirectional (encoder) models, or pick another method")
             if site.causal and not spec.causal_safe:
-                notes.append(f"site {site.index} ({site.path}) is causal, but {spec.name} reads later tokens: "
-                             "outputs see the future, and the site keeps no state (whole sequences only)")
+                notes.append(f"site {site.index} ({site.path}) is causal, but {spec.name} reads later tokens")
             if site.dropout_p:
                 notes.append(f"site {site.index} ({site.path}): its attention dropout (p={site.dropout_p:g}) is "
-                             f"dropped by {spec.name} (the op has no dropout; it acts in training only)")
+                             f"not applied by {spec.name}")
             allow_state = self.stateful and (site.mask_kind != "custom" or not encoder_decoder)
             ctx.rewritten.append(_rewrite(ctx, site, spec, output, self.seed, windows, allow_state))
         if self.stateful and any(r.state_inputs for r in ctx.rewritten):

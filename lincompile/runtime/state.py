@@ -62,8 +62,9 @@ def require_decodable(model: object, what: str) -> None:
     if not getattr(model, "supports_state", True) or not meta.get("supports_state", True):
         raise ValueError(f"{what} needs a causal language model whose causal attention sites all keep a recurrent "
                          "state; this model has none to continue from (an encoder or encoder-decoder, sites left "
-                         "unrewritten, or exact-softmax sites with an additive bias such as ALiBi, which a state "
-                         "cannot continue): call it on whole sequences instead")
+                         "unrewritten, exact-softmax sites with an additive bias such as ALiBi, which a state "
+                         "cannot continue, or a method that reads later tokens such as augmented-centered): call it "
+                         "on whole sequences instead")
 
 
 def check_attention_mask(attention_mask: object) -> None:
@@ -72,13 +73,16 @@ def check_attention_mask(attention_mask: object) -> None:
     import numpy as np
 
     if isinstance(attention_mask, torch.Tensor):
-        if attention_mask.device.type != "cpu" or attention_mask.dtype == torch.bool:
+        if attention_mask.device.type != "cpu" or attention_mask.dtype == torch.bool or not attention_mask.numel():
             return
-        values = attention_mask.detach().numpy()
+        least = attention_mask.detach().min().item()  # (in torch: numpy has no bf16)
     else:
         values = np.asarray(attention_mask)
-    if values.size and values.dtype != np.bool_ and values.min() < 0:
-        raise ValueError(f"attention_mask holds negative values (min {values.min()}), as an additive mask does: "
+        if not values.size or values.dtype == np.bool_:
+            return
+        least = values.min()
+    if least < 0:
+        raise ValueError(f"attention_mask holds negative values (min {least}), as an additive mask does: "
                          "pass 1 for each token to keep and 0 for each to drop")
 
 

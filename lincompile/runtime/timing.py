@@ -190,7 +190,12 @@ def time_steps(sessions: dict[str, Step], warmup: int, rounds: int, steps: int) 
     return timings
 
 
-def alternate(items: dict[str, Any], turn: int) -> list[tuple[str, Any]]:
+def first_difference(same_until: int | None) -> str:
+    """`Timings.agreement`'s `same_until` in words."""
+    return "every step the same" if same_until is None else f"the first difference at step {same_until}, from 0"
+
+
+def alternate(items: dict[Any, Any], turn: int) -> list[tuple[Any, Any]]:
     """`items`' pairs in order on even turns, reversed on odd ones (`time_steps`)."""
     pairs = list(items.items())
     return pairs if turn % 2 == 0 else pairs[::-1]

@@ -69,6 +69,7 @@ def test_positions_and_masks_read_the_same_on_both_runtimes(models):
         assert torch.allclose(model(IDS, attention_mask=half).logits, model(IDS).logits, atol=1e-6)
         with pytest.raises(ValueError, match=r"attention_mask holds negative values \(min -inf\), as an additive"):
             model(IDS, attention_mask=additive)
+        assert torch.allclose(model(IDS, attention_mask=half.bfloat16()).logits, model(IDS).logits, atol=1e-6)
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, :2] = 0
     counted = mask.cumsum(-1) - 1  # a common spelling: left pads get -1, which no kept token reads
@@ -135,7 +136,7 @@ def test_misplaced_arguments_name_the_fix(models, tmp_path):
 
 def test_terms_a_linear_method_drops_are_warned_about():
     """T5's relative-position bias has no linear form: optimize says so, not only in the report."""
-    with pytest.warns(UserWarning, match="attention terms are dropped by the rewrite"):
+    with pytest.warns(UserWarning, match="have no linear form and are dropped"):
         linear = lincompile.optimize(tiny_model("t5"), "augmented")
     assert any(" dropped by " in note for result in linear.report.passes for note in result.notes)
 

@@ -85,6 +85,15 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
     assert child.stderr.read() == b""
 
 
+def test_another_broken_pipe_is_an_error(capsys, monkeypatch):
+    def methods(args):
+        raise BrokenPipeError(32, "Broken pipe")  # a subprocess's or a socket's, not stdout's
+
+    monkeypatch.setattr("lincompile.cli.main.cmd_methods", methods)
+    code, _, err = run(capsys, "methods")
+    assert code == 1 and "Broken pipe" in err
+
+
 def test_methods_lists_every_registered_method_once(capsys):
     import lincompile
 

@@ -323,20 +323,20 @@ class _Added(torch.nn.Module):
         b, t = input_ids.shape
         q, k, v = (x.view(b, t, 2, 8).transpose(1, 2) for x in self.qkv(self.embed(input_ids)).chunk(3, -1))
         scores = q @ k.transpose(-1, -2) / 8 ** 0.5
-        future = torch.ones(t, t, device=scores.device).triu(1)
-        mask = (future[None, None] + (1 - attention_mask[:, None, None, :].float()) if self.padding else future)
+        future = torch.ones(t, t, device=scores.device, dtype=scores.dtype).triu(1)
+        mask = future[None, None] + (1 - attention_mask[:, None, None, :].to(scores.dtype)) if self.padding else future
         mask = mask * self.value / self.alpha
         scores = torch.add(mask, scores, alpha=self.alpha) if self.swapped else torch.add(scores, mask, alpha=self.alpha)
         return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
 
 
-@pytest.mark.parametrize("value", [-1e4, -1e9])
-def test_additive_masks_of_large_finite_values_are_masks(value):
+@pytest.mark.parametrize("value,dtype", [(-1e4, torch.float32), (-1e9, torch.float32), (-1e4, torch.bfloat16)])
+def test_additive_masks_of_large_finite_values_are_masks(value, dtype):
     """-1e4 and -1e9 weigh a key exactly 0 as the dtype's minimum does: a causal or padding mask, not a bias (a
-    bias would leave linear methods bidirectional and blind to padding)."""
-    sites = lincompile.optimize(_Added(value), "softmax", strict=True).sites
+    bias would leave linear methods bidirectional and blind to padding); bf16 holds -1e4 as -9984."""
+    sites = lincompile.optimize(_Added(value).to(dtype), "softmax", strict=True).sites
     assert [(s.mask_kind, s.causal) for s in sites] == [("causal", True)]
-    sites = lincompile.optimize(_Added(value, padding=True), "softmax", strict=True).sites
+    sites = lincompile.optimize(_Added(value, padding=True).to(dtype), "softmax", strict=True).sites
     assert [(s.mask_kind, s.causal, s.key_mask_input) for s in sites] == [("causal+padding", True, "attention_mask")]
     assert [s.mask_kind for s in lincompile.optimize(_Added(-100.0), "softmax").sites] == ["custom"]
 

@@ -170,7 +170,8 @@ def test_attention_dropout_in_training_is_dropped_aloud():
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = 0.5
     compiled = _compile(model, method="softmax", compiler="eager")
-    with pytest.warns(UserWarning, match=r"sites lose their attention dropout.*\n.*its attention dropout \(p=0.5\) is not applied by softmax"):
+    with pytest.warns(UserWarning, match=r"sites lose their attention dropout.*\n"
+                                         r".*its attention dropout \(p=0.5\) is not applied by softmax"):
         compiled(**example_inputs("llama"))
     assert [s.dropout_p for s in tcb.reports()[-1].sites] == [0.5] * expected_sites("llama")
 

@@ -326,7 +326,8 @@ class _Added(torch.nn.Module):
         future = torch.ones(t, t, device=scores.device, dtype=scores.dtype).triu(1)
         mask = future[None, None] + (1 - attention_mask[:, None, None, :].to(scores.dtype)) if self.padding else future
         mask = mask * self.value / self.alpha
-        scores = torch.add(mask, scores, alpha=self.alpha) if self.swapped else torch.add(scores, mask, alpha=self.alpha)
+        pair = (mask, scores) if self.swapped else (scores, mask)
+        scores = torch.add(*pair, alpha=self.alpha)
         return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
 
 

@@ -174,7 +174,8 @@ def test_a_method_reading_later_tokens_warns_and_keeps_no_state():
     """The centered conv (the leakage ablation) sees later tokens on a causal site: optimize says so, and the site
     keeps no state, so the model runs whole sequences only (a state would give other numbers than the parallel
     form)."""
-    with pytest.warns(UserWarning, match=r"2 causal sites run a method that reads later tokens.*\n.*site 0 .* is causal, but augmented-centered reads later tokens"):
+    with pytest.warns(UserWarning, match=r"2 causal sites run a method that reads later tokens.*\n"
+                                         r".*site 0 .* is causal, but augmented-centered reads later tokens"):
         linear = lincompile.optimize(tiny_model("llama"), "augmented-centered")
     assert not linear.supports_state and not any(r.state_inputs for r in linear.rewritten)
 

@@ -238,15 +238,16 @@ def _probe_windows(gm: fx.GraphModule, example_inputs: dict[str, torch.Tensor], 
     return notes
 
 
-def _ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
-    """`nodes` and every node they are computed from."""
+def _ancestors(nodes: set[fx.Node], values_only: bool = False) -> set[fx.Node]:
+    """`nodes` and every node they are computed from (`values_only`: not through a size read from a tensor)."""
     seen: set[fx.Node] = set()
     stack = list(nodes)
     while stack:
         node = stack.pop()
         if node not in seen:
             seen.add(node)
-            stack.extend(node.all_input_nodes)
+            if not (values_only and node.target is aten.sym_size.int):
+                stack.extend(node.all_input_nodes)
     return seen
 
 
@@ -255,15 +256,7 @@ def _token_inputs(node: fx.Node, tokens: set[fx.Node]) -> set[fx.Node]:
     queries computed from tokens the keys are not (a decoder's over an encoder's) make cross-attention, whatever
     the two lengths. (A decoder that makes its tokens from the encoder's inputs, as BART's does when given no
     decoder_input_ids, is not told apart this way: capture such a model with decoder inputs.)"""
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            if current.target is not aten.sym_size.int:
-                stack.extend(current.all_input_nodes)
-    return seen & tokens
+    return _ancestors({node}, values_only=True) & tokens
 
 
 def _binary_masks(match: SiteMatch, values: dict, unmatched: list[UnmatchedSoftmax]) -> bool:

@@ -19,7 +19,7 @@ Measured:
   verify    the median call of `--verify` tokens after that prompt (a speculative verify of `--verify` - 1
             drafts), the exports taking turns call by call for `--rounds` / 5 calls each;
   decode    the median greedy single-token step after that prompt, the exports taking turns step by step for
-            `--rounds` steps each (in reverse order every other round, `time_steps`); how many greedy tokens
+            `--rounds` steps each (the order rotated each round, `time_steps`); how many greedy tokens
             agree, and the first step's largest logit difference;
   nodes     how many nodes a one-token call runs: the main graph's once onnxruntime has optimized it (an `If`
             counts one; the branch it does not take runs none, the Identity branch it takes is not counted).
@@ -71,8 +71,8 @@ def decode_nodes(directory: Path, threads: int) -> int:
 
 
 def time_calls(runners: dict[str, Any], states: dict[str, Any], ids: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Median seconds of one call of `ids` from each form's state (left as it was), the forms taking turns (in
-    reverse order every other round, as `time_steps`)."""
+    """Median seconds of one call of `ids` from each form's state (left as it was), the forms taking turns (the
+    order rotated each round, as `time_steps`)."""
     times: dict[str, list[float]] = {form: [] for form in runners}
     for turn in range(rounds):
         for form, runner in alternate(runners, turn):

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
         one_call.append(row)
     cases = {(form, size): runner for form, runner in runners.items() for size in args.call_sizes}
     best = dict.fromkeys(cases, float("inf"))
-    for turn in range(args.repeats):  # every (export, call size) once per round, the order reversed every other
+    for turn in range(args.repeats):  # every (export, call size) once per round, the order rotated each round
         for (form, size), runner in alternate(cases, turn):
             seconds = best_time(lambda: prefill(runner, ids, chunk_size=size), 1)[0]
             best[(form, size)] = min(best[(form, size)], seconds)

@@ -172,10 +172,11 @@ def open_ort(onnx_dir: Path, threads: int, cpu_only: bool = True) -> Any:
 
 def time_steps(sessions: dict[str, Step], warmup: int, rounds: int, steps: int) -> Timings:
     """Run `warmup` untimed steps per session, then `rounds` rounds of `steps` timed steps per session, the
-    sessions interleaved within each round, in reverse order every other round: taking turns in a fixed order, the
-    same onnxruntime export measured about 2% slower in the first place than in the second on this CPU (a one-off
-    check), so each session takes both places equally often. Each session takes warmup + rounds * steps steps in
-    all."""
+    sessions interleaved within each round, the order rotated by one each round (`alternate`): taking turns in a
+    fixed order, the same onnxruntime export measured about 2% slower in the first place than in the second on
+    this CPU (a one-off check), so each session takes each place equally often (over a multiple of the sessions'
+    count of rounds), and none runs twice in a row across rounds. Each session takes warmup + rounds * steps
+    steps in all."""
     timings = Timings({name: [] for name in sessions}, {name: [] for name in sessions})
     for name, step in sessions.items():
         for _ in range(warmup):
@@ -196,9 +197,11 @@ def first_difference(same_until: int | None) -> str:
 
 
 def alternate(items: dict[Any, Any], turn: int) -> list[tuple[Any, Any]]:
-    """`items`' pairs in order on even turns, reversed on odd ones (`time_steps`)."""
+    """`items`' pairs rotated left by `turn` (`time_steps`); for two, in order on even turns and reversed on odd
+    ones. (Reversing three or more would keep the middle one in the middle and run the last twice in a row.)"""
     pairs = list(items.items())
-    return pairs if turn % 2 == 0 else pairs[::-1]
+    shift = turn % max(len(pairs), 1)
+    return pairs[shift:] + pairs[:shift]
 
 
 def best_time(call: Callable[[], Any], repeats: int) -> tuple[float, Any]:

@@ -99,3 +99,13 @@ def test_agreement_counts_same_steps_and_finds_the_first_difference():
     timings = Timings(tokens={"a": [5, 6, 7, 8, 9], "b": [5, 6, 0, 8, 9], "c": [5, 6, 7, 8, 9]})
     assert timings.agreement("a", "b") == {"same": 4, "steps": 5, "same_until": 2}
     assert timings.agreement("a", "c") == {"same": 5, "steps": 5, "same_until": None}
+
+
+def test_turns_rotate_so_each_session_takes_each_place():
+    from lincompile.runtime.timing import alternate
+
+    three = {"a": 1, "b": 2, "c": 3}
+    orders = ["".join(name for name, _ in alternate(three, turn)) for turn in range(4)]
+    assert orders == ["abc", "bca", "cab", "abc"]
+    assert all(one[-1] != two[0] for one, two in zip(orders, orders[1:]))  # none twice in a row
+    assert [name for name, _ in alternate({"a": 1, "b": 2}, 1)] == ["b", "a"] and alternate({}, 3) == []

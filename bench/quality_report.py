@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-SHARED = ("model", "ppl_original", "heldout_tokens")
+SHARED = ("model", "ppl_original", "heldout_tokens", "device")  # a GPU trains in bf16, a CPU in fp32
 RECIPE = ("batch_size", "block_size", "lr", "seed", "warmup_steps")  # files before session 14 lack warm-up
 AGREE = 1e-3  # two files' evaluations of the same run (method, split) must agree this closely (relative)
 

@@ -22,8 +22,10 @@ def _run(method: str, role: str, stage1: int, ppls: list[float]) -> dict:
             "ppl": ppls[-1], "curve": curve}
 
 
-def _write(path: Path, runs: list[dict], lr: float = 5e-4, heldout: int = 1016, **budget: int) -> Path:
+def _write(path: Path, runs: list[dict], lr: float = 5e-4, heldout: int = 1016, device: str = "cpu",
+           **budget: int) -> Path:
     path.write_text(json.dumps({"model": "m", "ppl_original": 30.0, "heldout_tokens": heldout, "runs": runs,
+                                "device": device,
                                 "budget": {"batch_size": 4, "block_size": 128, "lr": lr, "seed": 0, **budget}}))
     return path
 
@@ -62,6 +64,9 @@ def test_files_trained_or_evaluated_differently_are_refused(tmp_path, files):
         report.load([files[0], other])
     other = _write(tmp_path / "d.json", [_run("taylor", "baseline", 20, [1, 2])], heldout=2048)
     with pytest.raises(report.ReportError, match="heldout_tokens = 2048"):
+        report.load([files[0], other])
+    other = _write(tmp_path / "g.json", [_run("taylor", "baseline", 20, [1, 2])], device="cuda")  # bf16 training
+    with pytest.raises(report.ReportError, match="g.json has device = cuda, a.json has cpu"):
         report.load([files[0], other])
     warm = [_write(tmp_path / f"w{n}.json", [_run("taylor", "baseline", 20, [1, 2])], warmup_steps=n) for n in (5, 10)]
     with pytest.raises(report.ReportError, match="w10.json was trained with warmup_steps = 10"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import operator
+import re
 from typing import Any
 
 import torch
@@ -288,11 +289,15 @@ _RESHAPING = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.per
               aten.to.dtype}
 
 
+#: Words of an op's name (`aten.addmm.default`, `transformers.grouped_mm_fallback`) that make it a matrix product.
+_PRODUCTS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "einsum", "linear"}
+
+
 def _multiplied(node: fx.Node, depth: int = 4) -> bool:
-    """Whether a matrix product (an op named for mm, matmul, einsum or linear) reads `node`, directly or through
+    """Whether a matrix product (an op whose name has a word of `_PRODUCTS`) reads `node`, directly or through
     at most `depth` reshaping ops."""
     for user in node.users:
-        if user.op == "call_function" and any(k in str(user.target) for k in ("mm", "matmul", "einsum", "linear")):
+        if user.op == "call_function" and _PRODUCTS & set(re.split(r"[^a-z]+", str(user.target).lower())):
             return True
         if depth and user.target in _RESHAPING and _multiplied(user, depth - 1):
             return True

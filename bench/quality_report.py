@@ -72,6 +72,12 @@ def load(paths: list[Path]) -> list[dict]:
     return results
 
 
+def unfinished(results: list[dict]) -> list[str]:
+    """The files whose run was stopped before it finished (`complete` false): the methods it had yet to train are
+    missing from them, so a report built on them may lack a baseline (files older than the field count as finished)."""
+    return [result["source"] for result in results if result.get("complete") is False]
+
+
 def _same(a: object, b: object) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return abs(a - b) <= AGREE * abs(b)
@@ -178,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     print(render(table(rows, first["ppl_original"], args.versus, args.window > 0), args.markdown))
     if short:
         print("not reaching " + str(args.at) + " tokens: " + "; ".join(short))
+    stopped = unfinished(results)
+    if stopped:
+        print(f"stopped before finishing (complete: false): {', '.join(stopped)}; the methods they had not trained "
+              "yet are missing from this report")
     print(verdict(rows, args.versus))
     print("made by:")
     for result in results:

@@ -94,6 +94,15 @@ def test_the_command_prints_the_table_and_draws_the_curves(tmp_path, files):
     assert proc.returncode == 2 and "no run was evaluated at 250 tokens" in proc.stderr
 
 
+def test_a_file_stopped_midway_is_named(tmp_path, files):
+    stopped = json.loads(files[1].read_text())
+    files[1].write_text(json.dumps({**stopped, "complete": False}))
+    assert report.unfinished(report.load(list(files))) == ["b.json"]
+    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, files), "--at", "300"], capture_output=True,
+                          text=True, timeout=120, check=True)
+    assert "stopped before finishing (complete: false): b.json" in proc.stdout
+
+
 def test_the_readme_comparison_holds_on_the_committed_results():
     """The README's equal-recipe table: every plain baseline's 20 + 460 run against `augmented`'s at 246k."""
     files = sorted(RESULTS.glob("quality_cpu_16x_*_stage1-20.json")) + [RESULTS / "quality_cpu_32x_stage1-20.json"]

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lincompile.atomic import atomic_write_text
+from lincompile.atomic import atomic_write
 from lincompile.cli.args import positive_int, positive_int_list
 from lincompile.kernels import registry
 from lincompile.kernels.linear_attention import chain, decode, reference
@@ -335,10 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         for t in lengths:  # the JSON is rewritten after each T: a run stopped midway keeps what it measured
             ms = (cuda_row if cuda else cpu_row)(spec, args, t)
             result["rows"].append({"T": t, "ms": ms, "ratios": _ratios(ms)})
-            atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
+            atomic_write(json_path, json.dumps(result, indent=1) + "\n")
             print(f"T={t} done", file=sys.stderr, flush=True)
     result["complete"] = True
-    atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
+    atomic_write(json_path, json.dumps(result, indent=1) + "\n")
     rows = result["rows"]
     print(f"{args.method}: B={args.batch} H={args.heads} Hkv={args.kv_heads} d={args.head_dim} {args.dtype} on "
           f"{device_name}")

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from lincompile.atomic import atomic_write_text
+from lincompile.atomic import atomic_write
 from lincompile.cli.args import nonnegative_int, positive_int
 from lincompile.runtime.timing import (HFCache, Step, compiled_model, linear_session, machine_tag, open_ort,
                                       time_steps)
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     json_path = args.out / f"decode_{machine_tag()}{suffix}.json"
-    atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
+    atomic_write(json_path, json.dumps(result, indent=1) + "\n")
     png_path = args.out / f"decode{suffix}.png"
     plot(result["rows"], args.engines, png_path, f"SmolLM2-135M {args.method}, {args.threads} thread(s)")
     print()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lincompile.atomic import atomic_write_text
+    from lincompile.atomic import atomic_write
     from lincompile.testing.families import FAMILIES, check_family
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{','.join(row['kinds']):<16} {','.join(map(str, windows)) or '-':>7} "
                   f"{row['softmax_diff']:>12.1e} {decode:>10} {onnx:>9}  {note}", flush=True)
     if args.json:
-        atomic_write_text(args.json, json.dumps(rows, indent=1))
+        atomic_write(args.json, json.dumps(rows, indent=1))
     return 0
 
 

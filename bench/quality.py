@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from lincompile.atomic import atomic_write_text
+from lincompile.atomic import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ("linear-elu", "linear-relu", "performer", "cosformer", "hedgehog", "taylor", "retnet", "yoso",
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(result: dict, complete: bool) -> None:  # atomic: a long run stopped midway keeps what it measured
         result.update(meta, complete=complete)
-        atomic_write_text(json_path, json.dumps(result, indent=1) + "\n")
+        atomic_write(json_path, json.dumps(result, indent=1) + "\n")
 
     result = run(args, lambda so_far: save(so_far, complete=False))
     save(result, complete=True)

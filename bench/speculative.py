@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from lincompile.atomic import atomic_write_text
+from lincompile.atomic import atomic_write
 from lincompile.cli.args import positive_int, positive_int_list
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"speculative_{args.runtime}" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
-    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=2))
+    atomic_write(out / f"{stem}.json", json.dumps(result, indent=2))
     _plot(result, out / f"{stem}.png")
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return 0

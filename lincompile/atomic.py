@@ -132,8 +132,8 @@ def atomic_directory(target: str | os.PathLike[str], marker: str | None) -> Iter
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_text(target: str | os.PathLike[str], text: str | bytes) -> Path:
-    """Write `text` (or bytes: a picture) to a unique temp sibling of `target`, then rename it into place (safe
+def atomic_write(target: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write `data` (text, or bytes: a picture) to a unique temp sibling of `target`, then rename it into place (safe
     when several processes write the same file: each rename is whole). A link is followed: what it points to is
     replaced. Returns `target` as given."""
     given = Path(target)
@@ -141,8 +141,8 @@ def atomic_write_text(target: str | os.PathLike[str], text: str | bytes) -> Path
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as handle:
+            handle.write(data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; `open` would apply the umask
         os.replace(tmp, target)
     finally:

@@ -2,13 +2,13 @@
 temp file behind."""
 import pytest
 
-from lincompile.atomic import atomic_write_text
+from lincompile.atomic import atomic_write
 
 
 def test_write_replaces_whole_and_leaves_no_temp(usual_umask, tmp_path):
     target = tmp_path / "sub" / "result.json"
-    assert atomic_write_text(target, "first") == target
-    atomic_write_text(target, "second")
+    assert atomic_write(target, "first") == target
+    atomic_write(target, "second")
     assert target.read_text() == "second"
     assert [p.name for p in target.parent.iterdir()] == ["result.json"]
     assert target.stat().st_mode & 0o777 == 0o644
@@ -16,9 +16,9 @@ def test_write_replaces_whole_and_leaves_no_temp(usual_umask, tmp_path):
 
 def test_failed_write_keeps_the_old_file(tmp_path):
     target = tmp_path / "result.json"
-    atomic_write_text(target, "old")
+    atomic_write(target, "old")
     with pytest.raises(TypeError):
-        atomic_write_text(target, 12345)  # neither text nor bytes: fails inside the write
+        atomic_write(target, 12345)  # neither text nor bytes: fails inside the write
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
@@ -103,7 +103,7 @@ def test_permissions_follow_the_umask(tmp_path):
     try:
         with atomic_directory(tmp_path / "private", None) as tmp:
             (tmp / "model.onnx").write_text("x")
-        file = atomic_write_text(tmp_path / "result.json", "{}")
+        file = atomic_write(tmp_path / "result.json", "{}")
     finally:
         os.umask(before)
     assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700
@@ -143,14 +143,14 @@ def test_a_linked_file_is_replaced_where_it_points(tmp_path):
     real.write_text("old")
     link = tmp_path / "history.json"
     link.symlink_to(real)
-    atomic_write_text(link, "new")
+    atomic_write(link, "new")
     assert link.is_symlink() and real.read_text() == "new"
 
 
 def test_bytes_are_written_whole_too(tmp_path):
-    from lincompile.atomic import atomic_write_text
+    from lincompile.atomic import atomic_write
 
     picture = tmp_path / "plot.png"
-    atomic_write_text(picture, b"\x89PNG old")
-    atomic_write_text(picture, b"\x89PNG new")
+    atomic_write(picture, b"\x89PNG old")
+    atomic_write(picture, b"\x89PNG new")
     assert picture.read_bytes() == b"\x89PNG new" and [p.name for p in tmp_path.iterdir()] == ["plot.png"]

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from lincompile.atomic import atomic_write_text, check_replaceable
+from lincompile.atomic import atomic_write, check_replaceable
 from lincompile.cli.args import draft_tokens, positive_int
 
 MODEL = "smollm2-135m"
@@ -131,7 +131,7 @@ def _mark_incomplete(opts: DemoOptions) -> None:
     except (OSError, ValueError):
         earlier = None
     record = earlier if isinstance(earlier, dict) else {"command": opts.command()}
-    atomic_write_text(path, json.dumps({**record, "complete": False}, indent=2) + "\n")
+    atomic_write(path, json.dumps({**record, "complete": False}, indent=2) + "\n")
 
 
 def _draft(opts: DemoOptions) -> Any:
@@ -197,7 +197,7 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
     picture = io.BytesIO()
     fig.savefig(picture, format="png", dpi=120)
     plt.close(fig)
-    atomic_write_text(path, picture.getvalue())
+    atomic_write(path, picture.getvalue())
 
 
 @torch.no_grad()
@@ -302,7 +302,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     }
     result["seconds"]["total"] = sum(clock.seconds.values())
     _plot(opts.out / "decode.png", result)
-    atomic_write_text(opts.out / DEMO_FILE, json.dumps(result, indent=2) + "\n")
+    atomic_write(opts.out / DEMO_FILE, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from lincompile.api import SAVE_FILE, optimize
 from lincompile.assets import load_model
-from lincompile.atomic import atomic_write_text, check_not_inside, check_replaceable
+from lincompile.atomic import atomic_write, check_not_inside, check_replaceable
 from lincompile.cli.args import given_flags, nonnegative_float, nonnegative_int, positive_float, positive_int
 from lincompile.cli.summary import print_summary
 from lincompile.config import LinearizeConfig
@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         local = Path(args.model).expanduser()
         linear.source_model = str(local.resolve()) if local.is_dir() else args.model  # what `eval` compares with
         final = linear.save_pretrained(str(out / "final"), tokenizer)
-        atomic_write_text(out / "history.json", json.dumps(
+        atomic_write(out / "history.json", json.dumps(
             {"train_config": config.to_dict(), "init": args.init, "history": result.history,
              "evals": result.evals}, indent=2))
     except KeyboardInterrupt:

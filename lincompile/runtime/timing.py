@@ -232,7 +232,7 @@ def write_bench_result(result: dict[str, Any], out_dir: Path, stem: str, threads
 
     import onnxruntime
 
-    from lincompile.atomic import atomic_write_text
+    from lincompile.atomic import atomic_write
 
     machine = machine_tag()
     result.update({"command": "python " + " ".join(shlex.quote(a) for a in argv), "machine": machine,
@@ -241,7 +241,7 @@ def write_bench_result(result: dict[str, Any], out_dir: Path, stem: str, threads
                    "onnxruntime": onnxruntime.__version__})
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}_{machine}.json"
-    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    atomic_write(path, json.dumps(result, indent=1) + "\n")
     return path
 
 

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-from lincompile.atomic import atomic_write_text
+from lincompile.atomic import atomic_write
 from lincompile.kernels.triton.codegen import generate
 from lincompile.kernels.triton.codegen_bwd import generate_backward
 from lincompile.kernels.triton.plan import Plan
@@ -55,7 +55,7 @@ def source_path(source: str) -> Path:
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     path = cache_dir() / f"lincompile_gen_{digest}.py"
     if not path.exists():
-        atomic_write_text(path, source)
+        atomic_write(path, source)
     return path
 
 

@@ -22,7 +22,7 @@ from lincompile.passes.detect_attention import WINDOW_PROBE, AttentionSite, Unma
 from lincompile.passes.linearize import warn_rewrite_notes
 from lincompile.passes.pipeline import DEFAULT_PIPELINE, build_pipeline
 from lincompile.pretrained import with_global_cap
-from lincompile.runtime.state import position_padding, position_tables
+from lincompile.runtime.state import numbered_from_mask, position_padding, position_tables
 
 SAVE_FORMAT = "lincompile-linearized"
 #: The file every saved linearized model directory holds (its format, LinearizeConfig, source class, dtype).
@@ -157,7 +157,7 @@ def optimize(model: torch.nn.Module, method: str | MethodSpec | None = None, *, 
     limit, reason = position_tables(model) or (None, None)
     linearized = LinearizedModel(ctx.gm, ctx.captured.input_names, ctx.captured.output_names, ctx.sites,
                                  ctx.rewritten, config, getattr(model, "config", None), limit,
-                                 position_padding(model), reason)
+                                 position_padding(model), reason, numbered_from_mask(model))
     linearized.report = report
     linearized.source_class = type(model).__name__  # what `load` rebuilds (a BertModel is no causal LM)
     return linearized

@@ -6,19 +6,45 @@ partial temp directory (or file) and leaves any previous `target` exactly as it 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import glob
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from lincompile.diagnostics import warn
+
+
+def _exchange(source: Path, target: Path) -> bool:
+    """Swap two existing paths in one step (Linux's renameat2 with RENAME_EXCHANGE): at no moment is `target`
+    missing. False where the system or the file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if renameat2(at_cwd, os.fsencode(source), at_cwd, os.fsencode(target), exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(target))
+
 
 def replace_directory(source: Path, target: Path) -> None:
-    """Move `source` to `target`, swapping out (and then deleting) an existing `target`."""
+    """Move `source` to `target`, swapping out (and then deleting) an existing `target`: in one step where the
+    system can; else in two renames, whose gap a crash may hit (`atomic_directory` puts the old one back then)."""
     if not target.exists():
         os.replace(source, target)
         return
-    old = target.with_name(f".{target.name}.old")
+    if _exchange(source, target):
+        _remove(source)  # now the old directory
+        return
+    old = _old(target)
     _remove(old)
     os.replace(target, old)
     try:
@@ -27,6 +53,27 @@ def replace_directory(source: Path, target: Path) -> None:
         os.replace(old, target)
         raise
     _remove(old)
+
+
+def _old(target: Path) -> Path:
+    """Where a two-rename swap parks the old `target` until the new one is in place."""
+    return target.with_name(f".{target.name}.old")
+
+
+def _recover(target: Path) -> None:
+    """Put back the old `target` a crash left parked between the two renames of a swap (nothing else did), or
+    delete it when the crash came after the new one was in place; and name the temp directories crashed writes left
+    beside `target` (another process may be writing them: not deleted)."""
+    old = _old(target)
+    if target.exists() and (old.exists() or old.is_symlink()):
+        _remove(old)
+    elif old.is_dir() and not old.is_symlink():
+        os.replace(old, target)
+        warn(f"{target}: put back the previous directory, which an interrupted write had left as {old.name}")
+    stale = sorted(p.name for p in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"))
+    if stale:
+        warn(f"{target.parent} holds {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}: left by writes of "
+             f"{target.name} that were interrupted (or running now); delete them when no other process writes it")
 
 
 def _remove(path: Path) -> None:
@@ -119,6 +166,8 @@ def atomic_directory(target: str | os.PathLike[str], marker: str | None) -> Iter
     # replaced (replacing the link itself would leave the old files where the link pointed)
     target = Path(os.path.realpath(target))
     _check_not_current(target)
+    if target.parent.is_dir():
+        _recover(target)
     if marker is not None:
         check_replaceable(target, marker)
     target.parent.mkdir(parents=True, exist_ok=True)

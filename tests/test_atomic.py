@@ -137,6 +137,43 @@ def test_a_leftover_old_file_does_not_block_the_swap(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_the_swap_never_leaves_the_target_missing(tmp_path, monkeypatch):
+    """Where the system can exchange two paths in one step the swap does, with no rename that would leave the
+    target missing for a moment (a crash there used to leave no export at all)."""
+    from lincompile import atomic
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "meta.json").write_text("old")
+    renames = []
+    monkeypatch.setattr(atomic.os, "replace", lambda *args: renames.append(args))
+    with atomic.atomic_directory(out, "meta.json") as tmp:
+        (tmp / "meta.json").write_text("new")
+    assert (out / "meta.json").read_text() == "new" and renames == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_crash_between_the_two_renames_is_undone_by_the_next_write(tmp_path, monkeypatch):
+    """Where the swap takes two renames, a crash between them leaves the old directory parked as `.out.old`; the
+    next write to `out` puts it back before it starts (a reader sees it meanwhile) and names the crashed write's
+    temp directory, which it does not delete (another process may be writing it)."""
+    from lincompile import atomic
+    from lincompile.diagnostics import LincompileWarning
+
+    monkeypatch.setattr(atomic, "_exchange", lambda source, target: False)
+    (tmp_path / ".out.old").mkdir()
+    (tmp_path / ".out.old" / "meta.json").write_text("old")
+    (tmp_path / ".out.tmp-crashed").mkdir()
+    with pytest.warns(LincompileWarning) as caught:
+        with atomic.atomic_directory(tmp_path / "out", "meta.json") as tmp:
+            assert (tmp_path / "out" / "meta.json").read_text() == "old"
+            (tmp / "meta.json").write_text("new")
+    assert (tmp_path / "out" / "meta.json").read_text() == "new"
+    messages = " ".join(str(w.message) for w in caught)
+    assert "put back the previous directory" in messages and ".out.tmp-crashed" in messages
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-crashed", "out"]
+
+
 def test_a_linked_file_is_replaced_where_it_points(tmp_path):
     real = tmp_path / "results" / "history.json"
     real.parent.mkdir()

@@ -51,13 +51,15 @@ class LinearizedModel(torch.nn.Module):
     """A linearized model: `graph` (an fx.GraphModule holding all weights) plus its interface. `max_positions`: the
     most tokens a sequence may have (the source's position table, `limit_reason` saying which kind; None: no such
     table), or fewer: the sliding window of a site rewritten to exact softmax, whose op has no window.
-    `position_padding`: the padding id a RoBERTa-style source numbers positions after (None: from 0); calls
-    without `position_ids` get the source's own numbering either way."""
+    `position_padding`: the padding id a RoBERTa-style source numbers positions after (None: from 0);
+    `positions_from_mask`: the source numbers the real tokens of its attention mask (OPT). Calls without
+    `position_ids` get the source's own numbering either way."""
 
     def __init__(self, graph: fx.GraphModule, input_names: list[str], output_names: list[str],
                  sites: list[AttentionSite], rewritten: list[RewrittenSite], config: LinearizeConfig,
                  hf_config: object | None = None, max_positions: int | None = None,
-                 position_padding: int | None = None, limit_reason: str | None = None) -> None:
+                 position_padding: int | None = None, limit_reason: str | None = None,
+                 positions_from_mask: bool = False) -> None:
         super().__init__()
         self.graph = graph
         self.input_names = list(input_names)
@@ -82,6 +84,7 @@ class LinearizedModel(torch.nn.Module):
         if windows and (max_positions is None or min(windows) <= max_positions):
             self.max_positions, self.limit_reason = min(windows), SLIDING_WINDOW
         self.position_padding = position_padding
+        self.positions_from_mask = positions_from_mask
         self.quantized: str | None = None  # the scheme of `quantize`'s 8-bit linear layers (None: float weights)
         # decodable through `past_state`: some site keeps a state, and no causal site lacks one (an encoder's
         # sites are all non-causal: it keeps nothing, and is called on whole sequences)
@@ -99,7 +102,8 @@ class LinearizedModel(torch.nn.Module):
         weights (a compiled one, a tree verifier); `input_names` if it takes other inputs."""
         derived = LinearizedModel(graph, self.input_names if input_names is None else input_names, self.output_names,
                                   self.sites, _rebound(self.rewritten, graph), self.config, self.hf_config,
-                                  self.max_positions, self.position_padding, self.limit_reason)
+                                  self.max_positions, self.position_padding, self.limit_reason,
+                                  self.positions_from_mask)
         derived.source_class, derived.source_model = self.source_class, self.source_model
         derived.captured_dtype = self.captured_dtype  # the casts in `graph` were traced for it (a cast model refuses)
         derived.quantized = self.quantized
@@ -219,6 +223,7 @@ class LinearizedModel(torch.nn.Module):
                 past_state = past_state.to(input_ids.device)  # an `OrtModel`'s state: its OrtValues as tensors
         state = past_state if past_state is not None else self.initial_state(batch, input_ids.device)
         check_positions(self, state.length + tokens)
+        counted = attention_mask if self.positions_from_mask else None  # past + new tokens, when it covers both
         if attention_mask is not None and attention_mask.shape[1] == state.length + tokens and state.length:
             attention_mask = attention_mask[:, state.length:]
         given_mask = attention_mask
@@ -228,7 +233,7 @@ class LinearizedModel(torch.nn.Module):
             raise ValueError(f"attention_mask must be [batch, tokens] = {(batch, tokens)} (or cover past + new "
                              f"tokens), got {tuple(attention_mask.shape)}")
         if position_ids is None:
-            position_ids = default_positions(input_ids, state.length, self.position_padding)
+            position_ids = default_positions(input_ids, state.length, self.position_padding, counted)
         else:
             check_position_ids(position_ids, batch, tokens, given_mask)
             position_ids = torch.as_tensor(position_ids, device=input_ids.device).expand(batch, tokens)

@@ -335,10 +335,12 @@ def _metadata(model: LinearizedModel, ir_model: Any, tokenizer: object | None, o
         "conventions": {"attention_mask": "[batch, seq] int64, 1 = real token, covers the new tokens only",
                         "position_ids": "past length + arange(seq) unless given; for a position_padding model, "
                                         "past length + position_padding + the count of ids != position_padding "
-                                        "(those ids: position_padding)",
+                                        "(those ids: position_padding); for a positions_from_mask model, the "
+                                        "count of real tokens of attention_mask before each, + past length",
                         "state": "present.{i}.{part} of one call feeds past_key_values.{i}.{part} of the next"},
         "supports_state": model.supports_state, "max_positions": model.max_positions,
-        "position_padding": model.position_padding, "limit_reason": model.limit_reason,
+        "position_padding": model.position_padding, "positions_from_mask": model.positions_from_mask,
+        "limit_reason": model.limit_reason,
         "methods": specs, "sites": sites, "linearize": model.config.to_dict(),
         "trained": trained(model),  # whether trained tensors were loaded; null: not known
         "vocab_size": getattr(hf, "vocab_size", None), "eos_token_id": getattr(hf, "eos_token_id", None),

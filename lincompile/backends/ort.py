@@ -72,6 +72,7 @@ class OrtModel:
         self.state_names: list[str] = list(meta["state"])
         self.max_positions: int | None = meta.get("max_positions")  # exports before it was recorded: unchecked
         self.position_padding: int | None = meta.get("position_padding")  # see LinearizedModel
+        self.positions_from_mask: bool = bool(meta.get("positions_from_mask"))
         self.limit_reason: str | None = meta.get("limit_reason")
         self._dtypes = {v["name"]: np.dtype(v["dtype"]) for v in meta["inputs"]}
         provider = session.get_providers()[0]
@@ -173,6 +174,7 @@ class OrtModel:
             mask = _numpy(attention_mask, np.dtype(np.float64))
             check_attention_mask(mask)
             mask = (mask != 0).astype(np.int64)
+        counted = torch.from_numpy(mask) if mask is not None and self.positions_from_mask else None
         if mask is not None and state.length and mask.shape[1:] == (state.length + tokens,):
             mask = mask[:, state.length:]
         if mask is None:
@@ -181,7 +183,8 @@ class OrtModel:
             raise ValueError(f"attention_mask must be [batch, tokens] = {(batch, tokens)} (or cover past + new "
                              f"tokens), got {mask.shape}")
         if position_ids is None:
-            position_ids = default_positions(torch.from_numpy(ids), state.length, self.position_padding).numpy()
+            position_ids = default_positions(torch.from_numpy(ids), state.length, self.position_padding,
+                                             counted).numpy()
         else:
             check_position_ids(position_ids, batch, tokens, mask)
             position_ids = np.where(mask != 0, _numpy(position_ids, np.dtype(np.int64)), 0)  # as torch: see there

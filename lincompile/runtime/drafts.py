@@ -161,7 +161,9 @@ class ModelDraft:
             self._state = self._snapshots[kept]
         else:  # one DynamicCache, grown in place: drop what was not kept
             self._state = self._snapshots[-1]
-            self._state.crop(self._fed + kept - self._state.get_seq_length())  # negative: tokens to drop
+            drop = self._state.get_seq_length() - (self._fed + kept)
+            if drop:  # crop(-n) drops n tokens in every transformers 5.x; crop(0) emptied the cache in 5.0
+                self._state.crop(-drop)
         self._fed += kept
 
 

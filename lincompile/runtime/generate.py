@@ -13,7 +13,8 @@ import torch
 
 from lincompile.runtime.prefill import ChunkSize, prefill
 from lincompile.runtime.sampling import SamplingConfig, eos_ids, penalize, sample
-from lincompile.runtime.state import check_new_tokens, require_decodable
+from lincompile.runtime.drafts import vocab_size
+from lincompile.runtime.state import check_new_tokens, check_token_ids, require_decodable
 
 
 #: New tokens when neither `max_new_tokens` nor `max_length` is given.
@@ -46,9 +47,10 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
     if num_beams != 1:
         raise ValueError(f"num_beams={num_beams}: lincompile decodes greedily or by sampling, without beam search; "
                          "use num_beams=1 (speculative decoding with draft= speeds greedy decoding up instead)")
-    max_new_tokens = _new_tokens(max_new_tokens, max_length, torch.as_tensor(input_ids).shape[-1])
-    if attention_mask is None and torch.as_tensor(input_ids).dim() == 2:
-        attention_mask = padding_mask(torch.as_tensor(input_ids), pad_token_id, eos_token_id)
+    input_ids = torch.as_tensor(input_ids)
+    max_new_tokens = _new_tokens(max_new_tokens, max_length, input_ids.shape[-1])
+    if attention_mask is None and input_ids.dim() == 2:
+        attention_mask = padding_mask(input_ids, pad_token_id, eos_token_id)
         if attention_mask is not None and draft is not None:
             raise ValueError(f"input_ids holds the pad id {pad_token_id}, which marks padding here (as in Hugging "
                              "Face's generate), and speculative decoding takes one unpadded sequence: drop the "
@@ -63,6 +65,7 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
                                     attention_mask=attention_mask, prefill_chunk_size=prefill_chunk_size)[0]
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got {tuple(input_ids.shape)}")
+    check_token_ids(input_ids, vocab_size(model))
     require_decodable(model, "generate")
     check_new_tokens(model, input_ids.shape[1], max_new_tokens)
     if attention_mask is not None and attention_mask.shape == input_ids.shape and not bool(

@@ -19,7 +19,7 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
-from lincompile.runtime.state import RecurrentState, first_position
+from lincompile.runtime.state import RecurrentState, first_position, mask_positions
 
 
 #: Tokens per call by default, unless the model names its own (`prefill_chunk_size`, e.g. an `OrtModel`).
@@ -43,11 +43,6 @@ class Prefilled(NamedTuple):
     logits: torch.Tensor  # [B, V] of the last token, or [B, T, V] with all_logits=True
     state: RecurrentState  # after every prompt token
     next_position_ids: torch.Tensor  # [B, 1]: the position id of the token that follows
-
-
-def mask_positions(attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """Position ids [B, T] that count real tokens from `start`; padding repeats its neighbour's (>= start)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0) + start
 
 
 @torch.no_grad()

@@ -66,7 +66,8 @@ def probabilities(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     logits = logits.float()
     if not config.do_sample:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / config.temperature
+    # shifted first: the largest becomes 0, so a tiny temperature gives -inf and 0 (the argmax), never inf or NaN
+    logits = (logits - logits.amax(-1, keepdim=True)) / config.temperature
     if config.top_k is not None and config.top_k < logits.shape[-1]:
         kth = torch.topk(logits, config.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

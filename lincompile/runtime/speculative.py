@@ -14,6 +14,7 @@ emitted token is then distributed as the target would sample it.
 """
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +27,8 @@ from lincompile.passes.linearize import HIDDEN_OUTPUT, VERIFY_WINDOW
 from lincompile.runtime.drafts import DEFAULT_NUM_DRAFT_TOKENS, Draft, DraftContext, Proposal, make_draft, vocab_size
 from lincompile.runtime.prefill import ChunkSize, prefill
 from lincompile.runtime.sampling import SamplingConfig, eos_ids, penalize, probabilities, sample
-from lincompile.runtime.state import (RecurrentState, check_new_tokens, first_position, position_limit,
-                                      require_decodable)
+from lincompile.runtime.state import (RecurrentState, check_new_tokens, check_token_ids, first_position,
+                                      position_limit, require_decodable)
 from lincompile.runtime.verify import PARENTS_INPUT, commit_path, commit_sites, tree_verifier
 
 
@@ -131,6 +132,7 @@ class SpeculativeDecoder:
     def prefill(self, input_ids: Tensor) -> int:
         """Absorb the prompt [1, L]; returns the first new token (now pending)."""
         _check_one_sequence(input_ids)
+        check_token_ids(input_ids, vocab_size(self.target))
         self.device = input_ids.device
         state = None
         if input_ids.shape[1] > 1:  # all but the last token in chunks; the last alone gives logits and hidden
@@ -158,7 +160,8 @@ class SpeculativeDecoder:
         parents = (torch.arange(n + 1) - 1 if chain
                    else torch.cat([torch.tensor([-1]), torch.where(proposal.parents < 0, 0, proposal.parents + 1)]))
         ids = torch.cat([self.tokens[-1:], proposal.tokens.cpu()])[None].to(self.device)
-        positions = (self.state.length + first_position(self.target) + _depths(parents))[None].to(self.device)
+        depths = _depths(parents)
+        positions = (self.state.length + first_position(self.target) + depths)[None].to(self.device)
         if chain:
             out = self.target(ids, past_state=self.state, position_ids=positions)
         else:
@@ -181,7 +184,8 @@ class SpeculativeDecoder:
         self.stats.accepted += len(path)
         self.stats.accepted_per_call.append(len(path))
         if self.adaptive and n:  # an empty proposal (nothing to look up) says nothing about acceptance
-            self.k = min(self.max_k, self.k + 1) if len(path) == n else max(1, min(self.k, len(path) + 1))
+            whole = len(path) == int(depths.max())  # accepted as deep as the proposal goes (a tree's depth)
+            self.k = min(self.max_k, self.k + 1) if whole else max(1, min(self.k, len(path) + 1))
         return emitted
 
 
@@ -238,6 +242,8 @@ def _truncate(proposal: Proposal, limit: int) -> Proposal:
 
 def check_num_draft_tokens(k: int) -> None:
     """Refuse a draft length one verify call cannot score: 1 <= k < VERIFY_WINDOW."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise ValueError(f"num_draft_tokens must be an integer, got {k!r}")
     if k < 1:
         raise ValueError(f"num_draft_tokens must be >= 1, got {k}")
     if k >= VERIFY_WINDOW:

@@ -67,6 +67,16 @@ def require_decodable(model: object, what: str) -> None:
                          "on whole sequences instead")
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab: int | None) -> None:
+    """Refuse a prompt holding ids outside the vocabulary 0..vocab - 1 (an embedding lookup would say only "index
+    out of range", or read another row on a GPU); `vocab` None checks the sign only."""
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise ValueError(f"input_ids holds ids outside the vocabulary 0..{vocab - 1 if vocab else '?'} (min {low}, "
+                         f"max {high}): encode the prompt with the model's tokenizer, and pad with its pad id, not "
+                         "-1 or -100")
+
+
 def check_attention_mask(attention_mask: object) -> None:
     """Refuse a mask (a torch tensor or an array; nonzero keeps a token) with negative values: an additive mask
     (0 keeps, -inf drops) would be read the other way round. The values of a mask on a GPU are not read."""
@@ -190,10 +200,49 @@ def first_position(model: object) -> int:
     return 0 if padding is None else padding + 1
 
 
-def default_positions(input_ids: torch.Tensor, start: int, padding: int | None) -> torch.Tensor:
+def mask_positions(attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Position ids [B, T] that count real (nonzero) tokens from `start`; padding repeats its neighbour's (>= start)."""
+    return (attention_mask.ne(0).long().cumsum(-1) - 1).clamp_min(0) + start
+
+
+def numbered_from_mask(model: nn.Module) -> bool:
+    """Whether `model` (a Hugging Face model) numbers a call's tokens from its attention mask when it is given no
+    position ids, so that left padding takes no position (OPT does; LLaMA, GPT-2 and the rest count every token).
+    Found by calling it on a left-padded row with no position ids, with counted ones and with plain ones; asked
+    only of a model with an absolute position table (rotary positions give all three the same numbers)."""
+    if position_padding(model) is not None or position_tables(model) is None:
+        return False
+    param = next(model.parameters(), None)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if param is None or not isinstance(vocab, int) or vocab < 2:
+        return False
+    ids = (torch.arange(3, 9, device=param.device) % vocab).unsqueeze(0)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]], device=param.device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            last = [model(ids, attention_mask=mask, **({} if p is None else {"position_ids": p}))[0][0, -1].float()
+                    for p in (None, mask_positions(mask), torch.arange(6, device=param.device).unsqueeze(0))]
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError):  # takes no position ids: numbers its own
+        return False
+    finally:
+        model.train(training)
+    given, counted, plain = last
+    tolerance = 1e-3 * float(given.abs().max()) + 1e-6
+    return bool((given - counted).abs().max() <= tolerance < (given - plain).abs().max())
+
+
+def default_positions(input_ids: torch.Tensor, start: int, padding: int | None,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
     """The position ids [B, T] of a call given none, after `start` tokens: start + arange(T), or for a model
-    numbered after `padding`, Hugging Face's: the count of non-pad tokens, + start + padding (pads get padding)."""
+    numbered after `padding`, Hugging Face's: the count of non-pad tokens, + start + padding (pads get padding).
+    `mask`, for a model `numbered_from_mask`: its attention mask, whose real tokens are counted from `start` (from
+    0 when it also covers the `start` past tokens: exact then even if the past was padded)."""
     batch, tokens = input_ids.shape
+    if mask is not None:
+        mask = mask.to(input_ids.device)
+        return mask_positions(mask)[:, -tokens:] if mask.shape[1] > tokens else mask_positions(mask, start)
     if padding is None:
         return torch.arange(start, start + tokens, device=input_ids.device).unsqueeze(0).expand(batch, tokens)
     real = input_ids.ne(padding).long()

@@ -118,7 +118,8 @@ class HFCache:
 
     def rewind(self, length: int) -> None:
         """Crop the cache back to its first `length` tokens."""
-        self.cache.crop(length - self.length)  # a negative count removes that many tokens
+        if length != self.length:  # crop(-n) removes n tokens; crop(0) emptied the cache in transformers 5.0
+            self.cache.crop(length - self.length)
         self.length = length
 
     def nbytes(self) -> int:

@@ -9,6 +9,7 @@ accepted tokens one at a time gives, with no rerun of the model and whatever the
 """
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -150,9 +151,12 @@ def tree_verifier(model: Any) -> Callable[..., Any]:
     input `draft_parents`; call it as `verifier(ids, past_state=, position_ids=, draft_parents=)`."""
     if not hasattr(model, "graph"):
         raise TypeError("tree verification runs on a LinearizedModel (torch); an ONNX model verifies chains")
+    # the verifier's graph holds the tensors `model.graph` held when it was built: `model.to(device)` replaces the
+    # buffers (parameters change in place), so a verifier is reused only while every tensor is the same object
+    tensors = tuple(map(id, itertools.chain(model.graph.parameters(), model.graph.buffers())))
     cached = getattr(model, "_tree_verifier", None)
-    if cached is not None:
-        return cached
+    if cached is not None and cached[0] == tensors:
+        return cached[1]
     graph = fx.Graph()
     graph._codegen = model.graph.graph._codegen
     mapping: dict[fx.Node, fx.Node] = {}
@@ -165,5 +169,5 @@ def tree_verifier(model: Any) -> Callable[..., Any]:
             new.target = _tree_attention
             new.args = tuple(new.args) + (parents,)
     verifier = model.with_graph(fx.GraphModule(model.graph, graph), [*model.input_names, PARENTS_INPUT])
-    object.__setattr__(model, "_tree_verifier", verifier)  # not a submodule: its weights are model's own
+    object.__setattr__(model, "_tree_verifier", (tensors, verifier))  # not a submodule: its weights are model's
     return verifier

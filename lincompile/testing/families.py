@@ -38,7 +38,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=8),
     "gemma2": dict(attn_logit_softcapping=0.5),  # tiny scores: a small cap, so that capping changes them
     "bloom": {}, "mpt": dict(expansion_ratio=2, attn_config={"alibi": True}), "jetmoe": {},
-    "gpt_oss": _MOE, "xglm": dict(attention_heads=4, ffn_dim=128), "openai-gpt": {},
+    "gpt_oss": _MOE, "xglm": dict(attention_heads=4, ffn_dim=128), "openai-gpt": {}, "opt": dict(ffn_dim=128),
 }
 
 

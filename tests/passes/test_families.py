@@ -8,7 +8,7 @@ from lincompile.testing.families import check_family
 POPULAR = [("gemma", "sdpa"), ("gemma3_text", "sdpa"), ("phi3", "sdpa"), ("gpt_neox", "sdpa"), ("falcon", "sdpa"),
            ("qwen3", "sdpa"), ("starcoder2", "sdpa"), ("mixtral", "sdpa"), ("deepseek_v3", "sdpa"),
            ("gpt_neo", "eager"), ("gemma2", "eager"), ("jetmoe", "sdpa"), ("gpt_oss", "eager"), ("bloom", "eager"),
-           ("xglm", "eager"), ("openai-gpt", "eager")]
+           ("xglm", "eager"), ("openai-gpt", "eager"), ("opt", "sdpa")]
 #: Gemma 3's layers slide over 4096 keys by default (found by the long probe), GPT-Neo's local layer over 8 here,
 #: Gemma 2 alternates a 4096-key window with full attention, GPT-OSS a 128-key one.
 WINDOWS = {"gemma3_text": [4096, 4096], "gpt_neo": [None, 8], "gemma2": [4096, None], "gpt_oss": [128, None]}

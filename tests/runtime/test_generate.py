@@ -143,6 +143,31 @@ def test_top_k_top_p_distribution():
     assert torch.equal(p, torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
 
 
+def test_a_tiny_temperature_samples_the_argmax():
+    """logits / 1e-45 overflow to inf (and softmax to NaN) unless the largest is subtracted first."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 3.0, -2.0, 1.0]])
+    p = probabilities(logits, SamplingConfig(True, temperature=1e-45))
+    assert torch.equal(p, torch.nn.functional.one_hot(logits.argmax(-1), 4).float())
+    torch.testing.assert_close(probabilities(logits, SamplingConfig(True, temperature=0.7)),
+                               torch.softmax(logits / 0.7, -1))
+
+
+def test_prompts_are_checked_and_may_be_lists(llama):
+    """Ids outside the vocabulary are named (not an embedding's "index out of range"); a nested list is a prompt."""
+    from lincompile.runtime.generate import generate
+    from lincompile.runtime.speculative import speculative_generate
+
+    linear = lincompile.optimize(llama, "linear-elu")
+    for bad in (torch.tensor([[5, 128]]), torch.tensor([[-1, 5]])):
+        with pytest.raises(ValueError, match="outside the vocabulary 0..127"):
+            generate(linear, bad, 2)
+        with pytest.raises(ValueError, match="outside the vocabulary 0..127"):
+            speculative_generate(linear, bad, 2, "prompt-lookup")
+    assert torch.equal(generate(linear, [[5, 6, 7]], 3), generate(linear, torch.tensor([[5, 6, 7]]), 3))
+    with pytest.raises(ValueError, match="num_draft_tokens must be an integer"):
+        speculative_generate(linear, torch.tensor([[5, 6, 7]]), 2, "prompt-lookup", 2.5)
+
+
 @pytest.mark.parametrize("kwargs,match", [({"temperature": 0.0}, "temperature"), ({"top_k": 0}, "top_k"),
                                           ({"top_p": 1.5}, "top_p")])
 def test_bad_sampling_arguments(kwargs, match):

@@ -1,12 +1,16 @@
 """Position numbering: a RoBERTa-style model numbers its tokens after its padding id (Hugging Face's
-`create_position_ids_from_input_ids`); every lincompile path that numbers positions itself numbers them so."""
+`create_position_ids_from_input_ids`), OPT counts the real tokens of its attention mask; every lincompile path
+that numbers positions itself numbers them so."""
 import pytest
 import torch
 from torch import nn
 
 import lincompile
 from lincompile.runtime.prefill import prefill
-from lincompile.runtime.state import LEARNED_POSITIONS, default_positions, position_padding, position_tables
+from lincompile.runtime.state import (LEARNED_POSITIONS, default_positions, numbered_from_mask, position_padding,
+                                      position_tables)
+from lincompile.testing.families import family_model
+from lincompile.testing.tiny import tiny_model
 from lincompile.train.attention_transfer import graph_inputs, softmax_graph
 
 PAD = 1  # RoBERTa's padding id: its tokens are numbered 2, 3, ...
@@ -152,3 +156,45 @@ def test_padding_rows_are_reserved_only_when_the_embeddings_number_after_them(pa
 
 def test_only_the_input_embeddings_table_sets_the_numbering():
     assert position_padding(_Composite()) is None
+
+
+@pytest.fixture(scope="module")
+def opt():
+    return family_model("opt")
+
+
+def test_only_opt_is_found_numbering_from_its_mask(opt):
+    assert numbered_from_mask(opt)
+    assert not any(numbered_from_mask(family_model(f, "eager")) for f in ("openai-gpt", "gemma", "biogpt", "xglm"))
+    assert not numbered_from_mask(tiny_model("gpt2"))
+    assert not numbered_from_mask(roberta(decoder=True))  # numbered after its padding id instead
+    opt.train()
+    assert numbered_from_mask(opt) and opt.training  # probed in eval mode; the mode is given back
+    opt.eval()
+
+
+@pytest.mark.parametrize("method", ["softmax", "augmented"])
+def test_opt_left_padded_rows_are_numbered_as_hugging_face(opt, method, tmp_path):
+    """OPT numbers the real tokens of its mask: a left-padded row's logits are the unpadded row's, in one call, in
+    a call continued from a state with the whole mask, and through onnxruntime."""
+    from lincompile.backends.ort import OrtModel
+    from lincompile.testing.tiny import perturb_new_parameters
+
+    linear = perturb_new_parameters(lincompile.optimize(opt, method))
+    assert linear.positions_from_mask
+    x = ids(2, 10)
+    mask = torch.ones_like(x)
+    x[1, :3], mask[1, :3] = 0, 0
+    real = mask.bool()
+    whole = linear(x, attention_mask=mask).logits
+    if method == "softmax":
+        torch.testing.assert_close(whole[real], opt(x, attention_mask=mask).logits[real], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(whole[1, 3:], linear(x[1:, 3:]).logits[0], rtol=1e-4, atol=1e-4)
+    first = linear(x[:, :6], attention_mask=mask[:, :6])
+    rest = linear(x[:, 6:], attention_mask=mask, past_state=first.past_state).logits
+    torch.testing.assert_close(rest, whole[:, 6:], rtol=1e-4, atol=1e-4)
+    ort = OrtModel.from_dir(linear.export_onnx(str(tmp_path / "onnx")), providers=["CPUExecutionProvider"])
+    assert ort.positions_from_mask
+    got = ort(x[:, :6], attention_mask=mask[:, :6])
+    torch.testing.assert_close(ort(x[:, 6:], attention_mask=mask, past_state=got.past_state).logits, rest,
+                               rtol=1e-4, atol=1e-4)

@@ -8,7 +8,8 @@ import torch
 
 import lincompile
 from lincompile.backends.ort import OrtModel
-from lincompile.runtime.prefill import mask_positions, prefill
+from lincompile.runtime.prefill import prefill
+from lincompile.runtime.state import mask_positions
 from lincompile.testing.tiny import perturb_new_parameters, tiny_model
 
 #: name -> (method, layers): the paper's augmented form everywhere, and a hybrid whose layer 1 stays exact

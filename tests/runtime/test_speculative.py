@@ -97,6 +97,23 @@ def test_greedy_output_equals_plain_greedy(target, draft_model, draft_kind, k):
             assert stats.mean_accepted >= 2.5  # the true branch is taken (3 per call, fewer at the end)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_hugging_face_draft_of_the_target_itself_is_always_accepted(monkeypatch, k):
+    """The exact rewrite of a model drafted for by the model: every draft accepted. Its KV cache is cropped only by
+    a negative count (crop(0), "keep nothing" in transformers 5.0, emptied it after every fully accepted round)."""
+    from transformers.cache_utils import DynamicCache
+
+    crops = []
+    crop = DynamicCache.crop
+    monkeypatch.setattr(DynamicCache, "crop", lambda self, n: (crops.append(n), crop(self, n))[1])
+    source = tiny_model("llama", num_layers=1)
+    exact = lincompile.optimize(source, "softmax")
+    prompt = _prompts(1)[0]
+    out, stats = speculative_generate(exact, prompt, 12, source, k)
+    assert torch.equal(out, exact.generate(prompt, 12, eos_token_id=None))
+    assert stats.accepted == stats.drafted > 0 and all(n < 0 for n in crops)
+
+
 def test_hybrid_model_with_a_kv_cache_site(hybrid, draft_model):
     prompt = _prompts(1)[0]
     plain = hybrid.generate(prompt, 20, eos_token_id=None)
@@ -120,6 +137,25 @@ def test_committed_state_equals_token_by_token_decoding(target, draft_model, dra
         assert decoder.state.length == expected.length == len(decoder.tokens) - 1
         for name, value in expected.tensors.items():
             assert (decoder.state.tensors[name] - value).abs().max().item() <= 1e-6, name
+
+
+def test_the_tree_verifier_follows_the_model_when_its_buffers_are_replaced():
+    """`model.to(device)` replaces a module's buffers (its parameters change in place): the cached verifier, built
+    over the old tensors, must not be reused then."""
+    from lincompile.runtime.verify import PARENTS_INPUT, tree_verifier
+
+    model = lincompile.optimize(tiny_model("llama"), "performer")
+    verifier = tree_verifier(model)
+    assert tree_verifier(model) is verifier
+    model._apply(torch.clone)  # what a move to another device does
+    with torch.no_grad():
+        for buffer in model.graph.buffers():
+            if buffer.is_floating_point():
+                buffer.mul_(1.5)
+    ids = _prompts(1)[0]
+    chain = torch.arange(ids.shape[1]) - 1
+    got = tree_verifier(model)(ids, **{PARENTS_INPUT: chain}).logits
+    torch.testing.assert_close(got, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_accept_greedy_follows_the_argmax_path_in_a_tree():
@@ -300,6 +336,37 @@ def test_adaptive_k_ignores_rounds_with_nothing_drafted(target):
     assert decoder.k == 3  # two of six accepted: k = accepted + 1
     decoder.step()
     assert decoder.k == 3
+
+
+def test_adaptive_k_grows_when_a_tree_is_accepted_to_its_depth(target):
+    """A tree has more nodes than levels: accepting a path as deep as the tree is full acceptance, and k grows
+    back after a rejection (it used to stay low for the rest of the generation)."""
+    prompt = _prompts(1)[0]
+    plain = target.generate(prompt, 20, eos_token_id=None)[0]
+
+    class Tree:
+        """Round 1: a chain, two right tokens, then wrong ones; later: k right tokens plus a wrong first sibling."""
+
+        name = "tree"
+
+        def propose(self, context, k, sampling, generator):
+            start = len(context.tokens)
+            wrong = (int(plain[start]) + 1) % 128
+            if start == prompt.shape[1] + 1:
+                return Proposal(torch.cat([plain[start:start + 2], torch.full((k - 2,), wrong)]))
+            return Proposal(torch.cat([plain[start:start + k], torch.tensor([wrong])]),
+                            torch.cat([torch.arange(-1, k - 1), torch.tensor([-1])]))
+
+        def accepted(self, path):
+            pass
+
+    decoder = SpeculativeDecoder(target, Tree(), 6, adaptive=True)
+    decoder.prefill(prompt)
+    decoder.step()
+    assert decoder.k == 3
+    assert len(decoder.step()) == 4 and decoder.k == 4
+    assert len(decoder.step()) == 5 and decoder.k == 5
+    assert torch.equal(decoder.tokens, plain[:len(decoder.tokens)])
 
 
 def test_speculative_generate_records_no_autograd_graph(monkeypatch):

@@ -80,7 +80,7 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
                              f"{tuple(own[name].shape)}")
         owner_name, _, attr = name.rpartition(".")
         setattr(linear.graph.get_submodule(owner_name), attr,  # a new tensor: never write into `model`'s weights
-                torch.nn.Parameter(value.to(own[name].dtype), requires_grad=own[name].requires_grad))
+                torch.nn.Parameter(value.to(own[name]), requires_grad=own[name].requires_grad))  # its device too
     if lora:
         merge_lora(linear.graph)
     linear.recipe = recipe

@@ -67,6 +67,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train, save OUT/final, print a summary (one JSON line with --json)."""
     config = train_config(args)
+    if not config.total_steps:
+        raise ValueError("--stage1-steps and --stage2-steps are both 0: this run trains 0 steps. " + (
+            f"Use --init's tensors as they are with --weights {args.init} in eval, generate or export" if args.init
+            else "An untrained linearization needs no run: eval, generate and export take --weights none, and "
+            "Python saves one with lincompile.optimize(model, method).save_pretrained(dir)"))
     out = Path(args.out).expanduser()
     _check_out(out, args)
     if not args.resume and latest_checkpoint(out / "checkpoints") is not None:

@@ -60,8 +60,9 @@ def rng_state() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # as many devices as both runs see (fewer may be visible now)
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def _fsync(path: Path) -> None:
@@ -164,9 +165,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.name.startswith(_TMP_PREFIX):
+        raise ValueError(f"{path} is a checkpoint being written (or left by a crash), not a complete one: use a "
+                         "step-* directory beside it")
     missing = [name for name in FILES if not (path / name).is_file()]
-    if missing or not _NAME.match(path.name):
-        raise ValueError(f"{path} is not a complete lincompile checkpoint (missing {missing})")
+    if missing:
+        raise ValueError(f"{path} is not a complete lincompile checkpoint (missing {', '.join(missing)})")
     state = json.loads((path / "state.json").read_text())
     if state.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown checkpoint format {state.get('format')!r}")

@@ -11,7 +11,8 @@ User data (``data=`` a path):
   * a directory with ``train/`` and ``heldout/`` subdirectories: ``split`` picks the subdirectory,
     whose ``*.txt`` files (recursively, sorted by path) are the texts;
   * a single ``.txt`` file, or a directory of ``.txt`` files without those subdirectories: the
-    last 10% of each file's lines (``HELDOUT_LINE_FRACTION``) is held out, the rest is train.
+    last 10% of each file's lines (``HELDOUT_LINE_FRACTION``) is held out, the rest is train (a file of
+    one line: its last 10% of characters, from a space).
 """
 
 from __future__ import annotations
@@ -61,15 +62,18 @@ def shakespeare_split(cache_dir: str | Path | None = None) -> CorpusSplit:
 
 
 def strip_gutenberg(text: str) -> str:
-    """Drop a Project Gutenberg licence header/footer if present; normalize newlines; strip."""
+    """Drop Project Gutenberg licence headers and footers where present, keeping the text between each START and
+    its END marker (a file may join several books); normalize newlines; strip."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    start = _GUT_START.search(text)
-    if start:
-        text = text[start.end():]
-    end = _GUT_END.search(text)
-    if end:
-        text = text[: end.start()]
-    return text.strip()
+    starts = list(_GUT_START.finditer(text))
+    if not starts:
+        end = _GUT_END.search(text)
+        return (text[:end.start()] if end else text).strip()
+    bodies = []
+    for start, after in zip(starts, [s.start() for s in starts[1:]] + [len(text)]):
+        end = _GUT_END.search(text, start.end(), after)
+        bodies.append(text[start.end():end.start() if end else after].strip())
+    return "\n\n".join(body for body in bodies if body)
 
 
 def _read(path: Path) -> str:
@@ -77,9 +81,15 @@ def _read(path: Path) -> str:
 
 
 def _split_lines(text: str, split: str) -> str:
+    """`split`'s part of one user file: its last lines are held out (a file of one line, its last characters,
+    from a space where there is one)."""
     lines = text.split("\n")
-    cut = len(lines) - math.ceil(len(lines) * HELDOUT_LINE_FRACTION)
-    return "\n".join(lines[:cut] if split == "train" else lines[cut:]).strip()
+    if len(lines) > 1:
+        cut = len(lines) - math.ceil(len(lines) * HELDOUT_LINE_FRACTION)
+        return "\n".join(lines[:cut] if split == "train" else lines[cut:]).strip()
+    cut = len(text) - math.ceil(len(text) * HELDOUT_LINE_FRACTION)
+    cut = max(text.rfind(" ", 0, cut + 1), 0) or cut
+    return (text[:cut] if split == "train" else text[cut:]).strip()
 
 
 def load_texts(split: str = "train", data: str | Path = "default",
@@ -148,7 +158,7 @@ def token_blocks(tokenizer: Any, texts: Iterable[str], block_size: int,
         if need is not None and len(stream) >= need:
             break
         for ids in _encode(tokenizer, texts[start:start + (_BATCH if need is None else 1)]):
-            if stream or start:
+            if stream and ids:  # between non-empty texts (an empty one adds nothing)
                 stream.extend(sep)
             stream.extend(ids)
     n = len(stream) // block_size

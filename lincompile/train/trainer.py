@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lincompile.jsonconfig import JsonConfig
 from lincompile.backends.eager import LinearizedModel
+from lincompile.diagnostics import warn
 from lincompile.runtime.state import check_positions
 from lincompile.train.attention_transfer import TransferObjective, attention_parameters
 from lincompile.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
@@ -84,8 +85,12 @@ class TrainConfig(JsonConfig):
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of grad_accum "
                              f"({self.grad_accum})")
-        if self.block_size < 2 or self.keep_checkpoints < 1 or self.kl_weight < 0:
-            raise ValueError("need block_size >= 2, keep_checkpoints >= 1 and kl_weight >= 0")
+        if self.block_size < 2 or self.keep_checkpoints < 1 or not self.kl_weight >= 0:  # NaN too
+            raise ValueError(f"need block_size >= 2, keep_checkpoints >= 1 and kl_weight >= 0, got "
+                             f"{self.block_size}, {self.keep_checkpoints} and {self.kl_weight}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0 (the adapters' scale is lora_alpha / lora_rank), got "
+                             f"{self.lora_alpha}")
         negative = [name for name in ("lr", "stage1_lr", "weight_decay", "max_grad_norm")
                     if not getattr(self, name) >= 0]  # NaN too
         if negative:
@@ -317,6 +322,15 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
         raise ValueError(f"batch_size {config.batch_size} is not a multiple of grad_accum x world size ({per_step})")
     if blocks.dim() != 2 or blocks.shape[0] < 1 or blocks.shape[1] != config.block_size:
         raise ValueError(f"blocks must be [num_blocks, block_size={config.block_size}], got {tuple(blocks.shape)}")
+    if config.batch_size > blocks.shape[0]:
+        raise ValueError(f"batch_size {config.batch_size} is more than the {blocks.shape[0]} training blocks: a batch "
+                         "would hold a block twice; lower --batch-size, or give more text (or a larger "
+                         "--max-train-blocks)")
+    short = [f"stage {n}'s {steps}" for n, steps in ((1, config.stage1_steps), (2, config.stage2_steps))
+             if 0 < steps < config.warmup_steps]
+    if short:
+        warn(f"warmup_steps {config.warmup_steps} is longer than {' and '.join(short)} steps: the learning rate "
+             "never reaches its base value there (--warmup-steps sets the warm-up)")
     check_positions(linear, config.block_size, f"a block of {config.block_size} tokens (--block-size)")
     linear.to(parallel.device)
     root = Path(out_dir) / "checkpoints"
@@ -383,6 +397,11 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
                                config.stage1_steps if number == 1 else config.stage2_steps)
             indices = batch_indices(config.seed, step, config.batch_size, blocks.shape[0])
             record = _record(stage, step + 1, lr, _run_step(stage, blocks, indices, config, parallel, lr))
+            if not math.isfinite(record["loss"]):  # stop before a checkpoint of broken weights prunes good ones
+                raise FloatingPointError(
+                    f"step {step + 1}: the loss is {record['loss']}: training diverged, and nothing from this step on "
+                    "was saved; " + (f"resume from {saved} (--resume) with a lower --lr or more --warmup-steps"
+                                     if saved else "train again with a lower --lr or more --warmup-steps"))
             history.append(record)
             step += 1
             postfix.update(loss=f"{record['loss']:.4g}", lr=f"{lr:.2g}")

@@ -46,6 +46,10 @@ def test_train_config_roundtrips_and_validates():
             TrainConfig(**bad)
     with pytest.raises(ValueError, match="eval_blocks must be >= 0"):
         TrainConfig(eval_blocks=-1)
+    with pytest.raises(ValueError, match="kl_weight >= 0, got 256, 2 and nan"):  # NaN made every loss NaN
+        TrainConfig(kl_weight=float("nan"))
+    with pytest.raises(ValueError, match="lora_alpha must be > 0"):
+        TrainConfig(lora_alpha=float("nan"))
 
 
 def test_data_order_depends_only_on_seed_and_step():
@@ -150,3 +154,49 @@ def test_a_crash_while_pruning_leaves_no_partial_checkpoint(monkeypatch, tmp_pat
         assert ckpt.load_checkpoint(path).tensors["w"].shape == (2,)
     ckpt.save_checkpoint(tmp_path, 4, {"w": torch.zeros(2)}, {}, {}, {}, {})  # sweeps what the crash left
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.checkpoint_name(3), ckpt.checkpoint_name(4)]
+
+
+def test_a_copied_or_renamed_checkpoint_loads(tmp_path):
+    """`--init`, `linearized(weights=)` and `ship` take a checkpoint by path, under whatever name it was copied to."""
+    import shutil
+
+    path = ckpt.save_checkpoint(tmp_path / "run", 3, {"w": torch.ones(2)}, {}, {}, {}, {})
+    copy = shutil.copytree(path, tmp_path / "best")
+    assert torch.equal(ckpt.load_checkpoint(copy).tensors["w"], torch.ones(2))
+    (copy / "rng.pt").unlink()
+    with pytest.raises(ValueError, match="missing rng.pt"):
+        ckpt.load_checkpoint(copy)
+
+
+def test_cuda_generators_are_restored_for_the_devices_visible_now(monkeypatch):
+    """A run saved with 8 GPUs visible resumes with 1 (CUDA_VISIBLE_DEVICES): one generator to restore, not 8."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
+    state = {"torch": torch.get_rng_state(), "python": __import__("random").getstate(),
+             "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(8)]}
+    ckpt.restore_rng(state)
+    assert restored == [(0, 0)]
+
+
+def test_a_diverged_step_stops_the_run_before_any_checkpoint_of_it(tmp_path, monkeypatch, worker):
+    """A NaN loss leaves NaN weights: no checkpoint is written from it (pruning would delete the good ones)."""
+    from lincompile.train import trainer
+
+    run_step = trainer._run_step
+    monkeypatch.setattr(trainer, "_run_step", lambda stage, blocks, indices, config, parallel, lr: (
+        [float("nan")] + run_step(stage, blocks, indices, config, parallel, lr)[1:]
+        if stage.number == 2 else run_step(stage, blocks, indices, config, parallel, lr)))
+    linear, blocks, held = worker.build()
+    with pytest.raises(FloatingPointError, match=r"step 4: the loss is nan.*resume from .*step-00000003"):
+        train(linear, blocks, worker.config(), tmp_path, eval_blocks=held, progress=False)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step-00000002", "step-00000003"]
+
+
+def test_a_warm_up_longer_than_a_stage_is_named(tmp_path, worker):
+    from lincompile.diagnostics import LincompileWarning
+
+    linear, blocks, _ = worker.build()
+    with pytest.warns(LincompileWarning, match="warmup_steps 5 is longer than stage 1's 1 and stage 2's 2 steps"):
+        train(linear, blocks, worker.config(stage1_steps=1, stage2_steps=2, warmup_steps=5), tmp_path, progress=False)

@@ -54,6 +54,22 @@ def test_strip_gutenberg():
     assert data.strip_gutenberg("  plain text\n") == "plain text"
 
 
+def test_every_book_of_a_joined_gutenberg_file_is_kept():
+    book = "*** START OF THE PROJECT GUTENBERG EBOOK {0} ***\n{0} text\n*** END OF THE PROJECT GUTENBERG EBOOK {0} ***\n"
+    raw = "header\n" + book.format("A") + "licence\n" + book.format("B") + "footer\n"
+    assert data.strip_gutenberg(raw) == "A text\n\nB text"
+
+
+def test_a_file_of_one_line_is_split_by_characters(tmp_path):
+    """One line (a minified dump, say) used to leave train empty: its last tenth of characters is held out."""
+    f = tmp_path / "one_line.txt"
+    words = [f"w{i:03d}" for i in range(200)]
+    f.write_text(" ".join(words))
+    train, heldout = load_texts("train", f)[0], load_texts("heldout", f)[0]
+    assert train.split() + heldout.split() == words
+    assert 0.08 < len(heldout) / len(f.read_text()) < 0.12
+
+
 def test_user_single_file_holds_out_last_tenth_of_lines(tmp_path):
     f = tmp_path / "corpus.txt"
     lines = [f"line {i}" for i in range(100)]
@@ -103,6 +119,9 @@ def test_token_blocks_layout_and_determinism():
     assert torch.equal(token_blocks(tok, texts, 5), token_blocks(tok, iter(texts), 5))
     assert torch.equal(token_blocks(tok, texts, 4, max_blocks=2), blocks[:2])
     assert token_blocks(tok, texts, 4, max_blocks=100).shape == (3, 4)
+    with_empty = ["", "abcde", "", "fgh", "ij"]  # empty texts add nothing, one text at a time or in batches
+    assert torch.equal(token_blocks(tok, with_empty, 4), blocks)
+    assert torch.equal(token_blocks(tok, with_empty, 4, max_blocks=3), blocks)
     with pytest.raises(ValueError, match="fewer than one block"):
         token_blocks(tok, ["ab"], 3)
     with pytest.raises(ValueError):

@@ -147,7 +147,7 @@ def test_train_init_continues_a_shipped_linearization(tmp_path):
     with pytest.raises(ValueError, match="holds LoRA adapters .* same --lora-rank"):
         _run(common[:-3] + ["--lora-rank", "2", "--out", str(tmp_path / "third"), "--init", str(shipped),
                             "--no-progress"])
-    for steps, refusal in ((["0", "0"], "this run trains 0 steps: use them as they are with --weights"),
+    for steps, refusal in ((["0", "0"], "this run trains 0 steps. Use --init's tensors as they are with --weights"),
                            (["2", "0"], r"LoRA adapters \(lincompile_lora.*which stage 2 adds.*--stage2-steps 0")):
         with pytest.raises(ValueError, match=refusal):
             _run(common + ["--out", str(tmp_path / "fourth"), "--init", str(shipped), "--stage1-steps", steps[0],
@@ -328,6 +328,14 @@ def test_training_errors_say_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--lora-rank 0 trains no adapters, so --lora-targets would have no effect"):
         _run([str(model_dir), "--method", "augmented", "--out", str(tmp_path / "d"), "--lora-rank", "0",
               "--lora-targets", "q_proj"])
+    with pytest.raises(ValueError, match="this run trains 0 steps. An untrained linearization.*--weights none"):  # it wrote a run not rerunnable
+        _run([str(model_dir), "--method", "augmented", "--out", str(tmp_path / "e"), "--stage1-steps", "0",
+              "--stage2-steps", "0"])
+    with pytest.raises(ValueError, match="batch_size 8 is more than the 1 training blocks"):  # 8 copies of 1 block
+        _run([str(model_dir), "--method", "linear-elu", "--data", str(corpus), "--out", str(tmp_path / "f"),
+              "--stage1-steps", "1", "--stage2-steps", "0", "--batch-size", "8", "--block-size", "16",
+              "--max-train-blocks", "1", "--eval-blocks", "0", "--no-progress"])
+    assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
 
 
 def test_an_interrupted_run_names_the_checkpoint_to_resume(tmp_path, capsys, monkeypatch):

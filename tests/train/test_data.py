@@ -55,7 +55,8 @@ def test_strip_gutenberg():
 
 
 def test_every_book_of_a_joined_gutenberg_file_is_kept():
-    book = "*** START OF THE PROJECT GUTENBERG EBOOK {0} ***\n{0} text\n*** END OF THE PROJECT GUTENBERG EBOOK {0} ***\n"
+    book = ("*** START OF THE PROJECT GUTENBERG EBOOK {0} ***\n{0} text\n"
+            "*** END OF THE PROJECT GUTENBERG EBOOK {0} ***\n")
     raw = "header\n" + book.format("A") + "licence\n" + book.format("B") + "footer\n"
     assert data.strip_gutenberg(raw) == "A text\n\nB text"
 

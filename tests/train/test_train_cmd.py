@@ -328,7 +328,8 @@ def test_training_errors_say_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--lora-rank 0 trains no adapters, so --lora-targets would have no effect"):
         _run([str(model_dir), "--method", "augmented", "--out", str(tmp_path / "d"), "--lora-rank", "0",
               "--lora-targets", "q_proj"])
-    with pytest.raises(ValueError, match="this run trains 0 steps. An untrained linearization.*--weights none"):  # it wrote a run not rerunnable
+    # a zero-step run used to write an --out that no later run could reuse
+    with pytest.raises(ValueError, match="this run trains 0 steps. An untrained linearization.*--weights none"):
         _run([str(model_dir), "--method", "augmented", "--out", str(tmp_path / "e"), "--stage1-steps", "0",
               "--stage2-steps", "0"])
     with pytest.raises(ValueError, match="batch_size 8 is more than the 1 training blocks"):  # 8 copies of 1 block

@@ -92,6 +92,11 @@ def _capture(model: torch.nn.Module, inputs: dict[str, object] | None,
     if where and where != {device}:
         raise ValueError(f"captured= was captured on {sorted(map(str, where))}, the model is now on {device}: "
                          "capture it again where it runs")
+    dtypes = tuple(p.dtype for p in model.parameters())
+    if captured.dtypes is not None and dtypes != captured.dtypes:
+        then, now = (sorted({str(d).removeprefix("torch.") for d in ds}) for ds in (captured.dtypes, dtypes))
+        raise ValueError(f"captured= was traced with {'/'.join(then)} weights, the model's are now {'/'.join(now)}: "
+                         "its graph keeps the casts it was traced with; capture the model again in this dtype")
     return captured.fork()
 
 
@@ -199,8 +204,11 @@ def save(model: LinearizedModel, directory: str | Path, tokenizer: object | None
         model.hf_config.save_pretrained(tmp)
         state = {k: v.detach().contiguous() for k, v in model.graph.state_dict().items()}
         save_file(_untie(state), tmp / "model.safetensors")
+        kept = {name: str(p.dtype).removeprefix("torch.") for name, p in model.graph.named_parameters()
+                if p.dtype != model.captured_dtype}  # modules a model keeps in another dtype (T5's `wo` in fp32)
         meta = {"format": SAVE_FORMAT, "linearize": model.config.to_dict(), "source_class": model.source_class,
-                "dtype": str(model.captured_dtype).removeprefix("torch."), "source_model": model.source_model}
+                "dtype": str(model.captured_dtype).removeprefix("torch."), "source_model": model.source_model,
+                "kept_dtypes": kept}
         (tmp / SAVE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -270,6 +278,10 @@ def load(directory: str | Path, *, dtype: torch.dtype | None = None, global_cap:
     source = _rebuild(hf_config, meta.get("source_class"), meta_file)
     if dtype is not None or "dtype" in meta:  # saves made before the dtype was recorded keep from_config's
         source = source.to(dtype or getattr(torch, meta["dtype"]))
+        own = dict(source.named_parameters())
+        for name, kept in meta.get("kept_dtypes", {}).items():  # as Hugging Face keeps them, whatever `dtype`
+            if name in own:
+                own[name].data = own[name].data.to(getattr(torch, kept))
     model = optimize(source.eval(), config=config)
     missing, unexpected = model.graph.load_state_dict(load_file(path / "model.safetensors"), strict=False)
     if unexpected or missing:

@@ -1,4 +1,5 @@
-"""`torch.compile(model, backend="lincompile", options={"method": "linear-elu", "layers": None})`.
+"""`torch.compile(model, backend="lincompile", options={"method": "augmented", "layers": None})`; the options are
+`LinearizeConfig`'s (its defaults where left out) plus `compiler` ("inductor" or "eager").
 
 What the backend guarantees, for every graph dynamo hands it:
 
@@ -99,8 +100,7 @@ def parse_options(options: dict[str, Any] | None) -> tuple[LinearizeConfig, str]
     compiler = options.pop("compiler", "inductor")
     if compiler not in COMPILERS:
         raise ValueError(f"compiler={compiler!r}; expected one of {COMPILERS}")
-    options.setdefault("method", "linear-elu")
-    return LinearizeConfig(**options), compiler
+    return LinearizeConfig(**options), compiler  # without a method, optimize's default (augmented)
 
 
 def _passes(config: LinearizeConfig) -> list[Pass]:

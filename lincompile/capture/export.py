@@ -31,6 +31,8 @@ class CapturedGraph:
     seconds: float = 0.0
     constants: dict[str, object] = field(default_factory=dict)
     max_tokens: int | None = None  # the longest sequence the graph takes (a position table's length)
+    #: the model's parameter dtypes when it was traced (its graph keeps casts for them), in `parameters()` order
+    dtypes: tuple[torch.dtype, ...] | None = None
 
     def fork(self) -> "CapturedGraph":
         """A copy whose graph passes may rewrite freely; parameters and buffers stay shared."""
@@ -39,7 +41,8 @@ class CapturedGraph:
         out = graph.graph_copy(self.gm.graph, {})
         graph.output(out)
         return CapturedGraph(fx.GraphModule(self.gm, graph), list(self.input_names), list(self.output_names),
-                             dict(self.example_inputs), self.seconds, dict(self.constants), self.max_tokens)
+                             dict(self.example_inputs), self.seconds, dict(self.constants), self.max_tokens,
+                             self.dtypes)
 
     def __call__(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         missing = [n for n in self.input_names if n not in inputs]
@@ -160,4 +163,4 @@ def capture(model: torch.nn.Module, example_inputs: dict[str, object], *, dynami
     tensors = {k: v for k, v in example_inputs.items() if isinstance(v, torch.Tensor)}
     constants = {k: v for k, v in example_inputs.items() if not isinstance(v, torch.Tensor)}
     return CapturedGraph(gm, input_names, output_names, tensors, time.perf_counter() - start, constants,
-                         max_tokens)
+                         max_tokens, tuple(p.dtype for p in model.parameters()))

@@ -27,6 +27,7 @@ from lincompile.methods.params import init_params
 from lincompile.methods.spec import MethodSpec, get_method
 from lincompile.passes.base import Pass, PassContext, PassResult, register_pass
 from lincompile.passes.detect_attention import AttentionSite
+from lincompile.passes.patterns.common import SiteMatch
 
 aten = torch.ops.aten
 
@@ -135,6 +136,18 @@ def _add_parameters(ctx: PassContext, site: AttentionSite, spec: MethodSpec, see
     return nodes
 
 
+def _queries(graph: fx.Graph, match: SiteMatch) -> fx.Node:
+    """The op's queries: `match.q`, or for queries the model multiplied by a constant (`match.q_scaled`, whose
+    constant `site.scale` holds) the same moves replayed on the queries before it (inserted here)."""
+    if not match.q_scaled:
+        return match.q
+    q, *moves = match.q_scaled
+    for move in moves:
+        q = graph.call_function(move.target, (q, *move.args[1:]), dict(move.kwargs))
+        q.meta["val"] = move.meta.get("val")
+    return q
+
+
 def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx.Node, seed: int,
              windows: dict[str, fx.Node], allow_state: bool = True) -> RewrittenSite:
     graph = ctx.gm.graph
@@ -159,7 +172,8 @@ def _rewrite(ctx: PassContext, site: AttentionSite, spec: MethodSpec, output: fx
         causal = site.causal and not use_bias
         params = _add_parameters(ctx, site, spec, seed)
         call = graph.call_function(attention_op(), (
-            match.q, match.k, match.v, key_mask, bias, state_in, params, spec.to_json(), float(site.scale), causal))
+            _queries(graph, match), match.k, match.v, key_mask, bias, state_in, params, spec.to_json(),
+            float(site.scale), causal))
         out = graph.call_function(operator.getitem, (call, 0))
         new_state = graph.call_function(operator.getitem, (call, 1))
         original_dtype = match.output.meta["val"].dtype

@@ -202,6 +202,23 @@ def test_models_without_a_recurrent_state_refuse_past_state_and_generate(family)
         linear.generate(ids, 2)
 
 
+def test_modules_kept_in_another_dtype_load_in_it(tmp_path):
+    """Hugging Face keeps T5's `wo` in float32 in a float16 model (`_keep_in_fp32_modules`): load keeps it too."""
+    source = tiny_model("t5").half()
+    for name, module in source.named_modules():
+        if name.endswith(".wo"):
+            module.float()
+    linear = lincompile.optimize(source, "linear-elu")
+    loaded = lincompile.load(linear.save_pretrained(str(tmp_path / "t5")))
+    assert {n: p.dtype for n, p in loaded.graph.named_parameters()} == {
+        n: p.dtype for n, p in linear.graph.named_parameters()}
+    assert torch.float32 in {p.dtype for p in loaded.parameters()}
+    ids = torch.randint(3, 128, (1, 6))
+    extra = {"decoder_input_ids": ids[:, :3], "decoder_attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, **extra).logits, linear(ids, **extra).logits)
+
+
 def test_bf16_model_saves_and_loads_in_bf16_or_in_the_dtype_asked_for(tmp_path):
     linear = lincompile.optimize(tiny_model("llama").to(torch.bfloat16), "augmented")
     loaded = lincompile.load(linear.save_pretrained(str(tmp_path / "bf16")))
@@ -242,6 +259,9 @@ def test_captured_graph_of_another_model_is_refused():
         lincompile.optimize(gpt2, "local", captured=captured)
     with pytest.raises(ValueError, match="inputs= would be ignored"):
         lincompile.optimize(llama, "local", captured=captured, inputs=example_inputs("llama"))
+    llama.to(torch.bfloat16)  # in place: the capture shares the weights, but its graph keeps float32 casts
+    with pytest.raises(ValueError, match="traced with float32 weights, the model's are now bfloat16"):
+        lincompile.optimize(llama, "softmax", captured=captured)
 
 
 def test_casting_after_optimize_is_refused_with_the_fix():
@@ -267,3 +287,35 @@ def test_cleanup_removes_the_old_attention_cores_linearize_leaves_dead():
                                    names=names + ("cleanup",))
     assert len(softmax_cores(rewritten.gm)) == 2 and not softmax_cores(cleaned.gm)
     assert report.passes[-1].notes[0].startswith("removed ") and report.passes[-1].notes[0] != "removed 0 dead nodes"
+
+
+@pytest.mark.parametrize("spelling", ["q * s", "q / d", "s * q"])
+def test_queries_scaled_before_attention_linearize_as_scores_scaled_after(spelling):
+    """OPT, XGLM and BART multiply the queries by 1/sqrt(d) before attention (and pass scale 1): the site's scale
+    takes the constant and the op gets the unscaled queries, so a feature map that ignores the scale (elu + 1,
+    Hedgehog's) sees what it sees in a model that scales its scores."""
+
+    class Attention(torch.nn.Module):
+        def __init__(self, prescaled: bool):
+            super().__init__()
+            self.prescaled = prescaled
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(100, 32)
+            self.q, self.kv = torch.nn.Linear(32, 32), torch.nn.Linear(32, 64)
+
+        def forward(self, input_ids, attention_mask):
+            x = self.embed(input_ids)
+            q = self.q(x)
+            if self.prescaled:
+                q = {"q * s": lambda: q * 0.25, "q / d": lambda: q / 4.0, "s * q": lambda: 0.25 * q}[spelling]()
+            q = q.unflatten(-1, (2, 16)).transpose(1, 2)
+            k, v = self.kv(x).unflatten(-1, (2, 2, 16)).permute(2, 0, 3, 1, 4)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                   scale=1.0 if self.prescaled else 0.25)
+            return out.transpose(1, 2).flatten(2)
+
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    for method in ("softmax", "linear-elu", "hedgehog"):
+        pre, post = (lincompile.optimize(Attention(prescaled), method) for prescaled in (True, False))
+        assert [s.scale for s in pre.sites] == [0.25] and len(pre.sites[0].match.q_scaled) == 3
+        torch.testing.assert_close(pre(ids).logits, post(ids).logits, rtol=1e-6, atol=1e-6)

@@ -74,8 +74,9 @@ def sdpa_op(node: fx.Node) -> SiteMatch | str | None:
         mask_val = val(mask)
         kind = "allow_bool" if mask_val is not None and mask_val.dtype == torch.bool else "additive"
         terms.append((mask, kind, 1.0))
+    q_scaled, scale = prescaled(q, scale)
     return SiteMatch(
-        form="sdpa_op", output=node, q=q, k=k_base, v=v_base, kv_groups=int(groups), scale=scale,
+        form="sdpa_op", output=node, q=q, k=k_base, v=v_base, kv_groups=int(groups), scale=scale, q_scaled=q_scaled,
         mask_terms=terms,
         is_causal=bool(_sdpa_arg(node, "is_causal")), dropout_p=float(_sdpa_arg(node, "dropout_p") or 0.0),
         nodes=[node],
@@ -94,6 +95,31 @@ def _scalar(node: object) -> float | None:
         if node.target in CASTS | PASS_THROUGH:
             return _scalar(node.args[0])
     return None
+
+
+#: Moves that keep every value of a tensor (and so commute with multiplying it by a constant).
+_QUERY_MOVES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.transpose.int,
+                aten.permute.default, aten.unsqueeze.default, aten.unflatten.int, aten.flatten.using_ints} | PASS_THROUGH
+
+
+def prescaled(q: fx.Node, scale: float) -> tuple[tuple[fx.Node, ...], float]:
+    """(`SiteMatch.q_scaled`, the scale with its constant) when `q` is queries x multiplied (or divided) by a
+    constant and then only moved, each node used by the next alone; else ((), scale)."""
+    chain = [q]
+    node = q
+    while node.op == "call_function" and node.target in _QUERY_MOVES and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+        if len(node.users) != 1:
+            return (), scale
+        chain.append(node)
+    if node.op != "call_function" or node.target not in (aten.mul.Tensor, aten.div.Tensor) or len(node.args) != 2:
+        return (), scale
+    x, c = node.args[0], _scalar(node.args[1])
+    if c is None and node.target == aten.mul.Tensor:
+        x, c = node.args[1], _scalar(node.args[0])
+    if c is None or c == 0 or node.kwargs or not isinstance(x, fx.Node) or val(x) is None:
+        return (), scale
+    return (x, *reversed(chain[:-1])), scale * (c if node.target == aten.mul.Tensor else 1.0 / c)
 
 
 def _softcapped(node: object, cap: float) -> fx.Node | None:
@@ -338,9 +364,10 @@ def eager_matmul_softmax(node: fx.Node) -> SiteMatch | str | None:
         k_base, v_base, groups = k_t.args[0], pv_node.args[1], 1
     if any(val(n) is None or val(n).dim() != 4 for n in (q, k_base, v_base, pv_node)):
         return "attention on tensors that are not 4-D [batch, heads, tokens, dim]"
+    q_scaled, scale = prescaled(q, scale)
     return SiteMatch(
         form="eager_matmul_softmax", output=pv_node, q=q, k=k_base, v=v_base, kv_groups=int(groups),
-        scale=scale, mask_terms=terms, is_causal=False, dropout_p=dropout_p, nodes=[qk, *path],
+        scale=scale, q_scaled=q_scaled, mask_terms=terms, is_causal=False, dropout_p=dropout_p, nodes=[qk, *path],
         softcap=softcap[0] if softcap else 0.0, sinks=sinks,
     )
 

@@ -33,6 +33,11 @@ class SiteMatch:
     nodes: list[fx.Node]            # the nodes of the attention core, for pictures and reports
     softcap: float = 0.0            # scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2); 0: none
     sinks: str | None = None        # target of the [heads] attention-sink logits parameter (GPT-OSS); None: none
+    #: queries the model multiplied by a constant before attention (OPT, XGLM, BART: q_proj(x) * scaling): the
+    #: queries before the constant, then the layout moves down to `q`; `scale` includes the constant, and the
+    #: rewrite feeds the op those moves of the unscaled queries, so a feature map sees the same queries whichever
+    #: way a model scales its scores
+    q_scaled: tuple[fx.Node, ...] = ()
 
 
 def val(node: object) -> torch.Tensor | None:

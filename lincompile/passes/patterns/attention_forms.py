@@ -99,7 +99,8 @@ def _scalar(node: object) -> float | None:
 
 #: Moves that keep every value of a tensor (and so commute with multiplying it by a constant).
 _QUERY_MOVES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.transpose.int,
-                aten.permute.default, aten.unsqueeze.default, aten.unflatten.int, aten.flatten.using_ints} | PASS_THROUGH
+                aten.permute.default, aten.unsqueeze.default, aten.unflatten.int,
+                aten.flatten.using_ints} | PASS_THROUGH
 
 
 def prescaled(q: fx.Node, scale: float) -> tuple[tuple[fx.Node, ...], float]:

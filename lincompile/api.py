@@ -226,22 +226,24 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _rebuild(hf_config: object, name: str | None, meta_file: Path) -> torch.nn.Module:
-    """The saved model's class from its config: the recorded transformers class, else (an older save, or a class
-    transformers lacks) the Auto class for causal LMs, then the base one."""
+def _rebuild(hf_config: object, name: str | None, meta_file: Path, dtype: torch.dtype | None) -> torch.nn.Module:
+    """The saved model's class from its config, built in `dtype` as Hugging Face builds it (buffers it keeps in
+    float32, a rotary table's, stay so; None: torch's default dtype): the recorded transformers class, else (an
+    older save, or a class transformers lacks) the Auto class for causal LMs, then the base one."""
     import transformers
     from transformers import AutoModel, AutoModelForCausalLM
 
+    built = {"dtype": dtype or torch.get_default_dtype()}
     cls = getattr(transformers, name, None) if name else None
     if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-        return cls(hf_config)
+        return cls._from_config(hf_config, **built)
     if name:
         warn(f"{meta_file}: saved from {name}, which transformers does not provide; rebuilding it with "
              "its Auto class")
     try:
-        return AutoModelForCausalLM.from_config(hf_config)
+        return AutoModelForCausalLM.from_config(hf_config, **built)
     except ValueError:
-        return AutoModel.from_config(hf_config)
+        return AutoModel.from_config(hf_config, **built)
 
 
 def load(directory: str | Path, *, dtype: torch.dtype | None = None, global_cap: int | None = None) -> LinearizedModel:
@@ -275,13 +277,12 @@ def load(directory: str | Path, *, dtype: torch.dtype | None = None, global_cap:
         raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}")
     config = with_global_cap(LinearizeConfig.from_dict(meta["linearize"]), global_cap)
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    source = _rebuild(hf_config, meta.get("source_class"), meta_file)
-    if dtype is not None or "dtype" in meta:  # saves made before the dtype was recorded keep from_config's
-        source = source.to(dtype or getattr(torch, meta["dtype"]))
-        own = dict(source.named_parameters())
-        for name, kept in meta.get("kept_dtypes", {}).items():  # as Hugging Face keeps them, whatever `dtype`
-            if name in own:
-                own[name].data = own[name].data.to(getattr(torch, kept))
+    saved = getattr(torch, meta["dtype"]) if "dtype" in meta else None  # older saves: torch's default dtype
+    source = _rebuild(hf_config, meta.get("source_class"), meta_file, dtype or saved)
+    own = dict(source.named_parameters())
+    for name, kept in meta.get("kept_dtypes", {}).items():  # as Hugging Face keeps them, whatever `dtype`
+        if name in own:
+            own[name].data = own[name].data.to(getattr(torch, kept))
     model = optimize(source.eval(), config=config)
     missing, unexpected = model.graph.load_state_dict(load_file(path / "model.safetensors"), strict=False)
     if unexpected or missing:

@@ -202,6 +202,20 @@ def test_models_without_a_recurrent_state_refuse_past_state_and_generate(family)
         linear.generate(ids, 2)
 
 
+def test_a_bf16_model_loaded_by_hugging_face_reloads_exactly(tmp_path):
+    """`from_pretrained(dtype=bfloat16)` keeps the rotary table's inverse frequencies in float32 (a buffer not in
+    the saved weights); load builds the model as Hugging Face does, not cast after (it differed by 5e-3)."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "hf")
+    source = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
+    linear = lincompile.optimize(source, "augmented")
+    loaded = lincompile.load(linear.save_pretrained(str(tmp_path / "saved")))
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, linear(ids).logits)
+
+
 def test_modules_kept_in_another_dtype_load_in_it(tmp_path):
     """Hugging Face keeps T5's `wo` in float32 in a float16 model (`_keep_in_fp32_modules`): load keeps it too."""
     source = tiny_model("t5").half()

@@ -21,6 +21,7 @@ from lincompile.cli.summary import print_summary
 from lincompile.pretrained import trained
 from lincompile.runtime.medusa import CONFIG_FILE as MEDUSA_CONFIG
 from lincompile.runtime.ngram import DEFAULT_ORDER, TABLE_FILE
+from lincompile.runtime.state import check_positions
 from lincompile.train.draft_model import DistillConfig
 
 __all__ = ["add_parsers", "cmd_build_ngram", "cmd_make_draft", "cmd_train_medusa", "command_parser", "load_target"]
@@ -73,6 +74,7 @@ def _frozen_target(args: argparse.Namespace, purpose: str) -> tuple[Any, Any]:
     model, tokenizer = load_target(args.model, args.method, args.weights)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; {purpose} needs one to tokenize the corpus")
+    check_positions(model, args.block_size, f"a block of {args.block_size} tokens (--block-size)")
     return as_target(model), tokenizer
 
 

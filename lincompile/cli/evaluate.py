@@ -19,7 +19,8 @@ from lincompile.cli.draft_cmd import weights_label
 from lincompile.cli.summary import print_summary
 from lincompile.diagnostics import warn
 from lincompile.pretrained import linearized
-from lincompile.train.data import CALIBRATION_BLOCKS, calibration_blocks, heldout_blocks
+from lincompile.runtime.state import position_limit
+from lincompile.train.data import CALIBRATION_BLOCK, CALIBRATION_BLOCKS, calibration_blocks, heldout_blocks
 from lincompile.train.eval import perplexity
 
 
@@ -70,9 +71,11 @@ def calibration_count(args: argparse.Namespace) -> int:
 
 def quantize_calibrated(model: Any, args: argparse.Namespace, tokenizer: Any, data: str = "default") -> Any:
     """`model` with --quantize's 8-bit linear layers, calibrated on `calibration_count` blocks of the training
-    split of `data` (none: not smoothed)."""
+    split of `data` (none: not smoothed), of CALIBRATION_BLOCK tokens or the model's position limit if shorter."""
     count = calibration_count(args)
-    return model.quantize(args.quantize, calibration=calibration_blocks(tokenizer, count, data) if count else None)
+    block = min(CALIBRATION_BLOCK, position_limit(model) or CALIBRATION_BLOCK)
+    return model.quantize(args.quantize,
+                          calibration=calibration_blocks(tokenizer, count, data, block) if count else None)
 
 
 def add_calibration_argument(parser: argparse.ArgumentParser, corpus: str) -> None:

@@ -36,7 +36,7 @@ from lincompile.passes.base import (PassContext, PassManager, PassResult, Verifi
                                     registered_passes)
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.pipeline import DEFAULT_PIPELINE, build_pipeline
-from lincompile.runtime.state import default_positions, position_padding
+from lincompile.runtime.state import default_positions, position_limit, position_padding
 from lincompile.train.data import heldout_blocks
 
 PROG = "lincompile"
@@ -64,7 +64,10 @@ def load(name: str, attn_impl: str | None) -> tuple[torch.nn.Module, Any | None]
 
 def verify_sample(model: torch.nn.Module, tokenizer: Any | None, batch: int = 2, seq: int = 64,
                   pad: int = 8) -> dict[str, object]:
-    """Fixed inputs: held-out text (seeded random ids without a tokenizer), row 1 left-padded on `pad` tokens."""
+    """Fixed inputs: held-out text (seeded random ids without a tokenizer), row 1 left-padded on `pad` tokens; `seq`
+    tokens, or the model's position limit when shorter."""
+    seq = min(seq, position_limit(model) or seq)
+    pad = min(pad, seq - 1)
     sample = example_inputs(model, batch, seq, seed=0)
     ids = heldout_blocks(tokenizer, seq, batch).clone() if tokenizer is not None else sample["input_ids"]
     pad_id = getattr(tokenizer, "pad_token_id", None) or getattr(model.config, "pad_token_id", None) or 0

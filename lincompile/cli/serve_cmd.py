@@ -89,7 +89,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                "seconds": round(time.perf_counter() - start, 1), "megabytes": round(_export_size(out) / 2**20, 1)}
     print_summary(summary, args.json)
     if not args.json:
-        if tokenizer is not None:
+        if not meta["supports_state"]:
+            print(f"this export keeps no recurrent state (supports_state in {META_FILE}), so `{PROG} generate` "
+                  "cannot decode with it: run it on whole sequences with lincompile.OrtModel")
+        elif tokenizer is not None:
             print(f"run it: {PROG} generate {shlex.quote(str(out))} --prompt 'To be, or not to be'")
         else:
             print(f"no tokenizer was found beside {args.model}, so `{PROG} generate` cannot read text for this "

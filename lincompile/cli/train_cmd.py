@@ -89,7 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         init, linearize = _init_tensors(args, config) if args.init else (None, linearize_config(args))
         linear = optimize(model, config=linearize)
         if config.lora_rank and config.stage2_steps:
-            lora_matches(linear.graph, config.lora_targets)  # stage 2 adds them: a bad --lora-targets fails now
+            # stage 2 adds them: a bad --lora-targets fails now (each one the user named must match)
+            lora_matches(linear.graph, config.lora_targets, each=args.lora_targets is not None)
         blocks = token_blocks(tokenizer, load_texts("train", args.data), config.block_size, args.max_train_blocks)
         held = (heldout_blocks(tokenizer, config.block_size, config.eval_blocks, data=args.data,
                                skip="--eval-blocks 0") if config.eval_blocks else None)

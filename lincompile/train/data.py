@@ -174,13 +174,14 @@ CALIBRATION_BLOCK = 256
 CALIBRATION_BLOCKS = 8
 
 
-def calibration_blocks(tokenizer: Any, count: int, data: str | Path = "default") -> torch.Tensor:
-    """The first `count` blocks of CALIBRATION_BLOCK tokens of the training split of `data`: text to calibrate 8-bit
+def calibration_blocks(tokenizer: Any, count: int, data: str | Path = "default",
+                       block_size: int = CALIBRATION_BLOCK) -> torch.Tensor:
+    """The first `count` blocks of `block_size` tokens of the training split of `data`: text to calibrate 8-bit
     activations on (`LinearizedModel.quantize(calibration=...)`), never the held-out text they are scored on."""
     try:
-        return token_blocks(tokenizer, load_texts("train", data), CALIBRATION_BLOCK, count)
+        return token_blocks(tokenizer, load_texts("train", data), block_size, count)
     except ValueError as exc:
-        raise ValueError(f"calibrating 8-bit activations reads blocks of {CALIBRATION_BLOCK} tokens of the training "
+        raise ValueError(f"calibrating 8-bit activations reads blocks of {block_size} tokens of the training "
                          f"split of {data}: {exc}; calibrate on other text, or quantize without calibration "
                          "(--calibration-blocks 0)") from None
 

@@ -55,16 +55,19 @@ def projection_paths(gm: fx.GraphModule) -> list[str]:
     return out
 
 
-def lora_matches(gm: fx.GraphModule, targets: tuple[str, ...]) -> list[tuple[fx.Node, tuple]]:
+def lora_matches(gm: fx.GraphModule, targets: tuple[str, ...], each: bool = False) -> list[tuple[fx.Node, tuple]]:
     """The projections `targets` adapt, as (node, (input, weight, transposed)) in graph order; ValueError naming the
-    graph's projections when there are none (checked before training: stage 2 adds the adapters)."""
+    graph's projections when there are none, or (`each`: targets a user named, where a misspelt one would adapt
+    nothing silently) when one of them matches none (checked before training: stage 2 adds the adapters)."""
     matched = [(node, found) for node in list(gm.graph.nodes)
                if (found := projection(node)) is not None
                and _matches(str(found[1].target)[: -len(".weight")], targets)]
-    if not matched:
-        names = sorted({p.rsplit(".", 1)[-1] for p in projection_paths(gm)})
-        raise ValueError(f"no projection matches LoRA targets {list(targets)}; the graph's projections are "
-                         f"named {names}")
+    paths = projection_paths(gm)
+    unmatched = [t for t in targets if not any(_matches(p, (t,)) for p in paths)] if each else []
+    if not matched or unmatched:
+        names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+        raise ValueError(f"no projection matches LoRA target{'s' if len(unmatched) != 1 else ''} "
+                         f"{unmatched or list(targets)}; the graph's projections are named {names}")
     return matched
 
 

@@ -420,3 +420,34 @@ def test_lincompiles_warnings_print_as_one_line_and_other_libraries_keep_theirs(
         code, _, err = run(capsys, "--debug", "inspect", str(tmp_path))
     assert code == 0 and "lincompile: warning" not in err
     assert [str(w.message) for w in passed_on] == ["ours", "theirs"]
+
+
+def test_commands_fit_a_model_with_few_positions(capsys, tmp_path: Path):
+    """A GPT-2 of 64 positions: --verify samples fewer tokens, --quantize calibrates on blocks that fit, a draft
+    command's --block-size is named, and an export without a state says generate cannot use it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lincompile.testing.families import family_model
+    from lincompile.testing.tiny import char_tokenizer
+
+    short = tmp_path / "gpt2"
+    config = GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=2, n_positions=32)
+    GPT2LMHeadModel(config).eval().save_pretrained(short)
+    char_tokenizer().save_pretrained(short)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 200)
+    code, _, err = run(capsys, "optimize", str(short), "--method", "softmax", "--verify")
+    assert code == 0, err  # 64 sampled tokens: "index out of range"
+    code, _, err = run(capsys, "eval", str(short), "--method", "linear-elu", "--weights", "none", "--data",
+                       str(corpus), "--block-size", "16", "--max-blocks", "2", "--quantize", "int8",
+                       "--calibration-blocks", "2")
+    assert code == 0, err  # calibration read 256-token blocks: "reaches token 256"
+    code, _, err = run(capsys, "build-ngram", str(short), "--method", "linear-elu", "--weights", "none", "--data",
+                       str(corpus), "--out", str(tmp_path / "ngram"), "--tokens", "512", "--block-size", "64")
+    assert code == 1 and "a block of 64 tokens (--block-size) reaches token 64, past the model's 32" in err
+    bloom = tmp_path / "bloom"
+    family_model("bloom", "eager").save_pretrained(bloom)
+    char_tokenizer().save_pretrained(bloom)
+    code, out, err = run(capsys, "export", str(bloom), "--method", "softmax", "--out", str(tmp_path / "onnx"))
+    assert code == 0, err
+    assert "keeps no recurrent state" in out and "run it:" not in out  # ALiBi kept as a bias: whole sequences

@@ -318,6 +318,10 @@ def test_training_errors_say_what_to_do(tmp_path, monkeypatch):
               "--lora-targets", "nothing", "--stage1-steps", "1", "--stage2-steps", "1", "--batch-size", "2",
               "--block-size", "16", "--eval-blocks", "0", "--no-progress"])
     assert not (tmp_path / "b").exists()  # refused before stage 1 ran, and the empty --out it made is gone
+    with pytest.raises(ValueError, match=r"no projection matches LoRA target \['o_projj'\]; .*'o_proj'"):
+        _run([str(model_dir), "--method", "augmented", "--data", str(corpus), "--out", str(tmp_path / "b"),
+              "--lora-targets", "q_proj,o_projj", "--stage1-steps", "1", "--stage2-steps", "1", "--batch-size", "2",
+              "--block-size", "16", "--eval-blocks", "0", "--no-progress"])  # a misspelt one adapted nothing
     with pytest.raises(AssetError, match="not an existing directory"):
         _run([str(tmp_path / "nothing-here"), "--method", "augmented", "--out", str(tmp_path / "c" / "run")])
     assert not (tmp_path / "c" / "run").exists()

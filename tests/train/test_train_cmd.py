@@ -313,7 +313,7 @@ def test_training_errors_say_what_to_do(tmp_path, monkeypatch):
         _run([str(model_dir), "--method", "linear-elu", "--data", str(corpus), "--out", str(tmp_path / "a"),
               "--stage1-steps", "1", "--stage2-steps", "1", "--batch-size", "2", "--block-size", "16",
               "--eval-blocks", "0", "--no-progress"])
-    with pytest.raises(ValueError, match="no projection matches LoRA targets"):
+    with pytest.raises(ValueError, match="no projection matches LoRA target"):
         _run([str(model_dir), "--method", "augmented", "--data", str(corpus), "--out", str(tmp_path / "b"),
               "--lora-targets", "nothing", "--stage1-steps", "1", "--stage2-steps", "1", "--batch-size", "2",
               "--block-size", "16", "--eval-blocks", "0", "--no-progress"])

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lincompile.atomic import atomic_directory
 from lincompile.config import LinearizeConfig
+from lincompile.diagnostics import warn
 from lincompile.jsonconfig import read_json_object
 from lincompile.methods.spec import get_method
 
@@ -83,6 +84,7 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
                 torch.nn.Parameter(value.to(own[name]), requires_grad=own[name].requires_grad))  # its device too
     if lora:
         merge_lora(linear.graph)
+    warn_other_source(recipe, linear, weights)
     linear.recipe = recipe
     return linear
 
@@ -135,7 +137,8 @@ def trained_tensors(weights: str | Path, model_name: str, method: str) -> tuple[
     elif (path / "state.json").is_file():
         checkpoint = load_checkpoint(path)
         recipe = {"linearize": checkpoint.linearize, "lora": lora_layout(checkpoint.train_config, checkpoint.tensors),
-                  "step": checkpoint.step, "train_config": checkpoint.train_config}
+                  "step": checkpoint.step, "train_config": checkpoint.train_config,
+                  "source": checkpoint.state.get("fingerprint", {}).get("source")}
         tensors = checkpoint.tensors
     elif (path / "checkpoints").is_dir() or (path.parent / "checkpoints").is_dir():
         run = path if (path / "checkpoints").is_dir() else path.parent
@@ -150,6 +153,16 @@ def trained_tensors(weights: str | Path, model_name: str, method: str) -> tuple[
     if theirs != get_method(method).name:
         raise ValueError(f"{path} holds a {theirs} linearization, not {method}")
     return tensors, recipe
+
+
+def warn_other_source(recipe: dict[str, Any], linear: torch.nn.Module, weights: str | Path) -> None:
+    """Warn when `weights` (its `recipe`) were trained on another model than `linear`'s (tensors of the right shapes
+    load into any model of the same architecture); recipes from before the fingerprint say nothing."""
+    from lincompile.train.checkpoint import source_fingerprint
+
+    if recipe.get("source") and recipe["source"] != source_fingerprint(linear.graph):
+        warn(f"{weights} was trained on another model than this one (their embeddings differ): its tensors load, but "
+             "they were trained for that model")
 
 
 def lora_layout(train_config: dict[str, Any], tensors: Iterable[str] | None = None) -> dict[str, Any] | None:
@@ -177,7 +190,7 @@ def ship(checkpoint_dir: str | Path, out_dir: str | Path, notes: dict[str, Any])
     lora = lora_layout(train, checkpoint.tensors)
     tensors = {k: v.detach().float().contiguous() for k, v in checkpoint.tensors.items()}
     recipe = {"linearize": checkpoint.linearize, "lora": lora, "step": checkpoint.step, "train_config": train,
-              **notes}
+              "source": checkpoint.state.get("fingerprint", {}).get("source"), **notes}
     with atomic_directory(Path(out_dir), RECIPE_FILE) as tmp:
         save_file(tensors, tmp / TENSORS_FILE)
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))

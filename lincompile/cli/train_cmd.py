@@ -20,6 +20,7 @@ from lincompile.cli.args import given_flags, nonnegative_float, nonnegative_int,
 from lincompile.cli.summary import print_summary
 from lincompile.config import LinearizeConfig
 from lincompile.methods.spec import methods
+from lincompile.pretrained import warn_other_source
 from lincompile.train.checkpoint import latest_checkpoint
 from lincompile.train.data import heldout_blocks, load_texts, token_blocks
 from lincompile.train.lora import DEFAULT_TARGETS, lora_matches, merge_lora
@@ -86,8 +87,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, attn_implementation=args.attn_impl)
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer; training needs one to tokenize the corpus")
-        init, linearize = _init_tensors(args, config) if args.init else (None, linearize_config(args))
+        init, linearize, recipe = _init_tensors(args, config) if args.init else (None, linearize_config(args), {})
         linear = optimize(model, config=linearize)
+        warn_other_source(recipe, linear, args.init)
         if config.lora_rank and config.stage2_steps:
             # stage 2 adds them: a bad --lora-targets fails now (each one the user named must match)
             lora_matches(linear.graph, config.lora_targets, each=args.lora_targets is not None)
@@ -151,10 +153,10 @@ def linearize_config(args: argparse.Namespace, global_cap: int | None = None) ->
                            global_cap if args.global_cap is None else args.global_cap)
 
 
-def _init_tensors(args: argparse.Namespace, config: TrainConfig) -> tuple[dict, LinearizeConfig]:
+def _init_tensors(args: argparse.Namespace, config: TrainConfig) -> tuple[dict, LinearizeConfig, dict]:
     """The tensors `--init` names, checked against this run (the same LinearizeConfig up to the global cap, and
-    the same LoRA layout), and the run's LinearizeConfig: without --global-cap, the cap `--init`'s tensors are
-    read with."""
+    the same LoRA layout), the run's LinearizeConfig (without --global-cap, the cap `--init`'s tensors are read
+    with) and their recipe."""
     from lincompile.pretrained import lora_layout, recipe_config, same_tensor_layout, trained_tensors
 
     tensors, recipe = trained_tensors(args.init, args.model, args.method)
@@ -168,7 +170,7 @@ def _init_tensors(args: argparse.Namespace, config: TrainConfig) -> tuple[dict, 
     if theirs and (not ours or any(theirs[k] != ours[k] for k in layout)):
         raise ValueError(f"--init {args.init} holds LoRA adapters {({k: theirs[k] for k in layout})}; train with "
                          "the same --lora-rank, --lora-alpha and --lora-targets to continue them")
-    return tensors, linearize
+    return tensors, linearize, recipe
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

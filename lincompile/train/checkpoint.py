@@ -11,6 +11,7 @@ untouched; leftover `.tmp-*` directories are ignored and removed by the next sav
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -47,6 +48,13 @@ class Checkpoint:
     @property
     def step(self) -> int:
         return int(self.state["step"])
+
+
+def source_fingerprint(graph: torch.nn.Module) -> str:
+    """Which model tensors were trained on: a hash of its first weight (the embeddings) rounded to bfloat16, so the
+    same model loaded in float32 or bfloat16 gives the same one."""
+    first = next(graph.parameters()).detach().to("cpu", torch.bfloat16).reshape(-1).contiguous()
+    return hashlib.sha256(memoryview(first.view(torch.uint8).numpy())).hexdigest()[:16]
 
 
 def rng_state() -> dict[str, Any]:

@@ -32,7 +32,8 @@ from lincompile.backends.eager import LinearizedModel
 from lincompile.diagnostics import warn
 from lincompile.runtime.state import check_positions
 from lincompile.train.attention_transfer import TransferObjective, attention_parameters
-from lincompile.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from lincompile.train.checkpoint import (Checkpoint, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint,
+                                         source_fingerprint)
 from lincompile.train.eval import perplexity
 from lincompile.train.finetune import FinetuneObjective, frozen_teacher, stage2_parameters
 from lincompile.train.lora import DEFAULT_TARGETS, LORA_MODULE, apply_lora
@@ -462,7 +463,7 @@ def _fingerprint(linear: LinearizedModel, blocks: Tensor, init: dict[str, Tensor
         update(tensors, init[name]).update(name.encode())
     return {"data": update(hashlib.sha256(), blocks).hexdigest()[:16],
             "model": update(hashlib.sha256(), next(linear.graph.parameters())).hexdigest()[:16],
-            "init": tensors.hexdigest()[:16]}
+            "init": tensors.hexdigest()[:16], "source": source_fingerprint(linear.graph)}
 
 
 def _check_same_inputs(checkpoint: Checkpoint, fingerprint: dict[str, str]) -> None:

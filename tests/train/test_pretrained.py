@@ -87,3 +87,15 @@ def test_a_global_cap_changes_only_what_reads_more_than_it(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(ids).logits[0], logits[1])
         assert torch.equal(uncapped(ids).logits[0], logits[0])
+
+
+def test_weights_trained_on_another_model_are_named(shipped, reference_run, worker, one_thread, recwarn):
+    """Tensors of the right shapes load into any model of the architecture: the recipe records which model they
+    were trained on (its embeddings, in bfloat16: the same in any float dtype), and another one is warned about."""
+    from lincompile.diagnostics import LincompileWarning
+
+    for weights in (shipped, reference_run[0].checkpoint):
+        linearized(tiny_model("llama", seed=0).to(torch.bfloat16), worker.METHOD, weights=weights)
+        assert not [w for w in recwarn if "another model" in str(w.message)]
+        with pytest.warns(LincompileWarning, match="was trained on another model than this one"):
+            linearized(tiny_model("llama", seed=1), worker.METHOD, weights=weights)

@@ -11,6 +11,7 @@ import errno
 import glob
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -21,9 +22,11 @@ from lincompile.diagnostics import warn
 def _exchange(source: Path, target: Path) -> bool:
     """Swap two existing paths in one step (Linux's renameat2 with RENAME_EXCHANGE): at no moment is `target`
     missing. False where the system or the file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # not Linux, or a C library without it
+    except (OSError, AttributeError, TypeError):  # a C library without it
         return False
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
@@ -50,7 +53,8 @@ def replace_directory(source: Path, target: Path) -> None:
     try:
         os.replace(source, target)
     except BaseException:
-        os.replace(old, target)
+        if old.exists() and not target.exists():  # (another writer's recovery may have put it back already)
+            os.replace(old, target)
         raise
     _remove(old)
 

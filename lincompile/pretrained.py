@@ -52,6 +52,7 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
     recipe's (`recipe.json`'s "global_cap", chosen for the trained tensors), else the method's own.
     The result's `recipe` is the loaded recipe.json, or None when untrained."""
     from lincompile.api import optimize
+    from lincompile.train.checkpoint import source_fingerprint
     from lincompile.train.lora import apply_lora, merge_lora
 
     if str(weights) == "auto":
@@ -68,6 +69,7 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
                          f"fit layers={tuple(layers)}: use weights='none' (--weights none) for an untrained hybrid")
     config = dataclasses.replace(config, strict=optimize_kwargs.pop("strict", config.strict))
     linear = optimize(model, config=config, **optimize_kwargs)
+    source = source_fingerprint(linear.graph)  # before the trained tensors (embeddings, with --full) replace any
     lora = recipe.get("lora")
     if lora:
         apply_lora(linear.graph, tuple(lora["targets"]), lora["rank"], lora["alpha"], lora.get("seed", 0))
@@ -84,7 +86,7 @@ def linearized(model: torch.nn.Module, method: str = "augmented", weights: str |
                 torch.nn.Parameter(value.to(own[name]), requires_grad=own[name].requires_grad))  # its device too
     if lora:
         merge_lora(linear.graph)
-    warn_other_source(recipe, linear, weights)
+    warn_other_source(recipe, source, weights)
     linear.recipe = recipe
     return linear
 
@@ -155,12 +157,11 @@ def trained_tensors(weights: str | Path, model_name: str, method: str) -> tuple[
     return tensors, recipe
 
 
-def warn_other_source(recipe: dict[str, Any], linear: torch.nn.Module, weights: str | Path) -> None:
-    """Warn when `weights` (its `recipe`) were trained on another model than `linear`'s (tensors of the right shapes
-    load into any model of the same architecture); recipes from before the fingerprint say nothing."""
-    from lincompile.train.checkpoint import source_fingerprint
-
-    if recipe.get("source") and recipe["source"] != source_fingerprint(linear.graph):
+def warn_other_source(recipe: dict[str, Any], source: str, weights: str | Path) -> None:
+    """Warn when `weights` (its `recipe`) were trained on another model than the one whose `source_fingerprint` is
+    `source` (taken before any trained tensor is copied in: training may change the embeddings it hashes; tensors
+    of the right shapes load into any model of the architecture); recipes from before the fingerprint say nothing."""
+    if recipe.get("source") and recipe["source"] != source:
         warn(f"{weights} was trained on another model than this one (their embeddings differ): its tensors load, but "
              "they were trained for that model")
 

@@ -21,7 +21,7 @@ from lincompile.cli.summary import print_summary
 from lincompile.config import LinearizeConfig
 from lincompile.methods.spec import methods
 from lincompile.pretrained import warn_other_source
-from lincompile.train.checkpoint import latest_checkpoint
+from lincompile.train.checkpoint import latest_checkpoint, source_fingerprint
 from lincompile.train.data import heldout_blocks, load_texts, token_blocks
 from lincompile.train.lora import DEFAULT_TARGETS, lora_matches, merge_lora
 from lincompile.train.trainer import LR_SCHEDULES, Distributed, TrainConfig, train
@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.model} has no tokenizer; training needs one to tokenize the corpus")
         init, linearize, recipe = _init_tensors(args, config) if args.init else (None, linearize_config(args), {})
         linear = optimize(model, config=linearize)
-        warn_other_source(recipe, linear, args.init)
+        warn_other_source(recipe, source_fingerprint(linear.graph), args.init)  # --init's tensors go in later
         if config.lora_rank and config.stage2_steps:
             # stage 2 adds them: a bad --lora-targets fails now (each one the user named must match)
             lora_matches(linear.graph, config.lora_targets, each=args.lora_targets is not None)

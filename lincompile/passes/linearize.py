@@ -142,8 +142,9 @@ def _queries(graph: fx.Graph, match: SiteMatch) -> fx.Node:
     if not match.q_scaled:
         return match.q
     q, *moves = match.q_scaled
-    for move in moves:
-        q = graph.call_function(move.target, (q, *move.args[1:]), dict(move.kwargs))
+    for move in moves:  # a view as a reshape: the unscaled queries may be strided where the product was dense
+        target = aten.reshape.default if move.target in _VIEWS else move.target
+        q = graph.call_function(target, (q, *move.args[1:]), dict(move.kwargs))
         q.meta["val"] = move.meta.get("val")
     return q
 

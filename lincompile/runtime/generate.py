@@ -47,7 +47,8 @@ def generate(model: Callable, input_ids: torch.Tensor, max_new_tokens: int | Non
     if num_beams != 1:
         raise ValueError(f"num_beams={num_beams}: lincompile decodes greedily or by sampling, without beam search; "
                          "use num_beams=1 (speculative decoding with draft= speeds greedy decoding up instead)")
-    input_ids = torch.as_tensor(input_ids)
+    if not isinstance(input_ids, torch.Tensor):  # a list: on the model's device (an OrtModel takes CPU ids)
+        input_ids = torch.as_tensor(input_ids, device=getattr(model, "device", None))
     max_new_tokens = _new_tokens(max_new_tokens, max_length, input_ids.shape[-1])
     if attention_mask is None and input_ids.dim() == 2:
         attention_mask = padding_mask(input_ids, pad_token_id, eos_token_id)

@@ -209,7 +209,7 @@ def numbered_from_mask(model: nn.Module) -> bool:
     """Whether `model` (a Hugging Face model) numbers a call's tokens from its attention mask when it is given no
     position ids, so that left padding takes no position (OPT does; LLaMA, GPT-2 and the rest count every token).
     Found by calling it on a left-padded row with no position ids, with counted ones and with plain ones; asked
-    only of a model with an absolute position table (rotary positions give all three the same numbers)."""
+    only of a model with an absolute position table (with rotary positions all three give the same outputs)."""
     if position_padding(model) is not None or position_tables(model) is None:
         return False
     param = next(model.parameters(), None)
@@ -222,15 +222,15 @@ def numbered_from_mask(model: nn.Module) -> bool:
     model.eval()
     try:
         with torch.no_grad():
-            last = [model(ids, attention_mask=mask, **({} if p is None else {"position_ids": p}))[0][0, -1].float()
-                    for p in (None, mask_positions(mask), torch.arange(6, device=param.device).unsqueeze(0))]
+            given, counted, plain = [
+                model(ids, attention_mask=mask, **({} if p is None else {"position_ids": p}))[0][0, -1].float()
+                for p in (None, mask_positions(mask), torch.arange(6, device=param.device).unsqueeze(0))]
+            tolerance = 1e-3 * float(given.abs().max()) + 1e-6
+            return bool((given - counted).abs().max() <= tolerance < (given - plain).abs().max())
     except Exception:  # a model this call does not fit (no position ids, other inputs): it keeps counting every token
         return False
     finally:
         model.train(training)
-    given, counted, plain = last
-    tolerance = 1e-3 * float(given.abs().max()) + 1e-6
-    return bool((given - counted).abs().max() <= tolerance < (given - plain).abs().max())
 
 
 def default_positions(input_ids: torch.Tensor, start: int, padding: int | None,

@@ -88,7 +88,8 @@ def _split_lines(text: str, split: str) -> str:
         cut = len(lines) - math.ceil(len(lines) * HELDOUT_LINE_FRACTION)
         return "\n".join(lines[:cut] if split == "train" else lines[cut:]).strip()
     cut = len(text) - math.ceil(len(text) * HELDOUT_LINE_FRACTION)
-    cut = max(text.rfind(" ", 0, cut + 1), 0) or cut
+    space = text.rfind(" ", max(cut - 200, 0), cut + 1)  # a word boundary just before the cut, if there is one
+    cut = space if space > 0 else cut
     return (text[:cut] if split == "train" else text[cut:]).strip()
 
 

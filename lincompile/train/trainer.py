@@ -282,8 +282,9 @@ def _run_step(stage: _Stage, blocks: Tensor, indices: Tensor, config: TrainConfi
     params = list(stage.params.values())
     parallel.reduce_gradients(params)
     parallel.all_reduce(totals)
-    if config.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
+    if not bool(torch.isfinite(norm)):  # the same on every rank (reduced gradients): no step, the caller stops
+        return [math.nan, *totals.tolist()[1:]]
     stage.optimizer.step()
     return totals.tolist()
 
@@ -400,9 +401,10 @@ def train(linear: LinearizedModel, blocks: Tensor, config: TrainConfig, out_dir:
             record = _record(stage, step + 1, lr, _run_step(stage, blocks, indices, config, parallel, lr))
             if not math.isfinite(record["loss"]):  # stop before a checkpoint of broken weights prunes good ones
                 raise FloatingPointError(
-                    f"step {step + 1}: the loss is {record['loss']}: training diverged, and nothing from this step on "
-                    "was saved; " + (f"resume from {saved} (--resume) with a lower --lr or more --warmup-steps"
-                                     if saved else "train again with a lower --lr or more --warmup-steps"))
+                    f"step {step + 1}: the loss or its gradient is not finite: training diverged, and nothing from "
+                    "this step on was saved; " + (f"resume from {saved} (--resume) with a lower --lr or more "
+                                                  "--warmup-steps" if saved else
+                                                  "train again with a lower --lr or more --warmup-steps"))
             history.append(record)
             step += 1
             postfix.update(loss=f"{record['loss']:.4g}", lr=f"{lr:.2g}")

@@ -180,16 +180,24 @@ def test_cuda_generators_are_restored_for_the_devices_visible_now(monkeypatch):
     assert restored == [(0, 0)]
 
 
-def test_a_diverged_step_stops_the_run_before_any_checkpoint_of_it(tmp_path, monkeypatch, worker):
-    """A NaN loss leaves NaN weights: no checkpoint is written from it (pruning would delete the good ones)."""
+@pytest.mark.parametrize("broken", ["loss", "gradient"])
+def test_a_diverged_step_stops_the_run_before_any_checkpoint_of_it(tmp_path, monkeypatch, worker, broken):
+    """A NaN loss, or a finite loss with an infinite gradient (clipping makes it NaN weights), stops the run before
+    the step is taken or checkpointed (pruning would delete the good checkpoints)."""
     from lincompile.train import trainer
 
-    run_step = trainer._run_step
-    monkeypatch.setattr(trainer, "_run_step", lambda stage, blocks, indices, config, parallel, lr: (
-        [float("nan")] + run_step(stage, blocks, indices, config, parallel, lr)[1:]
-        if stage.number == 2 else run_step(stage, blocks, indices, config, parallel, lr)))
+    if broken == "loss":
+        run_step = trainer._run_step
+        monkeypatch.setattr(trainer, "_run_step", lambda stage, blocks, indices, config, parallel, lr: (
+            [float("nan")] + run_step(stage, blocks, indices, config, parallel, lr)[1:]
+            if stage.number == 2 else run_step(stage, blocks, indices, config, parallel, lr)))
+    else:
+        clip, calls = torch.nn.utils.clip_grad_norm_, []
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm: (
+            calls.append(1), torch.tensor(float("inf")) if len(calls) == 4 else clip(params, norm))[1])
     linear, blocks, held = worker.build()
-    with pytest.raises(FloatingPointError, match=r"step 4: the loss is nan.*resume from .*step-00000003"):
+    with pytest.raises(FloatingPointError,
+                       match=r"step 4: the loss or its gradient is not finite.*resume from .*step-00000003"):
         train(linear, blocks, worker.config(), tmp_path, eval_blocks=held, progress=False)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step-00000002", "step-00000003"]
 

@@ -69,6 +69,8 @@ def test_a_file_of_one_line_is_split_by_characters(tmp_path):
     train, heldout = load_texts("train", f)[0], load_texts("heldout", f)[0]
     assert train.split() + heldout.split() == words
     assert 0.08 < len(heldout) / len(f.read_text()) < 0.12
+    f.write_text("ab " + "x" * 1000)  # its only space far before the cut: cut where the tenth begins, mid-word
+    assert len(load_texts("train", f)[0]) == 902 and len(load_texts("heldout", f)[0]) == 101
 
 
 def test_user_single_file_holds_out_last_tenth_of_lines(tmp_path):

@@ -94,8 +94,16 @@ def test_weights_trained_on_another_model_are_named(shipped, reference_run, work
     were trained on (its embeddings, in bfloat16: the same in any float dtype), and another one is warned about."""
     from lincompile.diagnostics import LincompileWarning
 
+    embeddings = "model.embed_tokens.weight"
+    full = {embeddings: torch.zeros(128, 64)}  # a --full run trains the embeddings the fingerprint hashes
     for weights in (shipped, reference_run[0].checkpoint):
         linearized(tiny_model("llama", seed=0).to(torch.bfloat16), worker.METHOD, weights=weights)
+        real = lincompile.pretrained.trained_tensors
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(lincompile.pretrained, "trained_tensors", lambda *args: ({**real(*args)[0], **full},
+                                                                                  real(*args)[1]))
+            assert torch.equal(linearized(tiny_model("llama", seed=0), worker.METHOD, weights=weights).graph
+                               .get_parameter(embeddings), full[embeddings])
         assert not [w for w in recwarn if "another model" in str(w.message)]
         with pytest.warns(LincompileWarning, match="was trained on another model than this one"):
             linearized(tiny_model("llama", seed=1), worker.METHOD, weights=weights)

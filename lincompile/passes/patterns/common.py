@@ -36,7 +36,7 @@ class SiteMatch:
     #: queries the model multiplied by a constant before attention (OPT, XGLM, BART: q_proj(x) * scaling): the
     #: queries before the constant, then the layout moves down to `q`; `scale` includes the constant, and the
     #: rewrite feeds the op those moves of the unscaled queries, so a feature map sees the same queries whichever
-    #: way a model scales its scores
+    #: way a model scales its scores (keys a model scales keep their constant: no model seen does)
     q_scaled: tuple[fx.Node, ...] = ()
 
 

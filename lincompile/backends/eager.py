@@ -239,6 +239,8 @@ class LinearizedModel(torch.nn.Module):
             position_ids = torch.as_tensor(position_ids, device=input_ids.device).expand(batch, tokens)
             if given_mask is not None:  # nothing reads a masked token's position: keep it inside a learned table
                 position_ids = torch.where(given_mask.to(input_ids.device) != 0, position_ids, 0)
+        if "decoder_input_ids" in extra and "decoder_attention_mask" not in extra:  # optional, as in Hugging Face
+            extra["decoder_attention_mask"] = torch.ones_like(extra["decoder_input_ids"])
         values = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                   **extra, **state.tensors}
         missing = [n for n in self.input_names if n not in values]

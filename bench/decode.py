@@ -34,8 +34,7 @@ SmolLM2 was trained to 8192 positions; at 16K RoPE runs past that (the timings d
 The table's "prefill s" columns time extending the prompt from the previous context to this one (HF through
 SDPA with its cache, lincompile with the eager reference), so they add up to the full prefill. HF computes the
 last token's logits only (`logits_to_keep=1`); lincompile's graph computes every token's (its LM head is part of
-the captured graph), which on SmolLM2 is about 6% of a 512-token chunk's time: the lincompile column is that much
-high.
+the captured graph), so the lincompile column includes work the HF column leaves out.
 
 Writes bench/results/decode_<machine>.json and bench/results/decode.png; prints the table and the command.
     python bench/decode.py --quick             # one short context, a few minutes (export and compile dominate)

@@ -140,7 +140,7 @@ def trained_tensors(weights: str | Path, model_name: str, method: str) -> tuple[
         checkpoint = load_checkpoint(path)
         recipe = {"linearize": checkpoint.linearize, "lora": lora_layout(checkpoint.train_config, checkpoint.tensors),
                   "step": checkpoint.step, "train_config": checkpoint.train_config,
-                  "source": checkpoint.state.get("fingerprint", {}).get("source")}
+                  "source": checkpoint.source}
         tensors = checkpoint.tensors
     elif (path / "checkpoints").is_dir() or (path.parent / "checkpoints").is_dir():
         run = path if (path / "checkpoints").is_dir() else path.parent
@@ -191,7 +191,7 @@ def ship(checkpoint_dir: str | Path, out_dir: str | Path, notes: dict[str, Any])
     lora = lora_layout(train, checkpoint.tensors)
     tensors = {k: v.detach().float().contiguous() for k, v in checkpoint.tensors.items()}
     recipe = {"linearize": checkpoint.linearize, "lora": lora, "step": checkpoint.step, "train_config": train,
-              "source": checkpoint.state.get("fingerprint", {}).get("source"), **notes}
+              "source": checkpoint.source, **notes}
     with atomic_directory(Path(out_dir), RECIPE_FILE) as tmp:
         save_file(tensors, tmp / TENSORS_FILE)
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))

@@ -49,6 +49,11 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.state["step"])
 
+    @property
+    def source(self) -> str | None:
+        """The `source_fingerprint` of the model it was trained on (None: written before it was recorded)."""
+        return self.state.get("fingerprint", {}).get("source")
+
 
 def source_fingerprint(graph: torch.nn.Module) -> str:
     """Which model tensors were trained on: a hash of its first weight (the embeddings) rounded to bfloat16, so the

@@ -59,10 +59,10 @@ def lora_matches(gm: fx.GraphModule, targets: tuple[str, ...], each: bool = Fals
     """The projections `targets` adapt, as (node, (input, weight, transposed)) in graph order; ValueError naming the
     graph's projections when there are none, or (`each`: targets a user named, where a misspelt one would adapt
     nothing silently) when one of them matches none (checked before training: stage 2 adds the adapters)."""
-    matched = [(node, found) for node in list(gm.graph.nodes)
-               if (found := projection(node)) is not None
-               and _matches(str(found[1].target)[: -len(".weight")], targets)]
-    paths = projection_paths(gm)
+    found = [(node, hit, str(hit[1].target)[: -len(".weight")]) for node in list(gm.graph.nodes)
+             if (hit := projection(node)) is not None]
+    matched = [(node, hit) for node, hit, path in found if _matches(path, targets)]
+    paths = [path for _, _, path in found]
     unmatched = [t for t in targets if not any(_matches(p, (t,)) for p in paths)] if each else []
     if not matched or unmatched:
         names = sorted({p.rsplit(".", 1)[-1] for p in paths})

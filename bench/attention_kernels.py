@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"T={t} done", file=sys.stderr, flush=True)
     result["complete"] = True
     atomic_write(json_path, json.dumps(result, indent=1) + "\n")
-    rows = result["rows"]
+    rows = sorted(result["rows"], key=lambda row: row["T"])  # measured in the order of --lengths
     print(f"{args.method}: B={args.batch} H={args.heads} Hkv={args.kv_heads} d={args.head_dim} {args.dtype} on "
           f"{device_name}")
     _print_table(rows)

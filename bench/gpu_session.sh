@@ -12,7 +12,7 @@
 # benchmark's comparison point). Outputs go to $OUT (what the device tool brings back), else
 # bench/results/gpu/. One call carries at most 64 MiB, so the model travels in two calls, back to back (a machine
 # stays warm 30 s and keeps what earlier calls left):
-#   run "bash bench/gpu_session.sh kernels"  carry [".gpu/a"]   (at most 6 min)
+#   run "bash bench/gpu_session.sh kernels"  carry [".gpu/a"]   (at most 6.5 min)
 #   run "QUALITY_SECONDS=330 bash bench/gpu_session.sh quality"  carry [".gpu/b"]   (results saved after each
 #                                                                 method, the methods in order of importance)
 # With a machine's start (1-2 min) both fit one 15-minute session. On a fresh machine (the first went back),
@@ -55,10 +55,18 @@ kernels() {
     on_gpu
     local workers=()
     python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/cuda tests/test_api_cuda.py \
-        "${workers[@]}" --junitxml="$out/gpu_tests.xml" > "$out/gpu_tests.log" 2>&1
+    # Each step is stopped by SIGINT (pytest then still reports what failed and writes its XML), the most important
+    # first. 1: the backward gated off CUDA (wrong on an H200), with its products in fp32 as under the interpreter:
+    # "XPASS(strict)" there means that form is right on the GPU and the gate can go (`LINCOMPILE_BWD_DOTS`).
+    LINCOMPILE_BWD_DOTS=fp32 timeout -s INT 75 python3 -m pytest -q -p no:cacheprovider -m gpu -rfEX --tb=line \
+        tests/kernels/cuda -k test_backward "${workers[@]}" --junitxml="$out/gpu_bwd_fp32_dots.xml" \
+        > "$out/gpu_bwd_fp32_dots.log" 2>&1
+    echo "backward with fp32 products: exit $?"; tail -n 15 "$out/gpu_bwd_fp32_dots.log"
+    timeout -s INT 180 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --tb=short tests/kernels/cuda \
+        tests/test_api_cuda.py "${workers[@]}" --junitxml="$out/gpu_tests.xml" > "$out/gpu_tests.log" 2>&1
     echo "pytest -m gpu: exit $?"; tail -n 25 "$out/gpu_tests.log"
-    timeout 120 python3 bench/attention_kernels.py --device cuda --out "$out" 2>&1 | tee "$out/kernels.log"
+    timeout -s INT 120 python3 bench/attention_kernels.py --device cuda --lengths 16384,32768,4096,1024 \
+        --out "$out" 2>&1 | tee "$out/kernels.log"  # the goals' lengths first
 }
 
 quality() {

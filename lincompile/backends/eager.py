@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass, field, replace
 
 from typing import Any
@@ -19,8 +20,11 @@ from lincompile.diagnostics import warn
 from lincompile.kernels.linear_attention.reference import init_state
 from lincompile.passes.detect_attention import AttentionSite
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT, RewrittenSite
-from lincompile.runtime.state import (SLIDING_WINDOW, RecurrentState, check_attention_mask, check_position_ids,
-                                      check_positions, check_state, default_positions)
+from lincompile.runtime import graphs
+from lincompile.runtime.graphs import LOGITS_INDEX
+from lincompile.runtime.state import (COSFORMER_HORIZON, SLIDING_WINDOW, RecurrentState, check_attention_mask,
+                                      check_logits_to_keep, check_position_ids, check_positions, check_state,
+                                      default_positions)
 
 
 def _rebound(rewritten: list[RewrittenSite], graph: torch.nn.Module) -> list[RewrittenSite]:
@@ -83,6 +87,9 @@ class LinearizedModel(torch.nn.Module):
                    and site.mask_kind != "custom"]  # a custom mask (and the window in it) is kept as a bias
         if windows and (max_positions is None or min(windows) <= max_positions):
             self.max_positions, self.limit_reason = min(windows), SLIDING_WINDOW
+        horizons = [r.spec.horizon for r in rewritten if r.spec.feature_map == "cosformer"]
+        if horizons and (self.max_positions is None or min(horizons) < self.max_positions):
+            self.max_positions, self.limit_reason = min(horizons), COSFORMER_HORIZON
         self.position_padding = position_padding
         self.positions_from_mask = positions_from_mask
         self.quantized: str | None = None  # the scheme of `quantize`'s 8-bit linear layers (None: float weights)
@@ -160,9 +167,11 @@ class LinearizedModel(torch.nn.Module):
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
         shared = ("sites", "_site_by_index", "report", "rewritten")
+        dropped = ("_compiled_call_impl",  # `model.compile()`'s wrapper calls the original model
+                   "_tree_verifier", "_logits_forked")  # forks of the original graph: the copy builds its own
         for key, value in self.__dict__.items():
-            copied.__dict__[key] = value if key in shared else copy.deepcopy(value, memo)
-        copied.__dict__.pop("_compiled_call_impl", None)  # `model.compile()`'s wrapper calls the original model
+            if key not in dropped:
+                copied.__dict__[key] = value if key in shared else copy.deepcopy(value, memo)
         copied.rewritten = _rebound(self.rewritten, copied.graph)
         return copied
 
@@ -198,7 +207,11 @@ class LinearizedModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_state: RecurrentState | None = None, use_cache: bool = True,
-                position_ids: torch.Tensor | None = None, **extra: torch.Tensor) -> LinearizedOutput:
+                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
+                **extra: torch.Tensor) -> LinearizedOutput:
+        """`logits_to_keep`: the logits of the last that-many tokens only ([B, k, V]; 0: every token's), as in
+        Hugging Face; the LM head then computes k rows (`runtime.graphs.logits_fork`: a prefill skips the head for
+        all but its last token)."""
         dtype = self._param_dtype()
         if dtype != self.captured_dtype:
             raise ValueError(f"this model was captured in {self.captured_dtype} and cast to {dtype} since; its graph "
@@ -209,6 +222,7 @@ class LinearizedModel(torch.nn.Module):
             raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got shape "
                              f"{tuple(input_ids.shape)}")
         batch, tokens = input_ids.shape
+        check_logits_to_keep(logits_to_keep)
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be [batch, tokens], got shape {tuple(attention_mask.shape)}")
         if attention_mask is not None:
@@ -246,14 +260,35 @@ class LinearizedModel(torch.nn.Module):
         missing = [n for n in self.input_names if n not in values]
         if missing:
             raise ValueError(f"missing inputs {missing}; this model takes {self.input_names}")
-        outputs = dict(zip(self.output_names, self.graph(*[values[n] for n in self.input_names])))
+        graph, names = self.graph, self.input_names
+        if 0 < logits_to_keep < tokens:
+            fork = self.logits_fork()
+            if fork is not None:
+                graph, names = fork, [*names, LOGITS_INDEX]
+                values[LOGITS_INDEX] = torch.arange(tokens - logits_to_keep, tokens, device=input_ids.device)
+        outputs = dict(zip(self.output_names, graph(*[values[n] for n in names])))
         logits = outputs.pop(self.output_names[0])
+        if logits.shape[1] > logits_to_keep > 0:  # no fork (a compiled graph, a head it cannot split): cut after
+            logits = logits[:, -logits_to_keep:]
         present = {name: outputs.pop(name) for name in list(outputs) if name.startswith(STATE_OUTPUT + ".")}
         new_state = None
         if use_cache and self.supports_state:
             new_state = RecurrentState(
                 {name.replace(STATE_OUTPUT, STATE_INPUT, 1): t for name, t in present.items()}, state.length + tokens)
         return LinearizedOutput(logits, new_state, outputs)
+
+    def logits_fork(self) -> fx.GraphModule | None:
+        """`runtime.graphs.logits_fork(self.graph)`, built once while the graph holds the same tensors
+        (`model.to(device)` replaces buffers: the fork would keep the old ones); None for a compiled graph or a head
+        it cannot split."""
+        if not isinstance(self.graph, fx.GraphModule):
+            return None
+        tensors = tuple(map(id, itertools.chain(self.graph.parameters(), self.graph.buffers())))
+        cached = self.__dict__.get("_logits_forked")
+        if cached is None or cached[0] != tensors:
+            cached = (tensors, graphs.logits_fork(self.graph))
+            object.__setattr__(self, "_logits_forked", cached)  # not a submodule: its weights are the graph's
+        return cached[1]
 
     def _check_keywords(self, extra: dict[str, object]) -> None:
         """Refuse keywords that are not graph inputs (an ignored one would change nothing, silently)."""

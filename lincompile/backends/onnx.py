@@ -54,6 +54,7 @@ from lincompile.kernels.linear_attention import reference
 from lincompile.kernels.linear_attention.reference_recurrent import first_token
 from lincompile.methods.spec import MethodSpec
 from lincompile.pretrained import trained
+from lincompile.runtime.graphs import LOGITS_INDEX
 
 MODEL_FILE = "model.onnx"
 META_FILE = "lincompile_onnx.json"
@@ -65,7 +66,7 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 STANDARD_DOMAINS = ("", "ai.onnx")
 INTERFACE_INPUTS = ("input_ids", "attention_mask", "position_ids")
 #: Example sizes for capture: distinct and >= 2, so export keeps them symbolic and never confuses them.
-EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 5, 3
+EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST, EXAMPLE_KEEP = 2, 5, 3, 4
 #: Op namespaces torch.onnx translates itself; an op of any other namespace left after decomposition cannot be.
 _TRANSLATED_NAMESPACES = ("aten", "prims")
 
@@ -126,7 +127,8 @@ class _Positional(torch.nn.Module):
 
 def check_interface(model: LinearizedModel) -> None:
     """Refuse a graph with inputs beyond the decoder-only interface and its state (an encoder-decoder's)."""
-    extra = [n for n in model.input_names if n not in INTERFACE_INPUTS and n not in model.state_inputs]
+    extra = [n for n in model.input_names
+             if n not in INTERFACE_INPUTS and n != LOGITS_INDEX and n not in model.state_inputs]
     if extra:
         raise OnnxLoweringError(f"export_onnx handles decoder-only graphs with inputs {INTERFACE_INPUTS} plus "
                                 f"state; this graph also takes {extra}: run it in PyTorch (the LinearizedModel, "
@@ -148,6 +150,10 @@ def _example_inputs(model: LinearizedModel) -> tuple[tuple[Tensor, ...], tuple[d
     args: list[Tensor] = []
     shapes: list[dict[int, Any]] = []
     for name in model.input_names:
+        if name == LOGITS_INDEX:  # the last EXAMPLE_KEEP tokens
+            args.append(torch.arange(EXAMPLE_SEQ - EXAMPLE_KEEP, EXAMPLE_SEQ, device=model.device))
+            shapes.append({0: Dim("keep", min=1)})
+            continue
         if name in interface:
             args.append(interface[name].to(model.device))
             shapes.append({0: batch, 1: seq})
@@ -337,7 +343,9 @@ def _metadata(model: LinearizedModel, ir_model: Any, tokenizer: object | None, o
                                         "past length + position_padding + the count of ids != position_padding "
                                         "(those ids: position_padding); for a positions_from_mask model, the "
                                         "count of real tokens of attention_mask before each, + past length",
-                        "state": "present.{i}.{part} of one call feeds past_key_values.{i}.{part} of the next"},
+                        "state": "present.{i}.{part} of one call feeds past_key_values.{i}.{part} of the next",
+                        LOGITS_INDEX: "[keep] int64, where the model takes it: the tokens of this call whose "
+                                      "logits are computed (arange(seq): all; [seq - 1]: the last only)"},
         "supports_state": model.supports_state, "max_positions": model.max_positions,
         "position_padding": model.position_padding, "positions_from_mask": model.positions_from_mask,
         "limit_reason": model.limit_reason,
@@ -454,10 +462,14 @@ def _export_split(model: LinearizedModel, opset: int | None, optimize: bool, chu
 def _write(model: LinearizedModel, directory: Path, opset: int | None, tokenizer: object | None,
            optimize: bool, split_sites: bool, chunk_size: int | None, quantize: str | None,
            decode_step: bool, simplify: bool) -> None:
-    """Export into `directory` (a fresh temp dir): model.onnx, the JSON, the tokenizer; then check."""
+    """Export into `directory` (a fresh temp dir): model.onnx, the JSON, the tokenizer; then check. The graph
+    exported is `model.logits_fork()` where the model has one: it takes `logits_index` (the tokens to score)."""
     import onnx
     import onnx_ir as ir
 
+    fork = model.logits_fork()
+    if fork is not None:
+        model = model.with_graph(fork, [*model.input_names, LOGITS_INDEX])
     proto, fell_back = None, False
     counts = {"spliced": 0, "chunked": 0, "step": 0}
     if split_sites:

@@ -1,6 +1,6 @@
 """`OrtModel`: run an `export_onnx` directory with onnxruntime, the state kept in ORT buffers between calls.
 
-`model(input_ids, attention_mask=None, past_state=None, position_ids=None)` mirrors
+`model(input_ids, attention_mask=None, past_state=None, position_ids=None, logits_to_keep=0)` mirrors
 `LinearizedModel.forward`: it returns `.logits`, a CPU `torch.Tensor` [batch, seq, vocab] (copied out of
 ORT: the one device-to-host copy per call), and `.past_state`, a `RecurrentState` whose tensors are
 `onnxruntime.OrtValue`s on the session's device. Feeding that state back binds those same buffers as the
@@ -20,9 +20,10 @@ import torch
 from lincompile.backends.onnx import FORMAT, FORMAT_VERSION, META_FILE
 from lincompile.jsonconfig import read_json_object
 from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT
+from lincompile.runtime.graphs import LOGITS_INDEX
 from lincompile.runtime.prefill import DEFAULT_CHUNK
-from lincompile.runtime.state import (RecurrentState, check_attention_mask, check_position_ids, check_positions,
-                                      check_state, default_positions)
+from lincompile.runtime.state import (RecurrentState, check_attention_mask, check_logits_to_keep, check_position_ids,
+                                      check_positions, check_state, default_positions)
 
 ArrayLike = Any  # torch.Tensor | np.ndarray | OrtValue
 #: Prefill tokens per call for an export whose sites take each call in one piece (`python bench/onnx_prefill.py`,
@@ -159,9 +160,11 @@ class OrtModel:
         return RecurrentState(tensors, 0)
 
     def __call__(self, input_ids: ArrayLike, attention_mask: ArrayLike | None = None,
-                 past_state: RecurrentState | None = None, position_ids: ArrayLike | None = None) -> OrtOutput:
+                 past_state: RecurrentState | None = None, position_ids: ArrayLike | None = None,
+                 logits_to_keep: int = 0) -> OrtOutput:
         ids = self._token_ids(input_ids)
         batch, tokens = ids.shape
+        check_logits_to_keep(logits_to_keep)
         if past_state is not None and not self.meta.get("supports_state", True):
             raise ValueError("this model has attention sites without a recurrent state; call it without past_state")
         if past_state is not None:
@@ -189,6 +192,9 @@ class OrtModel:
             check_position_ids(position_ids, batch, tokens, mask)
             position_ids = np.where(mask != 0, _numpy(position_ids, np.dtype(np.int64)), 0)  # as torch: see there
         values = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, **state.tensors}
+        keep = logits_to_keep if 0 < logits_to_keep < tokens else tokens
+        if LOGITS_INDEX in self.input_names:  # the LM head scores only these tokens
+            values[LOGITS_INDEX] = np.arange(tokens - keep, tokens, dtype=np.int64)
         missing = [n for n in self.input_names if n not in values]
         if missing:
             raise ValueError(f"missing inputs {missing}; this model takes {self.input_names}")
@@ -200,7 +206,7 @@ class OrtModel:
             binding.bind_output(name, self.device_type, self.device_id)
         self.session.run_with_iobinding(binding)
         outputs = dict(zip(self.output_names, binding.get_outputs()))
-        logits = torch.from_numpy(outputs.pop(self.output_names[0]).numpy())
+        logits = torch.from_numpy(outputs.pop(self.output_names[0]).numpy())[:, -keep:]  # older exports: all
         present = {name: outputs.pop(name) for name in list(outputs) if name.startswith(STATE_OUTPUT + ".")}
         new_state = RecurrentState(
             {name.replace(STATE_OUTPUT, STATE_INPUT, 1): value for name, value in present.items()},

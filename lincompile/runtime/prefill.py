@@ -5,7 +5,8 @@ Works with any model called as `model(ids, attention_mask=, past_state=, positio
 carries everything the next tokens may see, the chunked result equals one call over the whole prompt
 (up to fp reordering), whatever `chunk_size`. Each call then costs O(chunk) activations (the parallel
 form inside a chunk is quadratic in the chunk only), so for constant-size states memory is linear in
-the prompt length and independent of it apart from the returned logits.
+the prompt length and independent of it apart from the returned logits. A model that takes `logits_to_keep`
+(as Hugging Face's do) is asked for the last token's logits only, so its LM head skips the others.
 
 Position ids: given explicitly, they are used as they are; otherwise they count the real tokens of
 `attention_mask` (left padding takes no position, as in Hugging Face's `generate`) from the model's first
@@ -15,6 +16,7 @@ state is given (exact only if that past had no padding: pass the
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Literal, NamedTuple
 
 import torch
@@ -35,6 +37,15 @@ def resolve_chunk(model: object, chunk_size: ChunkSize) -> int | None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{what} must be an integer >= 1 or None (one call), got {chunk_size!r}")
     return chunk_size
+
+
+def _keeps_logits(model: Callable) -> bool:
+    """Whether `model` takes `logits_to_keep` (a `LinearizedModel`, an `OrtModel`: it then skips the LM head of the
+    tokens whose logits prefill drops)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model).parameters
+    except (TypeError, ValueError):  # a callable without a signature (a builtin)
+        return False
 
 
 class Prefilled(NamedTuple):
@@ -71,11 +82,12 @@ def prefill(model: Callable, input_ids: torch.Tensor, attention_mask: torch.Tens
         raise ValueError(f"position_ids must match input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(position_ids.shape)}")
     step = total if chunk_size is None else chunk_size
+    keep = {} if all_logits or not _keeps_logits(model) else {"logits_to_keep": 1}  # the LM head on one token
     state, pieces = past_state, []
     for start in range(0, total, step):
         end = min(start + step, total)
         out = model(input_ids[:, start:end], attention_mask=mask[:, start:end], past_state=state,
-                    position_ids=position_ids[:, start:end])
+                    position_ids=position_ids[:, start:end], **keep)
         state = out.past_state
         if state is None:
             raise ValueError("the model returned no past_state: it cannot continue from a prefill")

@@ -96,6 +96,15 @@ def check_attention_mask(attention_mask: object) -> None:
                          "pass 1 for each token to keep and 0 for each to drop")
 
 
+def check_logits_to_keep(logits_to_keep: object) -> None:
+    """Refuse a `logits_to_keep` that is not a whole number >= 0 (0: every token's logits; k: the last k)."""
+    import numbers
+
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, numbers.Integral) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be an integer >= 0 (0: every token's logits, k: the last k "
+                         f"tokens'), got {logits_to_keep!r}")
+
+
 def check_position_ids(position_ids: object, batch: int, tokens: int, keep: object = None) -> None:
     """Refuse position ids (a torch tensor or an array) a graph would read wrongly instead of failing: not whole
     numbers (a cast truncates them), not shaped [batch, tokens] or [1, tokens], or negative at a token the mask
@@ -257,6 +266,10 @@ SINUSOIDAL_POSITIONS = ("positions of its precomputed sinusoidal table (Hugging 
 #: ... when an exact softmax site keeps a sliding window shorter than the position table (or without one).
 SLIDING_WINDOW = ("tokens, the sliding window of its exact softmax sites (lincompile's softmax op has no window; a "
                   "linear method drops it)")
+#: ... when a cosFormer site's horizon M is shorter: its weights cos(pi/2 (i - j) / M) turn negative past M tokens.
+COSFORMER_HORIZON = ("positions, the horizon M of its cosFormer sites (their weights cos(pi/2 (i - j) / M) turn "
+                     "negative past it and the outputs diverge; a custom MethodSpec with a larger horizon reaches "
+                     "further)")
 
 
 def position_tables(model: nn.Module) -> tuple[int, str] | None:

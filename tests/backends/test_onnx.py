@@ -12,6 +12,7 @@ import lincompile
 from lincompile.backends import onnx as lo
 from lincompile.backends.ort import OrtModel
 from lincompile.diagnostics import LincompileWarning
+from lincompile.runtime.graphs import LOGITS_INDEX
 from lincompile.runtime.verify import PARAMS_FILE
 from lincompile.testing.tiny import perturb_new_parameters, tiny_model
 
@@ -52,12 +53,13 @@ def test_export_is_checked_standard_onnx_with_its_interface(exported):
     assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"} and not proto.functions
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     assert opset == 18 if name == "hybrid" else opset >= 18
-    assert [i.name for i in proto.graph.input] == model.input_names
+    assert [i.name for i in proto.graph.input] == [*model.input_names, LOGITS_INDEX]  # the tokens to score
     assert [o.name for o in proto.graph.output] == model.output_names
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert dims["input_ids"] == dims["attention_mask"] == dims["position_ids"] == ["batch", "seq"]
+    assert dims[LOGITS_INDEX] == ["keep"]
     meta = json.loads((out / lo.META_FILE).read_text())
-    assert meta["input_names"] == model.input_names and meta["output_names"] == model.output_names
+    assert meta["input_names"] == [*model.input_names, LOGITS_INDEX] and meta["output_names"] == model.output_names
     assert list(meta["state"]) == model.state_inputs and meta["dtype"] == "float32"
     assert [s["layer"] for s in meta["sites"]] == [0, 1]
     expected_methods = CONFIGS[name][2]

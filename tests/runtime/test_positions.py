@@ -198,3 +198,24 @@ def test_opt_left_padded_rows_are_numbered_as_hugging_face(opt, method, tmp_path
     got = ort(x[:, :6], attention_mask=mask[:, :6])
     torch.testing.assert_close(ort(x[:, 6:], attention_mask=mask, past_state=got.past_state).logits, rest,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_a_cosformer_site_limits_positions_to_its_horizon():
+    """cos(pi/2 (i - j) / M) turns negative past the horizon M (its normalizer then crosses 0 near 2M, and the
+    outputs diverge): a model with a cosFormer site refuses sequences longer than M, with the reason; other
+    sites of a hybrid do not lift the limit."""
+    import dataclasses
+
+    from lincompile.methods.spec import get_method
+    from lincompile.runtime.state import COSFORMER_HORIZON
+
+    short = dataclasses.replace(get_method("augmented-cosformer"), name="cosformer-16", horizon=16)
+    model = lincompile.optimize(tiny_model("llama"), short, layers=[1])
+    assert (model.max_positions, model.limit_reason) == (16, COSFORMER_HORIZON)
+    ids = torch.randint(3, 128, (1, 17), generator=torch.Generator().manual_seed(0))
+    assert model(ids[:, :16]).logits.isfinite().all()
+    with pytest.raises(ValueError, match="past the model's 16 positions, the horizon M of its cosFormer sites"):
+        model(ids)
+    with pytest.raises(ValueError, match="passes the model's 16 positions, the horizon M"):
+        model.generate(ids[:, :10], 8)
+    assert lincompile.optimize(tiny_model("llama"), "augmented").max_positions is None

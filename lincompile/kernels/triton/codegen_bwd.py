@@ -35,9 +35,9 @@ class _BwdGen(_Gen):
     """Emits bwd_dq and bwd_dkv, and (without decay) the chunk-parallel backward, for one plan (whose block_v
     covers all of DV)."""
 
-    def __init__(self, plan: Plan, interpret: bool) -> None:
+    def __init__(self, plan: Plan, fp32_dots: bool) -> None:
         super().__init__(plan)
-        self.interpret = interpret
+        self.fp32_dots = fp32_dots
         self.decay = plan.spec.decay
         self.capped = plan.spec.global_cap > 0
         # What phi(q) S is multiplied by: alpha (grouped; ga = alpha * cg under a global cap, per chunk), 1
@@ -50,11 +50,11 @@ class _BwdGen(_Gen):
         scaled for fp16 training cannot overflow), fp32 accumulation; fp32 operands under TF32 needed 360 KB of
         shared memory at d=128 on sm_90 (measured once by cross-compiling; tests/kernels/triton/test_sm90_build.py
         checks the bf16 build fits), beyond an H100/H200's 227 KB. Triton 3.9's
-        interpreter multiplies bf16 tiles wrongly, so there the operands are rounded to bf16 and multiplied in
-        fp32: the same products (exact in fp32), the same fp32 accumulation."""
+        interpreter multiplies bf16 tiles wrongly, so there (`fp32_dots`) the operands are rounded to bf16 and
+        multiplied in fp32: the same products (exact in fp32), the same fp32 accumulation."""
         if self.p.dtype == "float32":
             return super().dot(a, b)
-        if self.interpret:
+        if self.fp32_dots:
             return f"tl.dot(({a}).to(tl.bfloat16).to(tl.float32), ({b}).to(tl.bfloat16).to(tl.float32))"
         return f"tl.dot(({a}).to(tl.bfloat16), ({b}).to(tl.bfloat16))"
 
@@ -403,9 +403,9 @@ class _BwdGen(_Gen):
         s("", "")
 
 
-def generate_backward(plan: Plan, interpret: bool = False) -> str:
-    """The backward module source for a plan whose block_v covers the whole value head (`interpret`: for
-    Triton's CPU interpreter, see `_BwdGen.dot`)."""
+def generate_backward(plan: Plan, fp32_dots: bool = False) -> str:
+    """The backward module source for a plan whose block_v covers the whole value head (`fp32_dots`: products of
+    bf16-rounded operands in fp32, as Triton's CPU interpreter needs; see `_BwdGen.dot`)."""
     if plan.block_v < plan.dv:
         raise ValueError(f"the backward needs block_v >= dv ({plan.block_v} < {plan.dv})")
-    return _BwdGen(plan, interpret).module()
+    return _BwdGen(plan, fp32_dots).module()

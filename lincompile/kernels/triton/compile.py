@@ -59,9 +59,23 @@ def source_path(source: str) -> Path:
     return path
 
 
+#: Environment variable: "fp32" makes the backward multiply bf16-rounded operands in fp32 on a GPU too (the
+#: interpreter's form, `codegen_bwd._BwdGen.dot`): an experiment on the backward that is wrong on an H200 for head
+#: dims under 64 and column-moving maps (`launch.backward_verified`), run by bench/gpu_session.sh.
+BWD_DOTS = "LINCOMPILE_BWD_DOTS"
+
+
+def fp32_backward_dots() -> bool:
+    """Whether `BWD_DOTS` asks for fp32 products in the backward ("fp32"; unset or "bf16": the default)."""
+    value = os.environ.get(BWD_DOTS, "bf16")
+    if value not in ("bf16", "fp32"):
+        raise ValueError(f"{BWD_DOTS}={value!r}: expected 'bf16' (the default) or 'fp32'")
+    return value == "fp32"
+
+
 @functools.lru_cache(maxsize=128)
-def _load(plan: Plan, interpret: bool, backward: bool) -> ModuleType:
-    path = source_path(generate_backward(plan, interpret) if backward else generate(plan))
+def _load(plan: Plan, interpret: bool, backward: bool, fp32_dots: bool = False) -> ModuleType:
+    path = source_path(generate_backward(plan, interpret or fp32_dots) if backward else generate(plan))
     name = f"{path.stem}_{'interp' if interpret else 'jit'}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
@@ -77,4 +91,4 @@ def load(plan: Plan) -> ModuleType:
 
 def load_backward(plan: Plan) -> ModuleType:
     """The generated backward module for a plan, with its kernels `bwd_dq` and `bwd_dkv`."""
-    return _load(plan, interpreting(), True)
+    return _load(plan, interpreting(), True, fp32_backward_dots())

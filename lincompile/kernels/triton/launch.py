@@ -31,9 +31,13 @@ from lincompile.methods.spec import MethodSpec
 
 #: Tests set this to fill every output with NaN before a launch, so an element a kernel misses shows up.
 POISON_OUTPUTS = False
-#: Software-pipelining stages of chunked_fwd: the default 3 needs 368 KB of shared memory on sm_90 at d=128
-#: (bf16; more in fp32), beyond an H100/H200's 228 KB; one stage needs 112 KB (cross-compiled, not yet timed).
-CHUNKED_STAGES = 1
+#: Software-pipelining stages of each generated kernel at launch (tests/kernels/triton/test_sm90_build.py builds
+#: each with these). Kernels that walk chunks or hold chunk-sized tiles take one: at Triton's default 3,
+#: chunked_fwd needs 368 KB of shared memory on sm_90 at d=128 (bf16; more in fp32) and chunk_outputs 295 KB at
+#: d=64, beyond an H100/H200's 227 KB; with one, 112 KB (cross-compiled, not yet timed). The others keep the
+#: default they ran with on an H200 (session 12).
+STAGES = {"recurrent": 3, "verify_fwd": 3, "bwd_dq": 3, "bwd_dkv": 3,
+          "chunked_fwd": 1, "chunk_sums": 1, "chunk_outputs": 1, "bwd_dq_chunks": 1, "bwd_dkv_chunks": 1}
 #: Prefills and backwards of at least this many chunks run chunk-parallel (`codegen_parallel`,
 #: `codegen_bwd_parallel`); shorter ones, and decay, walk the chunks in one program per head (`chunked_fwd`, `bwd_dq`
 #: and `bwd_dkv`). Tests set it to run either form.
@@ -204,13 +208,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Te
     if t == 1:
         real = _constant_for(batch, 1, torch.int32, q.device) if key_mask is None else (pad == 0).to(torch.int32)
         module.recurrent[grid](q, k, v, out, parts.r0, real, *parts.state_args(new), parts.alpha,
-                               parts.conv_weight, parts.features, scale, math.sqrt(scale), heads, kv_heads)
+                               parts.conv_weight, parts.features, scale, math.sqrt(scale), heads, kv_heads,
+                               num_stages=STAGES["recurrent"])
     elif not spec.decay and triton_cdiv(t, plan.chunk) >= PARALLEL_MIN_CHUNKS:
         _parallel_prefill(module, plan, parts, new, (q, k, v, out, pad), scale, heads, kv_heads)
     else:
         module.chunked_fwd[grid](q, k, v, out, parts.r0, pad, *parts.state_args(new), parts.alpha,
                                  parts.conv_weight, parts.features, scale, math.sqrt(scale), t, heads, kv_heads,
-                                 num_stages=CHUNKED_STAGES)
+                                 num_stages=STAGES["chunked_fwd"])
     if spec.uses_positions:
         new["position"] = parts.r0 + (t if key_mask is None else t - pad.to(torch.int64))
     return out, pack_state(spec, new)
@@ -233,7 +238,7 @@ def _parallel_prefill(module: Any, plan: Plan, parts: _Parts, new: dict[str, Ten
                 if "normalizer" in parts.parts else parts.dummy}
         module.chunk_sums[(v_blocks, batch * kv_heads, nc)](
             k, v, parts.r0, pad, parts.get("group_keys"), parts.get("group_values"), sums["state"],
-            sums["normalizer"], parts.features, math.sqrt(scale), t, kv_heads, nc)
+            sums["normalizer"], parts.features, math.sqrt(scale), t, kv_heads, nc, num_stages=STAGES["chunk_sums"])
         for name in ("state", "normalizer"):
             if name in parts.parts:
                 running = torch.cumsum(sums[name], 2)
@@ -242,7 +247,7 @@ def _parallel_prefill(module: Any, plan: Plan, parts: _Parts, new: dict[str, Ten
     buffers = parts.state_args(new)[4:]  # group keys / values and conv window, in and out
     module.chunk_outputs[(v_blocks, batch * heads, nc)](
         q, k, v, out, parts.r0, pad, prefix["state"], prefix["normalizer"], *buffers, parts.alpha, parts.conv_weight,
-        parts.features, scale, math.sqrt(scale), t, heads, kv_heads, nc)
+        parts.features, scale, math.sqrt(scale), t, heads, kv_heads, nc, num_stages=STAGES["chunk_outputs"])
 
 
 def verify(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor], spec: MethodSpec,
@@ -263,7 +268,8 @@ def verify(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Te
     module.verify_fwd[(triton_cdiv(dv, plan.block_v), batch * heads)](
         q.contiguous(), k.contiguous(), v.contiguous(), out, parts.r0, depth.to(torch.int32),
         ancestors.to(torch.int8).contiguous(), s[0], s[2], s[4], s[5], s[8], parts.alpha, parts.conv_weight,
-        parts.features, scale, math.sqrt(scale), count, heads, kv_heads, BT=max(16, 1 << (count - 1).bit_length()))
+        parts.features, scale, math.sqrt(scale), count, heads, kv_heads, BT=max(16, 1 << (count - 1).bit_length()),
+        num_stages=STAGES["verify_fwd"])
     return out, reference.VerifyExtras(spec, tuple(params), scale, k, v, parents)
 
 
@@ -324,10 +330,11 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], sp
         _parallel_backward(module, plan, parts, (q, k, v, grad_out), outs, state_grads, scale, heads, kv_heads)
     else:
         module.bwd_dq[grid](q, k, v, grad_out, dq, dnum, dden, dalpha, parts.alpha, parts.features, dfeat,
-                            state_grads[0], state_grads[1], scale, math.sqrt(scale), t, heads, kv_heads)
+                            state_grads[0], state_grads[1], scale, math.sqrt(scale), t, heads, kv_heads,
+                            num_stages=STAGES["bwd_dq"])
         module.bwd_dkv[grid](q, k, v, grad_out, dnum, dden, dk_heads, dv_heads, dtaps, dalpha, parts.alpha,
                              parts.conv_weight, parts.features, dfeat, *state_grads, scale, math.sqrt(scale), t,
-                             heads, kv_heads)
+                             heads, kv_heads, num_stages=STAGES["bwd_dkv"])
     per_kv = (batch, kv_heads, heads // kv_heads, t)
     grads = {}
     if spec.global_branch == "grouped":
@@ -367,7 +374,7 @@ def _parallel_backward(module: Any, plan: Plan, parts: _Parts, inputs: tuple[Ten
         forward = plan_for(plan.spec, plan.dk, dv, q.dtype)  # its chunk_sums, from position 0 with no padding
         gen.load(forward).chunk_sums[(triton_cdiv(dv, forward.block_v), batch * kv_heads, nc)](
             k, v, parts.r0, _constant_for(batch, 0, torch.int32, dev), dummy, dummy, sums[0], sums[1],
-            parts.features, math.sqrt(scale), t, kv_heads, nc)
+            parts.features, math.sqrt(scale), t, kv_heads, nc, num_stages=STAGES["chunk_sums"])
         prefix = [_exclusive_scan(x) if x is not dummy else dummy for x in sums]
         addition = [_alloc((batch, heads, nc, f, dv), f32, dev), _alloc((batch, heads, nc, f), f32, dev)
                     if norm else dummy]
@@ -377,7 +384,8 @@ def _parallel_backward(module: Any, plan: Plan, parts: _Parts, inputs: tuple[Ten
              "features": _alloc((rows, nc, dfeat.shape[1]), f32, dev) if dfeat is not dummy else dummy}
     scales = (scale, math.sqrt(scale), t, heads, kv_heads, nc)
     module.bwd_dq_chunks[(rows, nc)](q, k, v, grad_out, dq, dnum, dden, slots["alpha"], parts.alpha,
-                                     parts.features, slots["features"], *prefix, *addition, *scales)
+                                     parts.features, slots["features"], *prefix, *addition, *scales,
+                                     num_stages=STAGES["bwd_dq_chunks"])
     suffix = [dummy, dummy]
     for i, (part, given) in enumerate(zip(addition, state_grads[:2])):
         if part is not dummy:
@@ -385,7 +393,7 @@ def _parallel_backward(module: Any, plan: Plan, parts: _Parts, inputs: tuple[Ten
             suffix[i] = later.add_(given.unsqueeze(2)) if given is not dummy else later
     module.bwd_dkv_chunks[(rows, nc)](q, k, v, grad_out, dnum, dden, dk_heads, dv_heads, slots["taps"],
                                       parts.alpha, parts.conv_weight, parts.features, slots["features"], *suffix,
-                                      *state_grads[2:], *scales)
+                                      *state_grads[2:], *scales, num_stages=STAGES["bwd_dkv_chunks"])
     for slot, total in zip(slots.values(), (dalpha, dtaps, dfeat)):  # taps > K // 2 stay 0
         if slot is not dummy:
             total.copy_(slot.sum(1))

@@ -128,6 +128,24 @@ def test_generated_modules_are_cached_per_plan():
     assert set(FORMS) <= {"chunked_fwd", "verify", "recurrent"}
 
 
+def test_the_backward_dots_experiment_switch(monkeypatch):
+    """LINCOMPILE_BWD_DOTS=fp32 (bench/gpu_session.sh's experiment) gives the backward the interpreter's products
+    on a GPU too, as another cached module; another value is refused by name."""
+    from lincompile.kernels.triton.codegen_bwd import generate_backward
+
+    plan = Plan(get_method("augmented"), 32, 32, "bfloat16", 32)
+    gpu, fp32 = generate_backward(plan), generate_backward(plan, fp32_dots=True)
+    assert "tl.dot((" in gpu and ".to(tl.bfloat16).to(tl.float32)" not in gpu
+    assert ".to(tl.bfloat16).to(tl.float32)" in fp32
+    monkeypatch.setenv(gen.BWD_DOTS, "fp32")
+    assert gen.fp32_backward_dots()
+    monkeypatch.setenv(gen.BWD_DOTS, "bf16")
+    assert not gen.fp32_backward_dots()
+    monkeypatch.setenv(gen.BWD_DOTS, "tf32")
+    with pytest.raises(ValueError, match="LINCOMPILE_BWD_DOTS='tf32': expected 'bf16'"):
+        gen.load_backward(plan)
+
+
 def test_a_decode_step_runs_no_host_kernels_but_the_position_add(kit, monkeypatch):
     """A one-token call without a key mask: besides the recurrent kernel, only the position counter's add (on a GPU
     every fill, compare or cast is a kernel launch, which a decode step of a small batch cannot afford). The kernel

@@ -257,6 +257,9 @@ def load(directory: str | Path, *, dtype: torch.dtype | None = None, global_cap:
 
     path = Path(directory)
     meta_file = path / SAVE_FILE
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not an existing directory: pass one written by "
+                                "LinearizedModel.save_pretrained(dir)")
     if not meta_file.is_file():
         from lincompile.backends.onnx import META_FILE
 

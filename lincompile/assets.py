@@ -366,8 +366,9 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
         except Exception as exc:
             raise AssetError(f"cannot load a causal LM from directory {path}: {exc}") from exc
     elif _looks_like_path(name_or_path) or local.exists():
-        raise AssetError(f"model path {name_or_path!r} is not an existing directory. "
-                         f"Pass a directory saved with save_pretrained, or an embedded model: {names}.")
+        raise AssetError(f"model path {name_or_path!r} is not an existing directory. Pass a Hugging Face model "
+                         f"directory, a directory saved with save_pretrained, an ONNX export written by lincompile, "
+                         f"or an embedded model: {names}.")
     else:
         try:  # hub id: the local HF cache first, then the network if it is reachable
             try:
@@ -377,8 +378,7 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
                 tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
             except (OSError, ValueError):
                 if not _hub_reachable():
-                    raise OSError("the Hugging Face hub is unreachable and the model is not in "
-                                  "the local HF cache")
+                    raise OSError("the model is not in the local Hugging Face cache")
                 _check_causal_lm(name_or_path)
                 model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
                 tokenizer = AutoTokenizer.from_pretrained(name_or_path)

@@ -24,7 +24,7 @@ from lincompile.runtime import graphs
 from lincompile.runtime.graphs import LOGITS_INDEX
 from lincompile.runtime.state import (COSFORMER_HORIZON, SLIDING_WINDOW, RecurrentState, check_attention_mask,
                                       check_logits_to_keep, check_position_ids, check_positions, check_state,
-                                      default_positions)
+                                      check_token_ids, default_positions)
 
 
 def _rebound(rewritten: list[RewrittenSite], graph: torch.nn.Module) -> list[RewrittenSite]:
@@ -222,6 +222,10 @@ class LinearizedModel(torch.nn.Module):
             raise ValueError(f"input_ids must be a non-empty [batch, tokens] tensor, got shape "
                              f"{tuple(input_ids.shape)}")
         batch, tokens = input_ids.shape
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.device.type == "cpu":  # a GPU's ids are not read: that would cost a sync per call
+            check_token_ids(input_ids, getattr(self.hf_config, "vocab_size", None))
         check_logits_to_keep(logits_to_keep)
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be [batch, tokens], got shape {tuple(attention_mask.shape)}")

@@ -19,17 +19,30 @@ from torch import Tensor
 
 from lincompile.methods.spec import MethodSpec
 
-#: Normalized methods divide by max(row weight sum, DENOMINATOR_EPS).
+#: Normalized methods divide by max(row weight sum, `denominator_eps(spec)`): DENOMINATOR_EPS, or float32's
+#: smallest normal number for Performer, whose weights are positive but can be far below 1e-6 (`features`).
 DENOMINATOR_EPS = 1e-6
+TINY_EPS = torch.finfo(torch.float32).tiny
 #: YOSO's number of hyperplanes tau: the kernel is the probability that tau random hyperplanes agree.
 YOSO_HASHES = 8
 #: |cos| is clamped below 1 so that d arccos / d cos stays finite.
 YOSO_CLAMP = 1.0 - 1e-6
 
 
+def denominator_eps(spec: MethodSpec) -> float:
+    """The least denominator a normalized method divides by (see DENOMINATOR_EPS)."""
+    return TINY_EPS if spec.feature_map == "performer" else DENOMINATOR_EPS
+
+
 def features(x: Tensor, spec: MethodSpec, params: dict[str, Tensor], positions: Tensor | None,
-             scale: float) -> Tensor:
-    """phi(x) [B, Hkv, g, N, F] for x [B, Hkv, g, N, d]; `positions` [B, N] (int64) is needed by cosformer."""
+             scale: float, query: bool = False) -> Tensor:
+    """phi(x) [B, Hkv, g, N, F] for x [B, Hkv, g, N, d]; `positions` [B, N] (int64) is needed by cosformer.
+
+    `query`: x are queries. Performer's queries, where the outputs do not depend on their scale
+    (`spec.query_scale_free`), are then divided by exp(max_m w_m.x - |x|^2/2), a constant per query (not
+    differentiated), so that their largest feature is 1/sqrt(m): exp(w.x - |x|^2/2) alone is tiny for the norms of
+    real heads (SmolLM2's scaled queries and keys reach |x| = 4 to 11; its products with keys put up to a sixth of
+    some layers' denominators under the old 1e-6 floor, and pass under float32's range from |x| = 13)."""
     kind = spec.feature_map
     if kind == "identity":
         return x * math.sqrt(scale)
@@ -46,6 +59,8 @@ def features(x: Tensor, spec: MethodSpec, params: dict[str, Tensor], positions: 
         xs = x * math.sqrt(scale)
         omega = params["performer_features"]  # [Hkv, m, d]
         proj = torch.einsum("bhgnd,hmd->bhgnm", xs, omega)
+        if query and spec.query_scale_free:  # the |x|^2 / 2 term is a constant per query too
+            return torch.exp(proj - proj.amax(-1, keepdim=True).detach()) / math.sqrt(omega.shape[1])
         return torch.exp(proj - 0.5 * xs.square().sum(-1, keepdim=True)) / math.sqrt(omega.shape[1])
     if kind == "cosformer":
         if positions is None:

@@ -160,6 +160,12 @@ class MethodSpec(JsonConfig):
         """True when the state keeps a token counter (group alignment, cosFormer's position reweighting)."""
         return self.kind == "linear" and (self.uses_groups or self.feature_map == "cosformer")
 
+    @property
+    def query_scale_free(self) -> bool:
+        """True when scaling phi(q) by a positive constant per query leaves the outputs unchanged: phi(q) enters only
+        linearly, through a normalized branch (a local kernel is not linear in phi(q).phi(k))."""
+        return self.kind == "linear" and self.normalizer == "denominator" and self.local == "none"
+
     def feature_dim(self, head_dim: int) -> int:
         """Width of phi(q), phi(k) for a given head_dim (the rows of the state S)."""
         return {"performer": self.num_features, "angular": head_dim + 1, "cosformer": 2 * head_dim,

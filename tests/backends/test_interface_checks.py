@@ -35,14 +35,18 @@ def test_keywords_the_graph_does_not_take_are_refused(models):
         linear(IDS, attention_maks=torch.ones_like(IDS))
 
 
-def test_onnxruntime_refuses_ids_it_would_wrap_or_cast(models):
-    _, ort, _ = models
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        ort(torch.tensor([[5, -1]]))  # Gather would read the last row
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        ort.generate(torch.tensor([[5, 10_000]]), 2)
-    with pytest.raises(TypeError, match="integer token ids"):
-        ort(IDS.float() + 0.5)
+def test_both_runtimes_refuse_ids_they_would_wrap_or_cast(models):
+    """onnxruntime's Gather wraps a negative id; torch's embedding says only "index out of range"."""
+    linear, ort, _ = models
+    for model in (linear, ort):
+        with pytest.raises(ValueError, match="outside the vocabulary 0..127 .min -1.*not -1 or -100"):
+            model(torch.tensor([[5, -1]]))
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            model(torch.tensor([[5, 10_000]]))
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            model.generate(torch.tensor([[5, 10_000]]), 2)
+        with pytest.raises(TypeError, match="integer token ids"):
+            model(IDS.float() + 0.5)
     with pytest.raises(ValueError, match="non-empty"):
         ort(IDS[:, :0])
     assert torch.equal(ort(IDS.tolist()).logits, ort(IDS).logits)  # nested lists are ids too

@@ -127,6 +127,8 @@ def test_save_and_load_round_trip(tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
     with pytest.raises(FileNotFoundError, match="not a saved lincompile model"):
         lincompile.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing is not an existing directory"):
+        lincompile.load(tmp_path / "missing")
 
 
 @pytest.mark.parametrize("family", ["bert", "t5"])

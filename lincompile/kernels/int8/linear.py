@@ -39,14 +39,20 @@ SLOW_INT8 = 0.8
 @functools.lru_cache(maxsize=None)
 def int8_speedup() -> float:
     """How many times faster `torch._int_mm` multiplies than a float32 matmul of the same shape on this CPU
-    ([32, 512] x [512, 512], best of 6 calls each, measured once per process). Above 1 where oneDNN has int8 kernels
-    for the CPU (AVX512 VNNI, AMX); far below on others (an AVX2 CPU measured 0.013-0.023 in session 31, varying
-    with load)."""
+    ([32, 512] x [512, 512], best of 6 calls each on one thread, measured once per process). Above 1 where oneDNN
+    has int8 kernels for the CPU (AVX512 VNNI, AMX); far below on others (an AVX2 CPU measured 0.007-0.023). One
+    thread: with the other cores busy, a multi-threaded float product of this size waits on the thread pool (28 ms
+    instead of 0.3 ms on a loaded 2-core machine in session 35), which made int8 look as fast as float."""
     from lincompile.runtime.timing import best_time
 
     a, b = torch.ones(32, 512, dtype=torch.int8), torch.ones(512, 512, dtype=torch.int8)
     af, bf = a.float(), b.float()
-    times = [best_time(product, 1 + 5)[0] for product in (lambda: af @ bf, lambda: torch._int_mm(a, b))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = [best_time(product, 1 + 5)[0] for product in (lambda: af @ bf, lambda: torch._int_mm(a, b))]
+    finally:
+        torch.set_num_threads(threads)
     return times[0] / times[1]
 
 

@@ -69,7 +69,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tenso
     positions = start[:, None] + torch.arange(t, device=q.device)  # [B, T]
     qg = cast(q, acc).reshape(batch, kv_heads, groups, t, dk)
     ki, vi = cast(k, acc), cast(v, acc)  # [B, Hkv, T, d]
-    fq = features(qg, spec, named, positions, scale).flatten(2, 3)  # [B, Hkv, g * T, F]
+    fq = features(qg, spec, named, positions, scale, query=True).flatten(2, 3)  # [B, Hkv, g * T, F]
     num: Tensor | None = None  # kernel-weighted values (global and kernel-local branches)
     den: Tensor | None = None  # their weights' sum (normalizer="denominator")
     out: Tensor | None = None  # softmax-local output (normalized on its own)

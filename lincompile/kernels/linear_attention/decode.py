@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import is_fake
 from lincompile.kernels.linear_attention.reference_linear import acc_parts, grouped_alpha
 from lincompile.kernels.linear_attention.reference_recurrent import buffer_features, fold_completed_group
 from lincompile.kernels.linear_attention.state import accumulation_dtype, cast, pack_state
-from lincompile.methods.feature_maps import DENOMINATOR_EPS, features, local_kernel
+from lincompile.methods.feature_maps import denominator_eps, features, local_kernel
 from lincompile.methods.params import named_params
 from lincompile.methods.spec import MethodSpec
 
@@ -56,7 +56,7 @@ def step(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tens
     here = pos[:, None]
     qi = cast(q, acc).reshape(batch, kv_heads, groups, 1, dk)
     ki, vi = cast(k, acc), cast(v, acc)  # [B, Hkv, 1, d]
-    fq = features(qi, spec, named, here, scale)[:, :, :, 0]  # [B, Hkv, g, F]
+    fq = features(qi, spec, named, here, scale, query=True)[:, :, :, 0]  # [B, Hkv, g, F]
     num: Tensor | None = None  # kernel-weighted values (global and kernel-local branches)
     den: Tensor | None = None  # their weights' sum (normalizer="denominator")
     out: Tensor | None = None  # softmax-local output (normalized on its own)
@@ -88,7 +88,7 @@ def combine(spec: MethodSpec, num: Tensor | None, den: Tensor | None, out: Tenso
     if num is None:
         return out
     if spec.normalizer == "denominator":
-        num = num / den.clamp_min(DENOMINATOR_EPS)[..., None]
+        num = num / den.clamp_min(denominator_eps(spec))[..., None]
     return num if out is None else out + num
 
 

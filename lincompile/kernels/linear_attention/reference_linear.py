@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lincompile.kernels.linear_attention.state import accumulation_dtype, cast, pack_state, unpack_state
-from lincompile.methods.feature_maps import DENOMINATOR_EPS, closed_form_dots, features, local_kernel
+from lincompile.methods.feature_maps import closed_form_dots, denominator_eps, features, local_kernel
 from lincompile.methods.params import named_params
 from lincompile.methods.spec import MethodSpec
 
@@ -149,7 +149,7 @@ def _kernel_terms(spec: MethodSpec, params: dict[str, Tensor], qg: Tensor, q_pos
     (+ phi(q) z) when normalized. Weights: phi_q.phi_k (* gamma^lag, or * alpha), relu2/YOSO locally."""
     dots = closed_form_dots(qg, ctx.k, spec, scale)
     with_state = parts is not None and spec.global_branch != "none"
-    fq = features(qg, spec, params, q_pos, scale) if dots is None or with_state else None
+    fq = features(qg, spec, params, q_pos, scale, query=True) if dots is None or with_state else None
     if dots is None:
         dots = torch.einsum("bhgtf,bhnf->bhgtn", fq, _key_features(ctx, spec, params, scale))
     weight = torch.zeros_like(dots)
@@ -180,7 +180,7 @@ def _kernel_terms(spec: MethodSpec, params: dict[str, Tensor], qg: Tensor, q_pos
         weight = weight + torch.where(_per_head(seen & ctx.kernel & same_group), local_kernel(dots, spec), 0.0)
     num = torch.einsum("bhgtn,bhne->bhgte", weight, ctx.v) + num_state
     if spec.normalizer == "denominator":
-        num = num / (weight.sum(-1) + den_state).clamp_min(DENOMINATOR_EPS)[..., None]
+        num = num / (weight.sum(-1) + den_state).clamp_min(denominator_eps(spec))[..., None]
     return num
 
 

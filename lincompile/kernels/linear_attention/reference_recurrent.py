@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import is_fake
 from lincompile.kernels.linear_attention.reference_linear import acc_parts, grouped_alpha, start_position
 from lincompile.kernels.linear_attention.reference_softmax import cache_weights
 from lincompile.kernels.linear_attention.state import accumulation_dtype, pack_state
-from lincompile.methods.feature_maps import DENOMINATOR_EPS, features, local_kernel
+from lincompile.methods.feature_maps import denominator_eps, features, local_kernel
 from lincompile.methods.params import named_params
 from lincompile.methods.spec import MethodSpec
 
@@ -89,7 +89,7 @@ def token_step(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tens
     qi = q.to(acc).reshape(batch, kv_heads, groups, 1, dk)
     ki, vi = k.to(acc), v.to(acc)
     here = pos[:, None]
-    fq = features(qi, spec, named, here, scale)[:, :, :, 0]  # [B, Hkv, g, F]
+    fq = features(qi, spec, named, here, scale, query=True)[:, :, :, 0]  # [B, Hkv, g, F]
     num: Tensor | None = None  # kernel-weighted values (global and kernel-local branches)
     den: Tensor | None = None  # their weights' sum
     out: Tensor | None = None  # softmax-local output (normalized on its own) and the conv
@@ -121,7 +121,7 @@ def token_step(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tens
             out = (torch.softmax(scores, -1) * valid.any(-1, True)) @ parts["group_values"]
     if num is not None:
         if spec.normalizer == "denominator":
-            num = num / den.clamp_min(DENOMINATOR_EPS)[..., None]
+            num = num / den.clamp_min(denominator_eps(spec))[..., None]
         out = _plus(out, num)
     if spec.conv != "none":
         taps = named["conv_weight"].reshape(kv_heads, groups, -1)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from lincompile.kernels.linear_attention.state import accumulation_dtype
-from lincompile.methods.feature_maps import DENOMINATOR_EPS, features, local_kernel
+from lincompile.methods.feature_maps import denominator_eps, features, local_kernel
 from lincompile.methods.params import named_params
 from lincompile.methods.spec import MethodSpec
 
@@ -16,14 +16,14 @@ def cache_weights(spec: MethodSpec, params: dict[str, Tensor], q: Tensor, keys: 
     """Attention weights [B, Hkv, g, T, L] of grouped queries q [B, Hkv, g, T, d] over keys [B, Hkv, L, d]
     (accumulation dtype); allowed [B, T, L] masks them. Softmax rows with no allowed key are all zero (with
     sinks too, where the original's would hold the sink's share and so weigh no value either);
-    quadratic kernel weights are divided by their row sum (at least DENOMINATOR_EPS) when normalized."""
+    quadratic kernel weights are divided by their row sum (at least `denominator_eps(spec)`) when normalized."""
     allowed = allowed[:, None, None]
     if spec.kind == "quadratic":
-        fq = features(q, spec, params, None, scale)
+        fq = features(q, spec, params, None, scale, query=True)
         fk = features(keys[:, :, None], spec, params, None, scale)[:, :, 0]
         weights = torch.where(allowed, local_kernel(torch.einsum("bhgtf,bhlf->bhgtl", fq, fk), spec), 0.0)
         if spec.normalizer == "denominator":
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(DENOMINATOR_EPS)
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(denominator_eps(spec))
         return weights
     scores = torch.einsum("bhgtd,bhld->bhgtl", q, keys) * scale
     if spec.softcap:

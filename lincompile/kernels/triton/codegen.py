@@ -4,7 +4,7 @@ What the generator covers (everything else is declared unsupported, so the refer
   kind          "linear" only (softmax / quadratic KV caches and Linformer stay on the reference);
   feature map   identity (x * sqrt(scale)), l2, elu1, relu, angular, cosformer, performer, hedgehog, inlined as
                 the prologue `_phi` (codegen_features); F = spec.feature_dim(dk) feature columns (BF padded);
-  normalizer    none or denominator (num / max(den, DENOMINATOR_EPS), global and kernel-local terms together);
+  normalizer    none or denominator (num / max(den, `denominator_eps`), global and kernel-local terms together);
   local branch  none, relu2 (relu(phi_q.phi_k)^2) or softmax (raw q.k * scale, online over tiles) in the group;
   global branch inclusive (phi(q) S + causal in-chunk dots) or grouped (alpha phi(q) S over completed groups);
   conv          causal depthwise conv on V (K//2 + 1 live taps) as banded tile products;
@@ -32,7 +32,7 @@ from __future__ import annotations
 from lincompile.kernels.triton import codegen_features as features
 from lincompile.kernels.triton import codegen_parallel as parallel
 from lincompile.kernels.triton.plan import Plan
-from lincompile.methods.feature_maps import DENOMINATOR_EPS
+from lincompile.methods.feature_maps import denominator_eps
 
 FORMS = ("chunked_fwd", "verify", "recurrent")
 
@@ -98,7 +98,7 @@ class _Gen:
             s(f"{name} = tl.constexpr({value})")
         for name, value in features.constants(spec, self.p.dk).items():
             s(f"{name} = tl.constexpr({value!r})")
-        s(f"EPS = tl.constexpr({DENOMINATOR_EPS!r})", "")
+        s(f"EPS = tl.constexpr({denominator_eps(spec)!r})", "")
         self.reductions()
         s(features.phi_source(spec))
         if self.kernel_terms or self.local == "softmax":
@@ -241,7 +241,7 @@ class _Gen:
           "inrow = rows < C",
           "qr = tl.load(qb + qi[:, None] * DK + ck[None, :], mask=qok[:, None] & cmk[None, :], other=0.0)"
           ".to(tl.float32)",
-          "fq = tl.where(qok[:, None], _phi(qr, qpos, ck, cf, sqrt_scale, fpb), 0.0)",
+          "fq = tl.where(qok[:, None], _phiq(qr, qpos, ck, cf, sqrt_scale, fpb), 0.0)",
           "kpos, kr, vt, kern, new, fk = _keys(kb, vb, gkb, gvb, p, r0, end, npad, ck, cmk, cf, fpb, cv_, cmv,",
           "                                    sqrt_scale)",
           "vis = kpos[None, :] < qlim[:, None]")
@@ -459,7 +459,7 @@ class _Gen:
           "qpos = r0 + tl.load(depth_ptr + rows, mask=ok, other=0).to(tl.int32)",
           "qr = tl.load(qb + rows[:, None] * DK + ck[None, :], mask=ok[:, None] & cmk[None, :], other=0.0)"
           ".to(tl.float32)",
-          "fq = tl.where(ok[:, None], _phi(qr, qpos, ck, cf, sqrt_scale, fpb), 0.0)",
+          "fq = tl.where(ok[:, None], _phiq(qr, qpos, ck, cf, sqrt_scale, fpb), 0.0)",
           "kr = tl.load(kb + rows[:, None] * DK + ck[None, :], mask=ok[:, None] & cmk[None, :], other=0.0)"
           ".to(tl.float32)",
           "fk = tl.where(ok[:, None], _phi(kr, qpos, ck, cf, sqrt_scale, fpb), 0.0)",
@@ -511,7 +511,7 @@ class _Gen:
           ".to(tl.float32)",
           "vr = tl.where(real, tl.load(vb + one[:, None] * DV + cv_[None, :], mask=cmv[None, :], other=0.0), 0.0)"
           ".to(tl.float32)",
-          "fq = _phi(qr, r0 + one, ck, cf, sqrt_scale, fpb)")
+          "fq = _phiq(qr, r0 + one, ck, cf, sqrt_scale, fpb)")
         kernel = self.kernel_terms or self.local == "softmax"
         if kernel:
             s("num = tl.full([1, BV], 0.0, tl.float32)")

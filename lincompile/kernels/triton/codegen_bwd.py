@@ -27,7 +27,7 @@ from lincompile.kernels.triton import codegen_bwd_parallel as parallel
 from lincompile.kernels.triton import codegen_features as features
 from lincompile.kernels.triton.codegen import _Gen
 from lincompile.kernels.triton.plan import Plan, block
-from lincompile.methods.feature_maps import DENOMINATOR_EPS
+from lincompile.methods.feature_maps import denominator_eps
 
 
 
@@ -71,7 +71,7 @@ class _BwdGen(_Gen):
         s(f"BL = tl.constexpr({block(self.p.half + 1)})")
         for name, value in features.constants(spec, self.p.dk).items():
             s(f"{name} = tl.constexpr({value!r})")
-        s(f"EPS = tl.constexpr({DENOMINATOR_EPS!r})", "")
+        s(f"EPS = tl.constexpr({denominator_eps(spec)!r})", "")
         self.reductions()
         s(features.phi_source(spec), features.dphi_source(spec))
         self.chunk_loads()
@@ -99,7 +99,7 @@ class _BwdGen(_Gen):
           ".to(tl.float32)",
           "dot_ = tl.load(dob + pos[:, None] * DV + cv_[None, :], mask=ok[:, None] & cmv[None, :], other=0.0)"
           ".to(tl.float32)",
-          "fq = tl.where(ok[:, None], _phi(qr, pos, ck, cf, sqrt_scale, fpb), 0.0)",
+          "fq = tl.where(ok[:, None], _phiq(qr, pos, ck, cf, sqrt_scale, fpb), 0.0)",
           "fk = tl.where(ok[:, None], _phi(kr, pos, ck, cf, sqrt_scale, fpb), 0.0)",
           "vis = (pos[None, :] <= pos[:, None]) & ok[None, :] & ok[:, None]",
           "return pos, ok, qr, kr, vt, dot_, fq, fk, vis")
@@ -226,7 +226,7 @@ class _BwdGen(_Gen):
             if self.norm:
                 s("dn = tl.maximum(den, EPS)",
                   "dnum = dot_ / dn[:, None]",
-                  "dden = tl.where(den >= EPS, -_rsum(dot_ * num, 1) / (dn * dn), 0.0)",
+                  "dden = tl.where(den >= EPS, -_rsum(dot_ * num, 1) / dn / dn, 0.0)",  # dn * dn: below fp32's range
                   "tl.store(dden_ptr + hb * T + pos, dden, mask=ok)")
             else:
                 s("dnum = dot_")
@@ -244,7 +244,7 @@ class _BwdGen(_Gen):
             if self.glob == "inclusive" or self.local == "relu2":
                 self.weight_grads()
                 s(f"dfq += {self.dot('da', 'fk')}")
-        s("dfq = tl.where(ok[:, None], dfq, 0.0)", "dq = _dphi(qr, fq, dfq, pos, ck, cf, sqrt_scale, fpb)")
+        s("dfq = tl.where(ok[:, None], dfq, 0.0)", "dq = _dphiq(qr, fq, dfq, pos, ck, cf, sqrt_scale, fpb)")
         self.feature_grads("qr", "fq", "dfq")
         if self.local == "softmax":
             self.softmax_local()

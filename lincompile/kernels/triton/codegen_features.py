@@ -5,6 +5,7 @@ the key and feature columns; fpb: this KV head's feature parameters (FP floats):
 hedgehog's W [DK, DK] then b [DK]):
     _phi(x, pos, ck, cf, sqrt_scale, fpb) -> [R, BF], zero beyond F (rows are masked by the caller)
     _dphi(x, f, df, pos, ck, cf, sqrt_scale, fpb) -> dx [R, BK] from f = phi(x) and its gradient df
+    _phiq, _dphiq: the same for query rows (`feature_maps.features(..., query=True)`: Performer's are shifted)
 Maps whose features are not the key columns themselves (angular, cosformer, performer, hedgehog) move columns with
 a matrix product by a 0/1 (or parameter) matrix, always in IEEE fp32 (a permutation is then exact); a single row
 (decode) uses a broadcast sum instead, since tl.dot needs 16 rows. Hedgehog's trainable W and b get their gradients
@@ -132,14 +133,31 @@ def _function(header: str, doc: str, body: str) -> str:
     return "\n".join(["@triton.jit", header, f'    """{doc}"""', *lines]) + "\n\n\n"
 
 
+#: Performer's queries where their scale cancels (`MethodSpec.query_scale_free`): exp(w.x - max_m w_m.x)
+#: (`feature_maps.features(..., query=True)`), the max a constant (its gradient cancels: not differentiated).
+_PHI_QUERY = (f"{_OMEGA}\np = _mm(x * sqrt_scale, om)\n"
+              "m = _rmax(tl.where(cf[None, :] < F, p, float(\"-inf\")), 1)[:, None]\n"
+              "return tl.where(cf[None, :] < F, tl.exp(p - m) * INV_SQRT_M, 0.0)")
+_DPHI_QUERY = f"{_OMEGA}\nreturn _mm_t(df * f, om) * sqrt_scale"
+
+
+def _shifted_queries(spec: MethodSpec) -> bool:
+    return spec.feature_map == "performer" and spec.query_scale_free
+
+
 def phi_source(spec: MethodSpec) -> str:
-    """The helpers and `_phi` for spec's feature map."""
+    """The helpers, `_phi` for spec's feature map and `_phiq`, the same for queries (Performer's shifted)."""
     helpers = _HELPERS + (_HALVES if spec.feature_map == "hedgehog" else "")
-    return helpers + _function("def _phi(x, pos, ck, cf, sqrt_scale, fpb):",
+    query = _PHI_QUERY if _shifted_queries(spec) else "return _phi(x, pos, ck, cf, sqrt_scale, fpb)"
+    return (helpers + _function("def _phi(x, pos, ck, cf, sqrt_scale, fpb):",
                                 f"phi = {spec.feature_map} of rows x [R, BK] -> [R, BF].", _PHI[spec.feature_map])
+            + _function("def _phiq(x, pos, ck, cf, sqrt_scale, fpb):", "phi of query rows.", query))
 
 
 def dphi_source(spec: MethodSpec) -> str:
-    """`_dphi` for spec's feature map (the module already holds `_phi`'s helpers)."""
-    return _function("def _dphi(x, f, df, pos, ck, cf, sqrt_scale, fpb):",
-                     "dx [R, BK] from f = phi(x) and df.", _DPHI[spec.feature_map])
+    """`_dphi` for spec's feature map and `_dphiq` for queries (the module already holds `_phi`'s helpers)."""
+    query = _DPHI_QUERY if _shifted_queries(spec) else "return _dphi(x, f, df, pos, ck, cf, sqrt_scale, fpb)"
+    return (_function("def _dphi(x, f, df, pos, ck, cf, sqrt_scale, fpb):",
+                      "dx [R, BK] from f = phi(x) and df.", _DPHI[spec.feature_map])
+            + _function("def _dphiq(x, f, df, pos, ck, cf, sqrt_scale, fpb):", "dx of query rows from f = _phiq(x).",
+                        query))

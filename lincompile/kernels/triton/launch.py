@@ -185,6 +185,19 @@ class _Parts:
                 self.get("group_values"), o("group_keys"), o("group_values"), self.get("conv"), o("conv")]
 
 
+def _on_device(form: Callable[..., Any]) -> Callable[..., Any]:
+    """`form` run with its first tensor's GPU as the current device: Triton launches on the current device, which
+    is not the tensors' when they are on another GPU than cuda:0 (or the caller's `torch.cuda.set_device`)."""
+    @functools.wraps(form)
+    def run(q: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if q.device.type != "cuda":
+            return form(q, *args, **kwargs)
+        with torch.cuda.device(q.device):
+            return form(q, *args, **kwargs)
+    return run
+
+
+@_on_device
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor | None, state: list[Tensor],
               params: list[Tensor], spec: MethodSpec, scale: float, causal: bool) -> tuple[Tensor, list[Tensor]]:
     """`reference.attention`'s contract, computed by the generated kernels where they apply."""
@@ -250,6 +263,7 @@ def _parallel_prefill(module: Any, plan: Plan, parts: _Parts, new: dict[str, Ten
         parts.features, scale, math.sqrt(scale), t, heads, kv_heads, nc, num_stages=STAGES["chunk_outputs"])
 
 
+@_on_device
 def verify(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor], spec: MethodSpec,
            scale: float, parents: Tensor | None = None) -> tuple[Tensor, reference.VerifyExtras]:
     """`reference.verify`'s contract (k drafts under a chain or tree, state unchanged) by the verify kernel."""
@@ -294,6 +308,7 @@ def backward_applies(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, spec:
             and backward_verified(spec, q.shape[3], q.dtype, q.device.type))
 
 
+@_on_device
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, params: list[Tensor], spec: MethodSpec, scale: float,
                        grad_out: Tensor, grad_state: list[Tensor | None] | None = None
                        ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:

@@ -177,3 +177,19 @@ def test_opcheck_the_backward_op(kit):
     grad_state = [torch.randn_like(z) if z.is_floating_point() else None for z in zeros]
     torch.library.opcheck(torch.ops.lincompile.attention_backward.default,
                           (q, k, v, kit.cast(c.params), grad_out, grad_state, spec.to_json(), kit.SCALE))
+
+
+def test_performer_at_the_norms_of_real_heads(kit, backward_form):
+    """Scaled queries and keys of norm 13 (SmolLM2's reach 6 to 11): exp(w.x - |x|^2/2) is then e^-53 at most, and
+    a query's product with a key under float32's range unless the query is shifted as the reference shifts it
+    (`_phiq`); the denominators stay above float32's smallest normal, and the backward squares none of them:
+    forward and gradients match fp64."""
+    spec = get_method("performer")
+    c = kit.make(spec, 13, seed=41)
+    c.q, c.k = (x / x.norm(dim=-1, keepdim=True) * (13 / kit.SCALE ** 0.5) for x in (c.q, c.k))
+    ref, _ = reference.attention(*(t.double() for t in (c.q, c.k, c.v)), None, None, [],
+                                 [p.double() for p in c.params], spec, kit.SCALE, True)
+    out, _ = launch.attention(*kit.cast([c.q, c.k, c.v]), None, None, [], kit.cast(c.params), spec, kit.SCALE, True)
+    assert kit.rel(out, ref) <= 1e-5
+    grad_out = torch.randn(c.q.shape[:3] + (kit.DV,), generator=torch.Generator().manual_seed(42), dtype=torch.float64)
+    check(kernel_grads(c, spec, kit, grad_out), reference_grads(c, spec, kit.SCALE, grad_out), GRAD, kit)

@@ -175,3 +175,25 @@ def test_a_decode_step_runs_no_host_kernels_but_the_position_add(kit, monkeypatc
         launch.attention(*args)
     assert len(launched) == 2
     assert [n for n in ops.names if not n.startswith(("empty", "view"))] == ["add.Tensor"]
+
+
+def test_forms_launch_on_their_tensors_gpu(monkeypatch):
+    """Triton launches on the current device: the forms make it the tensors' (cuda:1 here, where the current
+    device would be cuda:0); on the CPU they enter nothing."""
+    import contextlib
+    from types import SimpleNamespace
+
+    entered = []
+
+    @contextlib.contextmanager
+    def device(where):
+        entered.append(where)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    form = launch._on_device(lambda q, *rest: (entered.copy(), rest))
+    gpu = SimpleNamespace(device=torch.device("cuda", 1))
+    assert form(gpu, 2) == ([torch.device("cuda", 1)], (2,))
+    entered.clear()
+    assert form(torch.zeros(1), 3) == ([], (3,))
+    assert launch.attention.__wrapped__ and launch.verify.__wrapped__ and launch.attention_backward.__wrapped__

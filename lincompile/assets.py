@@ -367,8 +367,8 @@ def load_model(name_or_path: str, *, attn_implementation: str | None = None,
             raise AssetError(f"cannot load a causal LM from directory {path}: {exc}") from exc
     elif _looks_like_path(name_or_path) or local.exists():
         raise AssetError(f"model path {name_or_path!r} is not an existing directory. Pass a Hugging Face model "
-                         f"directory, a directory saved with save_pretrained, an ONNX export written by lincompile, "
-                         f"or an embedded model: {names}.")
+                         f"directory or an embedded model: {names} (the CLI also takes a saved linearized model "
+                         "or an ONNX export written by lincompile).")
     else:
         try:  # hub id: the local HF cache first, then the network if it is reachable
             try:

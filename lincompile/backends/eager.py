@@ -114,6 +114,8 @@ class LinearizedModel(torch.nn.Module):
         derived.source_class, derived.source_model = self.source_class, self.source_model
         derived.captured_dtype = self.captured_dtype  # the casts in `graph` were traced for it (a cast model refuses)
         derived.quantized = self.quantized
+        if hasattr(self, "recipe"):  # what `pretrained.linearized` loaded (`pretrained.trained` reads it)
+            derived.recipe = self.recipe
         return derived
 
     def quantize(self, scheme: str = "int8", skip: str | tuple[str, ...] | list[str] = (),
@@ -209,9 +211,9 @@ class LinearizedModel(torch.nn.Module):
                 past_state: RecurrentState | None = None, use_cache: bool = True,
                 position_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
                 **extra: torch.Tensor) -> LinearizedOutput:
-        """`logits_to_keep`: the logits of the last that-many tokens only ([B, k, V]; 0: every token's), as in
-        Hugging Face; the LM head then computes k rows (`runtime.graphs.logits_fork`: a prefill skips the head for
-        all but its last token)."""
+        """`logits_to_keep`: the logits of the last that-many tokens only ([B, k, V]; 0: every token's; the
+        decoder's tokens in an encoder-decoder), as in Hugging Face; the LM head then computes k rows
+        (`runtime.graphs.logits_fork`: a prefill skips the head for all but its last token)."""
         dtype = self._param_dtype()
         if dtype != self.captured_dtype:
             raise ValueError(f"this model was captured in {self.captured_dtype} and cast to {dtype} since; its graph "
@@ -265,11 +267,12 @@ class LinearizedModel(torch.nn.Module):
         if missing:
             raise ValueError(f"missing inputs {missing}; this model takes {self.input_names}")
         graph, names = self.graph, self.input_names
-        if 0 < logits_to_keep < tokens:
+        scored = extra["decoder_input_ids"].shape[1] if "decoder_input_ids" in extra else tokens  # logits' rows
+        if 0 < logits_to_keep < scored:
             fork = self.logits_fork()
             if fork is not None:
                 graph, names = fork, [*names, LOGITS_INDEX]
-                values[LOGITS_INDEX] = torch.arange(tokens - logits_to_keep, tokens, device=input_ids.device)
+                values[LOGITS_INDEX] = torch.arange(scored - logits_to_keep, scored, device=input_ids.device)
         outputs = dict(zip(self.output_names, graph(*[values[n] for n in names])))
         logits = outputs.pop(self.output_names[0])
         if logits.shape[1] > logits_to_keep > 0:  # no fork (a compiled graph, a head it cannot split): cut after
@@ -281,6 +284,7 @@ class LinearizedModel(torch.nn.Module):
                 {name.replace(STATE_OUTPUT, STATE_INPUT, 1): t for name, t in present.items()}, state.length + tokens)
         return LinearizedOutput(logits, new_state, outputs)
 
+    @torch.compiler.disable
     def logits_fork(self) -> fx.GraphModule | None:
         """`runtime.graphs.logits_fork(self.graph)`, built once while the graph holds the same tensors
         (`model.to(device)` replaces buffers: the fork would keep the old ones); None for a compiled graph or a head

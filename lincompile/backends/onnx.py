@@ -1,8 +1,9 @@
 """`export_onnx`: one standard-ONNX graph (opset >= 18, default domain only) for prefill, decode and verify.
 
 Interface (DESIGN.md section 6): inputs `input_ids`, `attention_mask`, `position_ids` [batch, seq] (int64; the
-mask covers the new tokens only) and per stateful site `past_key_values.{i}.{part}`; outputs `logits`
-[batch, seq, vocab] and `present.{i}.{part}`. Dims are named `batch`, `seq` and, for state that grows with
+mask covers the new tokens only), per stateful site `past_key_values.{i}.{part}` and, where the LM head can be
+forked (`runtime.graphs.logits_fork`), `logits_index` [keep] (int64: the tokens whose logits are computed);
+outputs `logits` [batch, keep, vocab] and `present.{i}.{part}`. Dims are named `batch`, `seq` and, for state that grows with
 context (a softmax site's KV cache), `past_seq`; linear-method state shapes are constants.
 
 Lowering: in a copy of `model.graph` (sharing its weights) every custom op call is bound to its entry in
@@ -59,7 +60,7 @@ from lincompile.runtime.graphs import LOGITS_INDEX
 MODEL_FILE = "model.onnx"
 META_FILE = "lincompile_onnx.json"
 FORMAT = "lincompile-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `logits_index` (session 35); this runner reads 1 too
 MIN_OPSET = 18
 #: Weights past this many bytes go to model.onnx.data (protobuf cannot hold 2 GB).
 EXTERNAL_DATA_BYTES = 1_800_000_000

@@ -1,7 +1,7 @@
 """`OrtModel`: run an `export_onnx` directory with onnxruntime, the state kept in ORT buffers between calls.
 
 `model(input_ids, attention_mask=None, past_state=None, position_ids=None, logits_to_keep=0)` mirrors
-`LinearizedModel.forward`: it returns `.logits`, a CPU `torch.Tensor` [batch, seq, vocab] (copied out of
+`LinearizedModel.forward`: it returns `.logits`, a CPU `torch.Tensor` [batch, seq or k, vocab] (copied out of
 ORT: the one device-to-host copy per call), and `.past_state`, a `RecurrentState` whose tensors are
 `onnxruntime.OrtValue`s on the session's device. Feeding that state back binds those same buffers as the
 next call's inputs (IO binding, no copy); `state_to_torch` copies one out for inspection. Torch tensors

@@ -73,8 +73,8 @@ def _head(logits: object) -> fx.Node | None:
         node = tensors[0]
     if not (isinstance(node, fx.Node) and node.op == "call_function" and isinstance(node.args[0], fx.Node)):
         return None
-    hidden = node.args[0].meta.get("val")
-    return node if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None
+    rows = node.meta.get("val")  # the head's own: a calibrated 8-bit head's input is a new, unannotated product
+    return node if isinstance(rows, torch.Tensor) and rows.dim() == 3 else None
 
 
 def logits_fork(graph: fx.GraphModule) -> fx.GraphModule | None:

@@ -41,9 +41,10 @@ def resolve_chunk(model: object, chunk_size: ChunkSize) -> int | None:
 
 def _keeps_logits(model: Callable) -> bool:
     """Whether `model` takes `logits_to_keep` (a `LinearizedModel`, an `OrtModel`: it then skips the LM head of the
-    tokens whose logits prefill drops)."""
+    tokens whose logits prefill drops). A module's own signature is its forward's (its __call__ takes anything)."""
     try:
-        return "logits_to_keep" in inspect.signature(model).parameters
+        call = model.forward if isinstance(model, torch.nn.Module) else model
+        return "logits_to_keep" in inspect.signature(call).parameters
     except (TypeError, ValueError):  # a callable without a signature (a builtin)
         return False
 

@@ -36,23 +36,26 @@ def _fork_rows(model: LinearizedModel, ids: torch.Tensor, index: torch.Tensor) -
     return model.logits_fork()(*[values[n] for n in [*model.input_names, LOGITS_INDEX]])[0]
 
 
-@pytest.mark.parametrize("case", ["llama", "gemma2-softcap", "int8"])
+@pytest.mark.parametrize("case", ["llama", "gemma2-softcap", "int8", "int8-calibrated"])
 def test_kept_logits_are_the_last_rows_and_the_head_scores_only_them(llama, case):
-    """Gemma 2 caps its logits (div, tanh, mul after the head); an 8-bit head is `int8_linear`."""
+    """Gemma 2 caps its logits (div, tanh, mul after the head); an 8-bit head is `int8_linear`, whose input a
+    calibrated model first multiplies by its smoothing factors."""
     if case == "llama":
         model = llama
     elif case == "gemma2-softcap":
         model = lincompile.optimize(family_model("gemma2", "eager"), "augmented")
         assert model.hf_config.final_logit_softcapping
-    else:
+    elif case == "int8":
         model = llama.quantize("int8")
+    else:
+        model = llama.quantize("int8", calibration=_ids(2, 16))
     ids = _ids()
     full = model(ids).logits
     for keep in (1, 3, TOKENS, TOKENS + 4):
         got = model(ids, logits_to_keep=keep).logits
         assert got.shape == (2, min(keep, TOKENS), full.shape[-1])
         torch.testing.assert_close(got, full[:, -keep:], atol=1e-6, rtol=1e-6)  # the product rounds by rows
-    assert model.logits_fork() is model.logits_fork()  # built once
+    assert model.logits_fork() is not None and model.logits_fork() is model.logits_fork()  # built once
     rows = _fork_rows(model, ids, torch.tensor([4, 9]))
     assert rows.shape == (2, 2, full.shape[-1])
     torch.testing.assert_close(rows, full[:, [4, 9]], atol=1e-6, rtol=1e-6)
@@ -90,6 +93,29 @@ def test_a_deep_copy_forks_its_own_graph(llama):
 def test_bad_logits_to_keep_is_refused(llama, bad):
     with pytest.raises(ValueError, match="logits_to_keep must be an integer >= 0"):
         llama(_ids(), logits_to_keep=bad)
+
+
+def test_prefill_asks_a_linearized_model_for_the_last_tokens_logits(llama):
+    """A module's __call__ takes anything: prefill reads its forward's signature, and the fork scores the rows."""
+    copied = copy.deepcopy(llama)
+    assert "_logits_forked" not in copied.__dict__
+    ids = _ids()
+    got = prefill(copied, ids, chunk_size=4)
+    assert copied.__dict__["_logits_forked"][1] is not None
+    torch.testing.assert_close(got.logits, prefill(llama, ids, chunk_size=None, all_logits=True).logits[:, -1],
+                               atol=1e-5, rtol=0)
+
+
+def test_an_encoder_decoder_keeps_its_decoders_last_tokens():
+    """The kept rows count the decoder's tokens, fewer or more than the encoder's."""
+    model = lincompile.optimize(tiny_model("t5"), "linear-elu")
+    ids = _ids(2, 7)
+    for decoded in (3, 9):
+        decoder = _ids(2, decoded)
+        full = model(ids, decoder_input_ids=decoder).logits
+        got = model(ids, decoder_input_ids=decoder, logits_to_keep=2).logits
+        assert got.shape == (2, 2, full.shape[-1])
+        torch.testing.assert_close(got, full[:, -2:], atol=1e-6, rtol=1e-6)
 
 
 def test_prefill_asks_for_the_last_tokens_logits_only():

@@ -3,8 +3,8 @@
 Interface (DESIGN.md section 6): inputs `input_ids`, `attention_mask`, `position_ids` [batch, seq] (int64; the
 mask covers the new tokens only), per stateful site `past_key_values.{i}.{part}` and, where the LM head can be
 forked (`runtime.graphs.logits_fork`), `logits_index` [keep] (int64: the tokens whose logits are computed);
-outputs `logits` [batch, keep, vocab] and `present.{i}.{part}`. Dims are named `batch`, `seq` and, for state that grows with
-context (a softmax site's KV cache), `past_seq`; linear-method state shapes are constants.
+outputs `logits` [batch, keep, vocab] and `present.{i}.{part}`. Dims are named `batch`, `seq`, `keep` and, for
+state that grows with context (a softmax site's KV cache), `past_seq`; linear-method state shapes are constants.
 
 Lowering: in a copy of `model.graph` (sharing its weights) every custom op call is bound to its entry in
 `DECOMPOSITIONS` (for `lincompile::attention`: the plain-PyTorch `reference.attention`, looked up at call time;

@@ -23,7 +23,7 @@ from lincompile.passes.linearize import STATE_INPUT, STATE_OUTPUT
 from lincompile.runtime.graphs import LOGITS_INDEX
 from lincompile.runtime.prefill import DEFAULT_CHUNK
 from lincompile.runtime.state import (RecurrentState, check_attention_mask, check_logits_to_keep, check_position_ids,
-                                      check_positions, check_state, default_positions)
+                                      check_positions, check_state, check_token_ids, default_positions)
 
 ArrayLike = Any  # torch.Tensor | np.ndarray | OrtValue
 #: Prefill tokens per call for an export whose sites take each call in one piece (`python bench/onnx_prefill.py`,
@@ -144,11 +144,7 @@ class OrtModel:
         ids = _numpy(raw, np.dtype(np.int64))
         if ids.ndim != 2 or 0 in ids.shape:
             raise ValueError(f"input_ids must be a non-empty [batch, tokens] array, got shape {ids.shape}")
-        vocab = self.meta.get("vocab_size")
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or (vocab is not None and high >= vocab):
-            raise ValueError(f"input_ids holds ids outside the vocabulary 0..{vocab - 1 if vocab else '?'} "
-                             f"(min {low}, max {high}); pad with the tokenizer's pad id, not -1 or -100")
+        check_token_ids(torch.from_numpy(ids), self.meta.get("vocab_size"))
         return ids
 
     def initial_state(self, batch: int) -> RecurrentState:

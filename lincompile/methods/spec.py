@@ -20,6 +20,8 @@ from lincompile.jsonconfig import JsonConfig
 
 KINDS = ("softmax", "linear", "quadratic", "projected")
 FEATURE_MAPS = ("identity", "l2", "elu1", "relu", "angular", "performer", "cosformer", "hedgehog", "taylor")
+#: Feature maps whose products phi(q).phi(k) can be negative: a global branch of one cannot be normalized.
+SIGNED_MAPS = ("identity", "l2")
 NORMALIZERS = ("none", "denominator")
 LOCAL_BRANCHES = ("none", "relu2", "yoso", "softmax")
 GLOBAL_BRANCHES = ("none", "inclusive", "grouped")
@@ -132,6 +134,11 @@ class MethodSpec(JsonConfig):
             self._fail("normalizer", "must be 'none' with local='softmax' (softmax normalizes itself)")
         if self.local == "yoso" and self.feature_map != "l2":
             self._fail("feature_map", "must be 'l2' with local='yoso' (collision probability of unit vectors)")
+        if self.normalizer == "denominator" and self.global_branch != "none" and self.feature_map in SIGNED_MAPS:
+            self._fail("normalizer", f"needs nonnegative weights, and feature_map={self.feature_map!r} makes "
+                       "phi(q).phi(k) negative for some pairs, so a row's weight sum can be zero or negative; use a "
+                       f"nonnegative map ({', '.join(m for m in FEATURE_MAPS if m not in SIGNED_MAPS)}) or "
+                       "normalizer='none'")
         if self.decay and self.global_branch != "inclusive":
             self._fail("decay", "needs global_branch='inclusive'")
 

@@ -1,6 +1,7 @@
 """Shared inputs for the reference tests: GQA shapes (4 query heads, 2 KV heads), fresh random inputs and
 nonzero parameters (random conv taps including the future ones, alpha 1, random decays)."""
 import dataclasses
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -78,9 +79,11 @@ def small_spec():
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    """Largest elementwise difference over matching tensors (shapes and dtypes must match)."""
+    """Largest elementwise difference over matching tensors (shapes and dtypes must match); a NaN on either side
+    counts as an infinite difference (Python's max would skip it)."""
     assert [(x.shape, x.dtype) for x in a] == [(y.shape, y.dtype) for y in b]
-    return max([0.0] + [(x.double() - y.double()).abs().max().item() for x, y in zip(a, b) if x.numel()])
+    return max([0.0] + [(x.double() - y.double()).abs().nan_to_num(nan=math.inf).max().item()
+                        for x, y in zip(a, b) if x.numel()])
 
 
 @pytest.fixture

@@ -75,3 +75,21 @@ def test_softmax_chunked_with_an_additive_bias(rows, case, diff):
     par, par_state = reference.attention(q, k, v, None, bias[:, :, :13], state, [], c.spec, c.scale, True)
     chunk, chunk_state = reference.chunked(q, k, v, None, bias[:, :, :13], state, [], c.spec, c.scale, True, 5)
     assert diff([chunk], [par]) < TIGHT and diff(chunk_state, par_state) == 0.0
+
+
+def test_no_tokens_keep_the_state(causal_method, case, small_spec, diff):
+    """A call with no token (every form, and the op's dispatch) returns an empty output and the state it was given."""
+    from lincompile.kernels import registry
+
+    c = case(small_spec(causal_method), 9, seed=12)
+    _, state = reference.attention(c.q, c.k, c.v, c.mask, None, [], c.params, c.spec, c.scale, True)
+    q, k, v = (x[:, :, :0] for x in (c.q, c.k, c.v))
+    mask = c.mask[:, :0]
+    calls = {"attention": lambda: reference.attention(q, k, v, mask, None, state, c.params, c.spec, c.scale, True),
+             "chunked": lambda: reference.chunked(q, k, v, mask, None, state, c.params, c.spec, c.scale, True, 4),
+             "recurrent": lambda: reference.recurrent(q, k, v, mask, state, c.params, c.spec, c.scale),
+             "op": lambda: registry.recurrent_step(q, k, v, mask, None, state, c.params, c.spec, c.scale, True)}
+    for form, call in calls.items():
+        out, after = call()
+        assert out.shape == (2, 4, 0, 6) and out.dtype == c.q.dtype, form
+        assert diff(after, state) == 0.0, form

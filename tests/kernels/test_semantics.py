@@ -121,6 +121,37 @@ def test_padding_takes_no_position(causal_method, case, small_spec, diff):
         assert diff([s[1:] for s in state], alone_state) < 1e-10
 
 
+def _forms(c):
+    """The three causal forms on case c's mask from the initial state, each a function of (q, k, v)."""
+    return {"attention": lambda q, k, v: reference.attention(q, k, v, c.mask, None, [], c.params, c.spec, c.scale,
+                                                             True),
+            "chunked": lambda q, k, v: reference.chunked(q, k, v, c.mask, None, [], c.params, c.spec, c.scale, True,
+                                                         3),
+            "recurrent": lambda q, k, v: reference.recurrent(q, k, v, c.mask, [], c.params, c.spec, c.scale)}
+
+
+@pytest.mark.parametrize("form", ["attention", "chunked", "recurrent"])
+def test_nonfinite_padding_reaches_nothing(causal_method, form, case, small_spec, diff):
+    """Padding keys and values holding inf and NaN change no output (a padding query's included), no state (a KV
+    cache holds zeros there) and no gradient; a NaN padding query changes no real token's output."""
+    c = case(small_spec(causal_method), 14, seed=8)
+    run = _forms(c)[form]
+    pad = ~c.mask[:, None, :, None]
+    weight = torch.randn(c.q.shape[:3] + (c.v.shape[-1],), dtype=c.q.dtype).masked_fill(pad, 0.0)
+    results = []
+    for k, v in ((c.k, c.v), (c.k.masked_fill(pad, float("inf")), c.v.masked_fill(pad, float("nan")))):
+        q, k, v = (x.clone().requires_grad_() for x in (c.q, k, v))
+        out, state = run(q, k, v)
+        (out * weight).sum().backward()
+        results.append(([out.detach()], [s.detach() for s in state], [q.grad, k.grad, v.grad]))
+    for clean, junk in zip(*results):
+        assert diff(clean, junk) == 0.0
+    k, v = c.k.masked_fill(pad, float("inf")), c.v.masked_fill(pad, float("nan"))
+    out, _ = run(c.q.masked_fill(pad, float("nan")), k, v)
+    real = c.mask[:, None, :, None].expand_as(out)
+    assert diff([results[0][0][0][real]], [out[real]]) == 0.0
+
+
 @pytest.mark.parametrize("name", [n for n in methods() if not get_method(n).has_kv_cache])
 def test_bidirectional_and_cross_attention_ignore_padding(name, case, small_spec):
     spec = small_spec(name)
@@ -129,7 +160,7 @@ def test_bidirectional_and_cross_attention_ignore_padding(name, case, small_spec
     out, state = reference.attention(q, c.k, c.v, c.mask, None, [], c.params, spec, c.scale, False)
     assert out.shape == (2, 4, 5, 6) and torch.isfinite(out).all()
     assert [s.shape for s in state] == [s.shape for s in reference.init_state(spec, 2, 2, 8, 6)]
-    noisy = [torch.where(c.mask[:, None, :, None], x, 100 * torch.randn_like(x)) for x in (c.k, c.v)]
+    noisy = [torch.where(c.mask[:, None, :, None], x, junk) for x, junk in zip((c.k, c.v), (float("inf"), float("nan")))]
     again, _ = reference.attention(q, *noisy, c.mask, None, [], c.params, spec, c.scale, False)
     assert torch.allclose(out, again, atol=1e-12)
 

@@ -87,6 +87,8 @@ def test_bad_values_name_the_field(field, value):
     (dict(local="softmax", normalizer="denominator"), "normalizer"),
     (dict(local="yoso", feature_map="elu1"), "feature_map"),
     (dict(decay=True, global_branch="grouped"), "decay"),
+    (dict(normalizer="denominator"), "normalizer"),  # identity features: weights of either sign
+    (dict(normalizer="denominator", feature_map="l2", global_branch="grouped", local="relu2"), "normalizer"),
     (dict(softcap=50.0), "softcap"),
     (dict(global_cap=512), "global_cap"),  # the default global branch is inclusive
     (dict(conv="causal", conv_kernel=1), "conv_kernel"),  # a conv without past taps: no state to carry

@@ -98,7 +98,7 @@ def chunked(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tens
     mask = _key_mask(key_mask, k)
     past = state[0].shape[2] if spec.has_kv_cache and state else 0  # [] (the initial state) goes to the first chunk
     outs = []
-    for start in range(0, q.shape[2], chunk_size):
+    for start in range(0, max(q.shape[2], 1), chunk_size):  # no token: one empty chunk (the state as it is)
         end = start + chunk_size
         chunk_bias = None
         if bias is not None:  # [..., T or 1, past + T]: this chunk's rows, keys up to the chunk's end

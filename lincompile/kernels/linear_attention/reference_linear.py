@@ -11,7 +11,9 @@ branch a token feeds follows from its flags and positions:
   conv              conv window + new tokens at lag p_q - p_k in [0, K//2] (causal) or [-K//2, K//2] (centered)
 
 Positions count real tokens only: padding takes no position, so a padded row computes what the same row
-without padding computes. A padding query is evaluated as if a zero token stood at the next position.
+without padding computes. A padding query is evaluated as if a zero token stood at the next position. Padding
+keys and values are replaced by zeros before any product, so whatever they hold (inf, NaN) never reaches a real
+row or the state.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lincompile.kernels.linear_attention.state import accumulation_dtype, cast, pack_state, unpack_state
+from lincompile.kernels.linear_attention.state import accumulation_dtype, cast, pack_state, real_only, unpack_state
 from lincompile.methods.feature_maps import closed_form_dots, denominator_eps, features, local_kernel
 from lincompile.methods.params import named_params
 from lincompile.methods.spec import MethodSpec
@@ -54,7 +56,8 @@ def acc_parts(spec: MethodSpec, state: list[Tensor], acc: torch.dtype) -> dict[s
 
 def state_context(spec: MethodSpec, parts: dict[str, Tensor], r0: Tensor, k: Tensor, v: Tensor, pos: Tensor,
                   real: Tensor) -> Context:
-    """The state's group buffer and conv window (at positions before r0), then new tokens k, v at `pos`."""
+    """The state's group buffer and conv window (at positions before r0), then new tokens k, v at `pos` (zeros
+    where not `real`)."""
     batch, kv_heads, _, dk = k.shape
     device = k.device
     blocks = []  # (k, v, pos, real, kernel, conv, fresh)
@@ -71,7 +74,7 @@ def state_context(spec: MethodSpec, parts: dict[str, Tensor], r0: Tensor, k: Ten
         # slots before position 0 hold zeros, so they may count as tokens: they contribute nothing
         blocks.append((k.new_zeros(batch, kv_heads, half, dk), window, r0[:, None] - half + slots,
                        torch.ones(batch, half, dtype=torch.bool, device=device), False, True, False))
-    blocks.append((k, v, pos, real, True, True, True))
+    blocks.append((real_only(k, real), real_only(v, real), pos, real, True, True, True))
 
     def flag(i: int) -> Tensor:
         return torch.cat([torch.full((b[0].shape[2],), b[i], device=device) for b in blocks])
@@ -279,7 +282,8 @@ def bidirectional_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, p
     device = q.device
     q_pos = torch.arange(t, device=device).expand(batch, t)
     yes = torch.ones(s, dtype=torch.bool, device=device)
-    ctx = Context(k.to(acc), v.to(acc), torch.arange(s, device=device).expand(batch, s), key_mask, yes, yes, yes)
+    ctx = Context(real_only(k.to(acc), key_mask), real_only(v.to(acc), key_mask),
+                  torch.arange(s, device=device).expand(batch, s), key_mask, yes, yes, yes)
     visible = torch.ones(batch, t, s, dtype=torch.bool, device=device)
     return mix(spec, named, q, q_pos, ctx, visible, None, torch.zeros(batch, dtype=torch.int64, device=device),
                scale).to(q.dtype)

@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from lincompile.kernels.linear_attention.reference_linear import acc_parts, grouped_alpha, start_position
 from lincompile.kernels.linear_attention.reference_softmax import cache_weights
-from lincompile.kernels.linear_attention.state import accumulation_dtype, pack_state
+from lincompile.kernels.linear_attention.state import accumulation_dtype, pack_state, real_only
 from lincompile.methods.feature_maps import denominator_eps, features, local_kernel
 from lincompile.methods.params import named_params
 from lincompile.methods.spec import MethodSpec
@@ -25,9 +25,10 @@ from lincompile.methods.spec import MethodSpec
 
 def recurrent_cache(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: list[Tensor],
                     params: list[Tensor], spec: MethodSpec, scale: float) -> tuple[Tensor, list[Tensor]]:
-    """KV-cache methods: append the token to the cache, then attend over the whole cache."""
+    """KV-cache methods: append the token to the cache (zeros for padding), then attend over the whole cache."""
     batch, heads, t, dk = q.shape
     kv_heads = k.shape[1]
+    k, v = real_only(k, key_mask), real_only(v, key_mask)
     acc = accumulation_dtype(q.dtype)
     named = named_params(spec, params, acc)
     keys, values, mask = state
@@ -39,7 +40,7 @@ def recurrent_cache(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: li
         qi = q[:, :, i:i + 1].to(acc).reshape(batch, kv_heads, heads // kv_heads, 1, dk)
         probs = cache_weights(spec, named, qi, keys.to(acc), mask[:, None, :], None, scale)
         outs.append(torch.einsum("bhgtl,bhld->bhgtd", probs, values.to(acc)).reshape(batch, heads, 1, -1))
-    return torch.cat(outs, 2).to(q.dtype), [keys, values, mask]
+    return _tokens(outs, q, v).to(q.dtype), [keys, values, mask]
 
 
 def recurrent_linear(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: list[Tensor],
@@ -55,7 +56,12 @@ def recurrent_linear(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, state: l
         pos = pos + key_mask[:, i].to(torch.int64)
     if spec.uses_positions:
         parts["position"] = pos
-    return torch.stack(outs, 2).to(q.dtype), pack_state(spec, parts)
+    return _tokens([o[:, :, None] for o in outs], q, v).to(q.dtype), pack_state(spec, parts)
+
+
+def _tokens(outs: list[Tensor], q: Tensor, v: Tensor) -> Tensor:
+    """Per-token outputs [B, H, 1, dv] joined along the tokens; [B, H, 0, dv] for none."""
+    return torch.cat(outs, 2) if outs else q.new_zeros(q.shape[0], q.shape[1], 0, v.shape[-1])
 
 
 def first_token(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, state: list[Tensor],
@@ -85,9 +91,8 @@ def token_step(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tens
     acc = accumulation_dtype(q.dtype)
     size, half = spec.group_size, spec.conv_kernel // 2
     slots = torch.arange(size, device=q.device)
-    rf = real.to(acc)[:, None, None]  # [B, 1, 1]
     qi = q.to(acc).reshape(batch, kv_heads, groups, 1, dk)
-    ki, vi = k.to(acc), v.to(acc)
+    ki, vi = _token(k, real, acc), _token(v, real, acc)
     here = pos[:, None]
     fq = features(qi, spec, named, here, scale, query=True)[:, :, :, 0]  # [B, Hkv, g, F]
     num: Tensor | None = None  # kernel-weighted values (global and kernel-local branches)
@@ -126,13 +131,19 @@ def token_step(spec: MethodSpec, named: dict[str, Tensor], parts: dict[str, Tens
     if spec.conv != "none":
         taps = named["conv_weight"].reshape(kv_heads, groups, -1)
         out = _plus(out, taps[:, :, :half] @ parts["conv"])
-        out = out + taps[None, :, :, half, None] * (rf * vi)[:, :, None, :]
+        out = out + taps[None, :, :, half, None] * vi[:, :, None, :]
         _shift_conv(parts, vi, real)
     if spec.uses_groups:
         complete = real & (pos % size == size - 1)
         if _any(complete):  # most tokens complete nothing
             fold_completed_group(spec, parts, complete, fb)
     return out.reshape(batch, heads, -1)
+
+
+def _token(x: Tensor, real: Tensor, acc: torch.dtype) -> Tensor:
+    """A token's key or value [B, Hkv, d] in the accumulation dtype, zero in padding rows (whatever they held), and
+    contiguous whatever its layout: the decode step and a commit then run the same kernels, so the same bits."""
+    return torch.where(real[:, None, None], x.to(acc), 0.0)
 
 
 def _plus(total: Tensor | None, term: Tensor) -> Tensor:
@@ -159,7 +170,7 @@ def absorb_linear(k: Tensor, v: Tensor, state: list[Tensor], params: list[Tensor
     gamma = torch.exp(F.logsigmoid(named["decay"]))[None, :] if spec.decay else None
     real = torch.ones(batch, dtype=torch.bool, device=k.device)
     for i in range(k.shape[2]):
-        ki, vi = k[:, :, i].to(acc), v[:, :, i].to(acc)
+        ki, vi = _token(k[:, :, i], real, acc), _token(v[:, :, i], real, acc)
         if spec.global_branch == "inclusive":
             _keep_real(parts, real, *_inclusive_next(spec, named, parts, ki, vi, real, pos[:, None], scale, gamma))
         if spec.uses_groups:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lincompile.kernels.linear_attention.state import accumulation_dtype
+from lincompile.kernels.linear_attention.state import accumulation_dtype, real_only
 from lincompile.methods.feature_maps import denominator_eps, features, local_kernel
 from lincompile.methods.params import named_params
 from lincompile.methods.spec import MethodSpec
@@ -41,10 +41,11 @@ def cache_weights(spec: MethodSpec, params: dict[str, Tensor], q: Tensor, keys: 
 
 def cache_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, bias: Tensor | None, state: list[Tensor],
                     params: list[Tensor], spec: MethodSpec, scale: float, causal: bool) -> tuple[Tensor, list[Tensor]]:
-    """Attention over the cached keys and the new ones; the cache grows by the new keys."""
+    """Attention over the cached keys and the new ones; the cache grows by the new keys (zeros at padding)."""
     batch, heads, t, dk = q.shape
     kv_heads = k.shape[1]
     past_k, past_v, past_mask = state
+    k, v = real_only(k, key_mask), real_only(v, key_mask)
     keys = torch.cat([past_k.to(k.dtype), k], dim=2)
     values = torch.cat([past_v.to(v.dtype), v], dim=2)
     mask = torch.cat([past_mask, key_mask], dim=1)
@@ -70,9 +71,8 @@ def projected_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, param
         raise ValueError(f"{spec.name}: {s} keys exceed the projection length horizon={spec.horizon}")
     acc = accumulation_dtype(q.dtype)
     named = named_params(spec, params, acc)
-    keep = key_mask[:, None, :, None].to(acc)
-    keys = torch.einsum("ps,bhsd->bhpd", named["linformer_keys"][:, :s], k.to(acc) * keep)
-    values = torch.einsum("ps,bhsd->bhpd", named["linformer_values"][:, :s], v.to(acc) * keep)
+    keys = torch.einsum("ps,bhsd->bhpd", named["linformer_keys"][:, :s], real_only(k.to(acc), key_mask))
+    values = torch.einsum("ps,bhsd->bhpd", named["linformer_values"][:, :s], real_only(v.to(acc), key_mask))
     qg = q.to(acc).reshape(batch, kv_heads, heads // kv_heads, t, dk)
     probs = torch.softmax(torch.einsum("bhgtd,bhpd->bhgtp", qg, keys) * scale, dim=-1)
     out = torch.einsum("bhgtp,bhpe->bhgte", probs, values)

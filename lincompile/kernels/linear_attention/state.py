@@ -64,3 +64,8 @@ def unpack_state(spec: MethodSpec, state: list[Tensor]) -> dict[str, Tensor]:
 def pack_state(spec: MethodSpec, parts: dict[str, Tensor]) -> list[Tensor]:
     """{part: tensor} back to the op's list order."""
     return [parts[name] for name in spec.state_parts()]
+
+
+def real_only(x: Tensor, real: Tensor) -> Tensor:
+    """x [B, H, N, d] with the tokens that are not `real` [B, N] set to zero (a select, so 0 * inf never happens)."""
+    return torch.where(real[:, None, :, None], x, 0.0)

@@ -53,15 +53,22 @@ def spec_of(name: str, group: int = 4, kernel: int = 5) -> MethodSpec:
 
 def make(spec: MethodSpec, t: int, seed: int = 0, pad: int = 0, heads: int = HEADS, kv_heads: int = KV_HEADS,
          dk: int = DK, dv: int = DV) -> SimpleNamespace:
-    """fp64 q, k, v, params (nonzero alpha and conv taps) and a mask left-padding row 1 by `pad` tokens."""
+    """fp64 q, k, v, params (nonzero alpha and conv taps) and a mask left-padding row 1 by `pad` tokens (their
+    keys and values NaN: no form may read them)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(BATCH, heads, t, dk, generator=g, dtype=torch.float64)
     k = torch.randn(BATCH, kv_heads, t, dk, generator=g, dtype=torch.float64)
     v = torch.randn(BATCH, kv_heads, t, dv, generator=g, dtype=torch.float64)
     mask = torch.ones(BATCH, t, dtype=torch.bool)
     mask[1, :pad] = False
+    k, v = (poison_padding(x, mask) for x in (k, v))
     params = [p.double() for p in random_params(spec, heads, kv_heads, dk, dv, seed)]
     return SimpleNamespace(spec=spec, q=q, k=k, v=v, mask=mask, params=params)
+
+
+def poison_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, d] with NaN at the tokens `mask` [B, T] marks as padding."""
+    return torch.where(mask[:, None, :, None], x, float("nan"))
 
 
 def cast(tensors, dtype=torch.float32):
@@ -78,7 +85,7 @@ def prefilled_state(spec: MethodSpec, t: int, seed: int):
 @pytest.fixture
 def kit():
     """The helpers above as one fixture (test modules cannot import a conftest under --import-mode=importlib)."""
-    return SimpleNamespace(make=make, spec_of=spec_of, cast=cast, rel=rel, state_rel=state_rel,
+    return SimpleNamespace(make=make, spec_of=spec_of, cast=cast, poison_padding=poison_padding, rel=rel, state_rel=state_rel,
                            prefilled_state=prefilled_state, SCALE=SCALE, DV=DV, EXTRA=EXTRA, SUPPORTED=SUPPORTED)
 
 

@@ -32,11 +32,13 @@ def test_chunked_prefill_then_continue(generated_method, kit, prefill_form):
 
 
 def test_decode_steps(generated_method, kit):
-    """Five one-token calls (the recurrent kernel) from a mid-group state; row 1's third token is padding."""
+    """Five one-token calls (the recurrent kernel) from a mid-group state; row 1's third token is padding (its
+    key and value NaN)."""
     spec = kit.spec_of(generated_method)
     state, params = kit.prefilled_state(spec, 6, seed=3)
     c = kit.make(spec, 5, seed=4)
     c.mask[1, 2] = False
+    c.k, c.v = (kit.poison_padding(x, c.mask) for x in (c.k, c.v))
     ref, ref_state = reference.recurrent(c.q, c.k, c.v, c.mask, state, params, spec, kit.SCALE)
     kernel_state = kit.cast(state)
     outs = []

@@ -78,7 +78,8 @@ def test_softmax_chunked_with_an_additive_bias(rows, case, diff):
 
 
 def test_no_tokens_keep_the_state(causal_method, case, small_spec, diff):
-    """A call with no token (every form, and the op's dispatch) returns an empty output and the state it was given."""
+    """A call with no token (every form, the op's dispatch, a verify of no draft) returns an empty output and the
+    state it was given."""
     from lincompile.kernels import registry
 
     c = case(small_spec(causal_method), 9, seed=12)
@@ -88,8 +89,11 @@ def test_no_tokens_keep_the_state(causal_method, case, small_spec, diff):
     calls = {"attention": lambda: reference.attention(q, k, v, mask, None, state, c.params, c.spec, c.scale, True),
              "chunked": lambda: reference.chunked(q, k, v, mask, None, state, c.params, c.spec, c.scale, True, 4),
              "recurrent": lambda: reference.recurrent(q, k, v, mask, state, c.params, c.spec, c.scale),
-             "op": lambda: registry.recurrent_step(q, k, v, mask, None, state, c.params, c.spec, c.scale, True)}
+             "op": lambda: registry.recurrent_step(q, k, v, mask, None, state, c.params, c.spec, c.scale, True),
+             "verify": lambda: reference.verify(q, k, v, state, c.params, c.spec, c.scale)}
     for form, call in calls.items():
         out, after = call()
+        if form == "verify":
+            after = reference.commit(state, after, [])
         assert out.shape == (2, 4, 0, 6) and out.dtype == c.q.dtype, form
         assert diff(after, state) == 0.0, form

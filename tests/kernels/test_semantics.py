@@ -160,7 +160,8 @@ def test_bidirectional_and_cross_attention_ignore_padding(name, case, small_spec
     out, state = reference.attention(q, c.k, c.v, c.mask, None, [], c.params, spec, c.scale, False)
     assert out.shape == (2, 4, 5, 6) and torch.isfinite(out).all()
     assert [s.shape for s in state] == [s.shape for s in reference.init_state(spec, 2, 2, 8, 6)]
-    noisy = [torch.where(c.mask[:, None, :, None], x, junk) for x, junk in zip((c.k, c.v), (float("inf"), float("nan")))]
+    pad = ~c.mask[:, None, :, None]
+    noisy = [c.k.masked_fill(pad, float("inf")), c.v.masked_fill(pad, float("nan"))]
     again, _ = reference.attention(q, *noisy, c.mask, None, [], c.params, spec, c.scale, False)
     assert torch.allclose(out, again, atol=1e-12)
 

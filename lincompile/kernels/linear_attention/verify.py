@@ -81,7 +81,7 @@ def verify(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], params: list[Te
         allowed = torch.cat([past_mask[:, None, :].expand(batch, count, -1), ancestors.expand(batch, -1, -1)], 2)
         qg = q.to(acc).reshape(batch, kv_heads, heads // kv_heads, count, dk)
         probs = cache_weights(spec, named, qg, keys, allowed, None, scale)
-        out = torch.einsum("bhgtl,bhld->bhgtd", probs, values).reshape(batch, heads, count, -1)
+        out = torch.einsum("bhgtl,bhld->bhgtd", probs, values).reshape(batch, heads, count, v.shape[-1])
         return out.to(q.dtype), extras
     parts = acc_parts(spec, state, acc)
     r0 = start_position(parts, batch, q.device)

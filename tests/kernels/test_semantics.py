@@ -138,16 +138,16 @@ def test_nonfinite_padding_reaches_nothing(causal_method, form, case, small_spec
     run = _forms(c)[form]
     pad = ~c.mask[:, None, :, None]
     weight = torch.randn(c.q.shape[:3] + (c.v.shape[-1],), dtype=c.q.dtype).masked_fill(pad, 0.0)
+    junk_k, junk_v = c.k.masked_fill(pad, float("inf")), c.v.masked_fill(pad, float("nan"))
     results = []
-    for k, v in ((c.k, c.v), (c.k.masked_fill(pad, float("inf")), c.v.masked_fill(pad, float("nan")))):
+    for k, v in ((c.k, c.v), (junk_k, junk_v)):
         q, k, v = (x.clone().requires_grad_() for x in (c.q, k, v))
         out, state = run(q, k, v)
         (out * weight).sum().backward()
         results.append(([out.detach()], [s.detach() for s in state], [q.grad, k.grad, v.grad]))
     for clean, junk in zip(*results):
         assert diff(clean, junk) == 0.0
-    k, v = c.k.masked_fill(pad, float("inf")), c.v.masked_fill(pad, float("nan"))
-    out, _ = run(c.q.masked_fill(pad, float("nan")), k, v)
+    out, _ = run(c.q.masked_fill(pad, float("nan")), junk_k, junk_v)
     real = c.mask[:, None, :, None].expand_as(out)
     assert diff([results[0][0][0][real]], [out[real]]) == 0.0
 

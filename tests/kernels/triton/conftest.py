@@ -86,7 +86,8 @@ def prefilled_state(spec: MethodSpec, t: int, seed: int):
 def kit():
     """The helpers above as one fixture (test modules cannot import a conftest under --import-mode=importlib)."""
     return SimpleNamespace(make=make, spec_of=spec_of, cast=cast, poison_padding=poison_padding, rel=rel,
-                           state_rel=state_rel, prefilled_state=prefilled_state, SCALE=SCALE, DV=DV, EXTRA=EXTRA, SUPPORTED=SUPPORTED)
+                           state_rel=state_rel, prefilled_state=prefilled_state, SCALE=SCALE, DV=DV, EXTRA=EXTRA,
+                           SUPPORTED=SUPPORTED)
 
 
 def _one_form(request, monkeypatch, launcher: str):
